@@ -1,0 +1,51 @@
+"""exitwise: make neural networks exit early, for real.
+
+    import exitwise as ew
+    model = ew.attach_exits(backbone, ew.ExitConfig(layers="all", head="pooler", num_labels=2))
+    outs = model(**batch)                              # every exit's logits
+    res = model.early_exit(ew.get_policy("entropy", threshold=0.2), **batch)
+"""
+
+from .backbones import Backbone, BackboneState, HFEncoderBackbone, SequentialBackbone, wrap_backbone
+from .config import ExitConfig
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    ExitwiseError,
+    InputError,
+    UnsupportedModelError,
+)
+from .heads import HEADS, ExitHead, build_head, register_head
+from .model import MultiExitModel, attach_exits
+from .outputs import EarlyExitResult, ExitOutputs
+from .policies import POLICIES, ExitPolicy, get_policy, register_policy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backbone",
+    "BackboneState",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "EarlyExitResult",
+    "ExitConfig",
+    "ExitHead",
+    "ExitOutputs",
+    "ExitPolicy",
+    "ExitwiseError",
+    "HEADS",
+    "HFEncoderBackbone",
+    "InputError",
+    "MultiExitModel",
+    "POLICIES",
+    "SequentialBackbone",
+    "UnsupportedModelError",
+    "attach_exits",
+    "build_head",
+    "get_policy",
+    "register_head",
+    "register_policy",
+    "wrap_backbone",
+]

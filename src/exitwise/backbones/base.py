@@ -1,0 +1,107 @@
+"""The backbone contract: a network seen as a stack of blocks.
+
+An adapter turns a model into ``start(inputs) -> state``, ``step(i, state) -> state``,
+``features(state) -> what a head reads`` and ``keep(state, rows) -> smaller batch``. The
+executor in :mod:`exitwise.runtime` and the multi-exit model only ever talk to this contract,
+so a new family is one adapter, never a copied ``forward``.
+
+``state.hidden`` always has the batch on dim 0. Everything that is per row lives in
+``state.rows`` (indexed by :meth:`keep`); everything shared by all rows (relative position
+tables, the mask in the layer's own format) is rebuilt by :meth:`refresh` whenever the batch
+changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+
+
+@dataclass
+class BackboneState:
+    """What flows between blocks.
+
+    hidden: (B, ...) the current activations (B, T, H) for token models.
+    mask:   (B, T) 1 for real tokens, 0 for padding; None for non-token models.
+    rows:   other per-row tensors (batch on dim 0), kept in step with ``hidden``.
+    shared: values that depend only on the batch's shape, rebuilt after ``keep``.
+    """
+
+    hidden: torch.Tensor
+    mask: torch.Tensor | None = None
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.hidden.shape[0])
+
+
+class Backbone(nn.Module):
+    """Base class of all adapters. Subclasses set ``num_layers`` and implement the four calls."""
+
+    num_layers: int
+    family: str = "generic"
+
+    def start(self, **inputs: Any) -> BackboneState:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def step(self, i: int, state: BackboneState) -> BackboneState:  # pragma: no cover
+        raise NotImplementedError
+
+    def features(self, state: BackboneState) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What a head reads after a block: (hidden, mask)."""
+        return state.hidden, state.mask
+
+    def feature_dim(self, layer: int) -> int:  # pragma: no cover - abstract
+        """Width of ``features`` after ``layer`` (1-based depth)."""
+        raise NotImplementedError
+
+    def refresh(self, state: BackboneState) -> BackboneState:
+        """Rebuild ``state.shared`` after the batch changed. Default: nothing shared."""
+        return state
+
+    def keep(self, state: BackboneState, rows: torch.Tensor) -> BackboneState:
+        """Return the state restricted to ``rows`` (a LongTensor of row indices)."""
+        new = BackboneState(
+            hidden=state.hidden.index_select(0, rows),
+            mask=None if state.mask is None else state.mask.index_select(0, rows),
+            rows={k: v.index_select(0, rows) for k, v in state.rows.items()},
+            shared={},
+        )
+        return self.refresh(new)
+
+    # -- cost model -------------------------------------------------------------------------
+    def layer_flops(self, i: int, state: BackboneState) -> torch.Tensor:
+        """FLOPs block ``i`` spends on each row, (B,) float64, counting real tokens only."""
+        raise NotImplementedError  # pragma: no cover
+
+    def start_flops(self, state: BackboneState) -> torch.Tensor:
+        """FLOPs spent in ``start`` (embeddings, stem), (B,)."""
+        return torch.zeros(state.batch_size, dtype=torch.float64)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able facts saved with exit heads, checked again at load time."""
+        return {"family": self.family, "num_layers": self.num_layers}
+
+    @staticmethod
+    def check_batch(batch_size: int) -> None:
+        if batch_size == 0:
+            raise InputError("the batch is empty: give at least one row")
+
+
+def reference_output(backbone: Backbone, **inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The wrapped model's *own* forward (not the adapter's stepping): (final hidden, mask).
+
+    Used as ground truth for the never-exit invariant and as the full-depth baseline in
+    benchmarks.
+    """
+    own = getattr(backbone, "reference", None)
+    if own is None:
+        raise NotImplementedError(f"{type(backbone).__name__} has no reference forward")
+    return own(**inputs)

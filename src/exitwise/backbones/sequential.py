@@ -1,0 +1,104 @@
+"""Adapter for any ``nn.Sequential`` or list of blocks.
+
+Each block maps the previous activations to the next; exits can sit after any block. FLOPs per
+block are measured once with ``torch.utils.flop_counter`` on a one-row example, because a
+generic block's cost cannot be read off a config.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..errors import ConfigError, InputError
+from .base import Backbone, BackboneState
+
+
+class SequentialBackbone(Backbone):
+    """``blocks[i]`` is block i; ``stem`` (optional) runs once in ``start``.
+
+    Inputs: ``start(x)`` or ``start(inputs=x)`` with x of shape (B, ...).
+    ``example`` (one input row, batch dim included) lets the adapter learn each block's output
+    width and FLOPs; without it both are learned lazily on the first batch.
+    """
+
+    family = "sequential"
+
+    def __init__(
+        self,
+        blocks: Sequence[nn.Module] | nn.Sequential,
+        stem: nn.Module | None = None,
+        example: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        blocks = list(blocks)
+        if not blocks:
+            raise ConfigError("a sequential backbone needs at least one block")
+        self.blocks = nn.ModuleList(blocks)
+        self.stem = stem
+        self.num_layers = len(blocks)
+        self._dims: list[int] | None = None
+        self._flops: list[float] | None = None
+        self._stem_flops = 0.0
+        if example is not None:
+            self.profile(example)
+
+    @torch.no_grad()
+    def profile(self, example: torch.Tensor) -> None:
+        """Run one row through, recording each block's output width and FLOPs."""
+        x = example[:1]
+        was_training = self.training
+        self.eval()
+        dims, flops = [], []
+        counter = FlopCounterMode(display=False)
+        with counter:
+            x = self.stem(x) if self.stem is not None else x
+        self._stem_flops = float(counter.get_total_flops())
+        for block in self.blocks:
+            counter = FlopCounterMode(display=False)
+            with counter:
+                x = block(x)
+            flops.append(float(counter.get_total_flops()))
+            dims.append(int(x.shape[1]) if x.dim() > 1 else 1)
+        self._dims, self._flops = dims, flops
+        self.train(was_training)
+
+    def feature_dim(self, layer: int) -> int:
+        if self._dims is None:
+            raise ConfigError(
+                "SequentialBackbone needs an example input to know each block's width: "
+                "pass example=<one input batch> when you build it"
+            )
+        return self._dims[layer - 1]
+
+    def start(self, x: torch.Tensor | None = None, **inputs: Any) -> BackboneState:
+        if x is None:
+            x = inputs.get("inputs", inputs.get("pixel_values", inputs.get("x")))
+        if x is None:
+            raise InputError("give the input tensor as start(x) or inputs=...")
+        self.check_batch(int(x.shape[0]))
+        if self._dims is None:
+            self.profile(x)
+        hidden = self.stem(x) if self.stem is not None else x
+        return BackboneState(hidden=hidden)
+
+    def reference(self, x: torch.Tensor | None = None, **inputs: Any):
+        """Plain sequential forward: (output, None)."""
+        state = self.start(x, **inputs)
+        for block in self.blocks:
+            state.hidden = block(state.hidden)
+        return state.hidden, None
+
+    def step(self, i: int, state: BackboneState) -> BackboneState:
+        state.hidden = self.blocks[i](state.hidden)
+        return state
+
+    def layer_flops(self, i: int, state: BackboneState) -> torch.Tensor:
+        assert self._flops is not None
+        return torch.full((state.batch_size,), self._flops[i], dtype=torch.float64)
+
+    def start_flops(self, state: BackboneState) -> torch.Tensor:
+        return torch.full((state.batch_size,), self._stem_flops, dtype=torch.float64)

@@ -1,0 +1,62 @@
+"""Exit heads: small modules that turn a block's features into class logits.
+
+A head reads ``hidden`` of shape (B, T, H) with ``mask`` (B, T) for token models, or (B, H)
+for flat features, and returns logits (B, num_labels). Each kind is one file registered by
+name in :data:`HEADS`; :func:`build_head` makes one from a name and keyword options.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..registry import Registry
+
+HEADS: Registry[type["ExitHead"]] = Registry("exit head")
+register_head = HEADS.register
+
+
+class ExitHead(nn.Module):
+    """Base class. Subclasses implement ``forward`` and ``head_flops``."""
+
+    registered_name: str = "?"
+
+    def __init__(self, in_features: int, num_labels: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        if num_labels < 1:
+            raise ConfigError(f"num_labels must be >= 1, got {num_labels}")
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
+        self.in_features = in_features
+        self.num_labels = num_labels
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover
+
+    def head_flops(self, mask: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """FLOPs this head spends on each row, (B,) float64."""
+        raise NotImplementedError  # pragma: no cover
+
+    def init_from_backbone(self, backbone: nn.Module) -> None:
+        """Optionally copy weights from the backbone (e.g. its pooler). Default: nothing."""
+
+    @staticmethod
+    def first_token(hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) -> (B, H) the [CLS] position; (B, H) passes through."""
+        return hidden[:, 0] if hidden.dim() == 3 else hidden
+
+    @staticmethod
+    def linear_flops(*layers: nn.Linear) -> float:
+        return float(sum(2 * m.in_features * m.out_features for m in layers))
+
+
+def build_head(name: str, in_features: int, num_labels: int, **kwargs: Any) -> ExitHead:
+    cls = HEADS.get(name)
+    try:
+        return cls(in_features, num_labels, **kwargs)
+    except TypeError as err:
+        raise ConfigError(f"bad options for head {name!r}: {err}") from None

@@ -1,0 +1,255 @@
+"""MultiExitModel: a backbone with exit heads at chosen depths.
+
+``forward`` returns every exit's logits (for training and for caching); ``early_exit`` runs
+the real executor. Saving writes ``exit_config.json`` + ``exit_heads.safetensors`` (and the
+backbone's own ``save_pretrained`` output in ``backbone/`` when it was fine-tuned); nothing is
+pickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .backbones import Backbone, HFEncoderBackbone, wrap_backbone
+from .config import ExitConfig
+from .errors import CheckpointError, InputError
+from .heads import ExitHead, build_head
+from .outputs import EarlyExitResult, ExitOutputs
+from .policies.base import ExitPolicy, get_policy, policy_from_dict
+
+CONFIG_NAME = "exit_config.json"
+HEADS_NAME = "exit_heads.safetensors"
+BACKBONE_DIR = "backbone"
+BACKBONE_WEIGHTS = "backbone.safetensors"
+FORMAT_VERSION = 1
+
+
+class MultiExitModel(nn.Module):
+    """A backbone plus one exit head per depth in ``exit_layers`` (the last is the final one).
+
+    Attributes:
+        backbone: the :class:`~exitwise.backbones.Backbone` adapter.
+        exit_layers: depths (1-based) carrying exits, shallowest first.
+        heads: one :class:`~exitwise.heads.ExitHead` per exit.
+        temperatures: (num_exits,) buffer; calibrated logits are ``logits / temperatures[k]``.
+        calibration: JSON-able dict of calibrated policy settings, saved with the heads.
+        backbone_tuned: True once a training recipe updated backbone weights (then saving
+            also writes the backbone).
+    """
+
+    def __init__(self, backbone: Backbone, config: ExitConfig) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.config = config
+        self.exit_layers: list[int] = config.resolve_layers(backbone.num_layers)
+        heads = []
+        for k, depth in enumerate(self.exit_layers):
+            is_final = k == len(self.exit_layers) - 1
+            name = config.final_head if (is_final and config.final_head) else config.head
+            head = build_head(
+                name,
+                backbone.feature_dim(depth),
+                config.num_labels,
+                dropout=config.dropout,
+                **config.head_kwargs,
+            )
+            head.init_from_backbone(backbone)
+            heads.append(head)
+        self.heads: nn.ModuleList = nn.ModuleList(heads)
+        self.register_buffer("temperatures", torch.ones(len(heads)))
+        self.exit_lookup: dict[int, int] = {d: k for k, d in enumerate(self.exit_layers)}
+        self.calibration: dict[str, Any] = {}
+        self.backbone_tuned = False
+
+    # -- basic facts ------------------------------------------------------------------------
+    @property
+    def num_exits(self) -> int:
+        return len(self.heads)
+
+    @property
+    def num_labels(self) -> int:
+        return self.config.num_labels
+
+    def temperature_list(self) -> list[float]:
+        return [float(t) for t in self.temperatures]
+
+    def check_labels(self, labels: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """Validate class labels: (B,) integers in [0, num_labels)."""
+        labels = torch.as_tensor(labels)
+        if labels.dim() != 1:
+            raise InputError(f"labels must be (batch,), got shape {tuple(labels.shape)}")
+        if batch_size is not None and labels.shape[0] != batch_size:
+            raise InputError(f"{labels.shape[0]} labels for a batch of {batch_size}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_labels):
+            raise InputError(
+                f"labels must be in [0, {self.num_labels}); got values from "
+                f"{int(labels.min())} to {int(labels.max())}"
+            )
+        return labels
+
+    # -- forward passes ---------------------------------------------------------------------
+    def forward(self, **inputs: Any) -> ExitOutputs:
+        """Every exit's logits, raw (no temperature): ExitOutputs.logits[k] is (B, C).
+
+        Accepts what the backbone takes (input_ids, attention_mask, ...); ``labels`` is
+        ignored here (training recipes compute the losses).
+        """
+        inputs.pop("labels", None)
+        state = self.backbone.start(**inputs)
+        logits: list[torch.Tensor] = []
+        for i in range(self.backbone.num_layers):
+            state = self.backbone.step(i, state)
+            k = self.exit_lookup.get(i + 1)
+            if k is not None:
+                hidden, mask = self.backbone.features(state)
+                logits.append(self.heads[k](hidden, mask))
+        return ExitOutputs(logits=logits)
+
+    def early_exit(
+        self,
+        policy: ExitPolicy | str | None = None,
+        labels: torch.Tensor | None = None,
+        profile: bool = False,
+        **inputs: Any,
+    ) -> EarlyExitResult:
+        """Real early exit on one batch with ``policy`` (an object, or the name of a
+        calibrated policy saved with this model). See :func:`exitwise.runtime.run_early_exit`.
+        """
+        from .runtime import run_early_exit
+
+        if policy is None or isinstance(policy, str):
+            policy = self.calibrated_policy(policy)
+        batch_labels = inputs.pop("labels", None)
+        if labels is None and policy.needs_labels:
+            labels = batch_labels
+        return run_early_exit(self, policy, labels=labels, profile=profile, **inputs)
+
+    @torch.inference_mode()
+    def full_depth(self, **inputs: Any) -> torch.Tensor:
+        """The plain model: the backbone's own forward + the final head, (B, C) raw logits."""
+        from .backbones.base import reference_output
+
+        inputs.pop("labels", None)
+        hidden, mask = reference_output(self.backbone, **inputs)
+        return self.heads[-1](hidden, mask)
+
+    # -- calibration results ----------------------------------------------------------------
+    def calibrated_policy(self, name: str | None = None) -> ExitPolicy:
+        """The policy calibration stored (``name`` or the default one)."""
+        policies = self.calibration.get("policies", {})
+        if not policies:
+            raise InputError("this model has no calibrated policy; run calibration first")
+        key = name or self.calibration.get("default") or next(iter(policies))
+        if key not in policies:
+            raise InputError(f"no calibrated policy {key!r}; have: {', '.join(policies)}")
+        return policy_from_dict(policies[key]["policy"])
+
+    # -- persistence ------------------------------------------------------------------------
+    def _meta(self, backbone_saved: bool) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "exit_config": self.config.to_dict(),
+            "exit_layers": self.exit_layers,
+            "head_classes": [type(h).registered_name for h in self.heads],
+            "backbone": self.backbone.describe(),
+            "backbone_saved": backbone_saved,
+            "calibration": self.calibration,
+        }
+
+    def save_pretrained(self, save_dir: str | Path, save_backbone: bool | None = None) -> Path:
+        """Write exit_config.json + exit_heads.safetensors (+ the backbone if tuned)."""
+        out = Path(save_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_backbone = self.backbone_tuned if save_backbone is None else save_backbone
+        tensors = {
+            f"heads.{k}": v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()
+        }
+        tensors["temperatures"] = self.temperatures.detach().cpu().contiguous()
+        save_file(tensors, str(out / HEADS_NAME), metadata={"format": "exitwise"})
+        if save_backbone:
+            hf_model = getattr(self.backbone, "model", None)
+            if hasattr(hf_model, "save_pretrained"):
+                hf_model.save_pretrained(str(out / BACKBONE_DIR))
+            else:
+                state = {
+                    k: v.detach().contiguous().cpu() for k, v in self.backbone.state_dict().items()
+                }
+                save_file(state, str(out / BACKBONE_WEIGHTS))
+        (out / CONFIG_NAME).write_text(json.dumps(self._meta(bool(save_backbone)), indent=2))
+        return out
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        load_dir: str | Path,
+        backbone: nn.Module | Backbone | None = None,
+        **backbone_kwargs: Any,
+    ) -> "MultiExitModel":
+        """Load exit heads (and the backbone: the saved copy, the one given, or the original
+        name/hub id recorded at save time). Fails clearly if the shapes do not fit."""
+        src = Path(load_dir)
+        cfg_path = src / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise CheckpointError(f"{cfg_path} not found: not an exitwise model directory")
+        meta = json.loads(cfg_path.read_text())
+        saved = meta["backbone"]
+        if backbone is None:
+            if saved.get("family") != "hf-encoder":
+                raise CheckpointError(
+                    f"this model's backbone is a {saved.get('family')!r}; pass backbone=..."
+                )
+            from transformers import AutoModel
+
+            where = str(src / BACKBONE_DIR) if meta.get("backbone_saved") else saved["name_or_path"]
+            if not where:
+                raise CheckpointError("no saved backbone and no backbone name recorded; pass backbone=...")
+            backbone = AutoModel.from_pretrained(where, **backbone_kwargs)
+        adapter = wrap_backbone(backbone)
+        if meta.get("backbone_saved") and not isinstance(adapter, HFEncoderBackbone):
+            weights = src / BACKBONE_WEIGHTS
+            if weights.is_file():
+                adapter.load_state_dict(load_file(str(weights)))
+        have = adapter.describe()
+        for key in ("family", "model_type", "num_layers", "hidden_size"):
+            if key in saved and saved[key] != have.get(key):
+                raise CheckpointError(
+                    f"these exit heads were saved for a backbone with {key}={saved[key]!r}, "
+                    f"but the backbone given has {key}={have.get(key)!r}"
+                )
+        model = cls(adapter, ExitConfig.from_dict(meta["exit_config"]))
+        if model.exit_layers != meta["exit_layers"]:
+            raise CheckpointError(
+                f"exit layers {meta['exit_layers']} do not fit this backbone ({model.exit_layers})"
+            )
+        tensors = load_file(str(src / HEADS_NAME))
+        head_state = {k[len("heads."):]: v for k, v in tensors.items() if k.startswith("heads.")}
+        try:
+            model.heads.load_state_dict(head_state, strict=True)
+        except RuntimeError as err:
+            raise CheckpointError(f"saved exit heads do not fit this model: {err}") from None
+        model.temperatures.copy_(tensors["temperatures"])
+        model.calibration = meta.get("calibration", {})
+        model.backbone_tuned = bool(meta.get("backbone_saved"))
+        return model
+
+
+def attach_exits(backbone: nn.Module | Backbone, config: ExitConfig | None = None, **kwargs: Any) -> MultiExitModel:
+    """Wrap ``backbone`` (an HF encoder, an nn.Sequential or a Backbone) with exit heads.
+
+    ``attach_exits(model, ExitConfig(layers="all", head="pooler", num_labels=2))`` or the same
+    options as keywords.
+    """
+    if config is None:
+        config = ExitConfig(**kwargs)
+    elif kwargs:
+        raise InputError("give either an ExitConfig or keyword options, not both")
+    return MultiExitModel(wrap_backbone(backbone), config)
+
+
+__all__ = ["MultiExitModel", "attach_exits", "ExitHead", "get_policy"]

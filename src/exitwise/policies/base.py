@@ -1,0 +1,122 @@
+"""Exit policies: decide, exit by exit, which rows stop.
+
+A policy sees only logits and its own per-row state, never the model. The executor and the
+offline replay call the same :meth:`ExitPolicy.decide`, which is what makes their decisions
+agree. State is a dict of tensors with the batch on dim 0, so dropping rows that exited is
+one ``index_select`` (:meth:`keep`).
+
+Each policy has one tunable parameter (``param``: a threshold, a patience or an exit index)
+that calibration searches over with :meth:`grid` and sets with :meth:`with_param`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import ConfigError, InputError
+from ..registry import Registry
+
+POLICIES: Registry[type["ExitPolicy"]] = Registry("exit policy")
+register_policy = POLICIES.register
+
+PolicyState = dict[str, torch.Tensor]
+
+
+class ExitPolicy:
+    """Base class.
+
+    Subclasses set ``param`` (the name of the tuned parameter), ``param_range`` (closed
+    bounds, checked on construction) and implement :meth:`decide` and :meth:`grid`.
+    """
+
+    registered_name: ClassVar[str] = "?"
+    param: ClassVar[str] = "threshold"
+    param_range: ClassVar[tuple[float, float]] = (-math.inf, math.inf)
+    needs_labels: ClassVar[bool] = False
+
+    def __init__(self, **params: Any) -> None:
+        self.params = dict(params)
+        value = params.get(self.param)
+        if value is not None:
+            self._check_range(self.param, value, self.param_range)
+
+    # -- helpers -----------------------------------------------------------------------------
+    @property
+    def value(self) -> Any:
+        return self.params.get(self.param)
+
+    def _check_range(self, name: str, value: Any, bounds: tuple[float, float]) -> None:
+        lo, hi = bounds
+        try:
+            ok = lo <= float(value) <= hi and not math.isnan(float(value))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(
+                f"{self.registered_name}: {name}={value!r} is outside its range [{lo}, {hi}]"
+            )
+
+    def with_param(self, value: Any) -> "ExitPolicy":
+        """A copy of this policy with its tuned parameter set to ``value``."""
+        return type(self)(**{**self.params, self.param: value})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.registered_name, **self.params}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{type(self).__name__}({args})"
+
+    # -- the contract ------------------------------------------------------------------------
+    def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> PolicyState:
+        """Fresh per-row state for a batch. Default: stateless."""
+        return {}
+
+    def decide(
+        self,
+        exit_index: int,
+        num_exits: int,
+        logits: torch.Tensor,
+        state: PolicyState,
+        labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, PolicyState]:
+        """Rows that exit here.
+
+        exit_index: which exit (0-based) produced ``logits``; num_exits: how many there are.
+        logits: (B, C) temperature-scaled logits of the rows still running.
+        Returns a (B,) bool tensor and the updated state. The executor forces an exit at the
+        last exit regardless.
+        """
+        raise NotImplementedError  # pragma: no cover
+
+    def grid(self, num_exits: int) -> list[float]:
+        """Candidate parameter values for a calibration sweep (cheap to expensive or either)."""
+        raise NotImplementedError  # pragma: no cover
+
+    @staticmethod
+    def keep(state: PolicyState, rows: torch.Tensor) -> PolicyState:
+        return {k: v.index_select(0, rows) for k, v in state.items()}
+
+    @staticmethod
+    def check_logits(logits: torch.Tensor) -> None:
+        if logits.dim() != 2:
+            raise InputError(f"a policy needs (batch, classes) logits, got {tuple(logits.shape)}")
+        if not bool(torch.isfinite(logits).all()):
+            raise InputError("exit logits contain NaN or inf; the model or its inputs are broken")
+
+
+def get_policy(name: str, **params: Any) -> ExitPolicy:
+    """Build a registered policy: ``get_policy("entropy", threshold=0.2)``."""
+    cls = POLICIES.get(name)
+    try:
+        return cls(**params)
+    except TypeError as err:
+        raise ConfigError(f"bad parameters for policy {name!r}: {err}") from None
+
+
+def policy_from_dict(data: dict[str, Any]) -> ExitPolicy:
+    data = dict(data)
+    return get_policy(data.pop("name"), **data)

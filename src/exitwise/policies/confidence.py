@@ -1,0 +1,23 @@
+"""``confidence``: exit when the top softmax probability reaches a threshold (BranchyNet, SDN)."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import ExitPolicy, PolicyState, register_policy
+
+
+@register_policy("confidence")
+class ConfidencePolicy(ExitPolicy):
+    param = "threshold"
+    param_range = (0.0, 1.0)
+
+    def __init__(self, threshold: float = 0.9) -> None:
+        super().__init__(threshold=threshold)
+
+    def decide(self, exit_index, num_exits, logits, state, labels=None):
+        confidence = torch.softmax(logits.float(), dim=-1).amax(-1)
+        return confidence >= self.value, state
+
+    def grid(self, num_exits: int) -> list[float]:
+        return [round(0.5 + 0.005 * i, 4) for i in range(100)] + [0.9975, 0.999, 0.9999, 1.0]

@@ -1,0 +1,23 @@
+"""``static``: every row leaves at the same exit (index ``exit``), e.g. truncation at layer k."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import ExitPolicy, register_policy
+
+
+@register_policy("static")
+class StaticPolicy(ExitPolicy):
+    param = "exit"
+    param_range = (0, 10_000)
+
+    def __init__(self, exit: int = 0) -> None:
+        super().__init__(exit=exit)
+
+    def decide(self, exit_index, num_exits, logits, state, labels=None):
+        hit = exit_index >= int(self.value)
+        return torch.full((logits.shape[0],), hit, dtype=torch.bool, device=logits.device), state
+
+    def grid(self, num_exits: int) -> list[float]:
+        return list(range(num_exits))

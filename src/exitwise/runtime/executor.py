@@ -1,0 +1,117 @@
+"""The real early-exit executor.
+
+Runs the backbone block by block; at each exit evaluates the head and asks the policy; rows
+that exit are written out and removed from the batch (hidden states, masks, policy state,
+labels) so the remaining rows run on a smaller batch. Nothing is simulated: the skipped blocks
+are never computed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import InputError
+from ..outputs import EarlyExitResult
+from ..policies.base import ExitPolicy
+from .flops import exit_cost_table
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..model import MultiExitModel
+
+
+@torch.inference_mode()
+def run_early_exit(
+    model: "MultiExitModel",
+    policy: ExitPolicy,
+    labels: torch.Tensor | None = None,
+    profile: bool = False,
+    count_flops: bool = True,
+    **inputs: Any,
+) -> EarlyExitResult:
+    """Early-exit inference on one batch.
+
+    inputs: what the backbone's ``start`` takes (input_ids (B, T), attention_mask (B, T) ...).
+    labels: (B,) only for policies that need them (the oracle).
+    profile: record wall-clock per block (adds a timer call per block).
+    count_flops: fill ``flops`` (cheap; off only for the tightest timing loops).
+    """
+    if policy.needs_labels and labels is None:
+        raise InputError(f"policy {policy.registered_name!r} needs labels")
+    backbone = model.backbone
+    heads = model.heads
+    temps = model.temperature_list()
+    exit_at = model.exit_lookup
+    num_exits = len(heads)
+
+    state = backbone.start(**inputs)
+    b = state.batch_size
+    device = state.hidden.device
+    if labels is not None:
+        labels = model.check_labels(labels, b)
+    costs = exit_cost_table(model, state) if count_flops else None
+
+    out_logits: torch.Tensor | None = None
+    exit_index = torch.full((b,), -1, dtype=torch.long)
+    exit_layer = torch.full((b,), -1, dtype=torch.long)
+    active = torch.arange(b, device=device)
+    pstate = policy.init_state(b, device)
+    layer_seconds: list[float] = []
+    rows_per_layer: list[int] = []
+
+    for i in range(backbone.num_layers):
+        t0 = time.perf_counter() if profile else 0.0
+        rows_per_layer.append(int(active.numel()))
+        state = backbone.step(i, state)
+        k = exit_at.get(i + 1)
+        if k is not None:
+            hidden, mask = backbone.features(state)
+            logits = heads[k](hidden, mask)
+            if temps[k] != 1.0:
+                logits = logits / temps[k]
+            policy.check_logits(logits)
+            if out_logits is None:
+                out_logits = torch.empty(b, logits.shape[-1], dtype=logits.dtype, device=device)
+            if k == num_exits - 1:
+                done = torch.ones(logits.shape[0], dtype=torch.bool, device=device)
+            else:
+                done, pstate = policy.decide(k, num_exits, logits, pstate, labels)
+            n_done = int(done.sum())
+            if n_done:
+                if n_done == active.numel():
+                    out_logits[active] = logits
+                    exit_index[active.cpu()] = k
+                    exit_layer[active.cpu()] = i + 1
+                    active = active[:0]
+                else:
+                    leave = done.nonzero().squeeze(1)
+                    stay = (~done).nonzero().squeeze(1)
+                    rows = active[leave]
+                    out_logits[rows] = logits[leave]
+                    exit_index[rows.cpu()] = k
+                    exit_layer[rows.cpu()] = i + 1
+                    active = active[stay]
+                    state = backbone.keep(state, stay)
+                    pstate = policy.keep(pstate, stay)
+                    if labels is not None:
+                        labels = labels[stay]
+        if profile:
+            layer_seconds.append(time.perf_counter() - t0)
+        if active.numel() == 0:
+            break
+
+    assert out_logits is not None and bool((exit_index >= 0).all())
+    if costs is not None:
+        flops = costs.gather(1, exit_index.unsqueeze(1)).squeeze(1)
+    else:
+        flops = torch.zeros(b, dtype=torch.float64)
+    return EarlyExitResult(
+        logits=out_logits,
+        exit_index=exit_index,
+        exit_layer=exit_layer,
+        flops=flops,
+        layer_seconds=layer_seconds,
+        rows_per_layer=rows_per_layer,
+    )

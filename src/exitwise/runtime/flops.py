@@ -1,0 +1,54 @@
+"""Per-row cost of leaving at each exit, from the backbone's and heads' FLOP counts.
+
+A row's cost depends only on its own real tokens, never on which other rows share its batch,
+so the executor and the offline replay use the same table.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..backbones.base import BackboneState
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..model import MultiExitModel
+
+
+def exit_cost_table(model: "MultiExitModel", state: BackboneState) -> torch.Tensor:
+    """(B, num_exits) float64: FLOPs a row spends if it leaves at exit k.
+
+    Counts the embedding/stem, every block up to the exit's depth, and every head evaluated on
+    the way (a row leaving at exit k ran heads 0..k). ``state`` is the state right after
+    ``start`` (its mask gives each row's real length).
+    """
+    backbone = model.backbone
+    b = state.batch_size
+    cumulative = backbone.start_flops(state).clone()
+    heads_so_far = torch.zeros(b, dtype=torch.float64)
+    columns = []
+    exit_iter = iter(zip(model.exit_layers, model.heads))
+    depth, head = next(exit_iter)
+    for i in range(backbone.num_layers):
+        cumulative = cumulative + backbone.layer_flops(i, state).cpu()
+        if i + 1 == depth:
+            heads_so_far = heads_so_far + head.head_flops(
+                None if state.mask is None else state.mask.cpu(), b
+            )
+            columns.append(cumulative + heads_so_far)
+            nxt = next(exit_iter, None)
+            if nxt is None:
+                break
+            depth, head = nxt
+    return torch.stack(columns, dim=1)
+
+
+def full_depth_cost(model: "MultiExitModel", state: BackboneState) -> torch.Tensor:
+    """(B,) FLOPs of the plain model: every block and only the final classifier."""
+    backbone = model.backbone
+    cost = backbone.start_flops(state).clone()
+    for i in range(backbone.num_layers):
+        cost = cost + backbone.layer_flops(i, state).cpu()
+    mask = None if state.mask is None else state.mask.cpu()
+    return cost + model.heads[-1].head_flops(mask, state.batch_size)
