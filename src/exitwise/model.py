@@ -116,6 +116,7 @@ class MultiExitModel(nn.Module):
         policy: ExitPolicy | str | None = None,
         labels: torch.Tensor | None = None,
         profile: bool = False,
+        count_flops: bool = True,
         **inputs: Any,
     ) -> EarlyExitResult:
         """Real early exit on one batch with ``policy`` (an object, or the name of a
@@ -128,7 +129,9 @@ class MultiExitModel(nn.Module):
         batch_labels = inputs.pop("labels", None)
         if labels is None and policy.needs_labels:
             labels = batch_labels
-        return run_early_exit(self, policy, labels=labels, profile=profile, **inputs)
+        return run_early_exit(
+            self, policy, labels=labels, profile=profile, count_flops=count_flops, **inputs
+        )
 
     @torch.inference_mode()
     def full_depth(self, **inputs: Any) -> torch.Tensor:
@@ -236,7 +239,8 @@ class MultiExitModel(nn.Module):
         model.temperatures.copy_(tensors["temperatures"])
         model.calibration = meta.get("calibration", {})
         model.backbone_tuned = bool(meta.get("backbone_saved"))
-        return model
+        # Like transformers' from_pretrained: ready for inference (no dropout in the heads).
+        return model.eval()
 
 
 def attach_exits(backbone: nn.Module | Backbone, config: ExitConfig | None = None, **kwargs: Any) -> MultiExitModel:
@@ -249,7 +253,10 @@ def attach_exits(backbone: nn.Module | Backbone, config: ExitConfig | None = Non
         config = ExitConfig(**kwargs)
     elif kwargs:
         raise InputError("give either an ExitConfig or keyword options, not both")
-    return MultiExitModel(wrap_backbone(backbone), config)
+    model = MultiExitModel(wrap_backbone(backbone), config)
+    # Fresh heads follow the backbone's mode: an HF model from from_pretrained is in eval mode,
+    # and early exit on it must not run the heads' dropout. Training recipes call .train().
+    return model.train(bool(getattr(backbone, "training", True)))
 
 
 __all__ = ["MultiExitModel", "attach_exits", "ExitHead", "get_policy"]

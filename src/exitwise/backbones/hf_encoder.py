@@ -106,6 +106,7 @@ class HFEncoderBackbone(Backbone):
 
     def reference(self, **inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The model's own forward: last_hidden_state (B, T, H) and the mask."""
+        self.check_inputs(**inputs)
         names = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
         if self.model_type == "distilbert":
             names = ("input_ids", "attention_mask", "inputs_embeds")
@@ -113,8 +114,12 @@ class HFEncoderBackbone(Backbone):
         mask = inputs.get("attention_mask")
         return out.last_hidden_state, mask
 
-    # -- the contract -----------------------------------------------------------------------
-    def start(self, **inputs: Any) -> BackboneState:
+    def check_inputs(self, **inputs: Any) -> torch.Tensor:
+        """Validate a tokenized batch; return its attention mask (B, T) (all ones if absent).
+
+        Shared by ``start`` and ``reference`` so that both paths reject the same bad input
+        with an InputError instead of an index error deep inside the embeddings.
+        """
         input_ids = inputs.get("input_ids")
         embeds = inputs.get("inputs_embeds")
         if input_ids is None and embeds is None:
@@ -139,6 +144,29 @@ class HFEncoderBackbone(Backbone):
                 f"input_ids contain id {int(input_ids.max())} but the vocabulary has "
                 f"{self.config.vocab_size} entries: tokenizer and model do not match"
             )
+        if input_ids is not None and int(input_ids.min()) < 0:
+            raise InputError(
+                f"input_ids contain the negative id {int(input_ids.min())}; label-style -100 "
+                "padding belongs in labels, pad input_ids with the tokenizer's pad id"
+            )
+        types = inputs.get("token_type_ids")
+        n_types = int(getattr(self.config, "type_vocab_size", 0) or 0)
+        if types is not None and "token_type_ids" in self.layout.embed_inputs:
+            if types.shape != ref.shape[:2]:
+                raise InputError(
+                    f"token_type_ids has shape {tuple(types.shape)} but inputs are "
+                    f"{tuple(ref.shape[:2])}"
+                )
+            if n_types and (int(types.max()) >= n_types or int(types.min()) < 0):
+                raise InputError(
+                    f"token_type_ids must be in [0, {n_types}) for this model; got values "
+                    f"{int(types.min())}..{int(types.max())}"
+                )
+        return mask
+
+    # -- the contract -----------------------------------------------------------------------
+    def start(self, **inputs: Any) -> BackboneState:
+        mask = self.check_inputs(**inputs)
         kwargs = {}
         for name in self.layout.embed_inputs:
             if name == "mask":
@@ -215,3 +243,24 @@ class HFEncoderBackbone(Backbone):
         h, inter = float(self.hidden_size), float(self.intermediate_size)
         pair_terms = 4.0 if self.layout.convention == "deberta" else 2.0
         return 2.0 * (n * (4 * h * h + 2 * h * inter) + pair_terms * n * n * h)
+
+
+def truncate_encoder(model: nn.Module, num_layers: int) -> nn.Module:
+    """Keep only the first ``num_layers`` blocks of an HF encoder (in place), for static
+    truncation baselines. The config is updated so ``save_pretrained`` round-trips."""
+    base = base_model_of(model)
+    model_type = getattr(base.config, "model_type", None)
+    layout = ENCODER_LAYOUTS.get(model_type)
+    if layout is None or layout.shared_groups:
+        raise UnsupportedModelError(f"cannot truncate a {model_type!r} encoder")
+    parent_path, _, attr = layout.layers.rpartition(".")
+    parent = _get(base, parent_path) if parent_path else base
+    blocks = getattr(parent, attr)
+    if not 1 <= num_layers <= len(blocks):
+        from ..errors import ConfigError
+
+        raise ConfigError(f"can keep 1..{len(blocks)} layers, not {num_layers}")
+    setattr(parent, attr, nn.ModuleList(list(blocks)[:num_layers]))
+    key = "n_layers" if hasattr(base.config, "n_layers") else "num_hidden_layers"
+    setattr(base.config, key, num_layers)
+    return model

@@ -44,37 +44,50 @@ def read_table(path: str | Path) -> TextExamples:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
-    delimiter = "," if path.suffix.lower() == ".csv" else "\t"
+    is_csv = path.suffix.lower() == ".csv"
+    delimiter = "," if is_csv else "\t"
+    # GLUE TSVs contain bare quote characters inside sentences, so TSV is read without quoting;
+    # CSV needs standard quoting, or any text with a comma in it would split into two fields.
+    quoting = csv.QUOTE_MINIMAL if is_csv else csv.QUOTE_NONE
     texts: list[str] = []
     labels: list[int] = []
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE)
-        header = next(reader, None)
-        if header is None:
-            raise DataError(f"{path} is empty")
-        names = [h.strip().lower() for h in header]
-        text_col = next((names.index(c) for c in TEXT_COLUMNS if c in names), None)
-        label_col = next((names.index(c) for c in LABEL_COLUMNS if c in names), None)
-        if text_col is None or label_col is None:
-            raise DataError(
-                f"{path}: the header {header!r} must name a text column ({'/'.join(TEXT_COLUMNS)}) "
-                f"and a label column ({'/'.join(LABEL_COLUMNS)})"
-            )
-        for lineno, row in enumerate(reader, start=2):
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) != len(names):
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{path} is empty")
+            names = [h.strip().lower() for h in header]
+            text_col = next((names.index(c) for c in TEXT_COLUMNS if c in names), None)
+            label_col = next((names.index(c) for c in LABEL_COLUMNS if c in names), None)
+            if text_col is None or label_col is None:
                 raise DataError(
-                    f"{path}:{lineno}: expected {len(names)} tab-separated fields, got {len(row)}"
+                    f"{path}: the header {header!r} must name a text column "
+                    f"({'/'.join(TEXT_COLUMNS)}) and a label column ({'/'.join(LABEL_COLUMNS)})"
                 )
-            try:
-                label = int(row[label_col])
-            except ValueError:
-                raise DataError(f"{path}:{lineno}: label {row[label_col]!r} is not an integer") from None
-            if label < 0:
-                raise DataError(f"{path}:{lineno}: label {label} is negative")
-            texts.append(row[text_col].strip())
-            labels.append(label)
+            for row in reader:
+                lineno = reader.line_num  # physical line (quoted CSV fields may span lines)
+                if not row or all(not c.strip() for c in row):
+                    continue
+                if len(row) != len(names):
+                    raise DataError(
+                        f"{path}:{lineno}: expected {len(names)} "
+                        f"{'comma' if is_csv else 'tab'}-separated fields, got {len(row)}"
+                    )
+                try:
+                    label = int(row[label_col])
+                except ValueError:
+                    raise DataError(
+                        f"{path}:{lineno}: label {row[label_col]!r} is not an integer"
+                    ) from None
+                if label < 0:
+                    raise DataError(f"{path}:{lineno}: label {label} is negative")
+                texts.append(row[text_col].strip())
+                labels.append(label)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except csv.Error as err:
+        raise DataError(f"{path}: unreadable {'CSV' if is_csv else 'TSV'} ({err})") from None
     if not texts:
         raise DataError(f"{path} has a header but no rows")
     return TextExamples(texts, labels, str(path))

@@ -46,8 +46,20 @@ class ExitHead(nn.Module):
 
     @staticmethod
     def first_token(hidden: torch.Tensor) -> torch.Tensor:
-        """(B, T, H) -> (B, H) the [CLS] position; (B, H) passes through."""
-        return hidden[:, 0] if hidden.dim() == 3 else hidden
+        """(B, T, H) -> (B, H) the [CLS] position; (B, H) passes through; feature maps
+        (B, C, *spatial) from convolutional blocks are averaged over space to (B, C)."""
+        if hidden.dim() == 3:
+            return hidden[:, 0]
+        return ExitHead.spatial_mean(hidden)
+
+    @staticmethod
+    def spatial_mean(hidden: torch.Tensor) -> torch.Tensor:
+        """(B, C, *spatial) -> (B, C) global average pool; (B, H) passes through.
+
+        Convolutional backbones report ``feature_dim`` = channels (dim 1), so heads pool the
+        spatial dims away instead of failing on a 4-D input.
+        """
+        return hidden.flatten(2).mean(-1) if hidden.dim() > 3 else hidden
 
     @staticmethod
     def linear_flops(*layers: nn.Linear) -> float:

@@ -22,7 +22,7 @@ class MeanPoolHead(ExitHead):
                 m = mask.to(hidden.dtype).unsqueeze(-1)
                 pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
         else:
-            pooled = hidden
+            pooled = self.spatial_mean(hidden)  # (B, H) as is; (B, C, H, W) pooled over space
         return self.classifier(self.dropout(pooled))
 
     def head_flops(self, mask: torch.Tensor | None, batch_size: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from ..errors import InputError
 from ..outputs import EarlyExitResult
 from ..policies.base import ExitPolicy
-from .flops import exit_cost_table
+from .flops import exit_cost_table, padded
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..model import MultiExitModel
@@ -52,6 +52,8 @@ def run_early_exit(
     if labels is not None:
         labels = model.check_labels(labels, b)
     costs = exit_cost_table(model, state) if count_flops else None
+    # Work really done on the (padded, shrinking) batch, summed over rows.
+    executed = float(backbone.start_flops(padded(state)).sum()) if count_flops else 0.0
 
     out_logits: torch.Tensor | None = None
     exit_index = torch.full((b,), -1, dtype=torch.long)
@@ -62,6 +64,8 @@ def run_early_exit(
     rows_per_layer: list[int] = []
 
     for i in range(backbone.num_layers):
+        if count_flops:
+            executed += float(backbone.layer_flops(i, padded(state)).sum())
         t0 = time.perf_counter() if profile else 0.0
         rows_per_layer.append(int(active.numel()))
         state = backbone.step(i, state)
@@ -69,6 +73,9 @@ def run_early_exit(
         if k is not None:
             hidden, mask = backbone.features(state)
             logits = heads[k](hidden, mask)
+            if count_flops:
+                full_mask = None if mask is None else torch.ones_like(mask)
+                executed += float(heads[k].head_flops(full_mask, logits.shape[0]).sum())
             if temps[k] != 1.0:
                 logits = logits / temps[k]
             policy.check_logits(logits)
@@ -112,6 +119,7 @@ def run_early_exit(
         exit_index=exit_index,
         exit_layer=exit_layer,
         flops=flops,
+        executed_flops=executed,
         layer_seconds=layer_seconds,
         rows_per_layer=rows_per_layer,
     )

@@ -52,3 +52,10 @@ def full_depth_cost(model: "MultiExitModel", state: BackboneState) -> torch.Tens
         cost = cost + backbone.layer_flops(i, state).cpu()
     mask = None if state.mask is None else state.mask.cpu()
     return cost + model.heads[-1].head_flops(mask, state.batch_size)
+
+
+def padded(state: BackboneState) -> BackboneState:
+    """A view of ``state`` whose mask marks every position real: what the hardware computes
+    on a padded batch (used for ``EarlyExitResult.executed_flops``)."""
+    mask = None if state.mask is None else torch.ones_like(state.mask)
+    return BackboneState(hidden=state.hidden, mask=mask)

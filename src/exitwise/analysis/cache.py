@@ -1,0 +1,281 @@
+"""Cached all-exit logits: one forward pass over a dataset, then any policy offline.
+
+An :class:`ExitLogitsCache` holds, for N examples, every exit's raw logits, the labels and the
+FLOPs each example would cost if it left at each exit. :func:`~exitwise.analysis.replay`
+runs a policy on it exactly as the real executor would, so calibration sweeps and curves
+need no further model passes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import DataError, InputError
+from ..runtime.flops import exit_cost_table, full_depth_cost
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..model import MultiExitModel
+
+CACHE_FORMAT = "exitwise-exit-logits"
+CACHE_VERSION = 1
+UNKNOWN_LABEL = -1
+
+
+def _plain(value: Any, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor of ``dtype`` usable with autograd (inference-mode tensors are copied)."""
+    t = torch.as_tensor(value).detach().to("cpu", dtype)
+    return t.clone() if t.is_inference() else t
+
+
+@dataclass
+class ExitLogitsCache:
+    """Every exit's logits for N examples.
+
+    logits:      (N, E, C) float32, raw (untempered) logits of every exit, shallowest first.
+    labels:      (N,) long; -1 where the label is unknown.
+    costs:       (N, E) float64, FLOPs of leaving at exit k (blocks, embeddings and every head
+                 run up to k), from :func:`exitwise.runtime.flops.exit_cost_table`.
+    full_cost:   (N,) float64, FLOPs of the plain full-depth model (no exit heads but the final).
+    exit_layers: the E depths (1-based) carrying the exits.
+    meta:        free JSON-able notes (model name, split ...), saved with the cache.
+    """
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    costs: torch.Tensor
+    full_cost: torch.Tensor
+    exit_layers: list[int]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.logits = _plain(self.logits, torch.float32)
+        self.labels = _plain(self.labels, torch.long)
+        self.costs = _plain(self.costs, torch.float64)
+        self.full_cost = _plain(self.full_cost, torch.float64)
+        self.exit_layers = [int(d) for d in self.exit_layers]
+        if self.logits.dim() != 3:
+            raise InputError(f"cache logits must be (N, E, C); got {tuple(self.logits.shape)}")
+        n, e, _ = self.logits.shape
+        if len(self.exit_layers) != e:
+            raise InputError(f"{len(self.exit_layers)} exit layers for {e} exits in the logits")
+        expected = {"labels": (n,), "costs": (n, e), "full_cost": (n,)}
+        for name, shape in expected.items():
+            have = tuple(getattr(self, name).shape)
+            if have != shape:
+                raise InputError(f"cache {name} has shape {have}, expected {shape}")
+
+    # -- basic facts ------------------------------------------------------------------------
+    @property
+    def num_examples(self) -> int:
+        return int(self.logits.shape[0])
+
+    @property
+    def num_exits(self) -> int:
+        return int(self.logits.shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.logits.shape[2])
+
+    @property
+    def labeled(self) -> torch.Tensor:
+        """(N,) bool: rows whose label is known."""
+        return self.labels >= 0
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def check(self, need_labels: bool = False) -> None:
+        """Raise :class:`InputError` if the cache cannot be used for analysis or calibration:
+        no rows, non-finite logits or costs, or (``need_labels``) any unknown label."""
+        if self.num_examples == 0:
+            raise InputError("the exit-logits cache is empty: collect it on at least one example")
+        if not bool(torch.isfinite(self.logits).all()):
+            bad = int((~torch.isfinite(self.logits)).any(-1).any(-1).sum())
+            raise InputError(f"the cache has NaN or inf logits in {bad} rows; the model is broken")
+        if not bool(torch.isfinite(self.costs).all() and torch.isfinite(self.full_cost).all()):
+            raise InputError("the cache has NaN or inf costs")
+        if need_labels:
+            missing = int((~self.labeled).sum())
+            if missing:
+                raise InputError(
+                    f"{missing} of {self.num_examples} cached rows have no label (-1); "
+                    "calibration and accuracy need a labeled held-out set"
+                )
+            if int(self.labels.max()) >= self.num_classes:
+                raise InputError(
+                    f"labels go up to {int(self.labels.max())} but the exits have "
+                    f"{self.num_classes} classes"
+                )
+
+    def subset(self, rows: torch.Tensor | list[int]) -> "ExitLogitsCache":
+        """The cache restricted to ``rows`` (indices or a (N,) bool mask)."""
+        idx = torch.as_tensor(rows)
+        if idx.dtype == torch.bool:
+            idx = idx.nonzero().squeeze(1)
+        idx = idx.long()
+        return ExitLogitsCache(
+            self.logits[idx], self.labels[idx], self.costs[idx], self.full_cost[idx],
+            list(self.exit_layers), dict(self.meta),
+        )
+
+    @classmethod
+    def concat(cls, caches: list["ExitLogitsCache"]) -> "ExitLogitsCache":
+        """Stack caches of the same model (same exits and classes) row-wise."""
+        if not caches:
+            raise InputError("nothing to concatenate")
+        layers = caches[0].exit_layers
+        if any(c.exit_layers != layers for c in caches):
+            raise InputError("caches come from models with different exits")
+        return cls(
+            torch.cat([c.logits for c in caches]),
+            torch.cat([c.labels for c in caches]),
+            torch.cat([c.costs for c in caches]),
+            torch.cat([c.full_cost for c in caches]),
+            list(layers),
+            dict(caches[0].meta),
+        )
+
+    # -- persistence (safetensors, no pickle) -----------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write one .safetensors file; exit layers and ``meta`` go in its JSON metadata."""
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "logits": self.logits.contiguous(),
+            "labels": self.labels.contiguous(),
+            "costs": self.costs.contiguous(),
+            "full_cost": self.full_cost.contiguous(),
+        }
+        header = {
+            "format": CACHE_FORMAT,
+            "version": str(CACHE_VERSION),
+            "exit_layers": json.dumps(self.exit_layers),
+            "meta": json.dumps(self.meta),
+        }
+        save_file(tensors, str(out), metadata=header)
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ExitLogitsCache":
+        src = Path(path)
+        if not src.is_file():
+            raise DataError(f"{src} not found")
+        from safetensors import safe_open
+
+        with safe_open(str(src), framework="pt") as f:
+            header = f.metadata() or {}
+        if header.get("format") != CACHE_FORMAT:
+            raise DataError(f"{src} is not an exitwise exit-logits cache")
+        tensors = load_file(str(src))
+        return cls(
+            tensors["logits"], tensors["labels"], tensors["costs"], tensors["full_cost"],
+            json.loads(header["exit_layers"]), json.loads(header.get("meta", "{}")),
+        )
+
+
+# -- collection ------------------------------------------------------------------------------
+def _split_batch(batch: Any) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """A dataloader batch -> (backbone inputs, labels or None).
+
+    Dict batches (HF collators) give their keys, ``labels``/``label`` removed; ``(x, y)``
+    tuples (torchvision loaders) give ``x`` as the input tensor.
+    """
+    if isinstance(batch, Mapping):
+        inputs = dict(batch)
+        labels = inputs.pop("labels", None)
+        if labels is None:
+            labels = inputs.pop("label", None)
+        return inputs, labels
+    if isinstance(batch, (list, tuple)) and len(batch) == 2:
+        return {"x": batch[0]}, batch[1]
+    if isinstance(batch, torch.Tensor):
+        return {"x": batch}, None
+    raise InputError(
+        f"cannot read a batch of type {type(batch).__name__}: give dicts or (inputs, labels)"
+    )
+
+
+def _to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def _batch_exit_logits(model: "MultiExitModel", inputs: dict[str, Any]):
+    """One pass over a batch: (logits (B, E, C), costs (B, E), full cost (B,)).
+
+    The cost tables are read from the state right after ``start`` (they depend only on each
+    row's real length), then the blocks run with every head evaluated, as in ``forward``.
+    """
+    backbone = model.backbone
+    state = backbone.start(**inputs)
+    costs = exit_cost_table(model, state)
+    full = full_depth_cost(model, state)
+    logits = []
+    for i in range(backbone.num_layers):
+        state = backbone.step(i, state)
+        k = model.exit_lookup.get(i + 1)
+        if k is not None:
+            hidden, mask = backbone.features(state)
+            logits.append(model.heads[k](hidden, mask).float())
+    return torch.stack(logits, dim=1), costs, full
+
+
+def collect_exit_logits(
+    model: "MultiExitModel",
+    dataloader: Iterable[Any],
+    progress: bool = True,
+    device: torch.device | str | None = None,
+    meta: dict[str, Any] | None = None,
+) -> ExitLogitsCache:
+    """Run ``model`` once over ``dataloader`` and cache every exit's raw logits and costs.
+
+    dataloader: any iterable of batches (dicts with input_ids/attention_mask/labels, or
+        ``(inputs, labels)`` tuples). Rows without labels get -1.
+    device: where to run; defaults to the model's parameters' device.
+    The model is put in eval mode for the pass and restored afterwards.
+    """
+    if device is None:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "costs": [], "full": []}
+    try:
+        total = len(dataloader) if hasattr(dataloader, "__len__") else None  # type: ignore
+        from tqdm.auto import tqdm
+
+        bar = tqdm(dataloader, total=total, disable=not progress, desc="caching exit logits")
+        with torch.inference_mode():
+            for batch in bar:
+                inputs, labels = _split_batch(batch)
+                logits, costs, full = _batch_exit_logits(model, _to_device(inputs, device))
+                b = logits.shape[0]
+                if labels is None:
+                    labels = torch.full((b,), UNKNOWN_LABEL, dtype=torch.long)
+                labels = torch.as_tensor(labels).long().cpu()
+                if labels.shape != (b,):
+                    raise InputError(f"batch labels have shape {tuple(labels.shape)} for {b} rows")
+                parts["logits"].append(logits.cpu())
+                parts["labels"].append(labels)
+                parts["costs"].append(costs.cpu())
+                parts["full"].append(full.cpu())
+    finally:
+        model.train(was_training)
+    if not parts["logits"]:
+        raise InputError("the dataloader yielded no batches")
+    return ExitLogitsCache(
+        logits=torch.cat(parts["logits"]),
+        labels=torch.cat(parts["labels"]),
+        costs=torch.cat(parts["costs"]),
+        full_cost=torch.cat(parts["full"]),
+        exit_layers=list(model.exit_layers),
+        meta=dict(meta or {}),
+    )

@@ -1,0 +1,276 @@
+"""Pick a policy's parameter to meet a target on a held-out exit-logits cache.
+
+Every search sweeps ``policy.grid(E)`` and replays each value on the cache (the same
+decisions the runtime would make), then picks:
+
+* :func:`search_accuracy_drop`: the fastest setting (highest FLOPs speed-up) whose accuracy
+  stays within ``max_drop`` of the full-depth accuracy (the final exit's accuracy on the same
+  cache);
+* :func:`search_budget`: the most accurate setting whose mean compute, as a fraction of the
+  full-depth model's, is within ``budget``.
+
+Among settings with identical results (a plateau of thresholds) the middle one is taken, so
+that small shifts between held-out and test data move it least.
+
+The cache MUST be held-out data: a slice of the training data the model did not train on.
+Never calibrate on the split you report results on; these functions take no evaluation split
+on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+
+from ..analysis.cache import ExitLogitsCache
+from ..analysis.curves import as_policy
+from ..analysis.replay import ReplayResult, replay, summarize, temperature_list
+from ..errors import ConfigError
+from ..policies.base import ExitPolicy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..model import MultiExitModel
+
+Temps = torch.Tensor | Sequence[float] | None
+# Accuracy/compute comparisons allow for float round-off in means over N rows.
+_EPS = 1e-9
+
+
+@dataclass
+class CalibrationResult:
+    """A calibrated policy and how it did on the held-out cache.
+
+    policy:       the policy with its tuned parameter set to the chosen value.
+    target:       what was asked, e.g. ``{"kind": "accuracy_drop", "max_drop": 0.01}``.
+    heldout:      the chosen setting's replay metrics on the held-out cache (accuracy,
+                  mean_layers, flops_speedup, relative_compute, exit_histogram ...), plus
+                  ``full_accuracy`` and ``met_target``.
+    temperatures: the per-exit temperatures the search replayed with (must be the model's).
+    curve:        every grid point evaluated: {param, accuracy, mean_layers, flops_speedup,
+                  relative_compute}.
+    """
+
+    policy: ExitPolicy
+    target: dict[str, Any]
+    heldout: dict[str, Any]
+    temperatures: list[float]
+    curve: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def param(self) -> Any:
+        return self.policy.value
+
+    @property
+    def met_target(self) -> bool:
+        return bool(self.heldout.get("met_target", False))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy.to_dict(),
+            "target": dict(self.target),
+            "heldout": dict(self.heldout),
+            "temperatures": list(self.temperatures),
+        }
+
+
+def _prepare(policy: ExitPolicy | str, cache: ExitLogitsCache) -> ExitPolicy:
+    policy = as_policy(policy)
+    if policy.needs_labels:
+        raise ConfigError(
+            f"policy {policy.registered_name!r} needs labels at run time (analysis only); "
+            "it cannot be calibrated for deployment"
+        )
+    cache.check(need_labels=True)
+    return policy
+
+
+Sweep = list[tuple[ExitPolicy, ReplayResult]]
+
+
+def _sweep(policy: ExitPolicy, cache: ExitLogitsCache, temps: list[float]) -> Sweep:
+    candidates = [policy.with_param(v) for v in policy.grid(cache.num_exits)]
+    return [(p, replay(p, cache, temps)) for p in candidates]
+
+
+def _pick(
+    sweep: Sweep,
+    ok: Callable[[ReplayResult], bool],
+    score: Callable[[ReplayResult], tuple[float, ...]],
+) -> tuple[ExitPolicy, ReplayResult] | None:
+    """Best-scoring qualifying entry; the middle one (in grid order) among exact ties."""
+    qualifying = [item for item in sweep if ok(item[1])]
+    if not qualifying:
+        return None
+    best = max(score(r) for _, r in qualifying)
+    ties = [item for item in qualifying if score(item[1]) == best]
+    return ties[len(ties) // 2]
+
+
+def _result(
+    chosen: tuple[ExitPolicy, ReplayResult],
+    target: dict[str, Any],
+    full_accuracy: float,
+    met: bool,
+    temps: list[float],
+    sweep: Sweep,
+) -> CalibrationResult:
+    policy, res = chosen
+    heldout = res.metrics()
+    heldout.update(
+        full_accuracy=full_accuracy,
+        accuracy_drop_points=100.0 * (full_accuracy - res.accuracy),
+        met_target=met,
+    )
+    curve = [
+        {
+            "param": p.value,
+            "accuracy": r.accuracy,
+            "mean_layers": r.mean_layers,
+            "flops_speedup": r.flops_speedup,
+            "relative_compute": r.relative_compute,
+        }
+        for p, r in sweep
+    ]
+    return CalibrationResult(policy, target, heldout, temps, curve)
+
+
+def _number(value: Any) -> float:
+    """A target as a float; ConfigError for anything that is not a real number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"a calibration target must be a number, got {value!r}")
+    return float(value)
+
+
+def full_depth_accuracy(cache: ExitLogitsCache) -> float:
+    """Accuracy of the final exit on the (fully labeled) cache."""
+    cache.check(need_labels=True)
+    last = torch.full((cache.num_examples,), cache.num_exits - 1, dtype=torch.long)
+    return summarize(cache, last).accuracy
+
+
+def search_accuracy_drop(
+    policy: ExitPolicy | str,
+    cache: ExitLogitsCache,
+    temperatures: Temps = None,
+    max_drop: float | None = None,
+    *,
+    max_drop_points: float | None = None,
+) -> CalibrationResult:
+    """The fastest setting whose held-out accuracy >= full-depth accuracy - allowed drop.
+
+    Give the allowed drop either as a fraction (``max_drop=0.01``) or in accuracy points
+    (``max_drop_points=1.0``, the same thing), not both. ``temperatures``: the model's (E,)
+    temperatures (None = 1). If no setting qualifies, the most accurate one is returned with
+    ``heldout["met_target"] = False`` and a warning.
+
+    Raises ConfigError for a drop outside [0, 1] (fraction) / [0, 100] (points) or a policy
+    that needs labels; InputError for an empty cache, NaN logits or unknown labels.
+    """
+    if (max_drop is None) == (max_drop_points is None):
+        raise ConfigError("give exactly one of max_drop (fraction) or max_drop_points (points)")
+    if max_drop is not None:
+        drop, given = _number(max_drop), f"max_drop={max_drop!r}"
+    else:
+        drop, given = _number(max_drop_points) / 100.0, f"max_drop_points={max_drop_points!r}"
+    if not 0.0 <= drop <= 1.0:  # also False for nan
+        raise ConfigError(
+            f"{given} is out of range: use a fraction in [0, 1] or points in [0, 100]"
+        )
+    policy = _prepare(policy, cache)
+    temps = temperature_list(temperatures, cache.num_exits)
+    full = full_depth_accuracy(cache)
+    sweep = _sweep(policy, cache, temps)
+    target = {"kind": "accuracy_drop", "max_drop": float(drop), "max_drop_points": 100.0 * drop}
+    chosen = _pick(
+        sweep,
+        ok=lambda r: r.accuracy >= full - drop - _EPS,
+        score=lambda r: (r.flops_speedup, r.accuracy),
+    )
+    met = chosen is not None
+    if chosen is None:
+        warnings.warn(
+            f"{policy.registered_name}: no setting keeps accuracy within {100 * drop:.2f} points "
+            "of full depth on the held-out cache; returning the most accurate one",
+            stacklevel=2,
+        )
+        chosen = _pick(sweep, ok=lambda r: True, score=lambda r: (r.accuracy, r.flops_speedup))
+    assert chosen is not None
+    return _result(chosen, target, full, met, temps, sweep)
+
+
+def search_budget(
+    policy: ExitPolicy | str,
+    cache: ExitLogitsCache,
+    temperatures: Temps = None,
+    budget: float | None = None,
+) -> CalibrationResult:
+    """The most accurate setting whose mean compute / full-depth compute <= ``budget``.
+
+    budget: a fraction in (0, 1] (0.5 = half the FLOPs of the plain model on average).
+    If even the cheapest setting exceeds it, the cheapest is returned with
+    ``heldout["met_target"] = False`` and a warning.
+
+    Raises ConfigError for a budget outside (0, 1] or a policy that needs labels; InputError
+    for an empty cache, NaN logits or unknown labels.
+    """
+    if budget is None:
+        raise ConfigError("give a compute budget: a fraction of full-depth FLOPs in (0, 1]")
+    if not 0.0 < _number(budget) <= 1.0:  # also False for nan
+        raise ConfigError(f"budget={budget!r} is out of range: use a fraction in (0, 1]")
+    policy = _prepare(policy, cache)
+    temps = temperature_list(temperatures, cache.num_exits)
+    full = full_depth_accuracy(cache)
+    sweep = _sweep(policy, cache, temps)
+    target = {"kind": "budget", "budget": float(budget)}
+    chosen = _pick(
+        sweep,
+        ok=lambda r: r.relative_compute <= budget + _EPS,
+        score=lambda r: (r.accuracy, r.flops_speedup),
+    )
+    met = chosen is not None
+    if chosen is None:
+        warnings.warn(
+            f"{policy.registered_name}: no setting fits a compute budget of {budget:.3f} on the "
+            "held-out cache; returning the cheapest one",
+            stacklevel=2,
+        )
+        chosen = _pick(sweep, ok=lambda r: True, score=lambda r: (r.flops_speedup, r.accuracy))
+    assert chosen is not None
+    return _result(chosen, target, full, met, temps, sweep)
+
+
+def store_calibration(
+    model: "MultiExitModel", name: str, result: CalibrationResult, make_default: bool = False
+) -> None:
+    """Record ``result`` in ``model.calibration`` (saved with the model) under ``name``.
+
+    Writes ``model.calibration["policies"][name] = {"policy", "target", "heldout"}`` and
+    makes it the default when there is none yet (or ``make_default``). The search must have
+    used the model's own temperatures (apply them first with ``apply_temperatures``), since
+    the runtime scales logits by ``model.temperatures``; otherwise ConfigError.
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"a calibration needs a non-empty name, got {name!r}")
+    have, used = model.temperature_list(), result.temperatures
+    if len(have) != len(used) or any(
+        not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for a, b in zip(have, used)
+    ):
+        raise ConfigError(
+            f"the search used temperatures {result.temperatures} but the model has {have}; "
+            "apply_temperatures(model, temps) first, or search with model.temperatures"
+        )
+    entry = {
+        "policy": result.policy.to_dict(),
+        "target": dict(result.target),
+        "heldout": dict(result.heldout),
+    }
+    json.dumps(entry)  # fail here, not at save time, if something is not JSON-able
+    model.calibration.setdefault("policies", {})[name] = entry
+    if make_default or not model.calibration.get("default"):
+        model.calibration["default"] = name

@@ -1,0 +1,134 @@
+"""``exitwise`` command line. Thin: every sub-command calls one recipe function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .errors import ExitwiseError
+
+
+def _json_default(o: Any) -> Any:
+    return str(o)
+
+
+def _layers(value: str) -> Any:
+    if value == "all" or value.startswith("every:"):
+        return value
+    return [int(v) for v in value.split(",")]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="exitwise", description="Early-exit neural networks.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune an encoder with exit heads")
+    t.add_argument("--out", required=True, help="model directory to write")
+    t.add_argument("--model", default="minilm", help="local path, hub id, or 'minilm'")
+    t.add_argument("--data", default=None, help="folder with train.tsv/dev.tsv, file, or HF id")
+    t.add_argument("--layers", type=_layers, default="all", help="'all', 'every:K' or '2,4,6'")
+    t.add_argument("--head", default="pooler")
+    t.add_argument("--strategy", default="joint")
+    t.add_argument("--weights", default="uniform", help="joint weights: uniform or depth")
+    t.add_argument("--epochs", type=float, default=1.0)
+    t.add_argument("--max-steps", type=int, default=-1)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr", type=float, default=5e-5)
+    t.add_argument("--max-train", type=int, default=None)
+    t.add_argument("--holdout", type=int, default=2000, help="train rows kept for calibration")
+    t.add_argument("--max-length", type=int, default=64)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
+
+    c = sub.add_parser("calibrate", help="fit temperatures and exit thresholds on held-out train")
+    c.add_argument("model_dir")
+    c.add_argument("--policies", default="entropy,confidence,patience,patience_confidence")
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("--max-drop", type=float, default=None, help="accuracy drop target, points")
+    g.add_argument("--budget", type=float, default=None, help="mean compute target, fraction")
+    c.add_argument("--data", default=None)
+    c.add_argument("--no-temperature", action="store_true")
+
+    e = sub.add_parser("evaluate", help="per-exit accuracy, policies and curves on a split")
+    e.add_argument("model_dir")
+    e.add_argument("--data", default=None)
+    e.add_argument("--split", default="dev")
+    e.add_argument("--out", default=None)
+    e.add_argument("--limit", type=int, default=None)
+
+    b = sub.add_parser("bench", help="measured wall-clock speed-up vs full depth")
+    b.add_argument("model_dir")
+    b.add_argument("--data", default=None)
+    b.add_argument("--split", default="dev")
+    b.add_argument("--batch-sizes", default="1,32")
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--limit", type=int, default=None)
+    b.add_argument("--threads", type=int, default=2)
+
+    d = sub.add_parser("demo", help="the whole story on the embedded defaults")
+    d.add_argument("story", nargs="?", default="classify", choices=["classify"])
+    d.add_argument("--out", default=None)
+    d.add_argument("--data", default=None)
+    d.add_argument("--max-train", type=int, default=6000)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except ExitwiseError as err:
+        print(f"exitwise: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("exitwise: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .recipes import text_classification as tc
+
+    if args.command == "train":
+        job = tc.TrainJob(
+            out_dir=args.out, model=args.model, data=args.data, layers=args.layers,
+            head=args.head, strategy=args.strategy, weights=args.weights, epochs=args.epochs,
+            max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.lr,
+            max_train=args.max_train, holdout=args.holdout, seed=args.seed,
+            max_length=args.max_length,
+        )
+        tc.run_train(job, resume=not args.no_resume)
+        print(f"saved to {args.out}")
+    elif args.command == "calibrate":
+        drop = args.max_drop if (args.max_drop is not None or args.budget is not None) else 1.0
+        report = tc.run_calibrate(
+            args.model_dir, policies=tuple(args.policies.split(",")),
+            max_drop_points=None if args.budget is not None else drop, budget=args.budget,
+            data=args.data, temperature=not args.no_temperature,
+        )
+        print(json.dumps(report, indent=2, default=_json_default))
+    elif args.command == "evaluate":
+        report = tc.run_evaluate(args.model_dir, data=args.data, split=args.split,
+                                 out_dir=args.out, limit=args.limit)
+        print(json.dumps(report, indent=2, default=_json_default))
+    elif args.command == "bench":
+        report = tc.run_bench(
+            args.model_dir, data=args.data, split=args.split,
+            batch_sizes=tuple(int(x) for x in args.batch_sizes.split(",")),
+            repeats=args.repeats, limit=args.limit, threads=args.threads,
+        )
+        print(json.dumps(report, indent=2, default=_json_default))
+    elif args.command == "demo":
+        from .recipes.demo import run_classify_demo
+
+        import torch
+
+        torch.set_num_threads(2)
+        run_classify_demo(out_dir=args.out or "runs/demo-classify", data=args.data,
+                          max_train=args.max_train)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Honest wall-clock comparison: interleaved repetitions, medians, ratios.
+
+Benchmarks on a shared, noisy machine compare configurations measured side by side in one
+process. Each repetition runs every configuration once, in an order rotated per repetition so
+that none always runs first (warm caches) or last; the reported figure is the median.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from ..policies.base import ExitPolicy
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Seconds per call of each function, ``repeats`` samples each, interleaved."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(repeats):
+        order = names[rep % len(names):] + names[: rep % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            fns[name]()
+            samples[name].append(time.perf_counter() - t0)
+    return samples
+
+
+def measure_speedups(
+    model: Any,
+    batches: Sequence[dict[str, torch.Tensor]],
+    policies: dict[str, ExitPolicy],
+    repeats: int = 5,
+    warmup: int = 1,
+) -> dict[str, Any]:
+    """Wall-clock of the plain full-depth model vs. real early exit with each policy.
+
+    The baseline is ``model.full_depth`` (the backbone's own forward + final classifier), not
+    the executor with a never-exit policy, so the speed-up includes every cost exitwise adds
+    (heads at every exit, policy decisions, batch shrinking).
+
+    Returns {"baseline": {...}, "<policy>": {"median_s", "samples_s", "speedup"}} where times
+    are for one pass over all ``batches``.
+    """
+
+    def full() -> None:
+        with torch.inference_mode():
+            for b in batches:
+                model.full_depth(**b)
+
+    def make(policy: ExitPolicy) -> Callable[[], None]:
+        def run() -> None:
+            for b in batches:
+                model.early_exit(policy, count_flops=False, **b)
+
+        return run
+
+    fns: dict[str, Callable[[], Any]] = {"baseline": full}
+    fns.update({name: make(p) for name, p in policies.items()})
+    samples = time_interleaved(fns, repeats=repeats, warmup=warmup)
+    base = statistics.median(samples["baseline"])
+    out: dict[str, Any] = {}
+    for name, s in samples.items():
+        med = statistics.median(s)
+        out[name] = {"median_s": med, "samples_s": s, "speedup": base / med if med > 0 else None}
+    return out
+
+
+def batched(items: Iterable[Any], size: int) -> list[list[Any]]:
+    chunk: list[Any] = []
+    out: list[list[Any]] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            out.append(chunk)
+            chunk = []
+    if chunk:
+        out.append(chunk)
+    return out

@@ -1,0 +1,59 @@
+"""Training recipes for multi-exit models, on the Hugging Face Trainer.
+
+    from exitwise.training import train
+    result = train(model, train_ds, eval_ds, strategy="joint", output_dir="runs/joint",
+                   strategy_options={"weights": "depth"}, learning_rate=2e-5, num_train_epochs=3)
+    print(result.table())
+
+Recipes are registered strategies (one file each): ``joint``, ``two_stage``, ``exits_only``.
+A new one subclasses :class:`TrainingStrategy`, returns its :class:`Stage` list from
+``build_stages`` and is registered with ``@register_strategy("name")``.
+"""
+
+from . import exits_only, joint, two_stage  # noqa: F401  (register the built-in recipes)
+from .base import (
+    STRATEGIES,
+    Stage,
+    TrainingStrategy,
+    backbone_parameters,
+    exit_cross_entropy,
+    get_strategy,
+    head_parameters,
+    register_strategy,
+    weighted_exit_loss,
+)
+from .checkpoint import load_model_weights, save_model_weights
+from .collate import PaddingCollator, default_collator
+from .evaluate import evaluate_exits, format_exit_table
+from .exits_only import ExitsOnlyStrategy
+from .joint import JointStrategy
+from .loop import StageResult, TrainResult, train
+from .schedules import exit_weights
+from .trainer import ExitTrainer
+from .two_stage import TwoStageStrategy
+
+__all__ = [
+    "STRATEGIES",
+    "ExitTrainer",
+    "ExitsOnlyStrategy",
+    "JointStrategy",
+    "PaddingCollator",
+    "Stage",
+    "StageResult",
+    "TrainResult",
+    "TrainingStrategy",
+    "TwoStageStrategy",
+    "backbone_parameters",
+    "default_collator",
+    "evaluate_exits",
+    "exit_cross_entropy",
+    "exit_weights",
+    "format_exit_table",
+    "get_strategy",
+    "head_parameters",
+    "load_model_weights",
+    "register_strategy",
+    "save_model_weights",
+    "train",
+    "weighted_exit_loss",
+]

@@ -1,0 +1,116 @@
+"""Weights and progress files of a training run, all without pickle.
+
+The multi-exit model holds some modules under two names (the adapter keeps ``embeddings`` and
+``blocks`` next to the wrapped HF model), so its ``state_dict`` has aliased tensors, which
+safetensors refuses. :func:`unique_state_dict` keeps one name per tensor and
+:func:`load_unique_state_dict` loads such a file back strictly, alias-aware.
+
+A run folder looks like::
+
+    output_dir/
+      exitwise_progress.json     strategy + completed stages (the resume marker)
+      stage-1/checkpoint-N/      Trainer checkpoints (model.safetensors, optimizer, rng ...)
+      stage-1/model.safetensors  weights at the end of the stage
+      stage-2/...
+      final/                     MultiExitModel.save_pretrained output
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import CheckpointError
+
+PROGRESS_NAME = "exitwise_progress.json"
+STAGE_WEIGHTS = "model.safetensors"
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+
+
+def alias_groups(state: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Names grouped by the tensor they point to, in state-dict order."""
+    groups: dict[tuple, list[str]] = {}
+    for name, t in state.items():
+        groups.setdefault(_storage_key(t), []).append(name)
+    return list(groups.values())
+
+
+def unique_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """``state`` (default: the model's) with one entry per distinct tensor, contiguous, on CPU."""
+    state = model.state_dict() if state is None else state
+    return {g[0]: state[g[0]].detach().contiguous().cpu() for g in alias_groups(state)}
+
+
+def save_model_weights(
+    model: nn.Module, path: str | Path, state: dict[str, torch.Tensor] | None = None
+) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(
+        unique_state_dict(model, state), str(path), metadata={"format": "pt", "writer": "exitwise"}
+    )
+    return path
+
+
+def load_unique_state_dict(
+    model: nn.Module, tensors: dict[str, torch.Tensor], source: str = ""
+) -> None:
+    """Load ``tensors`` (one name per aliased tensor) into ``model``; every tensor of the
+    model must be covered by exactly one of its names, and nothing else may be there."""
+    own = model.state_dict()
+    known = set(own)
+    unexpected = sorted(set(tensors) - known)
+    missing = [g for g in alias_groups(own) if not any(n in tensors for n in g)]
+    if unexpected or missing:
+        raise CheckpointError(
+            f"weights in {source or 'the checkpoint'} do not fit this model: "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
+            f"missing {[g[0] for g in missing][:5]}{'...' if len(missing) > 5 else ''}"
+        )
+    for name, value in tensors.items():
+        if own[name].shape != value.shape:
+            raise CheckpointError(
+                f"{source}: {name} has shape {tuple(value.shape)}, "
+                f"the model has {tuple(own[name].shape)}"
+            )
+    model.load_state_dict(tensors, strict=False)
+
+
+def load_model_weights(model: nn.Module, path: str | Path) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found")
+    load_unique_state_dict(model, load_file(str(path), device="cpu"), str(path))
+
+
+# -- the resume marker ---------------------------------------------------------------------
+def read_progress(output_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(output_dir) / PROGRESS_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({err}); delete it to start over"
+        ) from None
+
+
+def write_progress(output_dir: str | Path, progress: dict[str, Any]) -> None:
+    """Atomically (write + rename) so an interruption never leaves half a marker."""
+    path = Path(output_dir) / PROGRESS_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(progress, indent=2))
+    os.replace(tmp, path)

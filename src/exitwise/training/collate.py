@@ -1,0 +1,59 @@
+"""A dependency-free padding collator for datasets of token-id dicts.
+
+Items are dicts such as ``{"input_ids": [...], "attention_mask": [...], "labels": 1}`` (lists
+or 1-D tensors, varying lengths). The batch pads every sequence key to the longest row
+(right padding) and stacks scalars, giving input_ids (B, T), attention_mask (B, T),
+token_type_ids (B, T) when present, labels (B,).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..errors import DataError
+
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+class PaddingCollator:
+    """Pads ``input_ids`` with ``pad_token_id`` and the other sequence keys with 0."""
+
+    def __init__(self, pad_token_id: int = 0) -> None:
+        self.pad_token_id = int(pad_token_id)
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not items:
+            raise DataError("cannot collate an empty list of examples")
+        keys = list(items[0].keys())
+        batch: dict[str, torch.Tensor] = {}
+        for key in keys:
+            if any(key not in it for it in items):
+                raise DataError(f"some examples lack the key {key!r}")
+            values = [torch.as_tensor(it[key]) for it in items]
+            if key in SEQUENCE_KEYS or values[0].dim() == 1:
+                longest = max(int(v.shape[0]) for v in values)
+                fill = self.pad_token_id if key == "input_ids" else 0
+                out = torch.full((len(values), longest), fill, dtype=values[0].dtype)
+                for r, v in enumerate(values):
+                    out[r, : v.shape[0]] = v
+                batch[key] = out
+            else:
+                batch[key] = torch.stack(values)
+        if "input_ids" in batch and "attention_mask" not in batch:
+            lengths = torch.tensor([len(torch.as_tensor(it["input_ids"])) for it in items])
+            batch["attention_mask"] = (
+                torch.arange(batch["input_ids"].shape[1]) < lengths[:, None]
+            ).long()
+        if "label" in batch and "labels" not in batch:
+            batch["labels"] = batch.pop("label")
+        return batch
+
+
+def default_collator(model: Any) -> PaddingCollator:
+    """A :class:`PaddingCollator` with the backbone's own pad id (0 if it has none)."""
+    config = getattr(getattr(model, "backbone", None), "config", None)
+    pad = getattr(config, "pad_token_id", None)
+    return PaddingCollator(0 if pad is None else pad)

@@ -1,0 +1,312 @@
+"""``train``: run a recipe's stages with the Hugging Face Trainer, resumably.
+
+Each stage trains in ``output_dir/stage-k`` with its own :class:`ExitTrainer`. When a stage
+ends, its weights go to ``stage-k/model.safetensors`` and its name to the progress marker
+(``exitwise_progress.json``). ``train(..., resume=True)`` loads the weights of the last
+completed stage, skips the completed stages, and resumes the interrupted stage from its last
+Trainer checkpoint (model, optimizer, scheduler, RNG and data position), so it continues
+rather than restarts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..errors import ConfigError, DataError, InputError
+from .base import Stage, TrainingStrategy, get_strategy
+from .checkpoint import STAGE_WEIGHTS, load_model_weights, read_progress, write_progress
+from .collate import default_collator
+from .evaluate import evaluate_exits, format_exit_table
+from .trainer import ExitTrainer
+
+FINAL_DIR = "final"
+_ARG_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+_DEFAULT_ARGS: dict[str, Any] = {"report_to": "none"}
+_FORCED_ARGS: dict[str, Any] = {"remove_unused_columns": False, "label_names": ["labels"]}
+
+
+@dataclass
+class StageResult:
+    """What happened to one stage in this call.
+
+    skipped: it was already complete (resume) and did not run.
+    resumed_from: the Trainer checkpoint it continued from, if any.
+    global_step: optimizer steps done in the stage (counting steps before a resume).
+    """
+
+    name: str
+    skipped: bool = False
+    resumed_from: str | None = None
+    global_step: int = 0
+    training_loss: float | None = None
+    trainable_parameters: int = 0
+
+
+@dataclass
+class TrainResult:
+    """The trained model, per-stage facts and (with an eval set) each exit's accuracy."""
+
+    model: Any
+    strategy: str
+    output_dir: Path
+    stages: list[StageResult] = field(default_factory=list)
+    exit_accuracies: list[float] | None = None
+    saved_to: Path | None = None
+
+    @property
+    def exit_layers(self) -> list[int]:
+        return list(self.model.exit_layers)
+
+    def table(self) -> str:
+        if self.exit_accuracies is None:
+            return "(no evaluation set was given)"
+        return format_exit_table(self.exit_accuracies, self.exit_layers)
+
+
+def _training_arguments(
+    stage: Stage, output_dir: Path, user_args: dict[str, Any]
+) -> TrainingArguments:
+    merged = {**_DEFAULT_ARGS, **user_args, **stage.args}
+    for key, value in _FORCED_ARGS.items():
+        if key in merged and merged[key] != value:
+            raise ConfigError(
+                f"{key}={merged[key]!r} is not supported: exitwise training needs {key}={value!r}"
+            )
+    merged.update(_FORCED_ARGS)
+    merged["output_dir"] = str(output_dir / stage.name)
+    try:
+        return TrainingArguments(**merged)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"bad training arguments: {err}") from None
+
+
+def _check_args(user_args: dict[str, Any]) -> None:
+    unknown = sorted(set(user_args) - _ARG_FIELDS)
+    if unknown:
+        raise ConfigError(
+            f"unknown training argument(s) {unknown}: train() passes extra keywords to "
+            "transformers.TrainingArguments (e.g. learning_rate, num_train_epochs, max_steps, "
+            "per_device_train_batch_size, save_steps, bf16, seed)"
+        )
+    if "output_dir" in user_args:
+        raise ConfigError("give output_dir as train()'s own argument")
+
+
+def _check_dataset_labels(dataset: Any, num_labels: int, name: str) -> None:
+    """Fail before training starts when a label is out of range (cheap scans only)."""
+    if not hasattr(dataset, "__len__"):
+        return
+    if len(dataset) == 0:
+        raise DataError(f"the {name} dataset is empty")
+    column = None
+    names = getattr(dataset, "column_names", None)
+    if isinstance(names, list):  # a datasets.Dataset: read the column, no per-item decoding
+        key = "labels" if "labels" in names else "label" if "label" in names else None
+        column = dataset[key] if key else None
+    elif len(dataset) <= 100_000:
+        column = []
+        for i in range(len(dataset)):
+            item = dataset[i]
+            if not isinstance(item, dict):
+                return
+            column.append(item.get("labels", item.get("label")))
+    if column is None:
+        return
+    if any(v is None for v in column):
+        raise DataError(f"some {name} examples have no 'labels'")
+    values = torch.as_tensor([int(v) for v in column])
+    bad = values[(values < 0) | (values >= num_labels)]
+    if bad.numel():
+        raise InputError(
+            f"the {name} dataset has labels outside [0, {num_labels}) (e.g. {int(bad[0])}); "
+            f"the model was built with num_labels={num_labels}"
+        )
+
+
+def _set_trainable(model: torch.nn.Module, stage: Stage) -> int:
+    names = stage.trainable_names(model)
+    if not names:
+        raise ConfigError(f"stage {stage.name!r} trains no parameters")
+    count = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in names)
+        count += p.numel() if name in names else 0
+    return count
+
+
+def _prepare_output_dir(
+    out: Path, strategy: TrainingStrategy, stages: list[Stage], resume: bool, overwrite: bool
+) -> list[str]:
+    """Completed stage names (when resuming); clears or refuses a used folder otherwise."""
+    description = strategy.describe()
+    progress = read_progress(out)
+    used = progress is not None or any((out / s.name).exists() for s in stages)
+    if overwrite and used:
+        for s in stages:
+            shutil.rmtree(out / s.name, ignore_errors=True)
+        shutil.rmtree(out / FINAL_DIR, ignore_errors=True)
+        progress, used = None, False
+    if not resume:
+        if used:
+            raise ConfigError(
+                f"{out} already holds a training run; pass resume=True to continue it or "
+                "overwrite=True to start over"
+            )
+        return []
+    if progress is None:
+        return []
+    if progress.get("strategy") != description:
+        raise ConfigError(
+            f"{out} holds a run of strategy {progress.get('strategy')}, not {description}; "
+            "resume with the same strategy or use another output_dir"
+        )
+    return list(progress.get("completed", []))
+
+
+def train(
+    model: Any,
+    train_dataset: Any,
+    eval_dataset: Any = None,
+    strategy: str | TrainingStrategy = "joint",
+    output_dir: str | Path | None = None,
+    data_collator: Callable | None = None,
+    *,
+    strategy_options: dict[str, Any] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    callbacks: Sequence[TrainerCallback] | None = None,
+    save_final: bool = True,
+    eval_batch_size: int = 64,
+    **training_args: Any,
+) -> TrainResult:
+    """Train ``model`` (a MultiExitModel) with a registered recipe.
+
+    Args:
+        strategy: a registered name (``exitwise.training.STRATEGIES.names()``) or an object;
+            ``strategy_options`` are passed to the named strategy (``{"weights": "depth"}``).
+        output_dir: run folder (stage sub-folders, checkpoints, marker, ``final/`` model).
+        data_collator: batches of dicts -> tensors; default pads with the backbone's pad id.
+        resume: continue an interrupted run in ``output_dir`` (completed stages are skipped,
+            the interrupted one resumes from its last checkpoint).
+        overwrite: delete an earlier run's stage folders in ``output_dir`` first.
+        callbacks: extra ``transformers.TrainerCallback`` objects for every stage's Trainer.
+        save_final: write ``output_dir/final`` with ``model.save_pretrained``.
+        **training_args: passed to ``transformers.TrainingArguments`` (learning_rate,
+            max_steps, num_train_epochs, per_device_train_batch_size, save_steps, bf16,
+            seed, use_cpu, ddp_backend, disable_tqdm ...); report_to defaults to "none".
+
+    Returns a :class:`TrainResult`; with ``eval_dataset`` it holds each exit's accuracy, and
+    the table is printed (main process only).
+    """
+    if output_dir is None:
+        raise ConfigError(
+            "train() needs an output_dir (checkpoints and the resume marker go there)"
+        )
+    if not hasattr(model, "exit_layers") or not hasattr(model, "check_labels"):
+        raise ConfigError(
+            "train() needs a MultiExitModel (see exitwise.attach_exits), "
+            f"got {type(model).__name__}"
+        )
+    _check_args(training_args)
+    recipe = get_strategy(strategy, **(strategy_options or {}))
+    stages = recipe.stages(model)
+    _check_dataset_labels(train_dataset, model.num_labels, "training")
+    if eval_dataset is not None:
+        _check_dataset_labels(eval_dataset, model.num_labels, "evaluation")
+    collator = data_collator or default_collator(model)
+    out = Path(output_dir)
+
+    # Every rank reads the folder before the main one writes to it.
+    probe = _training_arguments(stages[0], out, training_args)
+    with probe.main_process_first(desc="check run folder"):
+        completed = _prepare_output_dir(
+            out, recipe, stages, resume, overwrite and probe.should_save
+        )
+    result = TrainResult(model=model, strategy=recipe.registered_name, output_dir=out)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        for i, stage in enumerate(stages):
+            if stage.name in completed:
+                # Completed stages form a prefix; the last one's weights are where we are.
+                if i + 1 == len(stages) or stages[i + 1].name not in completed:
+                    load_model_weights(model, out / stage.name / STAGE_WEIGHTS)
+                result.stages.append(StageResult(stage.name, skipped=True))
+                continue
+            result.stages.append(
+                _run_stage(
+                    model,
+                    stage,
+                    out,
+                    training_args,
+                    train_dataset,
+                    eval_dataset,
+                    collator,
+                    callbacks,
+                    resume,
+                )
+            )
+            completed.append(stage.name)
+            args = _training_arguments(stage, out, training_args)
+            if args.should_save:
+                write_progress(out, {"strategy": recipe.describe(), "completed": completed})
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+    if recipe.tunes_backbone:
+        model.backbone_tuned = True
+
+    main = _training_arguments(stages[-1], out, training_args)
+    if save_final and main.should_save:
+        result.saved_to = model.save_pretrained(out / FINAL_DIR)
+    if eval_dataset is not None:
+        result.exit_accuracies = evaluate_exits(
+            model, eval_dataset, collator, eval_batch_size, progress=not main.disable_tqdm
+        )
+        if main.should_save:
+            print(f"per-exit accuracy after {recipe.registered_name} training:")
+            print(result.table())
+    return result
+
+
+def _run_stage(
+    model: Any,
+    stage: Stage,
+    out: Path,
+    user_args: dict[str, Any],
+    train_dataset: Any,
+    eval_dataset: Any,
+    collator: Callable,
+    callbacks: Sequence[TrainerCallback] | None,
+    resume: bool,
+) -> StageResult:
+    args = _training_arguments(stage, out, user_args)
+    count = _set_trainable(model, stage)
+    stage_dir = Path(args.output_dir)
+    checkpoint = get_last_checkpoint(str(stage_dir)) if (resume and stage_dir.is_dir()) else None
+    trainer = ExitTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        callbacks=list(callbacks or []),
+        stage=stage,
+    )
+    output = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model()  # stage-k/model.safetensors: what a resume of later stages starts from
+    return StageResult(
+        name=stage.name,
+        resumed_from=checkpoint,
+        global_step=int(output.global_step),
+        training_loss=float(output.training_loss),
+        trainable_parameters=count,
+    )

@@ -1,0 +1,117 @@
+"""``ExitTrainer``: the Hugging Face Trainer, taught to train one stage of a multi-exit recipe.
+
+What changes from the stock Trainer:
+
+- ``compute_loss`` validates the labels, runs the model once (all exits' logits) and asks the
+  stage for the loss. The loss is a per-batch mean, so the Trainer divides it by the number of
+  gradient-accumulation steps itself (``loss_is_scaled_for_ga = False``).
+- The MultiExitModel is a plain ``nn.Module`` with aliased tensors; checkpoints are written as
+  one ``model.safetensors`` with one name per tensor and read back strictly (no pickled model).
+  Optimizer, scheduler and RNG states are the Trainer's own files, which makes resuming exact.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from ..errors import InputError
+from .base import Stage
+from .checkpoint import STAGE_WEIGHTS, load_model_weights, save_model_weights
+from .evaluate import evaluate_exits
+
+
+def _labels_of(inputs: dict[str, Any]) -> torch.Tensor:
+    if "labels" in inputs:
+        return inputs["labels"]
+    if "label" in inputs:
+        return inputs["label"]
+    raise InputError(
+        f"the training batch has no 'labels' (keys: {', '.join(inputs)}); "
+        "the dataset items must carry integer class labels"
+    )
+
+
+class ExitTrainer(Trainer):
+    """A Trainer for one :class:`~exitwise.training.base.Stage` of a recipe."""
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args: Any, stage: Stage, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stage = stage
+        # MultiExitModel.forward takes **inputs; the Trainer would read that as "accepts
+        # num_items_in_batch" and feed it to the model. The stage computes its own mean loss.
+        self.model_accepts_loss_kwargs = False
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ):
+        labels = _labels_of(inputs)
+        features = {k: v for k, v in inputs.items() if k not in ("labels", "label")}
+        core = self.accelerator.unwrap_model(model)
+        ref = features.get("input_ids", features.get("inputs_embeds"))
+        labels = core.check_labels(labels, None if ref is None else int(ref.shape[0]))
+        outputs = model(**features)
+        loss = self.stage.loss(outputs, labels)
+        outputs.loss = loss
+        return (loss, outputs) if return_outputs else loss
+
+    def evaluate(
+        self,
+        eval_dataset: Any = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """Per-exit accuracy on the eval set, logged as ``eval_exit{k}_accuracy``;
+        ``eval_accuracy`` is the final exit's (usable as ``metric_for_best_model``)."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise InputError("evaluation needs an eval_dataset")
+        accs = evaluate_exits(
+            self.model,
+            dataset,
+            self.data_collator,
+            self.args.per_device_eval_batch_size,
+            progress=not self.args.disable_tqdm,
+        )
+        metrics = {f"{metric_key_prefix}_exit{k}_accuracy": a for k, a in enumerate(accs)}
+        metrics[f"{metric_key_prefix}_mean_exit_accuracy"] = sum(accs) / len(accs)
+        metrics[f"{metric_key_prefix}_accuracy"] = accs[-1]
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(
+            self.args, self.state, self.control, metrics
+        )
+        return metrics
+
+    # -- checkpoints: safetensors, one name per tensor -------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        save_model_weights(self.model, os.path.join(output_dir, STAGE_WEIGHTS), state_dict)
+
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
+    ) -> None:
+        path = os.path.join(resume_from_checkpoint, STAGE_WEIGHTS)
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or not os.path.isfile(path):
+            # Sharded engines keep their own formats; let the Trainer handle them.
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_model_weights(model if model is not None else self.model, path)
+
+    def _load_best_model(self) -> None:
+        # The stock path warns about missing keys through PreTrainedModel-only attributes,
+        # which a plain nn.Module lacks; our loader checks strictly instead.
+        path = os.path.join(self.state.best_model_checkpoint, STAGE_WEIGHTS)
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or not os.path.isfile(path):
+            return super()._load_best_model()
+        load_model_weights(self.model, path)

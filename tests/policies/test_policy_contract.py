@@ -1,0 +1,175 @@
+"""Contract every registered exit policy keeps (new policies are picked up automatically).
+
+A policy whose defaults cannot run on their own gets its construction parameters in
+``CONTRACT_PARAMS``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import exitwise as ew
+from exitwise.errors import ConfigError, InputError
+from exitwise.policies import policy_from_dict
+
+B, C, NUM_EXITS = 5, 3, 4
+CONTRACT_PARAMS: dict[str, dict] = {}
+
+
+def make(name: str) -> ew.ExitPolicy:
+    return ew.get_policy(name, **CONTRACT_PARAMS.get(name, {}))
+
+
+@pytest.fixture(params=ew.POLICIES.names())
+def policy(request):
+    return make(request.param)
+
+
+def decide_args(policy: ew.ExitPolicy, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, C, generator=g) * 3
+    labels = torch.randint(0, C, (B,), generator=g) if policy.needs_labels else None
+    return logits, labels
+
+
+def assert_batch_state(state: dict, b: int) -> None:
+    assert isinstance(state, dict)
+    for key, value in state.items():
+        assert isinstance(value, torch.Tensor), key
+        assert value.shape[0] == b, key
+
+
+def test_decide_shapes_and_state(policy):
+    state = policy.init_state(B)
+    assert_batch_state(state, B)
+    for k in range(NUM_EXITS - 1):
+        logits, labels = decide_args(policy, seed=k)
+        done, state = policy.decide(k, NUM_EXITS, logits, state, labels)
+        assert done.shape == (B,) and done.dtype == torch.bool
+        assert_batch_state(state, B)
+
+
+def test_keep_subsets_state(policy):
+    logits, labels = decide_args(policy)
+    _, state = policy.decide(0, NUM_EXITS, logits, policy.init_state(B), labels)
+    rows = torch.tensor([3, 0])
+    kept = policy.keep(state, rows)
+    assert kept.keys() == state.keys()
+    for key in state:
+        assert torch.equal(kept[key], state[key][rows]), key
+    assert_batch_state(policy.keep(state, torch.tensor([], dtype=torch.long)), 0)
+
+
+def test_decisions_are_per_row(policy):
+    # A row's decision depends on its own logits and state only, not on its neighbours.
+    state = policy.init_state(B)
+    alone_states = [policy.init_state(1) for _ in range(B)]
+    for k in range(NUM_EXITS - 1):
+        logits, labels = decide_args(policy, seed=10 + k)
+        done, state = policy.decide(k, NUM_EXITS, logits, state, labels)
+        for r in range(B):
+            lab = None if labels is None else labels[r : r + 1]
+            d, alone_states[r] = policy.decide(
+                k, NUM_EXITS, logits[r : r + 1], alone_states[r], lab
+            )
+            assert bool(d[0]) == bool(done[r])
+
+
+def test_grid_values_are_accepted(policy):
+    grid = policy.grid(NUM_EXITS)
+    assert len(grid) >= 1
+    for value in grid:
+        other = policy.with_param(value)
+        assert type(other) is type(policy)
+        if policy.param in other.params:
+            assert other.value == value
+        # every other parameter is kept
+        for key, v in policy.params.items():
+            if key != policy.param:
+                assert other.params[key] == v
+
+
+def test_dict_round_trip(policy):
+    data = policy.to_dict()
+    assert data["name"] == policy.registered_name
+    again = policy_from_dict(data)
+    assert type(again) is type(policy) and again.to_dict() == data
+
+
+def test_check_logits(policy):
+    policy.check_logits(torch.zeros(2, C))
+    with pytest.raises(InputError, match="NaN"):
+        policy.check_logits(torch.tensor([[0.0, float("nan"), 1.0]]))
+    with pytest.raises(InputError, match="inf"):
+        policy.check_logits(torch.tensor([[0.0, float("inf"), 1.0]]))
+    with pytest.raises(InputError, match="batch, classes"):
+        policy.check_logits(torch.zeros(C))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(NUM_EXITS)]
+    backbone = ew.SequentialBackbone(blocks, example=torch.randn(1, 6))
+    return ew.attach_exits(backbone, layers="all", head="linear", num_labels=C).eval()
+
+
+def test_runs_in_the_executor(policy, tiny_model):
+    x = torch.randn(B, 6)
+    labels = torch.randint(0, C, (B,)) if policy.needs_labels else None
+    res = tiny_model.early_exit(policy, labels=labels, x=x)
+    assert res.exit_index.shape == (B,) and bool((res.exit_index >= 0).all())
+    assert bool((res.exit_index < NUM_EXITS).all())
+
+
+def test_nan_logits_raise_input_error_via_runtime(policy, tiny_model):
+    with torch.no_grad():
+        bias = tiny_model.heads[0].classifier.bias
+        saved = bias.clone()
+        bias[1] = float("nan")
+    try:
+        labels = torch.zeros(B, dtype=torch.long) if policy.needs_labels else None
+        with pytest.raises(InputError, match="NaN"):
+            tiny_model.early_exit(policy, labels=labels, x=torch.randn(B, 6))
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+
+
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("confidence", {"threshold": 1.5}),
+        ("confidence", {"threshold": -0.1}),
+        ("confidence", {"threshold": float("nan")}),
+        ("confidence", {"threshold": "high"}),
+        ("entropy", {"threshold": -1}),
+        ("patience", {"patience": 0}),
+        ("patience", {"patience": 1.5}),
+        ("patience_confidence", {"threshold": 1.5}),
+        ("patience_confidence", {"patience": 0}),
+        ("static", {"exit": -1}),
+    ],
+)
+def test_out_of_range_parameters(name, params):
+    with pytest.raises(ConfigError):
+        ew.get_policy(name, **params)
+
+
+def test_with_param_checks_range():
+    with pytest.raises(ConfigError):
+        ew.get_policy("confidence").with_param(2.0)
+    assert math.isclose(ew.get_policy("entropy").with_param(0.5).value, 0.5)
+
+
+def test_unknown_policy_or_parameter():
+    with pytest.raises(ConfigError) as err:
+        ew.get_policy("no-such-policy")
+    for name in ew.POLICIES.names():
+        assert name in str(err.value)
+    with pytest.raises(ConfigError, match="bad parameters"):
+        ew.get_policy("entropy", treshold=0.1)

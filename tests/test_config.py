@@ -1,0 +1,73 @@
+"""ExitConfig: exit placement specs and validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from exitwise import ExitConfig
+from exitwise.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    "spec, depth, expected",
+    [
+        ("all", 4, [1, 2, 3, 4]),
+        (1, 4, [1, 2, 3, 4]),
+        (2, 4, [2, 4]),
+        (3, 4, [3, 4]),  # the final block always carries an exit
+        (5, 4, [4]),
+        ("every:2", 6, [2, 4, 6]),
+        ("every:4", 6, [4, 6]),
+        ([1, 3], 4, [1, 3, 4]),
+        ([3, 1, 1, 4], 4, [1, 3, 4]),
+        ((2,), 4, [2, 4]),
+        ([], 4, [4]),
+        ([12], 12, [12]),
+    ],
+)
+def test_resolve_layers(spec, depth, expected):
+    assert ExitConfig(layers=spec).resolve_layers(depth) == expected
+
+
+@pytest.mark.parametrize("bad", [[0, 2], [2, 5], [-1]])
+def test_out_of_range_depths_name_the_valid_range(bad):
+    with pytest.raises(ConfigError) as err:
+        ExitConfig(layers=bad).resolve_layers(4)
+    msg = str(err.value)
+    assert "1..4" in msg and "4 layers" in msg
+    assert str([d for d in bad if not 1 <= d <= 4]) in msg
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ("every:x", "every:K"),
+        ("every:0", ">= 1"),
+        (0, ">= 1"),
+        (-2, ">= 1"),
+        ("some", "'all'"),
+        (True, "'all'"),
+        (1.5, "'all'"),
+        (["1", "2"], "'all'"),
+        (None, "'all'"),
+    ],
+)
+def test_bad_layer_specs(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        ExitConfig(layers=bad).resolve_layers(4)
+
+
+@pytest.mark.parametrize("bad", [0, -1, "2", 2.0])
+def test_num_labels_must_be_positive_int(bad):
+    with pytest.raises(ConfigError, match="num_labels"):
+        ExitConfig(num_labels=bad)
+
+
+def test_dict_round_trip_is_json_friendly():
+    cfg = ExitConfig(layers=(1, 3), head="mlp", num_labels=5, final_head="pooler",
+                     head_kwargs={"hidden_features": 7}, dropout=0.2)
+    data = cfg.to_dict()
+    assert data["layers"] == [1, 3]  # tuples become lists (JSON)
+    again = ExitConfig.from_dict({**data, "written_by_a_newer_version": True})
+    assert again == cfg
+    assert again.resolve_layers(4) == [1, 3, 4]

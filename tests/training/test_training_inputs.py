@@ -1,0 +1,159 @@
+"""Bad input fails early with clear errors; evaluation, tables and the collator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import IterableDataset
+from trainkit import FAST, one_thread, tiny_model, token_items  # noqa: F401  (autouse)
+
+from exitwise.errors import ConfigError, InputError
+from exitwise.training import (
+    PaddingCollator,
+    evaluate_exits,
+    format_exit_table,
+    get_strategy,
+    train,
+)
+
+
+def test_label_out_of_range_is_rejected_before_training(tmp_path):
+    items = token_items(8)
+    items[3] = {**items[3], "labels": 2}
+    with pytest.raises(InputError, match=r"outside \[0, 2\).*num_labels=2"):
+        train(tiny_model(), items, output_dir=tmp_path, max_steps=1, **FAST)
+    assert not (tmp_path / "stage-1").exists()
+
+
+def test_label_out_of_range_in_a_stream_is_caught_per_batch(tmp_path):
+    class Stream(IterableDataset):
+        def __iter__(self):
+            for item in token_items(8):
+                yield {**item, "labels": 5}
+
+    with pytest.raises(InputError, match=r"labels must be in \[0, 2\)"):
+        train(tiny_model(), Stream(), output_dir=tmp_path, max_steps=1, **FAST)
+
+
+def test_unknown_strategy_lists_the_registered_ones(tmp_path):
+    with pytest.raises(ConfigError, match="exits_only, joint, two_stage"):
+        train(tiny_model(), token_items(8), strategy="nope", output_dir=tmp_path, **FAST)
+    with pytest.raises(ConfigError, match="bad options"):
+        get_strategy("joint", wieghts="depth")
+
+
+def test_bad_training_arguments(tmp_path):
+    with pytest.raises(ConfigError, match="learning_rat"):
+        train(tiny_model(), token_items(8), output_dir=tmp_path, learning_rat=1e-3)
+    with pytest.raises(ConfigError, match="output_dir"):
+        train(tiny_model(), token_items(8))
+    with pytest.raises(ConfigError, match="remove_unused_columns"):
+        train(tiny_model(), token_items(8), output_dir=tmp_path, remove_unused_columns=True)
+    with pytest.raises(ConfigError, match="MultiExitModel"):
+        train(torch.nn.Linear(2, 2), token_items(8), output_dir=tmp_path)
+
+
+def test_collator_pads_to_the_longest_row():
+    batch = PaddingCollator(pad_token_id=3)(
+        [{"input_ids": [5, 6], "labels": 1}, {"input_ids": [7, 8, 9, 10], "labels": 0}]
+    )
+    assert batch["input_ids"].tolist() == [[5, 6, 3, 3], [7, 8, 9, 10]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert batch["labels"].tolist() == [1, 0]
+
+
+def test_evaluate_exits_matches_a_manual_count():
+    model = tiny_model()
+    items = token_items(20, seed=7)
+    accs = evaluate_exits(model, items, PaddingCollator(), batch_size=6, progress=False)
+    batch = PaddingCollator()(items)
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    expected = [float((x.argmax(-1) == labels).float().mean()) for x in logits]
+    assert accs == pytest.approx(expected)
+    assert len(accs) == model.num_exits
+
+
+def test_format_exit_table():
+    text = format_exit_table([0.5, 0.755, 0.9], [2, 4, 6])
+    lines = text.splitlines()
+    assert len(lines) == 4 and "accuracy" in lines[0]
+    assert "75.50%" in lines[2] and lines[3].endswith("(final)") and " 6 " in lines[3]
+    with pytest.raises(InputError):
+        format_exit_table([0.5], [1, 2])
+
+
+def test_train_reports_and_prints_per_exit_accuracy(tmp_path, capsys):
+    items = token_items(32, seed=8)
+    result = train(
+        tiny_model(),
+        items,
+        items[:16],
+        strategy="exits_only",
+        output_dir=tmp_path,
+        max_steps=2,
+        **FAST,
+    )
+    assert len(result.exit_accuracies) == 4
+    assert all(0.0 <= a <= 1.0 for a in result.exit_accuracies)
+    assert result.table() in capsys.readouterr().out
+    # The final model is saved in exitwise's own format and loads back.
+    import exitwise as ew
+
+    assert (result.saved_to / "exit_config.json").is_file()
+    loaded = ew.MultiExitModel.from_pretrained(
+        result.saved_to, backbone=tiny_model().backbone.model
+    )
+    for a, b in zip(loaded.heads.state_dict().values(), result.model.heads.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_periodic_evaluation_logs_per_exit_accuracy(tmp_path):
+    from transformers import TrainerCallback
+
+    class Metrics(TrainerCallback):
+        def __init__(self):
+            self.seen = []
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            self.seen.append((state.global_step, metrics))
+
+    items = token_items(32, seed=9)
+    cb = Metrics()
+    args = {
+        **FAST,
+        "eval_strategy": "steps",
+        "eval_steps": 2,
+        "save_strategy": "steps",
+        "save_steps": 2,
+        "load_best_model_at_end": True,
+        "metric_for_best_model": "accuracy",
+    }
+    result = train(
+        tiny_model(),
+        items,
+        items[:16],
+        strategy="joint",
+        output_dir=tmp_path,
+        callbacks=[cb],
+        max_steps=4,
+        save_final=False,
+        **args,
+    )
+    assert [step for step, _ in cb.seen] == [2, 4]
+    metrics = cb.seen[-1][1]
+    assert {f"eval_exit{k}_accuracy" for k in range(4)} <= set(metrics)
+    assert metrics["eval_accuracy"] == metrics["eval_exit3_accuracy"]
+    assert len(result.exit_accuracies) == 4
+    # load_best_model_at_end restored the best checkpoint's weights (safetensors, strict).
+    import json
+
+    from safetensors.torch import load_file
+
+    state = json.loads((tmp_path / "stage-1" / "checkpoint-4" / "trainer_state.json").read_text())
+    best = load_file(str(Path(state["best_model_checkpoint"]) / "model.safetensors"))
+    own = result.model.state_dict()
+    assert all(torch.equal(t, own[n]) for n, t in best.items())

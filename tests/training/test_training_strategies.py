@@ -1,0 +1,92 @@
+"""Contract tests run over every registered training strategy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from trainkit import FAST, StageRecorder, one_thread, tiny_model, token_items  # noqa: F401  (autouse)
+
+from exitwise.training import STRATEGIES, PaddingCollator, get_strategy, train
+
+
+def _stage_loss(model, stage, items) -> float:
+    batch = PaddingCollator()(items)
+    labels = batch.pop("labels")
+    model.eval()
+    with torch.no_grad():
+        return float(stage.loss(model(**batch), labels))
+
+
+def _params_with_grad(model, stage, items) -> set[str]:
+    """Names of parameters (aliases included) that get a gradient from the stage's loss."""
+    batch = PaddingCollator()(items[:16])
+    labels = batch.pop("labels")
+    model.zero_grad(set_to_none=True)
+    stage.loss(model(**batch), labels).backward()
+    touched = {id(p) for p in model.parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in touched}
+
+
+@pytest.mark.parametrize("name", STRATEGIES.names())
+def test_strategy_contract(name, tmp_path):
+    items = token_items(64, seed=0)
+    model = tiny_model()
+    stages = get_strategy(name).stages(model)
+    losses_before = [_stage_loss(model, s, items) for s in stages]
+    recorder = StageRecorder()
+
+    result = train(
+        model,
+        items,
+        strategy=name,
+        output_dir=tmp_path,
+        callbacks=[recorder],
+        max_steps=12,
+        save_final=False,
+        **FAST,
+    )
+
+    assert [s.name for s in result.stages] == [s.name for s in stages]
+    assert all(s.global_step == 12 and not s.skipped for s in result.stages)
+    for stage in stages:
+        before, after = recorder.before[stage.name], recorder.after[stage.name]
+        trainable = stage.trainable_names(model)
+        changed = {n for n in before if not torch.equal(before[n], after[n])}
+        frozen_changed = changed - trainable
+        assert not frozen_changed, (
+            f"{name}/{stage.name}: frozen params changed: {sorted(frozen_changed)[:5]}"
+        )
+        # Every trainable parameter that receives a gradient must have moved.
+        expected = _params_with_grad(model, stage, items) & trainable & set(before)
+        assert expected, f"{name}/{stage.name} trains nothing"
+        assert expected <= changed, (
+            f"{name}/{stage.name}: not updated: {sorted(expected - changed)[:5]}"
+        )
+    losses_after = [_stage_loss(model, s, items) for s in stages]
+    for stage, lb, la in zip(stages, losses_before, losses_after):
+        assert la < lb - 0.01, f"{name}/{stage.name}: loss {lb:.4f} -> {la:.4f} did not drop"
+    # requires_grad flags are restored after training.
+    assert all(p.requires_grad for p in model.parameters())
+    assert model.backbone_tuned is STRATEGIES.get(name).tunes_backbone
+
+
+def test_two_stage_freezes_what_deebert_freezes():
+    model = tiny_model()
+    s1, s2 = get_strategy("two_stage").stages(model)
+    final = model.num_exits - 1
+    names1, names2 = s1.trainable_names(model), s2.trainable_names(model)
+    assert any(n.startswith("backbone.") for n in names1)
+    assert {n for n in names1 if n.startswith("heads.")} == {
+        f"heads.{final}.{n}" for n, _ in model.heads[final].named_parameters()
+    }
+    assert not any(n.startswith("backbone.") or n.startswith(f"heads.{final}.") for n in names2)
+    assert {n.split(".")[1] for n in names2} == {str(k) for k in range(final)}
+
+
+def test_exits_only_keeps_backbone_frozen_and_trains_every_head():
+    model = tiny_model()
+    (stage,) = get_strategy("exits_only").stages(model)
+    names = stage.trainable_names(model)
+    assert not any(n.startswith("backbone.") for n in names)
+    assert {n.split(".")[1] for n in names} == {str(k) for k in range(model.num_exits)}
