@@ -14,12 +14,16 @@ class ExitConfig:
 
     layers: where exits sit, as depths counted from 1 (an exit at depth d reads the output of
         the d-th block). ``"all"`` = after every block; an int k or ``"every:k"`` = after every
-        k-th block; a list of depths. The final block always carries an exit (the final
-        classifier), added if missing.
+        k-th block; a list of depths; ``"flops:0.15,0.3,..."`` = after the blocks where the
+        cumulative FLOPs first reach those fractions of the network's (SDN's placement; needs
+        the backbone, see :func:`exitwise.backbones.placement.layers_at_flops_fractions`).
+        The final block always carries an exit (the final classifier), added if missing.
     head: registered head name for the exits (see ``exitwise.heads.HEADS``).
     final_head: head for the final exit; defaults to ``head``.
     num_labels: number of classes.
     head_kwargs: extra options passed to every head (``hidden_features``, ``init_from_pooler``).
+    final_head_kwargs: options for the final head instead of ``head_kwargs`` (e.g. ``{}`` to
+        keep an LM's final exit its own readout while earlier ``lm`` exits get adapters).
     dropout: dropout inside the heads.
     """
 
@@ -28,6 +32,7 @@ class ExitConfig:
     num_labels: int = 2
     final_head: str | None = None
     head_kwargs: dict[str, Any] = field(default_factory=dict)
+    final_head_kwargs: dict[str, Any] | None = None
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
@@ -36,9 +41,19 @@ class ExitConfig:
         if isinstance(self.layers, tuple):
             self.layers = list(self.layers)
 
-    def resolve_layers(self, num_layers: int) -> list[int]:
-        """Depths (1..num_layers, sorted, unique) that carry an exit; the last is num_layers."""
+    def resolve_layers(self, num_layers: int, backbone: Any = None) -> list[int]:
+        """Depths (1..num_layers, sorted, unique) that carry an exit; the last is num_layers.
+
+        backbone: the adapter, needed only by ``"flops:..."`` specs.
+        """
         spec = self.layers
+        if isinstance(spec, str) and spec.startswith("flops:"):
+            from .backbones.placement import layers_at_flops_fractions, parse_flops_spec
+
+            fractions = parse_flops_spec(spec)
+            if backbone is None:
+                raise ConfigError(f"layers={spec!r} needs the backbone to measure FLOPs")
+            spec = layers_at_flops_fractions(backbone, fractions)
         if isinstance(spec, str) and spec.startswith("every:"):
             try:
                 spec = int(spec.split(":", 1)[1])
@@ -60,7 +75,8 @@ class ExitConfig:
             depths = sorted(set(spec))
         else:
             raise ConfigError(
-                f"layers must be 'all', an int k, 'every:k' or a list of depths; got {spec!r}"
+                f"layers must be 'all', an int k, 'every:k', 'flops:f1,f2,...' or a list of "
+                f"depths; got {spec!r}"
             )
         if not depths or depths[-1] != num_layers:
             depths.append(num_layers)

@@ -47,7 +47,7 @@ class MultiExitModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.config = config
-        self.exit_layers: list[int] = config.resolve_layers(backbone.num_layers)
+        self.exit_layers: list[int] = config.resolve_layers(backbone.num_layers, backbone)
         heads = []
         for k, depth in enumerate(self.exit_layers):
             is_final = k == len(self.exit_layers) - 1
@@ -57,7 +57,11 @@ class MultiExitModel(nn.Module):
                 backbone.feature_dim(depth),
                 config.num_labels,
                 dropout=config.dropout,
-                **config.head_kwargs,
+                **(
+                    config.final_head_kwargs
+                    if is_final and config.final_head_kwargs is not None
+                    else config.head_kwargs
+                ),
             )
             head.init_from_backbone(backbone)
             heads.append(head)
@@ -203,16 +207,17 @@ class MultiExitModel(nn.Module):
         meta = json.loads(cfg_path.read_text())
         saved = meta["backbone"]
         if backbone is None:
-            if saved.get("family") != "hf-encoder":
-                raise CheckpointError(
-                    f"this model's backbone is a {saved.get('family')!r}; pass backbone=..."
-                )
-            from transformers import AutoModel
+            family = saved.get("family")
+            if family not in ("hf-encoder", "hf-decoder"):
+                raise CheckpointError(f"this model's backbone is a {family!r}; pass backbone=...")
+            from transformers import AutoModel, AutoModelForCausalLM
+
+            loader = AutoModelForCausalLM if family == "hf-decoder" else AutoModel
 
             where = str(src / BACKBONE_DIR) if meta.get("backbone_saved") else saved["name_or_path"]
             if not where:
                 raise CheckpointError("no saved backbone and no backbone name recorded; pass backbone=...")
-            backbone = AutoModel.from_pretrained(where, **backbone_kwargs)
+            backbone = loader.from_pretrained(where, **backbone_kwargs)
         adapter = wrap_backbone(backbone)
         if meta.get("backbone_saved") and not isinstance(adapter, HFEncoderBackbone):
             weights = src / BACKBONE_WEIGHTS

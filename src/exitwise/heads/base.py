@@ -23,6 +23,9 @@ class ExitHead(nn.Module):
     """Base class. Subclasses implement ``forward`` and ``head_flops``."""
 
     registered_name: str = "?"
+    # Backbone families this head can read (None: any). The ``lm`` head, for one, shares the
+    # final norm and output layer of a decoder and cannot sit on anything else.
+    backbone_families: tuple[str, ...] | None = None
 
     def __init__(self, in_features: int, num_labels: int, dropout: float = 0.1) -> None:
         super().__init__()
@@ -64,6 +67,14 @@ class ExitHead(nn.Module):
     @staticmethod
     def linear_flops(*layers: nn.Linear) -> float:
         return float(sum(2 * m.in_features * m.out_features for m in layers))
+
+
+def heads_for_family(family: str) -> list[str]:
+    """Registered head names usable on a backbone of ``family`` (e.g. "sequential")."""
+    return [
+        n for n in HEADS.names()
+        if HEADS.get(n).backbone_families is None or family in HEADS.get(n).backbone_families
+    ]
 
 
 def build_head(name: str, in_features: int, num_labels: int, **kwargs: Any) -> ExitHead:

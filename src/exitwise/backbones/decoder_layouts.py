@@ -1,0 +1,84 @@
+"""Where each Hugging Face causal LM keeps its parts, keyed by ``config.model_type``.
+
+This table is the only per-architecture knowledge the decoder adapter has. Llama-like models
+differ in details the layers themselves already handle (QK-norm, post-norms, fused QKV,
+residual multipliers); what is left for the adapter is a handful of conventions:
+
+- where the embedding, the blocks, the final norm and the rotary table live;
+- rotary positions (passed to every block) or learned absolute positions (GPT-2's ``wpe``);
+- extra scalings done in the model's own ``forward``: Granite's ``embedding_multiplier``
+  (the input) and ``logits_scaling`` (the output), Gemma-2's ``final_logit_softcapping``.
+  Gemma's sqrt(hidden) embedding normalizer lives in its embedding module, so it needs
+  nothing here.
+
+A new Llama-like model is one new row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    """Attribute paths and calling conventions of one causal LM family.
+
+    base:        the bare decoder inside the ``...ForCausalLM`` model.
+    embed:       token embedding module (relative to ``base``).
+    layers:      ModuleList of decoder blocks (relative to ``base``).
+    norm:        final norm applied before the LM head (relative to ``base``).
+    positions:   "rope" (``rotary`` gives (cos, sin) passed to every block) or "learned"
+                 (``wpe`` position embedding added to the token embedding, GPT-2).
+    rotary:      rotary embedding module (relative to ``base``), for "rope".
+    wpe:         learned position embedding (relative to ``base``), for "learned".
+    dropout:     embedding dropout module applied after the embeddings, if any.
+    embed_multiplier: config attribute scaling the embeddings (Granite).
+    logits_divisor:   config attribute the logits are divided by (Granite).
+    logits_softcap:   config attribute for tanh soft-capping of the logits (Gemma-2).
+    gated_mlp:   the feed-forward has three matrices (gate, up, down) instead of two.
+    """
+
+    base: str = "model"
+    embed: str = "embed_tokens"
+    layers: str = "layers"
+    norm: str = "norm"
+    positions: str = "rope"
+    rotary: str | None = "rotary_emb"
+    wpe: str | None = None
+    dropout: str | None = None
+    embed_multiplier: str | None = None
+    logits_divisor: str | None = None
+    logits_softcap: str | None = None
+    gated_mlp: bool = True
+
+
+_LLAMA = DecoderLayout()
+
+DECODER_LAYOUTS: dict[str, DecoderLayout] = {
+    "llama": _LLAMA,  # also SmolLM2, TinyLlama, Llama-2/3
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma": _LLAMA,  # embedding module applies the sqrt(hidden) normalizer itself
+    "gemma2": DecoderLayout(logits_softcap="final_logit_softcapping"),
+    "phi3": _LLAMA,
+    "olmo2": _LLAMA,
+    "granite": DecoderLayout(
+        embed_multiplier="embedding_multiplier", logits_divisor="logits_scaling"
+    ),
+    "gpt2": DecoderLayout(
+        base="transformer",
+        embed="wte",
+        layers="h",
+        norm="ln_f",
+        positions="learned",
+        rotary=None,
+        wpe="wpe",
+        dropout="drop",
+        gated_mlp=False,
+    ),
+}
+
+
+def supported_decoder_types() -> list[str]:
+    return sorted(DECODER_LAYOUTS)

@@ -1,0 +1,356 @@
+"""Adapter for Hugging Face causal LMs (Llama family, GPT-2), driven by :mod:`decoder_layouts`.
+
+Two faces:
+
+- the :class:`~exitwise.backbones.Backbone` contract (``start / step / features / keep``) over
+  a whole (left- or right-padded) sequence without a cache, so the executor, the multi-exit
+  model and the training recipes treat a decoder like any other stack of blocks;
+- an incremental API for the generators in :mod:`exitwise.generation`: :meth:`embed`,
+  :meth:`run_layers` (layers ``[start, end)`` writing their keys/values into an HF
+  ``DynamicCache``), :meth:`final_norm` and :meth:`lm_logits`.
+
+No model's ``forward`` is copied: the adapter calls the model's own embedding, rotary table,
+blocks, final norm and LM head, and builds masks with transformers' ``create_causal_mask``.
+Shapes: B batch rows, q new tokens, S tokens already in the cache, H hidden size, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import InputError, UnsupportedModelError
+from .base import Backbone, BackboneState
+from .decoder_layouts import DECODER_LAYOUTS, DecoderLayout, supported_decoder_types
+from .hf_encoder import _get
+
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+@dataclass
+class DecodeContext:
+    """Everything a block needs besides its input when running on new tokens.
+
+    cache:          an HF ``Cache`` (``DynamicCache``) the blocks append to, or None.
+    positions:      (B, q) position ids of the new tokens (RoPE angles / learned positions).
+    attention_mask: (B, S + q) 1 for a real cache slot, 0 for left padding and for "holes"
+                    (slots of rejected draft tokens that other rows still need); the last q
+                    columns are the new tokens.
+    slot_positions: (B, S + q) position id of every slot; only needed by sliding-window
+                    layers once the sequence is longer than the window (holes make slot
+                    distance differ from token distance).
+    """
+
+    cache: Any
+    positions: torch.Tensor
+    attention_mask: torch.Tensor
+    slot_positions: torch.Tensor | None = None
+    _memo: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+
+def prompt_positions(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) position ids counting real tokens only, 0 on padding (as HF ``generate`` does)."""
+    mask = mask.long()
+    return (mask.cumsum(-1) - 1).clamp(min=0) * mask
+
+
+class HFDecoderBackbone(Backbone):
+    """A Hugging Face ``...ForCausalLM`` as a stack of decoder blocks plus its LM head.
+
+    ``start`` takes input_ids (B, T), attention_mask (B, T) (left or right padding), and
+    optional position_ids (B, T); default positions count real tokens (0 on padding).
+    """
+
+    family = "hf-decoder"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        if model_type not in DECODER_LAYOUTS:
+            raise UnsupportedModelError(
+                f"decoder model_type {model_type!r} is not supported; supported: "
+                f"{', '.join(supported_decoder_types())}. Add a row to "
+                "exitwise.backbones.decoder_layouts.DECODER_LAYOUTS for a Llama-like model."
+            )
+        layout: DecoderLayout = DECODER_LAYOUTS[model_type]
+        base = _get(model, layout.base)
+        lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if base is None or not isinstance(lm_head, nn.Linear):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} is not a causal LM with an LM head: give the "
+                "...ForCausalLM / ...LMHeadModel model (e.g. AutoModelForCausalLM), not the bare "
+                "decoder"
+            )
+        self.model = model
+        self.config = config
+        self.model_type: str = model_type
+        self.layout = layout
+        self.base = base
+        self.embed_tokens = _get(base, layout.embed)
+        self.blocks = _get(base, layout.layers)
+        self.norm = _get(base, layout.norm)
+        self.rotary = _get(base, layout.rotary)
+        self.wpe = _get(base, layout.wpe)
+        self.drop = _get(base, layout.dropout)
+        self.lm_head = lm_head
+        if self.embed_tokens is None or self.blocks is None or self.norm is None:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} does not have the layout expected for {model_type!r}"
+            )
+        if (layout.positions == "rope") != (self.rotary is not None):
+            raise UnsupportedModelError(f"{type(model).__name__}: position module not found")
+        self.num_layers = len(self.blocks)
+        self.hidden_size = int(config.hidden_size)
+        self.vocab_size = int(config.vocab_size)
+        self.num_heads = int(config.num_attention_heads)
+        self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or self.hidden_size // self.num_heads)
+        inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+        self.intermediate_size = int(inner or 4 * self.hidden_size)
+        self.layer_types: list[str] = self._layer_types()
+        self.sliding_window: int | None = getattr(config, "sliding_window", None)
+        self.max_positions: int | None = (
+            int(config.max_position_embeddings) if layout.positions == "learned" else None
+        )
+
+    def _layer_types(self) -> list[str]:
+        """Per block: full or sliding-window attention, as the model's own forward decides."""
+        types = getattr(self.config, "layer_types", None)
+        if types:
+            return [SLIDING if t == SLIDING else FULL for t in types[: self.num_layers]]
+        if getattr(self.config, "sliding_window", None) is not None:
+            return [SLIDING] * self.num_layers  # Mistral / Phi-3: every layer slides
+        return [FULL] * self.num_layers
+
+    # -- facts ------------------------------------------------------------------------------
+    def feature_dim(self, layer: int) -> int:
+        return self.hidden_size
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "model_type": self.model_type,
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
+            "name_or_path": getattr(self.config, "_name_or_path", "") or "",
+            "architecture": type(self.model).__name__,
+        }
+
+    # -- incremental API (used by exitwise.generation) ---------------------------------------
+    def new_cache(self) -> Any:
+        """An empty ``DynamicCache`` with full-attention layers for every block.
+
+        Sliding windows are applied by the masks instead of by dropping old keys, so the cache
+        can always be cropped back (speculative decoding rolls back rejected drafts).
+        """
+        from transformers import DynamicCache
+
+        return DynamicCache()
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Token (+ learned position) embeddings: ids (B, q), positions (B, q) -> (B, q, H)."""
+        hidden = self.embed_tokens(input_ids)
+        if self.layout.embed_multiplier:
+            hidden = hidden * getattr(self.config, self.layout.embed_multiplier)
+        if self.wpe is not None:
+            # Speculative drafts may run a few positions past a row's budget; those tokens are
+            # never emitted, so clamping keeps them in range without changing any output.
+            hidden = hidden + self.wpe(positions.clamp(max=self.max_positions - 1))
+        if self.drop is not None:
+            hidden = self.drop(hidden)
+        return hidden
+
+    def run_layers(
+        self, hidden: torch.Tensor, start: int, end: int, ctx: DecodeContext
+    ) -> torch.Tensor:
+        """Apply blocks ``[start, end)`` to hidden (B, q, H); returns (B, q, H).
+
+        With ``ctx.cache`` each block appends the q new keys/values to its cache layer; all
+        blocks in the range must hold the same number of slots S (the mask is built once).
+        """
+        if not 0 <= start <= end <= self.num_layers:
+            raise InputError(f"layer range [{start}, {end}) is outside 0..{self.num_layers}")
+        for i in range(start, end):
+            hidden = self.run_block(self.blocks[i], i, self.layer_types[i], hidden, ctx)
+        return hidden
+
+    def run_block(
+        self, block: nn.Module, cache_index: int, layer_type: str, hidden: torch.Tensor,
+        ctx: DecodeContext,
+    ) -> torch.Tensor:
+        """Apply one decoder block (the model's own, or a copy owned by an exit head whose
+        attention writes to cache layer ``cache_index``)."""
+        mask = self._mask(hidden, ctx, cache_index, layer_type)
+        use_cache = ctx.cache is not None
+        if self.layout.positions == "rope":
+            out = block(
+                hidden,
+                attention_mask=mask,
+                position_ids=ctx.positions,
+                cache=ctx.cache,
+                use_cache=use_cache,
+                position_embeddings=self._rope(hidden, ctx),
+            )
+        else:
+            out = block(hidden, cache=ctx.cache, attention_mask=mask, use_cache=use_cache)
+        return out[0] if isinstance(out, tuple) else out
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's final norm: (..., H) -> (..., H)."""
+        return self.norm(hidden)
+
+    def lm_logits(self, hidden: torch.Tensor, lm_head: nn.Module | None = None) -> torch.Tensor:
+        """Normed hidden (..., H) -> logits (..., V) through the shared LM head (or ``lm_head``),
+        with the model's own output scaling / soft-capping."""
+        return self.postprocess_logits((lm_head or self.lm_head)(hidden))
+
+    def postprocess_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.layout.logits_divisor:
+            logits = logits / getattr(self.config, self.layout.logits_divisor)
+        softcap = self.layout.logits_softcap
+        cap = getattr(self.config, softcap, None) if softcap else None
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _rope(self, hidden: torch.Tensor, ctx: DecodeContext) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ("rope", hidden.dtype)
+        if key not in ctx._memo:
+            ctx._memo[key] = self.rotary(hidden, ctx.positions)
+        return ctx._memo[key]
+
+    def _mask(
+        self, hidden: torch.Tensor, ctx: DecodeContext, cache_index: int, layer_type: str
+    ) -> Any:
+        """The block's attention mask in the format of the configured attention back-end.
+
+        Built by transformers' own mask functions against cache layer ``cache_index`` (its
+        length gives the query offset), memoized per (type, slots already cached).
+        """
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        cached = ctx.cache.get_seq_length(cache_index) if ctx.cache is not None else 0
+        kv_len = ctx.attention_mask.shape[1]
+        if cached + hidden.shape[1] != kv_len:
+            raise InputError(
+                f"attention_mask covers {kv_len} slots but cache layer {cache_index} holds "
+                f"{cached} + {hidden.shape[1]} new"
+            )
+        window = self.sliding_window
+        sliding = layer_type == SLIDING and window is not None and kv_len > window
+        key = ("mask", sliding, cached, hidden.dtype)
+        if key in ctx._memo:
+            return ctx._memo[key]
+        kwargs = dict(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=ctx.attention_mask,
+            cache=ctx.cache,
+            position_ids=ctx.positions,
+            layer_idx=cache_index,
+        )
+        if not sliding:
+            mask = create_causal_mask(**kwargs)
+        elif ctx.slot_positions is None:
+            # No holes: slot distance is token distance, HF's own index-based window is right.
+            mask = create_sliding_window_causal_mask(**kwargs)
+        else:
+            slot_pos = ctx.slot_positions.to(hidden.device)
+
+            def in_window(batch_idx, head_idx, q_idx, kv_idx):  # positions, not slot indices
+                return slot_pos[batch_idx, kv_idx] > slot_pos[batch_idx, q_idx] - window
+
+            mask = create_causal_mask(**kwargs, and_mask_function=in_window)
+        ctx._memo[key] = mask
+        return mask
+
+    # -- the Backbone contract (whole sequences, no cache) ----------------------------------
+    def check_inputs(self, **inputs: Any) -> torch.Tensor:
+        """Validate a token batch; return its attention mask (B, T) (all ones if absent)."""
+        ids = inputs.get("input_ids")
+        if ids is None:
+            raise InputError("give input_ids (B, T)")
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            shape = getattr(ids, "shape", ids)
+            raise InputError(f"input_ids must be a (batch, seq_len) tensor; got {shape}")
+        self.check_batch(ids.shape[0])
+        if ids.shape[1] == 0:
+            raise InputError("the prompts are empty (seq_len 0): give at least one token per row")
+        if ids.dtype not in (torch.long, torch.int, torch.int32, torch.int16):
+            raise InputError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(ids)
+        if mask.shape != ids.shape:
+            raise InputError(
+                f"attention_mask has shape {tuple(mask.shape)} but input_ids are {tuple(ids.shape)}"
+            )
+        if bool((mask.sum(1) == 0).any()):
+            raise InputError("a row of attention_mask is all zeros (an empty prompt)")
+        real = ids[mask.bool()]
+        if int(real.min()) < 0 or int(real.max()) >= self.vocab_size:
+            raise InputError(
+                f"input_ids must be in [0, {self.vocab_size}); got "
+                f"{int(real.min())}..{int(real.max())}"
+            )
+        return mask.long()
+
+    def start(self, **inputs: Any) -> BackboneState:
+        mask = self.check_inputs(**inputs)
+        positions = inputs.get("position_ids")
+        if positions is None:
+            positions = prompt_positions(mask)
+        ids = inputs["input_ids"].long().clamp(0, self.vocab_size - 1)
+        hidden = self.embed(ids, positions)
+        state = BackboneState(hidden=hidden, mask=mask, rows={"positions": positions})
+        return self.refresh(state)
+
+    def refresh(self, state: BackboneState) -> BackboneState:
+        state.shared["ctx"] = DecodeContext(
+            cache=None, positions=state.rows["positions"], attention_mask=state.mask
+        )
+        return state
+
+    def step(self, i: int, state: BackboneState) -> BackboneState:
+        state.hidden = self.run_block(
+            self.blocks[i], i, self.layer_types[i], state.hidden, state.shared["ctx"]
+        )
+        return state
+
+    def reference(self, **inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's own forward: the last block's output (B, T, H) before the final norm
+        (what the exit heads read), captured with a hook on the final norm, and the mask."""
+        mask = self.check_inputs(**inputs)
+        positions = inputs.get("position_ids")
+        if positions is None:
+            positions = prompt_positions(mask)
+        seen: list[torch.Tensor] = []
+        hook = self.norm.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        try:
+            self.model(
+                input_ids=inputs["input_ids"], attention_mask=mask, position_ids=positions,
+                use_cache=False,
+            )
+        finally:
+            hook.remove()
+        return seen[-1], mask
+
+    # -- cost model -------------------------------------------------------------------------
+    def token_macs(self) -> float:
+        """Multiply-adds of one block per token, excluding attention over the context."""
+        h, hd = float(self.hidden_size), float(self.head_dim)
+        proj = h * hd * (2 * self.num_heads + 2 * self.num_kv_heads)  # Q, O and K, V
+        mlp = (3.0 if self.layout.gated_mlp else 2.0) * h * self.intermediate_size
+        return proj + mlp
+
+    def layer_flops(self, i: int, state: BackboneState) -> torch.Tensor:
+        """FLOPs (2 x multiply-adds) of block i per row over its n real tokens: projections and
+        MLP per token, plus scores and weighted sum over the n(n+1)/2 causal pairs."""
+        n = state.mask.sum(1).to(torch.float64)
+        pairs = n * (n + 1) / 2
+        return 2.0 * (n * self.token_macs() + pairs * 2.0 * self.num_heads * self.head_dim)

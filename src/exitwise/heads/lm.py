@@ -1,0 +1,208 @@
+"""``lm``: a language-model exit through the backbone's own final norm and LM head.
+
+As in LayerSkip and CALM, an intermediate hidden state is read by the *shared* final norm and
+*shared* LM head of the decoder (:class:`~exitwise.backbones.HFDecoderBackbone`), so an exit
+costs no new parameters. Optional trainable pieces:
+
+- ``adapter="norm"``:  an own copy of the final norm (a trainable exit norm);
+- ``adapter="mlp"``:   a residual MLP ``h + W2 gelu(W1 h)`` before the norm (W2 starts at
+  zero, so the exit starts exactly as the shared one);
+- ``adapter="block"``: one copy of the backbone's last decoder block (EE-Tuning, Kangaroo);
+  in generation it keeps its own keys/values in cache layer ``num_layers``;
+- ``untied=True``:     an own copy of the LM head.
+
+Shared modules are referenced, not registered, so ``state_dict`` (what
+``MultiExitModel.save_pretrained`` writes) holds only the trainable pieces.
+
+Before :meth:`init_from_backbone` binds it, a head stands alone with its own LayerNorm and a
+(num_labels x in_features) output layer, so the head contract holds for it too.
+
+Shapes: ``forward(hidden (B, T, H), mask (B, T)) -> (B, V)`` next-token logits at each row's
+last real token (left or right padding); ``token_logits(hidden (B, q, H)) -> (B, q, V)``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .base import ExitHead, register_head
+
+ADAPTERS = ("none", "norm", "mlp", "block")
+
+
+class ResidualMLP(nn.Module):
+    """h + fc2(gelu(fc1(h))), with fc2 = 0 at start (identity)."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, width)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + self.fc2(self.act(self.fc1(hidden)))
+
+
+def _last_real(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T, H) -> (B, H) at each row's last real position (works for left and right padding)."""
+    if mask is None:
+        return hidden[:, -1]
+    idx = torch.arange(mask.shape[1], device=mask.device) * mask.to(torch.long)
+    last = idx.argmax(1).to(hidden.device)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+@register_head("lm")
+class LMHead(ExitHead):
+    backbone_families = ("hf-decoder",)
+
+    def __init__(
+        self,
+        in_features: int,
+        num_labels: int,
+        dropout: float = 0.0,
+        adapter: str = "none",
+        untied: bool = False,
+        mlp_hidden: int | None = None,
+        backbone: nn.Module | None = None,
+    ) -> None:
+        super().__init__(in_features, num_labels, dropout)
+        if adapter not in ADAPTERS:
+            raise ConfigError(
+                f"lm head adapter must be one of {', '.join(ADAPTERS)}; got {adapter!r}"
+            )
+        self.adapter = adapter
+        self.untied = bool(untied)
+        width = mlp_hidden or 2 * in_features
+        self.mlp = ResidualMLP(in_features, width) if adapter == "mlp" else None
+        self.block: nn.Module | None = None
+        self.cache_index = -1
+        self.layer_type = "full_attention"
+        object.__setattr__(self, "_backbone", None)  # shared, deliberately not a submodule
+        if backbone is not None:
+            self.norm: nn.Module | None = None
+            self.lm_head: nn.Module | None = None
+            self.init_from_backbone(backbone)
+        else:
+            self.norm = nn.LayerNorm(in_features)
+            self.lm_head = nn.Linear(in_features, num_labels, bias=False)
+
+    # -- binding ----------------------------------------------------------------------------
+    @property
+    def bound(self) -> bool:
+        return self._backbone is not None
+
+    @property
+    def uses_cache(self) -> bool:
+        """True when the head attends over past tokens (``adapter="block"``) and so needs the
+        generator's cache and context."""
+        return self.block is not None
+
+    def init_from_backbone(self, backbone: nn.Module) -> None:
+        """Share the backbone's final norm and LM head; copy the trainable pieces from it."""
+        if not (hasattr(backbone, "final_norm") and hasattr(backbone, "lm_logits")):
+            raise ConfigError(
+                "the 'lm' head needs a decoder backbone with an LM head, not "
+                f"{type(backbone).__name__}"
+            )
+        if self.num_labels != backbone.vocab_size or self.in_features != backbone.hidden_size:
+            raise ConfigError(
+                f"the 'lm' head must have num_labels = vocab size ({backbone.vocab_size}) and "
+                f"in_features = hidden size ({backbone.hidden_size}); got {self.num_labels} and "
+                f"{self.in_features}"
+            )
+        object.__setattr__(self, "_backbone", backbone)
+        self.lm_head = copy.deepcopy(backbone.lm_head) if self.untied else None
+        self.norm = copy.deepcopy(backbone.norm) if self.adapter == "norm" else None
+        if self.adapter == "block":
+            self.block = copy.deepcopy(backbone.blocks[backbone.num_layers - 1])
+            self.cache_index = backbone.num_layers
+            self.layer_type = backbone.layer_types[-1]
+            for module in self.block.modules():  # its keys/values go to an extra cache layer
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = self.cache_index
+        ref = backbone.lm_head.weight  # own pieces live where, and in the dtype, the model does
+        self.to(device=ref.device, dtype=ref.dtype)
+        for p in self.parameters():
+            p.requires_grad_(True)
+
+    # -- forward ----------------------------------------------------------------------------
+    def token_logits(self, hidden: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        """Logits at every position: hidden (B, q, H) -> (B, q, V).
+
+        ``ctx`` (a :class:`~exitwise.backbones.hf_decoder.DecodeContext`) is needed only by
+        ``adapter="block"`` during cached generation; without it the block sees the q tokens
+        alone, causally, at positions 0..q-1.
+        """
+        return self._readout(self._transform(hidden, ctx))
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits (B, V) at each row's last real token.
+
+        hidden: (B, T, H) with mask (B, T); (B, H) flat features; (B, H, *spatial) pooled.
+        """
+        if hidden.dim() == 2:
+            hidden, mask = hidden.unsqueeze(1), None
+        elif hidden.dim() > 3:
+            hidden, mask = self.spatial_mean(hidden).unsqueeze(1), None
+        if self.block is None:  # position-wise: read only the last real token
+            return self.token_logits(_last_real(hidden, mask).unsqueeze(1))[:, 0]
+        from ..backbones.hf_decoder import DecodeContext, prompt_positions
+
+        real = torch.ones(hidden.shape[:2], dtype=torch.long) if mask is None else mask.long()
+        real = real.to(hidden.device)
+        ctx = DecodeContext(cache=None, positions=prompt_positions(real), attention_mask=real)
+        out = self._transform(hidden, ctx)
+        return self._readout(_last_real(out, mask).unsqueeze(1))[:, 0]
+
+    def _transform(self, hidden: torch.Tensor, ctx: Any) -> torch.Tensor:
+        """Dropout and the trainable adapter (mlp / block): (B, q, H) -> (B, q, H)."""
+        hidden = self.dropout(hidden)
+        if self.mlp is not None:
+            hidden = self.mlp(hidden)
+        if self.block is not None:
+            from ..backbones.hf_decoder import DecodeContext, prompt_positions
+
+            if ctx is None:
+                real = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+                ctx = DecodeContext(None, prompt_positions(real), real)
+            hidden = self._backbone.run_block(
+                self.block, self.cache_index, self.layer_type, hidden, ctx
+            )
+        return hidden
+
+    def _readout(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Norm + LM head (own or shared) + the model's logit scaling: (..., H) -> (..., V)."""
+        backbone = self._backbone
+        if backbone is None:
+            return self.lm_head(self.norm(hidden))
+        normed = self.norm(hidden) if self.norm is not None else backbone.final_norm(hidden)
+        return backbone.lm_logits(normed, self.lm_head)
+
+    # -- cost -------------------------------------------------------------------------------
+    def head_flops(self, mask: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """LM head on one position (2 H V) + adapter; a block adapter also runs over the row's
+        real tokens (projections, MLP and causal attention pairs)."""
+        flops = 2.0 * self.in_features * self.num_labels
+        if self.mlp is not None:
+            flops += self.linear_flops(self.mlp.fc1, self.mlp.fc2)
+        out = torch.full((batch_size,), flops, dtype=torch.float64)
+        if self.block is not None:
+            backbone = self._backbone
+            n = (
+                torch.ones(batch_size, dtype=torch.float64)
+                if mask is None
+                else mask.sum(1).to(torch.float64).cpu()
+            )
+            pairs = n * (n + 1) / 2
+            out = out + 2.0 * (
+                n * backbone.token_macs() + pairs * 2.0 * backbone.num_heads * backbone.head_dim
+            )
+        return out

@@ -1,0 +1,76 @@
+"""``sdn``: the internal classifier of Shallow-Deep Networks (Kaya et al., ICML 2019).
+
+A feature map (B, C, H, W) is reduced to (B, C, s, s) by a learned mix of max and average
+pooling, ``a * max + (1 - a) * avg``, then flattened into one linear layer. SDN keeps the
+spatial layout (s = 4 by default) because a shallow CNN feature map pooled to a single vector
+loses most of what makes it separable.
+
+``a`` is ``sigmoid(mix_logit)`` (0.5 at the start), so the mix stays in [0, 1] while it is
+learned; SDN's original code leaves it unconstrained. Other inputs, so the head works after any
+backbone: token sequences (B, T, H) are max- and mean-pooled over their real tokens (``mask``),
+flat features (B, H) are used as they are; the pooled (B, C) vector then fills all s*s
+positions, so one linear layer serves every input kind.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from .base import ExitHead, register_head
+
+
+@register_head("sdn")
+class SDNHead(ExitHead):
+    def __init__(
+        self,
+        in_features: int,
+        num_labels: int,
+        dropout: float = 0.1,
+        pool_size: int = 4,
+    ) -> None:
+        super().__init__(in_features, num_labels, dropout)
+        if not isinstance(pool_size, int) or pool_size < 1:
+            raise ConfigError(f"pool_size must be a positive int, got {pool_size!r}")
+        self.pool_size = pool_size
+        self.mix_logit = nn.Parameter(torch.zeros(1))
+        self.classifier = nn.Linear(in_features * pool_size * pool_size, num_labels)
+
+    @property
+    def mix(self) -> torch.Tensor:
+        """The weight ``a`` of max pooling in the mix, in [0, 1]."""
+        return torch.sigmoid(self.mix_logit)
+
+    def pooled(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C * s * s): the mixed max/avg pooled features the linear layer reads."""
+        s = self.pool_size
+        if hidden.dim() == 4:
+            peak = F.adaptive_max_pool2d(hidden, s)
+            mean = F.adaptive_avg_pool2d(hidden, s)
+        elif hidden.dim() == 3:
+            if mask is None:
+                peak, mean = hidden.amax(1), hidden.mean(1)
+            else:
+                real = mask.bool().unsqueeze(-1)
+                peak = hidden.masked_fill(~real, float("-inf")).amax(1)
+                m = real.to(hidden.dtype)
+                mean = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        elif hidden.dim() == 2:
+            peak = mean = hidden
+        else:
+            raise ConfigError(
+                f"the sdn head reads (B, C, H, W), (B, T, H) or (B, H); got {tuple(hidden.shape)}"
+            )
+        mixed = self.mix * peak + (1 - self.mix) * mean
+        if mixed.dim() == 2:  # a vector per row: the same value at every pooled position
+            mixed = mixed.unsqueeze(-1).expand(-1, -1, s * s)
+        return mixed.flatten(1)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.classifier(self.dropout(self.pooled(hidden, mask)))
+
+    def head_flops(self, mask: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        # Pooling is comparisons and additions; like torch's FLOP counter, count the linear layer.
+        return torch.full((batch_size,), self.linear_flops(self.classifier), dtype=torch.float64)
