@@ -1,0 +1,180 @@
+"""``exitwise.generation.generate``: one entry point for every decoding strategy.
+
+    out = generate(lm, input_ids, attention_mask, strategy="self_speculative",
+                   exit_layer=6, draft_len=4, max_new_tokens=64)
+    out.sequences          # (B, T + N), like model.generate(do_sample=False)
+    out.stats.acceptance_rate
+
+``model`` may be a Hugging Face causal LM, an :class:`~exitwise.backbones.HFDecoderBackbone`,
+or a :class:`~exitwise.model.MultiExitModel` with ``lm`` exit heads (then the draft reads the
+trained exit at ``exit_layer`` and its temperature).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from ..backbones import HFDecoderBackbone, wrap_backbone
+from ..errors import ConfigError, InputError, UnsupportedModelError
+from ..heads.lm import LMHead
+from .greedy import greedy_decode
+from .outputs import GenerateOutput, GenerationStats
+from .self_speculative import self_speculative_decode
+from .session import DecodeSession
+
+STRATEGIES = ("greedy", "self_speculative")
+
+
+def _resolve(
+    model: Any, exit_layer: int | None, need_head: bool
+) -> tuple[HFDecoderBackbone, LMHead | None, float]:
+    """(backbone adapter, draft head at exit_layer or None, its temperature)."""
+    from ..model import MultiExitModel
+
+    multi = isinstance(model, MultiExitModel)
+    backbone = model.backbone if multi else wrap_backbone(model)
+    if not isinstance(backbone, HFDecoderBackbone):
+        from ..backbones.decoder_layouts import supported_decoder_types
+
+        raise UnsupportedModelError(
+            f"generation needs a decoder-only LM (model_type in "
+            f"{', '.join(supported_decoder_types())}); got a {type(backbone).__name__}"
+        )
+    if not need_head:
+        return backbone, None, 1.0
+    last = backbone.num_layers - 1
+    if not _is_int(exit_layer) or not 1 <= exit_layer <= last:
+        raise ConfigError(
+            f"exit_layer must be a depth in 1..{last} (blocks run by the draft; this model has "
+            f"{backbone.num_layers} layers); got {exit_layer!r}"
+        )
+    if not multi:
+        shared = LMHead(backbone.hidden_size, backbone.vocab_size, backbone=backbone)
+        return backbone, shared.eval(), 1.0
+    if exit_layer not in model.exit_layers:
+        raise ConfigError(
+            f"this model has no exit at layer {exit_layer}; its exits: {model.exit_layers}"
+        )
+    k = model.exit_layers.index(exit_layer)
+    head = model.heads[k]
+    if not isinstance(head, LMHead):
+        raise ConfigError(
+            f"self-speculative drafting needs an 'lm' exit head; exit {exit_layer} has "
+            f"{type(head).registered_name!r}"
+        )
+    return backbone, head, float(model.temperatures[k])
+
+
+def _token_ids(value: Any, name: str) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        value = value.flatten().tolist()
+    if isinstance(value, int):
+        value = [value]
+    if not isinstance(value, Iterable) or not all(isinstance(v, int) for v in value):
+        raise ConfigError(f"{name} must be an int or a list of ints; got {value!r}")
+    return [int(v) for v in value]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _defaults(
+    backbone: HFDecoderBackbone, eos_token_id: Any, pad_token_id: Any
+) -> tuple[set[int], int]:
+    """EOS ids and pad id, falling back to the model's generation config like ``generate``."""
+    gen = getattr(backbone.model, "generation_config", None)
+    cfg = backbone.config
+    if eos_token_id is None:
+        eos_token_id = getattr(gen, "eos_token_id", None)
+        if eos_token_id is None:
+            eos_token_id = getattr(cfg, "eos_token_id", None)
+    eos = _token_ids(eos_token_id, "eos_token_id")
+    if pad_token_id is None:
+        pad_token_id = getattr(gen, "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = getattr(cfg, "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = eos[0] if eos else 0
+    pad = _token_ids(pad_token_id, "pad_token_id")
+    return set(eos), pad[0]
+
+
+@torch.inference_mode()
+def generate(
+    model: nn.Module | Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    strategy: str = "greedy",
+    exit_layer: int | None = None,
+    draft_len: int = 4,
+    max_new_tokens: int = 32,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    draft_threshold: float | None = None,
+) -> GenerateOutput:
+    """Greedy decoding of a batch of prompts.
+
+    input_ids: (B, T) prompts, left-padded (right padding also works: it becomes holes).
+    attention_mask: (B, T) 1 real / 0 padding; all ones if None.
+    strategy: "greedy" (one token per full forward) or "self_speculative" (draft with the
+        first ``exit_layer`` blocks, verify with the rest; same tokens as greedy).
+    exit_layer: depth 1..L-1 of the draft exit (self-speculative only).
+    draft_len: draft tokens per step (>= 1).
+    max_new_tokens: tokens to generate per row at most (>= 1).
+    eos_token_id / pad_token_id: default to the model's generation config.
+    draft_threshold: optional; stop a draft early when its top-1 probability falls below.
+    """
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    if not _is_int(max_new_tokens) or max_new_tokens <= 0:
+        raise ConfigError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
+    speculative = strategy == "self_speculative"
+    if speculative and (not _is_int(draft_len) or draft_len < 1):
+        raise ConfigError(f"draft_len must be an int >= 1; got {draft_len!r}")
+    if draft_threshold is not None and not 0.0 <= float(draft_threshold) <= 1.0:
+        raise ConfigError(
+            f"draft_threshold must be a probability in [0, 1]; got {draft_threshold!r}"
+        )
+    backbone, head, temperature = _resolve(model, exit_layer, need_head=speculative)
+
+    if not isinstance(input_ids, torch.Tensor):
+        raise InputError("input_ids must be a (batch, seq_len) tensor of token ids")
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+        attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
+    mask = backbone.check_inputs(input_ids=input_ids, attention_mask=attention_mask)
+    if backbone.max_positions is not None:
+        longest = int(mask.sum(1).max()) + max_new_tokens
+        if longest > backbone.max_positions:
+            raise InputError(
+                f"prompt ({int(mask.sum(1).max())} tokens) + max_new_tokens ({max_new_tokens}) "
+                f"exceeds the model's {backbone.max_positions} positions"
+            )
+    eos, pad = _defaults(backbone, eos_token_id, pad_token_id)
+    b = input_ids.shape[0]
+    stats = GenerationStats(
+        strategy=strategy,
+        num_layers=backbone.num_layers,
+        exit_layer=exit_layer if speculative else None,
+        draft_len=draft_len if speculative else None,
+        drafted=[0] * b,
+        accepted=[0] * b,
+    )
+    session = DecodeSession(
+        backbone, input_ids, mask.to(input_ids.device), max_new_tokens, eos, pad, stats
+    )
+    if speculative:
+        assert head is not None and exit_layer is not None
+        sequences = self_speculative_decode(
+            session, head, exit_layer, draft_len, temperature=temperature,
+            draft_threshold=draft_threshold,
+        )
+    else:
+        sequences = greedy_decode(session)
+    return GenerateOutput(sequences=sequences, stats=stats)

@@ -1,0 +1,160 @@
+"""Self-speculative greedy decoding is lossless: the same tokens as plain greedy decoding.
+
+Checked for every decoder family, several exit layers and draft lengths, one prompt and a
+left-padded batch of three (ragged per-row acceptance -> holes in the shared cache), plus:
+the shared KV cache equals a fresh full recomputation over the final tokens; batched rows ==
+rows alone; a trained-style exit head (MultiExitModel, block adapter) drafts losslessly too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lmkit import DECODER_FAMILIES, EOS, PAD, VOCAB, left_padded, tiny_lm
+
+import exitwise as ew
+from exitwise.generation import DecodeSession, GenerationStats, generate, self_speculative_decode
+from exitwise.heads.lm import LMHead
+
+NEW = 14
+ATOL = 2e-5
+CONFIGS = [(1, 1), (1, 4), (2, 3), (3, 2), (3, 5)]  # (exit layer, draft length)
+
+
+@pytest.fixture(scope="module", params=DECODER_FAMILIES)
+def lm(request):
+    torch.set_num_threads(1)
+    return request.param, tiny_lm(request.param)
+
+
+def batch(kind: str):
+    ids, mask = left_padded()
+    return (ids[:1], mask[:1]) if kind == "single" else (ids, mask)
+
+
+@pytest.mark.parametrize("kind", ["single", "padded3"])
+def test_lossless_for_every_exit_and_draft_length(lm, kind):
+    _, model = lm
+    ids, mask = batch(kind)
+    greedy = generate(model, ids, mask, max_new_tokens=NEW, eos_token_id=EOS, pad_token_id=PAD)
+    drafted = accepted = 0
+    for exit_layer, draft_len in CONFIGS:
+        out = generate(
+            model, ids, mask, strategy="self_speculative", exit_layer=exit_layer,
+            draft_len=draft_len, max_new_tokens=NEW, eos_token_id=EOS, pad_token_id=PAD,
+        )
+        assert torch.equal(out.sequences, greedy.sequences), (exit_layer, draft_len)
+        s = out.stats
+        assert s.new_tokens == greedy.stats.new_tokens
+        assert all(0 <= a <= d for a, d in zip(s.accepted, s.drafted))
+        assert 0.0 <= s.acceptance_rate <= 1.0
+        # every emitted token needs all L blocks; rejected drafts only add work
+        assert s.layer_applications_per_token >= model.config.num_hidden_layers - 1e-9
+        drafted += s.total_drafted
+        accepted += s.total_accepted
+    assert 0 < accepted < drafted  # the tests saw both acceptances and rejections
+
+
+def full_cache(model, tokens: torch.Tensor):
+    """Keys/values of the model's own forward over ``tokens`` (1, n), full-attention cache."""
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        out = model(input_ids=tokens, cache=DynamicCache(), use_cache=True)
+    return out.cache
+
+
+@pytest.mark.parametrize("exit_layer, draft_len", [(1, 4), (2, 3)])
+def test_shared_cache_equals_full_recomputation(lm, exit_layer, draft_len):
+    _, model = lm
+    bb = ew.wrap_backbone(model)
+    ids, mask = left_padded()
+    b = ids.shape[0]
+    stats = GenerationStats("self_speculative", bb.num_layers, drafted=[0] * b, accepted=[0] * b)
+    session = DecodeSession(bb, ids, mask, NEW, {EOS}, PAD, stats, keep_finished=True)
+    head = LMHead(bb.hidden_size, bb.vocab_size, backbone=bb).eval()
+    self_speculative_decode(session, head, exit_layer, draft_len)
+    assert session.cache.get_seq_length(0) == session.mask.shape[1]
+    for r in range(b):
+        valid = session.mask[r].bool()
+        tokens = session.slot_tokens[r][valid]
+        ref = full_cache(model, tokens[None])
+        for layer in range(bb.num_layers):
+            mine = session.cache.layers[layer]
+            theirs = ref.layers[layer]
+            close = dict(atol=ATOL, rtol=1e-4)
+            torch.testing.assert_close(mine.keys[r][:, valid], theirs.keys[0], **close)
+            torch.testing.assert_close(mine.values[r][:, valid], theirs.values[0], **close)
+        # the row's generated tokens (all but the last, still pending) follow its prompt
+        gen = session.generated[r]
+        t_real = int(mask[r].sum())
+        assert tokens[t_real : t_real + len(gen) - 1].tolist() == gen[:-1]
+
+
+def test_holes_are_exercised():
+    model = tiny_lm("llama")
+    bb = ew.wrap_backbone(model)
+    ids, mask = left_padded()
+    stats = GenerationStats("self_speculative", bb.num_layers, drafted=[0] * 3, accepted=[0] * 3)
+    session = DecodeSession(bb, ids, mask, NEW, set(), PAD, stats, keep_finished=True)
+    self_speculative_decode(session, LMHead(32, VOCAB, backbone=bb).eval(), 1, 4)
+    assert (session.mask[:, ids.shape[1] :] == 0).any()  # ragged acceptance left holes
+    # positions count real tokens only, whatever the holes
+    assert session.next_pos.tolist() == session.mask.sum(1).tolist()
+    for r in range(3):
+        valid = session.mask[r].bool()
+        assert session.slot_pos[r][valid].tolist() == list(range(int(valid.sum())))
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "self_speculative"])
+def test_batched_rows_equal_rows_alone(strategy):
+    model = tiny_lm("qwen2", seed=3)
+    ids, mask = left_padded((6, 2, 4, 5), seed=4)
+    opts = dict(strategy=strategy, max_new_tokens=NEW, eos_token_id=EOS, pad_token_id=PAD)
+    if strategy == "self_speculative":
+        opts.update(exit_layer=2, draft_len=3)
+    batched = generate(model, ids, mask, **opts)
+    t = ids.shape[1]
+    for r in range(ids.shape[0]):
+        alone = generate(model, ids[r : r + 1, mask[r].bool()], **opts)
+        n = batched.stats.new_tokens[r]
+        assert alone.stats.new_tokens == [n]
+        assert torch.equal(alone.sequences[0, -n:], batched.sequences[r, t : t + n])
+    # right padding: the padding becomes holes, the generated tokens do not change
+    right_ids = torch.stack([torch.roll(i, -int((m == 0).sum())) for i, m in zip(ids, mask)])
+    right = generate(model, right_ids, mask.flip(1), **opts)
+    assert torch.equal(right.sequences[:, t:], batched.sequences[:, t:])
+
+
+@pytest.mark.parametrize("adapter", ["mlp", "block"])
+def test_exit_heads_of_a_multi_exit_model_draft_losslessly(adapter):
+    model = tiny_lm("llama", seed=1)
+    config = ew.ExitConfig(
+        layers=[1, 2], head="lm", num_labels=VOCAB, head_kwargs={"adapter": adapter},
+        final_head_kwargs={},
+    )
+    multi = ew.attach_exits(model, config).eval()
+    with torch.no_grad():  # a "trained" adapter, different from the shared exit
+        for p in multi.heads[0].parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        multi.temperatures.fill_(1.5)
+    ids, mask = left_padded()
+    greedy = generate(model, ids, mask, max_new_tokens=NEW, eos_token_id=EOS)
+    for exit_layer in (1, 2):
+        out = generate(
+            multi, ids, mask, strategy="self_speculative", exit_layer=exit_layer, draft_len=3,
+            max_new_tokens=NEW, eos_token_id=EOS, draft_threshold=0.05,
+        )
+        assert torch.equal(out.sequences, greedy.sequences)
+        assert out.stats.total_accepted > 0
+
+
+def test_confidence_threshold_drafts_less_and_stays_lossless():
+    model = tiny_lm("mistral")
+    ids, mask = left_padded()
+    opts = dict(strategy="self_speculative", exit_layer=2, draft_len=5, max_new_tokens=NEW,
+                eos_token_id=EOS)
+    free = generate(model, ids, mask, **opts)
+    capped = generate(model, ids, mask, draft_threshold=0.9, **opts)
+    assert torch.equal(free.sequences, capped.sequences)
+    assert capped.stats.total_drafted < free.stats.total_drafted
