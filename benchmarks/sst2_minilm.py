@@ -168,6 +168,8 @@ def main() -> int:
             "flops_speedup": r["flops_speedup"],
             "speedup_bs1": timing.get("1", {}).get("configs", {}).get(k, {}).get("speedup"),
             "speedup_bs32": timing.get("32", {}).get("configs", {}).get(k, {}).get("speedup"),
+            # the offline replay on cached logits must agree with the real executor
+            "replay_accuracy": r["replay_accuracy"],
         })
     full_cost = mean_full_cost(model, dev_batches)
     for n in ("static_3", "static_4"):

@@ -125,14 +125,14 @@ class MultiExitModel(nn.Module):
     ) -> EarlyExitResult:
         """Real early exit on one batch with ``policy`` (an object, or the name of a
         calibrated policy saved with this model). See :func:`exitwise.runtime.run_early_exit`.
+
+        ``labels`` (also when it arrives inside a batch dict) are validated against
+        ``num_labels``; only label-needing policies (the oracle) use them.
         """
         from .runtime import run_early_exit
 
         if policy is None or isinstance(policy, str):
             policy = self.calibrated_policy(policy)
-        batch_labels = inputs.pop("labels", None)
-        if labels is None and policy.needs_labels:
-            labels = batch_labels
         return run_early_exit(
             self, policy, labels=labels, profile=profile, count_flops=count_flops, **inputs
         )
