@@ -21,6 +21,14 @@ from .model import MultiExitModel, attach_exits
 from .outputs import EarlyExitResult, ExitOutputs
 from .policies import POLICIES, ExitPolicy, get_policy, register_policy
 
+
+def tune_exits(*args, **kwargs):  # lazy: keeps ``import exitwise`` free of the training stack
+    """See :func:`exitwise.training.lm_tuning.tune_exits`."""
+    from .training.lm_tuning import tune_exits as _tune_exits
+
+    return _tune_exits(*args, **kwargs)
+
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -47,5 +55,6 @@ __all__ = [
     "get_policy",
     "register_head",
     "register_policy",
+    "tune_exits",
     "wrap_backbone",
 ]

@@ -13,6 +13,7 @@ from .temperature import (
     expected_calibration_error,
     fit_temperatures,
 )
+from .ltt import LTTResult, CalibrationRefused, certify_threshold, early_exit_losses
 from .thresholds import (
     CalibrationResult,
     full_depth_accuracy,
@@ -22,6 +23,10 @@ from .thresholds import (
 )
 
 __all__ = [
+    "CalibrationRefused",
+    "LTTResult",
+    "certify_threshold",
+    "early_exit_losses",
     "CalibrationResult",
     "apply_temperatures",
     "calibration_report",

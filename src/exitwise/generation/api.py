@@ -22,10 +22,11 @@ from ..errors import ConfigError, InputError, UnsupportedModelError
 from ..heads.lm import LMHead
 from .greedy import greedy_decode
 from .outputs import GenerateOutput, GenerationStats
+from .sampling import SamplingConfig
 from .self_speculative import self_speculative_decode
-from .session import DecodeSession
+from .stopping import StopStrings, StreamingSession, TokenCallback
 
-STRATEGIES = ("greedy", "self_speculative")
+STRATEGIES = ("greedy", "self_speculative", "early_exit")
 
 
 def _resolve(
@@ -117,8 +118,20 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     draft_threshold: float | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    stop_strings: str | list[str] | None = None,
+    tokenizer: Any = None,
+    callback: TokenCallback | None = None,
+    policy: Any = None,
+    kv: str = "propagate",
+    exit_layers: list[int] | None = None,
 ) -> GenerateOutput:
-    """Greedy decoding of a batch of prompts.
+    """Greedy decoding (or sampling) of a batch of prompts.
 
     input_ids: (B, T) prompts, left-padded (right padding also works: it becomes holes).
     attention_mask: (B, T) 1 real / 0 padding; all ones if None.
@@ -129,6 +142,19 @@ def generate(
     max_new_tokens: tokens to generate per row at most (>= 1).
     eos_token_id / pad_token_id: default to the model's generation config.
     draft_threshold: optional; stop a draft early when its top-1 probability falls below.
+    do_sample: draw tokens from the full model's *processed* distribution (temperature, then
+        top-k, then top-p) instead of the argmax. Self-speculative decoding then uses
+        speculative rejection sampling, so its tokens follow that same distribution exactly.
+    temperature (> 0), top_k (None/0: off), top_p ((0, 1], None: off): the processing.
+    seed / generator: reproducible draws (a generator wins over a seed; neither: global RNG).
+    stop_strings: stop a row once its generated text ends with one of these (the completing
+        token is kept); needs ``tokenizer``.
+    callback: ``callback(row, new_token_ids)`` each step with the tokens a row committed
+        (self-speculative: accepted drafts + the full model's token, never rejected drafts).
+    policy / kv / exit_layers: strategy="early_exit" only (CALM-style; greedy): a token-level
+        exit policy (e.g. ``get_policy("calm_softmax", threshold=0.9)``), the KV mode of
+        skipped layers ("propagate" | "recompute") and the exit depths (default: all); see
+        :mod:`exitwise.generation.early_exit`.
     """
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
@@ -141,7 +167,11 @@ def generate(
         raise ConfigError(
             f"draft_threshold must be a probability in [0, 1]; got {draft_threshold!r}"
         )
-    backbone, head, temperature = _resolve(model, exit_layer, need_head=speculative)
+    if seed is not None and not _is_int(seed):
+        raise ConfigError(f"seed must be an int; got {seed!r}")
+    sampler = SamplingConfig(bool(do_sample), temperature, top_k, top_p, generator)
+    stop = None if stop_strings is None else StopStrings(stop_strings, tokenizer)
+    backbone, head, exit_temperature = _resolve(model, exit_layer, need_head=speculative)
 
     if not isinstance(input_ids, torch.Tensor):
         raise InputError("input_ids must be a (batch, seq_len) tensor of token ids")
@@ -157,6 +187,15 @@ def generate(
                 f"exceeds the model's {backbone.max_positions} positions"
             )
     eos, pad = _defaults(backbone, eos_token_id, pad_token_id)
+    if sampler.generator is None and seed is not None:
+        sampler.generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+    if strategy == "early_exit":  # exitwise.generation.early_exit
+        from .early_exit import generate_early_exit
+
+        return generate_early_exit(
+            model, backbone, input_ids, mask, max_new_tokens, eos, pad, policy, kv, exit_layers,
+            do_sample=bool(do_sample), stop=stop, callback=callback,
+        )
     b = input_ids.shape[0]
     stats = GenerationStats(
         strategy=strategy,
@@ -166,15 +205,16 @@ def generate(
         drafted=[0] * b,
         accepted=[0] * b,
     )
-    session = DecodeSession(
-        backbone, input_ids, mask.to(input_ids.device), max_new_tokens, eos, pad, stats
+    session = StreamingSession(
+        backbone, input_ids, mask.to(input_ids.device), max_new_tokens, eos, pad, stats,
+        stop=stop, callback=callback,
     )
     if speculative:
         assert head is not None and exit_layer is not None
         sequences = self_speculative_decode(
-            session, head, exit_layer, draft_len, temperature=temperature,
-            draft_threshold=draft_threshold,
+            session, head, exit_layer, draft_len, temperature=exit_temperature,
+            draft_threshold=draft_threshold, sampler=sampler,
         )
     else:
-        sequences = greedy_decode(session)
+        sequences = greedy_decode(session, sampler)
     return GenerateOutput(sequences=sequences, stats=stats)

@@ -1,22 +1,26 @@
-"""Plain greedy decoding through the decoder adapter, one token per step with a KV cache.
+"""Plain decoding through the decoder adapter, one token per step with a KV cache.
 
-The reference every other decoding strategy must reproduce token for token; it also equals
-``model.generate(do_sample=False)`` (the prompts left-padded, EOS and padding handled per row).
+Greedy by default: the reference every other decoding strategy must reproduce token for token;
+it also equals ``model.generate(do_sample=False)`` (the prompts left-padded, EOS and padding
+handled per row). With a sampling :class:`~.sampling.SamplingConfig` each token is drawn from
+the full model's processed distribution instead (the reference for speculative sampling).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .sampling import SamplingConfig
 from .session import DecodeSession
 
 
 @torch.inference_mode()
-def greedy_decode(session: DecodeSession) -> torch.Tensor:
-    """Run ``session`` to the end greedily; return the sequences (B, T + N)."""
+def greedy_decode(session: DecodeSession, sampler: SamplingConfig | None = None) -> torch.Tensor:
+    """Run ``session`` to the end, greedily or with ``sampler``; return the sequences (B, T + N)."""
     bb = session.backbone
     stats = session.stats
-    first = session.prefill().argmax(-1)
+    choose = (sampler or SamplingConfig()).choose
+    first = choose(session.prefill())
     session.pending = first
     session.emit([[t] for t in first.tolist()])
     session.drop_finished()
@@ -26,7 +30,7 @@ def greedy_decode(session: DecodeSession) -> torch.Tensor:
         ctx = session.context(0, 1)
         hidden = bb.embed(session.pending[:, None], ctx.positions)
         hidden = bb.run_layers(hidden, 0, bb.num_layers, ctx)
-        nxt = bb.lm_logits(bb.final_norm(hidden[:, -1])).argmax(-1)
+        nxt = choose(bb.lm_logits(bb.final_norm(hidden[:, -1])))
         ones = torch.ones(a, 1, dtype=torch.long, device=nxt.device)
         session.commit(session.pending[:, None], ones, ones[:, 0], nxt)
         stats.iterations += 1

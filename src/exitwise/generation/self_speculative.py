@@ -18,6 +18,14 @@ One step, for every active row at once (E = exit layer, L = layers, k = draft le
 
 Because every emitted token is the full model's argmax given the real tokens before it, the
 output equals plain greedy decoding token for token (to float round-off in near ties).
+
+**Sampling** (``sampler.do_sample``): speculative rejection sampling instead of step 3. Drafts
+are drawn from the exit head's processed distribution q (its logits divided by the exit's
+calibration ``temperature``, then the sampler's temperature / top-k / top-p); draft x(i+1) is
+kept with probability min(1, p_i(x(i+1)) / q_i(x(i+1))), p_i the full model's processed
+distribution; at the first rejection the next token is drawn from norm(max(0, p_n - q_n)),
+and after k kept drafts from p_k (see :mod:`.sampling`). Every emitted token then follows the
+processed full-model distribution exactly, as plain sampling would; rows stay ragged.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from ..heads.lm import LMHead
+from .sampling import SamplingConfig, draw, speculative_accept
 from .session import DecodeSession
 
 
@@ -36,13 +45,18 @@ def self_speculative_decode(
     draft_len: int,
     temperature: float = 1.0,
     draft_threshold: float | None = None,
+    sampler: SamplingConfig | None = None,
 ) -> torch.Tensor:
     """Run ``session`` to the end drafting with ``head`` after ``exit_layer`` blocks.
 
+    temperature: the exit head's calibration temperature (its logits are divided by it).
     draft_threshold: stop drafting early once every active row's draft has a top-1
         probability (softmax of logits / temperature) below this value.
+    sampler: None or greedy -> lossless greedy; sampling -> speculative rejection sampling.
     Returns the sequences (B, T + N).
     """
+    sampler = sampler or SamplingConfig()
+    sampling = sampler.do_sample
     bb = session.backbone
     stats = session.stats
     num_layers, e = bb.num_layers, exit_layer
@@ -51,7 +65,7 @@ def self_speculative_decode(
         head.token_logits(hidden, ctx)
 
     first = session.prefill(split=e, on_split=fill_head_cache if head.uses_cache else None)
-    first = first.argmax(-1)
+    first = sampler.choose(first)
     session.pending = first
     session.emit([[t] for t in first.tolist()])
     session.drop_finished()
@@ -66,6 +80,7 @@ def self_speculative_decode(
         fed = [tokens]
         states: list[torch.Tensor] = []
         drafts: list[torch.Tensor] = []
+        draft_probs: list[torch.Tensor] = []  # q_j (A, V), sampling only
         j = 0
         while True:
             ctx = session.context(j, 1)
@@ -76,7 +91,12 @@ def self_speculative_decode(
                 stats.head_applications += sum(running)
             if j == k:
                 break
-            tokens = logits.argmax(-1)
+            if sampling:
+                q_j = sampler.probs(logits.float() / temperature)
+                tokens = draw(q_j, sampler.generator)
+                draft_probs.append(q_j)
+            else:
+                tokens = logits.argmax(-1)
             drafts.append(tokens)
             fed.append(tokens)
             j += 1
@@ -88,18 +108,23 @@ def self_speculative_decode(
         q = k + 1
         ctx = session.context(0, q)
         hidden = bb.run_layers(torch.cat(states, 1), e, num_layers, ctx)
-        target = bb.lm_logits(bb.final_norm(hidden)).argmax(-1)  # (A, k+1)
-        if k:
-            drafted = torch.stack(drafts, 1)  # (A, k)
-            accepted = (drafted == target[:, :k]).long().cumprod(1).sum(1)
+        target_logits = bb.lm_logits(bb.final_norm(hidden))  # (A, k+1, V)
+        drafted = torch.stack(drafts, 1) if k else session.pending[:, None][:, :0]  # (A, k)
+        if sampling:
+            p = sampler.probs(target_logits)
+            q_all = torch.stack(draft_probs, 1) if k else p[:, :0]
+            accepted, nxt = speculative_accept(drafted, q_all, p, sampler.generator)
         else:
-            drafted = target[:, :0]
-            accepted = torch.zeros(a, dtype=torch.long, device=device)
+            target = target_logits.argmax(-1)  # (A, k+1)
+            if k:
+                accepted = (drafted == target[:, :k]).long().cumprod(1).sum(1)
+            else:
+                accepted = torch.zeros(a, dtype=torch.long, device=device)
+            nxt = target.gather(1, accepted[:, None])[:, 0]
         best = int(accepted.max())
         if k > best:
             session.cache.crop(-(k - best))  # slots no row kept
         valid = torch.arange(best + 1, device=device)[None, :] <= accepted[:, None]
-        nxt = target.gather(1, accepted[:, None])[:, 0]
         session.commit(torch.stack(fed, 1)[:, : best + 1], valid, accepted + 1, nxt)
 
         stats.iterations += 1

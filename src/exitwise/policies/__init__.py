@@ -1,6 +1,9 @@
 """Exit policies, registered by name (see :data:`POLICIES`)."""
 
 from . import (  # noqa: F401  (registration side effect)
+    calm_saturation,
+    calm_softmax,
+    calm_top2,
     confidence,
     entropy,
     never,

@@ -27,6 +27,7 @@ from .collate import PaddingCollator, default_collator
 from .evaluate import evaluate_exits, format_exit_table
 from .exits_only import ExitsOnlyStrategy
 from .joint import JointStrategy
+from .lm_tuning import LMTuningResult, tune_exits
 from .loop import StageResult, TrainResult, train
 from .schedules import exit_weights
 from .trainer import ExitTrainer
@@ -37,6 +38,7 @@ __all__ = [
     "ExitTrainer",
     "ExitsOnlyStrategy",
     "JointStrategy",
+    "LMTuningResult",
     "PaddingCollator",
     "Stage",
     "StageResult",
@@ -55,5 +57,6 @@ __all__ = [
     "register_strategy",
     "save_model_weights",
     "train",
+    "tune_exits",
     "weighted_exit_loss",
 ]

@@ -1,0 +1,262 @@
+"""CALM-style early-exit greedy decoding with a shared KV cache.
+
+Per decoded token, every active row runs the blocks one by one; after each exit depth the exit
+head's logits go to a token-level policy (``calm_softmax`` / ``calm_top2`` /
+``calm_saturation`` or any registered one). A row that exits emits the exit head's argmax and
+its hidden state is *frozen*: the remaining blocks still run on it, but only to write that
+token's keys/values, and their outputs are discarded. Rows that never exit emit the full
+model's argmax. With a never-exit policy this is plain greedy decoding, token for token.
+
+Keys/values of the skipped layers (the slot of a token that exited at depth d, layers >= d):
+
+- ``kv="propagate"`` (CALM's state propagation): layer l's K/V are computed from the frozen
+  exit state h_d, i.e. block l runs on h_d (its attention projects norm_l(h_d) to K, V) and the
+  output is dropped. Running the block, rather than the K/V projections alone, keeps one code
+  path for every supported family (the adapter only exposes whole blocks); its extra MLP
+  compute is counted in the stats. These K/V stay approximate for the rest of the run.
+- ``kv="recompute"`` (deferred, FREE-style): the propagated K/V are placeholders. At the next
+  step the previous slot is cropped from layers >= d_min (the shallowest exit depth in the
+  batch) and recomputed *exactly* there, as a second column next to the new token, from its
+  true hidden state at depth d_min. So every slot but the last committed one ends up with the
+  full model's K/V for the emitted tokens (the new token attends to the exact K/V).
+
+Honest cost: one batch shares one cache, so every row's slot passes through all L blocks
+(propagation / recomputation fill what exiting skipped). ``layer_applications`` counts every
+row x position block run actually computed (so early exits here are *correct but not faster*
+in compute); ``decision_layer_applications`` counts the blocks each token needed before its
+exit (what an executor that skips the filled layers, or fills them in one parallel call, would
+pay); ``token_depths`` records each token's exit depth.
+Shapes: A active rows, S cache slots, H hidden, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..backbones.hf_decoder import DecodeContext
+from ..errors import ConfigError
+from ..policies.base import ExitPolicy
+from .confidence import ExitPoint, check_exit, new_token_state
+from .outputs import GenerationStats
+from .session import DecodeSession
+
+KV_MODES = ("propagate", "recompute")
+
+
+@dataclass
+class EarlyExitStats(GenerationStats):
+    """GenerationStats plus early-exit counters.
+
+    kv: the KV mode. exit_depths: depths carrying exits (the last layer L closes the stack).
+    token_depths: per row, blocks run before each decoded token was chosen (L = full depth;
+        the first token comes from the prefill and is not listed).
+    fill_applications: of ``layer_applications``, block runs that only wrote K/V for skipped
+        layers (propagation) or recomputed deferred slots.
+    decision_layer_applications: sum over decoded tokens of their depth.
+    """
+
+    kv: str = "propagate"
+    exit_depths: list[int] = field(default_factory=list)
+    token_depths: list[list[int]] = field(default_factory=list)
+    fill_applications: int = 0
+    decision_layer_applications: int = 0
+
+    @property
+    def mean_exit_depth(self) -> float:
+        depths = [d for row in self.token_depths for d in row]
+        return sum(depths) / len(depths) if depths else 0.0
+
+    @property
+    def early_exit_rate(self) -> float:
+        """Fraction of decoded tokens chosen before the last layer."""
+        depths = [d for row in self.token_depths for d in row]
+        return sum(d < self.num_layers for d in depths) / len(depths) if depths else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["mean_exit_depth"] = self.mean_exit_depth
+        out["early_exit_rate"] = self.early_exit_rate
+        return out
+
+
+@dataclass
+class _Deferred:
+    """The previous slot's skipped layers (recompute mode): depth (A,) where each row exited
+    (L if it did not), at: depth -> (A, H) the slot's hidden state after that many blocks
+    (exact for every row whose exit depth is >= that depth)."""
+
+    depth: torch.Tensor
+    at: dict[int, torch.Tensor]
+
+    def select(self, idx: torch.Tensor) -> "_Deferred":
+        return _Deferred(self.depth[idx], {d: h[idx] for d, h in self.at.items()})
+
+
+def check_kv(kv: str) -> str:
+    if kv not in KV_MODES:
+        raise ConfigError(f"unknown kv mode {kv!r}; choose from {', '.join(KV_MODES)}")
+    return kv
+
+
+@torch.inference_mode()
+def early_exit_decode(
+    session: DecodeSession,
+    points: list[ExitPoint],
+    policy: ExitPolicy,
+    kv: str = "propagate",
+) -> torch.Tensor:
+    """Run ``session`` to the end with early exits at ``points``; returns sequences (B, T + N).
+
+    ``session.stats`` should be an :class:`EarlyExitStats` (plain GenerationStats get the
+    common counters only).
+    """
+    check_kv(kv)
+    bb = session.backbone
+    stats = session.stats
+    big = bb.num_layers
+    if any(not 1 <= p.depth < big for p in points):
+        raise ConfigError(f"exit depths must be in 1..{big - 1}; got {[p.depth for p in points]}")
+    points = sorted(points, key=lambda p: p.depth)
+    if isinstance(stats, EarlyExitStats):
+        stats.kv = kv
+        stats.exit_depths = [p.depth for p in points] + [big]
+        stats.token_depths = [[] for _ in range(session.prompt.shape[0])]
+
+    first = session.prefill().argmax(-1)
+    session.pending = first
+    session.emit([[t] for t in first.tolist()])
+    deferred: _Deferred | None = None
+    deferred = _drop(session, deferred)
+    while session.unfinished:
+        nxt, deferred = _step(session, points, policy, kv, deferred)
+        deferred = _drop(session, deferred)
+    return session.sequences()
+
+
+def _drop(session: DecodeSession, deferred: _Deferred | None) -> _Deferred | None:
+    """drop_finished, keeping the deferred rows aligned with the surviving rows."""
+    before = session.rows.tolist()
+    session.drop_finished()
+    if deferred is None or session.active == len(before) or session.active == 0:
+        return deferred
+    where = {r: i for i, r in enumerate(before)}
+    idx = torch.tensor([where[r] for r in session.rows.tolist()], device=deferred.depth.device)
+    return deferred.select(idx)
+
+
+def _step(
+    session: DecodeSession,
+    points: list[ExitPoint],
+    policy: ExitPolicy,
+    kv: str,
+    deferred: _Deferred | None,
+) -> tuple[torch.Tensor, _Deferred | None]:
+    """Decode one token for every active row; commit the pending token's slot."""
+    bb = session.backbone
+    stats = session.stats
+    big = bb.num_layers
+    a = session.active
+    running = torch.tensor(session.running(), device=session.pending.device)
+    n_run = int(running.sum())
+    ctx1 = session.context(0, 1)  # the new token alone: mask (A, S + 1)
+    # Recompute mode: the previous slot is redone from depth d_min together with the new token.
+    d_min = big if deferred is None else int(deferred.depth.min())
+    ctx2 = prev = None
+    if d_min < big:
+        for layer in range(d_min, big):
+            session.cache.layers[layer].crop(-1)
+        slot_pos = ctx1.slot_positions
+        ctx2 = DecodeContext(session.cache, slot_pos[:, -2:], ctx1.attention_mask, slot_pos)
+        prev = deferred.at[d_min][:, None]  # (A, 1, H) exact state after d_min blocks
+
+    hidden = bb.embed(session.pending[:, None], ctx1.positions)[:, 0]  # (A, H)
+    t = torch.tensor(
+        [len(session.generated[r]) for r in session.rows.tolist()], device=hidden.device
+    )
+    state = new_token_state(policy, t, session.max_new_tokens, hidden)
+    exited = torch.zeros(a, dtype=torch.bool, device=hidden.device)
+    depth = torch.full((a,), big, dtype=torch.long, device=hidden.device)
+    token = torch.zeros(a, dtype=torch.long, device=hidden.device)
+    at: dict[int, torch.Tensor] = {}
+    by_depth = {p.depth: (k, p) for k, p in enumerate(points)}
+    num_exits = len(points) + 1
+    for layer in range(big):
+        if prev is not None and layer >= d_min:
+            out = bb.run_layers(torch.cat([prev, hidden[:, None]], 1), layer, layer + 1, ctx2)
+            prev = out[:, :1]
+            stats.layer_applications += 2 * n_run
+            stats.fill_applications += n_run
+        else:
+            out = bb.run_layers(hidden[:, None], layer, layer + 1, ctx1)
+            stats.layer_applications += n_run
+        frozen = exited & running
+        stats.fill_applications += int(frozen.sum())
+        # Rows that exited keep their exit state: the block ran only to write its K/V.
+        hidden = torch.where(exited[:, None], hidden, out[:, -1])
+        d = layer + 1
+        if d in by_depth:
+            at[d] = hidden
+            k, point = by_depth[d]
+            live = ~exited
+            if bool(live.any()):
+                now, tok, state = check_exit(policy, point, k, num_exits, hidden, live, state)
+                stats.head_applications += int((live & running).sum())
+                token = torch.where(now, tok, token)
+                depth = torch.where(now, torch.full_like(depth, d), depth)
+                exited = exited | now
+    final = bb.lm_logits(bb.final_norm(hidden)).argmax(-1)
+    token = torch.where(exited, token, final)
+    stats.sequential_layers += big
+    stats.iterations += 1
+
+    ones = torch.ones(a, 1, dtype=torch.long, device=token.device)
+    session.commit(session.pending[:, None], ones, ones[:, 0], token)
+    for i, (r, live) in enumerate(zip(session.rows.tolist(), running.tolist())):
+        if live:
+            stats.decision_layer_applications += int(depth[i])
+            if isinstance(stats, EarlyExitStats):
+                stats.token_depths[r].append(int(depth[i]))
+    session.emit([[x] for x in token.tolist()])
+    nxt = _Deferred(depth, at) if kv == "recompute" else None
+    return token, nxt
+
+
+def generate_early_exit(
+    model: Any,
+    backbone: Any,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    max_new_tokens: int,
+    eos: set[int],
+    pad: int,
+    policy: Any,
+    kv: str = "propagate",
+    exit_layers: list[int] | None = None,
+    do_sample: bool = False,
+    stop: Any = None,
+    callback: Any = None,
+) -> Any:
+    """``generate(strategy="early_exit")`` after its common checks; returns GenerateOutput
+    whose ``stats`` is an :class:`EarlyExitStats`."""
+    from .confidence import as_policy, resolve_exit_points
+    from .outputs import GenerateOutput
+    from .stopping import StreamingSession
+
+    check_kv(kv)
+    if do_sample:
+        raise ConfigError("strategy='early_exit' decodes greedily; do_sample is not supported")
+    pol = as_policy(policy)
+    points = resolve_exit_points(model, backbone, exit_layers)
+    b = input_ids.shape[0]
+    stats = EarlyExitStats(
+        strategy="early_exit", num_layers=backbone.num_layers, drafted=[0] * b, accepted=[0] * b
+    )
+    session = StreamingSession(
+        backbone, input_ids, mask.to(input_ids.device), max_new_tokens, eos, pad, stats,
+        stop=stop, callback=callback,
+    )
+    sequences = early_exit_decode(session, points, pol, kv)
+    return GenerateOutput(sequences=sequences, stats=stats)

@@ -1,0 +1,176 @@
+"""CALM-style early-exit decoding: never-exit == greedy, real early exits, exact KV in
+recompute mode, CALM policies and clear errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import exitwise as ew
+from exitwise.errors import ConfigError
+from exitwise.generation import DecodeSession, generate
+from exitwise.generation.confidence import resolve_exit_points
+from exitwise.generation.early_exit import EarlyExitStats, early_exit_decode
+from exitwise.policies import get_policy
+from exitwise.policies.calm_base import decayed_threshold
+
+from lmkit import EOS, LAYERS, PAD, left_padded, tiny_lm
+
+torch.set_num_threads(1)
+NEW = 8
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_lm("llama")
+
+
+def _never():
+    return get_policy("calm_softmax", threshold=1.0, tau=0.0)
+
+
+@pytest.mark.parametrize("kv", ["propagate", "recompute"])
+@pytest.mark.parametrize("lengths", [(6,), (7, 3, 5)])
+def test_never_exit_equals_greedy(llama, kv, lengths):
+    ids, mask = left_padded(lengths)
+    ref = generate(llama, ids, mask, max_new_tokens=NEW, eos_token_id=EOS)
+    for policy in (_never(), "never", get_policy("calm_saturation", threshold=1.0, tau=0.0)):
+        out = generate(
+            llama, ids, mask, strategy="early_exit", policy=policy, kv=kv,
+            max_new_tokens=NEW, eos_token_id=EOS,
+        )
+        assert torch.equal(out.sequences, ref.sequences)
+        assert out.stats.early_exit_rate == 0.0
+        assert out.stats.layer_applications == ref.stats.layer_applications
+        assert out.stats.fill_applications == 0
+
+
+@pytest.mark.parametrize("family", ["gpt2", "mistral"])
+def test_never_exit_equals_greedy_other_families(family):
+    model = tiny_lm(family)
+    ids, mask = left_padded()
+    ref = generate(model, ids, mask, max_new_tokens=NEW, eos_token_id=EOS)
+    out = generate(model, ids, mask, strategy="early_exit", policy=_never(), kv="recompute",
+                   max_new_tokens=NEW, eos_token_id=EOS)
+    assert torch.equal(out.sequences, ref.sequences)
+
+
+@pytest.mark.parametrize("kv", ["propagate", "recompute"])
+def test_permissive_threshold_exits_early(llama, kv):
+    ids, mask = left_padded()
+    ref = generate(llama, ids, mask, max_new_tokens=NEW, eos_token_id=EOS)
+    out = generate(
+        llama, ids, mask, strategy="early_exit", kv=kv, max_new_tokens=NEW, eos_token_id=EOS,
+        policy=get_policy("calm_saturation", threshold=0.0, tau=0.0),
+    )
+    stats = out.stats
+    assert isinstance(stats, EarlyExitStats)
+    depths = [d for row in stats.token_depths for d in row]
+    assert len(depths) == stats.decoded_tokens
+    assert min(depths) < LAYERS and stats.early_exit_rate > 0
+    assert stats.decision_layer_applications == sum(depths)
+    assert stats.decision_layer_applications < ref.stats.layer_applications
+    assert stats.mean_exit_depth < LAYERS
+    # Honest accounting: the shared cache still needs every layer for every slot.
+    assert stats.fill_applications > 0
+    assert stats.layer_applications >= ref.stats.layer_applications
+    assert stats.to_dict()["early_exit_rate"] == stats.early_exit_rate
+
+
+def test_softmax_exits_once_threshold_decays(llama):
+    """A random tiny LM is never confident, but the CALM threshold decays with t."""
+    ids, mask = left_padded((5,))
+    kw = dict(strategy="early_exit", max_new_tokens=NEW, eos_token_id=None)
+    flat = generate(llama, ids, mask, policy=get_policy("calm_softmax", threshold=0.0, tau=0.0),
+                    **kw)
+    assert flat.stats.early_exit_rate == 0.0  # lambda_t = 0.1 > any top-1 prob here
+    decayed = get_policy("calm_softmax", threshold=0.0, tau=50.0, horizon=1.0)
+    out = generate(llama, ids, mask, policy=decayed, **kw)
+    assert out.stats.token_depths[0] == [1] * (NEW - 1)  # first exit, from t = 1 on
+    top2 = get_policy("calm_top2", threshold=0.0, tau=50.0, horizon=1.0)
+    assert generate(llama, ids, mask, policy=top2, **kw).stats.early_exit_rate == 1.0
+
+
+def _full_cache(model, tokens):
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        return model(input_ids=tokens, cache=DynamicCache(), use_cache=True).cache
+
+
+@pytest.mark.parametrize("kv", ["recompute", "propagate"])
+def test_recompute_cache_equals_full_recomputation(llama, kv):
+    bb = ew.wrap_backbone(llama)
+    ids, mask = left_padded()
+    b = ids.shape[0]
+    stats = EarlyExitStats("early_exit", bb.num_layers, drafted=[0] * b, accepted=[0] * b)
+    session = DecodeSession(bb, ids, mask, NEW, set(), PAD, stats, keep_finished=True)
+    policy = get_policy("calm_saturation", threshold=0.9, tau=0.0)
+    early_exit_decode(session, resolve_exit_points(llama, bb, [1, 2]), policy, kv)
+    depths = stats.token_depths
+    assert any(d < LAYERS for row in depths for d in row)
+    assert any(d == LAYERS for row in depths for d in row)  # ragged exits in the batch
+    mismatched = 0
+    for r in range(b):
+        valid = session.mask[r].bool()
+        tokens = session.slot_tokens[r][valid]
+        ref = _full_cache(llama, tokens[None])
+        last_depth = depths[r][-1]  # the last fed slot is exact only below its exit depth
+        for layer in range(bb.num_layers):
+            mine = session.cache.layers[layer]
+            theirs = ref.layers[layer]
+            keys, values = mine.keys[r][:, valid], mine.values[r][:, valid]
+            n = keys.shape[1] - (1 if layer >= last_depth else 0)
+            if kv == "recompute":
+                torch.testing.assert_close(keys[:, :n], theirs.keys[0][:, :n], atol=ATOL, rtol=1e-4)
+                torch.testing.assert_close(
+                    values[:, :n], theirs.values[0][:, :n], atol=ATOL, rtol=1e-4
+                )
+            else:
+                mismatched += not torch.allclose(keys[:, :n], theirs.keys[0][:, :n], atol=ATOL)
+    if kv == "propagate":
+        assert mismatched > 0  # propagated K/V are approximations, so the check has teeth
+
+
+def test_calm_threshold_formula():
+    t = torch.tensor([0.0, 5.0, 10.0])
+    got = decayed_threshold(0.8, t, 10.0, 4.0)
+    want = [min(1.0, 0.9 * 0.8 + 0.1 * math.exp(-4.0 * x / 10.0)) for x in t.tolist()]
+    torch.testing.assert_close(got, torch.tensor(want))
+    assert bool((decayed_threshold(1.0, t, 10.0, 0.0) == 1.0).all())
+    policy = get_policy("calm_top2", threshold=0.5, tau=0.0)
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25]]))
+    exits, _ = policy.decide(0, 3, logits, policy.init_state(2))
+    assert exits.tolist() == [False, False]  # gaps 0.5 / 0.05 vs lambda = 0.55
+    soft = get_policy("calm_softmax", threshold=0.5, tau=0.0)
+    assert soft.decide(0, 3, logits, {})[0].tolist() == [True, False]  # 0.7 > 0.55 > 0.4
+
+
+def test_bad_inputs_raise_clear_errors(llama):
+    ids, mask = left_padded((4,))
+    kw = dict(strategy="early_exit", max_new_tokens=2)
+    with pytest.raises(ConfigError, match="kv mode"):
+        generate(llama, ids, mask, policy=_never(), kv="copy", **kw)
+    with pytest.raises(ConfigError, match="needs a policy"):
+        generate(llama, ids, mask, **kw)
+    with pytest.raises(ConfigError, match="exit_layers"):
+        generate(llama, ids, mask, policy=_never(), exit_layers=[LAYERS], **kw)
+    with pytest.raises(ConfigError, match="do_sample"):
+        generate(llama, ids, mask, policy=_never(), do_sample=True, **kw)
+    with pytest.raises(ConfigError, match="range"):
+        get_policy("calm_softmax", threshold=1.5)
+    with pytest.raises(ConfigError, match="tau"):
+        get_policy("calm_top2", threshold=0.5, tau=-1.0)
+    with pytest.raises(ConfigError, match="horizon"):
+        get_policy("calm_saturation", threshold=0.5, horizon=0)
+
+def test_saturation_without_hidden_states_uses_logits():
+    sat = get_policy("calm_saturation", threshold=0.5, tau=0.0)
+    logits = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    exits, state = sat.decide(0, 3, logits, sat.init_state(2))
+    assert exits.tolist() == [False, False]  # nothing to compare with at the first exit
+    exits, _ = sat.decide(1, 3, torch.tensor([[1.0, 2.0, 3.1], [3.0, -2.0, -1.0]]), state)
+    assert exits.tolist() == [True, False]

@@ -1,0 +1,198 @@
+"""Exit-head tuning of decoder LMs (``exitwise.tune_exits``) on tiny random causal LMs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "generation"))
+from lmkit import EOS, VOCAB, hf_greedy, tiny_lm  # noqa: E402
+
+import exitwise as ew  # noqa: E402
+from exitwise.training import lm_data  # noqa: E402
+from exitwise.training.lm_tuning import tune_exits  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """32-wide matrices: threading costs more than it saves on the shared 2-core runner."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def lm_model(family: str = "gpt2", adapter: str = "mlp", layers=(1, 2), seed: int = 0):
+    """A 4-layer tiny LM, undamped and with a sharpened LM head (peaked distributions, so
+    top-1 agreement is meaningful), with ``lm`` exits at ``layers``."""
+    lm = tiny_lm(family, seed=seed, damp=1.0)
+    with torch.no_grad():
+        lm.get_output_embeddings().weight.mul_(20.0)
+    config = ew.ExitConfig(
+        layers=list(layers), head="lm", num_labels=VOCAB, head_kwargs={"adapter": adapter},
+        final_head_kwargs={},
+    )
+    return ew.attach_exits(lm, config)
+
+
+def random_texts(n: int = 48, length: int = 24, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (length,), generator=g).tolist() for _ in range(n)]
+
+
+class CharTokenizer:
+    """Characters -> ids in [3, VOCAB); pad 0 (enough to exercise the string paths)."""
+
+    pad_token_id = 0
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": [3 + ord(c) % (VOCAB - 3) for c in text]}
+
+
+def head_params(model, k):
+    return {n: p.detach().clone() for n, p in model.heads[k].named_parameters()}
+
+
+@pytest.mark.parametrize("family,adapter", [("gpt2", "mlp"), ("llama", "block")])
+def test_tuning_lowers_loss_and_raises_agreement_with_a_frozen_backbone(family, adapter):
+    model = lm_model(family, adapter)
+    backbone_before = {n: t.clone() for n, t in model.backbone.model.state_dict().items()}
+    heads_before = [head_params(model, k) for k in range(model.num_exits)]
+    flags_before = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.train()
+
+    result = tune_exits(
+        model, random_texts(), steps=100, lr=3e-3, batch_size=8, seq_len=24, progress=False,
+        eval_fraction=0.25,
+    )
+
+    hist = result.loss_history
+    assert len(hist) == 100 and result.start_step == 0
+    assert sum(hist[-10:]) / 10 < 0.7 * sum(hist[:10]) / 10
+    assert result.exit_layers == [1, 2]
+    for d in (1, 2):
+        assert result.agreement_after[d] > result.agreement_before[d] + 0.05, result.table()
+        assert len(result.exit_loss_history[d]) == 100
+    # backbone (incl. shared final norm / LM head) bit-identical
+    for n, t in model.backbone.model.state_dict().items():
+        assert torch.equal(t, backbone_before[n]), n
+    # every trainable piece of the tuned exits moved; the final head has none
+    for k in (0, 1):
+        after = head_params(model, k)
+        assert after and all(not torch.equal(after[n], heads_before[k][n]) for n in after)
+    assert heads_before[2] == {}
+    # requires_grad and train/eval modes restored
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags_before
+    assert model.training and model.backbone.model.training
+
+
+def test_string_texts_and_loss_variants_add_up():
+    """kl+ce at step 0 is kl + ce (same start weights, same first batch)."""
+    texts = ["the cat sat on the mat and looked around " * 2, "hello world, how are you?"] * 6
+    tok = CharTokenizer()
+    first = {}
+    for loss in ("kl", "ce", "kl+ce"):
+        res = tune_exits(
+            lm_model("llama", "norm", layers=(2,)), texts, tok, steps=3, seq_len=16,
+            batch_size=4, loss=loss, progress=loss == "kl",
+        )
+        assert all(torch.isfinite(torch.tensor(res.loss_history)))
+        first[loss] = res.exit_loss_history[2][0]
+    assert first["ce"] > first["kl"] > 0
+    assert first["kl+ce"] == pytest.approx(first["kl"] + first["ce"], rel=1e-5)
+
+
+def test_self_generation_builds_data_and_reuses_its_cache(tmp_path, monkeypatch):
+    tok = CharTokenizer()
+    opts = dict(
+        steps=4, batch_size=8, seq_len=96, num_generations=2, gen_tokens=6, progress=False,
+        output_dir=tmp_path, resume=False,
+    )
+    first = tune_exits(lm_model("llama", "norm", layers=(2,)), None, tok, **opts)
+    assert first.self_generated and not first.reused_generation_cache
+    n_prompts = len(lm_data.DEFAULT_PROMPTS)
+    assert first.num_train_sequences + first.num_eval_sequences == 2 * n_prompts
+    cache = tmp_path / lm_data.SELF_GEN_CACHE
+    assert cache.is_file()
+    seqs = __import__("json").loads(cache.read_text())["sequences"]
+    # each is prompt + up to 6 new tokens; generation 0 is the model's greedy continuation
+    prompt0 = tok(lm_data.DEFAULT_PROMPTS[0])["input_ids"]
+    assert seqs[0][: len(prompt0)] == prompt0 and len(prompt0) < len(seqs[0]) <= len(prompt0) + 6
+    lm = lm_model("llama", "norm", layers=(2,)).backbone.model
+    ids = torch.tensor([prompt0])
+    ref = hf_greedy(lm, ids, torch.ones_like(ids), 6, eos=EOS)[0].tolist()
+    assert seqs[0] == ref[: len(seqs[0])]
+
+    def boom(*a, **k):
+        raise AssertionError("regenerated despite the cache")
+
+    monkeypatch.setattr(lm_data, "generate_sequences", boom)
+    again = tune_exits(lm_model("llama", "norm", layers=(2,)), None, tok, **opts)
+    assert again.reused_generation_cache
+    assert again.loss_history == first.loss_history
+    # token-id prompts need no tokenizer; a different key regenerates
+    monkeypatch.undo()
+    ids = tune_exits(
+        lm_model("llama", "norm", layers=(2,)), None, None,
+        self_generate_prompts=[[5, 6, 7], [8, 9, 10, 11], [12, 13]], **opts,
+    )
+    assert not ids.reused_generation_cache
+    assert ids.num_train_sequences + ids.num_eval_sequences == 6
+
+
+def test_resume_continues_and_matches_an_uninterrupted_run(tmp_path):
+    opts = dict(lr=3e-3, batch_size=8, seq_len=24, progress=False, save_every=4)
+    texts = random_texts(n=20)
+    full_model = lm_model("gpt2", "mlp")
+    full = tune_exits(full_model, texts, steps=12, output_dir=tmp_path / "a", **opts)
+
+    part_model = lm_model("gpt2", "mlp")
+    part = tune_exits(part_model, texts, steps=8, output_dir=tmp_path / "b", **opts)
+    assert (tmp_path / "b" / "lm_tuning" / "heads.safetensors").is_file()
+    resumed_model = lm_model("gpt2", "mlp")  # fresh heads: all state comes from the checkpoint
+    resumed = tune_exits(resumed_model, texts, steps=12, output_dir=tmp_path / "b", **opts)
+
+    assert part.steps == 8 and resumed.start_step == 8 and resumed.steps == 12
+    assert resumed.loss_history == full.loss_history
+    assert resumed.agreement_before == full.agreement_before
+    assert resumed.agreement_after == full.agreement_after
+    for k in (0, 1):
+        a, b = head_params(full_model, k), head_params(resumed_model, k)
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    # a checkpoint of other exits is refused
+    with pytest.raises(ew.CheckpointError, match="exits"):
+        tune_exits(lm_model("gpt2", "mlp", layers=(2,)), texts, steps=12,
+                   output_dir=tmp_path / "b", **opts)
+    # resume=False starts over
+    fresh = tune_exits(lm_model("gpt2", "mlp"), texts, steps=2, output_dir=tmp_path / "b",
+                       resume=False, **opts)
+    assert fresh.start_step == 0 and fresh.loss_history == full.loss_history[:2]
+
+
+def test_clear_errors():
+    texts = random_texts(n=4)
+    model = lm_model("llama", "norm")
+    with pytest.raises(ew.UnsupportedModelError, match="MultiExitModel"):
+        tune_exits(tiny_lm("llama"), texts, steps=2)
+    with pytest.raises(ew.ConfigError, match="no intermediate 'lm' exit"):
+        tune_exits(lm_model("llama", "norm", layers=(4,)), texts, steps=2)
+    with pytest.raises(ew.ConfigError, match="nothing to train"):
+        tune_exits(lm_model("llama", "none"), texts, steps=2)
+    with pytest.raises(ew.DataError, match="empty"):
+        tune_exits(model, [], steps=2)
+    with pytest.raises(ew.DataError, match="at least 2 tokens"):
+        tune_exits(model, [[5], []], steps=2)
+    with pytest.raises(ew.DataError, match="outside"):
+        tune_exits(model, [[5, VOCAB + 3]], steps=2)
+    with pytest.raises(ew.ConfigError, match="tokenizer"):
+        tune_exits(model, ["some text"], steps=2)
+    with pytest.raises(ew.ConfigError, match="unknown loss"):
+        tune_exits(model, texts, steps=2, loss="mse")
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ew.ConfigError, match="steps"):
+            tune_exits(model, texts, steps=bad)
+    with pytest.raises(ew.ConfigError, match="lr"):
+        tune_exits(model, texts, steps=2, lr=0)
