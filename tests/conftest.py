@@ -8,7 +8,10 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(2)
+# One intra-op thread for the whole suite: on tiny in-memory models, a second thread only adds
+# synchronisation cost (several-fold slower on a busy 2-core machine), and CI runs tests in one
+# process anyway. Benchmarks set their own thread count.
+torch.set_num_threads(1)
 
 VOCAB = 99
 

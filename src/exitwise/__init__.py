@@ -6,7 +6,15 @@
     res = model.early_exit(ew.get_policy("entropy", threshold=0.2), **batch)
 """
 
-from .backbones import Backbone, BackboneState, HFEncoderBackbone, SequentialBackbone, wrap_backbone
+from .backbones import (
+    Backbone,
+    BackboneState,
+    HFDecoderBackbone,
+    HFEncoderBackbone,
+    SequentialBackbone,
+    VisionBackbone,
+    wrap_backbone,
+)
 from .config import ExitConfig
 from .errors import (
     CheckpointError,
@@ -20,6 +28,7 @@ from .heads import HEADS, ExitHead, build_head, register_head
 from .model import MultiExitModel, attach_exits
 from .outputs import EarlyExitResult, ExitOutputs
 from .policies import POLICIES, ExitPolicy, get_policy, register_policy
+from .generation import generate  # noqa: E402  (needs the model and policies above)
 
 
 def tune_exits(*args, **kwargs):  # lazy: keeps ``import exitwise`` free of the training stack
@@ -44,14 +53,17 @@ __all__ = [
     "ExitPolicy",
     "ExitwiseError",
     "HEADS",
+    "HFDecoderBackbone",
     "HFEncoderBackbone",
     "InputError",
     "MultiExitModel",
     "POLICIES",
     "SequentialBackbone",
+    "VisionBackbone",
     "UnsupportedModelError",
     "attach_exits",
     "build_head",
+    "generate",
     "get_policy",
     "register_head",
     "register_policy",

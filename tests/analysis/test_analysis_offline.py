@@ -25,14 +25,6 @@ from exitwise.analysis import (
 from exitwise.errors import DataError, InputError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def hand_cache(
     predictions: list[list[int]], labels: list[int], margin: float = 3.0
 ) -> ExitLogitsCache:

@@ -22,15 +22,6 @@ LENGTHS = (7, 4, 9, 5, 3, 8, 6, 2, 9, 1)
 LABELS = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 1, 0])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP wake-up latency on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @functools.lru_cache(maxsize=None)
 def _model_and_cache(family: str):
     model = ew.attach_exits(

@@ -23,7 +23,6 @@ ATOL = 2e-5
 
 @pytest.fixture(scope="module", params=DECODER_FAMILIES)
 def lm(request):
-    torch.set_num_threads(1)
     return request.param, tiny_lm(request.param)
 
 

@@ -21,7 +21,6 @@ ADAPTER_PARAMS = {
 
 @pytest.fixture(scope="module")
 def llama():
-    torch.set_num_threads(1)
     return tiny_lm("llama")
 
 

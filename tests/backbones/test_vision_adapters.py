@@ -21,14 +21,6 @@ from exitwise.errors import InputError, UnsupportedModelError
 timm = pytest.importorskip("timm")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def block_outputs(backbone: VisionBackbone, x: torch.Tensor) -> list[torch.Tensor]:
     with torch.no_grad():
         state = backbone.start(x=x)

@@ -32,14 +32,6 @@ FAMILIES = ["timm-resnet", "timm-vit", "timm-convnext", "tv-resnet", "tv-mobilen
             "tv-mobilenet_v3", "hf-vit"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_vision(family: str, seed: int = 0) -> nn.Module:
     """A small random vision model of ``family`` (eval mode) that takes 3x32x32 images."""
     torch.manual_seed(seed)

@@ -21,14 +21,6 @@ from exitwise.errors import ConfigError
 pytest.importorskip("timm")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("family", ["tv-resnet", "tv-mobilenet_v2", "timm-convnext"])
 def test_depths_are_where_cumulative_flops_first_reach_each_fraction(family):
     bb = VisionBackbone(tiny_vision(family), image_size=SIZE)

@@ -14,7 +14,6 @@ from exitwise.calibration import CalibrationRefused, certify_threshold, early_ex
 from exitwise.calibration.ltt import hoeffding_bentkus_p_value, hoeffding_p_value, sequence_losses
 from exitwise.errors import ConfigError, InputError
 
-torch.set_num_threads(1)
 
 # threshold -> true risk: lower thresholds exit more and disagree more with the full model.
 RATES = {1.0: 0.0, 0.9: 0.01, 0.8: 0.03, 0.7: 0.06, 0.6: 0.15, 0.5: 0.3, 0.4: 0.5}

@@ -17,14 +17,6 @@ from exitwise.calibration.temperature import calibration_report
 from exitwise.errors import ConfigError, InputError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def scaled_cache(scales: list[float], n: int = 800, seed: int = 0) -> ExitLogitsCache:
     """3-class cache: exit k = ``scales[k]`` x a calibrated logit vector (labels are drawn
     from its softmax), so the ideal temperature of exit k is about ``scales[k]``."""

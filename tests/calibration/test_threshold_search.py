@@ -21,14 +21,6 @@ from exitwise.calibration import (
 from exitwise.errors import ConfigError, InputError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
 

@@ -18,7 +18,6 @@ from exitwise.policies.calm_base import decayed_threshold
 
 from lmkit import EOS, LAYERS, PAD, left_padded, tiny_lm
 
-torch.set_num_threads(1)
 NEW = 8
 ATOL = 1e-4
 

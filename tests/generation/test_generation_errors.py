@@ -13,7 +13,6 @@ from exitwise.generation import generate
 
 @pytest.fixture(scope="module")
 def llama():
-    torch.set_num_threads(1)
     return tiny_lm("llama")
 
 

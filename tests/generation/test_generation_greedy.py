@@ -13,7 +13,6 @@ NEW = 12
 
 @pytest.fixture(scope="module", params=DECODER_FAMILIES)
 def lm(request):
-    torch.set_num_threads(1)
     return request.param, tiny_lm(request.param)
 
 

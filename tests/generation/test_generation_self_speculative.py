@@ -23,7 +23,6 @@ CONFIGS = [(1, 1), (1, 4), (2, 3), (3, 2), (3, 5)]  # (exit layer, draft length)
 
 @pytest.fixture(scope="module", params=DECODER_FAMILIES)
 def lm(request):
-    torch.set_num_threads(1)
     return request.param, tiny_lm(request.param)
 
 

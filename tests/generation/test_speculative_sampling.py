@@ -60,7 +60,6 @@ def small_lm(seed: int = 0):
 
 @pytest.fixture(scope="module")
 def lm():
-    torch.set_num_threads(1)
     return small_lm()
 
 
@@ -221,7 +220,6 @@ def test_sampling_processing_matches_the_reference():
 # -- 4. greedy unchanged, degenerate sampling, seeds -------------------------------------------
 @pytest.fixture(scope="module")
 def llama():
-    torch.set_num_threads(1)
     return tiny_lm("llama")
 
 

@@ -8,7 +8,6 @@ implementation's tail window): the first n whose text ends with a stop string.
 from __future__ import annotations
 
 import pytest
-import torch
 from lmkit import PAD, left_padded, tiny_lm
 
 from exitwise.errors import ConfigError
@@ -31,7 +30,6 @@ TOK = ToyTokenizer()
 
 @pytest.fixture(scope="module")
 def llama():
-    torch.set_num_threads(1)
     return tiny_lm("llama")
 
 

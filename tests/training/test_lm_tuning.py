@@ -16,15 +16,6 @@ from exitwise.training import lm_data  # noqa: E402
 from exitwise.training.lm_tuning import tune_exits  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """32-wide matrices: threading costs more than it saves on the shared 2-core runner."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def lm_model(family: str = "gpt2", adapter: str = "mlp", layers=(1, 2), seed: int = 0):
     """A 4-layer tiny LM, undamped and with a sharpened LM head (peaked distributions, so
     top-1 agreement is meaningful), with ``lm`` exits at ``layers``."""

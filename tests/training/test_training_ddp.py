@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainkit import one_thread, tiny_model  # noqa: F401  (autouse)
+from trainkit import tiny_model
 
 SCRIPT = Path(__file__).with_name("ddp_train_script.py")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch.utils.data import IterableDataset
-from trainkit import FAST, one_thread, tiny_model, token_items  # noqa: F401  (autouse)
+from trainkit import FAST, tiny_model, token_items
 
 from exitwise.errors import ConfigError, InputError
 from exitwise.training import (

@@ -11,7 +11,6 @@ from trainkit import (
     CrashAfterSave,
     Interrupt,
     StageRecorder,
-    one_thread,  # noqa: F401  (autouse)
     snapshot,
     tiny_model,
     token_items,

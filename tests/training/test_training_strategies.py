@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from trainkit import FAST, StageRecorder, one_thread, tiny_model, token_items  # noqa: F401  (autouse)
+from trainkit import FAST, StageRecorder, tiny_model, token_items
 
 from exitwise.training import STRATEGIES, PaddingCollator, get_strategy, train
 

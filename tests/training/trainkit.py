@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from conftest import tiny_encoder
 from transformers import TrainerCallback
@@ -33,17 +32,6 @@ def tiny_model(seed: int = 0, layers="all", num_labels: int = 2) -> ew.MultiExit
     return ew.attach_exits(
         encoder, ew.ExitConfig(layers=layers, num_labels=num_labels, dropout=0.0)
     )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread per test: the models are tiny, and on a shared 2-core machine two
-    threads spin against other processes (measured 6x slower wall-clock under load).
-    Import this fixture into a test module to apply it; the old setting is restored after."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # Trainer settings that keep every test fast and quiet.
