@@ -67,12 +67,110 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--limit", type=int, default=None)
     b.add_argument("--threads", type=int, default=2)
 
+    _add_lm_commands(sub)
+
     d = sub.add_parser("demo", help="the whole story on the embedded defaults")
-    d.add_argument("story", nargs="?", default="classify", choices=["classify"])
+    d.add_argument("story", nargs="?", default="classify", choices=["classify", "llm"])
     d.add_argument("--out", default=None)
     d.add_argument("--data", default=None)
-    d.add_argument("--max-train", type=int, default=6000)
+    d.add_argument("--max-train", type=int, default=8000)
     return p
+
+
+def _ints(value: str) -> list[int]:
+    return [int(v) for v in value.split(",")]
+
+
+def _add_lm_commands(sub: Any) -> None:
+    t = sub.add_parser("tune-lm", help="tune early-exit LM heads on a decoder (frozen backbone)")
+    t.add_argument("--model", default="smollm2", help="'smollm2', a local folder, or a hub id")
+    t.add_argument("--exit-layer", type=_ints, default=[8], help="depth(s), e.g. 8 or 6,12")
+    t.add_argument("--adapter", default="mlp", choices=["none", "norm", "mlp", "block"])
+    t.add_argument("--steps", type=int, default=200)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--seq-len", type=int, default=128)
+    t.add_argument("--loss", default="kl", choices=["kl", "ce", "kl+ce"])
+    t.add_argument("--generations", type=int, default=2, help="self-generated texts per prompt")
+    t.add_argument("--gen-tokens", type=int, default=96)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", required=True, help="folder to write (a rerun resumes)")
+    t.add_argument("--no-resume", action="store_true")
+
+    g = sub.add_parser("generate", help="generate text (greedy / self-speculative / early exit)")
+    g.add_argument("model", help="a tune-lm folder, 'smollm2', a local folder or a hub id")
+    g.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    g.add_argument("--strategy", default="self_speculative",
+                   choices=["greedy", "self_speculative", "early_exit"])
+    g.add_argument("--exit-layer", type=int, default=None, help="default: the tuned exit")
+    g.add_argument("--draft-len", type=int, default=4)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    g.add_argument("--policy", default="calm_softmax", help="early_exit: token exit policy")
+    g.add_argument("--threshold", type=float, default=0.9, help="early_exit: policy threshold")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--json", action="store_true", help="print texts and stats as JSON")
+
+    b = sub.add_parser("bench-lm", help="tokens/s: HF greedy, HF early-exit assistant, exitwise")
+    b.add_argument("model", help="a tune-lm folder, 'smollm2', a local folder or a hub id")
+    b.add_argument("--configs", default="8:4", help="EXIT:DRAFT_LEN list, e.g. 8:4,12:6")
+    b.add_argument("--batch-sizes", type=_ints, default=[1, 4])
+    b.add_argument("--max-new-tokens", type=int, default=128)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--limit", type=int, default=None, help="first N built-in prompts")
+    b.add_argument("--no-hf-assistant", action="store_true")
+    b.add_argument("--no-chat", action="store_true")
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--out", default=None, help="also write the report to this JSON file")
+
+
+def _run_lm(args: argparse.Namespace) -> int:
+    from .recipes import lm
+
+    if args.command == "tune-lm":
+        job = lm.TuneLMJob(
+            out_dir=args.out, model=args.model, exit_layers=args.exit_layer, adapter=args.adapter,
+            steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+            loss=args.loss, num_generations=args.generations, gen_tokens=args.gen_tokens,
+            seed=args.seed,
+        )
+        report = lm.run_tune_lm(job, resume=not args.no_resume)
+        print(json.dumps(report, indent=2, default=_json_default))
+        print(f"saved to {args.out}")
+    elif args.command == "generate":
+        out = lm.run_generate(
+            args.model, args.prompt, strategy=args.strategy, exit_layer=args.exit_layer,
+            draft_len=args.draft_len, max_new_tokens=args.max_new_tokens,
+            chat=False if args.no_chat else None, do_sample=args.sample, seed=args.seed,
+            policy={"name": args.policy, "threshold": args.threshold},
+        )
+        if args.json:
+            print(json.dumps(out, indent=2, default=_json_default))
+        else:
+            for text in out["texts"]:
+                print(text)
+            s = out["stats"]
+            print(f"[{s['strategy']}: {sum(out['new_tokens'])} tokens, acceptance "
+                  f"{s['acceptance_rate']:.2f}, {s['layer_applications_per_token']:.1f} layer "
+                  "applications/token]", file=sys.stderr)
+    elif args.command == "bench-lm":
+        from pathlib import Path
+
+        from .recipes.lm_bench import run_bench_lm
+
+        report = run_bench_lm(
+            args.model, limit=args.limit, configs=args.configs.split(","),
+            batch_sizes=args.batch_sizes, max_new_tokens=args.max_new_tokens,
+            repeats=args.repeats, hf_assistant=not args.no_hf_assistant,
+            chat=False if args.no_chat else None, threads=args.threads,
+            print_fn=lambda m: print(m, file=sys.stderr),
+        )
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=2, default=_json_default))
+        print(json.dumps(report, indent=2, default=_json_default))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +186,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command in ("tune-lm", "generate", "bench-lm"):
+        return _run_lm(args)
+    if args.command == "demo" and args.story == "llm":
+        import torch
+
+        from .recipes.lm_demo import run_llm_demo
+
+        torch.set_num_threads(2)
+        run_llm_demo(out_dir=args.out or "runs/demo-llm")
+        return 0
     from .recipes import text_classification as tc
 
     if args.command == "train":

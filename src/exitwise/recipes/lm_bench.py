@@ -1,0 +1,255 @@
+"""Measured decoding speed of a decoder LM: plain HF greedy, HF's own early-exit assistant
+(``assistant_early_exit``), and exitwise self-speculative decoding with tuned exits.
+
+All methods run in one process on the same formatted prompts, interleaved (repetition r runs
+every method once before repetition r+1 starts, so drift hits all alike); per method the
+median over repetitions of tokens/s is reported, plus (from the first repetition) the share of
+prompts whose tokens equal plain HF greedy's at the same batch size, and exitwise's counters
+(acceptance rate, layer applications and sequential block calls per token).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..errors import ConfigError
+from .lm import encode_prompts, eos_ids, format_prompts, hf_model, new_token_lists
+
+# Fixed, varied user turns (chat-formatted before use).
+BENCH_PROMPTS: tuple[str, ...] = (
+    "Explain why the sky is blue in simple terms.",
+    "Write a short poem about the sea.",
+    "What are three tips for staying productive when working from home?",
+    "Summarize the plot of Romeo and Juliet in a few sentences.",
+    "How do I reverse a list in Python?",
+    "What is the difference between a virus and a bacterium?",
+    "Give me a recipe for a simple tomato soup.",
+    "Why do leaves change color in autumn?",
+    "Write a polite email asking a colleague for a meeting next week.",
+    "What is photosynthesis?",
+    "List five countries in South America and their capitals.",
+    "How does a bicycle stay upright?",
+    "Explain what a neural network is to a ten-year-old.",
+    "What should I pack for a weekend camping trip?",
+    "Describe the water cycle.",
+    "What are the benefits of regular exercise?",
+    "Write a short story opening about a lost key.",
+    "How do vaccines work?",
+    "What is the Pythagorean theorem? Give an example.",
+    "Suggest three names for a coffee shop and explain each.",
+    "What causes earthquakes?",
+    "How can I improve my sleep?",
+    "Translate 'good morning, how are you?' into French and Spanish.",
+    "What is the capital of Australia, and why is it not Sydney?",
+)
+
+
+def _parse_configs(configs: Sequence[Any]) -> list[tuple[int, int]]:
+    out = []
+    for c in configs:
+        if isinstance(c, str):
+            try:
+                e, d = c.split(":")
+                c = (int(e), int(d))
+            except ValueError:
+                raise ConfigError(f"bad config {c!r}; write EXIT:DRAFT_LEN, e.g. 8:4") from None
+        out.append((int(c[0]), int(c[1])))
+    if not out:
+        raise ConfigError("give at least one (exit_layer, draft_len) config")
+    return out
+
+
+def _runner(
+    model: Any, kind: str, exit_layer: int | None, draft_len: int | None, max_new_tokens: int,
+    eos: set[int], pad: int,
+) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict | None]]:
+    """A function (ids, mask) -> (sequences, exitwise stats dict or None) for one method."""
+    from ..generation import generate
+
+    lm = hf_model(model)
+    if kind == "self_spec":
+        def run(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
+            out = generate(
+                model, ids, mask, strategy="self_speculative", exit_layer=exit_layer,
+                draft_len=draft_len, max_new_tokens=max_new_tokens,
+                eos_token_id=sorted(eos) or None, pad_token_id=pad,
+            )
+            return out.sequences, out.stats.to_dict()
+
+        return run
+    gen_config = lm.generation_config.__class__.from_dict(lm.generation_config.to_dict())
+    gen_config.do_sample = False
+    gen_config.max_new_tokens = max_new_tokens
+    gen_config.pad_token_id = pad
+    gen_config.eos_token_id = sorted(eos) or None
+    if kind == "hf_assistant":
+        gen_config.assistant_early_exit = exit_layer
+        gen_config.num_assistant_tokens = draft_len
+        gen_config.num_assistant_tokens_schedule = "constant"  # exactly draft_len per step
+        gen_config.assistant_confidence_threshold = 0.0  # never stop a draft early
+    elif kind != "hf_greedy":
+        raise ConfigError(f"unknown method kind {kind!r}")
+
+    def run_hf(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
+        with torch.inference_mode():
+            seqs = lm.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
+        return seqs, None
+
+    return run_hf
+
+
+def _merge_stats(parts: list[dict]) -> dict[str, float]:
+    """Batch-level exitwise counters summed over chunks -> rates."""
+    drafted = sum(p["total_drafted"] for p in parts)
+    accepted = sum(p["total_accepted"] for p in parts)
+    decoded = sum(p["decoded_tokens"] for p in parts)
+    rows_decoded = sum(p["decoded_tokens"] / max(len(p["new_tokens"]), 1) for p in parts)
+    return {
+        "acceptance_rate": accepted / drafted if drafted else 0.0,
+        "layer_applications_per_token": (
+            sum(p["layer_applications"] for p in parts) / max(decoded, 1)
+        ),
+        "sequential_layers_per_token": (
+            sum(p["sequential_layers"] for p in parts) / max(rows_decoded, 1)
+        ),
+    }
+
+
+def bench_lm(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str] = BENCH_PROMPTS,
+    max_new_tokens: int = 128,
+    configs: Sequence[Any] = ((8, 4),),
+    batch_sizes: Sequence[int] = (1, 4),
+    repeats: int = 3,
+    hf_assistant: bool = True,
+    assistant_configs: Sequence[Any] | None = None,
+    chat: bool | None = None,
+    threads: int | None = None,
+    print_fn: Any = print,
+) -> dict[str, Any]:
+    """Time every method on ``prompts`` at each batch size; returns the report (see module doc).
+
+    ``model``: a ``MultiExitModel`` with tuned ``lm`` exits at the configs' exit layers, or a
+    plain causal LM (self-speculative then drafts through the shared LM head). HF's assistant
+    runs at batch 1 only (``assistant_early_exit`` supports no larger batch), at
+    ``assistant_configs`` (default: every config; on CPU it can be far slower than greedy).
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    if repeats < 1 or max_new_tokens < 1:
+        raise ConfigError("repeats and max_new_tokens must be >= 1")
+    pairs = _parse_configs(configs)
+    assist_pairs = pairs if assistant_configs is None else _parse_configs(assistant_configs)
+    lm = hf_model(model)
+    device = lm.get_output_embeddings().weight.device
+    num_layers = int(lm.config.num_hidden_layers)
+    eos = eos_ids(lm, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
+    texts = format_prompts(tokenizer, prompts, chat)
+    report: dict[str, Any] = {
+        "num_prompts": len(texts), "max_new_tokens": max_new_tokens, "repeats": repeats,
+        "threads": torch.get_num_threads(), "num_layers": num_layers,
+        "configs": [list(p) for p in pairs], "batch_sizes": {},
+    }
+    for bs in batch_sizes:
+        chunks = [encode_prompts(tokenizer, texts[s : s + bs], device)
+                  for s in range(0, len(texts), bs)]
+        methods: list[tuple[str, str, int | None, int | None]] = [
+            ("hf_greedy", "hf_greedy", None, None)
+        ]
+        if hf_assistant and bs == 1:
+            methods += [(f"hf_assistant@{e}:{d}", "hf_assistant", e, d) for e, d in assist_pairs]
+        methods += [(f"self_spec@{e}:{d}", "self_spec", e, d) for e, d in pairs]
+        runners = {n: _runner(model, k, e, d, max_new_tokens, eos, pad) for n, k, e, d in methods}
+        for run in runners.values():  # warm-up: first-call allocations out of the timings
+            run(*encode_prompts(tokenizer, texts[:1], device))
+        times: dict[str, list[float]] = {n: [] for n in runners}
+        tokens: dict[str, list[list[int]]] = {}
+        stats: dict[str, list[dict]] = {}
+        counts: dict[str, int] = {}
+        for r in range(repeats):
+            for name, run in runners.items():
+                t0 = time.perf_counter()
+                outs = [(run(ids, mask), ids.shape[1]) for ids, mask in chunks]
+                times[name].append(time.perf_counter() - t0)
+                if r == 0:
+                    tokens[name] = [t for (seq, _), plen in outs
+                                    for t in new_token_lists(seq.cpu(), plen, eos)]
+                    counts[name] = sum(len(t) for t in tokens[name])
+                    stats[name] = [s for (_, s), _ in outs if s is not None]
+            print_fn(f"  batch {bs}, repetition {r + 1}/{repeats} done")
+        ref = tokens["hf_greedy"]
+        entries = {}
+        for name, _, e, d in methods:
+            med = statistics.median(times[name])
+            entry: dict[str, Any] = {
+                "exit_layer": e, "draft_len": d, "seconds_median": med,
+                "seconds": times[name], "new_tokens": counts[name],
+                "tokens_per_s": counts[name] / med,
+                "exact_match": sum(a == b for a, b in zip(tokens[name], ref)) / len(ref),
+            }
+            if stats[name]:
+                entry.update(_merge_stats(stats[name]))
+            elif name == "hf_greedy":
+                entry.update(layer_applications_per_token=float(num_layers),
+                             sequential_layers_per_token=float(num_layers))
+            entries[name] = entry
+        report["batch_sizes"][str(bs)] = entries
+    report["summary"] = summarize(report)
+    return report
+
+
+def summarize(report: dict[str, Any]) -> dict[str, Any]:
+    """Headline numbers: batch 1 (best self-speculative config vs HF greedy and vs HF's best
+    assistant) and the best self-speculative config at batch 4 vs HF greedy at batch 4."""
+    def best(entries: dict[str, Any], prefix: str) -> tuple[str | None, dict | None]:
+        cands = [(n, e) for n, e in entries.items() if n.startswith(prefix)]
+        return max(cands, key=lambda x: x[1]["tokens_per_s"]) if cands else (None, None)
+
+    out: dict[str, Any] = {}
+    b1 = report["batch_sizes"].get("1")
+    if b1:
+        greedy = b1["hf_greedy"]["tokens_per_s"]
+        name, spec = best(b1, "self_spec@")
+        aname, assist = best(b1, "hf_assistant@")
+        out.update(
+            hf_greedy_tps=greedy,
+            hf_assistant_tps=assist["tokens_per_s"] if assist else None,
+            hf_assistant_config=aname,
+            hf_assistant_exact_match=assist["exact_match"] if assist else None,
+            self_spec_config=name,
+            self_spec_tps=spec["tokens_per_s"] if spec else None,
+            self_spec_exact_match=spec["exact_match"] if spec else None,
+            self_spec_acceptance_rate=spec.get("acceptance_rate") if spec else None,
+            speedup_vs_greedy=spec["tokens_per_s"] / greedy if spec else None,
+            speedup_vs_hf_assistant=(
+                spec["tokens_per_s"] / assist["tokens_per_s"] if spec and assist else None
+            ),
+        )
+    b4 = report["batch_sizes"].get("4")
+    if b4:
+        name4, spec4 = best(b4, "self_spec@")
+        out["batch4_self_spec_config"] = name4
+        out["batch4_speedup_vs_greedy"] = (
+            spec4["tokens_per_s"] / b4["hf_greedy"]["tokens_per_s"] if spec4 else None
+        )
+        out["batch4_self_spec_exact_match"] = spec4["exact_match"] if spec4 else None
+    return out
+
+
+def run_bench_lm(
+    model_or_dir: str, prompts: Sequence[str] | None = None, limit: int | None = None,
+    print_fn: Any = print, **kwargs: Any,
+) -> dict[str, Any]:
+    """:func:`bench_lm` on a tuned folder or a model name (the ``bench-lm`` command)."""
+    from .lm import load_lm
+
+    model, tokenizer = load_lm(model_or_dir, print_fn=print_fn)
+    chosen = list(prompts or BENCH_PROMPTS)[: limit or None]
+    return bench_lm(model, tokenizer, chosen, print_fn=print_fn, **kwargs)

@@ -1,0 +1,132 @@
+"""The decoder-LM CLI story (tune-lm -> generate -> bench-lm) on a tiny random Llama saved
+like a hub checkpoint with a word-level tokenizer and a chat template (no SmolLM2, no network)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from exitwise.cli import main
+
+WORDS = ["the", "cat", "dog", "sat", "ran", "on", "a", "mat", "hat", "big", "red", "is", "hi",
+         "what", "why", "how", "sky", "blue", "sea", "poem"]
+SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>", "<user>", "<assistant>"]
+CHAT = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <eos> {% endfor %}"
+        "{% if add_generation_prompt %}<assistant> {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory) -> Path:
+    """A 4-layer random Llama (vocab 64) + a word-level tokenizer with a chat template."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
+    core = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+        unk_token="<unk>",
+    )
+    tok.chat_template = CHAT
+    tok.save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )
+    lm = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # peaked next-token distributions: agreement is meaningful
+        lm.lm_head.weight.mul_(20.0)
+    lm.save_pretrained(d)
+    return d
+
+
+def test_tune_generate_bench(tiny_lm_dir, tmp_path, capsys):
+    out = tmp_path / "tuned"
+    args = ["tune-lm", "--model", str(tiny_lm_dir), "--exit-layer", "2", "--steps", "30",
+            "--adapter", "mlp", "--lr", "1e-2", "--batch-size", "4", "--seq-len", "32",
+            "--gen-tokens", "16", "--generations", "1", "--out", str(out)]
+    assert main(args) == 0
+    report = json.loads((out / "tuning_report.json").read_text())
+    assert report["steps"] == 30 and report["exit_layers"] == [2]
+    # tuning makes the exit agree more with the final layer on held-out self-generated text
+    assert report["agreement_after"]["2"] > report["agreement_before"]["2"]
+    saved = json.loads((out / "exit_config.json").read_text())
+    assert saved["exit_layers"] == [2, 4] and not saved["backbone_saved"]
+    assert (out / "exit_heads.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
+    # the frozen backbone is not copied: only the head's weights are
+    assert (out / "exit_heads.safetensors").stat().st_size < 100_000
+    capsys.readouterr()
+
+    # a rerun resumes from the finished checkpoint (no new steps) and reuses the generations
+    assert main(args) == 0
+    again = json.loads((out / "tuning_report.json").read_text())
+    assert again["steps"] == 30 and again["reused_generation_cache"]
+    capsys.readouterr()
+
+    prompts = ["--prompt", "what is the sky", "--prompt", "a poem on the sea"]
+    runs = {}
+    for strategy in ("greedy", "self_speculative"):
+        assert main(["generate", str(out), *prompts, "--strategy", strategy,
+                     "--max-new-tokens", "12", "--json"]) == 0
+        runs[strategy] = json.loads(capsys.readouterr().out)
+    spec = runs["self_speculative"]
+    # self-speculative decoding with the tuned exit (the default exit layer) gives greedy's text
+    assert spec["texts"] == runs["greedy"]["texts"] and len(spec["texts"]) == 2
+    assert spec["stats"]["exit_layer"] == 2 and spec["stats"]["total_drafted"] > 0
+    assert all(1 <= n <= 12 for n in spec["new_tokens"])
+
+    # CALM-style early exit with the tuned exit: an impossible threshold never exits -> greedy
+    assert main(["generate", str(out), *prompts, "--strategy", "early_exit", "--policy",
+                 "calm_softmax", "--threshold", "1.0", "--max-new-tokens", "12", "--json"]) == 0
+    never = json.loads(capsys.readouterr().out)
+    assert never["texts"] == runs["greedy"]["texts"]
+    assert main(["generate", str(out), *prompts, "--strategy", "early_exit",
+                 "--threshold", "0.0", "--max-new-tokens", "12", "--json"]) == 0
+    always = json.loads(capsys.readouterr().out)
+    assert always["stats"]["strategy"] == "early_exit" and len(always["texts"]) == 2
+
+    # plain text output and a base model (untuned exit through the shared head) also work
+    assert main(["generate", str(tiny_lm_dir), "--prompt", "hi", "--exit-layer", "3",
+                 "--max-new-tokens", "5", "--no-chat"]) == 0
+    captured = capsys.readouterr()
+    assert "self_speculative" in captured.err and captured.out.strip() != ""
+
+    bench_json = tmp_path / "bench.json"
+    assert main(["bench-lm", str(out), "--configs", "2:3", "--batch-sizes", "1,4",
+                 "--max-new-tokens", "8", "--repeats", "1", "--limit", "5",
+                 "--out", str(bench_json)]) == 0
+    bench = json.loads(bench_json.read_text())
+    b1, b4 = bench["batch_sizes"]["1"], bench["batch_sizes"]["4"]
+    assert set(b1) == {"hf_greedy", "hf_assistant@2:3", "self_spec@2:3"}
+    assert set(b4) == {"hf_greedy", "self_spec@2:3"}  # HF's assistant: batch 1 only
+    assert b1["hf_greedy"]["exact_match"] == 1.0 and b1["hf_greedy"]["new_tokens"] > 0
+    # exitwise's self-speculative decoding is lossless: same tokens as HF greedy
+    assert b1["self_spec@2:3"]["exact_match"] == 1.0
+    assert 0.0 <= b1["self_spec@2:3"]["acceptance_rate"] <= 1.0
+    s = bench["summary"]
+    for key in ("hf_greedy_tps", "hf_assistant_tps", "self_spec_tps", "self_spec_exact_match",
+                "speedup_vs_greedy", "speedup_vs_hf_assistant", "batch4_speedup_vs_greedy"):
+        assert s[key] is not None and s[key] >= 0, key
+    assert s["speedup_vs_greedy"] == pytest.approx(s["self_spec_tps"] / s["hf_greedy_tps"])
+
+
+def test_bad_lm_arguments_fail_clearly(tiny_lm_dir, tmp_path, capsys):
+    # a plain model has no tuned exit: self-speculative needs --exit-layer
+    assert main(["generate", str(tiny_lm_dir), "--prompt", "hi", "--no-chat"]) == 2
+    assert "exit-layer" in capsys.readouterr().err
+    assert main(["generate", str(tiny_lm_dir), "--prompt", "hi", "--exit-layer", "9"]) == 2
+    assert "exit_layer" in capsys.readouterr().err
+    assert main(["bench-lm", str(tiny_lm_dir), "--configs", "2-3", "--limit", "1"]) == 2
+    assert "EXIT:DRAFT_LEN" in capsys.readouterr().err
+    assert main(["tune-lm", "--model", str(tiny_lm_dir), "--exit-layer", "7", "--steps", "1",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "out of range" in capsys.readouterr().err
