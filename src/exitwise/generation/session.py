@@ -138,15 +138,26 @@ class DecodeSession:
 
     # -- output -----------------------------------------------------------------------------
     def emit(self, tokens: list[list[int]]) -> None:
-        """Append each active row's new tokens, stopping a row at EOS or at its budget."""
+        """Append each active row's new tokens, stopping a row at EOS, at its budget or when
+        :meth:`stops` says so; then hand what each row committed to :meth:`committed`."""
         for r, new in zip(self.rows.tolist(), tokens):
             out = self.generated[r]
+            start = len(out)
             for t in new:
                 if self.done[r]:
                     break
                 out.append(int(t))
-                if int(t) in self.eos_ids or len(out) >= self.max_new_tokens:
+                if int(t) in self.eos_ids or len(out) >= self.max_new_tokens or self.stops(out):
                     self.done[r] = True
+            if len(out) > start:
+                self.committed(r, out[start:])
+
+    def stops(self, generated: list[int]) -> bool:
+        """Extra stop condition on a row's generated ids (stop strings); none here."""
+        return False
+
+    def committed(self, row: int, tokens: list[int]) -> None:
+        """Called with the tokens ``row`` just committed (streaming); nothing here."""
 
     def drop_finished(self) -> None:
         """Remove finished rows from the batch and from every cache layer."""

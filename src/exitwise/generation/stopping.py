@@ -71,19 +71,9 @@ class StreamingSession(DecodeSession):
         self.stop = stop
         self.callback = callback
 
-    def emit(self, tokens: list[list[int]]) -> None:
-        """Append each active row's new tokens, stopping at EOS, the budget or a stop string;
-        then stream what each row committed."""
-        for r, new in zip(self.rows.tolist(), tokens):
-            out = self.generated[r]
-            start = len(out)
-            for t in new:
-                if self.done[r]:
-                    break
-                out.append(int(t))
-                if int(t) in self.eos_ids or len(out) >= self.max_new_tokens:
-                    self.done[r] = True
-                elif self.stop is not None and self.stop.hit(out):
-                    self.done[r] = True
-            if self.callback is not None and len(out) > start:
-                self.callback(r, out[start:])
+    def stops(self, generated: list[int]) -> bool:
+        return self.stop is not None and self.stop.hit(generated)
+
+    def committed(self, row: int, tokens: list[int]) -> None:
+        if self.callback is not None:
+            self.callback(row, tokens)
