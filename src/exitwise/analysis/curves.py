@@ -27,6 +27,13 @@ def as_policy(policy: ExitPolicy | str) -> ExitPolicy:
     return get_policy(policy) if isinstance(policy, str) else policy
 
 
+def _point(res: Any, **extra: Any) -> Point:
+    """One curve point: ``extra`` keys first, then the replay's scalar metrics."""
+    metrics = res.metrics()
+    keys = ("accuracy", "mean_layers", "mean_flops", "flops_speedup", "relative_compute")
+    return {**extra, **{k: metrics[k] for k in keys}}
+
+
 def policy_curve(
     policy: ExitPolicy | str, cache: ExitLogitsCache, temperatures: Temps = None
 ) -> list[Point]:
@@ -37,17 +44,7 @@ def policy_curve(
     points = []
     for value in policy.grid(cache.num_exits):
         candidate = policy.with_param(value)
-        res = replay(candidate, cache, temperatures)
-        points.append(
-            {
-                "param": value,
-                "accuracy": res.accuracy,
-                "mean_layers": res.mean_layers,
-                "mean_flops": res.mean_flops,
-                "flops_speedup": res.flops_speedup,
-                "relative_compute": res.relative_compute,
-            }
-        )
+        points.append(_point(replay(candidate, cache, temperatures), param=value))
     return points
 
 
@@ -68,17 +65,7 @@ def static_points(cache: ExitLogitsCache) -> list[Point]:
     points = []
     for k in range(cache.num_exits):
         res = summarize(cache, torch.full((cache.num_examples,), k, dtype=torch.long))
-        points.append(
-            {
-                "param": k,
-                "exit_layer": cache.exit_layers[k],
-                "accuracy": res.accuracy,
-                "mean_layers": res.mean_layers,
-                "mean_flops": res.mean_flops,
-                "flops_speedup": res.flops_speedup,
-                "relative_compute": res.relative_compute,
-            }
-        )
+        points.append(_point(res, param=k, exit_layer=cache.exit_layers[k]))
     return points
 
 

@@ -154,6 +154,19 @@ def full_depth_accuracy(cache: ExitLogitsCache) -> float:
     return summarize(cache, last).accuracy
 
 
+def _choose(sweep, ok, score, fallback, miss: str):
+    """(best setting meeting ``ok`` by ``score``, True); when none does, warn with ``miss``
+    and return (best by ``fallback``, False)."""
+    chosen = _pick(sweep, ok=ok, score=score)
+    if chosen is not None:
+        return chosen, True
+    # stacklevel 3: point at the caller of search_accuracy_drop / search_budget
+    warnings.warn(miss, stacklevel=3)
+    chosen = _pick(sweep, ok=lambda r: True, score=fallback)
+    assert chosen is not None
+    return chosen, False
+
+
 def search_accuracy_drop(
     policy: ExitPolicy | str,
     cache: ExitLogitsCache,
@@ -187,20 +200,14 @@ def search_accuracy_drop(
     full = full_depth_accuracy(cache)
     sweep = _sweep(policy, cache, temps)
     target = {"kind": "accuracy_drop", "max_drop": float(drop), "max_drop_points": 100.0 * drop}
-    chosen = _pick(
+    chosen, met = _choose(
         sweep,
         ok=lambda r: r.accuracy >= full - drop - _EPS,
         score=lambda r: (r.flops_speedup, r.accuracy),
+        fallback=lambda r: (r.accuracy, r.flops_speedup),
+        miss=f"{policy.registered_name}: no setting keeps accuracy within {100 * drop:.2f} "
+        "points of full depth on the held-out cache; returning the most accurate one",
     )
-    met = chosen is not None
-    if chosen is None:
-        warnings.warn(
-            f"{policy.registered_name}: no setting keeps accuracy within {100 * drop:.2f} points "
-            "of full depth on the held-out cache; returning the most accurate one",
-            stacklevel=2,
-        )
-        chosen = _pick(sweep, ok=lambda r: True, score=lambda r: (r.accuracy, r.flops_speedup))
-    assert chosen is not None
     return _result(chosen, target, full, met, temps, sweep)
 
 
@@ -228,20 +235,14 @@ def search_budget(
     full = full_depth_accuracy(cache)
     sweep = _sweep(policy, cache, temps)
     target = {"kind": "budget", "budget": float(budget)}
-    chosen = _pick(
+    chosen, met = _choose(
         sweep,
         ok=lambda r: r.relative_compute <= budget + _EPS,
         score=lambda r: (r.accuracy, r.flops_speedup),
+        fallback=lambda r: (r.flops_speedup, r.accuracy),
+        miss=f"{policy.registered_name}: no setting fits a compute budget of {budget:.3f} on "
+        "the held-out cache; returning the cheapest one",
     )
-    met = chosen is not None
-    if chosen is None:
-        warnings.warn(
-            f"{policy.registered_name}: no setting fits a compute budget of {budget:.3f} on the "
-            "held-out cache; returning the cheapest one",
-            stacklevel=2,
-        )
-        chosen = _pick(sweep, ok=lambda r: True, score=lambda r: (r.flops_speedup, r.accuracy))
-    assert chosen is not None
     return _result(chosen, target, full, met, temps, sweep)
 
 
