@@ -20,7 +20,8 @@ class ExitConfig:
         The final block always carries an exit (the final classifier), added if missing.
     head: registered head name for the exits (see ``exitwise.heads.HEADS``).
     final_head: head for the final exit; defaults to ``head``.
-    num_labels: number of classes.
+    num_labels: number of classes; None (the default) = the vocabulary size for ``lm`` exits
+        on a decoder LM, else 2.
     head_kwargs: extra options passed to every head (``hidden_features``, ``init_from_pooler``).
     final_head_kwargs: options for the final head instead of ``head_kwargs`` (e.g. ``{}`` to
         keep an LM's final exit its own readout while earlier ``lm`` exits get adapters).
@@ -29,14 +30,16 @@ class ExitConfig:
 
     layers: Any = "all"
     head: str = "pooler"
-    num_labels: int = 2
+    num_labels: int | None = None
     final_head: str | None = None
     head_kwargs: dict[str, Any] = field(default_factory=dict)
     final_head_kwargs: dict[str, Any] | None = None
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_labels, int) or self.num_labels < 1:
+        if self.num_labels is not None and (
+            not isinstance(self.num_labels, int) or self.num_labels < 1
+        ):
             raise ConfigError(f"num_labels must be a positive int, got {self.num_labels!r}")
         if isinstance(self.layers, tuple):
             self.layers = list(self.layers)

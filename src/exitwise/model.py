@@ -9,6 +9,7 @@ pickled.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,9 @@ class MultiExitModel(nn.Module):
 
     def __init__(self, backbone: Backbone, config: ExitConfig) -> None:
         super().__init__()
+        if config.num_labels is None:  # an LM exit predicts the next token over the vocabulary
+            is_lm = config.head == "lm" and hasattr(backbone, "vocab_size")
+            config = replace(config, num_labels=int(backbone.vocab_size) if is_lm else 2)
         self.backbone = backbone
         self.config = config
         self.exit_layers: list[int] = config.resolve_layers(backbone.num_layers, backbone)

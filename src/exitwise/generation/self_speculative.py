@@ -87,16 +87,17 @@ def self_speculative_decode(
             hidden = bb.run_layers(bb.embed(tokens[:, None], ctx.positions), 0, e, ctx)
             states.append(hidden)
             if j < k or head.uses_cache:  # keep a block adapter's cache aligned with blocks < E
-                logits = head.token_logits(hidden, ctx)[:, -1]
+                # (A, K) over the head's draft vocabulary (K = V without one)
+                logits = head.compact_logits(hidden, ctx)[:, -1]
                 stats.head_applications += sum(running)
             if j == k:
                 break
             if sampling:
-                q_j = sampler.probs(logits.float() / temperature)
+                q_j = sampler.probs(head.expand_logits(logits).float() / temperature)
                 tokens = draw(q_j, sampler.generator)
                 draft_probs.append(q_j)
             else:
-                tokens = logits.argmax(-1)
+                tokens = head.compact_argmax(logits)
             drafts.append(tokens)
             fed.append(tokens)
             j += 1

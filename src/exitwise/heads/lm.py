@@ -11,6 +11,15 @@ costs no new parameters. Optional trainable pieces:
   in generation it keeps its own keys/values in cache layer ``num_layers``;
 - ``untied=True``:     an own copy of the LM head.
 
+``draft_vocab=K`` restricts the exit's read-out to K token ids (a persistent ``vocab_ids``
+buffer, chosen from data by :func:`exitwise.training.draft_vocab.choose_draft_vocab`): the
+exit multiplies by K rows of the LM head instead of all V. At batch 1 the LM head streams as
+many bytes as ~6 of SmolLM2's 30 blocks, so a draft token through the full head costs far more
+than through K = V/6 rows (FR-Spec's frequency-ranked drafting). Self-speculative decoding
+stays lossless: only the draft is restricted, the full model verifies over the whole vocabulary.
+Logits outside the subset are ``-inf`` in :meth:`token_logits`; :meth:`compact_logits` gives
+the (..., K) logits themselves (for training and fast drafting).
+
 Shared modules are referenced, not registered, so ``state_dict`` (what
 ``MultiExitModel.save_pretrained`` writes) holds only the trainable pieces.
 
@@ -71,9 +80,25 @@ class LMHead(ExitHead):
         adapter: str = "none",
         untied: bool = False,
         mlp_hidden: int | None = None,
+        draft_vocab: int | None = None,
         backbone: nn.Module | None = None,
     ) -> None:
         super().__init__(in_features, num_labels, dropout)
+        if draft_vocab is not None and (
+            not isinstance(draft_vocab, int) or isinstance(draft_vocab, bool)
+            or not 1 <= draft_vocab <= num_labels
+        ):
+            raise ConfigError(
+                f"draft_vocab must be an int in 1..{num_labels} (the vocabulary size); "
+                f"got {draft_vocab!r}"
+            )
+        # Until chosen from data, the subset is the first K ids; saved with the head.
+        self.vocab_ids: torch.Tensor | None
+        if draft_vocab is None:
+            self.vocab_ids = None
+        else:
+            self.register_buffer("vocab_ids", torch.arange(draft_vocab, dtype=torch.long))
+        self._subset_cache: tuple[Any, torch.Tensor] | None = None
         if adapter not in ADAPTERS:
             raise ConfigError(
                 f"lm head adapter must be one of {', '.join(ADAPTERS)}; got {adapter!r}"
@@ -133,15 +158,91 @@ class LMHead(ExitHead):
         for p in self.parameters():
             p.requires_grad_(True)
 
+    # -- draft vocabulary -------------------------------------------------------------------
+    @property
+    def draft_vocab(self) -> int | None:
+        """K when the read-out is restricted to ``vocab_ids`` (K,), else None."""
+        return None if self.vocab_ids is None else int(self.vocab_ids.numel())
+
+    def set_draft_vocab(self, ids: torch.Tensor | list[int]) -> None:
+        """Choose the K token ids the exit reads out (K fixed by ``draft_vocab``)."""
+        if self.vocab_ids is None:
+            raise ConfigError("this lm head was built without draft_vocab=K")
+        ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+        if ids.numel() != self.vocab_ids.numel() or ids.unique().numel() != ids.numel():
+            raise ConfigError(
+                f"need {self.vocab_ids.numel()} distinct token ids, got {ids.numel()} "
+                f"({ids.unique().numel()} distinct)"
+            )
+        if int(ids.min()) < 0 or int(ids.max()) >= self.num_labels:
+            raise ConfigError(f"draft vocabulary ids must be in [0, {self.num_labels})")
+        self.vocab_ids.copy_(ids.to(self.vocab_ids.device))
+        self._subset_cache = None
+
+    def _subset_weight(self) -> torch.Tensor:
+        """(K, H) rows of the (own or shared) LM head for ``vocab_ids``, gathered once per
+        (weight version, ids version) so drafting reads a contiguous K x H matrix."""
+        weight = self._lm_head_module().weight
+        key = (id(weight), weight._version, self.vocab_ids._version, weight.requires_grad)
+        if self._subset_cache is None or self._subset_cache[0] != key or torch.is_grad_enabled():
+            sub = weight.index_select(0, self.vocab_ids)
+            if torch.is_grad_enabled() and weight.requires_grad:
+                return sub  # training an untied head: no cache, keep the graph
+            self._subset_cache = (key, sub.detach())
+        return self._subset_cache[1]
+
+    def _lm_head_module(self) -> nn.Module:
+        if self.lm_head is not None:
+            return self.lm_head
+        return self._backbone.lm_head
+
     # -- forward ----------------------------------------------------------------------------
     def token_logits(self, hidden: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         """Logits at every position: hidden (B, q, H) -> (B, q, V).
 
         ``ctx`` (a :class:`~exitwise.backbones.hf_decoder.DecodeContext`) is needed only by
         ``adapter="block"`` during cached generation; without it the block sees the q tokens
-        alone, causally, at positions 0..q-1.
+        alone, causally, at positions 0..q-1. With a draft vocabulary, ids outside it get -inf.
         """
-        return self._readout(self._transform(hidden, ctx))
+        return self._vocab_logits(self._transform(hidden, ctx))
+
+    def compact_logits(self, hidden: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        """(B, q, H) -> (B, q, K) logits over ``vocab_ids`` (K = V without a draft
+        vocabulary, in token-id order)."""
+        hidden = self._transform(hidden, ctx)
+        if self.vocab_ids is None:
+            return self._readout(hidden)
+        return self._compact_readout(hidden)
+
+    def _vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (..., V); -inf outside the draft vocabulary when there is one."""
+        if self.vocab_ids is None:
+            return self._readout(hidden)
+        return self.expand_logits(self._compact_readout(hidden))
+
+    def expand_logits(self, compact: torch.Tensor) -> torch.Tensor:
+        """(..., K) compact logits -> (..., V), -inf outside the draft vocabulary."""
+        if self.vocab_ids is None:
+            return compact
+        full = compact.new_full((*compact.shape[:-1], self.num_labels), float("-inf"))
+        return full.index_copy(-1, self.vocab_ids, compact)
+
+    def compact_argmax(self, compact: torch.Tensor) -> torch.Tensor:
+        """Token ids of the argmax of (..., K) compact logits."""
+        top = compact.argmax(-1)
+        return top if self.vocab_ids is None else self.vocab_ids[top]
+
+    def _compact_readout(self, hidden: torch.Tensor) -> torch.Tensor:
+        backbone = self._backbone
+        if backbone is None:
+            normed = self.norm(hidden)
+            return torch.nn.functional.linear(normed, self.lm_head.weight[self.vocab_ids])
+        normed = self.norm(hidden) if self.norm is not None else backbone.final_norm(hidden)
+        weight = self._subset_weight()
+        bias = getattr(self._lm_head_module(), "bias", None)
+        if bias is not None:
+            bias = bias.index_select(0, self.vocab_ids)
+        return backbone.postprocess_logits(torch.nn.functional.linear(normed, weight, bias))
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits (B, V) at each row's last real token.
@@ -160,7 +261,7 @@ class LMHead(ExitHead):
         real = real.to(hidden.device)
         ctx = DecodeContext(cache=None, positions=prompt_positions(real), attention_mask=real)
         out = self._transform(hidden, ctx)
-        return self._readout(_last_real(out, mask).unsqueeze(1))[:, 0]
+        return self._vocab_logits(_last_real(out, mask).unsqueeze(1))[:, 0]
 
     def _transform(self, hidden: torch.Tensor, ctx: Any) -> torch.Tensor:
         """Dropout and the trainable adapter (mlp / block): (B, q, H) -> (B, q, H)."""
@@ -190,7 +291,7 @@ class LMHead(ExitHead):
     def head_flops(self, mask: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         """LM head on one position (2 H V) + adapter; a block adapter also runs over the row's
         real tokens (projections, MLP and causal attention pairs)."""
-        flops = 2.0 * self.in_features * self.num_labels
+        flops = 2.0 * self.in_features * (self.draft_vocab or self.num_labels)
         if self.mlp is not None:
             flops += self.linear_flops(self.mlp.fc1, self.mlp.fc2)
         out = torch.full((batch_size,), flops, dtype=torch.float64)

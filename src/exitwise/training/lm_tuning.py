@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError
+from .draft_vocab import set_draft_vocabularies
 from .lm_data import (
     batch_at_step,
     pad_batch,
@@ -142,9 +143,11 @@ def _check_args(steps: Any, lr: Any, batch_size: Any, seq_len: Any, loss: str,
 def exit_and_final_logits(
     model: Any, ks: list[int], ids: torch.Tensor, mask: torch.Tensor, grad: bool
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """One pass over the frozen backbone: ([(B, T, V) per tuned exit], final (B, T, V)).
+    """One pass over the frozen backbone: ([(B, T, K) per tuned exit], final (B, T, V)).
 
-    The backbone runs without grad; each exit head runs with grad when ``grad``.
+    The backbone runs without grad; each exit head runs with grad when ``grad``. K = V, or a
+    head's draft-vocabulary size (its logits over ``vocab_ids`` only; see
+    :func:`exit_vocab_ids`).
     """
     backbone = model.backbone
     depth_to_k = {model.exit_layers[k]: k for k in ks}
@@ -158,30 +161,50 @@ def exit_and_final_logits(
         if k is not None:
             hidden, _ = backbone.features(state)
             with torch.set_grad_enabled(grad):
-                exits.append(model.heads[k].token_logits(hidden, state.shared["ctx"]))
+                exits.append(model.heads[k].compact_logits(hidden, state.shared["ctx"]))
     with torch.no_grad():
         final = backbone.lm_logits(backbone.final_norm(state.hidden))
     return exits, final
 
 
+def exit_vocab_ids(model: Any, ks: list[int]) -> list[torch.Tensor | None]:
+    """Per tuned exit: its draft vocabulary ids (K,), or None when it reads out all V."""
+    return [getattr(model.heads[k], "vocab_ids", None) for k in ks]
+
+
 def exit_losses(
     exits: list[torch.Tensor], final: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-    loss: str,
+    loss: str, vocab_ids: list[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """(num_exits,) losses, each averaged over real tokens (CE: over real tokens whose next
-    token is real too). Computed in float32."""
+    token is real too). Computed in float32.
+
+    An exit with a draft vocabulary (``vocab_ids[j]``, K ids) is distilled towards the final
+    layer's distribution restricted to those K ids and renormalised (the best a K-way draft
+    can do), and its CE counts only targets inside the subset.
+    """
     real = mask.bool()
-    teacher = F.log_softmax(final.float()[real], -1)  # (N, V)
+    final_real = final.float()[real]  # (N, V)
+    teacher_full = F.log_softmax(final_real, -1) if "kl" in loss else None
     nxt = real[:, :-1] & real[:, 1:]  # (B, T-1): positions with a next token
     targets = ids[:, 1:][nxt]
     out = []
-    for logits in exits:
+    for j, logits in enumerate(exits):
+        sub = vocab_ids[j] if vocab_ids is not None else None
         total = logits.new_zeros((), dtype=torch.float32)
         if "kl" in loss:
+            teacher = teacher_full if sub is None else F.log_softmax(final_real[:, sub], -1)
             student = F.log_softmax(logits.float()[real], -1)
             total = total + F.kl_div(student, teacher, log_target=True, reduction="batchmean")
         if "ce" in loss:
-            total = total + F.cross_entropy(logits.float()[:, :-1][nxt], targets)
+            step_logits = logits.float()[:, :-1][nxt]
+            tgt = targets
+            if sub is not None:  # position of each target in the subset, -100 if outside
+                where = torch.full((final.shape[-1],), -100, dtype=torch.long, device=sub.device)
+                where[sub] = torch.arange(sub.numel(), device=sub.device)
+                tgt = where[targets]
+            if bool((tgt >= 0).any()):
+                total = total + F.cross_entropy(step_logits, tgt, ignore_index=-100)
         out.append(total)
     return torch.stack(out)
 
@@ -201,7 +224,7 @@ def top1_agreement(
         real = mask.bool()
         top = final.argmax(-1)[real]
         for j, logits in enumerate(exits):
-            hits[j] += (logits.argmax(-1)[real] == top).sum().item()
+            hits[j] += (model.heads[ks[j]].compact_argmax(logits)[real] == top).sum().item()
         count += int(real.sum())
     return (hits / max(count, 1)).tolist()
 
@@ -338,6 +361,8 @@ def tune_exits(
         state = load_checkpoint(folder, model, ks, optimizer, depths) if (
             folder is not None and resume) else None
         if state is None:
+            # Draft vocabularies come from the training sequences, before any step.
+            set_draft_vocabularies(model, ks, train_seqs, pad_id, batch_size)
             before = top1_agreement(model, ks, eval_seqs, pad_id, batch_size, device)
             state = {
                 "exit_layers": depths, "step": 0, "loss_history": [],
@@ -358,7 +383,7 @@ def tune_exits(
             ids, mask = batch_at_step(train_seqs, step, batch_size, seed, pad_id)
             ids, mask = ids.to(device), mask.to(device)
             exits, final = exit_and_final_logits(model, ks, ids, mask, grad=True)
-            per_exit = exit_losses(exits, final, ids, mask, loss)
+            per_exit = exit_losses(exits, final, ids, mask, loss, exit_vocab_ids(model, ks))
             total = per_exit.mean()
             optimizer.zero_grad(set_to_none=True)
             total.backward()

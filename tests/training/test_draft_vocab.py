@@ -1,0 +1,132 @@
+"""Draft vocabularies of ``lm`` exit heads (``draft_vocab=K``): choice, tuning, saving, and
+lossless self-speculative decoding with a restricted draft."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "generation"))
+from lmkit import EOS, VOCAB, tiny_lm  # noqa: E402
+
+import exitwise as ew  # noqa: E402
+from exitwise.errors import ConfigError  # noqa: E402
+from exitwise.training.draft_vocab import choose_draft_vocab, expected_token_mass  # noqa: E402
+from exitwise.training.lm_tuning import tune_exits  # noqa: E402
+
+K = 48
+
+
+def model_with_subset(family: str = "llama", adapter: str = "mlp", size: int | None = K):
+    lm = tiny_lm(family, seed=0, damp=1.0)
+    with torch.no_grad():
+        lm.get_output_embeddings().weight.mul_(20.0)
+    kwargs = {"adapter": adapter, **({"draft_vocab": size} if size else {})}
+    config = ew.ExitConfig(layers=[1, 2], head="lm", head_kwargs=kwargs, final_head_kwargs={})
+    return ew.attach_exits(lm, config)
+
+
+def skewed_texts(n: int = 40, length: int = 20, seed: int = 0, vocab: int = 30) -> list[list[int]]:
+    """Token ids drawn from [3, vocab)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def test_num_labels_defaults_to_the_vocabulary_for_lm_exits():
+    model = model_with_subset(size=None)
+    assert model.num_labels == VOCAB and model.config.num_labels == VOCAB
+
+
+def test_expected_mass_ranks_the_models_likely_tokens_first():
+    model = model_with_subset().eval()
+    seqs = skewed_texts()
+    mass = expected_token_mass(model, seqs, pad_id=0)
+    n_positions = sum(len(s) for s in seqs)
+    assert mass.shape == (VOCAB,)
+    assert mass.sum().item() == pytest.approx(n_positions, rel=1e-6)  # one distribution per position
+    ids = choose_draft_vocab(model, seqs, K, pad_id=0)
+    assert ids.shape == (K,) and ids.unique().numel() == K
+    # every token the final layer picks most often is in the subset
+    _, final = __import__("exitwise.training.lm_tuning", fromlist=["x"]).exit_and_final_logits(
+        model, [], *_padded(seqs), grad=False
+    )
+    top = torch.bincount(final.argmax(-1).flatten(), minlength=VOCAB)
+    assert set(top.argsort(descending=True)[:5].tolist()) <= set(ids.tolist())
+
+
+def _padded(seqs):
+    from exitwise.training.lm_data import pad_batch
+
+    return pad_batch(seqs, 0)
+
+
+def test_restricted_head_logits_are_minus_inf_outside_and_match_the_full_head_inside():
+    model = model_with_subset().eval()
+    head = model.heads[0]
+    ids = torch.arange(50, 50 + K)
+    head.set_draft_vocab(ids)
+    hidden = torch.randn(2, 3, 32)
+    full_model = model_with_subset(size=None).eval()
+    full_model.heads[0].load_state_dict(
+        {k: v for k, v in head.state_dict().items() if k != "vocab_ids"}
+    )
+    ref = full_model.heads[0].token_logits(hidden)
+    out = head.token_logits(hidden)
+    outside = torch.ones(VOCAB, dtype=torch.bool)
+    outside[ids] = False
+    assert torch.isinf(out[..., outside]).all() and (out[..., outside] < 0).all()
+    torch.testing.assert_close(out[..., ids], ref[..., ids])
+    compact = head.compact_logits(hidden)
+    assert compact.shape == (2, 3, K)
+    assert torch.equal(head.compact_argmax(compact), out.argmax(-1))
+
+
+def test_tuning_sets_the_subset_raises_agreement_and_saves_it(tmp_path):
+    model = model_with_subset("gpt2")
+    model.train()
+    result = tune_exits(
+        model, skewed_texts(48, 24, vocab=VOCAB), steps=100, lr=3e-3, batch_size=8, seq_len=24,
+        progress=False, eval_fraction=0.25,
+    )
+    for d in (1, 2):
+        assert result.agreement_after[d] > result.agreement_before[d] + 0.05, result.table()
+    ids = model.heads[0].vocab_ids.clone()
+    assert not torch.equal(ids, torch.arange(K))  # chosen from data, not the placeholder
+    model.save_pretrained(tmp_path / "m")
+    lm = tiny_lm("gpt2", seed=0, damp=1.0)
+    with torch.no_grad():
+        lm.get_output_embeddings().weight.mul_(20.0)
+    loaded = ew.MultiExitModel.from_pretrained(tmp_path / "m", lm)
+    assert torch.equal(loaded.heads[0].vocab_ids, ids)
+    for (n, a), (_, b) in zip(model.heads.state_dict().items(), loaded.heads.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_self_speculative_with_a_restricted_draft_is_lossless(family):
+    model = model_with_subset(family).eval()
+    model.heads[0].set_draft_vocab(torch.randperm(VOCAB, generator=torch.Generator().manual_seed(1))[:K])
+    lm = model.backbone.model
+    ids = torch.tensor([[0, 0, 5, 9, 14], [4, 8, 15, 16, 23]])
+    mask = (ids != 0).long()
+    mask[1, 0] = 1
+    greedy = ew.generate(model, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=EOS)
+    spec = ew.generate(
+        model, ids, attention_mask=mask, strategy="self_speculative", exit_layer=1, draft_len=3,
+        max_new_tokens=12, eos_token_id=EOS,
+    )
+    assert torch.equal(spec.sequences, greedy.sequences)
+    assert lm is model.backbone.model
+
+
+def test_bad_draft_vocab_is_refused():
+    with pytest.raises(ConfigError, match="draft_vocab"):
+        model_with_subset(size=-1)
+    model = model_with_subset()
+    with pytest.raises(ConfigError, match="distinct"):
+        model.heads[0].set_draft_vocab([3] * K)
+    with pytest.raises(ConfigError, match="ids must be in"):
+        model.heads[0].set_draft_vocab(torch.arange(VOCAB - K + 1, VOCAB + 1))
