@@ -38,6 +38,13 @@ def tune_exits(*args, **kwargs):  # lazy: keeps ``import exitwise`` free of the 
     return _tune_exits(*args, **kwargs)
 
 
+def layerskip_finetune(*args, **kwargs):  # lazy, like tune_exits
+    """See :func:`exitwise.training.layerskip.layerskip_finetune`."""
+    from .training.layerskip import layerskip_finetune as _layerskip_finetune
+
+    return _layerskip_finetune(*args, **kwargs)
+
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -65,6 +72,7 @@ __all__ = [
     "build_head",
     "generate",
     "get_policy",
+    "layerskip_finetune",
     "register_head",
     "register_policy",
     "tune_exits",
