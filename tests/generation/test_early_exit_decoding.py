@@ -173,3 +173,101 @@ def test_saturation_without_hidden_states_uses_logits():
     assert exits.tolist() == [False, False]  # nothing to compare with at the first exit
     exits, _ = sat.decide(1, 3, torch.tensor([[1.0, 2.0, 3.1], [3.0, -2.0, -1.0]]), state)
     assert exits.tolist() == [True, False]
+
+
+# -- kv="skip": exited tokens' deeper layers are not run at their step ----------------------
+class _Scripted(ew.ExitPolicy):
+    """Exits at exit (argmax + t) % num_exits: mixed, per-row depths (full depth included) that
+    depend only on the exits' argmax, so modes with exact K/V make the same decisions."""
+
+    registered_name = "scripted"
+
+    def decide(self, exit_index, num_exits, logits, state, labels=None):
+        t = state["t"].long()
+        return (logits.argmax(-1) + t) % num_exits == exit_index, state
+
+    def grid(self, num_exits):
+        return [0]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("lengths", [(6,), (7, 3, 5)])
+def test_skip_never_exit_equals_greedy(family, lengths):
+    model = tiny_lm(family)
+    ids, mask = left_padded(lengths)
+    ref = generate(model, ids, mask, max_new_tokens=NEW, eos_token_id=EOS)
+    out = generate(model, ids, mask, strategy="early_exit", policy=_never(), kv="skip",
+                   max_new_tokens=NEW, eos_token_id=EOS)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert out.stats.layer_applications == ref.stats.layer_applications
+    assert out.stats.sequential_layers == ref.stats.sequential_layers
+    assert out.stats.fill_applications == 0 and out.stats.max_deferred == 0
+
+
+@pytest.mark.parametrize("lengths", [(6,), (7, 3, 5)])
+def test_skip_really_runs_fewer_blocks(llama, lengths):
+    ids, mask = left_padded(lengths)
+    kw = dict(strategy="early_exit", max_new_tokens=NEW, eos_token_id=None)
+    first = get_policy("static", exit=0)  # every token exits at the first exit (depth 1)
+    prop = generate(llama, ids, mask, policy=first, kv="propagate", **kw)
+    skip = generate(llama, ids, mask, policy=first, kv="skip", **kw)
+    assert skip.stats.token_depths == prop.stats.token_depths
+    tokens = skip.stats.decoded_tokens
+    assert all(d == 1 for row in skip.stats.token_depths for d in row)
+    # Counted block runs (row x position): one block per token instead of all of them.
+    assert prop.stats.layer_applications == LAYERS * tokens
+    assert skip.stats.layer_applications == tokens
+    assert skip.stats.layer_applications_per_token == 1.0
+    assert prop.stats.layer_applications_per_token == LAYERS
+    assert skip.stats.sequential_layers == skip.stats.iterations  # one block per step
+    assert prop.stats.sequential_layers == LAYERS * prop.stats.iterations
+    assert skip.stats.sequential_layers_per_token == 1.0
+    assert skip.stats.fill_applications == 0  # nothing deeper ever read the skipped slots
+    assert skip.stats.max_deferred == NEW - 1
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "mistral", "gemma", "gemma2"])
+def test_skip_tokens_equal_recompute_with_mixed_exits(family):
+    model = tiny_lm(family)
+    ids, mask = left_padded((7, 3, 5))
+    kw = dict(strategy="early_exit", policy=_Scripted(), max_new_tokens=12, eos_token_id=None)
+    rec = generate(model, ids, mask, kv="recompute", **kw)
+    skip = generate(model, ids, mask, kv="skip", **kw)
+    depths = [d for row in skip.stats.token_depths for d in row]
+    assert len(set(depths)) == LAYERS  # every exit and the full depth occur
+    # Both attend to the full model's K/V of every earlier token: same tokens, same exits.
+    assert torch.equal(skip.sequences, rec.sequences)
+    assert skip.stats.token_depths == rec.stats.token_depths
+    # Deferred slots were carried across steps and filled in parallel by a deeper step.
+    assert skip.stats.max_deferred >= 2 and skip.stats.fill_applications > 0
+    assert skip.stats.sequential_layers < rec.stats.sequential_layers
+    assert skip.stats.layer_applications < rec.stats.layer_applications
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_skip_cache_equals_full_recomputation(family):
+    model = tiny_lm(family)
+    bb = ew.wrap_backbone(model)
+    ids, mask = left_padded()
+    b = ids.shape[0]
+    stats = EarlyExitStats("early_exit", bb.num_layers, drafted=[0] * b, accepted=[0] * b)
+    session = DecodeSession(bb, ids, mask, 11, set(), PAD, stats, keep_finished=True)
+    early_exit_decode(session, resolve_exit_points(model, bb, None), _Scripted(), "skip")
+    assert stats.fill_applications > 0
+    slots = session.mask.shape[1]
+    lengths = [session.cache.layers[layer].keys.shape[2] for layer in range(bb.num_layers)]
+    # Slots still deferred at the end are a suffix, longer at deeper layers; layer 0 is full.
+    assert lengths[0] == slots and lengths == sorted(lengths, reverse=True)
+    assert lengths[-1] < slots  # the run ended with an early exit: its slot was never run deep
+    for r in range(b):
+        valid = session.mask[r].bool()
+        ref = _full_cache(model, session.slot_tokens[r][valid][None])
+        for layer, n in enumerate(lengths):
+            mine = session.cache.layers[layer]
+            keep = valid[:n]
+            m = int(keep.sum())  # every slot present in the cache is the full model's
+            for got, want in ((mine.keys, ref.layers[layer].keys),
+                              (mine.values, ref.layers[layer].values)):
+                torch.testing.assert_close(
+                    got[r][:, :n][:, keep], want[0][:, :m], atol=ATOL, rtol=1e-4
+                )

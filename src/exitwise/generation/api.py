@@ -152,9 +152,12 @@ def generate(
     callback: ``callback(row, new_token_ids)`` each step with the tokens a row committed
         (self-speculative: accepted drafts + the full model's token, never rejected drafts).
     policy / kv / exit_layers: strategy="early_exit" only (CALM-style; greedy): a token-level
-        exit policy (e.g. ``get_policy("calm_softmax", threshold=0.9)``), the KV mode of
-        skipped layers ("propagate" | "recompute") and the exit depths (default: all); see
-        :mod:`exitwise.generation.early_exit`.
+        exit policy (e.g. ``get_policy("calm_softmax", threshold=0.9)``, or ``calm_learned``
+        with a trained classifier), the KV mode of skipped layers and the exit depths
+        (default: all). kv: "propagate" (CALM's copy; every layer still runs), "recompute"
+        (exact K/V, every layer still runs) or "skip" (exited tokens' deeper layers are not
+        run at their step but filled exactly, in parallel, by a later step: fewer sequential
+        layers and block runs); see :mod:`exitwise.generation.early_exit`.
     """
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")

@@ -7,7 +7,9 @@ are used. The last layer is never an exit point: the model's own output closes t
 
 :func:`check_exit` evaluates one exit for the rows still running and asks the policy; the
 policy's per-row state (see :mod:`exitwise.policies.calm_base`) carries the generated
-position ``t``, the horizon N and, for ``needs_hidden`` policies, the hidden states.
+position ``t``, the horizon N and, for ``needs_hidden`` policies, the hidden states
+(``hidden`` (A, H) at this exit, ``prev_hidden`` (A, H) at the previous one) and
+``exit_depth`` (A,) this exit's depth (``calm_saturation``, ``calm_learned``).
 Shapes: A rows in the batch, H hidden size, V vocab.
 """
 
@@ -136,6 +138,8 @@ def check_exit(
     sub = policy.keep(state, idx)
     if getattr(policy, "needs_hidden", False):
         sub["hidden"] = hidden.index_select(0, idx)
+        # Which exit this is, as a depth (a learned per-exit classifier is keyed by depth).
+        sub["exit_depth"] = torch.full((idx.numel(),), point.depth, device=live.device)
     logits = point.head.token_logits(hidden.index_select(0, idx)[:, None])[:, 0]
     logits = logits / point.temperature
     decided, sub = policy.decide(exit_index, num_exits, logits, sub)

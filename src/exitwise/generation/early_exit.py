@@ -2,10 +2,12 @@
 
 Per decoded token, every active row runs the blocks one by one; after each exit depth the exit
 head's logits go to a token-level policy (``calm_softmax`` / ``calm_top2`` /
-``calm_saturation`` or any registered one). A row that exits emits the exit head's argmax and
-its hidden state is *frozen*: the remaining blocks still run on it, but only to write that
-token's keys/values, and their outputs are discarded. Rows that never exit emit the full
-model's argmax. With a never-exit policy this is plain greedy decoding, token for token.
+``calm_saturation`` / ``calm_learned`` or any registered one). A row that exits emits the exit
+head's argmax; in ``propagate`` / ``recompute`` mode its hidden state is *frozen*: the
+remaining blocks still run on it, but only to write that token's keys/values, and their
+outputs are discarded (``skip`` mode does not run them; see below). Rows that never exit emit
+the full model's argmax. With a never-exit policy this is plain greedy decoding, token for
+token, in every mode.
 
 Keys/values of the skipped layers (the slot of a token that exited at depth d, layers >= d):
 
@@ -20,12 +22,29 @@ Keys/values of the skipped layers (the slot of a token that exited at depth d, l
   true hidden state at depth d_min. So every slot but the last committed one ends up with the
   full model's K/V for the emitted tokens (the new token attends to the exact K/V).
 
-Honest cost: one batch shares one cache, so every row's slot passes through all L blocks
-(propagation / recomputation fill what exiting skipped). ``layer_applications`` counts every
-row x position block run actually computed (so early exits here are *correct but not faster*
-in compute); ``decision_layer_applications`` counts the blocks each token needed before its
-exit (what an executor that skips the filled layers, or fills them in one parallel call, would
-pay); ``token_depths`` records each token's exit depth.
+- ``kv="skip"`` (FREE's synchronized parallel decoding, Bae et al. 2023; CALM's deferred
+  state propagation done exactly): an exited token's deeper layers are *not run* at its own
+  step. The step stops at depth ``stop`` = the deepest exit any running row of the batch
+  needed (L if one row did not exit); every lane of the batch runs its true hidden state up
+  to ``stop`` (a lane costs nothing in sequential time, and its K/V then are the full
+  model's). The slot's layers >= ``stop`` stay out of the cache and its exact state after
+  ``stop`` blocks is kept. A later step that runs layer l first appends the deferred slots
+  that are missing there, as extra columns of the same block call as its new token (one
+  parallel call, causal among the columns), so the new token attends to the full model's K/V
+  of every earlier token at every layer it runs. Deferred slots accumulate while steps stop
+  early and are flushed by the next step that runs deep enough; slots nothing deeper ever
+  reads are never computed. Invariant: at every layer the missing slots are a suffix of the
+  committed ones (a slot's frontier never exceeds an older slot's), so the HF cache stays an
+  append-only tensor per layer. Tokens equal ``recompute``'s (both attend to exact K/V).
+
+Honest cost. ``propagate`` / ``recompute``: one batch shares one cache, so every row's slot
+passes through all L blocks at its own step (propagation / recomputation fill what exiting
+skipped): early exits are *correct but not faster* in compute, and ``sequential_layers`` is
+L per step. ``skip``: ``sequential_layers`` grows by ``stop`` per step and
+``layer_applications`` counts exactly the row x column block runs done (deferred columns
+included, also in ``fill_applications``), so both really drop when tokens exit early.
+``decision_layer_applications`` counts the blocks each token needed before its exit;
+``token_depths`` records each token's exit depth.
 Shapes: A active rows, S cache slots, H hidden, V vocab, L layers.
 """
 
@@ -43,7 +62,7 @@ from .confidence import ExitPoint, check_exit, new_token_state
 from .outputs import GenerationStats
 from .session import DecodeSession
 
-KV_MODES = ("propagate", "recompute")
+KV_MODES = ("propagate", "recompute", "skip")
 
 
 @dataclass
@@ -54,7 +73,8 @@ class EarlyExitStats(GenerationStats):
     token_depths: per row, blocks run before each decoded token was chosen (L = full depth;
         the first token comes from the prefill and is not listed).
     fill_applications: of ``layer_applications``, block runs that only wrote K/V for skipped
-        layers (propagation) or recomputed deferred slots.
+        layers (propagation) or computed deferred slots (recompute / skip).
+    max_deferred: skip mode: the most slots waiting for their deeper layers at once.
     decision_layer_applications: sum over decoded tokens of their depth.
     """
 
@@ -63,6 +83,7 @@ class EarlyExitStats(GenerationStats):
     token_depths: list[list[int]] = field(default_factory=list)
     fill_applications: int = 0
     decision_layer_applications: int = 0
+    max_deferred: int = 0
 
     @property
     def mean_exit_depth(self) -> float:
@@ -128,6 +149,11 @@ def early_exit_decode(
     first = session.prefill().argmax(-1)
     session.pending = first
     session.emit([[t] for t in first.tolist()])
+    if kv == "skip":
+        groups: list[_Group] = _drop(session, [])
+        while session.unfinished:
+            groups = _drop(session, _step_skip(session, points, policy, groups))
+        return session.sequences()
     deferred: _Deferred | None = None
     deferred = _drop(session, deferred)
     while session.unfinished:
@@ -136,15 +162,114 @@ def early_exit_decode(
     return session.sequences()
 
 
-def _drop(session: DecodeSession, deferred: _Deferred | None) -> _Deferred | None:
-    """drop_finished, keeping the deferred rows aligned with the surviving rows."""
+def _drop(session: DecodeSession, deferred: Any) -> Any:
+    """drop_finished, keeping the deferred rows (a _Deferred, or skip mode's list of
+    _Group) aligned with the surviving rows."""
     before = session.rows.tolist()
     session.drop_finished()
-    if deferred is None or session.active == len(before) or session.active == 0:
+    if not deferred or session.active == len(before) or session.active == 0:
         return deferred
     where = {r: i for i, r in enumerate(before)}
-    idx = torch.tensor([where[r] for r in session.rows.tolist()], device=deferred.depth.device)
+    idx = torch.tensor([where[r] for r in session.rows.tolist()], device=session.mask.device)
+    if isinstance(deferred, list):
+        return [g.select(idx) for g in deferred]
     return deferred.select(idx)
+
+
+@dataclass
+class _Group:
+    """Skip mode: consecutive committed slots whose layers >= ``frontier`` are not in the
+    cache yet; hidden (A, n, H) their exact states after ``frontier`` blocks. A step keeps a
+    list of groups, oldest first, frontiers strictly decreasing."""
+
+    frontier: int
+    hidden: torch.Tensor
+
+    def select(self, idx: torch.Tensor) -> "_Group":
+        return _Group(self.frontier, self.hidden.index_select(0, idx.to(self.hidden.device)))
+
+
+def _step_skip(
+    session: DecodeSession, points: list[ExitPoint], policy: ExitPolicy, groups: list[_Group]
+) -> list[_Group]:
+    """Decode one token per active row, running blocks only up to the batch's exit depth;
+    deferred slots ride along as extra columns from their frontier on. Returns the groups
+    left deferred after this step."""
+    bb = session.backbone
+    stats = session.stats
+    big = bb.num_layers
+    a = session.active
+    running = torch.tensor(session.running(), device=session.pending.device)
+    n_run = int(running.sum())
+    # Every column (deferred slots + the new token) sees all committed slots + itself; at layer
+    # l the cache holds all but the k missing ones, which are the columns before the new one.
+    ones = torch.ones(a, 1, dtype=torch.long, device=session.mask.device)
+    mask = torch.cat([session.mask, ones], 1)  # (A, S + 1)
+    slot_pos = torch.cat([session.slot_pos, session.next_pos[:, None]], 1)  # (A, S + 1)
+    contexts: dict[int, DecodeContext] = {}
+
+    hidden = bb.embed(session.pending[:, None], slot_pos[:, -1:])[:, 0]  # (A, H)
+    t = torch.tensor(
+        [len(session.generated[r]) for r in session.rows.tolist()], device=hidden.device
+    )
+    state = new_token_state(policy, t, session.max_new_tokens, hidden)
+    exited = torch.zeros(a, dtype=torch.bool, device=hidden.device)
+    depth = torch.full((a,), big, dtype=torch.long, device=hidden.device)
+    token = torch.zeros(a, dtype=torch.long, device=hidden.device)
+    by_depth = {p.depth: (k, p) for k, p in enumerate(points)}
+    num_exits = len(points) + 1
+    cols: torch.Tensor | None = None  # (A, k, H) deferred slots running in this call
+    stop = big
+    for layer in range(big):
+        joining = [g.hidden for g in groups if g.frontier == layer]  # older than those running
+        if joining:
+            cols = torch.cat(joining + ([cols] if cols is not None else []), 1)
+        k = 0 if cols is None else cols.shape[1]
+        if k not in contexts:
+            contexts[k] = DecodeContext(session.cache, slot_pos[:, -(k + 1):], mask, slot_pos)
+        x = hidden[:, None] if cols is None else torch.cat([cols, hidden[:, None]], 1)
+        out = bb.run_layers(x, layer, layer + 1, contexts[k])
+        cols = out[:, :k] if k else None
+        # Exited lanes keep running their true state: free in a batched call, and it makes
+        # their K/V the full model's (nothing is propagated in this mode).
+        hidden = out[:, -1]
+        stats.layer_applications += n_run * (k + 1)
+        stats.fill_applications += n_run * k
+        d = layer + 1
+        if d in by_depth:
+            j, point = by_depth[d]
+            live = ~exited
+            now, tok, state = check_exit(policy, point, j, num_exits, hidden, live, state)
+            stats.head_applications += int((live & running).sum())
+            token = torch.where(now, tok, token)
+            depth = torch.where(now, torch.full_like(depth, d), depth)
+            exited = exited | now
+            if not bool((running & ~exited).any()):
+                stop = d
+                break
+    if stop == big:
+        final = bb.lm_logits(bb.final_norm(hidden)).argmax(-1)
+        token = torch.where(exited, token, final)
+    stats.sequential_layers += stop
+    stats.iterations += 1
+
+    session.commit(session.pending[:, None], ones, ones[:, 0], token)
+    for i, (r, live) in enumerate(zip(session.rows.tolist(), running.tolist())):
+        if live:
+            stats.decision_layer_applications += int(depth[i])
+            if isinstance(stats, EarlyExitStats):
+                stats.token_depths[r].append(int(depth[i]))
+    session.emit([[x] for x in token.tolist()])
+    if stop == big:
+        return []  # every deferred slot reached the last layer: the cache is complete
+    # Groups at the stop depth merge with the ones that ran and the new slot (slot order).
+    older = [g for g in groups if g.frontier > stop]
+    parts = [g.hidden for g in groups if g.frontier == stop]
+    parts += ([cols] if cols is not None else []) + [hidden[:, None]]
+    left = older + [_Group(stop, torch.cat(parts, 1))]
+    if isinstance(stats, EarlyExitStats):
+        stats.max_deferred = max(stats.max_deferred, sum(g.hidden.shape[1] for g in left))
+    return left
 
 
 def _step(
