@@ -1,6 +1,8 @@
 """Exit policies, registered by name (see :data:`POLICIES`)."""
 
 from . import (  # noqa: F401  (registration side effect)
+    budget,
+    calm_learned,
     calm_saturation,
     calm_softmax,
     calm_top2,
@@ -11,14 +13,25 @@ from . import (  # noqa: F401  (registration side effect)
     patience,
     patience_confidence,
     static,
+    window,
+    ztw,
 )
 from .base import POLICIES, ExitPolicy, PolicyState, get_policy, policy_from_dict, register_policy
+from .budget import BudgetPolicy
+from .window import WindowPolicy, normalized_uncertainty
+from .ztw import ZTWPolicy, ztw_cache, ztw_ensemble
 
 __all__ = [
     "POLICIES",
+    "BudgetPolicy",
     "ExitPolicy",
     "PolicyState",
+    "WindowPolicy",
+    "ZTWPolicy",
     "get_policy",
+    "normalized_uncertainty",
     "policy_from_dict",
     "register_policy",
+    "ztw_cache",
+    "ztw_ensemble",
 ]
