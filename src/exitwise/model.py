@@ -20,7 +20,7 @@ from torch import nn
 from .backbones import Backbone, HFEncoderBackbone, wrap_backbone
 from .config import ExitConfig
 from .errors import CheckpointError, InputError
-from .heads import ExitHead, build_head
+from .heads import ExitHead, GeometricEnsemble, build_head, classifier_layer, uses_previous_logits
 from .outputs import EarlyExitResult, ExitOutputs
 from .policies.base import ExitPolicy, get_policy, policy_from_dict
 
@@ -29,6 +29,27 @@ HEADS_NAME = "exit_heads.safetensors"
 BACKBONE_DIR = "backbone"
 BACKBONE_WEIGHTS = "backbone.safetensors"
 FORMAT_VERSION = 1
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``scale`` on the way back."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: Any) -> torch.Tensor:  # noqa: D102
+        ctx.save_for_backward(torch.as_tensor(scale))
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):  # noqa: D102
+        (scale,) = ctx.saved_tensors
+        return grad * scale.to(grad.dtype), None
+
+
+def scale_grad(x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """``x`` unchanged, its gradient multiplied by ``scale`` (a float or a 0-d tensor)."""
+    if not isinstance(scale, torch.Tensor) and float(scale) == 1.0:
+        return x
+    return _ScaleGrad.apply(x, scale)
 
 
 class MultiExitModel(nn.Module):
@@ -74,6 +95,8 @@ class MultiExitModel(nn.Module):
         self.exit_lookup: dict[int, int] = {d: k for k, d in enumerate(self.exit_layers)}
         self.calibration: dict[str, Any] = {}
         self.backbone_tuned = False
+        # ZTW's learned geometric ensemble over the exits (attach_ensemble); saved with the heads.
+        self.ensemble: GeometricEnsemble | None = None
 
     # -- basic facts ------------------------------------------------------------------------
     @property
@@ -102,22 +125,89 @@ class MultiExitModel(nn.Module):
         return labels
 
     # -- forward passes ---------------------------------------------------------------------
-    def forward(self, **inputs: Any) -> ExitOutputs:
+    def head_logits(
+        self,
+        k: int,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        previous_logits: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Exit ``k``'s raw logits (B, C); heads that declare ``uses_previous_logits`` also get
+        the raw logits of exit k-1 (None at the first exit). Every path that runs heads
+        (forward, the executor, the logits cache) goes through here."""
+        head = self.heads[k]
+        if uses_previous_logits(head):
+            return head(hidden, mask, previous_logits=previous_logits)
+        return head(hidden, mask)
+
+    def forward(
+        self,
+        return_features: bool = False,
+        grad_scales: Any = None,
+        **inputs: Any,
+    ) -> ExitOutputs:
         """Every exit's logits, raw (no temperature): ExitOutputs.logits[k] is (B, C).
 
         Accepts what the backbone takes (input_ids, attention_mask, ...); ``labels`` is
         ignored here (training recipes compute the losses).
+
+        return_features: also fill ``ExitOutputs.features`` (per exit, the (B, D_k) input of
+            its head's classifier layer).
+        grad_scales: training only: per exit k a pair ``(head_path, trunk_path)`` of gradient
+            multipliers (floats or 0-d tensors) at the point where exit k reads the backbone:
+            the gradient exit k's head sends into the backbone is scaled by ``head_path``, the
+            gradient the deeper blocks send back through that point by ``trunk_path``. The
+            forward values do not change. IMTA's gradient equilibrium and Meta-GF's gradient
+            fusion are such scalings.
         """
         inputs.pop("labels", None)
+        if grad_scales is not None and len(grad_scales) != self.num_exits:
+            raise InputError(f"{len(grad_scales)} grad_scales for {self.num_exits} exits")
         state = self.backbone.start(**inputs)
         logits: list[torch.Tensor] = []
+        features: list[torch.Tensor | None] = []
+        previous: torch.Tensor | None = None
         for i in range(self.backbone.num_layers):
             state = self.backbone.step(i, state)
             k = self.exit_lookup.get(i + 1)
             if k is not None:
+                trunk = state.hidden
+                if grad_scales is not None:
+                    state.hidden = scale_grad(trunk, grad_scales[k][0])
                 hidden, mask = self.backbone.features(state)
-                logits.append(self.heads[k](hidden, mask))
-        return ExitOutputs(logits=logits)
+                if return_features:
+                    out, feat = self._logits_and_feature(k, hidden, mask, previous)
+                    features.append(feat)
+                else:
+                    out = self.head_logits(k, hidden, mask, previous)
+                logits.append(out)
+                previous = out
+                if grad_scales is not None:
+                    state.hidden = scale_grad(trunk, grad_scales[k][1])
+        return ExitOutputs(logits=logits, features=features if return_features else None)
+
+    def _logits_and_feature(
+        self, k: int, hidden: torch.Tensor, mask: torch.Tensor | None, previous: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Exit k's logits and the input of its classifier layer (caught by a forward
+        pre-hook, so heads need no extra code to expose it)."""
+        layer = classifier_layer(self.heads[k])
+        if layer is None:
+            return self.head_logits(k, hidden, mask, previous), None
+        caught: list[torch.Tensor] = []
+        handle = layer.register_forward_pre_hook(lambda _m, args: caught.append(args[0]))
+        try:
+            out = self.head_logits(k, hidden, mask, previous)
+        finally:
+            handle.remove()
+        return out, (caught[-1] if caught else None)
+
+    def attach_ensemble(self) -> GeometricEnsemble:
+        """The ZTW geometric ensemble over this model's exits, created on first use."""
+        if self.ensemble is None:
+            device = self.temperatures.device
+            self.ensemble = GeometricEnsemble(self.num_exits, self.num_labels).to(device)
+        return self.ensemble
 
     def early_exit(
         self,
@@ -147,6 +237,9 @@ class MultiExitModel(nn.Module):
         from .backbones.base import reference_output
 
         inputs.pop("labels", None)
+        if uses_previous_logits(self.heads[-1]):
+            # A cascade final head needs every earlier exit's logits: no plainer model exists.
+            return self.forward(**inputs).logits[-1]
         hidden, mask = reference_output(self.backbone, **inputs)
         return self.heads[-1](hidden, mask)
 
@@ -171,10 +264,17 @@ class MultiExitModel(nn.Module):
             "backbone": self.backbone.describe(),
             "backbone_saved": backbone_saved,
             "calibration": self.calibration,
+            "ensemble": None if self.ensemble is None else {"kind": "geometric"},
         }
 
     def save_pretrained(self, save_dir: str | Path, save_backbone: bool | None = None) -> Path:
-        """Write exit_config.json + exit_heads.safetensors (+ the backbone if tuned)."""
+        """Write exit_config.json + exit_heads.safetensors (+ the backbone if tuned).
+
+        save_backbone: None (default) = only when a recipe tuned it. A frozen backbone that no
+        name or path can bring back (an ``nn.Sequential``, a timm/torchvision model, a model
+        built in memory) must then be passed to :meth:`from_pretrained`, or saved with
+        ``save_backbone=True``.
+        """
         out = Path(save_dir)
         out.mkdir(parents=True, exist_ok=True)
         save_backbone = self.backbone_tuned if save_backbone is None else save_backbone
@@ -182,6 +282,11 @@ class MultiExitModel(nn.Module):
             f"heads.{k}": v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()
         }
         tensors["temperatures"] = self.temperatures.detach().cpu().contiguous()
+        if self.ensemble is not None:
+            tensors.update(
+                {f"ensemble.{k}": v.detach().contiguous().cpu()
+                 for k, v in self.ensemble.state_dict().items()}
+            )
         save_file(tensors, str(out / HEADS_NAME), metadata={"format": "exitwise"})
         if save_backbone:
             hf_model = getattr(self.backbone, "model", None)
@@ -246,6 +351,14 @@ class MultiExitModel(nn.Module):
         except RuntimeError as err:
             raise CheckpointError(f"saved exit heads do not fit this model: {err}") from None
         model.temperatures.copy_(tensors["temperatures"])
+        if meta.get("ensemble"):
+            ens = {k[len("ensemble."):]: v for k, v in tensors.items() if k.startswith("ensemble.")}
+            try:
+                model.attach_ensemble().load_state_dict(ens, strict=True)
+            except RuntimeError as err:
+                raise CheckpointError(
+                    f"saved exit ensemble does not fit this model: {err}"
+                ) from None
         model.calibration = meta.get("calibration", {})
         model.backbone_tuned = bool(meta.get("backbone_saved"))
         # Like transformers' from_pretrained: ready for inference (no dropout in the heads).

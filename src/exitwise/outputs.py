@@ -13,10 +13,14 @@ class ExitOutputs:
 
     logits: one (B, num_labels) tensor per exit, shallowest first; ``logits[-1]`` is the final
         classifier. loss: set by training strategies.
+    features: only when the forward pass was asked for them (``return_features=True``): per
+        exit, the (B, D_k) vector its head's classifier layer reads (None for a head without
+        one); recipes that match representations across exits (self-distillation hints) use it.
     """
 
     logits: list[torch.Tensor]
     loss: torch.Tensor | None = None
+    features: list[torch.Tensor | None] | None = None
 
     def stacked(self) -> torch.Tensor:
         """(B, num_exits, num_labels)."""

@@ -38,7 +38,7 @@ def test_label_out_of_range_in_a_stream_is_caught_per_batch(tmp_path):
 
 
 def test_unknown_strategy_lists_the_registered_ones(tmp_path):
-    with pytest.raises(ConfigError, match="exits_only, joint, two_stage"):
+    with pytest.raises(ConfigError, match="exits_only, .*joint, .*two_stage"):
         train(tiny_model(), token_items(8), strategy="nope", output_dir=tmp_path, **FAST)
     with pytest.raises(ConfigError, match="bad options"):
         get_strategy("joint", wieghts="depth")

@@ -217,13 +217,15 @@ def _batch_exit_logits(model: "MultiExitModel", inputs: dict[str, Any]):
     state = backbone.start(**inputs)
     costs = exit_cost_table(model, state)
     full = full_depth_cost(model, state)
-    logits = []
+    logits: list[torch.Tensor] = []
+    previous: torch.Tensor | None = None  # raw logits of the last exit, for cascade heads
     for i in range(backbone.num_layers):
         state = backbone.step(i, state)
         k = model.exit_lookup.get(i + 1)
         if k is not None:
             hidden, mask = backbone.features(state)
-            logits.append(model.heads[k](hidden, mask).float())
+            previous = model.head_logits(k, hidden, mask, previous)
+            logits.append(previous.float())
     return torch.stack(logits, dim=1), costs, full
 
 

@@ -2,7 +2,8 @@
 
 Runs the backbone block by block; at each exit evaluates the head and asks the policy; rows
 that exit are written out and removed from the batch (hidden states, masks, policy state,
-labels) so the remaining rows run on a smaller batch. Nothing is simulated: the skipped blocks
+labels, and the previous exit's raw logits that cascade heads read) so the remaining rows
+run on a smaller batch. Nothing is simulated: the skipped blocks
 are never computed.
 """
 
@@ -62,6 +63,7 @@ def run_early_exit(
     pstate = policy.init_state(b, device)
     layer_seconds: list[float] = []
     rows_per_layer: list[int] = []
+    previous: torch.Tensor | None = None  # raw logits of the last exit, for cascade heads
 
     for i in range(backbone.num_layers):
         if count_flops:
@@ -72,7 +74,8 @@ def run_early_exit(
         k = exit_at.get(i + 1)
         if k is not None:
             hidden, mask = backbone.features(state)
-            logits = heads[k](hidden, mask)
+            logits = model.head_logits(k, hidden, mask, previous)
+            previous = logits
             if count_flops:
                 full_mask = None if mask is None else torch.ones_like(mask)
                 executed += float(heads[k].head_flops(full_mask, logits.shape[0]).sum())
@@ -101,6 +104,7 @@ def run_early_exit(
                     exit_layer[rows.cpu()] = i + 1
                     active = active[stay]
                     state = backbone.keep(state, stay)
+                    previous = previous[stay]
                     pstate = policy.keep(pstate, stay)
                     if labels is not None:
                         labels = labels[stay]

@@ -5,36 +5,51 @@
                    strategy_options={"weights": "depth"}, learning_rate=2e-5, num_train_epochs=3)
     print(result.table())
 
-Recipes are registered strategies (one file each): ``joint``, ``two_stage``, ``exits_only``.
+Recipes are registered strategies (one file each): ``joint``, ``two_stage``, ``exits_only``,
+and the vision literature's ``branchynet``, ``sdn_ramp``, ``sdn_ic_only``, ``imta``,
+``self_distill``, ``ztw``, ``boosted``, ``l2w``, ``meta_gf``.
 A new one subclasses :class:`TrainingStrategy`, returns its :class:`Stage` list from
 ``build_stages`` and is registered with ``@register_strategy("name")``.
 """
 
 from . import exits_only, joint, two_stage  # noqa: F401  (register the built-in recipes)
+from . import boosted, branchynet, imta, l2w, meta_gf, sdn, self_distill, ztw  # noqa: F401
 from .base import (
     STRATEGIES,
     Stage,
+    TrainingProgress,
     TrainingStrategy,
     backbone_parameters,
+    distillation_kl,
     exit_cross_entropy,
+    gradient_equilibrium_scales,
     get_strategy,
     head_parameters,
     register_strategy,
     weighted_exit_loss,
 )
+from .calm_classifier import CalmClassifierResult, train_calm_classifier
 from .checkpoint import load_model_weights, save_model_weights
+from .draft_vocab import choose_draft_vocab
 from .collate import PaddingCollator, default_collator
 from .evaluate import evaluate_exits, format_exit_table
 from .exits_only import ExitsOnlyStrategy
 from .joint import JointStrategy
+from .layerskip import LayerSkipResult, layerskip_finetune
 from .lm_tuning import LMTuningResult, tune_exits
 from .loop import StageResult, TrainResult, train
 from .schedules import exit_weights
 from .trainer import ExitTrainer
 from .two_stage import TwoStageStrategy
+from .ztw import ztw_ensemble_weights
 
 __all__ = [
     "STRATEGIES",
+    "CalmClassifierResult",
+    "LayerSkipResult",
+    "choose_draft_vocab",
+    "layerskip_finetune",
+    "train_calm_classifier",
     "ExitTrainer",
     "ExitsOnlyStrategy",
     "JointStrategy",
@@ -43,10 +58,13 @@ __all__ = [
     "Stage",
     "StageResult",
     "TrainResult",
+    "TrainingProgress",
     "TrainingStrategy",
     "TwoStageStrategy",
     "backbone_parameters",
     "default_collator",
+    "distillation_kl",
+    "gradient_equilibrium_scales",
     "evaluate_exits",
     "exit_cross_entropy",
     "exit_weights",
@@ -59,4 +77,5 @@ __all__ = [
     "train",
     "tune_exits",
     "weighted_exit_loss",
+    "ztw_ensemble_weights",
 ]

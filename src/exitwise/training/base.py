@@ -26,6 +26,36 @@ if TYPE_CHECKING:  # pragma: no cover
 
 LossFn = Callable[[ExitOutputs, torch.Tensor], torch.Tensor]
 ParamSelector = Callable[["MultiExitModel"], Iterable[nn.Parameter]]
+# (model as the Trainer holds it, backbone inputs, labels (B,)) -> (loss, outputs or None)
+StepFn = Callable[
+    [nn.Module, dict[str, Any], torch.Tensor], "tuple[torch.Tensor, ExitOutputs | None]"
+]
+
+
+@dataclass
+class TrainingProgress:
+    """Where training is, for losses that change with it (SDN's ramped exit weights).
+
+    The trainer updates it in place before every loss computation; outside training it keeps
+    its defaults (``num_epochs`` None: "not training", recipes then use their final setting).
+
+    step: optimizer steps done so far; max_steps: total planned.
+    epoch: fractional epochs done so far (the Trainer's ``state.epoch``); num_epochs: planned.
+    learning_rate: the learning rate of the coming step (meta-learning look-aheads use it).
+    """
+
+    step: int = 0
+    max_steps: int | None = None
+    epoch: float = 0.0
+    num_epochs: int | None = None
+    learning_rate: float | None = None
+
+    @property
+    def fraction(self) -> float | None:
+        """Share of the planned steps done, in [0, 1] (None outside training)."""
+        if not self.max_steps:
+            return None
+        return min(1.0, self.step / self.max_steps)
 
 
 @dataclass
@@ -37,12 +67,22 @@ class Stage:
     loss: ``(outputs, labels) -> scalar``; ``outputs.logits[k]`` is (B, C), labels (B,).
     args: TrainingArguments overrides for this stage only (e.g. a larger learning rate for
         the heads-only stage).
+    forward_kwargs: extra keywords for ``model.forward`` during training
+        (``return_features=True``, ``grad_scales=[...]``).
+    step: optional custom training step ``(model, inputs, labels) -> (loss, outputs)``
+        replacing "forward, then ``loss``" (meta-learning recipes run their look-ahead and
+        meta update in it); the Trainer still backpropagates the returned loss and steps the
+        optimizer. ``loss`` stays the stage's objective for evaluation.
+    progress: training progress, updated in place by the trainer (read by ``loss``/``step``).
     """
 
     name: str
     trainable: ParamSelector
     loss: LossFn
     args: dict[str, Any] = field(default_factory=dict)
+    forward_kwargs: dict[str, Any] = field(default_factory=dict)
+    step: StepFn | None = None
+    progress: TrainingProgress = field(default_factory=TrainingProgress)
 
     def trainable_names(self, model: MultiExitModel) -> set[str]:
         """Qualified names of the parameters that train in this stage (aliases included)."""
@@ -137,3 +177,28 @@ def weighted_exit_loss(weights: Sequence[float]) -> LossFn:
         return torch.stack(terms).sum()
 
     return loss
+
+
+def distillation_kl(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Hinton's KD term ``T^2 * KL(softmax(teacher/T) || softmax(student/T))``, batch mean.
+
+    student, teacher: (B, C) logits; the teacher is detached (it only gives targets).
+    """
+    t = float(temperature)
+    target = F.log_softmax(teacher.detach().float() / t, -1)
+    pred = F.log_softmax(student.float() / t, -1)
+    return F.kl_div(pred, target, log_target=True, reduction="batchmean") * t * t
+
+
+def gradient_equilibrium_scales(num_exits: int) -> list[tuple[float, float]]:
+    """IMTA's gradient equilibrium as ``MultiExitModel.forward(grad_scales=...)`` pairs.
+
+    At exit k of K (0-based) the shared point is scaled by 1/(K-k) and the deeper trunk path
+    by (K-k-1) after it, so the gradient reaching the blocks before exit k is the *mean* of the
+    gradients of exits k..K-1 instead of their sum: (head path, trunk path) =
+    (1/(K-k), (K-k-1)/(K-k)).
+    """
+    k_total = int(num_exits)
+    return [(1.0 / (k_total - k), (k_total - k - 1) / (k_total - k)) for k in range(k_total)]

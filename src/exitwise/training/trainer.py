@@ -2,9 +2,12 @@
 
 What changes from the stock Trainer:
 
-- ``compute_loss`` validates the labels, runs the model once (all exits' logits) and asks the
-  stage for the loss. The loss is a per-batch mean, so the Trainer divides it by the number of
-  gradient-accumulation steps itself (``loss_is_scaled_for_ga = False``).
+- ``compute_loss`` validates the labels, updates the stage's ``progress`` (step, epoch,
+  learning rate), runs the model once (all exits' logits, with the stage's
+  ``forward_kwargs``) and asks the stage for the loss, or hands the batch to the stage's own
+  ``step`` when it has one (meta-learning recipes). The loss is a per-batch mean, so the
+  Trainer divides it by the number of gradient-accumulation steps itself
+  (``loss_is_scaled_for_ga = False``).
 - The MultiExitModel is a plain ``nn.Module`` with aliased tensors; checkpoints are written as
   one ``model.safetensors`` with one name per tensor and read back strictly (no pickled model).
   Optimizer, scheduler and RNG states are the Trainer's own files, which makes resuming exact.
@@ -12,6 +15,7 @@ What changes from the stock Trainer:
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -33,6 +37,20 @@ def _labels_of(inputs: dict[str, Any]) -> torch.Tensor:
         f"the training batch has no 'labels' (keys: {', '.join(inputs)}); "
         "the dataset items must carry integer class labels"
     )
+
+
+def _freeze_frozen_norm_statistics(model: torch.nn.Module) -> None:
+    """Put batch-norm layers whose parameters are all frozen in this stage in eval mode.
+
+    The Trainer switches the whole model to train mode every step; a frozen backbone's
+    BatchNorm would then still update its running statistics (and normalise with batch
+    statistics), silently changing the network a frozen-backbone recipe promises to keep.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
 
 
 class ExitTrainer(Trainer):
@@ -59,10 +77,27 @@ class ExitTrainer(Trainer):
         core = self.accelerator.unwrap_model(model)
         ref = features.get("input_ids", features.get("inputs_embeds"))
         labels = core.check_labels(labels, None if ref is None else int(ref.shape[0]))
-        outputs = model(**features)
-        loss = self.stage.loss(outputs, labels)
-        outputs.loss = loss
+        if model.training:
+            self._update_progress()
+            _freeze_frozen_norm_statistics(core)
+        if self.stage.step is not None and model.training:
+            loss, outputs = self.stage.step(model, features, labels)
+        else:
+            outputs = model(**features, **self.stage.forward_kwargs)
+            loss = self.stage.loss(outputs, labels)
+        if outputs is not None:
+            outputs.loss = loss
         return (loss, outputs) if return_outputs else loss
+
+    def _update_progress(self) -> None:
+        p = self.stage.progress
+        p.step = int(self.state.global_step)
+        p.max_steps = int(self.state.max_steps) if self.state.max_steps else None
+        p.epoch = float(self.state.epoch or 0.0)
+        epochs = getattr(self.state, "num_train_epochs", 0) or self.args.num_train_epochs
+        p.num_epochs = max(1, int(math.ceil(epochs))) if epochs else None
+        if self.optimizer is not None and self.optimizer.param_groups:
+            p.learning_rate = float(self.optimizer.param_groups[0]["lr"])
 
     def evaluate(
         self,

@@ -1,0 +1,295 @@
+"""The computer-vision training recipes on a tiny CNN with random, learnable data.
+
+Each recipe runs a few steps through the real ``train`` loop and lowers its own objective;
+the mechanisms they rest on are checked numerically (gradient equilibrium's rescaled backbone
+gradients, SDN's ramp, ZTW's stored ensemble, the meta steps really updating their
+meta-parameters, BYOT's feature hints).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from trainkit import FAST
+
+import exitwise as ew
+from exitwise.errors import ConfigError
+from exitwise.training import (
+    PaddingCollator,
+    TrainingProgress,
+    get_strategy,
+    gradient_equilibrium_scales,
+    train,
+    ztw_ensemble_weights,
+)
+from exitwise.training.meta import budget_assignment
+from exitwise.training.sdn import RampedExitLoss
+
+CNN_HEADS = {  # the head each recipe is meant for
+    "branchynet": ("sdn", {}),
+    "sdn_ramp": ("sdn", {}),
+    "sdn_ic_only": ("sdn", {}),
+    "imta": ("cascade", {"base": "sdn", "detach_previous": False}),
+    "self_distill": ("mlp", {"hidden_features": 12}),
+    "ztw": ("cascade", {"base": "sdn"}),
+    "boosted": ("cascade", {"base": "sdn", "combine": "additive"}),
+    "l2w": ("sdn", {}),
+    "meta_gf": ("sdn", {}),
+}
+
+
+def cnn(head: str = "sdn", head_kwargs=None, seed: int = 0) -> ew.MultiExitModel:
+    torch.manual_seed(seed)
+    stem = nn.Conv2d(1, 6, 3, padding=1)
+    blocks = nn.Sequential(
+        nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(6, 8, 3, padding=1, stride=2), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()),
+    )
+    backbone = ew.SequentialBackbone(blocks, stem=stem, example=torch.randn(1, 1, 8, 8))
+    return ew.attach_exits(
+        backbone,
+        ew.ExitConfig(layers="all", head=head, num_labels=3, dropout=0.0,
+                      head_kwargs=dict(head_kwargs or {})),
+    )
+
+
+def image_items(n: int = 96, seed: int = 0) -> list[dict]:
+    """Label = which third of the image (left / middle / right columns) is brightest."""
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(n):
+        x = torch.randn(1, 8, 8, generator=g) * 0.5
+        label = i % 3
+        x[:, :, label * 3 : label * 3 + 2] += 1.0
+        items.append({"x": x, "labels": label})
+    return items
+
+
+def objective(model, stage, items) -> float:
+    batch = PaddingCollator()(items)
+    labels = batch.pop("labels")
+    model.eval()
+    with torch.no_grad():
+        return float(stage.loss(model(**batch, **stage.forward_kwargs), labels))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name", sorted(CNN_HEADS))
+def test_recipe_lowers_its_loss_on_a_cnn(name, tmp_path):
+    head, kwargs = CNN_HEADS[name]
+    model = cnn(head, kwargs)
+    items = image_items()
+    recipe = get_strategy(name)
+    stages = recipe.stages(model)
+    before = [objective(model, s, items) for s in stages]
+    args = {**FAST, "learning_rate": 1e-2, "per_device_train_batch_size": 32}
+    result = train(model, items, strategy=recipe, output_dir=tmp_path, max_steps=9,
+                   save_final=False, **args)
+    assert all(s.global_step == 9 for s in result.stages)
+    after = [objective(model, s, items) for s in recipe.stages(model)]
+    for s, b, a in zip(stages, before, after):
+        assert a < b - 0.01, f"{name}/{s.name}: {b:.4f} -> {a:.4f}"
+
+
+# -- gradient equilibrium ------------------------------------------------------------------
+def test_gradient_equilibrium_averages_exit_gradients_on_the_backbone():
+    """GE: blocks before exit k get the mean of the gradients of exits k..K-1, not their sum;
+    the heads' own gradients are untouched; the forward values do not change."""
+    model = cnn("linear").train()
+    x = torch.randn(4, 1, 8, 8)
+    y = torch.tensor([0, 1, 2, 0])
+    ce = nn.functional.cross_entropy
+    blocks = list(model.backbone.blocks)
+    k_total = model.num_exits  # one exit per block here
+
+    per_exit = []  # grads of block params for each exit's loss alone (plain forward)
+    for k in range(k_total):
+        model.zero_grad()
+        ce(model(x=x).logits[k], y).backward()
+        per_exit.append({n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                         for n, p in model.named_parameters()})
+
+    model.zero_grad()
+    out = model(x=x, grad_scales=gradient_equilibrium_scales(k_total))
+    plain = model(x=x).logits
+    for a, b in zip(out.logits, plain):
+        torch.testing.assert_close(a, b)
+    sum(ce(z, y) for z in out.logits).backward()
+    for i, _ in enumerate(blocks):
+        for n, p in blocks[i].named_parameters():
+            full = f"backbone.blocks.{i}.{n}"
+            expected = sum(per_exit[k][full] for k in range(i, k_total)) / (k_total - i)
+            torch.testing.assert_close(p.grad, expected, atol=1e-6, rtol=1e-5)
+            if i == 0:  # really rescaled: differs from the plain sum
+                plain_sum = sum(per_exit[k][full] for k in range(k_total))
+                assert not torch.allclose(p.grad, plain_sum)
+    for k, h in enumerate(model.heads):
+        for n, p in h.named_parameters():
+            torch.testing.assert_close(p.grad, per_exit[k][f"heads.{k}.{n}"], atol=1e-6, rtol=1e-5)
+
+
+# -- SDN ramp ------------------------------------------------------------------------------
+def test_sdn_ramp_grows_ic_weights_linearly_with_the_epoch():
+    progress = TrainingProgress()
+    loss = RampedExitLoss([0.25, 0.5], progress)
+    assert loss.weights() == [0.25, 0.5, 1.0]  # outside training: the targets
+    progress.num_epochs = 4
+    progress.epoch = 0.3  # first epoch (1-based e = 1)
+    torch.testing.assert_close(torch.tensor(loss.weights()), torch.tensor([0.01 + 0.25 / 4, 0.01 + 0.5 / 4, 1.0]))
+    progress.epoch = 3.5
+    assert loss.weights() == [0.25, 0.5, 1.0]  # capped at the targets
+    model = cnn()
+    (stage,) = get_strategy("sdn_ramp").stages(model)
+    assert stage.loss.targets == [1 / 3, 2 / 3]  # depth fractions by default
+    with pytest.raises(ConfigError, match="targets"):
+        get_strategy("sdn_ramp", targets=[0.1]).stages(model)
+
+
+def test_sdn_ramp_sees_the_trainers_progress(tmp_path):
+    model = cnn()
+    recipe = get_strategy("sdn_ramp")
+    seen = []
+
+    class Spy(RampedExitLoss):
+        def __call__(self, outputs, labels):
+            seen.append((self.progress.epoch, self.progress.num_epochs, self.weights()[0]))
+            return super().__call__(outputs, labels)
+
+    original = recipe.build_stages
+
+    def build(m):
+        (stage,) = original(m)
+        stage.loss = Spy(stage.loss.targets, stage.progress)
+        return [stage]
+
+    recipe.build_stages = build
+    train(model, image_items(64), strategy=recipe, output_dir=tmp_path, num_train_epochs=4,
+          save_final=False, **{**FAST, "per_device_train_batch_size": 32})
+    assert [s[1] for s in seen] == [4] * 8
+    weights = [s[2] for s in seen]
+    assert weights[0] < weights[2] < weights[4] < weights[6]  # one step up per epoch
+    torch.testing.assert_close(torch.tensor(weights[0]), torch.tensor(0.01 + (1 / 3) / 4))
+
+
+def test_sdn_ic_only_freezes_the_network_and_final_head():
+    model = cnn()
+    (stage,) = get_strategy("sdn_ic_only").stages(model)
+    names = stage.trainable_names(model)
+    assert not any(n.startswith("backbone.") or n.startswith("heads.2.") for n in names)
+    assert {n.split(".")[1] for n in names} == {"0", "1"}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name", ["sdn_ic_only", "ztw"])
+def test_frozen_backbone_recipes_leave_batchnorm_statistics_alone(name, tmp_path):
+    """The Trainer puts the model in train mode every step; a frozen network's BatchNorm must
+    still neither update its running statistics nor normalise with batch statistics."""
+    torch.manual_seed(0)
+    blocks = nn.Sequential(
+        nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(6, 8, 3, padding=1, stride=2), nn.BatchNorm2d(8), nn.ReLU()),
+    )
+    backbone = ew.SequentialBackbone(blocks, example=torch.randn(1, 1, 8, 8))
+    model = ew.attach_exits(backbone, ew.ExitConfig(layers="all", head="sdn", num_labels=3,
+                                                    dropout=0.0))
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    train(model, image_items(), strategy=name, output_dir=tmp_path, max_steps=4,
+          save_final=False, **{**FAST, "per_device_train_batch_size": 32})
+    for k, v in model.backbone.state_dict().items():
+        if not k.endswith("num_batches_tracked"):
+            assert torch.equal(v, before[k]), k
+
+
+# -- ZTW -----------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_ztw_stores_the_ensemble_with_the_heads(tmp_path):
+    model = cnn("cascade", {"base": "sdn"})
+    train(model, image_items(64), strategy="ztw", output_dir=tmp_path / "run", max_steps=4,
+          save_final=False, **FAST)
+    found = ztw_ensemble_weights(model)
+    k, c = model.num_exits, model.num_labels
+    w = torch.tensor(found["weights"])
+    assert w.shape == (k, k) and (w >= 0).all() and not w.triu(1).any()
+    assert torch.tensor(found["bias"]).shape == (k, c)
+    assert torch.tensor(found["bias"]).abs().sum() > 0  # stage 2 trained it
+    model.save_pretrained(tmp_path / "saved")
+    loaded = ew.MultiExitModel.from_pretrained(tmp_path / "saved", backbone=model.backbone)
+    assert ztw_ensemble_weights(loaded) == found
+    with pytest.raises(ConfigError, match="ensemble"):
+        ztw_ensemble_weights(cnn())
+
+
+def test_ztw_ic_stage_keeps_backbone_and_final_head():
+    model = cnn("cascade")
+    s1, s2 = get_strategy("ztw").stages(model)
+    names1 = s1.trainable_names(model)
+    assert not any(n.startswith("backbone.") or n.startswith("heads.2.") for n in names1)
+    assert s2.trainable_names(model) == {"ensemble.raw_weight", "ensemble.bias"}
+    s1b, _ = get_strategy("ztw", train_backbone=True).stages(model)
+    assert any(n.startswith("backbone.") for n in s1b.trainable_names(model))
+
+
+# -- boosting ------------------------------------------------------------------------------
+def test_boosted_heads_fit_the_residual_of_the_detached_ensemble():
+    model = cnn("cascade", {"base": "linear", "combine": "additive"}).train()
+    (stage,) = get_strategy("boosted", gradient_rescaling=False).stages(model)
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    out = model(x=x)
+    # exit 1's loss alone must not move head 0
+    nn.functional.cross_entropy(out.logits[1], y).backward()
+    assert model.heads[0].base.classifier.weight.grad is None
+    assert model.heads[1].base.classifier.weight.grad.abs().sum() > 0
+    model.zero_grad()
+    stage.loss(model(x=x), y).backward()
+    assert model.heads[0].base.classifier.weight.grad.abs().sum() > 0
+
+
+# -- meta-learning -------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["l2w", "meta_gf"])
+def test_meta_recipes_update_their_meta_parameters(name, tmp_path):
+    model = cnn()
+    recipe = get_strategy(name)
+    train(model, image_items(64), strategy=recipe, output_dir=tmp_path, max_steps=3,
+          save_final=False, **FAST)
+    step = recipe.last_step
+    assert len(step.meta_losses) == 3  # the stage's own step ran every time
+    if name == "l2w":
+        assert step.wpn.net[2].weight.abs().sum() > 0  # zero-initialised, now learned
+    else:
+        w = step.weights()
+        assert not torch.allclose(w, torch.ones_like(w))
+        torch.testing.assert_close(w.mean(), torch.tensor(1.0))
+
+
+def test_budget_assignment_follows_the_target_distribution():
+    logits = [torch.randn(10, 3) * 3 for _ in range(3)]
+    exits = budget_assignment(logits, torch.tensor([0.3, 0.5, 0.2]))
+    assert torch.bincount(exits, minlength=3).tolist() == [3, 5, 2]
+    conf0 = logits[0].softmax(-1).amax(-1)
+    assert set(conf0.topk(3).indices.tolist()) == set((exits == 0).nonzero().squeeze(1).tolist())
+
+
+# -- self-distillation ---------------------------------------------------------------------
+def test_self_distill_feature_hints():
+    model = cnn("mlp", {"hidden_features": 12}).train()
+    (stage,) = get_strategy("self_distill").stages(model)
+    assert stage.forward_kwargs == {"return_features": True}
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    out = model(x=x, return_features=True)
+    assert [tuple(f.shape) for f in out.features] == [(4, 12)] * 3
+    no_hint = get_strategy("self_distill", hint_weight=0.0).stages(model)[0]
+    diff = stage.loss(out, y) - no_hint.loss(out, y)
+    expected = 0.03 * sum(((out.features[k] - out.features[2]) ** 2).sum(-1).mean() for k in range(2))
+    torch.testing.assert_close(diff, expected)
+    # the teacher (deepest exit) gets no gradient from the hints or the distillation
+    model.zero_grad()
+    (stage.loss(out, y) - no_hint.loss(out, y)).backward()
+    assert not model.heads[2].fc1.weight.grad.any()
+    wrong = cnn("linear").train()  # feature widths 6, 8, 8
+    with pytest.raises(ConfigError, match="bottleneck"):
+        get_strategy("self_distill").stages(wrong)
+    (bad,) = get_strategy("self_distill", hint_weight=0.0).stages(wrong)
+    with pytest.raises(ConfigError, match="bottleneck"):  # the loss checks too
+        get_strategy("self_distill").stages(model)[0].loss(wrong(x=x, return_features=True), y)
