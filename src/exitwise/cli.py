@@ -69,8 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_lm_commands(sub)
 
-    d = sub.add_parser("demo", help="the whole story on the embedded defaults")
-    d.add_argument("story", nargs="?", default="classify", choices=["classify", "llm"])
+    d = sub.add_parser(
+        "demo", help="the whole story on the embedded defaults: SmolLM2 self-speculative "
+                     "decoding (default, 'llm') or the MiniLM/SST-2 classifier ('classify')")
+    d.add_argument("story", nargs="?", default="llm", choices=["llm", "classify"])
     d.add_argument("--out", default=None)
     d.add_argument("--data", default=None)
     d.add_argument("--max-train", type=int, default=8000)

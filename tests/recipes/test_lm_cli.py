@@ -130,3 +130,32 @@ def test_bad_lm_arguments_fail_clearly(tiny_lm_dir, tmp_path, capsys):
     assert main(["tune-lm", "--model", str(tiny_lm_dir), "--exit-layer", "7", "--steps", "1",
                  "--out", str(tmp_path / "x")]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_bench_lm_times_certified_calm_policies(tiny_lm_dir, tmp_path):
+    """CALM rows of the benchmark: a never-exit threshold is lossless; an always-exit one
+    decodes shallower with kv='skip' and reports its consistency with greedy."""
+    from exitwise.policies import get_policy
+    from exitwise.recipes.lm import TuneLMJob, load_lm, run_tune_lm
+    from exitwise.recipes.lm_bench import bench_lm
+
+    out = tmp_path / "tuned"
+    run_tune_lm(TuneLMJob(out_dir=str(out), model=str(tiny_lm_dir), exit_layers=[2], steps=5,
+                          batch_size=4, seq_len=32, gen_tokens=8, num_generations=1),
+                print_fn=lambda *a: None)
+    model, tok = load_lm(str(out))
+    calm = {"never": get_policy("calm_softmax", threshold=1.0, tau=0.0),
+            "always": get_policy("calm_softmax", threshold=0.0, tau=0.0)}
+    report = bench_lm(model, tok, ["what is the sky", "a poem on the sea"], max_new_tokens=6,
+                      configs=["2:2"], batch_sizes=[1, 2], repeats=1, hf_assistant=False,
+                      calm=calm, print_fn=lambda *a: None)
+    for bs in ("1", "2"):
+        never, always = (report["batch_sizes"][bs][f"calm@{n}"] for n in ("never", "always"))
+        assert never["exact_match"] == 1.0 and never["token_consistency"] == 1.0
+        assert never["mean_exit_depth"] == 4 and never["early_exit_rate"] == 0.0
+        assert always["early_exit_rate"] == 1.0 and always["mean_exit_depth"] == 2
+        assert always["sequential_layers_per_token"] < never["sequential_layers_per_token"]
+        assert "acceptance_rate" not in always
+    summary = report["summary"]["calm"]
+    assert set(summary) == {"calm@never", "calm@always"}
+    assert summary["calm@never"]["token_consistency"] == 1.0

@@ -43,6 +43,7 @@ class TuneLMJob:
     num_generations: int = 2
     gen_tokens: int = 96
     seed: int = 0
+    draft_vocab: int | None = None
 
 
 # -- prompts -------------------------------------------------------------------------------
@@ -118,7 +119,9 @@ def run_tune_lm(
     lm, tokenizer = load_causal_lm(job.model, print_fn=print_fn)
     config = ew.ExitConfig(
         layers=list(job.exit_layers), head="lm", num_labels=int(lm.config.vocab_size),
-        head_kwargs={"adapter": job.adapter}, final_head_kwargs={},
+        head_kwargs={"adapter": job.adapter,
+                     **({"draft_vocab": job.draft_vocab} if job.draft_vocab else {})},
+        final_head_kwargs={},
     )
     model = ew.attach_exits(lm, config)
     texts = format_prompts(tokenizer, list(prompts or DEFAULT_PROMPTS))

@@ -1,9 +1,11 @@
 """Measured decoding speed of a decoder LM: plain HF greedy, HF's own early-exit assistant
 (``assistant_early_exit``), and exitwise self-speculative decoding with tuned exits.
 
-All methods run in one process on the same formatted prompts, interleaved (repetition r runs
-every method once before repetition r+1 starts, so drift hits all alike); per method the
-median over repetitions of tokens/s is reported, plus (from the first repetition) the share of
+All methods run in one process on the same formatted prompts, interleaved per prompt chunk
+(every method runs on chunk c, back to back, before chunk c+1; a repetition is one pass over
+all chunks), so drift and other load hit all methods alike; per method the median over
+repetitions of tokens/s is reported, the median over chunks of greedy-time / method-time, and
+(from the first repetition) the share of
 prompts whose tokens equal plain HF greedy's at the same batch size, and exitwise's counters
 (acceptance rate, layer applications and sequential block calls per token).
 """
@@ -47,6 +49,51 @@ BENCH_PROMPTS: tuple[str, ...] = (
     "What is the capital of Australia, and why is it not Sydney?",
 )
 
+# Disjoint from BENCH_PROMPTS: used only to certify early-exit thresholds (Learn-then-Test
+# needs a few dozen sequences before any threshold can be certified).
+CALIBRATION_PROMPTS: tuple[str, ...] = (
+    "What is the boiling point of water at sea level?",
+    "Write a haiku about mountains.",
+    "How do I make a cup of green tea?",
+    "Explain what gravity is.",
+    "Name three famous painters and one work by each.",
+    "What is a prime number?",
+    "Give two reasons to learn a second language.",
+    "How does a refrigerator keep food cold?",
+    "Write a thank-you note to a teacher.",
+    "What is the largest planet in the solar system?",
+    "How do bees make honey?",
+    "Describe a sunset in two sentences.",
+    "What is the difference between weather and climate?",
+    "How do I center a div in CSS?",
+    "What does a cell's nucleus do?",
+    "Suggest a name for a pet turtle.",
+    "Why is the ocean salty?",
+    "What is inflation in economics?",
+    "Write a limerick about a cat.",
+    "How many continents are there? Name them.",
+    "What is the speed of light?",
+    "Give me three ideas for a birthday party.",
+    "How do airplanes fly?",
+    "What is democracy?",
+    "Explain recursion with a simple example.",
+    "What are the primary colors?",
+    "How can I save money on groceries?",
+    "What is the tallest mountain on Earth?",
+    "Write a two-line slogan for a bakery.",
+    "Why do we have seasons?",
+    "What is the function of the heart?",
+    "How do I write a for loop in JavaScript?",
+    "What are renewable energy sources?",
+    "Describe a cat to someone who has never seen one.",
+    "What is the meaning of the word 'ephemeral'?",
+    "How does the moon affect tides?",
+    "Give a short tip for public speaking.",
+    "What is an atom made of?",
+    "Why should I drink enough water?",
+    "What is a haiku?",
+)
+
 
 def _parse_configs(configs: Sequence[Any]) -> list[tuple[int, int]]:
     out = []
@@ -65,12 +112,22 @@ def _parse_configs(configs: Sequence[Any]) -> list[tuple[int, int]]:
 
 def _runner(
     model: Any, kind: str, exit_layer: int | None, draft_len: int | None, max_new_tokens: int,
-    eos: set[int], pad: int,
+    eos: set[int], pad: int, policy: Any = None, kv: str = "skip",
 ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict | None]]:
     """A function (ids, mask) -> (sequences, exitwise stats dict or None) for one method."""
     from ..generation import generate
 
     lm = hf_model(model)
+    if kind == "calm":
+        def run_calm(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
+            out = generate(
+                model, ids, mask, strategy="early_exit", policy=policy, kv=kv,
+                max_new_tokens=max_new_tokens, eos_token_id=sorted(eos) or None,
+                pad_token_id=pad,
+            )
+            return out.sequences, out.stats.to_dict()
+
+        return run_calm
     if kind == "self_spec":
         def run(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
             out = generate(
@@ -131,9 +188,16 @@ def bench_lm(
     assistant_configs: Sequence[Any] | None = None,
     chat: bool | None = None,
     threads: int | None = None,
+    calm: dict[str, Any] | None = None,
+    calm_kv: str = "skip",
     print_fn: Any = print,
 ) -> dict[str, Any]:
     """Time every method on ``prompts`` at each batch size; returns the report (see module doc).
+
+    ``calm``: name -> token-level exit policy (e.g. certified ``calm_softmax`` thresholds), run
+    as CALM early-exit decoding with ``kv=calm_kv`` at every batch size; these are lossy, so
+    their entries add ``token_consistency`` (1 - the mean per-prompt share of positions that
+    differ from plain greedy).
 
     ``model``: a ``MultiExitModel`` with tuned ``lm`` exits at the configs' exit layers, or a
     plain causal LM (self-speculative then drafts through the shared LM head). HF's assistant
@@ -167,23 +231,37 @@ def bench_lm(
             methods += [(f"hf_assistant@{e}:{d}", "hf_assistant", e, d) for e, d in assist_pairs]
         methods += [(f"self_spec@{e}:{d}", "self_spec", e, d) for e, d in pairs]
         runners = {n: _runner(model, k, e, d, max_new_tokens, eos, pad) for n, k, e, d in methods}
+        for cname, cpolicy in (calm or {}).items():
+            methods.append((f"calm@{cname}", "calm", None, None))
+            runners[f"calm@{cname}"] = _runner(
+                model, "calm", None, None, max_new_tokens, eos, pad, policy=cpolicy, kv=calm_kv
+            )
         for run in runners.values():  # warm-up: first-call allocations out of the timings
             run(*encode_prompts(tokenizer, texts[:1], device))
+        # Interleaved at the finest grain: for every prompt chunk, every method runs once,
+        # back to back, so machine noise hits all methods alike. A repetition is one pass over
+        # all chunks; a method's time is its summed time over the chunks of that pass.
         times: dict[str, list[float]] = {n: [] for n in runners}
-        tokens: dict[str, list[list[int]]] = {}
-        stats: dict[str, list[dict]] = {}
-        counts: dict[str, int] = {}
+        chunk_times: dict[str, list[float]] = {n: [] for n in runners}  # first pass, per chunk
+        tokens: dict[str, list[list[int]]] = {n: [] for n in runners}
+        stats: dict[str, list[dict]] = {n: [] for n in runners}
         for r in range(repeats):
-            for name, run in runners.items():
-                t0 = time.perf_counter()
-                outs = [(run(ids, mask), ids.shape[1]) for ids, mask in chunks]
-                times[name].append(time.perf_counter() - t0)
-                if r == 0:
-                    tokens[name] = [t for (seq, _), plen in outs
-                                    for t in new_token_lists(seq.cpu(), plen, eos)]
-                    counts[name] = sum(len(t) for t in tokens[name])
-                    stats[name] = [s for (_, s), _ in outs if s is not None]
+            spent = {n: 0.0 for n in runners}
+            for ids, mask in chunks:
+                for name, run in runners.items():
+                    t0 = time.perf_counter()
+                    seq, st = run(ids, mask)
+                    dt = time.perf_counter() - t0
+                    spent[name] += dt
+                    if r == 0:
+                        chunk_times[name].append(dt)
+                        tokens[name].extend(new_token_lists(seq.cpu(), ids.shape[1], eos))
+                        if st is not None:
+                            stats[name].append(st)
+            for name in runners:
+                times[name].append(spent[name])
             print_fn(f"  batch {bs}, repetition {r + 1}/{repeats} done")
+        counts = {n: sum(len(t) for t in tokens[n]) for n in runners}
         ref = tokens["hf_greedy"]
         entries = {}
         for name, _, e, d in methods:
@@ -193,9 +271,24 @@ def bench_lm(
                 "seconds": times[name], "new_tokens": counts[name],
                 "tokens_per_s": counts[name] / med,
                 "exact_match": sum(a == b for a, b in zip(tokens[name], ref)) / len(ref),
+                # per chunk: greedy's time / this method's time (same chunk, back to back);
+                # equal token counts make it the tokens/s ratio for lossless methods
+                "median_chunk_speedup_vs_greedy": statistics.median(
+                    g / t for g, t in zip(chunk_times["hf_greedy"], chunk_times[name])
+                ),
             }
+            if name.startswith("calm@"):
+                from ..calibration.ltt import sequence_losses
+
+                losses = sequence_losses(tokens[name], ref, "token")
+                entry["token_consistency"] = 1.0 - sum(losses) / len(losses)
+                depths = [d for st in stats[name] for row in st["token_depths"] for d in row]
+                entry["mean_exit_depth"] = sum(depths) / max(len(depths), 1)
+                entry["early_exit_rate"] = sum(d < num_layers for d in depths) / max(len(depths), 1)
             if stats[name]:
                 entry.update(_merge_stats(stats[name]))
+                if name.startswith("calm@"):
+                    entry.pop("acceptance_rate")  # nothing is drafted
             elif name == "hf_greedy":
                 entry.update(layer_applications_per_token=float(num_layers),
                              sequential_layers_per_token=float(num_layers))
@@ -232,6 +325,15 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
                 spec["tokens_per_s"] / assist["tokens_per_s"] if spec and assist else None
             ),
         )
+    calm = {n: e for n, e in (b1 or {}).items() if n.startswith("calm@")}
+    if calm:
+        out["calm"] = {
+            n: {"tokens_per_s": e["tokens_per_s"],
+                "speedup_vs_greedy": e["tokens_per_s"] / b1["hf_greedy"]["tokens_per_s"],
+                "token_consistency": e["token_consistency"], "exact_match": e["exact_match"],
+                "mean_exit_depth": e["mean_exit_depth"]}
+            for n, e in calm.items()
+        }
     b4 = report["batch_sizes"].get("4")
     if b4:
         name4, spec4 = best(b4, "self_spec@")
