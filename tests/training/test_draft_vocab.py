@@ -130,3 +130,24 @@ def test_bad_draft_vocab_is_refused():
         model.heads[0].set_draft_vocab([3] * K)
     with pytest.raises(ConfigError, match="ids must be in"):
         model.heads[0].set_draft_vocab(torch.arange(VOCAB - K + 1, VOCAB + 1))
+
+
+def test_calm_early_exit_decoding_reads_the_restricted_head():
+    """CALM policies see the K finite logits of a restricted exit; tokens emitted at that exit
+    lie in its draft vocabulary; a never-exit threshold still equals greedy."""
+    model = model_with_subset("llama").eval()
+    subset = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(2))[:K]
+    for k in (0, 1):
+        model.heads[k].set_draft_vocab(subset)
+    ids = torch.tensor([[5, 9, 14, 3], [4, 8, 15, 16]])
+    mask = torch.ones_like(ids)
+    greedy = ew.generate(model, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=EOS)
+    common = dict(attention_mask=mask, max_new_tokens=8, eos_token_id=EOS,
+                  strategy="early_exit", kv="skip")
+    never = ew.generate(model, ids, policy=ew.get_policy("calm_softmax", threshold=1.0, tau=0.0),
+                        **common)
+    assert torch.equal(never.sequences, greedy.sequences)
+    always = ew.generate(model, ids, policy=ew.get_policy("calm_softmax", threshold=0.0, tau=0.0),
+                         **common)
+    new = always.sequences[:, ids.shape[1] + 1 :]  # the first token comes from the prefill
+    assert set(new.flatten().tolist()) <= set(subset.tolist())

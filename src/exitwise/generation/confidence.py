@@ -140,11 +140,18 @@ def check_exit(
         sub["hidden"] = hidden.index_select(0, idx)
         # Which exit this is, as a depth (a learned per-exit classifier is keyed by depth).
         sub["exit_depth"] = torch.full((idx.numel(),), point.depth, device=live.device)
-    logits = point.head.token_logits(hidden.index_select(0, idx)[:, None])[:, 0]
+    # Over the head's draft vocabulary when it has one (K finite logits: the softmax over them
+    # equals the one over V with -inf outside, and K << V is cheaper).
+    head = point.head
+    compact = getattr(head, "compact_logits", None)
+    if compact is not None:
+        logits = compact(hidden.index_select(0, idx)[:, None])[:, 0]
+    else:
+        logits = head.token_logits(hidden.index_select(0, idx)[:, None])[:, 0]
     logits = logits / point.temperature
     decided, sub = policy.decide(exit_index, num_exits, logits, sub)
     exits[idx] = decided.to(exits.device)
-    tokens[idx] = logits.argmax(-1)
+    tokens[idx] = head.compact_argmax(logits) if compact is not None else logits.argmax(-1)
     state = dict(state)
     for key, value in sub.items():
         if key in state and state[key].shape[1:] == value.shape[1:]:
