@@ -88,6 +88,8 @@ def _add_lm_commands(sub: Any) -> None:
     t.add_argument("--model", default="smollm2", help="'smollm2', a local folder, or a hub id")
     t.add_argument("--exit-layer", type=_ints, default=[8], help="depth(s), e.g. 8 or 6,12")
     t.add_argument("--adapter", default="mlp", choices=["none", "norm", "mlp", "block"])
+    t.add_argument("--draft-vocab", type=int, default=None,
+                   help="read out only the K most likely token ids at the exit (e.g. 8192)")
     t.add_argument("--steps", type=int, default=200)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--batch-size", type=int, default=8)
@@ -106,6 +108,11 @@ def _add_lm_commands(sub: Any) -> None:
                    choices=["greedy", "self_speculative", "early_exit"])
     g.add_argument("--exit-layer", type=int, default=None, help="default: the tuned exit")
     g.add_argument("--draft-len", type=int, default=4)
+    g.add_argument("--draft-threshold", type=float, default=None,
+                   help="self_speculative: stop a draft once its top-1 probability is below")
+    g.add_argument("--kv", default="skip", choices=["skip", "propagate", "recompute"],
+                   help="early_exit: keys/values of skipped layers (skip = computed later, "
+                        "in parallel with the next token)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     g.add_argument("--policy", default="calm_softmax", help="early_exit: token exit policy")
@@ -135,7 +142,7 @@ def _run_lm(args: argparse.Namespace) -> int:
             out_dir=args.out, model=args.model, exit_layers=args.exit_layer, adapter=args.adapter,
             steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
             loss=args.loss, num_generations=args.generations, gen_tokens=args.gen_tokens,
-            seed=args.seed,
+            seed=args.seed, draft_vocab=args.draft_vocab,
         )
         report = lm.run_tune_lm(job, resume=not args.no_resume)
         print(json.dumps(report, indent=2, default=_json_default))
@@ -145,7 +152,8 @@ def _run_lm(args: argparse.Namespace) -> int:
             args.model, args.prompt, strategy=args.strategy, exit_layer=args.exit_layer,
             draft_len=args.draft_len, max_new_tokens=args.max_new_tokens,
             chat=False if args.no_chat else None, do_sample=args.sample, seed=args.seed,
-            policy={"name": args.policy, "threshold": args.threshold},
+            policy={"name": args.policy, "threshold": args.threshold}, kv=args.kv,
+            draft_threshold=args.draft_threshold,
         )
         if args.json:
             print(json.dumps(out, indent=2, default=_json_default))

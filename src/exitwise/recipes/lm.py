@@ -47,6 +47,51 @@ class TuneLMJob:
 
 
 # -- prompts -------------------------------------------------------------------------------
+# User turns for exit tuning on a chat model's own answers, besides lm_data.DEFAULT_PROMPTS
+# (disjoint from the benchmark's and the calibration's prompts in recipes/lm_bench.py).
+CHAT_TUNING_PROMPTS: tuple[str, ...] = (
+    "How do solar panels generate electricity?",
+    "Write a short motivational message for a student before an exam.",
+    "What is the difference between a list and a tuple in Python?",
+    "Explain how a credit score works.",
+    "Give me three ideas for a healthy breakfast.",
+    "Why do cats purr?",
+    "Describe the rules of chess in a few sentences.",
+    "What is machine learning?",
+    "How do I start learning to play the guitar?",
+    "Summarize the causes of the French Revolution.",
+    "What are black holes?",
+    "Write a friendly reminder email about a library book that is overdue.",
+    "How does the immune system fight infections?",
+    "What is the best way to learn new vocabulary?",
+    "Explain what an API is.",
+    "Give me a packing list for a beach holiday.",
+    "Why is biodiversity important?",
+    "How do I make pancakes?",
+    "What is the difference between HTTP and HTTPS?",
+    "Write a four-line poem about rain.",
+    "How can I reduce stress at work?",
+    "What happened during the Industrial Revolution?",
+    "Explain compound interest with an example.",
+    "What are the planets of the solar system?",
+    "How do I write a good cover letter?",
+    "What is the role of mitochondria?",
+    "Suggest a weekend itinerary for a city trip.",
+    "How do electric cars work?",
+    "What is a sonnet?",
+    "Explain the difference between RAM and storage.",
+    "Why do birds migrate?",
+    "How do I care for a houseplant?",
+    "What is the greenhouse effect?",
+    "Write a short dialogue between a customer and a waiter.",
+    "What are the main parts of a computer?",
+    "How do I calculate the area of a circle?",
+    "What is the history of the Olympic Games?",
+    "Give three tips for writing clear emails.",
+    "What is a healthy amount of sleep for adults?",
+    "Explain how a search engine works.",
+)
+
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
@@ -124,7 +169,7 @@ def run_tune_lm(
         final_head_kwargs={},
     )
     model = ew.attach_exits(lm, config)
-    texts = format_prompts(tokenizer, list(prompts or DEFAULT_PROMPTS))
+    texts = format_prompts(tokenizer, list(prompts or (DEFAULT_PROMPTS + CHAT_TUNING_PROMPTS)))
     out = Path(job.out_dir)
     result = tune_exits(
         model, None, tokenizer, steps=job.steps, lr=job.lr, batch_size=job.batch_size,
@@ -205,6 +250,8 @@ def run_generate(
     seed: int | None = None,
     policy: Any = None,
     print_fn: Any = None,
+    kv: str = "skip",
+    draft_threshold: float | None = None,
 ) -> dict[str, Any]:
     """Generate continuations of ``prompts``; returns {"texts": [...], "stats": {...}}.
 
@@ -233,7 +280,8 @@ def run_generate(
     out = generate(
         model, ids, mask, strategy=strategy, exit_layer=exit_layer, draft_len=draft_len,
         max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed,
-        policy=policy if strategy == "early_exit" else None,
+        policy=policy if strategy == "early_exit" else None, kv=kv,
+        draft_threshold=draft_threshold if strategy == "self_speculative" else None,
     )
     eos = eos_ids(hf_model(model), tokenizer)
     new = new_token_lists(out.sequences, ids.shape[1], eos)
