@@ -283,12 +283,6 @@ def evaluate_recipe(model, held_c, test_c, policies) -> dict:
             "param": cal.param, "heldout": cal.heldout,
             "test": {**res.metrics(), "accuracy_drop_points": 100 * (full_test - res.accuracy)},
         }
-        if name == "ztw":  # decisions by the ensemble; also score the ensemble's predictions
-            from exitwise.policies.ztw import ztw_cache
-
-            ens = replay(get_policy("confidence", threshold=cal.param),
-                         ztw_cache(test_c, cal.policy, temps))
-            rep["policies"][name]["test"]["ensemble_prediction_accuracy"] = ens.accuracy
         rep["budgeted_batch"][name] = curve
         # Mean test accuracy over the budget grid: one number to rank budgeted-batch curves.
         rep["policies"][name]["budgeted_mean_accuracy"] = statistics.mean(

@@ -267,3 +267,19 @@ def test_fitted_policies_agree_between_runtime_and_replay(cnn):
         assert torch.equal(live.exit_index, offline.exit_index), policy
         assert torch.equal(live.predictions, offline.predictions), policy
         assert len(set(live.exit_index.tolist())) >= 2, policy  # not a trivial agreement
+
+
+def test_ztw_runtime_returns_the_ensemble_and_replay_scores_it(cnn):
+    """A row leaving at exit k returns ZTW's ensemble log-probabilities at k (not the head's
+    own logits), in the executor and in replay alike."""
+    model, x, cache = cnn
+    weights = [[1.0], [0.5, 1.0], [0.2, 0.4, 1.0], [0.1, 0.2, 0.3, 1.0]]
+    policy = ew.get_policy("ztw", threshold=0.9, weights=weights)
+    live = model.early_exit(policy, x=x)
+    ens = ztw_ensemble(cache.logits, weights, None, model.temperatures)  # (N, E, C)
+    rows = torch.arange(cache.num_examples)
+    torch.testing.assert_close(live.logits, ens[rows, live.exit_index], atol=1e-4, rtol=1e-4)
+    head_preds = cache.logits[rows, live.exit_index].argmax(-1)
+    offline = replay(policy, cache, model.temperatures)
+    assert torch.equal(offline.predictions, ens[rows, live.exit_index].argmax(-1))
+    assert not torch.equal(offline.predictions, head_preds)  # the ensemble does change answers

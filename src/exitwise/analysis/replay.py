@@ -96,11 +96,15 @@ def replay(
     active = torch.arange(n)
     labels = cache.labels if policy.needs_labels else None
     pstate = policy.init_state(n, "cpu")
+    # Policies that change what a leaving row returns (ensembles) predict from that output.
+    transforms = policy.transforms_output
+    predictions = torch.full((n,), -1, dtype=torch.long)
     for k in range(num_exits):
         logits = cache.logits[active, k]
         if temps[k] != 1.0:
             logits = logits / temps[k]
         policy.check_logits(logits)
+        emitted = policy.output_logits(k, num_exits, logits, pstate) if transforms else None
         if k == num_exits - 1:
             done = torch.ones(logits.shape[0], dtype=torch.bool)
         else:
@@ -108,24 +112,32 @@ def replay(
         n_done = int(done.sum())
         if n_done == active.numel():
             exit_index[active] = k
+            if emitted is not None:
+                predictions[active] = emitted.argmax(-1)
             break
         if n_done:
             leave = done.nonzero().squeeze(1)
             stay = (~done).nonzero().squeeze(1)
             exit_index[active[leave]] = k
+            if emitted is not None:
+                predictions[active[leave]] = emitted[leave].argmax(-1)
             active = active[stay]
             pstate = policy.keep(pstate, stay)
             if labels is not None:
                 labels = labels[stay]
     if bool((exit_index < 0).any()):  # pragma: no cover - the last exit takes everyone
         raise InputError("replay left rows without an exit")
-    return summarize(cache, exit_index)
+    return summarize(cache, exit_index, predictions if transforms else None)
 
 
-def summarize(cache: ExitLogitsCache, exit_index: torch.Tensor) -> ReplayResult:
-    """Metrics of a given exit assignment (N,) on ``cache``."""
+def summarize(
+    cache: ExitLogitsCache, exit_index: torch.Tensor, predictions: torch.Tensor | None = None
+) -> ReplayResult:
+    """Metrics of a given exit assignment (N,) on ``cache``; ``predictions`` (N,) default to
+    the argmax of each row's cached logits at its exit."""
     rows = torch.arange(cache.num_examples)
-    predictions = cache.logits[rows, exit_index].argmax(-1)
+    if predictions is None:
+        predictions = cache.logits[rows, exit_index].argmax(-1)
     costs = cache.costs[rows, exit_index]
     layers = torch.tensor(cache.exit_layers, dtype=torch.long)[exit_index]
     labeled = cache.labeled

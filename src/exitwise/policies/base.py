@@ -92,6 +92,19 @@ class ExitPolicy:
         """
         raise NotImplementedError  # pragma: no cover
 
+    def output_logits(
+        self, exit_index: int, num_exits: int, logits: torch.Tensor, state: PolicyState
+    ) -> torch.Tensor:
+        """(B, C) what a row returns when it leaves at ``exit_index``, given the state it had
+        *before* this exit's :meth:`decide`. Default: the exit's own (temperature-scaled)
+        logits; ensemble policies (``ztw``) return the ensemble's log-probabilities."""
+        return logits
+
+    @property
+    def transforms_output(self) -> bool:
+        """True when :meth:`output_logits` is overridden (the executor and replay call it)."""
+        return type(self).output_logits is not ExitPolicy.output_logits
+
     def grid(self, num_exits: int) -> list[float]:
         """Candidate parameter values for a calibration sweep (cheap to expensive or either)."""
         raise NotImplementedError  # pragma: no cover

@@ -84,6 +84,10 @@ def run_early_exit(
             policy.check_logits(logits)
             if out_logits is None:
                 out_logits = torch.empty(b, logits.shape[-1], dtype=logits.dtype, device=device)
+            # What leaving rows return (an ensemble policy's output needs the state before
+            # this exit's decision).
+            emitted = (policy.output_logits(k, num_exits, logits, pstate)
+                       if policy.transforms_output else logits)
             if k == num_exits - 1:
                 done = torch.ones(logits.shape[0], dtype=torch.bool, device=device)
             else:
@@ -91,7 +95,7 @@ def run_early_exit(
             n_done = int(done.sum())
             if n_done:
                 if n_done == active.numel():
-                    out_logits[active] = logits
+                    out_logits[active] = emitted.to(out_logits.dtype)
                     exit_index[active.cpu()] = k
                     exit_layer[active.cpu()] = i + 1
                     active = active[:0]
@@ -99,7 +103,7 @@ def run_early_exit(
                     leave = done.nonzero().squeeze(1)
                     stay = (~done).nonzero().squeeze(1)
                     rows = active[leave]
-                    out_logits[rows] = logits[leave]
+                    out_logits[rows] = emitted[leave].to(out_logits.dtype)
                     exit_index[rows.cpu()] = k
                     exit_layer[rows.cpu()] = i + 1
                     active = active[stay]

@@ -329,12 +329,14 @@ class OnnxExitRunner:
             policy.check_logits(logits)
             if out_logits is None:
                 out_logits = torch.empty(b, logits.shape[-1], dtype=logits.dtype)
+            emitted = (policy.output_logits(k, num_exits, logits, pstate)
+                       if policy.transforms_output else logits)  # as the eager executor
             if k == num_exits - 1:
                 done = torch.ones(logits.shape[0], dtype=torch.bool)
             else:
                 done, pstate = policy.decide(k, num_exits, logits, pstate, labels)
             leave = done.nonzero().squeeze(1)
-            out_logits[active[leave]] = logits[leave]
+            out_logits[active[leave]] = emitted[leave].to(out_logits.dtype)
             exit_index[active[leave]] = k
             if int(leave.numel()) == int(active.numel()):
                 break
