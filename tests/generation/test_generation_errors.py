@@ -89,3 +89,12 @@ def test_learned_positions_must_fit(llama):
     gpt2 = tiny_lm("gpt2")  # 64 positions
     with pytest.raises(InputError, match="64 positions"):
         generate(gpt2, torch.tensor([[5] * 10]), max_new_tokens=60)
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(llama):
+    class Tok:  # a tokenizer of another model: more tokens than this model's vocabulary
+        def __len__(self) -> int:
+            return VOCAB + 50
+
+    with pytest.raises(ConfigError, match="tokenizer and model do not match"):
+        generate(llama, torch.tensor([[5, 6]]), tokenizer=Tok())

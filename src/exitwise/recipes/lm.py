@@ -280,7 +280,7 @@ def run_generate(
     out = generate(
         model, ids, mask, strategy=strategy, exit_layer=exit_layer, draft_len=draft_len,
         max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed,
-        policy=policy if strategy == "early_exit" else None, kv=kv,
+        policy=policy if strategy == "early_exit" else None, kv=kv, tokenizer=tokenizer,
         draft_threshold=draft_threshold if strategy == "self_speculative" else None,
     )
     eos = eos_ids(hf_model(model), tokenizer)
