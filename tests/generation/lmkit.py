@@ -15,7 +15,10 @@ LAYERS = 4
 
 DECODER_FAMILIES = [
     "llama", "qwen2", "mistral", "gemma", "gpt2", "qwen3", "gemma2", "phi3", "olmo2", "granite",
+    "gemma3_text",
 ]
+# Family names are config.model_type; "gemma3" is accepted as a short name for Gemma-3 text.
+_ALIASES = {"gemma3": "gemma3_text"}
 REQUIRED_FAMILIES = ["llama", "qwen2", "mistral", "gemma", "gpt2"]
 
 # Per family: parameters (name suffixes inside a block) that scale what a block adds to the
@@ -25,7 +28,9 @@ _DAMP = {
     "gpt2": ("attn.c_proj.weight", "mlp.c_proj.weight"),
     "olmo2": ("post_attention_layernorm.weight", "post_feedforward_layernorm.weight"),
     "gemma2": ("post_attention_layernorm.weight", "post_feedforward_layernorm.weight"),
+    "gemma3_text": ("post_attention_layernorm.weight", "post_feedforward_layernorm.weight"),
 }
+_ONE_PLUS_W_NORMS = ("gemma2", "gemma3_text")  # Gemma norms scale by (1 + w)
 
 
 # How much to damp: enough for early exits to agree often, not always.
@@ -35,6 +40,7 @@ _DAMP_FACTOR = {"gemma": 1.0, "granite": 1.0}
 def tiny_lm(family: str, seed: int = 0, damp: float | None = None, layers: int = LAYERS):
     import transformers as tf
 
+    family = _ALIASES.get(family, family)
     damp = _DAMP_FACTOR.get(family, 0.3) if damp is None else damp
 
     torch.manual_seed(seed)
@@ -65,6 +71,18 @@ def tiny_lm(family: str, seed: int = 0, damp: float | None = None, layers: int =
                 final_logit_softcapping=3.0, attn_logit_softcapping=50.0, **llama_like,
             )
         )
+    elif family == "gemma3_text":
+        # Sliding/full mix with a short window, two rotary tables (local theta 10k for the
+        # sliding blocks, global 1M for the full ones), QK-norm; untied like "gemma".
+        model = tf.Gemma3ForCausalLM(
+            tf.Gemma3TextConfig(
+                head_dim=8, sliding_window=8, query_pre_attn_scalar=8,
+                layer_types=(["sliding_attention", "sliding_attention", "full_attention",
+                              "sliding_attention"] * layers)[:layers],
+                rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+                tie_word_embeddings=False, **llama_like,
+            )
+        )
     elif family == "phi3":
         model = tf.Phi3ForCausalLM(tf.Phi3Config(**llama_like))
     elif family == "olmo2":
@@ -90,7 +108,7 @@ def tiny_lm(family: str, seed: int = 0, damp: float | None = None, layers: int =
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(suffixes):
-                if family == "gemma2":  # Gemma norms scale by (1 + w)
+                if family in _ONE_PLUS_W_NORMS:
                     p.fill_(damp - 1.0)
                 else:
                     p.mul_(damp)

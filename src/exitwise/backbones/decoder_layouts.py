@@ -8,8 +8,14 @@ residual multipliers); what is left for the adapter is a handful of conventions:
 - rotary positions (passed to every block) or learned absolute positions (GPT-2's ``wpe``);
 - extra scalings done in the model's own ``forward``: Granite's ``embedding_multiplier``
   (the input) and ``logits_scaling`` (the output), Gemma-2's ``final_logit_softcapping``.
-  Gemma's sqrt(hidden) embedding normalizer lives in its embedding module, so it needs
-  nothing here.
+  Gemma's sqrt(hidden) embedding normalizer lives in its embedding module (Gemma-3's
+  ``Gemma3TextScaledWordEmbedding`` too), so it needs nothing here;
+- one rotary table for every block, or one per attention type: Gemma-3's rotary module holds
+  a local table (``rope_local_base_freq``, sliding-window blocks) and a global one (full-
+  attention blocks) and takes the block's layer type as a third argument.
+
+Which blocks slide is read from ``config.layer_types`` (or ``sliding_window`` alone), not from
+this table.
 
 A new Llama-like model is one new row.
 """
@@ -34,7 +40,9 @@ class DecoderLayout:
     dropout:     embedding dropout module applied after the embeddings, if any.
     embed_multiplier: config attribute scaling the embeddings (Granite).
     logits_divisor:   config attribute the logits are divided by (Granite).
-    logits_softcap:   config attribute for tanh soft-capping of the logits (Gemma-2).
+    logits_softcap:   config attribute for tanh soft-capping of the logits (Gemma-2/3).
+    rope_per_layer_type: ``rotary(hidden, positions, layer_type)`` gives a different (cos, sin)
+                 per attention type ("sliding_attention" / "full_attention"), Gemma-3.
     gated_mlp:   the feed-forward has three matrices (gate, up, down) instead of two.
     """
 
@@ -49,6 +57,7 @@ class DecoderLayout:
     embed_multiplier: str | None = None
     logits_divisor: str | None = None
     logits_softcap: str | None = None
+    rope_per_layer_type: bool = False
     gated_mlp: bool = True
 
 
@@ -61,6 +70,11 @@ DECODER_LAYOUTS: dict[str, DecoderLayout] = {
     "qwen3": _LLAMA,
     "gemma": _LLAMA,  # embedding module applies the sqrt(hidden) normalizer itself
     "gemma2": DecoderLayout(logits_softcap="final_logit_softcapping"),
+    # Gemma-3 text (Gemma3ForCausalLM): local/global rotary tables, QK-norm inside attention,
+    # soft-capping only if the config sets it (None in released checkpoints).
+    "gemma3_text": DecoderLayout(
+        logits_softcap="final_logit_softcapping", rope_per_layer_type=True
+    ),
     "phi3": _LLAMA,
     "olmo2": _LLAMA,
     "granite": DecoderLayout(

@@ -71,10 +71,23 @@ class HFDecoderBackbone(Backbone):
         config = getattr(model, "config", None)
         model_type = getattr(config, "model_type", None)
         if model_type not in DECODER_LAYOUTS:
+            hint = (
+                " For Gemma-3 text generation load the text model, Gemma3ForCausalLM "
+                "(model_type 'gemma3_text'), not the multimodal Gemma3ForConditionalGeneration."
+                if model_type == "gemma3" else ""
+            )
             raise UnsupportedModelError(
                 f"decoder model_type {model_type!r} is not supported; supported: "
                 f"{', '.join(supported_decoder_types())}. Add a row to "
                 "exitwise.backbones.decoder_layouts.DECODER_LAYOUTS for a Llama-like model."
+                + hint
+            )
+        if getattr(config, "use_bidirectional_attention", False):
+            # EmbeddingGemma-style configs attend both ways: not a causal LM, and the causal
+            # masks built here would silently change what the model computes.
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has use_bidirectional_attention=True: it is an "
+                "encoder, not a causal LM; early-exit decoding needs causal attention"
             )
         layout: DecoderLayout = DECODER_LAYOUTS[model_type]
         base = _get(model, layout.base)
@@ -194,7 +207,7 @@ class HFDecoderBackbone(Backbone):
                 position_ids=ctx.positions,
                 cache=ctx.cache,
                 use_cache=use_cache,
-                position_embeddings=self._rope(hidden, ctx),
+                position_embeddings=self._rope(hidden, ctx, layer_type),
             )
         else:
             out = block(hidden, cache=ctx.cache, attention_mask=mask, use_cache=use_cache)
@@ -218,10 +231,22 @@ class HFDecoderBackbone(Backbone):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def _rope(self, hidden: torch.Tensor, ctx: DecodeContext) -> tuple[torch.Tensor, torch.Tensor]:
-        key = ("rope", hidden.dtype)
+    def _rope(
+        self, hidden: torch.Tensor, ctx: DecodeContext, layer_type: str = FULL
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (B, q, head_dim), for the new tokens' positions, memoized per call.
+
+        Models with one table per attention type (Gemma-3: local theta for sliding-window
+        blocks, global theta for full-attention blocks) get the block's ``layer_type``.
+        """
+        if not self.layout.rope_per_layer_type:
+            key: tuple[Any, ...] = ("rope", hidden.dtype)
+            if key not in ctx._memo:
+                ctx._memo[key] = self.rotary(hidden, ctx.positions)
+            return ctx._memo[key]
+        key = ("rope", hidden.dtype, layer_type)
         if key not in ctx._memo:
-            ctx._memo[key] = self.rotary(hidden, ctx.positions)
+            ctx._memo[key] = self.rotary(hidden, ctx.positions, layer_type)
         return ctx._memo[key]
 
     def _mask(

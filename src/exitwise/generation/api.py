@@ -175,7 +175,7 @@ def generate(
     sampler = SamplingConfig(bool(do_sample), temperature, top_k, top_p, generator)
     stop = None if stop_strings is None else StopStrings(stop_strings, tokenizer)
     backbone, head, exit_temperature = _resolve(model, exit_layer, need_head=speculative)
-    if tokenizer is not None and len(tokenizer) > backbone.vocab_size:
+    if hasattr(tokenizer, "__len__") and len(tokenizer) > backbone.vocab_size:
         raise ConfigError(
             f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
             f"{backbone.vocab_size}: tokenizer and model do not match"
