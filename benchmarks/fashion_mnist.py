@@ -23,7 +23,10 @@ Steps (each recipe's trained model and caches are kept in --work; a re-run skips
     batch 1 and 64, interleaved, median of --repeats. ``summary.full_accuracy`` is that
     model's own full-depth test accuracy (what the 0.5 points refer to), ``plain_accuracy``
     the network trained without exits.
-Writes benchmarks/results/fashion_mnist.json (+ _anytime.png, _budgeted.png beside it).
+ 6. for that model, the other protocols from its cached logits (benchmarks/fm_protocols.py):
+    fixed-cost table, selective classification, overthinking, OOD AUROC of a window cascade.
+Writes benchmarks/results/fashion_mnist.json (+ _anytime.png, _budgeted.png, _fixed_cost.png,
+_risk_coverage.png, _overthinking.png, _ood_roc.png beside it).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from exitwise.errors import DataError, ExitwiseError  # noqa: E402
 from exitwise.policies.base import POLICIES, get_policy  # noqa: E402
 from exitwise.runtime.timing import time_interleaved  # noqa: E402
 from exitwise.training import STRATEGIES, get_strategy, train  # noqa: E402
+from fm_protocols import run_protocols  # noqa: E402  (benchmarks/, beside this script)
 
 # Exit heads. SDN internal classifiers after blocks 1-5; the final exit is the ResNet's own
 # global-average-pool + linear classifier. Cascade recipes wire each exit to the previous
@@ -433,13 +437,16 @@ def main() -> int:
         report[name] = {"train": facts, **evaluate_recipe(model, held_c, test_c, policies)}
         models[name] = model
         report[name]["_test_cache"] = test_c
+        report[name]["_held_cache"] = held_c
 
     # Best (recipe, policy): highest held-out FLOPs speed-up among those meeting the target.
     cands = [(r, p) for r in models if r != "plain" for p, v in report[r]["policies"].items()
              if v["heldout"]["met_target"]]
     best_key = max(cands, key=lambda k: report[k[0]]["policies"][k[1]]["heldout"]["flops_speedup"],
                    default=None)
-    timing, best, agreement = None, None, None
+    timing, best, agreement, protocols = None, None, None, None
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if best_key is not None:
         r, p = best_key
         model = models[r]
@@ -448,6 +455,9 @@ def main() -> int:
         # change its speed): a cascade model's own full depth would run every head.
         plain = models["plain"] if "plain" in models else build_model()
         timing = time_model(model, report[r]["_policies"], plain, test, args)
+        protocols = {"recipe": r, "policy": p, **run_protocols(
+            model, work / r, report[r]["_held_cache"], report[r]["_test_cache"],
+            report[r]["_policies"][p], out.with_suffix(""), MAX_DROP_POINTS)}
         t = report[r]["policies"][p]["test"]
         best = {"recipe": r, "policy": p, "accuracy": t["accuracy"],
                 "full_accuracy": report[r]["full_accuracy"],
@@ -458,6 +468,7 @@ def main() -> int:
     for r in report.values():
         r.pop("_policies", None)
         r.pop("_test_cache", None)
+        r.pop("_held_cache", None)
 
     ranked = {r: max(v["budgeted_mean_accuracy"] for v in report[r]["policies"].values())
               for r in models if report[r].get("policies")}
@@ -495,10 +506,9 @@ def main() -> int:
         "skipped_recipes": skipped,
         "runtime_vs_replay": agreement,
         "timing": timing,
+        "protocols": protocols,
         "recipes": report,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     for kind in ("anytime", "budgeted"):
         png = out.with_name(f"{out.stem}_{kind}.png")
         plot(report, png, kind)
