@@ -80,7 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-CALM_GRID = (1.0, 0.99, 0.97, 0.95, 0.9, 0.8, 0.7, 0.5)
+# Constant thresholds (tau = 0): with CALM's decay (tau > 0) even threshold 1 falls to 0.9 late in
+# the answer, so the safest setting would not be the full model and nothing could be certified.
+CALM_GRID = (1.0, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8)
+CALM_TAU = 0.0
 
 
 def certify_calm(model, tokenizer, args) -> tuple[dict, dict]:
@@ -100,9 +103,9 @@ def certify_calm(model, tokenizer, args) -> tuple[dict, dict]:
     print(f"[calm] calibrating calm_softmax on {len(prompts)} prompts x {args.calm_tokens} tokens")
     losses = early_exit_losses(
         model, ids, mask, "calm_softmax", CALM_GRID, max_new_tokens=args.calm_tokens, kv="skip",
-        eos_token_id=sorted(eos), pad_token_id=pad,
+        eos_token_id=sorted(eos), pad_token_id=pad, policy_params={"tau": CALM_TAU},
     )
-    out = {"grid": list(CALM_GRID), "n": len(prompts), "delta": args.calm_delta,
+    out = {"grid": list(CALM_GRID), "tau": CALM_TAU, "n": len(prompts), "delta": args.calm_delta,
            "max_new_tokens": args.calm_tokens,
            "mean_token_loss": {str(k): sum(v) / len(v) for k, v in losses.items()},
            "certified": {}, "seconds": None}
@@ -115,7 +118,8 @@ def certify_calm(model, tokenizer, args) -> tuple[dict, dict]:
             continue
         out["certified"][str(eps)] = {"threshold": res.threshold, "reason": res.reason}
         if res.threshold is not None and res.threshold < 1.0:
-            policies[f"eps{eps}"] = get_policy("calm_softmax", threshold=res.threshold)
+            policies[f"eps{eps}"] = get_policy("calm_softmax", threshold=res.threshold,
+                                               tau=CALM_TAU)
     out["seconds"] = time.time() - t0
     print(f"[calm] certified: {out['certified']}")
     return policies, out

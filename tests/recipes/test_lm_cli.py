@@ -159,3 +159,23 @@ def test_bench_lm_times_certified_calm_policies(tiny_lm_dir, tmp_path):
     summary = report["summary"]["calm"]
     assert set(summary) == {"calm@never", "calm@always"}
     assert summary["calm@never"]["token_consistency"] == 1.0
+
+
+def test_llm_demo_story_end_to_end(tiny_lm_dir, tmp_path):
+    """`exitwise demo` on a tiny model: tunes, answers greedily and self-speculatively, the
+    answers are identical, the report is written; a re-run skips the tuning."""
+    from exitwise.recipes.lm_demo import run_llm_demo
+
+    out = tmp_path / "demo"
+    lines: list[str] = []
+    kw = dict(out_dir=str(out), exit_layer=2, steps=5, draft_vocab=32, max_new_tokens=8,
+              model=str(tiny_lm_dir), prompts=["what is the sky", "a poem on the sea"],
+              print_fn=lambda *a: lines.append(" ".join(map(str, a))))
+    report = run_llm_demo(**kw)
+    assert report["all_identical"] and len(report["prompts"]) == 2
+    assert report["measured_speedup"] > 0 and 0 <= report["acceptance_rate"] <= 1
+    saved = json.loads((out / "demo_report.json").read_text())
+    assert saved["all_identical"] and saved["exit_layer"] == 2
+    lines.clear()
+    run_llm_demo(**kw)
+    assert any("skipping tuning" in line for line in lines)

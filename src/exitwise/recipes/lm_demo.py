@@ -32,18 +32,19 @@ DEMO_PROMPTS: tuple[str, ...] = (
 
 def run_llm_demo(
     out_dir: str = "runs/demo-llm", exit_layer: int = 6, draft_len: int = 4, steps: int = 60,
-    draft_vocab: int = 8192, prompts: Sequence[str] = DEMO_PROMPTS, max_new_tokens: int = 96,
-    print_fn: Any = print,
+    draft_vocab: int | None = 8192, prompts: Sequence[str] = DEMO_PROMPTS,
+    max_new_tokens: int = 96, model: str = "smollm2", print_fn: Any = print,
 ) -> dict[str, Any]:
     out = Path(out_dir)
     t_start = time.perf_counter()
     if is_tuned_dir(out):
         print_fn(f"[1/2] tuned exit found in {out}; skipping tuning")
     else:
-        print_fn(f"[1/2] tuning an exit at layer {exit_layer} of SmolLM2's 30 ({steps} steps, "
+        print_fn(f"[1/2] tuning an exit at layer {exit_layer} of {model} ({steps} steps, "
                  "frozen backbone, on its own chat answers)")
         run_tune_lm(
-            TuneLMJob(out_dir=str(out), exit_layers=[exit_layer], steps=steps, batch_size=4,
+            TuneLMJob(out_dir=str(out), model=model, exit_layers=[exit_layer], steps=steps,
+                      batch_size=4,
                       num_generations=1, gen_tokens=96, draft_vocab=draft_vocab),
             print_fn=print_fn,
         )
