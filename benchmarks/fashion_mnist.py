@@ -144,6 +144,9 @@ def build_model(heads: dict = SDN_HEADS, seed: int = 0) -> MultiExitModel:
         for m in head.modules():
             if isinstance(m, nn.Linear):
                 m.reset_parameters()
+        previous = getattr(head, "previous", None)
+        if previous is not None:  # a cascade head starts as its base head (zero link)
+            nn.init.zeros_(previous.weight)
     return model
 
 
@@ -258,7 +261,11 @@ def evaluate_recipe(model, held_c, test_c, policies) -> dict:
     """Temperatures + thresholds on held-out; anytime, budgeted-batch and policy results on
     test. Sets ``model.temperatures``; returns the JSON-able report with calibrated policies
     under the private key ``_policies``."""
-    temps = fit_temperatures(held_c)
+    # A learned ZTW ensemble is its own calibration, fitted on raw logits: no temperatures.
+    if getattr(model, "ensemble", None) is not None:
+        temps = torch.ones(model.num_exits)
+    else:
+        temps = fit_temperatures(held_c)
     apply_temperatures(model, temps)
     full_test = float(static_points(test_c)[-1]["accuracy"])
     rep = {

@@ -283,3 +283,8 @@ def test_ztw_runtime_returns_the_ensemble_and_replay_scores_it(cnn):
     offline = replay(policy, cache, model.temperatures)
     assert torch.equal(offline.predictions, ens[rows, live.exit_index].argmax(-1))
     assert not torch.equal(offline.predictions, head_preds)  # the ensemble does change answers
+    # Selective classification scores what the policy returned (the ensemble), too.
+    from exitwise.analysis import selective_classification
+
+    sc = selective_classification(cache, policy, model.temperatures)
+    assert sc["accuracy"] == pytest.approx(offline.accuracy)

@@ -179,3 +179,7 @@ def test_llm_demo_story_end_to_end(tiny_lm_dir, tmp_path):
     lines.clear()
     run_llm_demo(**kw)
     assert any("skipping tuning" in line for line in lines)
+    from exitwise.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="tuned at"):  # the folder's exit is at 2, not 3
+        run_llm_demo(**{**kw, "exit_layer": 3})

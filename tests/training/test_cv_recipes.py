@@ -293,3 +293,28 @@ def test_self_distill_feature_hints():
     (bad,) = get_strategy("self_distill", hint_weight=0.0).stages(wrong)
     with pytest.raises(ConfigError, match="bottleneck"):  # the loss checks too
         get_strategy("self_distill").stages(model)[0].loss(wrong(x=x, return_features=True), y)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_meta_recipes_refuse_an_inexact_mid_stage_resume(tmp_path):
+    """l2w's weighting network is not in the checkpoint: resuming mid-stage is refused."""
+    from trainkit import CrashAfterSave, Interrupt
+
+    from exitwise.errors import CheckpointError
+
+    head, kwargs = CNN_HEADS["l2w"]
+    args = {**FAST, "per_device_train_batch_size": 32, "save_strategy": "steps", "save_steps": 2,
+            "max_steps": 4, "save_final": False}
+    with pytest.raises(Interrupt):
+        train(cnn(head, kwargs), image_items(), strategy="l2w", output_dir=tmp_path,
+              callbacks=[CrashAfterSave("stage-1", 2)], **args)
+    with pytest.raises(CheckpointError, match="cannot resume exactly"):
+        train(cnn(head, kwargs), image_items(), strategy="l2w", output_dir=tmp_path,
+              resume=True, **args)
+
+
+def test_boosted_refuses_a_prior_temperature_inference_would_not_apply():
+    from exitwise.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="prior_temperature"):
+        get_strategy("boosted", prior_temperature=2.0)

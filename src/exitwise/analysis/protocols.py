@@ -218,11 +218,14 @@ def coverage_at_risk(curve: dict[str, Any], risk: float) -> tuple[float, float |
 
 def _exit_confidence(policy: ExitPolicy | None, cache: ExitLogitsCache, temperatures: Temps):
     """(exit_index, confidence at the exit, correct) of ``policy`` (None: the last exit)."""
+    outputs = None
     if policy is None:
         exit_index = torch.full((cache.num_examples,), cache.num_exits - 1, dtype=torch.long)
     else:
-        exit_index = replay(policy, cache, temperatures).exit_index
-    logits = _scaled_exit_logits(cache, exit_index, temperatures)
+        res = replay(policy, cache, temperatures)
+        exit_index, outputs = res.exit_index, res.outputs  # outputs: an ensemble's, or None
+    logits = outputs if outputs is not None else _scaled_exit_logits(
+        cache, exit_index, temperatures)
     confidence = torch.softmax(logits.float(), dim=-1).amax(-1)
     correct = logits.argmax(-1) == cache.labels
     return exit_index, confidence, correct

@@ -33,6 +33,9 @@ class ReplayResult:
     mean_flops:     mean of ``costs``.
     flops_speedup:  mean full-depth cost / mean cost.
     relative_compute: 1 / flops_speedup (mean cost as a fraction of full depth).
+    outputs:        (N, C) what each row returned, only for policies that change it
+                    (``policy.transforms_output``, e.g. ZTW's ensemble); None otherwise (the
+                    temperature-scaled cached logits at the exit).
     """
 
     exit_index: torch.Tensor
@@ -45,6 +48,7 @@ class ReplayResult:
     mean_flops: float
     flops_speedup: float
     relative_compute: float
+    outputs: torch.Tensor | None = None
 
     def metrics(self) -> dict[str, Any]:
         """The scalar metrics and the histogram, JSON-able."""
@@ -99,6 +103,7 @@ def replay(
     # Policies that change what a leaving row returns (ensembles) predict from that output.
     transforms = policy.transforms_output
     predictions = torch.full((n,), -1, dtype=torch.long)
+    outputs: torch.Tensor | None = None
     for k in range(num_exits):
         logits = cache.logits[active, k]
         if temps[k] != 1.0:
@@ -109,11 +114,14 @@ def replay(
             done = torch.ones(logits.shape[0], dtype=torch.bool)
         else:
             done, pstate = policy.decide(k, num_exits, logits, pstate, labels)
+        if emitted is not None and outputs is None:
+            outputs = torch.zeros(n, emitted.shape[-1], dtype=emitted.dtype)
         n_done = int(done.sum())
         if n_done == active.numel():
             exit_index[active] = k
             if emitted is not None:
                 predictions[active] = emitted.argmax(-1)
+                outputs[active] = emitted
             break
         if n_done:
             leave = done.nonzero().squeeze(1)
@@ -121,13 +129,16 @@ def replay(
             exit_index[active[leave]] = k
             if emitted is not None:
                 predictions[active[leave]] = emitted[leave].argmax(-1)
+                outputs[active[leave]] = emitted[leave]
             active = active[stay]
             pstate = policy.keep(pstate, stay)
             if labels is not None:
                 labels = labels[stay]
     if bool((exit_index < 0).any()):  # pragma: no cover - the last exit takes everyone
         raise InputError("replay left rows without an exit")
-    return summarize(cache, exit_index, predictions if transforms else None)
+    result = summarize(cache, exit_index, predictions if transforms else None)
+    result.outputs = outputs
+    return result
 
 
 def summarize(

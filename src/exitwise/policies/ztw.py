@@ -22,10 +22,13 @@ Weight format (JSON-able, what the recipe writes):
 Per-row state: ``logp`` (B, k, C), the log-probabilities of the k exits already seen (the
 executor calls ``decide`` at every exit in order, so row r's history is exactly its own).
 
-The runtime and the offline replay return the *head's* logits at the exit; the ensemble's
-log-probabilities at a row's exit are :meth:`ZTWPolicy.output_logits` (online, from the state
-before ``decide``) and :func:`ztw_ensemble` / :func:`ztw_cache` (offline, on a whole cache), so
-analysis can score the ensemble's predictions.
+A row that leaves returns the ensemble's log-probabilities at its exit
+(:meth:`ZTWPolicy.output_logits`, from the state before ``decide``): the executor, the offline
+replay (``ReplayResult.outputs``) and the ONNX runner all call it, so predictions and accuracy
+are the ensemble's. :func:`ztw_ensemble` / :func:`ztw_cache` compute the same offline for a
+whole cache. The weights apply to the logits as the executor passes them (divided by the
+model's temperatures); a learned ensemble was fitted on raw logits, so run it with
+temperatures of 1.
 """
 
 from __future__ import annotations

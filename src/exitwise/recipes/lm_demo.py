@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..errors import ConfigError
 from .lm import TuneLMJob, is_tuned_dir, load_lm, run_generate, run_tune_lm
 
 DEMO_PROMPTS: tuple[str, ...] = (
@@ -48,20 +49,38 @@ def run_llm_demo(
                       num_generations=1, gen_tokens=96, draft_vocab=draft_vocab),
             print_fn=print_fn,
         )
-    tuning = json.loads((out / "tuning_report.json").read_text())
+    report_file = out / "tuning_report.json"
+    tuning = json.loads(report_file.read_text()) if report_file.is_file() else None
     model, tokenizer = load_lm(str(out))
+    tuned = [d for d in model.exit_layers[:-1]]
+    if exit_layer not in tuned:
+        raise ConfigError(
+            f"{out} holds exits tuned at {tuned}, not at layer {exit_layer}; delete the folder "
+            "or pass another --out to tune again"
+        )
+    k = model.exit_layers.index(exit_layer)
+    draft_vocab = getattr(model.heads[k], "draft_vocab", None)  # what the folder really has
     print_fn(f"[2/2] answering {len(prompts)} prompts, greedy and self-speculative "
              f"(exit {exit_layer}, drafts of {draft_len})")
+
+    def answer(prompt: str, strategy: str) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        res = run_generate(model, [prompt], strategy=strategy, exit_layer=exit_layer,
+                           draft_len=draft_len, max_new_tokens=max_new_tokens,
+                           tokenizer=tokenizer)
+        return {"seconds": time.perf_counter() - t0, "text": res["texts"][0],
+                "stats": res["stats"]}
+
+    for strategy in ("greedy", "self_speculative"):  # untimed warm-up: first-call costs
+        run_generate(model, [prompts[0]], strategy=strategy, exit_layer=exit_layer,
+                     draft_len=draft_len, max_new_tokens=4, tokenizer=tokenizer)
     rows = []
-    for prompt in prompts:
+    for i, prompt in enumerate(prompts):
         row: dict[str, Any] = {"prompt": prompt}
-        for strategy in ("greedy", "self_speculative"):
-            t0 = time.perf_counter()
-            res = run_generate(model, [prompt], strategy=strategy, exit_layer=exit_layer,
-                               draft_len=draft_len, max_new_tokens=max_new_tokens,
-                               tokenizer=tokenizer)
-            row[strategy] = {"seconds": time.perf_counter() - t0, "text": res["texts"][0],
-                             "stats": res["stats"]}
+        # Back to back, alternating which goes first, so drift favours neither.
+        order = ("greedy", "self_speculative") if i % 2 == 0 else ("self_speculative", "greedy")
+        for strategy in order:
+            row[strategy] = answer(prompt, strategy)
         row["identical"] = row["greedy"]["text"] == row["self_speculative"]["text"]
         rows.append(row)
         spec = row["self_speculative"]

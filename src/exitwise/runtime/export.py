@@ -233,7 +233,8 @@ def export_segments(
 class OnnxExitResult:
     """What :meth:`OnnxExitRunner.run` returns (the eager executor's fields, no FLOPs).
 
-    logits: (B, C) temperature-scaled logits of each row's exit; exit_index, exit_layer: (B,).
+    logits: (B, C) what each row returned at its exit: the temperature-scaled logits, or the
+        policy's output for policies that change it (ZTW's ensemble); exit_index, exit_layer: (B,).
     rows_per_segment: how many rows entered each segment.
     """
 

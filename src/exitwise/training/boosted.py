@@ -6,9 +6,9 @@ the heads before it, *detached* when training stage k, so head k (and the blocks
 learns the residual the earlier exits left. All stages train jointly on every mini-batch:
 ``loss = sum_k CE(f_k + F_{k-1} / T, labels)``.
 
-- ``prior_temperature`` T (BoostNet's prediction reweighting): T > 1 weakens the earlier
-  exits' ensemble during training so deeper heads still see hard, unsolved examples;
-  T = 1 (default) is the plain additive model.
+- ``prior_temperature`` T (BoostNet's prediction reweighting): only T = 1 (the plain additive
+  model) is accepted, because the additive cascade head applies no reweighting at inference
+  and a model trained with ``F_{k-1} / T`` would not be the one that runs.
 - ``gradient_rescaling`` (default on): the backbone gradients from the different exits are
   rescaled as in IMTA's gradient equilibrium, so they stay bounded however many exits there
   are (:func:`~exitwise.training.base.gradient_equilibrium_scales`).
@@ -82,6 +82,13 @@ class BoostedStrategy(TrainingStrategy):
         super().__init__(stage_args)
         if not float(prior_temperature) > 0:
             raise ConfigError(f"prior_temperature must be > 0, got {prior_temperature}")
+        if float(prior_temperature) != 1.0:
+            # The additive cascade head adds the previous exits' sum unscaled at inference;
+            # training with F/T would train a different model than the one that runs.
+            raise ConfigError(
+                "prior_temperature != 1 is not supported: the additive cascade head applies no "
+                "reweighting at inference, so training and inference would differ"
+            )
         self.prior_temperature = float(prior_temperature)
         self.gradient_rescaling = bool(gradient_rescaling)
 

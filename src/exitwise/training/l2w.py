@@ -85,6 +85,10 @@ def budget_meta_loss(
 class L2WStep:
     """The bilevel training step above; owns the WPN and its optimizer."""
 
+    # Meta-parameters and their optimizer live here, not in the model: they are not
+    # checkpointed, so the trainer refuses to resume such a stage mid-way.
+    stateful = True
+
     def __init__(
         self, num_exits: int, shares: torch.Tensor, progress: TrainingProgress, hidden: int,
         meta_lr: float, meta_fraction: float, inner_lr: float | None,

@@ -364,6 +364,7 @@ def layerskip_finetune(
         "early_exit_scale": float(early_exit_scale), "curriculum": curriculum,
         "rotation_interval": rotation_interval, "seed": seed, "batch_size": batch_size,
         "seq_len": seq_len, "lr": float(lr), "warmup_steps": warmup_steps,
+        "weight_decay": float(weight_decay), "max_grad_norm": max_grad_norm,
         "total_steps": steps if curriculum == "gradual" else None,  # T shapes the schedule
     }
     params = list(lm.parameters())

@@ -51,6 +51,10 @@ def exit_losses(outputs: ExitOutputs, labels: torch.Tensor) -> list[torch.Tensor
 class MetaGFStep:
     """The meta gradient-fusion step above; owns the fusion logits ``a`` and their optimizer."""
 
+    # Meta-parameters and their optimizer live here, not in the model: they are not
+    # checkpointed, so the trainer refuses to resume such a stage mid-way.
+    stateful = True
+
     def __init__(
         self, num_exits: int, progress: TrainingProgress, meta_lr: float, meta_fraction: float,
         inner_lr: float | None,

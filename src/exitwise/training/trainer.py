@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from ..errors import InputError
+from ..errors import CheckpointError, InputError
 from .base import Stage
 from .checkpoint import STAGE_WEIGHTS, load_model_weights, save_model_weights
 from .evaluate import evaluate_exits
@@ -137,6 +137,12 @@ class ExitTrainer(Trainer):
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
     ) -> None:
+        if getattr(self.stage.step, "stateful", False):
+            raise CheckpointError(
+                f"stage {self.stage.name!r} meta-learns state outside the model (its weighting "
+                "network / fusion weights), which checkpoints do not hold, so it cannot resume "
+                f"exactly from {resume_from_checkpoint}; delete that checkpoint to rerun the stage"
+            )
         path = os.path.join(resume_from_checkpoint, STAGE_WEIGHTS)
         if self.is_fsdp_enabled or self.is_deepspeed_enabled or not os.path.isfile(path):
             # Sharded engines keep their own formats; let the Trainer handle them.
