@@ -128,6 +128,52 @@ def certify_calm(model, tokenizer, args) -> tuple[dict, dict]:
     return policies, out
 
 
+def component_costs(model, tokenizer, exit_layer: int, repeats: int = 25) -> dict:
+    """Median wall-clock (ms) of the pieces a decoding step is made of, at batch 1 after a
+    ~60-token prompt: all blocks for q new tokens (q = 1 is a greedy step; q = k + 1 is a
+    verification), the full LM head for q positions, and the exit head (adapter + draft
+    vocabulary) for one position. They explain the break-even acceptance of self-speculation."""
+    from exitwise.generation.outputs import GenerationStats
+    from exitwise.generation.session import DecodeSession
+    from exitwise.recipes.lm import encode_prompts, format_prompts
+
+    bb = model.backbone
+    head = model.heads[model.exit_layers.index(exit_layer)]
+    ids, mask = encode_prompts(tokenizer, format_prompts(tokenizer, [BENCH_PROMPTS[0]]), "cpu")
+    session = DecodeSession(bb, ids, mask, 8, set(), 0, GenerationStats("greedy", bb.num_layers))
+
+    def median_ms(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t0))
+        return sorted(times)[len(times) // 2]
+
+    out: dict = {"prompt_tokens": int(ids.shape[1]), "num_layers": bb.num_layers,
+                 "exit_layer": exit_layer, "repeats": repeats}
+    with torch.inference_mode():
+        session.prefill()
+        for q in (1, 2, 3, 5):
+            ctx = session.context(0, q)
+            x = torch.randn(1, q, bb.hidden_size)
+
+            def blocks(x=x, ctx=ctx, q=q):
+                bb.run_layers(x, 0, bb.num_layers, ctx)
+                session.cache.crop(-q)
+
+            out[f"all_blocks_q{q}_ms"] = median_ms(blocks)
+            h = torch.randn(1, q, bb.hidden_size)
+            out[f"lm_head_q{q}_ms"] = median_ms(lambda h=h: bb.lm_logits(bb.final_norm(h)))
+        h1 = torch.randn(1, 1, bb.hidden_size)
+        out["exit_head_q1_ms"] = median_ms(lambda: head.compact_logits(h1))
+        out["exit_head_draft_vocab"] = getattr(head, "draft_vocab", None)
+    out["block_q1_ms"] = out["all_blocks_q1_ms"] / bb.num_layers
+    out["lm_head_in_blocks"] = out["lm_head_q1_ms"] / out["block_q1_ms"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -175,6 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
         best = max(sweep, key=sweep.get)
         assistant = [best.split("@")[1]]
         print(f"[bench] HF assistant sweep (tok/s): {sweep}; using {best}")
+    components = component_costs(model, tokenizer, pairs[0][0])
+    print(f"[bench] component costs (ms): {components}")
     calm, calibration = certify_calm(model, tokenizer, args) if args.calm_epsilons else ({}, None)
     report = bench_lm(
         model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, calm=calm,
@@ -188,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
         "summary.self_spec_*: the fastest of the configs listed (every config is reported in "
         "batch_sizes), chosen on the benchmark prompts themselves")
     report["calm_calibration"] = calibration
+    report["component_costs_ms"] = components
     report = {
         "summary": report.pop("summary"),
         "mode": "quick" if args.quick else "full",
