@@ -29,6 +29,7 @@ from ..errors import ConfigError
 from ..heads import uses_previous_logits
 from ..outputs import ExitOutputs
 from .base import (
+    check_distillation_options,
     Stage,
     TrainingStrategy,
     backbone_parameters,
@@ -70,10 +71,7 @@ class IMTAStrategy(TrainingStrategy):
         stage_args: Sequence[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(stage_args)
-        if not 0.0 <= float(alpha) <= 1.0:
-            raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
-        if not float(temperature) > 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature}")
+        alpha, temperature = check_distillation_options(alpha, temperature)
         self.alpha, self.temperature = float(alpha), float(temperature)
         self.gradient_equilibrium = bool(gradient_equilibrium)
 

@@ -43,6 +43,7 @@ from .base import (
 )
 from .meta import (
     budget_assignment,
+    check_meta_options,
     exit_distribution,
     functional_forward,
     lookahead,
@@ -148,12 +149,7 @@ class L2WStrategy(TrainingStrategy):
         stage_args: Sequence[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(stage_args)
-        if not 0.0 < float(meta_fraction) < 1.0:
-            raise ConfigError(f"meta_fraction must be in (0, 1), got {meta_fraction}")
-        if not float(meta_learning_rate) > 0:
-            raise ConfigError(f"meta_learning_rate must be > 0, got {meta_learning_rate}")
-        if inner_learning_rate is not None and not float(inner_learning_rate) > 0:
-            raise ConfigError(f"inner_learning_rate must be > 0, got {inner_learning_rate}")
+        check_meta_options(meta_learning_rate, meta_fraction, inner_learning_rate)
         if not isinstance(hidden_size, int) or hidden_size < 1:
             raise ConfigError(f"hidden_size must be a positive int, got {hidden_size!r}")
         self.exit_distribution = (

@@ -122,3 +122,15 @@ def budget_assignment(logits: Sequence[torch.Tensor], shares: torch.Tensor) -> t
             running[rows] = False
             taken += rows.numel()
         return exit_of
+
+
+def check_meta_options(
+    meta_learning_rate: float, meta_fraction: float, inner_learning_rate: float | None
+) -> None:
+    """Validate the options the meta-learned recipes (l2w, meta_gf) share."""
+    if not 0.0 < float(meta_fraction) < 1.0:
+        raise ConfigError(f"meta_fraction must be in (0, 1), got {meta_fraction}")
+    if not float(meta_learning_rate) > 0:
+        raise ConfigError(f"meta_learning_rate must be > 0, got {meta_learning_rate}")
+    if inner_learning_rate is not None and not float(inner_learning_rate) > 0:
+        raise ConfigError(f"inner_learning_rate must be > 0, got {inner_learning_rate}")

@@ -38,7 +38,13 @@ from .base import (
     register_strategy,
     weighted_exit_loss,
 )
-from .meta import functional_forward, split_batch, trainable_parameters, unwrap
+from .meta import (
+    check_meta_options,
+    functional_forward,
+    split_batch,
+    trainable_parameters,
+    unwrap,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..model import MultiExitModel
@@ -123,12 +129,7 @@ class MetaGFStrategy(TrainingStrategy):
         stage_args: Sequence[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(stage_args)
-        if not 0.0 < float(meta_fraction) < 1.0:
-            raise ConfigError(f"meta_fraction must be in (0, 1), got {meta_fraction}")
-        if not float(meta_learning_rate) > 0:
-            raise ConfigError(f"meta_learning_rate must be > 0, got {meta_learning_rate}")
-        if inner_learning_rate is not None and not float(inner_learning_rate) > 0:
-            raise ConfigError(f"inner_learning_rate must be > 0, got {inner_learning_rate}")
+        check_meta_options(meta_learning_rate, meta_fraction, inner_learning_rate)
         self.meta_learning_rate = float(meta_learning_rate)
         self.meta_fraction = float(meta_fraction)
         self.inner_learning_rate = (

@@ -29,6 +29,7 @@ from ..errors import ConfigError
 from ..heads import classifier_layer
 from ..outputs import ExitOutputs
 from .base import (
+    check_distillation_options,
     Stage,
     TrainingStrategy,
     backbone_parameters,
@@ -87,10 +88,7 @@ class SelfDistillStrategy(TrainingStrategy):
         stage_args: Sequence[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(stage_args)
-        if not 0.0 <= float(alpha) <= 1.0:
-            raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
-        if not float(temperature) > 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature}")
+        alpha, temperature = check_distillation_options(alpha, temperature)
         if not float(hint_weight) >= 0:
             raise ConfigError(f"hint_weight must be >= 0, got {hint_weight}")
         self.alpha, self.temperature = float(alpha), float(temperature)
