@@ -36,6 +36,7 @@ from exitwise.recipes.lm import TuneLMJob, load_lm, run_tune_lm  # noqa: E402
 from exitwise.recipes.lm_bench import (  # noqa: E402
     BENCH_PROMPTS,
     CALIBRATION_PROMPTS,
+    parse_configs,
     bench_lm,
 )
 
@@ -44,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="few prompts/tokens/steps, 1 repetition")
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--configs", default=None, help="EXIT:DRAFT_LEN list (default 6:4,10:4)")
+    p.add_argument("--configs", default=None, help="EXIT:DRAFT_LEN[:THRESHOLD] list (THRESHOLD: stop a draft once "
+                        "its top-1 probability is below it; default 6:4,10:4)")
     p.add_argument("--assistant-configs", default=None,
                    help="configs for HF's assistant (default: the best exit of a short sweep)")
     p.add_argument("--assistant-sweep", default="8,16,24",
@@ -177,8 +179,8 @@ def component_costs(model, tokenizer, exit_layer: int, repeats: int = 25) -> dic
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    pairs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
-    exits = sorted({e for e, _ in pairs})
+    pairs = parse_configs(args.configs.split(","))  # (exit, draft length, threshold|None)
+    exits = sorted({c[0] for c in pairs})
     name = args.model.replace("/", "_")
     tag = f"{name}-e{'_'.join(map(str, exits))}-{args.adapter}-v{args.draft_vocab}-s{args.steps}"
     work = Path(args.work) if args.work else ROOT / "benchmarks/work/lm_speed" / tag

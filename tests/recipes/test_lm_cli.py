@@ -183,3 +183,13 @@ def test_llm_demo_story_end_to_end(tiny_lm_dir, tmp_path):
 
     with pytest.raises(ConfigError, match="tuned at"):  # the folder's exit is at 2, not 3
         run_llm_demo(**{**kw, "exit_layer": 3})
+
+
+def test_bench_configs_parse_with_an_optional_draft_threshold():
+    from exitwise.errors import ConfigError
+    from exitwise.recipes.lm_bench import parse_configs
+
+    assert parse_configs(["6:4", "6:6:0.5", (8, 2)]) == [(6, 4, None), (6, 6, 0.5), (8, 2, None)]
+    for bad in ("6", "6:4:0.5:1", "a:4"):
+        with pytest.raises(ConfigError, match="EXIT:DRAFT_LEN"):
+            parse_configs([bad])

@@ -95,24 +95,40 @@ CALIBRATION_PROMPTS: tuple[str, ...] = (
 )
 
 
-def _parse_configs(configs: Sequence[Any]) -> list[tuple[int, int]]:
-    out = []
+Config = tuple[int, int, float | None]
+
+
+def parse_configs(configs: Sequence[Any]) -> list[Config]:
+    """``"E:D"`` or ``"E:D:T"`` strings (or tuples) -> (exit layer, draft length, draft
+    confidence threshold or None)."""
+    out: list[Config] = []
     for c in configs:
         if isinstance(c, str):
+            parts = c.split(":")
             try:
-                e, d = c.split(":")
-                c = (int(e), int(d))
+                if len(parts) not in (2, 3):
+                    raise ValueError
+                c = (int(parts[0]), int(parts[1]), float(parts[2]) if len(parts) == 3 else None)
             except ValueError:
-                raise ConfigError(f"bad config {c!r}; write EXIT:DRAFT_LEN, e.g. 8:4") from None
-        out.append((int(c[0]), int(c[1])))
+                raise ConfigError(
+                    f"bad config {c!r}; write EXIT:DRAFT_LEN or EXIT:DRAFT_LEN:THRESHOLD, "
+                    "e.g. 8:4 or 6:6:0.5"
+                ) from None
+        c = tuple(c)
+        out.append((int(c[0]), int(c[1]), None if len(c) < 3 or c[2] is None else float(c[2])))
     if not out:
         raise ConfigError("give at least one (exit_layer, draft_len) config")
     return out
 
 
+def _config_name(c: Config) -> str:
+    return f"{c[0]}:{c[1]}" + ("" if c[2] is None else f":{c[2]:g}")
+
+
 def _runner(
     model: Any, kind: str, exit_layer: int | None, draft_len: int | None, max_new_tokens: int,
     eos: set[int], pad: int, policy: Any = None, kv: str = "skip",
+    draft_threshold: float | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict | None]]:
     """A function (ids, mask) -> (sequences, exitwise stats dict or None) for one method."""
     from ..generation import generate
@@ -134,6 +150,7 @@ def _runner(
                 model, ids, mask, strategy="self_speculative", exit_layer=exit_layer,
                 draft_len=draft_len, max_new_tokens=max_new_tokens,
                 eos_token_id=sorted(eos) or None, pad_token_id=pad,
+                draft_threshold=draft_threshold,
             )
             return out.sequences, out.stats.to_dict()
 
@@ -208,8 +225,8 @@ def bench_lm(
         torch.set_num_threads(threads)
     if repeats < 1 or max_new_tokens < 1:
         raise ConfigError("repeats and max_new_tokens must be >= 1")
-    pairs = _parse_configs(configs)
-    assist_pairs = pairs if assistant_configs is None else _parse_configs(assistant_configs)
+    pairs = parse_configs(configs)
+    assist_pairs = pairs if assistant_configs is None else parse_configs(assistant_configs)
     lm = hf_model(model)
     device = lm.get_output_embeddings().weight.device
     num_layers = int(lm.config.num_hidden_layers)
@@ -219,7 +236,7 @@ def bench_lm(
     report: dict[str, Any] = {
         "num_prompts": len(texts), "max_new_tokens": max_new_tokens, "repeats": repeats,
         "threads": torch.get_num_threads(), "num_layers": num_layers,
-        "configs": [list(p) for p in pairs], "batch_sizes": {},
+        "configs": [_config_name(p) for p in pairs], "batch_sizes": {},
     }
     for bs in batch_sizes:
         chunks = [encode_prompts(tokenizer, texts[s : s + bs], device)
@@ -227,10 +244,17 @@ def bench_lm(
         methods: list[tuple[str, str, int | None, int | None]] = [
             ("hf_greedy", "hf_greedy", None, None)
         ]
+        thresholds: dict[str, float | None] = {}
         if hf_assistant and bs == 1:
-            methods += [(f"hf_assistant@{e}:{d}", "hf_assistant", e, d) for e, d in assist_pairs]
-        methods += [(f"self_spec@{e}:{d}", "self_spec", e, d) for e, d in pairs]
-        runners = {n: _runner(model, k, e, d, max_new_tokens, eos, pad) for n, k, e, d in methods}
+            methods += [(f"hf_assistant@{e}:{d}", "hf_assistant", e, d)
+                        for e, d, _ in assist_pairs]
+        for c in pairs:
+            name = f"self_spec@{_config_name(c)}"
+            methods.append((name, "self_spec", c[0], c[1]))
+            thresholds[name] = c[2]
+        runners = {n: _runner(model, k, e, d, max_new_tokens, eos, pad,
+                              draft_threshold=thresholds.get(n))
+                   for n, k, e, d in methods}
         for cname, cpolicy in (calm or {}).items():
             methods.append((f"calm@{cname}", "calm", None, None))
             runners[f"calm@{cname}"] = _runner(
