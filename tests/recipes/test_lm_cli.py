@@ -148,7 +148,7 @@ def test_bench_lm_times_certified_calm_policies(tiny_lm_dir, tmp_path):
             "always": get_policy("calm_softmax", threshold=0.0, tau=0.0)}
     report = bench_lm(model, tok, ["what is the sky", "a poem on the sea"], max_new_tokens=6,
                       configs=["2:2"], batch_sizes=[1, 2], repeats=1, hf_assistant=False,
-                      calm=calm, print_fn=lambda *a: None)
+                      calm=calm, calm_batch_sizes=(1, 2), print_fn=lambda *a: None)
     for bs in ("1", "2"):
         never, always = (report["batch_sizes"][bs][f"calm@{n}"] for n in ("never", "always"))
         assert never["exact_match"] == 1.0 and never["token_consistency"] == 1.0

@@ -207,12 +207,13 @@ def bench_lm(
     threads: int | None = None,
     calm: dict[str, Any] | None = None,
     calm_kv: str = "skip",
+    calm_batch_sizes: Sequence[int] = (1,),
     print_fn: Any = print,
 ) -> dict[str, Any]:
     """Time every method on ``prompts`` at each batch size; returns the report (see module doc).
 
     ``calm``: name -> token-level exit policy (e.g. certified ``calm_softmax`` thresholds), run
-    as CALM early-exit decoding with ``kv=calm_kv`` at every batch size; these are lossy, so
+    as CALM early-exit decoding with ``kv=calm_kv`` at ``calm_batch_sizes``; these are lossy, so
     their entries add ``token_consistency`` (1 - the mean per-prompt share of positions that
     differ from plain greedy).
 
@@ -255,7 +256,7 @@ def bench_lm(
         runners = {n: _runner(model, k, e, d, max_new_tokens, eos, pad,
                               draft_threshold=thresholds.get(n))
                    for n, k, e, d in methods}
-        for cname, cpolicy in (calm or {}).items():
+        for cname, cpolicy in (calm or {}).items() if bs in calm_batch_sizes else ():
             methods.append((f"calm@{cname}", "calm", None, None))
             runners[f"calm@{cname}"] = _runner(
                 model, "calm", None, None, max_new_tokens, eos, pad, policy=cpolicy, kv=calm_kv
