@@ -15,7 +15,8 @@ Steps (each recipe's trained model and caches are kept in --work; a re-run skips
     exits; recipes that train exits on a frozen network start from it;
  2. cache every exit's logits on a held-out slice of *train* (never trained on) and on test;
  3. fit per-exit temperatures and choose each policy's threshold on held-out, for "no more
-    than 0.5 points below full depth"; replay the choice on test (test chooses nothing);
+    than 0.25 points below full depth" there (a margin for the held-out slice's sampling error
+    under the bar's 0.5 points on test); replay the choice on test (test chooses nothing);
  4. anytime curve (each exit's test accuracy vs its FLOPs) and budgeted-batch curve (for each
     average budget, thresholds chosen on held-out, accuracy on test) per recipe and policy;
  5. the best (recipe, policy), chosen by held-out FLOPs speed-up among those meeting the
@@ -96,7 +97,11 @@ RECIPES: dict[str, tuple[str, dict, dict]] = {
 }
 QUICK_RECIPES = ["plain", "joint", "self_distill", "ztw", "boosted"]
 POLICY_NAMES = ("confidence", "entropy", "ztw", "budget")
-MAX_DROP_POINTS = 0.5
+MAX_DROP_POINTS = 0.5  # the bar: at most this many points below full depth, on test
+# Thresholds are chosen on the 5,000-row held-out slice for a smaller drop: the standard error
+# of an accuracy difference there is ~0.2-0.3 points, and the first full run, chosen at 0.5 on
+# held-out, landed 0.63 points below full depth on test.
+HELDOUT_TARGET_POINTS = 0.25
 BUDGETS = [round(0.2 + 0.05 * i, 2) for i in range(17)]  # 0.2 .. 1.0 of full-depth FLOPs
 WIDTHS = (16, 32, 64)
 BLOCKS_PER_STAGE = 2
@@ -282,7 +287,8 @@ def evaluate_recipe(model, held_c, test_c, policies) -> dict:
         policy = make_policy(name, model, held_c, temps)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a missed target is recorded as met_target=False
-            cal = search_accuracy_drop(policy, held_c, temps, max_drop_points=MAX_DROP_POINTS)
+            cal = search_accuracy_drop(policy, held_c, temps,
+                                       max_drop_points=HELDOUT_TARGET_POINTS)
         curve = []
         for budget in budgets:
             param, met = budget_setting(cal.curve, budget)
@@ -464,7 +470,7 @@ def main() -> int:
         timing = time_model(model, report[r]["_policies"], plain, test, args)
         protocols = {"recipe": r, "policy": p, **run_protocols(
             model, work / r, report[r]["_held_cache"], report[r]["_test_cache"],
-            report[r]["_policies"][p], out.with_suffix(""), MAX_DROP_POINTS)}
+            report[r]["_policies"][p], out.with_suffix(""), HELDOUT_TARGET_POINTS)}
         t = report[r]["policies"][p]["test"]
         best = {"recipe": r, "policy": p, "accuracy": t["accuracy"],
                 "full_accuracy": report[r]["full_accuracy"],
@@ -501,7 +507,8 @@ def main() -> int:
             "network": f"ResNet, stages of {BLOCKS_PER_STAGE} basic blocks, widths {list(WIDTHS)}",
             "parameters": sum(p.numel() for p in build_model().backbone.parameters()),
             "exits": "after every block; heads per recipe in recipes.<name>.train.heads",
-            "target": f"<= {MAX_DROP_POINTS} points below full depth, chosen on held-out train",
+            "target": f"<= {MAX_DROP_POINTS} points below full depth on test; thresholds chosen "
+                      f"on held-out train for <= {HELDOUT_TARGET_POINTS} points",
             "policies": policies, "budgets": BUDGETS,
             "timing": f"interleaved, median of {args.repeats}; batch 1 on "
                       f"{min(args.bs1_rows, len(test))} test images, batch 64 on {len(test)}",
