@@ -178,7 +178,6 @@ def test_unsupported_backbone_is_a_clear_error(tmp_path):
         export_segments(model, tmp_path, torch.zeros(1, 4))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family, head", [("timm-resnet", "sdn"), ("timm-vit", "vit_layer")])
 def test_vision_backbones_export(tmp_path, family, head):
     """timm CNN (feature maps) and ViT (tokens with a mask): segments equal eager."""
