@@ -116,6 +116,21 @@ class _Deferred:
         return _Deferred(self.depth[idx], {d: h[idx] for d, h in self.at.items()})
 
 
+def _token_start(
+    session: DecodeSession, policy: ExitPolicy, hidden: torch.Tensor, big: int
+) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token bookkeeping at the start of a decoding step, for the A active rows with
+    embedded pending tokens ``hidden`` (A, H): the policy's state (position t of each row),
+    exited (A,) False, depth (A,) = L, token (A,) 0."""
+    a, device = hidden.shape[0], hidden.device
+    t = torch.tensor([len(session.generated[r]) for r in session.rows.tolist()], device=device)
+    state = new_token_state(policy, t, session.max_new_tokens, hidden)
+    exited = torch.zeros(a, dtype=torch.bool, device=device)
+    depth = torch.full((a,), big, dtype=torch.long, device=device)
+    token = torch.zeros(a, dtype=torch.long, device=device)
+    return state, exited, depth, token
+
+
 def check_kv(kv: str) -> str:
     if kv not in KV_MODES:
         raise ConfigError(f"unknown kv mode {kv!r}; choose from {', '.join(KV_MODES)}")
@@ -209,13 +224,7 @@ def _step_skip(
     contexts: dict[int, DecodeContext] = {}
 
     hidden = bb.embed(session.pending[:, None], slot_pos[:, -1:])[:, 0]  # (A, H)
-    t = torch.tensor(
-        [len(session.generated[r]) for r in session.rows.tolist()], device=hidden.device
-    )
-    state = new_token_state(policy, t, session.max_new_tokens, hidden)
-    exited = torch.zeros(a, dtype=torch.bool, device=hidden.device)
-    depth = torch.full((a,), big, dtype=torch.long, device=hidden.device)
-    token = torch.zeros(a, dtype=torch.long, device=hidden.device)
+    state, exited, depth, token = _token_start(session, policy, hidden, big)
     by_depth = {p.depth: (k, p) for k, p in enumerate(points)}
     num_exits = len(points) + 1
     cols: torch.Tensor | None = None  # (A, k, H) deferred slots running in this call
@@ -298,13 +307,7 @@ def _step(
         prev = deferred.at[d_min][:, None]  # (A, 1, H) exact state after d_min blocks
 
     hidden = bb.embed(session.pending[:, None], ctx1.positions)[:, 0]  # (A, H)
-    t = torch.tensor(
-        [len(session.generated[r]) for r in session.rows.tolist()], device=hidden.device
-    )
-    state = new_token_state(policy, t, session.max_new_tokens, hidden)
-    exited = torch.zeros(a, dtype=torch.bool, device=hidden.device)
-    depth = torch.full((a,), big, dtype=torch.long, device=hidden.device)
-    token = torch.zeros(a, dtype=torch.long, device=hidden.device)
+    state, exited, depth, token = _token_start(session, policy, hidden, big)
     at: dict[int, torch.Tensor] = {}
     by_depth = {p.depth: (k, p) for k, p in enumerate(points)}
     num_exits = len(points) + 1

@@ -95,8 +95,9 @@ def load_model_weights(model: nn.Module, path: str | Path) -> None:
 
 
 # -- the resume marker ---------------------------------------------------------------------
-def read_progress(output_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(output_dir) / PROGRESS_NAME
+def read_json(path: str | Path) -> dict[str, Any] | None:
+    """A JSON state file, None when absent; a clear error when it is corrupt."""
+    path = Path(path)
     if not path.is_file():
         return None
     try:
@@ -107,10 +108,19 @@ def read_progress(output_dir: str | Path) -> dict[str, Any] | None:
         ) from None
 
 
-def write_progress(output_dir: str | Path, progress: dict[str, Any]) -> None:
-    """Atomically (write + rename) so an interruption never leaves half a marker."""
-    path = Path(output_dir) / PROGRESS_NAME
+def write_json_atomic(path: str | Path, data: dict[str, Any], indent: int = 2) -> None:
+    """Atomically (write + rename) so an interruption never leaves half a file; a state file
+    written last this way marks a complete checkpoint."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(progress, indent=2))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=indent))
     os.replace(tmp, path)
+
+
+def read_progress(output_dir: str | Path) -> dict[str, Any] | None:
+    return read_json(Path(output_dir) / PROGRESS_NAME)
+
+
+def write_progress(output_dir: str | Path, progress: dict[str, Any]) -> None:
+    write_json_atomic(Path(output_dir) / PROGRESS_NAME, progress)

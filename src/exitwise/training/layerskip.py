@@ -27,9 +27,7 @@ scalars, settings), the last written last, so it marks a complete checkpoint. No
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -39,7 +37,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError
-from .checkpoint import load_unique_state_dict, unique_state_dict
+from .checkpoint import (
+    load_unique_state_dict,
+    read_json,
+    unique_state_dict,
+    write_json_atomic,
+)
 from .lm_data import batch_at_step, pad_batch, split_holdout, tokenize_texts
 
 DROPOUT_SCALES = ("exp", "linear")
@@ -214,23 +217,16 @@ def save_checkpoint(
                 scalars.setdefault(str(pid), {})[key] = v
     save_file(tensors, str(folder / OPTIM_NAME), metadata={"format": "pt"})
     state = dict(state, optimizer={"param_groups": sd["param_groups"], "scalars": scalars})
-    tmp = folder / (STATE_NAME + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, folder / STATE_NAME)  # written last: marks a complete checkpoint
+    write_json_atomic(folder / STATE_NAME, state, indent=1)  # last: marks a complete checkpoint
 
 
 def load_checkpoint(
     folder: Path, lm: torch.nn.Module, optimizer: torch.optim.Optimizer,
     settings: dict[str, Any], device: torch.device,
 ) -> dict[str, Any] | None:
-    path = folder / STATE_NAME
-    if not path.is_file():
+    state = read_json(folder / STATE_NAME)
+    if state is None:
         return None
-    try:
-        state = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(
-            f"{path} is not valid JSON ({err}); delete it to start over") from None
     if state.get("settings") != settings:
         raise CheckpointError(
             f"{folder} was saved with settings {state.get('settings')}, this run has {settings}; "

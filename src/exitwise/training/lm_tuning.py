@@ -27,8 +27,6 @@ last written last, so it marks a complete checkpoint.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,6 +36,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError
+from .checkpoint import read_json, write_json_atomic
 from .draft_vocab import set_draft_vocabularies
 from .lm_data import (
     batch_at_step,
@@ -246,24 +245,16 @@ def save_checkpoint(
     torch.save(
         {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, folder / OPTIM_NAME
     )
-    tmp = folder / (STATE_NAME + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, folder / STATE_NAME)  # written last: marks a complete checkpoint
+    write_json_atomic(folder / STATE_NAME, state, indent=1)  # last: marks a complete checkpoint
 
 
 def load_checkpoint(
     folder: Path, model: Any, ks: list[int], optimizer: torch.optim.Optimizer,
     exit_layers: list[int],
 ) -> dict[str, Any] | None:
-    path = folder / STATE_NAME
-    if not path.is_file():
+    state = read_json(folder / STATE_NAME)
+    if state is None:
         return None
-    try:
-        state = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(
-            f"{path} is not valid JSON ({err}); delete it to start over"
-        ) from None
     if state.get("exit_layers") != exit_layers:
         raise CheckpointError(
             f"{folder} was saved for exits {state.get('exit_layers')}, this model tunes "
