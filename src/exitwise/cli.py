@@ -97,6 +97,15 @@ def _add_lm_commands(sub: Any) -> None:
     t.add_argument("--loss", default="kl", choices=["kl", "ce", "kl+ce"])
     t.add_argument("--generations", type=int, default=2, help="self-generated texts per prompt")
     t.add_argument("--gen-tokens", type=int, default=96)
+    t.add_argument("--answers", type=int, default=0,
+                   help="N > 0: tune on the model's greedy answers to N prompts built from "
+                        "local text (cross-entropy from cached features; --epochs, "
+                        "--answer-tokens, --data-dir); 0: KL on self-generated text (--steps)")
+    t.add_argument("--epochs", type=float, default=3.0, help="with --answers")
+    t.add_argument("--answer-tokens", type=int, default=128, help="with --answers")
+    t.add_argument("--data-dir", default=None,
+                   help="with --answers: folder with lm/wikitext2-*.txt, sst2/train.tsv, "
+                        "lm/tinyshakespeare.txt (default: ../shared/data)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", required=True, help="folder to write (a rerun resumes)")
     t.add_argument("--no-resume", action="store_true")
@@ -129,6 +138,8 @@ def _add_lm_commands(sub: Any) -> None:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--limit", type=int, default=None, help="first N built-in prompts")
     b.add_argument("--no-hf-assistant", action="store_true")
+    b.add_argument("--stock-configs", default=None,
+                   help="configs to time again on stock nn.Linear kernels (kernels='stock')")
     b.add_argument("--no-chat", action="store_true")
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--out", default=None, help="also write the report to this JSON file")
@@ -142,7 +153,8 @@ def _run_lm(args: argparse.Namespace) -> int:
             out_dir=args.out, model=args.model, exit_layers=args.exit_layer, adapter=args.adapter,
             steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
             loss=args.loss, num_generations=args.generations, gen_tokens=args.gen_tokens,
-            seed=args.seed, draft_vocab=args.draft_vocab,
+            seed=args.seed, draft_vocab=args.draft_vocab, answers=args.answers,
+            epochs=args.epochs, answer_tokens=args.answer_tokens, data_dir=args.data_dir,
         )
         report = lm.run_tune_lm(job, resume=not args.no_resume)
         print(json.dumps(report, indent=2, default=_json_default))
@@ -174,6 +186,7 @@ def _run_lm(args: argparse.Namespace) -> int:
             batch_sizes=args.batch_sizes, max_new_tokens=args.max_new_tokens,
             repeats=args.repeats, hf_assistant=not args.no_hf_assistant,
             chat=False if args.no_chat else None, threads=args.threads,
+            stock_configs=args.stock_configs.split(",") if args.stock_configs else (),
             print_fn=lambda m: print(m, file=sys.stderr),
         )
         if args.out:

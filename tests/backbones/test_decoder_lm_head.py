@@ -165,3 +165,21 @@ def test_tied_embeddings_are_shared_not_saved(tmp_path):
     own = untied.heads[0].lm_head.weight
     assert torch.equal(own, tied.model.embed_tokens.weight)
     assert own.data_ptr() != tied.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("kwargs", [{"adapter": "mlp", "draft_vocab": 40}, {"adapter": "norm"},
+                                    {"untied": True, "draft_vocab": 17}])
+def test_draft_logits_equal_compact_logits(llama, kwargs):
+    model = attach(llama, **kwargs)
+    head = model.heads[0]
+    if head.vocab_ids is not None:
+        head.set_draft_vocab(torch.randperm(VOCAB)[: head.draft_vocab])
+    hidden = torch.randn(2, 3, llama.config.hidden_size)
+    with torch.inference_mode():
+        want = head.compact_logits(hidden)
+        got = head.draft_logits(hidden)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        if head.vocab_ids is not None:  # a new vocabulary is picked up
+            head.set_draft_vocab(torch.arange(head.draft_vocab))
+            torch.testing.assert_close(head.draft_logits(hidden), head.compact_logits(hidden),
+                                       rtol=1e-5, atol=1e-5)

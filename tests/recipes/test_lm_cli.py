@@ -103,18 +103,22 @@ def test_tune_generate_bench(tiny_lm_dir, tmp_path, capsys):
     bench_json = tmp_path / "bench.json"
     assert main(["bench-lm", str(out), "--configs", "2:3", "--batch-sizes", "1,4",
                  "--max-new-tokens", "8", "--repeats", "1", "--limit", "5",
-                 "--out", str(bench_json)]) == 0
+                 "--stock-configs", "2:3", "--out", str(bench_json)]) == 0
     bench = json.loads(bench_json.read_text())
     b1, b4 = bench["batch_sizes"]["1"], bench["batch_sizes"]["4"]
-    assert set(b1) == {"hf_greedy", "hf_assistant@2:3", "self_spec@2:3"}
-    assert set(b4) == {"hf_greedy", "self_spec@2:3"}  # HF's assistant: batch 1 only
+    ours = {"hf_greedy", "exitwise_greedy", "self_spec@2:3", "self_spec_stock@2:3"}
+    assert set(b1) == ours | {"hf_assistant@2:3"}
+    assert set(b4) == ours  # HF's assistant: batch 1 only
     assert b1["hf_greedy"]["exact_match"] == 1.0 and b1["hf_greedy"]["new_tokens"] > 0
-    # exitwise's self-speculative decoding is lossless: same tokens as HF greedy
-    assert b1["self_spec@2:3"]["exact_match"] == 1.0
+    # exitwise's decoders are lossless: same tokens as HF greedy, on either kernel
+    for name in ("exitwise_greedy", "self_spec@2:3", "self_spec_stock@2:3"):
+        assert b1[name]["exact_match"] == 1.0 and b4[name]["exact_match"] == 1.0, name
     assert 0.0 <= b1["self_spec@2:3"]["acceptance_rate"] <= 1.0
     s = bench["summary"]
     for key in ("hf_greedy_tps", "hf_assistant_tps", "self_spec_tps", "self_spec_exact_match",
-                "speedup_vs_greedy", "speedup_vs_hf_assistant", "batch4_speedup_vs_greedy"):
+                "speedup_vs_greedy", "speedup_vs_hf_assistant", "batch4_speedup_vs_greedy",
+                "exitwise_greedy_tps", "speedup_vs_exitwise_greedy",
+                "self_spec_stock_kernels_tps", "batch4_speedup_vs_exitwise_greedy"):
         assert s[key] is not None and s[key] >= 0, key
     assert s["speedup_vs_greedy"] == pytest.approx(s["self_spec_tps"] / s["hf_greedy_tps"])
 
@@ -168,7 +172,8 @@ def test_llm_demo_story_end_to_end(tiny_lm_dir, tmp_path):
 
     out = tmp_path / "demo"
     lines: list[str] = []
-    kw = dict(out_dir=str(out), exit_layer=2, steps=5, draft_vocab=32, max_new_tokens=8,
+    kw = dict(out_dir=str(out), exit_layer=2, answers=16, epochs=2, draft_vocab=32,
+              max_new_tokens=8,
               model=str(tiny_lm_dir), prompts=["what is the sky", "a poem on the sea"],
               print_fn=lambda *a: lines.append(" ".join(map(str, a))))
     report = run_llm_demo(**kw)
@@ -193,3 +198,31 @@ def test_bench_configs_parse_with_an_optional_draft_threshold():
     for bad in ("6", "6:4:0.5:1", "a:4"):
         with pytest.raises(ConfigError, match="EXIT:DRAFT_LEN"):
             parse_configs([bad])
+
+
+def test_tune_lm_on_greedy_answers(tiny_lm_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    (data / "sst2").mkdir(parents=True)
+    (data / "sst2" / "train.tsv").write_text(
+        "label\tsentence\n" + "".join(f"1\tthe big red cat sat on a mat number {i}\n"
+                                      for i in range(80))
+    )
+    out = tmp_path / "tuned"
+    args = ["tune-lm", "--model", str(tiny_lm_dir), "--exit-layer", "2", "--answers", "60",
+            "--epochs", "8", "--answer-tokens", "10", "--lr", "3e-3", "--batch-size", "8",
+            "--data-dir", str(data), "--out", str(out)]
+    assert main(args) == 0
+    report = json.loads((out / "tuning_report.json").read_text())
+    assert report["recipe"] == "answers" and report["loss"] == "ce_on_greedy_answers"
+    assert report["agreement_after"]["2"] > report["agreement_before"]["2"]
+    cache = out / "greedy_answers.json"
+    assert len(json.loads(cache.read_text())["items"]) == 60
+    stamp = cache.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 0  # a rerun reuses the answers and the finished checkpoint
+    assert cache.stat().st_mtime_ns == stamp
+    assert json.loads((out / "tuning_report.json").read_text())["steps"] == report["steps"]
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "what is the sky", "--max-new-tokens", "6",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..backbones import HFDecoderBackbone, wrap_backbone
+from ..backbones.kernels import streaming_linears
 from ..errors import ConfigError, InputError, UnsupportedModelError
 from ..heads.lm import LMHead
 from .greedy import greedy_decode
@@ -27,6 +28,7 @@ from .self_speculative import self_speculative_decode
 from .stopping import StopStrings, StreamingSession, TokenCallback
 
 STRATEGIES = ("greedy", "self_speculative", "early_exit")
+KERNELS = ("auto", "stock")
 
 
 def _resolve(
@@ -130,6 +132,7 @@ def generate(
     policy: Any = None,
     kv: str = "propagate",
     exit_layers: list[int] | None = None,
+    kernels: str = "auto",
 ) -> GenerateOutput:
     """Greedy decoding (or sampling) of a batch of prompts.
 
@@ -158,7 +161,12 @@ def generate(
         (exact K/V, every layer still runs) or "skip" (exited tokens' deeper layers are not
         run at their step but filled exactly, in parallel, by a later step: fewer sequential
         layers and block runs); see :mod:`exitwise.generation.early_exit`.
+    kernels: "auto" (default): on the CPU, products of 2..8 rows (verifying a draft, small
+        batches) stream each weight once (:mod:`exitwise.backbones.kernels`); one-row steps
+        keep the stock kernel. "stock": ``nn.Linear`` everywhere.
     """
+    if kernels not in KERNELS:
+        raise ConfigError(f"unknown kernels {kernels!r}; choose from {', '.join(KERNELS)}")
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     if not _is_int(max_new_tokens) or max_new_tokens <= 0:
@@ -197,12 +205,29 @@ def generate(
     eos, pad = _defaults(backbone, eos_token_id, pad_token_id)
     if sampler.generator is None and seed is not None:
         sampler.generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+    with streaming_linears(model, backbone.model, enabled=kernels == "auto"):
+        return _decode(
+            model, backbone, head, exit_temperature, strategy, input_ids, mask, max_new_tokens,
+            eos, pad, exit_layer, draft_len, draft_threshold, sampler, stop, callback, policy, kv,
+            exit_layers,
+        )
+
+
+def _decode(
+    model: Any, backbone: HFDecoderBackbone, head: LMHead | None, exit_temperature: float,
+    strategy: str, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
+    eos: set[int], pad: int, exit_layer: int | None, draft_len: int,
+    draft_threshold: float | None, sampler: SamplingConfig, stop: StopStrings | None,
+    callback: TokenCallback | None, policy: Any, kv: str, exit_layers: list[int] | None,
+) -> GenerateOutput:
+    """The chosen decoder on validated inputs (see :func:`generate`)."""
+    speculative = strategy == "self_speculative"
     if strategy == "early_exit":  # exitwise.generation.early_exit
         from .early_exit import generate_early_exit
 
         return generate_early_exit(
             model, backbone, input_ids, mask, max_new_tokens, eos, pad, policy, kv, exit_layers,
-            do_sample=bool(do_sample), stop=stop, callback=callback,
+            do_sample=sampler.do_sample, stop=stop, callback=callback,
         )
     b = input_ids.shape[0]
     stats = GenerationStats(

@@ -88,7 +88,7 @@ def self_speculative_decode(
             states.append(hidden)
             if j < k or head.uses_cache:  # keep a block adapter's cache aligned with blocks < E
                 # (A, K) over the head's draft vocabulary (K = V without one)
-                logits = head.compact_logits(hidden, ctx)[:, -1]
+                logits = head.draft_logits(hidden, ctx)[:, -1]
                 stats.head_applications += sum(running)
             if j == k:
                 break

@@ -99,6 +99,7 @@ class LMHead(ExitHead):
         else:
             self.register_buffer("vocab_ids", torch.arange(draft_vocab, dtype=torch.long))
         self._subset_cache: tuple[Any, torch.Tensor] | None = None
+        self._transposed_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         if adapter not in ADAPTERS:
             raise ConfigError(
                 f"lm head adapter must be one of {', '.join(ADAPTERS)}; got {adapter!r}"
@@ -178,6 +179,7 @@ class LMHead(ExitHead):
             raise ConfigError(f"draft vocabulary ids must be in [0, {self.num_labels})")
         self.vocab_ids.copy_(ids.to(self.vocab_ids.device))
         self._subset_cache = None
+        self._transposed_cache = None
 
     def _subset_weight(self) -> torch.Tensor:
         """(K, H) rows of the (own or shared) LM head for ``vocab_ids``, gathered once per
@@ -213,6 +215,31 @@ class LMHead(ExitHead):
         if self.vocab_ids is None:
             return self._readout(hidden)
         return self._compact_readout(hidden)
+
+    @torch.no_grad()
+    def draft_logits(self, hidden: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        """:meth:`compact_logits` for drafting (inference only), (B, q, H) -> (B, q, K).
+
+        With a draft vocabulary the K x H read-out is kept a second time, transposed (H x K,
+        contiguous): on a CPU a one-row product with it runs 2-4x faster than ``F.linear``
+        (benchmarks/lm_speed.py, ``component_costs_ms``). Equal to :meth:`compact_logits` up
+        to float round-off; a draft only proposes tokens, so decoding stays lossless.
+        """
+        if self.vocab_ids is None or self._backbone is None or hidden.is_cuda:
+            return self.compact_logits(hidden, ctx)
+        hidden = self._transform(hidden, ctx)
+        backbone = self._backbone
+        normed = self.norm(hidden) if self.norm is not None else backbone.final_norm(hidden)
+        weight = self._subset_weight()
+        cached = self._transposed_cache
+        if cached is None or cached[0] is not weight:
+            cached = (weight, weight.t().contiguous())
+            self._transposed_cache = cached
+        out = normed @ cached[1]
+        bias = getattr(self._lm_head_module(), "bias", None)
+        if bias is not None:
+            out = out + bias.index_select(0, self.vocab_ids)
+        return backbone.postprocess_logits(out)
 
     def _vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., V); -inf outside the draft vocabulary when there is one."""

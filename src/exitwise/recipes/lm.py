@@ -29,7 +29,15 @@ ADAPTERS = ("none", "norm", "mlp", "block")
 
 @dataclass
 class TuneLMJob:
-    """One exit-tuning run (frozen backbone, self-generated text, KL to the final layer)."""
+    """One exit-tuning run with a frozen backbone, on the model's own chat answers.
+
+    answers = 0: KL to the final layer on self-generated text (``tune_exits``; ``steps``,
+        ``seq_len``, ``loss``, ``num_generations``, ``gen_tokens`` apply).
+    answers = N > 0: the model's greedy answers (``answer_tokens`` long) to N prompts built
+        from local text (:func:`~exitwise.recipes.lm_prompts.corpus_chat_prompts`, never a
+        benchmark or calibration prompt), then cross-entropy on them from cached features
+        for ``epochs`` (``tune_exits_on_answers``); the answers are cached in ``out_dir``.
+    """
 
     out_dir: str
     model: str = "smollm2"
@@ -44,6 +52,10 @@ class TuneLMJob:
     gen_tokens: int = 96
     seed: int = 0
     draft_vocab: int | None = None
+    answers: int = 0
+    epochs: float = 3.0
+    answer_tokens: int = 128
+    data_dir: str | None = None
 
 
 # -- prompts -------------------------------------------------------------------------------
@@ -169,19 +181,25 @@ def run_tune_lm(
         final_head_kwargs={},
     )
     model = ew.attach_exits(lm, config)
-    texts = format_prompts(tokenizer, list(prompts or (DEFAULT_PROMPTS + CHAT_TUNING_PROMPTS)))
     out = Path(job.out_dir)
-    result = tune_exits(
-        model, None, tokenizer, steps=job.steps, lr=job.lr, batch_size=job.batch_size,
-        seq_len=job.seq_len, loss=job.loss, self_generate_prompts=texts,
-        num_generations=job.num_generations, gen_tokens=job.gen_tokens, output_dir=out,
-        resume=resume, seed=job.seed, save_every=max(1, min(50, job.steps)),
-    )
+    if job.answers:
+        result = _tune_on_answers(job, model, tokenizer, out, resume, prompts, print_fn)
+    else:
+        texts = format_prompts(
+            tokenizer, list(prompts or (DEFAULT_PROMPTS + CHAT_TUNING_PROMPTS))
+        )
+        result = tune_exits(
+            model, None, tokenizer, steps=job.steps, lr=job.lr, batch_size=job.batch_size,
+            seq_len=job.seq_len, loss=job.loss, self_generate_prompts=texts,
+            num_generations=job.num_generations, gen_tokens=job.gen_tokens, output_dir=out,
+            resume=resume, seed=job.seed, save_every=max(1, min(50, job.steps)),
+        )
     model.save_pretrained(out)
     tokenizer.save_pretrained(str(out))
     recipe = {"base_model": job.model, "job": asdict(job)}
     (out / RECIPE_NAME).write_text(json.dumps(recipe, indent=2))
     report = {
+        "recipe": "answers" if job.answers else "kl", "loss": result.loss,
         "exit_layers": result.exit_layers, "steps": result.steps,
         "agreement_before": result.agreement_before, "agreement_after": result.agreement_after,
         "final_loss": result.loss_history[-1] if result.loss_history else None,
@@ -191,6 +209,44 @@ def run_tune_lm(
     (out / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str))
     print_fn(result.table())
     return report
+
+
+ANSWERS_NAME = "greedy_answers.json"
+ANSWER_PROMPT_POOL = 2400
+
+
+def _tune_on_answers(
+    job: TuneLMJob, model: Any, tokenizer: Any, out: Path, resume: bool,
+    prompts: Sequence[str] | None, print_fn: Any,
+) -> Any:
+    """The ``answers = N`` recipe of :class:`TuneLMJob`: corpus prompts -> greedy answers
+    (cached in ``out/greedy_answers.json``) -> cross-entropy from cached features."""
+    from ..training.lm_answer_tuning import generate_answers, tune_exits_on_answers
+    from .lm_bench import BENCH_PROMPTS, CALIBRATION_PROMPTS
+    from .lm_prompts import corpus_chat_prompts
+
+    if prompts is None:
+        # The first N of one fixed-size draw: a larger N extends a smaller one's prompts, so
+        # the cached answers of an earlier run are reused.
+        prompts = corpus_chat_prompts(
+            max(job.answers, ANSWER_PROMPT_POOL), seed=job.seed, data_dir=job.data_dir,
+            exclude=(*BENCH_PROMPTS, *CALIBRATION_PROMPTS), minimum=job.answers,
+        )
+    texts = format_prompts(tokenizer, list(prompts)[: job.answers])
+    prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    eos = eos_ids(hf_model(model), tokenizer)
+    print_fn(f"[tune] greedy answers to {len(prompt_ids)} prompts (cached in {out})")
+    answers = generate_answers(
+        model, prompt_ids, max_new_tokens=job.answer_tokens, batch_size=32,
+        eos_token_id=sorted(eos) or None, pad_token_id=tokenizer.pad_token_id,
+        cache=out / ANSWERS_NAME if resume else None,
+    )
+    print_fn(f"[tune] {sum(len(a) for _, a in answers)} answer tokens; tuning exits "
+             f"{list(job.exit_layers)} for {job.epochs} epochs")
+    return tune_exits_on_answers(
+        model, answers, epochs=job.epochs, lr=job.lr, batch_size=job.batch_size,
+        output_dir=out, resume=resume, seed=job.seed,
+    )
 
 
 def is_tuned_dir(path: str | Path) -> bool:

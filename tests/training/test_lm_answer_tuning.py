@@ -1,0 +1,140 @@
+"""Exit tuning on the model's own greedy answers from cached features (tiny random LMs)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "generation"))
+from lmkit import VOCAB, tiny_lm  # noqa: E402
+
+import exitwise as ew  # noqa: E402
+from exitwise.errors import DataError  # noqa: E402
+from exitwise.training.lm_answer_tuning import (  # noqa: E402
+    answer_token_ranking,
+    exit_features,
+    generate_answers,
+    tune_exits_on_answers,
+)
+
+
+def answer_model(family="llama", adapter="mlp", layers=(1,), draft_vocab=None, seed=0):
+    lm = tiny_lm(family, seed=seed, damp=1.0)
+    with torch.no_grad():
+        lm.get_output_embeddings().weight.mul_(20.0)  # peaked: greedy answers are meaningful
+    kwargs = {"adapter": adapter, **({"draft_vocab": draft_vocab} if draft_vocab else {})}
+    config = ew.ExitConfig(layers=list(layers), head="lm", num_labels=VOCAB,
+                           head_kwargs=kwargs, final_head_kwargs={})
+    return ew.attach_exits(lm, config)
+
+
+def prompts(n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (int(torch.randint(3, 9, (1,), generator=g)),),
+                          generator=g).tolist() for _ in range(n)]
+
+
+def test_generate_answers_are_the_greedy_continuations():
+    model = answer_model()
+    ps = prompts(5)
+    answers = generate_answers(model, ps, max_new_tokens=6, batch_size=2, progress=False)
+    for (p, a), prompt in zip(answers, ps):
+        assert p == prompt and 1 <= len(a) <= 6
+        out = ew.generate(model, torch.tensor([p]), max_new_tokens=6)
+        assert out.sequences[0, len(p):len(p) + len(a)].tolist() == a
+
+
+def test_cached_features_equal_the_backbone_hidden_states():
+    model = answer_model(layers=(1, 3))
+    answers = [([5, 6, 7], [8, 9]), ([10, 11], [12, 13, 14, 15])]
+    feats = exit_features(model, [0, 1], answers, batch_size=2, progress=False)
+    for j, depth in enumerate((1, 3)):
+        for i, (p, a) in enumerate(answers):
+            ids = torch.tensor([p + a])
+            state = model.backbone.start(input_ids=ids, attention_mask=torch.ones_like(ids))
+            for layer in range(depth):
+                state = model.backbone.step(layer, state)
+            torch.testing.assert_close(feats[j][i], state.hidden[0])
+
+
+@pytest.mark.parametrize("family,adapter", [("llama", "mlp"), ("gpt2", "block")])
+def test_tuning_raises_held_out_agreement_and_keeps_the_backbone(tmp_path, family, adapter):
+    model = answer_model(family, adapter, draft_vocab=60)
+    before_bb = {n: t.clone() for n, t in model.backbone.model.state_dict().items()}
+    # A random tiny LM's answers are a random function of the prompt: the exit needs a few
+    # hundred of them to generalise to new prompts.
+    answers = generate_answers(model, prompts(200), max_new_tokens=12, progress=False)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, VOCAB, (16, 6), generator=g)  # new prompts
+
+    def speculate():
+        return ew.generate(model, ids, strategy="self_speculative", exit_layer=1, draft_len=1,
+                           max_new_tokens=12)
+
+    accepted_before = speculate().stats.acceptance_rate
+    result = tune_exits_on_answers(model, answers, epochs=10, lr=3e-3, batch_size=16,
+                                   eval_fraction=0.2, output_dir=tmp_path, progress=False)
+    assert result.agreement_after[1] > result.agreement_before[1] + 0.05
+    assert result.loss_history[-1] < result.loss_history[0]
+    for n, t in model.backbone.model.state_dict().items():
+        assert torch.equal(t, before_bb[n]), n
+    # The draft vocabulary holds the most frequent answer tokens.
+    ranked = answer_token_ranking(answers[: int(0.8 * len(answers))], VOCAB)
+    assert set(model.heads[0].vocab_ids.tolist()) <= set(range(VOCAB))
+    top = ranked[:5].tolist()
+    assert len(set(top) & set(model.heads[0].vocab_ids.tolist())) == 5
+    # What the held-out agreement stands for: more drafts accepted on new prompts, and
+    # decoding still lossless.
+    spec = speculate()
+    assert spec.stats.acceptance_rate > accepted_before + 0.1
+    assert torch.equal(spec.sequences, ew.generate(model, ids, max_new_tokens=12).sequences)
+
+
+def test_resume_continues_to_the_same_heads(tmp_path):
+    answers = generate_answers(answer_model(), prompts(24), max_new_tokens=8, progress=False)
+    full = answer_model()
+    tune_exits_on_answers(full, answers, epochs=4, batch_size=8, progress=False, save_every=3)
+    part = answer_model()
+    r1 = tune_exits_on_answers(part, answers, epochs=1, batch_size=8, progress=False,
+                               output_dir=tmp_path, save_every=3)
+    resumed = answer_model()
+    r2 = tune_exits_on_answers(resumed, answers, epochs=4, batch_size=8, progress=False,
+                               output_dir=tmp_path, save_every=3)
+    assert r2.start_step == r1.steps > 0
+    for (n, a), (_, b) in zip(full.heads[0].state_dict().items(),
+                              resumed.heads[0].state_dict().items()):
+        torch.testing.assert_close(a, b, msg=n)
+
+
+def test_bad_answers_are_refused():
+    model = answer_model()
+    with pytest.raises(DataError, match="no answers"):
+        tune_exits_on_answers(model, [], progress=False)
+    with pytest.raises(DataError, match="empty"):
+        tune_exits_on_answers(model, [([3, 4], [])], progress=False)
+    with pytest.raises(DataError, match="outside"):
+        tune_exits_on_answers(model, [([3, 4], [VOCAB + 5])], progress=False)
+
+
+def test_answer_cache_is_reused_extended_and_keyed(tmp_path):
+    import json
+
+    model = answer_model()
+    ps = prompts(7)
+    cache = tmp_path / "answers.json"
+    first = generate_answers(model, ps[:4], max_new_tokens=5, batch_size=3, cache=cache,
+                             progress=False)
+    data = json.loads(cache.read_text())
+    assert [list(x) for x in data["items"]] == [[p, a] for p, a in first]
+    data["items"][0][1] = [7, 7, 7]  # marks the cached answer: reuse returns it unchanged
+    cache.write_text(json.dumps(data))
+    more = generate_answers(model, ps, max_new_tokens=5, batch_size=3, cache=cache,
+                            progress=False)
+    assert more[0] == (ps[0], [7, 7, 7]) and more[1:4] == first[1:]
+    fresh = generate_answers(model, ps, max_new_tokens=5, progress=False)
+    assert more[4:] == fresh[4:]
+    other = generate_answers(model, ps[:2], max_new_tokens=4, cache=cache, progress=False)
+    assert other[0] != (ps[0], [7, 7, 7])  # another budget: the cache does not apply
