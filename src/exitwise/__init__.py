@@ -38,6 +38,20 @@ def tune_exits(*args, **kwargs):  # lazy: keeps ``import exitwise`` free of the 
     return _tune_exits(*args, **kwargs)
 
 
+def tune_exits_on_answers(*args, **kwargs):  # lazy, like tune_exits
+    """See :func:`exitwise.training.lm_answer_tuning.tune_exits_on_answers`."""
+    from .training.lm_answer_tuning import tune_exits_on_answers as _tune
+
+    return _tune(*args, **kwargs)
+
+
+def generate_answers(*args, **kwargs):  # lazy, like tune_exits
+    """See :func:`exitwise.training.lm_answer_tuning.generate_answers`."""
+    from .training.lm_answer_tuning import generate_answers as _generate_answers
+
+    return _generate_answers(*args, **kwargs)
+
+
 def layerskip_finetune(*args, **kwargs):  # lazy, like tune_exits
     """See :func:`exitwise.training.layerskip.layerskip_finetune`."""
     from .training.layerskip import layerskip_finetune as _layerskip_finetune
@@ -76,5 +90,7 @@ __all__ = [
     "register_head",
     "register_policy",
     "tune_exits",
+    "tune_exits_on_answers",
+    "generate_answers",
     "wrap_backbone",
 ]

@@ -33,7 +33,7 @@ DEMO_PROMPTS: tuple[str, ...] = (
 
 
 def run_llm_demo(
-    out_dir: str = "runs/demo-llm", exit_layer: int = 4, draft_len: int = 3, answers: int = 192,
+    out_dir: str = "runs/demo-llm", exit_layer: int = 2, draft_len: int = 1, answers: int = 192,
     epochs: float = 6.0, lr: float = 3e-3, draft_vocab: int | None = 4096,
     prompts: Sequence[str] = DEMO_PROMPTS, max_new_tokens: int = 96, model: str = "smollm2",
     print_fn: Any = print,

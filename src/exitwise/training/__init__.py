@@ -36,6 +36,7 @@ from .evaluate import evaluate_exits, format_exit_table
 from .exits_only import ExitsOnlyStrategy
 from .joint import JointStrategy
 from .layerskip import LayerSkipResult, layerskip_finetune
+from .lm_answer_tuning import generate_answers, tune_exits_on_answers
 from .lm_tuning import LMTuningResult, tune_exits
 from .loop import StageResult, TrainResult, train
 from .schedules import exit_weights
@@ -76,6 +77,8 @@ __all__ = [
     "save_model_weights",
     "train",
     "tune_exits",
+    "tune_exits_on_answers",
+    "generate_answers",
     "weighted_exit_loss",
     "ztw_ensemble_weights",
 ]
