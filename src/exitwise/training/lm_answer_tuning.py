@@ -37,7 +37,8 @@ from .lm_tuning import (
     LMTuningResult,
     _tuned_exits,
     load_checkpoint,
-    save_checkpoint,
+    only_training,
+    record_step,
 )
 
 Answer = tuple[list[int], list[int]]  # (prompt ids, the model's greedy answer ids)
@@ -304,15 +305,9 @@ def tune_exits_on_answers(
     steps = max(1, -(-int(epochs * len(train_idx)) // batch_size))
 
     params = [p for k in ks for p in model.heads[k].parameters()]
-    saved_flags = {id(p): p.requires_grad for p in model.parameters()}
-    saved_modes = {m: m.training for m in model.modules()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     folder = Path(output_dir) / CKPT_DIR if output_dir is not None else None
-    try:
+    with only_training(model, params):
         model.eval()
         state = load_checkpoint(folder, model, ks, optimizer, depths) if (
             folder is not None and resume) else None
@@ -364,24 +359,12 @@ def tune_exits_on_answers(
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
-            state["step"] = step + 1
-            state["loss_history"].append(float(total.detach()))
-            for jx, v in enumerate(losses):
-                state["exit_loss_history"][jx].append(float(v.detach()))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(total.detach()):.3f}")
-            if folder is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
-                save_checkpoint(folder, model, ks, optimizer, state)
+            record_step(state, step, float(total.detach()), [float(v.detach()) for v in losses],
+                        bar, folder, save_every, steps, model, ks, optimizer)
         if bar is not None:
             bar.close()
         model.eval()
         after = answer_agreement(model, ks, feats, answers, eval_idx, batch_size)
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(saved_flags[id(p)])
-        for m, mode in saved_modes.items():
-            m.training = mode
     return LMTuningResult(
         exit_layers=depths, steps=int(state["step"]), start_step=start,
         loss="ce_on_greedy_answers", loss_history=list(state["loss_history"]),

@@ -27,9 +27,10 @@ last written last, so it marks a complete checkpoint.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -275,6 +276,44 @@ def load_checkpoint(
     return state
 
 
+# -- shared by the LM exit recipes ---------------------------------------------------------
+@contextmanager
+def only_training(model: Any, params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Within the block only ``params`` require grad; every parameter's ``requires_grad`` and
+    every module's train/eval mode are restored afterwards (also on error)."""
+    saved_flags = {id(p): p.requires_grad for p in model.parameters()}
+    saved_modes = {m: m.training for m in model.modules()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(saved_flags[id(p)])
+        for m, mode in saved_modes.items():
+            m.training = mode
+
+
+def record_step(
+    state: dict[str, Any], step: int, total: float, per_exit: list[float], bar: Any,
+    folder: Path | None, save_every: int, steps: int, model: Any, ks: list[int],
+    optimizer: torch.optim.Optimizer,
+) -> None:
+    """After optimizer step ``step`` (0-based): histories, progress bar, and a checkpoint every
+    ``save_every`` steps and at the last one."""
+    state["step"] = step + 1
+    state["loss_history"].append(total)
+    for j, v in enumerate(per_exit):
+        state["exit_loss_history"][j].append(v)
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{total:.4f}")
+    if folder is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
+        save_checkpoint(folder, model, ks, optimizer, state)
+
+
 # -- the recipe ----------------------------------------------------------------------------
 def tune_exits(
     model: Any,
@@ -336,18 +375,12 @@ def tune_exits(
     train_seqs, eval_seqs = split_holdout(seqs, eval_fraction, seed)
 
     params = [p for k in ks for p in model.heads[k].parameters()]
-    saved_flags = {id(p): p.requires_grad for p in model.parameters()}
-    saved_modes = {m: m.training for m in model.modules()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     warmup = warmup_steps
     if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
         raise ConfigError(f"warmup_steps must be >= 0; got {warmup_steps!r}")
     folder = out_dir / CKPT_DIR if out_dir is not None else None
-    try:
+    with only_training(model, params):
         model.eval()  # frozen backbone: no dropout in the teacher; heads train below
         state = load_checkpoint(folder, model, ks, optimizer, depths) if (
             folder is not None and resume) else None
@@ -379,24 +412,12 @@ def tune_exits(
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
-            state["step"] = step + 1
-            state["loss_history"].append(float(total.detach()))
-            for j, v in enumerate(per_exit.tolist()):
-                state["exit_loss_history"][j].append(v)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(total.detach()):.4f}")
-            if folder is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
-                save_checkpoint(folder, model, ks, optimizer, state)
+            record_step(state, step, float(total.detach()), per_exit.tolist(), bar, folder,
+                        save_every, steps, model, ks, optimizer)
         if bar is not None:
             bar.close()
         model.eval()
         after = top1_agreement(model, ks, eval_seqs, pad_id, batch_size, device)
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(saved_flags[id(p)])
-        for m, mode in saved_modes.items():
-            m.training = mode
     return LMTuningResult(
         exit_layers=depths,
         steps=int(state["step"]),
