@@ -221,25 +221,14 @@ class LMHead(ExitHead):
         """:meth:`compact_logits` for drafting (inference only), (B, q, H) -> (B, q, K).
 
         With a draft vocabulary the K x H read-out is kept a second time, transposed (H x K,
-        contiguous): on a CPU a one-row product with it runs 2-4x faster than ``F.linear``
-        (benchmarks/lm_speed.py, ``component_costs_ms``). Equal to :meth:`compact_logits` up
+        contiguous): on this project's CPU a one-row product with it ran 2-4x faster than
+        ``F.linear`` in a micro-benchmark (``exit_head_q1_ms`` in benchmarks/lm_speed.py's
+        ``component_costs_ms``: 1.6 ms for K = 4096). Equal to :meth:`compact_logits` up
         to float round-off; a draft only proposes tokens, so decoding stays lossless.
         """
         if self.vocab_ids is None or self._backbone is None or hidden.is_cuda:
             return self.compact_logits(hidden, ctx)
-        hidden = self._transform(hidden, ctx)
-        backbone = self._backbone
-        normed = self.norm(hidden) if self.norm is not None else backbone.final_norm(hidden)
-        weight = self._subset_weight()
-        cached = self._transposed_cache
-        if cached is None or cached[0] is not weight:
-            cached = (weight, weight.t().contiguous())
-            self._transposed_cache = cached
-        out = normed @ cached[1]
-        bias = getattr(self._lm_head_module(), "bias", None)
-        if bias is not None:
-            out = out + bias.index_select(0, self.vocab_ids)
-        return backbone.postprocess_logits(out)
+        return self._compact_readout(self._transform(hidden, ctx), transposed=True)
 
     def _vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., V); -inf outside the draft vocabulary when there is one."""
@@ -259,7 +248,9 @@ class LMHead(ExitHead):
         top = compact.argmax(-1)
         return top if self.vocab_ids is None else self.vocab_ids[top]
 
-    def _compact_readout(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _compact_readout(self, hidden: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+        """(..., H) -> (..., K) over ``vocab_ids``; ``transposed``: multiply by a cached
+        contiguous H x K copy of the read-out (the fast one-row kernel, inference only)."""
         backbone = self._backbone
         if backbone is None:
             normed = self.norm(hidden)
@@ -269,7 +260,14 @@ class LMHead(ExitHead):
         bias = getattr(self._lm_head_module(), "bias", None)
         if bias is not None:
             bias = bias.index_select(0, self.vocab_ids)
-        return backbone.postprocess_logits(torch.nn.functional.linear(normed, weight, bias))
+        if not transposed:
+            return backbone.postprocess_logits(torch.nn.functional.linear(normed, weight, bias))
+        cached = self._transposed_cache
+        if cached is None or cached[0] is not weight:
+            cached = (weight, weight.t().contiguous())
+            self._transposed_cache = cached
+        out = normed @ cached[1]
+        return backbone.postprocess_logits(out if bias is None else out + bias)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits (B, V) at each row's last real token.
