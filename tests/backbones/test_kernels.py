@@ -25,15 +25,39 @@ def test_streaming_linear_equals_nn_linear(bias, shape):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_one_row_and_many_rows_keep_the_stock_kernel_bit_for_bit():
+def test_more_rows_than_max_rows_keep_the_stock_kernel_bit_for_bit():
     torch.manual_seed(1)
     lin = nn.Linear(16, 32)
     with torch.inference_mode():
-        for rows in (1, 9):
+        for rows in (9, 20):
             x = torch.randn(rows, 16)
             want = lin(x)
             with streaming_linears(lin, max_rows=8):
                 assert torch.equal(lin(x), want)
+
+
+def test_odd_row_counts_are_padded_to_an_even_product(monkeypatch):
+    """1 -> 2 and 3 -> 4 columns reach torch.mm; the pad's column never reaches the output."""
+    torch.manual_seed(2)
+    lin = nn.Linear(16, 32)
+    widths: list[int] = []
+    real_mm = torch.mm
+
+    def spy(a, b):
+        widths.append(b.shape[1])
+        return real_mm(a, b)
+
+    with torch.inference_mode():
+        for rows in (1, 2, 3, 4):
+            x = torch.randn(1, rows, 16)
+            want = lin(x)
+            with streaming_linears(lin):
+                monkeypatch.setattr(torch, "mm", spy)
+                got = lin(x)
+                monkeypatch.setattr(torch, "mm", real_mm)
+            assert got.shape == (1, rows, 32) and got.is_contiguous()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert widths == [2, 2, 4, 4]
 
 
 def test_only_exact_linears_switch_and_all_come_back_after_an_error():
@@ -62,6 +86,7 @@ def test_disabled_and_bad_arguments():
     lin = nn.Linear(4, 4)
     with streaming_linears(lin, enabled=False) as n:
         assert n == 0 and type(lin) is nn.Linear
-    with pytest.raises(ValueError, match="max_rows"):
-        with streaming_linears(lin, max_rows=1):
-            pass
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match="max_rows"):
+            with streaming_linears(lin, max_rows=bad):
+                pass

@@ -5,12 +5,29 @@ from __future__ import annotations
 import pytest
 
 from exitwise.errors import DataError
-from exitwise.recipes.lm_prompts import EVERYDAY_TOPICS, TOPIC_TEMPLATES, corpus_chat_prompts
+from exitwise.recipes.lm_prompts import (
+    CODE_TASKS,
+    CODE_TEMPLATES,
+    EVERYDAY_TASKS,
+    EVERYDAY_TOPICS,
+    PAIR_TEMPLATES,
+    REQUEST_TEMPLATES,
+    TASK_TEMPLATES,
+    TOPIC_TEMPLATES,
+    corpus_chat_prompts,
+)
 
-
-# every prompt the fixture below allows: topics (everyday + 2 WikiText) x templates, 30 SST-2
+# every prompt the fixture below allows: requests over the titled topics (everyday + the one
+# readable WikiText title) and over pairs of them (topic i with topic 7i + 3, never itself),
+# how-to requests for the built-in tasks, topic requests (everyday + title + heading), 30 SST-2
 # sentences, 2 Shakespeare lines
-TOTAL = (len(EVERYDAY_TOPICS) + 2) * len(TOPIC_TEMPLATES) + 30 + 2
+_TITLED = len(EVERYDAY_TOPICS) + 1
+_PAIRS = sum(i != (i * 7 + 3) % _TITLED for i in range(_TITLED))
+TOTAL = (
+    _TITLED * len(REQUEST_TEMPLATES) + _PAIRS * len(PAIR_TEMPLATES)
+    + len(EVERYDAY_TASKS) * len(TASK_TEMPLATES) + len(CODE_TASKS) * len(CODE_TEMPLATES)
+    + (len(EVERYDAY_TOPICS) + 2) * len(TOPIC_TEMPLATES) + 30 + 2
+)
 
 
 @pytest.fixture()
@@ -37,9 +54,16 @@ def test_prompts_are_distinct_deterministic_and_mix_the_sources(data_dir):
     assert a == corpus_chat_prompts(60, seed=3, data_dir=data_dir)
     assert a != corpus_chat_prompts(60, seed=4, data_dir=data_dir)
     assert len(a) == len(set(a)) == 60
-    assert sum("movie review" in p or "sentence" in p for p in a) >= 20  # ~40% SST-2
+    assert sum("charming little film" in p for p in a) >= 5  # ~15% SST-2
+    assert sum(p.startswith(("How do I", "Give me step-by-step", "Show me how")) for p in a) >= 4
     a = corpus_chat_prompts(TOTAL, data_dir=data_dir)
+    assert len(a) == len(set(a)) == TOTAL
     assert any("Homarus gammarus" in p for p in a)           # WikiText title
+    assert any("Description" in p for p in a)                # WikiText heading (topic requests)
+    # headings are too vague for the assistant-style requests; titles are used there
+    assert not any(p == "How does Description work?" for p in a)
+    assert "How does Homarus gammarus work?" in a
+    assert any(p.startswith("What is the difference between") for p in a)
     assert any("charming little film" in p for p in a)       # SST-2 sentence
     assert any("hear me speak" in p for p in a)              # Shakespeare line
     assert not any("<unk>" in p or "@" in p for p in a)      # unreadable titles dropped

@@ -161,9 +161,10 @@ def generate(
         (exact K/V, every layer still runs) or "skip" (exited tokens' deeper layers are not
         run at their step but filled exactly, in parallel, by a later step: fewer sequential
         layers and block runs); see :mod:`exitwise.generation.early_exit`.
-    kernels: "auto" (default): on the CPU, products of 2..8 rows (verifying a draft, small
-        batches) stream each weight once (:mod:`exitwise.backbones.kernels`); one-row steps
-        keep the stock kernel. "stock": ``nn.Linear`` everywhere.
+    kernels: "auto" (default): on the CPU, products of 1..8 rows (one-token steps, verifying
+        a draft, small batches) stream each weight once, odd row counts padded to even
+        (:mod:`exitwise.backbones.kernels`); equal to the stock kernels up to round-off.
+        "stock": ``nn.Linear`` everywhere (Hugging Face's numerics bit for bit).
     """
     if kernels not in KERNELS:
         raise ConfigError(f"unknown kernels {kernels!r}; choose from {', '.join(KERNELS)}")
