@@ -200,8 +200,8 @@ def component_costs(model, tokenizer, exit_layer: int, repeats: int = 25) -> dic
 
     with torch.inference_mode():
         session.prefill()
-        # "streaming": what exitwise's decoders run with kernels="auto" (2..8-row products as
-        # (W @ x^T)^T); "stock": nn.Linear as Hugging Face runs it. Interleaved run by run.
+        # "streaming": what exitwise's decoders run with kernels="auto" (1..8-row products as
+        # (W @ x^T)^T, odd counts padded); "stock": nn.Linear as HF runs it. Interleaved run by run.
         for q in (1, 2, 3, 4, 5):
             ctx = session.context(0, q)
             x = torch.randn(1, q, bb.hidden_size)

@@ -7,10 +7,11 @@ MKL's general GEMM path, which here costs about 2x a one-row product for 2-5 row
 the same product as ``(W @ x^T)^T`` hands MKL a tall-skinny GEMM that streams ``W`` once.
 
 One row is a matrix-vector product, and MKL's GEMV streams a large weight *slower* than its
-two-column GEMM does (LM head of SmolLM2, 49152 x 576, two threads: 15-16 ms for one row,
-9.5 ms for two; an odd third column also costs more than a fourth). So an odd row count is
-padded with one zero row: 1 -> 2, 3 -> 4, ... The pad costs one small copy and the extra
-output column is dropped; the products of the real rows are unchanged up to round-off.
+two-column GEMM does (SmolLM2's LM head, 49152 x 576, two threads: 15.9 ms for one row with
+``F.linear``, 11.1 ms padded to two; an odd third column also cost more than a fourth in a
+micro-benchmark). So an odd row count is padded with one zero row: 1 -> 2, 3 -> 4, ... The
+pad costs one small copy and the extra output column is dropped; the products of the real
+rows are unchanged up to round-off.
 
 ``benchmarks/lm_speed.py`` records stock vs streaming in ``component_costs_ms`` (``streaming_``
 keys): on SmolLM2 at batch 1, two threads, the one-token step, the two-token verification and

@@ -18,7 +18,7 @@ predict. Answers to rewording and reading-comprehension requests are more formul
 SmolLM2 exit at layer 2 tuned on 960 answers of an earlier mix dominated by them agreed with
 the full model on 33% of held-out tokens of that mix but drafted only 22% of the benchmark's
 answers right (its acceptance in ``benchmarks/lm_speed.py``); tuned on 1,200 answers of this
-mix it drafted 25% of the benchmark's answer tokens right (teacher-forced, same answers).
+mix, its acceptance there was 25.7% (``benchmarks/results/lm_speed.json``).
 
 By default the files are looked for in ``../shared/data`` (this project's data folder);
 ``data_dir`` points elsewhere. Prompts equal to any of ``exclude`` (e.g. benchmark and
