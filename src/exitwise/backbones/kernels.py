@@ -70,7 +70,8 @@ def streaming_linears(
 ) -> Iterator[int]:
     """Within the block, every module of exact type ``nn.Linear`` under ``modules`` on the
     CPU computes 1..``max_rows``-row inputs as ``(W @ x^T)^T`` (odd counts padded by a row).
-    Yields how many were switched; restores them on exit (also on error). ``enabled=False`` switches none."""
+    Yields how many were switched; restores them on exit (also on error). ``enabled=False``
+    switches none."""
     if not isinstance(max_rows, int) or max_rows < 1:
         raise ValueError(f"max_rows must be an int >= 1; got {max_rows!r}")
     switched: list[nn.Module] = []
