@@ -146,20 +146,22 @@ def find_text_data(data_dir: str | Path | None = None) -> Path | None:
     return None
 
 
-def _wikitext_topics(folder: Path, headings: bool = True) -> list[str]:
-    """Article titles (`` = Title = ``) and, with ``headings``, section headings
-    (`` = = Heading = = ``) of the WikiText files, unique, in first-seen order."""
+def _wikitext_topics(folder: Path) -> tuple[list[str], list[str]]:
+    """(titles and section headings, titles only) of the WikiText files, each unique in
+    first-seen order; titles are `` = Title = `` lines, headings `` = = Heading = = ``."""
     topics: list[str] = []
-    pattern = r" = (?:= )?([^=]+?) (?:= )?= " if headings else r" = ([^=]+?) = "
+    titles: list[str] = []
     for name in ("wikitext2-valid.txt", "wikitext2-test.txt"):
         path = folder / "lm" / name
         if not path.is_file():
             continue
         for line in path.read_text(encoding="utf-8").splitlines():
-            m = re.fullmatch(pattern, line)
-            if m and not _UNK.search(m.group(1)) and len(m.group(1)) > 3:
-                topics.append(m.group(1).strip())
-    return list(dict.fromkeys(topics))
+            m = re.fullmatch(r" = (= )?([^=]+?) (?:= )?= ", line)
+            if m and not _UNK.search(m.group(2)) and len(m.group(2)) > 3:
+                topics.append(m.group(2).strip())
+                if m.group(1) is None:
+                    titles.append(topics[-1])
+    return list(dict.fromkeys(topics)), list(dict.fromkeys(titles))
 
 
 def _sst2_sentences(folder: Path) -> list[str]:
@@ -204,12 +206,13 @@ def corpus_chat_prompts(
         raise DataError(f"n must be a positive int; got {n!r}")
     rng = random.Random(seed)
     folder = find_text_data(data_dir)
-    topics = list(EVERYDAY_TOPICS) + (_wikitext_topics(folder) if folder else [])
+    wiki_topics, wiki_titles = _wikitext_topics(folder) if folder else ([], [])
+    topics = list(EVERYDAY_TOPICS) + wiki_topics
     sentences = _sst2_sentences(folder) if folder else []
     verses = _shakespeare_lines(folder) if folder else []
     # Section headings ("Early life", "Reception") make vague topics: requests use article
     # titles and the everyday topics only.
-    titled = list(EVERYDAY_TOPICS) + (_wikitext_topics(folder, headings=False) if folder else [])
+    titled = list(EVERYDAY_TOPICS) + wiki_titles
     # A fixed stride pairs each topic with an unrelated one (about two pairs per topic).
     pairs = [(titled[i], titled[(i * 7 + 3) % len(titled)]) for i in range(len(titled))]
     pools: list[list[str]] = [
