@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from exitwise.backbones.kernels import streaming_linears  # noqa: E402
+from exitwise.backbones.kernels import default_tuner, few_row_kernels  # noqa: E402
+from exitwise.machine import machine_info  # noqa: E402
 from exitwise.recipes.lm import TuneLMJob, load_lm, run_tune_lm  # noqa: E402
 from exitwise.recipes.lm_bench import (  # noqa: E402
     BENCH_PROMPTS,
@@ -191,7 +191,7 @@ def component_costs(model, tokenizer, exit_layer: int, repeats: int = 25) -> dic
         times: tuple[list[float], list[float]] = ([], [])
         for r in range(repeats + 1):
             for j, on in enumerate((False, True)):
-                with streaming_linears(model, enabled=on):
+                with few_row_kernels(model, kernels="streaming" if on else "stock"):
                     t0 = time.perf_counter()
                     fn()
                     if r:  # the first round warms up
@@ -200,8 +200,9 @@ def component_costs(model, tokenizer, exit_layer: int, repeats: int = 25) -> dic
 
     with torch.inference_mode():
         session.prefill()
-        # "streaming": what exitwise's decoders run with kernels="auto" (1..8-row products as
-        # (W @ x^T)^T, odd counts padded); "stock": nn.Linear as HF runs it. Interleaved run by run.
+        # "streaming": 1..8-row products as (W @ x^T)^T, odd counts padded (what
+        # kernels="auto" runs where this machine measured it faster); "stock": nn.Linear as HF
+        # runs it. Interleaved run by run.
         for q in (1, 2, 3, 4, 5):
             ctx = session.context(0, q)
             x = torch.randn(1, q, bb.hidden_size)
@@ -306,8 +307,9 @@ def main(argv: list[str] | None = None) -> dict:
                           "epochs of cross-entropy from cached features" if args.answers
                           else f"KL to the final layer, {args.steps} steps"),
         "tuning": tuning, "bench_seconds": time.time() - t1,
-        "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "threads": args.threads},
+        "machine": machine_info(),
+        # what kernels="auto" measured on this machine (dtype:OUTxIN:nWEIGHTS:rROWS)
+        "kernel_decisions": {k: vars(d) for k, d in default_tuner().decisions().items()},
         **report,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# What exitwise keeps between runs (kernel timings, converted models) goes to a folder of this
+# test run, never to the user's ~/.cache; and a user's kernel override must not steer tests.
+os.environ["EXITWISE_CACHE"] = tempfile.mkdtemp(prefix="exitwise-tests-")
+os.environ.pop("EXITWISE_KERNELS", None)
 # One intra-op thread for the whole suite: on tiny in-memory models, a second thread only adds
 # synchronisation cost (several-fold slower on a busy 2-core machine), and CI runs tests in one
 # process anyway. Benchmarks set their own thread count.

@@ -129,6 +129,17 @@ def _add_lm_commands(sub: Any) -> None:
     g.add_argument("--sample", action="store_true", help="sample instead of greedy")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--json", action="store_true", help="print texts and stats as JSON")
+    g.add_argument("--kernels", default=None, choices=["auto", "stock", "streaming"],
+                   help="few-row products: auto (default, or $EXITWISE_KERNELS) = stock unless "
+                        "measured faster on this machine; stock; streaming")
+
+    k = sub.add_parser("kernels", help="measure now which few-row kernels this machine should "
+                                       "use for a model (else measured at first use)")
+    k.add_argument("model", help="a tune-lm folder, 'smollm2', a local folder or a hub id")
+    k.add_argument("--rows", type=_ints, default=[1, 2], help="row counts to measure")
+    k.add_argument("--threads", type=int, default=2)
+    k.add_argument("--again", action="store_true",
+                   help="forget this machine's earlier measurements first")
 
     b = sub.add_parser("bench-lm", help="tokens/s: HF greedy, HF early-exit assistant, exitwise")
     b.add_argument("model", help="a tune-lm folder, 'smollm2', a local folder or a hub id")
@@ -165,7 +176,7 @@ def _run_lm(args: argparse.Namespace) -> int:
             draft_len=args.draft_len, max_new_tokens=args.max_new_tokens,
             chat=False if args.no_chat else None, do_sample=args.sample, seed=args.seed,
             policy={"name": args.policy, "threshold": args.threshold}, kv=args.kv,
-            draft_threshold=args.draft_threshold,
+            draft_threshold=args.draft_threshold, kernels=args.kernels,
         )
         if args.json:
             print(json.dumps(out, indent=2, default=_json_default))
@@ -176,6 +187,24 @@ def _run_lm(args: argparse.Namespace) -> int:
             print(f"[{s['strategy']}: {sum(out['new_tokens'])} tokens, acceptance "
                   f"{s['acceptance_rate']:.2f}, {s['layer_applications_per_token']:.1f} layer "
                   "applications/token]", file=sys.stderr)
+    elif args.command == "kernels":
+        import torch
+
+        from .backbones.kernels import autotune, default_tuner
+        from .machine import machine_key
+
+        torch.set_num_threads(args.threads)
+        model, _ = lm.load_lm(args.model, print_fn=lambda m: print(m, file=sys.stderr))
+        tuner = default_tuner()
+        if args.again:
+            tuner.clear()
+        decisions = autotune(lm.hf_model(model), rows=args.rows, tuner=tuner)
+        print(f"{machine_key()} (kept in {tuner.path})")
+        print(f"{'weights (dtype:OUTxIN:count:rows)':40s} {'stock ms':>9s} {'streaming ms':>13s}"
+              f" {'ratio':>6s}  choice")
+        for key, d in decisions.items():
+            print(f"{key:40s} {d.stock_ms:9.3f} {d.streaming_ms:13.3f} {d.ratio:6.2f}  "
+                  f"{'streaming' if d.stream else 'stock'}")
     elif args.command == "bench-lm":
         from pathlib import Path
 
@@ -209,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.command in ("tune-lm", "generate", "bench-lm"):
+    if args.command in ("tune-lm", "generate", "bench-lm", "kernels"):
         return _run_lm(args)
     if args.command == "demo" and args.story == "llm":
         import torch

@@ -1,39 +1,69 @@
-"""Few-row streaming linears (exitwise.backbones.kernels)."""
+"""Few-row streaming products and their measured choice (exitwise.backbones.kernels)."""
 
 from __future__ import annotations
 
+import json
+import threading
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from exitwise.backbones.kernels import StreamingLinear, streaming_linears
+from exitwise.backbones import kernels as K
+from exitwise.backbones.kernels import (
+    KernelDecision,
+    KernelTuner,
+    autotune,
+    few_row_kernels,
+    paired_choice,
+    resolve_kernels,
+    streaming_linear,
+)
+from exitwise.errors import ConfigError
+
+
+class FixedTuner(KernelTuner):
+    """A tuner whose 'measurement' returns a fixed choice and counts how often it ran."""
+
+    def __init__(self, stream: bool, path=None) -> None:
+        super().__init__(path)
+        self.stream = stream
+        self.measured: list[str] = []
+
+    def _measure(self, weights, rows):
+        self.measured.append(K._key(weights, rows))
+        return KernelDecision(self.stream, 0.5 if self.stream else 1.5, 1.0, 1.0)
+
+
+def snapshot(model: nn.Module) -> list:
+    """Everything of the modules a kernel switch could change: class, instance dict keys,
+    forward, hooks, and the parameters' identity."""
+    return [
+        (name, type(m), sorted(m.__dict__), m.forward.__func__, dict(m._forward_hooks),
+         dict(m._forward_pre_hooks), [id(p) for p in m.parameters(recurse=False)])
+        for name, m in model.named_modules()
+    ]
 
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(1, 1), (1, 3), (2, 4), (5,), (3, 3), (1, 12)])
-def test_streaming_linear_equals_nn_linear(bias, shape):
+def test_streaming_product_equals_f_linear(bias, shape):
     torch.manual_seed(0)
     lin = nn.Linear(24, 40, bias=bias)
     x = torch.randn(*shape, 24)
     with torch.inference_mode():
         want = lin(x)
-        with streaming_linears(lin) as n:
-            assert n == 1 and type(lin) is StreamingLinear
-            got = lin(x)
-    assert type(lin) is nn.Linear
-    assert got.shape == want.shape
+        got = streaming_linear(x, lin.weight, lin.bias)
+        with few_row_kernels(lin, kernels="streaming") as scope:
+            via_mode = lin(x)
+    assert got.shape == want.shape and got.is_contiguous()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
-def test_more_rows_than_max_rows_keep_the_stock_kernel_bit_for_bit():
-    torch.manual_seed(1)
-    lin = nn.Linear(16, 32)
-    with torch.inference_mode():
-        for rows in (9, 20):
-            x = torch.randn(rows, 16)
-            want = lin(x)
-            with streaming_linears(lin, max_rows=8):
-                assert torch.equal(lin(x), want)
+    rows = x.numel() // 24
+    if rows <= K.DEFAULT_MAX_ROWS:
+        assert torch.equal(via_mode, got) and scope.streamed == 1
+    else:
+        assert torch.equal(via_mode, want) and scope.streamed == 0
 
 
 def test_odd_row_counts_are_padded_to_an_even_product(monkeypatch):
@@ -51,42 +81,180 @@ def test_odd_row_counts_are_padded_to_an_even_product(monkeypatch):
         for rows in (1, 2, 3, 4):
             x = torch.randn(1, rows, 16)
             want = lin(x)
-            with streaming_linears(lin):
-                monkeypatch.setattr(torch, "mm", spy)
-                got = lin(x)
-                monkeypatch.setattr(torch, "mm", real_mm)
-            assert got.shape == (1, rows, 32) and got.is_contiguous()
+            monkeypatch.setattr(torch, "mm", spy)
+            got = streaming_linear(x, lin.weight, lin.bias)
+            monkeypatch.setattr(torch, "mm", real_mm)
+            assert got.shape == (1, rows, 32)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert widths == [2, 2, 4, 4]
 
 
-def test_only_exact_linears_switch_and_all_come_back_after_an_error():
+def test_more_rows_than_max_rows_autograd_and_stock_keep_the_stock_kernel_bit_for_bit():
+    torch.manual_seed(1)
+    lin = nn.Linear(16, 32)
+    with torch.inference_mode():
+        for rows in (9, 20):
+            x = torch.randn(rows, 16)
+            want = lin(x)
+            with few_row_kernels(lin, kernels="streaming", max_rows=8) as scope:
+                assert torch.equal(lin(x), want)
+            assert scope.streamed == 0
+        x = torch.randn(2, 16)
+        want = lin(x)
+        with few_row_kernels(lin, kernels="stock") as scope:
+            assert torch.equal(lin(x), want)
+        assert scope.weights == 0 and scope.calls == {}
+    x = torch.randn(3, 16, requires_grad=True)
+    with few_row_kernels(lin, kernels="streaming") as scope:  # training: autograd path
+        lin(x).sum().backward()
+    assert x.grad is not None and lin.weight.grad is not None and scope.streamed == 0
+
+
+def test_only_the_scoped_weights_are_rerouted_and_the_model_is_never_changed():
     class Custom(nn.Linear):
         pass
 
     model = nn.Sequential(nn.Linear(4, 4), Custom(4, 4), nn.Sequential(nn.Linear(4, 2)))
-    shared = model[0]
-    with pytest.raises(RuntimeError, match="boom"):
-        with streaming_linears(model, shared) as n:  # a module reached twice counts once
-            assert n == 2
-            assert type(model[1]) is Custom
-            raise RuntimeError("boom")
-    assert [type(m) for m in (model[0], model[1], model[2][0])] == [nn.Linear, Custom, nn.Linear]
+    outside = nn.Linear(4, 4)
+    before = snapshot(model)
+    x = torch.randn(1, 4)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="boom"):
+            with few_row_kernels(model, model[0], kernels="streaming") as scope:
+                model(x)
+                outside(x)  # not under the given modules: stock, not counted
+                assert snapshot(model) == before  # nothing is swapped, even inside
+                raise RuntimeError("boom")
+    assert snapshot(model) == before
+    # a weight reached twice counts once; subclasses of nn.Linear are products too
+    assert scope.weights == 3 and scope.streamed == 3
+    assert set(scope.calls) == {"float32:4x4:n2:r1", "float32:2x4:n1:r1"}
 
 
-def test_training_keeps_the_autograd_path():
-    lin = nn.Linear(8, 8)
-    x = torch.randn(3, 8, requires_grad=True)
-    with streaming_linears(lin):
-        lin(x).sum().backward()
-    assert x.grad is not None and lin.weight.grad is not None
+def test_auto_streams_exactly_where_the_measurement_says(tmp_path):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3))
+    x = torch.randn(2, 8)
+    with torch.inference_mode():
+        want = model(x)
+        for stream in (False, True):
+            tuner = FixedTuner(stream)
+            with few_row_kernels(model, kernels="auto", tuner=tuner) as scope:
+                got = model(x)
+                model(x)
+            # one measurement per (shape, rows), reused by every weight of the shape
+            assert sorted(tuner.measured) == ["float32:3x8:n1:r2", "float32:8x8:n2:r2"]
+            if stream:
+                assert scope.streamed == 6
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            else:  # measured slower: the stock kernel, bit for bit
+                assert scope.streamed == 0 and torch.equal(got, want)
+                assert scope.calls["float32:8x8:n2:r2"] == {"stock": 4}
 
 
-def test_disabled_and_bad_arguments():
+def test_measurements_are_kept_per_machine_and_reused(tmp_path, monkeypatch):
+    path = tmp_path / "kernels.json"
+    weights = [torch.randn(6, 5) for _ in range(2)]
+    first = FixedTuner(True, path)
+    assert first.decide(weights, 1).stream and first.measured == ["float32:6x5:n2:r1"]
+    again = FixedTuner(False, path)  # a new process: reads the file, measures nothing
+    assert again.decide(weights, 1).stream and again.measured == []
+    data = json.loads(path.read_text())
+    (machine,) = data["machines"]
+    assert machine == K.machine_key() and data["machines"][machine]["float32:6x5:n2:r1"][
+        "stream"] is True
+    monkeypatch.setattr(K, "machine_key", lambda: "another CPU | torch x | 2 threads")
+    other = FixedTuner(False, path)  # another machine never reuses this one's timings
+    assert not other.decide(weights, 1).stream and other.measured == ["float32:6x5:n2:r1"]
+    assert len(json.loads(path.read_text())["machines"]) == 2
+    other.clear()
+    assert list(json.loads(path.read_text())["machines"]) == [machine]
+    path.write_text("{not json")  # a damaged file is measured again, not fatal
+    damaged = FixedTuner(True, path)
+    assert damaged.decide(weights, 1).stream and len(damaged.measured) == 1
+
+
+def test_the_auto_rule_on_hand_computed_times():
+    # paired ratios 0.9, 1.2, 0.8: median 0.9
+    d = paired_choice([10.0, 10.0, 10.0], [9.0, 12.0, 8.0], margin=0.05)
+    assert d.stream and d.ratio == pytest.approx(0.9)
+    assert d.stock_ms == pytest.approx(10_000.0) and d.streaming_ms == pytest.approx(9_000.0)
+    assert not paired_choice([10.0, 10.0, 10.0], [9.0, 12.0, 8.0], margin=0.15).stream
+    assert not paired_choice([1.0], [1.0], margin=0.0).stream  # a tie keeps stock
+    with pytest.raises(ConfigError):
+        paired_choice([1.0], [], margin=0.05)
+
+
+def test_a_real_measurement_gives_a_consistent_decision():
+    tuner = KernelTuner(None, margin=0.05, repeats=3)
+    weights = [torch.randn(64, 32) for _ in range(3)]
+    d = tuner.decide(weights, 2)
+    assert d.stock_ms > 0 and d.streaming_ms > 0 and d.ratio > 0
+    assert d.stream == (d.ratio < 0.95)
+    assert tuner.decisions() == {"float32:64x32:n3:r2": d}
+    got = autotune(nn.Sequential(nn.Linear(32, 64)), rows=(2,), tuner=tuner)
+    assert list(got) == ["float32:64x32:n1:r2"]
+
+
+def test_a_second_thread_is_never_rerouted():
+    torch.manual_seed(4)
+    lin = nn.Linear(16, 16)
+    x = torch.randn(1, 16)
+    with torch.inference_mode():
+        want = lin(x)
+    inside, other_done = threading.Event(), threading.Event()
+    results: dict[str, torch.Tensor] = {}
+
+    def other():
+        inside.wait()
+        with torch.inference_mode():
+            results["other"] = lin(x)
+        other_done.set()
+
+    t = threading.Thread(target=other)
+    t.start()
+    with torch.inference_mode(), few_row_kernels(lin, kernels="streaming") as scope:
+        inside.set()
+        other_done.wait(10)
+        lin(x)
+    t.join()
+    assert torch.equal(results["other"], want) and scope.streamed == 1
+
+
+def test_choice_by_argument_and_environment(monkeypatch):
+    monkeypatch.delenv("EXITWISE_KERNELS", raising=False)
+    assert resolve_kernels(None) == "auto"
+    monkeypatch.setenv("EXITWISE_KERNELS", "Stock")
+    assert resolve_kernels(None) == "stock"
+    assert resolve_kernels("streaming") == "streaming"  # an argument wins
+    monkeypatch.setenv("EXITWISE_KERNELS", "fast")
+    with pytest.raises(ConfigError, match="EXITWISE_KERNELS"):
+        resolve_kernels(None)
+    with pytest.raises(ConfigError, match="kernels"):
+        resolve_kernels("fast")
     lin = nn.Linear(4, 4)
-    with streaming_linears(lin, enabled=False) as n:
-        assert n == 0 and type(lin) is nn.Linear
-    for bad in (0, 2.5):
-        with pytest.raises(ValueError, match="max_rows"):
-            with streaming_linears(lin, max_rows=bad):
+    for bad in (0, 2.5, True):
+        with pytest.raises(ConfigError, match="max_rows"):
+            with few_row_kernels(lin, kernels="streaming", max_rows=bad):
                 pass
+    with pytest.raises(ConfigError, match="margin"):
+        KernelTuner(None, margin=1.0)
+    with pytest.raises(ConfigError, match="repeats"):
+        KernelTuner(None, repeats=0)
+
+
+def test_f_linear_called_directly_on_a_scoped_weight_is_rerouted_too():
+    lin = nn.Linear(8, 4)
+    x = torch.randn(3, 8)
+    with torch.inference_mode(), few_row_kernels(lin, kernels="streaming") as scope:
+        got = F.linear(x, lin.weight, bias=lin.bias)
+    assert scope.streamed == 1
+    torch.testing.assert_close(got, lin(x).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_measuring_leaves_the_global_random_stream_alone():
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    KernelTuner(None, repeats=1).decide([torch.ones(4, 4)], 1)
+    assert torch.equal(torch.rand(3), expected)

@@ -106,12 +106,14 @@ def test_tune_generate_bench(tiny_lm_dir, tmp_path, capsys):
                  "--stock-configs", "2:3", "--out", str(bench_json)]) == 0
     bench = json.loads(bench_json.read_text())
     b1, b4 = bench["batch_sizes"]["1"], bench["batch_sizes"]["4"]
-    ours = {"hf_greedy", "exitwise_greedy", "self_spec@2:3", "self_spec_stock@2:3"}
+    ours = {"hf_greedy", "exitwise_greedy", "exitwise_greedy_stock", "self_spec@2:3",
+            "self_spec_stock@2:3"}
     assert set(b1) == ours | {"hf_assistant@2:3"}
     assert set(b4) == ours  # HF's assistant: batch 1 only
     assert b1["hf_greedy"]["exact_match"] == 1.0 and b1["hf_greedy"]["new_tokens"] > 0
     # exitwise's decoders are lossless: same tokens as HF greedy, on either kernel
-    for name in ("exitwise_greedy", "self_spec@2:3", "self_spec_stock@2:3"):
+    for name in ("exitwise_greedy", "exitwise_greedy_stock", "self_spec@2:3",
+                 "self_spec_stock@2:3"):
         assert b1[name]["exact_match"] == 1.0 and b4[name]["exact_match"] == 1.0, name
     assert 0.0 <= b1["self_spec@2:3"]["acceptance_rate"] <= 1.0
     s = bench["summary"]
@@ -121,6 +123,13 @@ def test_tune_generate_bench(tiny_lm_dir, tmp_path, capsys):
                 "self_spec_stock_kernels_tps", "batch4_speedup_vs_exitwise_greedy"):
         assert s[key] is not None and s[key] >= 0, key
     assert s["speedup_vs_greedy"] == pytest.approx(s["self_spec_tps"] / s["hf_greedy_tps"])
+    # the default kernels against stock ones, per batch size, with the rule stated
+    assert set(s["greedy_kernels"]) == {"1", "4"}
+    ratios = [k["default_vs_stock_greedy"] for k in s["greedy_kernels"].values()]
+    assert s["never_slower"] == all(r >= 1 - s["never_slower_tolerance"] for r in ratios)
+    k1 = s["greedy_kernels"]["1"]
+    assert k1["default_vs_stock_greedy"] == pytest.approx(
+        b1["exitwise_greedy"]["tokens_per_s"] / b1["exitwise_greedy_stock"]["tokens_per_s"])
 
 
 def test_bad_lm_arguments_fail_clearly(tiny_lm_dir, tmp_path, capsys):
@@ -166,8 +175,9 @@ def test_bench_lm_times_certified_calm_policies(tiny_lm_dir, tmp_path):
 
 
 def test_llm_demo_story_end_to_end(tiny_lm_dir, tmp_path):
-    """`exitwise demo` on a tiny model: tunes, answers greedily and self-speculatively, the
-    answers are identical, the report is written; a re-run skips the tuning."""
+    """`exitwise demo` on a tiny model: tunes, answers with HF greedy, exitwise greedy and
+    self-speculatively, the answers are identical, the report (with the CPU it ran on) is
+    written; a re-run skips the tuning."""
     from exitwise.recipes.lm_demo import run_llm_demo
 
     out = tmp_path / "demo"
@@ -178,7 +188,14 @@ def test_llm_demo_story_end_to_end(tiny_lm_dir, tmp_path):
               print_fn=lambda *a: lines.append(" ".join(map(str, a))))
     report = run_llm_demo(**kw)
     assert report["all_identical"] and len(report["prompts"]) == 2
-    assert report["measured_speedup"] > 0 and 0 <= report["acceptance_rate"] <= 1
+    assert report["speedup_vs_hf_greedy"] > 0 and 0 <= report["acceptance_rate"] <= 1
+    assert set(report["seconds"]) == {"hf_greedy", "exitwise_greedy", "self_speculative"}
+    for row in report["prompts"]:  # every method answered, HF greedy is the reference
+        assert row["hf_greedy"]["text"] == row["self_speculative"]["text"]
+        assert row["exitwise_greedy"]["text"] == row["hf_greedy"]["text"]
+    from exitwise.machine import cpu_model
+
+    assert report["machine"]["cpu"] == cpu_model() and cpu_model() in lines[-1]
     saved = json.loads((out / "demo_report.json").read_text())
     assert saved["all_identical"] and saved["exit_layer"] == 2
     lines.clear()
@@ -226,3 +243,31 @@ def test_tune_lm_on_greedy_answers(tiny_lm_dir, tmp_path, capsys):
     assert main(["generate", str(out), "--prompt", "what is the sky", "--max-new-tokens", "6",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)
+
+
+def test_kernels_command_measures_keeps_and_is_used_by_generate(tiny_lm_dir, capsys):
+    """`exitwise kernels` measures every weight shape at the asked row counts and keeps the
+    choices; `generate --kernels` takes each setting and reports it."""
+    import os
+
+    from exitwise.backbones.kernels import default_tuner
+
+    assert main(["kernels", str(tiny_lm_dir), "--rows", "1,3", "--threads", "1",
+                 "--again"]) == 0
+    printed = capsys.readouterr().out
+    kept = default_tuner().decisions()
+    # q/o (32x32), k/v (16x32), gate/up (64x32), down (32x64), LM head (64x32 shares a shape
+    # with gate/up): 4 shapes x 2 row counts
+    assert {k.rsplit(":", 1)[1] for k in kept} >= {"r1", "r3"}
+    assert "float32:32x64:n4:r3" in kept and "float32:32x64:n4:r3" in printed
+    assert str(default_tuner().path).startswith(os.environ["EXITWISE_CACHE"])
+    for kernels in ("stock", "streaming", "auto"):
+        assert main(["generate", str(tiny_lm_dir), "--prompt", "hi", "--strategy", "greedy",
+                     "--max-new-tokens", "4", "--kernels", kernels, "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["stats"]["kernels"] == kernels
+        streamed = out["stats"]["streamed_products"] > 0
+        if kernels == "auto":  # streams only where a kept measurement said so
+            assert streamed <= any(d.stream for d in default_tuner().decisions().values())
+        else:
+            assert streamed == (kernels == "streaming")

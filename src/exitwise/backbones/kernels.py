@@ -1,96 +1,384 @@
-"""Few-row linear layers that read their weight once: the CPU side of cheap decoding steps.
+"""Few-row linear products that read their weight once, used only where measured faster.
 
-Speculative decoding pays off when checking k + 1 tokens costs about as much as one step. On
-a GPU that holds by itself. On a CPU at batch 1 a decoder step is bound by streaming the
-weights from memory, so it *could* hold too, but ``F.linear`` on a handful of rows takes
-MKL's general GEMM path, which here costs about 2x a one-row product for 2-5 rows. Computing
-the same product as ``(W @ x^T)^T`` hands MKL a tall-skinny GEMM that streams ``W`` once.
+Speculative decoding pays off when checking k + 1 tokens costs about as much as one step. On a
+GPU that holds by itself. On a CPU at batch 1 a decoder step is bound by streaming the weights
+from memory, so it *could* hold too, but ``F.linear`` on a handful of rows may take a BLAS path
+that costs far more than a one-row product. Computing the same product as ``(W @ x^T)^T``
+hands the BLAS a tall-skinny product that streams ``W`` once; an odd row count is padded with
+one zero row, because on some CPUs a one- or three-column product streams a large weight
+slower than a two- or four-column one. The products of the real rows are unchanged up to
+round-off (not bit for bit).
 
-One row is a matrix-vector product, and MKL's GEMV streams a large weight *slower* than its
-two-column GEMM does (SmolLM2's LM head, 49152 x 576, two threads: 15.9 ms for one row with
-``F.linear``, 11.1 ms padded to two; an odd third column also cost more than a fourth in a
-micro-benchmark). So an odd row count is padded with one zero row: 1 -> 2, 3 -> 4, ... The
-pad costs one small copy and the extra output column is dropped; the products of the real
-rows are unchanged up to round-off.
+Whether that wins is a property of the CPU, its BLAS, the thread count and the weight's shape:
+on one AMD EPYC it made SmolLM2's decoding steps faster, on an Intel Xeon it made them twice
+as slow. So nothing here is chosen by a constant:
 
-``benchmarks/lm_speed.py`` records stock vs streaming in ``component_costs_ms`` (``streaming_``
-keys): on SmolLM2 at batch 1, two threads, the one-token step, the two-token verification and
-the LM head for each.
+- ``kernels="stock"``: ``nn.Linear`` as everyone runs it (Hugging Face's numerics bit for bit).
+- ``kernels="streaming"``: every few-row product of the given modules streams (when asked).
+- ``kernels="auto"`` (what :func:`exitwise.generate` uses unless told otherwise): for every
+  (weight shape, row count) that occurs, :class:`KernelTuner` times the stock and the streaming
+  product over *all* the model's weights of that shape (as a forward pass reads them, so the
+  weights come from memory, not from cache), the two alternating, and streams only when the
+  median paired ratio is below ``1 - margin``; otherwise, and whenever in doubt, stock. Each
+  choice is measured once per machine (CPU model, torch version, thread count) and kept in
+  ``$EXITWISE_CACHE/kernels.json``; delete that file, or call :meth:`KernelTuner.clear`, to
+  measure again. The environment variable ``EXITWISE_KERNELS`` (``auto``/``stock``/
+  ``streaming``) overrides the default of :func:`resolve_kernels`.
 
-:func:`streaming_linears` switches the exact-``nn.Linear`` modules of a model to
-:class:`StreamingLinear` for the duration of a ``with`` block (the class of each module is
-swapped in place and back, so every reference to a module sees the change and no weight is
-copied). A StreamingLinear computes inputs of 1..``max_rows`` rows as above and everything else
-(more rows, autograd, CUDA) exactly as ``nn.Linear`` does. The result equals ``F.linear`` up
-to float round-off, not bit for bit: greedy decoding with these kernels can differ from a
-stock run only where the two best logits tie to within round-off.
+How the products are rerouted: :func:`few_row_kernels` enters a ``TorchFunctionMode`` that sees
+each ``F.linear`` call of the current thread and reroutes those whose weight belongs to the
+given modules. The user's modules, their classes and every global stay exactly as they were, a
+second thread is unaffected, and leaving the ``with`` block (also by an exception) ends it.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import statistics
+import threading
+import time
 from contextlib import contextmanager
-from typing import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
+from ..errors import ConfigError
+from ..machine import machine_key
+from ..paths import cache_root
+
+KERNELS = ("auto", "stock", "streaming")
 DEFAULT_MAX_ROWS = 8
+ENV_VAR = "EXITWISE_KERNELS"
+
+logger = logging.getLogger(__name__)
 
 
-class StreamingLinear(nn.Linear):
-    """``nn.Linear`` whose few-row products stream the weight once (see module doc).
+def resolve_kernels(kernels: str | None) -> str:
+    """``kernels`` checked; None -> ``$EXITWISE_KERNELS`` or ``"auto"``."""
+    if kernels is None:
+        kernels = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
+        where = f"${ENV_VAR}"
+    else:
+        where = "kernels"
+    if kernels not in KERNELS:
+        raise ConfigError(f"unknown {where} {kernels!r}; choose from {', '.join(KERNELS)}")
+    return kernels
 
-    ``max_rows`` is a class attribute set by :func:`streaming_linears`; instances carry no
-    extra state, so swapping the class of a live ``nn.Linear`` is safe.
+
+def streaming_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` computed as ``(weight @ x^T)^T``, an odd row count padded
+    with a zero row. x: (..., in) with few rows; weight: (out, in); returns (..., out)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    flat = x.reshape(rows, x.shape[-1])
+    if rows % 2:
+        flat = torch.cat([flat, flat.new_zeros(1, flat.shape[1])])
+    # (out, rows) -> (rows, out), made contiguous (rows x out floats, a trivial copy): a
+    # transposed view would make every later op of the block run on strided memory.
+    out = torch.mm(weight, flat.t())[:, :rows].t().contiguous()
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@dataclass
+class KernelDecision:
+    """One measured choice: stream or not, with the medians it rests on (ms per pass over
+    every weight of the shape) and the median of the paired streaming/stock ratios."""
+
+    stream: bool
+    ratio: float
+    stock_ms: float
+    streaming_ms: float
+
+
+def paired_choice(
+    stock_s: Sequence[float], streaming_s: Sequence[float], margin: float
+) -> KernelDecision:
+    """The rule of ``kernels="auto"``: times of the two kernels taken in pairs (seconds, run
+    back to back); stream when the median of the paired ratios streaming/stock is below
+    ``1 - margin``."""
+    if not stock_s or len(stock_s) != len(streaming_s):
+        raise ConfigError("paired_choice needs two equally long, non-empty lists of times")
+    ratio = statistics.median(s / max(t, 1e-12) for t, s in zip(stock_s, streaming_s))
+    return KernelDecision(
+        stream=ratio < 1.0 - margin, ratio=ratio,
+        stock_ms=1000 * statistics.median(stock_s),
+        streaming_ms=1000 * statistics.median(streaming_s),
+    )
+
+
+def _key(weights: Sequence[torch.Tensor], rows: int) -> str:
+    w = weights[0]
+    dtype = str(w.dtype).replace("torch.", "")
+    return f"{dtype}:{w.shape[0]}x{w.shape[1]}:n{len(weights)}:r{rows}"
+
+
+class KernelTuner:
+    """Measured stock-vs-streaming choices for this machine (see module doc); thread-safe.
+
+    path: the JSON file that keeps measurements across runs (None: this process only).
+    margin: streaming must be at least this much faster (median paired ratio < 1 - margin).
+    repeats: timed pairs per measurement (fewer for a pass that takes longer than 0.1 s).
     """
 
-    max_rows: int = DEFAULT_MAX_ROWS
+    def __init__(
+        self, path: str | Path | None = None, margin: float = 0.05, repeats: int = 9
+    ) -> None:
+        if not 0.0 <= margin < 1.0:
+            raise ConfigError(f"margin must be in [0, 1); got {margin!r}")
+        if not isinstance(repeats, int) or repeats < 1:
+            raise ConfigError(f"repeats must be an int >= 1; got {repeats!r}")
+        self.path = None if path is None else Path(path)
+        self.margin = margin
+        self.repeats = repeats
+        self._lock = threading.Lock()
+        self._memo: dict[str, dict[str, KernelDecision]] = {}
+        self._loaded = False
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Linear's name)
-        rows = input.numel() // max(input.shape[-1], 1)
-        if not 1 <= rows <= self.max_rows or input.device.type != "cpu" or (
-            torch.is_grad_enabled()
+    # -- the decisions ----------------------------------------------------------------------
+    def decide(self, weights: Sequence[torch.Tensor], rows: int) -> KernelDecision:
+        """The choice for a product of ``rows`` rows with each of ``weights`` (all one shape
+        and dtype), measured now if this machine has never measured it."""
+        key = _key(weights, rows)
+        machine = machine_key()
+        with self._lock:
+            self._load()
+            known = self._memo.setdefault(machine, {}).get(key)
+            if known is not None:
+                return known
+            decision = self._measure(weights, rows)
+            self._memo[machine][key] = decision
+            self._save(machine, key, decision)
+        logger.info("kernels %s on %s: %s", key, machine, decision)
+        return decision
+
+    def decisions(self) -> dict[str, KernelDecision]:
+        """This machine's measured choices, by ``dtype:OUTxIN:nWEIGHTS:rROWS``."""
+        with self._lock:
+            self._load()
+            return dict(self._memo.get(machine_key(), {}))
+
+    def clear(self) -> None:
+        """Forget this machine's measurements (also in the file)."""
+        machine = machine_key()
+        with self._lock:
+            self._load()
+            self._memo.pop(machine, None)
+            if self.path is not None and self.path.is_file():
+                data = self._read()
+                data.get("machines", {}).pop(machine, None)
+                self._write(data)
+
+    # -- measuring --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _measure(self, weights: Sequence[torch.Tensor], rows: int) -> KernelDecision:
+        # A generator of its own: measuring must not move the user's random stream.
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(rows, weights[0].shape[1], generator=gen).to(weights[0].dtype)
+
+        def stock() -> float:
+            t0 = time.perf_counter()
+            for w in weights:
+                F.linear(x, w)
+            return time.perf_counter() - t0
+
+        def streaming() -> float:
+            t0 = time.perf_counter()
+            for w in weights:
+                streaming_linear(x, w)
+            return time.perf_counter() - t0
+
+        first = stock() + streaming()  # warm-up (allocations, first-touch)
+        repeats = self.repeats if first < 0.2 else max(3, self.repeats // 2)
+        a: list[float] = []
+        b: list[float] = []
+        for r in range(repeats):  # alternate which goes first, so drift favours neither
+            if r % 2:
+                b.append(streaming())
+                a.append(stock())
+            else:
+                a.append(stock())
+                b.append(streaming())
+        return paired_choice(a, b, self.margin)
+
+    # -- the file ---------------------------------------------------------------------------
+    def _read(self) -> dict[str, Any]:
+        assert self.path is not None
+        try:
+            data = json.loads(self.path.read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}  # missing or damaged: measure again
+
+    def _write(self, data: dict[str, Any]) -> None:
+        assert self.path is not None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)  # whole file at once
+        except OSError as err:  # a read-only home must not stop decoding
+            logger.warning("could not keep kernel timings in %s: %s", self.path, err)
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        if self.path is None:
+            return
+        for machine, entries in self._read().get("machines", {}).items():
+            for key, value in entries.items():
+                try:
+                    self._memo.setdefault(machine, {})[key] = KernelDecision(**value)
+                except TypeError:
+                    continue  # an entry of another format: measured again when needed
+
+    def _save(self, machine: str, key: str, decision: KernelDecision) -> None:
+        if self.path is None:
+            return
+        data = self._read()  # another process may have added entries meanwhile
+        data.setdefault("machines", {}).setdefault(machine, {})[key] = asdict(decision)
+        self._write(data)
+
+
+_tuners: dict[Path, KernelTuner] = {}
+_tuners_lock = threading.Lock()
+
+
+def default_tuner() -> KernelTuner:
+    """The process-wide tuner keeping its measurements in ``$EXITWISE_CACHE/kernels.json``."""
+    path = cache_root() / "kernels.json"
+    with _tuners_lock:
+        if path not in _tuners:
+            _tuners[path] = KernelTuner(path)
+        return _tuners[path]
+
+
+@dataclass
+class KernelScope:
+    """What one :func:`few_row_kernels` block did: ``calls`` counts, per
+    ``dtype:OUTxIN:nWEIGHTS:rROWS``, the products that ``"streamed"`` and those left to
+    ``"stock"`` (products of more rows, or of weights outside the scope, are not counted)."""
+
+    kernels: str
+    weights: int
+    calls: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def streamed(self) -> int:
+        return sum(c.get("streamed", 0) for c in self.calls.values())
+
+
+def _weight_groups(modules: Sequence[nn.Module | None]) -> dict[int, list[torch.Tensor]]:
+    """id(weight) -> every 2-D ``nn.Linear`` weight under ``modules`` of the same shape and
+    dtype (shared weights counted once)."""
+    by_shape: dict[tuple, list[torch.Tensor]] = {}
+    seen: set[int] = set()
+    for root in modules:
+        if root is None:
+            continue
+        for m in root.modules():
+            w = getattr(m, "weight", None)
+            if not isinstance(m, nn.Linear) or not isinstance(w, torch.Tensor) or w.dim() != 2:
+                continue
+            if id(w) in seen or w.device.type != "cpu" or not w.is_floating_point():
+                continue
+            seen.add(id(w))
+            by_shape.setdefault((tuple(w.shape), w.dtype), []).append(w)
+    return {id(w): group for group in by_shape.values() for w in group}
+
+
+class _FewRowMode(TorchFunctionMode):
+    """Reroutes the few-row ``F.linear`` calls on the scoped weights (see module doc)."""
+
+    def __init__(
+        self, groups: dict[int, list[torch.Tensor]], scope: KernelScope, max_rows: int,
+        tuner: KernelTuner,
+    ) -> None:
+        super().__init__()
+        self.groups = groups
+        self.scope = scope
+        self.max_rows = max_rows
+        self.tuner = tuner
+        self.always = scope.kernels == "streaming"
+        self.memo: dict[tuple[int, int], tuple[bool, dict[str, int], str]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func is not F.linear:
+            return func(*args, **kwargs)
+        x = args[0] if args else kwargs["input"]
+        w = args[1] if len(args) > 1 else kwargs.get("weight")
+        group = self.groups.get(id(w))
+        if (
+            group is None or not isinstance(x, torch.Tensor) or x.device.type != "cpu"
+            or x.dtype != w.dtype or x.dim() == 0 or torch.is_grad_enabled()
         ):
-            return super().forward(input)
-        flat = input.reshape(rows, input.shape[-1])
-        if rows % 2:  # an even column count gets MKL's fast GEMM kernel (see module doc)
-            flat = torch.cat([flat, flat.new_zeros(1, flat.shape[1])])
-        # (N, rows): W read once. Made contiguous (rows x N floats, a trivial copy): the
-        # transposed view would make every later op of the block run on strided memory,
-        # which costs more than the product saves.
-        out = torch.mm(self.weight, flat.t())[:, :rows].t().contiguous()
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*input.shape[:-1], self.out_features)
+            return func(*args, **kwargs)
+        rows = x.numel() // max(x.shape[-1], 1)
+        if not 1 <= rows <= self.max_rows:
+            return func(*args, **kwargs)
+        # Decided once per (shape group, rows) in this scope: this runs for every product of
+        # every step, so it must not format keys or take the tuner's lock each time.
+        memo = self.memo.get((id(group), rows))
+        if memo is None:
+            stream = self.always or self.tuner.decide(group, rows).stream
+            counts = self.scope.calls.setdefault(_key(group, rows), {})
+            memo = self.memo[(id(group), rows)] = (stream, counts, "streamed" if stream else "stock")
+        stream, counts, which = memo
+        counts[which] = counts.get(which, 0) + 1
+        if not stream:
+            return func(*args, **kwargs)
+        b = args[2] if len(args) > 2 else kwargs.get("bias")
+        return streaming_linear(x, w, b)
 
 
 @contextmanager
-def streaming_linears(
-    *modules: nn.Module | None, max_rows: int = DEFAULT_MAX_ROWS, enabled: bool = True
-) -> Iterator[int]:
-    """Within the block, every module of exact type ``nn.Linear`` under ``modules`` on the
-    CPU computes 1..``max_rows``-row inputs as ``(W @ x^T)^T`` (odd counts padded by a row).
-    Yields how many were switched; restores them on exit (also on error). ``enabled=False``
-    switches none."""
-    if not isinstance(max_rows, int) or max_rows < 1:
-        raise ValueError(f"max_rows must be an int >= 1; got {max_rows!r}")
-    switched: list[nn.Module] = []
-    seen: set[int] = set()
-    previous = StreamingLinear.max_rows
-    if enabled:
-        for root in modules:
-            if root is None:
-                continue
-            for m in root.modules():
-                if type(m) is nn.Linear and id(m) not in seen and m.weight.device.type == "cpu":
-                    seen.add(id(m))
-                    switched.append(m)
-    StreamingLinear.max_rows = max_rows
-    try:
-        for m in switched:
-            m.__class__ = StreamingLinear
-        yield len(switched)
-    finally:
-        for m in switched:
-            m.__class__ = nn.Linear
-        StreamingLinear.max_rows = previous
+def few_row_kernels(
+    *modules: nn.Module | None,
+    kernels: str | None = "auto",
+    max_rows: int = DEFAULT_MAX_ROWS,
+    tuner: KernelTuner | None = None,
+) -> Iterator[KernelScope]:
+    """Within the block, on this thread, few-row products (1..``max_rows`` rows, no autograd,
+    CPU) with the ``nn.Linear`` weights under ``modules`` use the streaming kernel when
+    ``kernels`` says so ("auto": where measured faster; see module doc). Nothing of the
+    modules is changed. Yields a :class:`KernelScope` that counts what ran."""
+    kernels = resolve_kernels(kernels)
+    if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
+        raise ConfigError(f"max_rows must be an int >= 1; got {max_rows!r}")
+    groups = {} if kernels == "stock" else _weight_groups(modules)
+    scope = KernelScope(kernels=kernels, weights=len(groups))
+    if not groups:
+        yield scope
+        return
+    with _FewRowMode(groups, scope, max_rows, tuner or default_tuner()):
+        yield scope
+
+
+def autotune(
+    *modules: nn.Module | None,
+    rows: Sequence[int] = (1, 2),
+    tuner: KernelTuner | None = None,
+) -> dict[str, KernelDecision]:
+    """Measure now (instead of at first use) the choice for every weight shape under
+    ``modules`` at each row count; returns the decisions by key. Already measured ones are
+    reused (``tuner.clear()`` first to measure again)."""
+    tuner = tuner or default_tuner()
+    out: dict[str, KernelDecision] = {}
+    groups = {id(g[0]): g for g in _weight_groups(modules).values()}
+    for r in rows:
+        if not isinstance(r, int) or r < 1:
+            raise ConfigError(f"rows must be ints >= 1; got {r!r}")
+        for group in groups.values():
+            out[_key(group, r)] = tuner.decide(group, r)
+    return out

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..backbones import HFDecoderBackbone, wrap_backbone
-from ..backbones.kernels import streaming_linears
+from ..backbones.kernels import few_row_kernels, resolve_kernels
 from ..errors import ConfigError, InputError, UnsupportedModelError
 from ..heads.lm import LMHead
 from .greedy import greedy_decode
@@ -28,7 +28,6 @@ from .self_speculative import self_speculative_decode
 from .stopping import StopStrings, StreamingSession, TokenCallback
 
 STRATEGIES = ("greedy", "self_speculative", "early_exit")
-KERNELS = ("auto", "stock")
 
 
 def _resolve(
@@ -132,7 +131,7 @@ def generate(
     policy: Any = None,
     kv: str = "propagate",
     exit_layers: list[int] | None = None,
-    kernels: str = "auto",
+    kernels: str | None = None,
 ) -> GenerateOutput:
     """Greedy decoding (or sampling) of a batch of prompts.
 
@@ -161,13 +160,15 @@ def generate(
         (exact K/V, every layer still runs) or "skip" (exited tokens' deeper layers are not
         run at their step but filled exactly, in parallel, by a later step: fewer sequential
         layers and block runs); see :mod:`exitwise.generation.early_exit`.
-    kernels: "auto" (default): on the CPU, products of 1..8 rows (one-token steps, verifying
-        a draft, small batches) stream each weight once, odd row counts padded to even
-        (:mod:`exitwise.backbones.kernels`); equal to the stock kernels up to round-off.
-        "stock": ``nn.Linear`` everywhere (Hugging Face's numerics bit for bit).
+    kernels: how the CPU computes few-row products (one-token steps, verifying a draft, small
+        batches) with the model's weights (:mod:`exitwise.backbones.kernels`). "auto" (the
+        default, or ``$EXITWISE_KERNELS``): stock ``nn.Linear`` unless a measurement on this
+        machine, for that weight shape and row count (made once at first use and cached),
+        showed the streaming product faster; "stock": ``nn.Linear`` everywhere (Hugging Face's
+        numerics bit for bit); "streaming": stream every few-row product. The streaming
+        product equals the stock one up to round-off. The model itself is never modified.
     """
-    if kernels not in KERNELS:
-        raise ConfigError(f"unknown kernels {kernels!r}; choose from {', '.join(KERNELS)}")
+    kernels = resolve_kernels(kernels)
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     if not _is_int(max_new_tokens) or max_new_tokens <= 0:
@@ -206,12 +207,15 @@ def generate(
     eos, pad = _defaults(backbone, eos_token_id, pad_token_id)
     if sampler.generator is None and seed is not None:
         sampler.generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-    with streaming_linears(model, backbone.model, enabled=kernels == "auto"):
-        return _decode(
+    with few_row_kernels(model, backbone.model, kernels=kernels) as scope:
+        out = _decode(
             model, backbone, head, exit_temperature, strategy, input_ids, mask, max_new_tokens,
             eos, pad, exit_layer, draft_len, draft_threshold, sampler, stop, callback, policy, kv,
             exit_layers,
         )
+    out.stats.kernels = kernels
+    out.stats.streamed_products = scope.streamed
+    return out
 
 
 def _decode(

@@ -23,6 +23,8 @@ class GenerationStats:
         new positions at once (a latency proxy on hardware where a block's cost barely grows
         with a few more positions).
     head_applications:  exit-head evaluations (row x position) for drafts.
+    kernels:            the ``kernels`` setting the call ran with ("auto", "stock", ...).
+    streamed_products:  few-row products that took the streaming kernel (0: all stock).
     """
 
     strategy: str
@@ -37,6 +39,8 @@ class GenerationStats:
     sequential_layers: int = 0
     head_applications: int = 0
     prefill_layer_applications: int = 0
+    kernels: str | None = None
+    streamed_products: int = 0
 
     @property
     def total_drafted(self) -> int:

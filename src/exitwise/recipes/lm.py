@@ -308,6 +308,7 @@ def run_generate(
     print_fn: Any = None,
     kv: str = "skip",
     draft_threshold: float | None = None,
+    kernels: str | None = None,
 ) -> dict[str, Any]:
     """Generate continuations of ``prompts``; returns {"texts": [...], "stats": {...}}.
 
@@ -338,6 +339,7 @@ def run_generate(
         max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed,
         policy=policy if strategy == "early_exit" else None, kv=kv, tokenizer=tokenizer,
         draft_threshold=draft_threshold if strategy == "self_speculative" else None,
+        kernels=kernels,
     )
     eos = eos_ids(hf_model(model), tokenizer)
     new = new_token_lists(out.sequences, ids.shape[1], eos)

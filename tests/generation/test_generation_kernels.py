@@ -1,0 +1,87 @@
+"""``generate``'s kernel choice: same tokens, the user's model untouched, thread-safe."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from lmkit import EOS, PAD, REQUIRED_FAMILIES, hf_greedy, left_padded, tiny_lm
+
+from exitwise.generation import generate
+
+NEW = 10
+
+
+def snapshot(model: torch.nn.Module) -> list:
+    return [
+        (name, type(m), sorted(m.__dict__), m.forward.__func__, dict(m._forward_hooks),
+         dict(m._forward_pre_hooks), [id(p) for p in m.parameters(recurse=False)])
+        for name, m in model.named_modules()
+    ]
+
+
+@pytest.mark.parametrize("family", REQUIRED_FAMILIES)
+@pytest.mark.parametrize("kernels", ["auto", "stock", "streaming"])
+def test_every_kernel_choice_gives_greedy_tokens_and_leaves_the_model_alone(family, kernels):
+    model = tiny_lm(family)
+    before = snapshot(model)
+    ids, mask = left_padded()
+    ref = hf_greedy(model, ids, mask, NEW, eos=EOS)
+    out = generate(model, ids, mask, max_new_tokens=NEW, eos_token_id=EOS, pad_token_id=PAD,
+                   kernels=kernels)
+    assert torch.equal(out.sequences, ref)
+    assert snapshot(model) == before
+    assert out.stats.kernels == kernels
+    if kernels == "stock":
+        assert out.stats.streamed_products == 0
+    if kernels == "streaming":  # every family has nn.Linear products (GPT-2: its LM head)
+        assert out.stats.streamed_products > 0
+
+
+def test_an_exception_inside_generate_leaves_the_model_alone_and_ends_the_rerouting():
+    model = tiny_lm("llama")
+    before = snapshot(model)
+    ids, mask = left_padded()
+
+    def boom(row, tokens):
+        raise RuntimeError("callback failed")
+
+    with pytest.raises(RuntimeError, match="callback failed"):
+        generate(model, ids, mask, max_new_tokens=NEW, callback=boom, kernels="streaming")
+    assert snapshot(model) == before
+    x = torch.randn(1, 1, 32)
+    lin = model.model.layers[0].mlp.up_proj
+    with torch.inference_mode():  # no rerouting left behind: the stock product, bit for bit
+        assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+
+
+def test_two_threads_decode_the_same_model_at_once():
+    model = tiny_lm("llama")
+    ids, mask = left_padded()
+    alone = {
+        k: generate(model, ids, mask, max_new_tokens=NEW, eos_token_id=EOS, pad_token_id=PAD,
+                    kernels=k).sequences
+        for k in ("stock", "streaming")
+    }
+    got: dict[str, torch.Tensor] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def work(k: str) -> None:
+        try:
+            start.wait()
+            for _ in range(3):
+                got[k] = generate(model, ids, mask, max_new_tokens=NEW, eos_token_id=EOS,
+                                  pad_token_id=PAD, kernels=k).sequences
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in alone]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for k, seq in alone.items():
+        assert torch.equal(got[k], seq)
