@@ -93,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="new tokens per calibration prompt (default --max-new-tokens, so the "
                         "decaying threshold sees the same horizon as in the benchmark)")
     p.add_argument("--work", default=None, help="folder for the tuned exits")
+    p.add_argument("--tune-only", action="store_true",
+                   help="stop after step 1 (answers and tuning need no quiet machine; run the "
+                        "same command without it for the timed part)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     q = args.quick
@@ -254,6 +257,9 @@ def main(argv: list[str] | None = None) -> dict:
         tuning["seconds"] = time.time() - t0
         (work / "tuning_report.json").write_text(json.dumps(tuning, indent=2))
 
+    if args.tune_only:
+        print(f"[tune] done; the tuned exits are in {work}")
+        return tuning
     print(f"[bench] {args.prompts} prompts x {args.max_new_tokens} tokens, configs {pairs}, "
           f"batch sizes {args.batch_sizes}, {args.repeats} repetition(s)")
     model, tokenizer = load_lm(str(work))

@@ -71,3 +71,40 @@ def test_dict_round_trip_is_json_friendly():
     again = ExitConfig.from_dict({**data, "written_by_a_newer_version": True})
     assert again == cfg
     assert again.resolve_layers(4) == [1, 3, 4]
+
+
+def test_per_exit_heads_as_a_list_a_mapping_and_with_a_final_head():
+    depths = [1, 2, 3, 4]
+    cfg = ExitConfig(head=["mlp", "mlp", "linear", "pooler"], head_kwargs=[{"a": 1}, {}, {}, {}])
+    assert [cfg.head_for(k, depths)[0] for k in range(4)] == ["mlp", "mlp", "linear", "pooler"]
+    assert cfg.head_for(0, depths)[1] == {"a": 1} and cfg.head_name == "mlp"
+    short = ExitConfig(head=["mlp", "mlp", "linear"], final_head="pooler")
+    assert [short.head_for(k, depths)[0] for k in range(4)] == ["mlp", "mlp", "linear", "pooler"]
+    mapping = ExitConfig(head={1: "mlp", "2": "mlp", 3: "linear", 4: "mean"},
+                         head_kwargs={"3": {"x": 2}})
+    assert mapping.head == {1: "mlp", 2: "mlp", 3: "linear", 4: "mean"}
+    assert mapping.head_for(2, depths) == ("linear", {"x": 2})
+    assert mapping.head_for(0, depths) == ("mlp", {})
+    shared = ExitConfig(head="mlp", head_kwargs={"hidden_features": 8})  # not per depth
+    assert shared.head_for(3, depths) == ("mlp", {"hidden_features": 8})
+    # JSON round trip keeps the per-depth choices
+    import json
+
+    again = ExitConfig.from_dict(json.loads(json.dumps(mapping.to_dict())))
+    assert [again.head_for(k, depths) for k in range(4)] == [
+        mapping.head_for(k, depths) for k in range(4)]
+
+
+@pytest.mark.parametrize("head, match", [
+    (["mlp", "mlp"], "2 names for 4 exits"),
+    ({1: "mlp", 2: "mlp", 3: "mlp"}, "depth 4"),
+])
+def test_per_exit_heads_must_cover_every_exit(head, match):
+    with pytest.raises(ConfigError, match=match):
+        ExitConfig(head=head).head_for(3, [1, 2, 3, 4])
+
+
+@pytest.mark.parametrize("head", [[], "", [1, "mlp"], {1: 2}])
+def test_bad_head_specs(head):
+    with pytest.raises(ConfigError, match="head"):
+        ExitConfig(head=head)

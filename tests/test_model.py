@@ -281,3 +281,17 @@ def test_labels_checked_by_the_executor(bert_model):
     assert never.exit_index.tolist() == [3, 3]
     with pytest.raises(InputError):
         bert_model.early_exit(ew.get_policy("never"), **{**batch, "labels": torch.tensor([0, 9])})
+
+
+def test_heterogeneous_exits_build_save_and_load(tmp_path):
+    """LGViT-style: different head kinds per exit, kept through save/load."""
+    cfg = ew.ExitConfig(layers="all", head={1: "linear", 2: "mlp", 3: "mean", 4: "pooler"},
+                        head_kwargs={2: {"hidden_features": 16}}, num_labels=3)
+    model = ew.attach_exits(tiny_encoder("bert"), cfg)
+    names = [type(h).registered_name for h in model.heads]
+    assert names == ["linear", "mlp", "mean", "pooler"]
+    assert model.heads[1].fc1.out_features == 16
+    model.save_pretrained(tmp_path)
+    loaded = ew.MultiExitModel.from_pretrained(tmp_path, backbone=model.backbone.model)
+    assert [type(h).registered_name for h in loaded.heads] == names
+    assert_same_heads(model, loaded)

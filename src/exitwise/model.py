@@ -68,25 +68,17 @@ class MultiExitModel(nn.Module):
     def __init__(self, backbone: Backbone, config: ExitConfig) -> None:
         super().__init__()
         if config.num_labels is None:  # an LM exit predicts the next token over the vocabulary
-            is_lm = config.head == "lm" and hasattr(backbone, "vocab_size")
+            is_lm = config.head_name == "lm" and hasattr(backbone, "vocab_size")
             config = replace(config, num_labels=int(backbone.vocab_size) if is_lm else 2)
         self.backbone = backbone
         self.config = config
         self.exit_layers: list[int] = config.resolve_layers(backbone.num_layers, backbone)
         heads = []
         for k, depth in enumerate(self.exit_layers):
-            is_final = k == len(self.exit_layers) - 1
-            name = config.final_head if (is_final and config.final_head) else config.head
+            name, options = config.head_for(k, self.exit_layers)
             head = build_head(
-                name,
-                backbone.feature_dim(depth),
-                config.num_labels,
-                dropout=config.dropout,
-                **(
-                    config.final_head_kwargs
-                    if is_final and config.final_head_kwargs is not None
-                    else config.head_kwargs
-                ),
+                name, backbone.feature_dim(depth), config.num_labels, dropout=config.dropout,
+                **options,
             )
             head.init_from_backbone(backbone)
             heads.append(head)
