@@ -116,7 +116,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # Constant thresholds (tau = 0): with CALM's decay (tau > 0) even threshold 1 falls to 0.9 late in
 # the answer, so the safest setting would not be the full model and nothing could be certified.
-CALM_GRID = (1.0, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8)
+# calm_softmax's confidence is the top-1 minus top-2 probability (CALM's softmax response),
+# lower than the top-1 probability, so the grid reaches further down.
+CALM_GRID = (1.0, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 CALM_TAU = 0.0
 
 

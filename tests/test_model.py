@@ -78,7 +78,8 @@ def test_save_load_round_trip(family, tmp_path):
     assert_same_heads(model, loaded)
     assert loaded.calibration == CALIBRATION
     assert loaded.calibrated_policy().to_dict() == {"name": "entropy", "threshold": 0.35}
-    assert loaded.calibrated_policy("patience").to_dict() == {"name": "patience", "patience": 2}
+    assert loaded.calibrated_policy("patience").to_dict() == {"name": "patience", "patience": 2,
+                                                            "tolerance": 0.1}
 
     batch = padded_batch(pad_id=PAD_ID.get(family, 0))
     a = model.eval().early_exit(None, **batch)  # None = the calibrated default policy

@@ -27,9 +27,20 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune an encoder with exit heads")
     t.add_argument("--out", required=True, help="model directory to write")
     t.add_argument("--model", default="minilm", help="local path, hub id, or 'minilm'")
-    t.add_argument("--data", default=None, help="folder with train.tsv/dev.tsv, file, or HF id")
+    t.add_argument("--data", default=None,
+                   help="folder with train.tsv/dev.tsv (or s1/s2/labels.<split> files), a "
+                        "TSV/CSV file, or a Hugging Face dataset id (glue/rte ...)")
+    t.add_argument("--columns", default=None,
+                   help="text[,second text],label columns by header name or 1-based position, "
+                        "for files exitwise cannot read by itself (e.g. 8,9,10 for a "
+                        "header-less STS-B)")
+    t.add_argument("--task", default=None, choices=["classification", "regression"],
+                   help="default: from the labels (decimal numbers -> regression)")
     t.add_argument("--layers", type=_layers, default="all", help="'all', 'every:K' or '2,4,6'")
-    t.add_argument("--head", default="pooler")
+    t.add_argument("--head", default=None,
+                   help="exit head (default: chosen from the checkpoint: mean for "
+                        "sentence-transformers mean pooling or an untrained pooler, pooler "
+                        "when the checkpoint's pooler was trained)")
     t.add_argument("--strategy", default="joint")
     t.add_argument("--weights", default="uniform", help="joint weights: uniform or depth")
     t.add_argument("--epochs", type=float, default=1.0)
@@ -38,25 +49,38 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=5e-5)
     t.add_argument("--max-train", type=int, default=None)
     t.add_argument("--holdout", type=int, default=2000, help="train rows kept for calibration")
-    t.add_argument("--max-length", type=int, default=64)
+    t.add_argument("--max-length", type=int, default=None,
+                   help="tokens per example (default 64; 128 for sentence pairs)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
 
     c = sub.add_parser("calibrate", help="fit temperatures and exit thresholds on held-out train")
     c.add_argument("model_dir")
-    c.add_argument("--policies", default="entropy,confidence,patience,patience_confidence")
+    c.add_argument("--policies", default=None,
+                   help="comma-separated (default: entropy, confidence, patience, "
+                        "patience_confidence; patience only for a regression model)")
     g = c.add_mutually_exclusive_group()
     g.add_argument("--max-drop", type=float, default=None, help="accuracy drop target, points")
     g.add_argument("--budget", type=float, default=None, help="mean compute target, fraction")
+    c.add_argument("--delta", type=_delta, default=0.1,
+                   help="with --max-drop: certify the drop at level delta (the setting's upper "
+                        "confidence bound stays within the target w.p. >= 1 - delta); 'none' "
+                        "picks by the observed drop only")
+    c.add_argument("--risk", default="drop", choices=["drop", "disagreement"],
+                   help="what --delta certifies: the accuracy drop, or the share of rows "
+                        "whose prediction differs from full depth")
     c.add_argument("--data", default=None)
     c.add_argument("--no-temperature", action="store_true")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
 
     e = sub.add_parser("evaluate", help="per-exit accuracy, policies and curves on a split")
     e.add_argument("model_dir")
     e.add_argument("--data", default=None)
     e.add_argument("--split", default="dev")
-    e.add_argument("--out", default=None)
+    e.add_argument("--out", default=None, help="folder for report.json and the curves "
+                                                "(default: MODEL_DIR/eval-SPLIT)")
     e.add_argument("--limit", type=int, default=None)
+    e.add_argument("--json", action="store_true", help="print the report as JSON")
 
     b = sub.add_parser("bench", help="measured wall-clock speed-up vs full depth")
     b.add_argument("model_dir")
@@ -66,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--limit", type=int, default=None)
     b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--out", default=None,
+                   help="JSON report file (default: MODEL_DIR/bench-SPLIT.json)")
+    b.add_argument("--json", action="store_true", help="print the report as JSON")
 
     _add_lm_commands(sub)
 
@@ -79,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _delta(value: str) -> float | None:
+    if value.strip().lower() in ("none", "off", ""):
+        return None
+    return float(value)
+
+
 def _ints(value: str) -> list[int]:
     return [int(v) for v in value.split(",")]
 
@@ -87,14 +120,15 @@ def _add_lm_commands(sub: Any) -> None:
     t = sub.add_parser("tune-lm", help="tune early-exit LM heads on a decoder (frozen backbone)")
     t.add_argument("--model", default="smollm2", help="'smollm2', a local folder, or a hub id")
     t.add_argument("--exit-layer", type=_ints, default=[8], help="depth(s), e.g. 8 or 6,12")
-    t.add_argument("--adapter", default="mlp", choices=["none", "norm", "mlp", "block"])
+    t.add_argument("--adapter", default="mlp",
+                   choices=["none", "norm", "mlp", "block", "kangaroo"])
     t.add_argument("--draft-vocab", type=int, default=None,
                    help="read out only the K most likely token ids at the exit (e.g. 8192)")
     t.add_argument("--steps", type=int, default=200)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--seq-len", type=int, default=128)
-    t.add_argument("--loss", default="kl", choices=["kl", "ce", "kl+ce"])
+    t.add_argument("--loss", default="ce", choices=["kl", "ce", "kl+ce"])
     t.add_argument("--generations", type=int, default=2, help="self-generated texts per prompt")
     t.add_argument("--gen-tokens", type=int, default=96)
     t.add_argument("--answers", type=int, default=0,
@@ -250,35 +284,46 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     from .recipes import text_classification as tc
 
+    from .recipes import report_tables as rt
+
     if args.command == "train":
         job = tc.TrainJob(
             out_dir=args.out, model=args.model, data=args.data, layers=args.layers,
             head=args.head, strategy=args.strategy, weights=args.weights, epochs=args.epochs,
             max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.lr,
             max_train=args.max_train, holdout=args.holdout, seed=args.seed,
-            max_length=args.max_length,
+            max_length=args.max_length, columns=args.columns, task=args.task,
         )
         tc.run_train(job, resume=not args.no_resume)
         print(f"saved to {args.out}")
     elif args.command == "calibrate":
         drop = args.max_drop if (args.max_drop is not None or args.budget is not None) else 1.0
         report = tc.run_calibrate(
-            args.model_dir, policies=tuple(args.policies.split(",")),
+            args.model_dir, policies=tuple(args.policies.split(",")) if args.policies else None,
             max_drop_points=None if args.budget is not None else drop, budget=args.budget,
-            data=args.data, temperature=not args.no_temperature,
+            data=args.data, temperature=not args.no_temperature, delta=args.delta,
+            risk=args.risk,
         )
-        print(json.dumps(report, indent=2, default=_json_default))
+        print(json.dumps(report, indent=2, default=_json_default) if args.json
+              else rt.format_calibration(report))
     elif args.command == "evaluate":
         report = tc.run_evaluate(args.model_dir, data=args.data, split=args.split,
                                  out_dir=args.out, limit=args.limit)
-        print(json.dumps(report, indent=2, default=_json_default))
+        print(json.dumps(report, indent=2, default=_json_default) if args.json
+              else rt.format_evaluation(report))
     elif args.command == "bench":
+        from pathlib import Path
+
         report = tc.run_bench(
             args.model_dir, data=args.data, split=args.split,
             batch_sizes=tuple(int(x) for x in args.batch_sizes.split(",")),
             repeats=args.repeats, limit=args.limit, threads=args.threads,
         )
-        print(json.dumps(report, indent=2, default=_json_default))
+        out = Path(args.out) if args.out else Path(args.model_dir) / f"bench-{args.split}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2, default=_json_default))
+        print(json.dumps(report, indent=2, default=_json_default) if args.json
+              else f"{rt.format_bench(report)}\nreport: {out}")
     elif args.command == "demo":
         from .recipes.demo import run_classify_demo
 

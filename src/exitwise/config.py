@@ -23,8 +23,11 @@ class ExitConfig:
         ``final_head`` is given) or a mapping depth -> name covering every exit (LGViT's
         heterogeneous exits: local-perception heads shallow, global-aggregation heads deep).
     final_head: head for the final exit; defaults to the final exit's entry of ``head``.
-    num_labels: number of classes; None (the default) = the vocabulary size for ``lm`` exits
-        on a decoder LM, else 2.
+    num_labels: number of classes; 1 = a regression target (as Hugging Face's ``num_labels``).
+        None (the default): the model's own classifier's, if the backbone has one; the
+        vocabulary size for ``lm`` exits on a decoder LM; the number of ``label_names``; else 2.
+    label_names: class names by id (Hugging Face's ``id2label``), saved with the model and used
+        when printing and when reading string labels of new data.
     head_kwargs: extra options passed to every head (``hidden_features``, ``init_from_pooler``),
         or per exit: a list of option dicts, or a mapping depth -> option dict (a dict whose
         keys are all depths and whose values are all dicts is read as such a mapping).
@@ -40,6 +43,7 @@ class ExitConfig:
     head_kwargs: Any = field(default_factory=dict)
     final_head_kwargs: dict[str, Any] | None = None
     dropout: float = 0.1
+    label_names: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.num_labels is not None and (
@@ -48,6 +52,16 @@ class ExitConfig:
             raise ConfigError(f"num_labels must be a positive int, got {self.num_labels!r}")
         if isinstance(self.layers, tuple):
             self.layers = list(self.layers)
+        if self.label_names is not None:
+            self.label_names = [str(n) for n in self.label_names]
+            if len(set(self.label_names)) != len(self.label_names) or not self.label_names:
+                raise ConfigError(f"label_names must be distinct names; got {self.label_names}")
+            if self.num_labels is None:
+                self.num_labels = len(self.label_names)
+            elif self.num_labels != len(self.label_names):
+                raise ConfigError(
+                    f"{len(self.label_names)} label_names for num_labels={self.num_labels}"
+                )
         if isinstance(self.head, tuple):
             self.head = list(self.head)
         names = self.head.values() if isinstance(self.head, dict) else (

@@ -99,16 +99,42 @@ class MultiExitModel(nn.Module):
     def num_labels(self) -> int:
         return self.config.num_labels
 
+    @property
+    def task(self) -> str:
+        """"regression" for one output (Hugging Face's ``num_labels == 1``), else
+        "classification"."""
+        return "regression" if self.num_labels == 1 else "classification"
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        """Class names by id (``label_names``), or ``LABEL_i`` like Hugging Face."""
+        names = self.config.label_names
+        return {i: names[i] if names else f"LABEL_{i}" for i in range(self.num_labels)}
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in self.id2label.items()}
+
     def temperature_list(self) -> list[float]:
         return [float(t) for t in self.temperatures]
 
     def check_labels(self, labels: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-        """Validate class labels: (B,) integers in [0, num_labels)."""
+        """Validate labels: (B,) integers in [0, num_labels), or (B,) finite numbers for a
+        regression model."""
         labels = torch.as_tensor(labels)
         if labels.dim() != 1:
             raise InputError(f"labels must be (batch,), got shape {tuple(labels.shape)}")
         if batch_size is not None and labels.shape[0] != batch_size:
             raise InputError(f"{labels.shape[0]} labels for a batch of {batch_size}")
+        if self.task == "regression":
+            if not bool(torch.isfinite(labels.float()).all()):
+                raise InputError("regression targets must be finite numbers")
+            return labels.float()
+        if labels.is_floating_point() and bool((labels != labels.round()).any()):
+            raise InputError(
+                "labels are fractional numbers but this is a classification model; a "
+                "regression model has num_labels=1"
+            )
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_labels):
             raise InputError(
                 f"labels must be in [0, {self.num_labels}); got values from "
@@ -195,10 +221,11 @@ class MultiExitModel(nn.Module):
         return out, (caught[-1] if caught else None)
 
     def attach_ensemble(self) -> GeometricEnsemble:
-        """The ZTW geometric ensemble over this model's exits, created on first use."""
+        """ZTW's geometric ensemble over this model's internal classifiers (every exit but the
+        final one: ZTW builds no ensemble on the backbone's own head), created on first use."""
         if self.ensemble is None:
             device = self.temperatures.device
-            self.ensemble = GeometricEnsemble(self.num_exits, self.num_labels).to(device)
+            self.ensemble = GeometricEnsemble(self.num_exits - 1, self.num_labels).to(device)
         return self.ensemble
 
     def early_exit(

@@ -38,6 +38,7 @@ class EarlyExitResult:
     executed_flops: FLOPs actually executed including padding, summed over the batch.
     layer_seconds:  wall-clock per block (summed over the batch), when profiling.
     rows_per_layer: how many rows entered each block.
+    task:       "classification" or "regression" (one output per row).
     """
 
     logits: torch.Tensor
@@ -47,7 +48,9 @@ class EarlyExitResult:
     executed_flops: float = 0.0
     layer_seconds: list[float] = field(default_factory=list)
     rows_per_layer: list[int] = field(default_factory=list)
+    task: str = "classification"
 
     @property
     def predictions(self) -> torch.Tensor:
-        return self.logits.argmax(-1)
+        """(B,) the arg-max class, or the predicted value for regression."""
+        return self.logits[:, 0] if self.task == "regression" else self.logits.argmax(-1)

@@ -144,8 +144,12 @@ def test_calm_threshold_formula():
     logits = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25]]))
     exits, _ = policy.decide(0, 3, logits, policy.init_state(2))
     assert exits.tolist() == [False, False]  # gaps 0.5 / 0.05 vs lambda = 0.55
-    soft = get_policy("calm_softmax", threshold=0.5, tau=0.0)
-    assert soft.decide(0, 3, logits, {})[0].tolist() == [True, False]  # 0.7 > 0.55 > 0.4
+    soft = get_policy("calm_softmax", threshold=0.5, tau=0.0)  # CALM's softmax response: p1 - p2
+    assert soft.decide(0, 3, logits, {})[0].tolist() == [False, False]
+    assert get_policy("calm_softmax", threshold=0.4, tau=0.0).decide(0, 3, logits, {})[
+        0].tolist() == [True, False]  # 0.5 > 0.46 > 0.05
+    top1 = get_policy("calm_maxprob", threshold=0.5, tau=0.0)
+    assert top1.decide(0, 3, logits, {})[0].tolist() == [True, False]  # 0.7 > 0.55 > 0.4
 
 
 def test_bad_inputs_raise_clear_errors(llama):

@@ -52,7 +52,7 @@ def block_features(model, x):
     return feats
 
 
-@pytest.mark.parametrize("combine", ["linear", "additive"])
+@pytest.mark.parametrize("combine", ["linear", "isc", "additive"])
 def test_forward_feeds_the_previous_logits(combine):
     model = cnn_model(combine=combine)
     x = images()
@@ -70,13 +70,18 @@ def test_forward_feeds_the_previous_logits(combine):
         torch.testing.assert_close(out[1], out[0] + base)
 
 
-def test_first_exit_reads_the_uniform_prediction():
-    head = ew.build_head("cascade", 6, 5, dropout=0.0, base="linear").eval()
-    with torch.no_grad():
-        head.previous.weight.copy_(torch.randn(5, 5))
+@pytest.mark.parametrize("combine", ["linear", "isc", "additive"])
+def test_first_exit_is_its_base_head(combine):
+    """The first exit has no previous exit: it outputs its base head's logits (the reference's
+    first cascading head has no cascading input)."""
+    head = ew.build_head("cascade", 6, 5, dropout=0.0, base="linear", combine=combine).eval()
+    if head.previous is not None:
+        with torch.no_grad():
+            head.previous.weight.copy_(torch.randn_like(head.previous.weight))
     x = torch.randn(3, 6)
-    uniform = torch.zeros(3, 5)  # any constant logits give the uniform prediction
-    torch.testing.assert_close(head(x), head(x, previous_logits=uniform))
+    torch.testing.assert_close(head(x), head.base(x))
+    if combine != "additive":  # with a previous exit, the link adds to it
+        assert not torch.allclose(head(x, previous_logits=torch.randn(3, 5)), head.base(x))
 
 
 @pytest.mark.parametrize("detach", [True, False])
@@ -165,6 +170,14 @@ def test_bad_cascade_options():
         ew.build_head("cascade", 6, 5, combine="max")
     with pytest.raises(ConfigError, match="base_kwargs"):
         ew.build_head("cascade", 6, 5, base="linear", base_kwargs={"nope": 1})
+    with pytest.raises(ConfigError, match="reweight"):  # BoostNet's, for combine='additive'
+        ew.build_head("cascade", 6, 5, combine="linear", reweight=0.5)
+    with pytest.raises(ConfigError, match="reweight"):
+        ew.build_head("cascade", 6, 5, combine="additive", reweight=-1.0)
+    with pytest.raises(ConfigError, match="isc_features"):  # IMTA's, for combine='isc'
+        ew.build_head("cascade", 6, 5, combine="linear", isc_features=4)
+    assert ew.build_head("cascade", 6, 5, base="linear", combine="isc",
+                         isc_features=4).isc[0].out_features == 4
 
 
 # -- LGViT --------------------------------------------------------------------------------

@@ -65,7 +65,18 @@ def test_head_flops(head):
 def test_gradients_flow(head):
     head.train()
     hidden = torch.randn(B, T, H, requires_grad=True)
-    loss = torch.nn.functional.cross_entropy(head(hidden, MASK), torch.tensor([0, 1, 3]))
+    extra = {}
+    if ew.heads.uses_previous_logits(head):
+        # A cascade head's link reads the previous exit's logits; it starts at zero (a fresh
+        # cascade head is its base head), which would block the gradient to what feeds it.
+        extra["previous_logits"] = torch.randn(B, C)
+        with torch.no_grad():
+            for p in head.parameters():
+                if not p.any():
+                    p.normal_()
+    loss = torch.nn.functional.cross_entropy(
+        head(hidden, MASK, **extra), torch.tensor([0, 1, 3])
+    )
     loss.backward()
     for name, p in head.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name

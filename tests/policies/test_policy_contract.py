@@ -173,3 +173,27 @@ def test_unknown_policy_or_parameter():
         assert name in str(err.value)
     with pytest.raises(ConfigError, match="bad parameters"):
         ew.get_policy("entropy", treshold=0.1)
+
+
+def test_a_declared_safer_direction_is_monotone(policy):
+    """Certified calibration tests settings from the safest on, trusting ``safer_when``: along
+    that order, no row may ever leave earlier (checked on a random cache)."""
+    direction = getattr(policy, "safer_when", None)
+    if direction is None or policy.needs_labels:
+        pytest.skip("no declared direction")
+    assert direction in ("higher", "lower")
+    from exitwise.analysis import ExitLogitsCache, replay
+
+    g = torch.Generator().manual_seed(7)
+    n = 300
+    cache = ExitLogitsCache(torch.randn(n, NUM_EXITS, C, generator=g) * 2,
+                            torch.randint(0, C, (n,), generator=g),
+                            torch.arange(1.0, NUM_EXITS + 1).expand(n, NUM_EXITS),
+                            torch.full((n,), float(NUM_EXITS)), list(range(1, NUM_EXITS + 1)))
+    values = sorted(policy.grid(NUM_EXITS), reverse=direction == "higher")  # safest first
+    previous = None
+    for v in values:
+        exits = replay(policy.with_param(v), cache).exit_index
+        if previous is not None:
+            assert bool((exits <= previous).all()), f"{policy.registered_name} at {v}"
+        previous = exits

@@ -96,14 +96,51 @@ def test_pcee_patience_and_confidence():
         [unsure, confident, confident, unsure],  # exit 2
     ]
     seq = [[r[k] for r in rows] for k in range(4)]
-    policy = ew.get_policy("patience_confidence", threshold=0.9, patience=2)
+    policy = ew.get_policy("patience_confidence", threshold=0.9, patience=2, measure="maxprob")
     assert first_exits(policy, seq) == [1, 3, 3, 2]
     # patience 1 is plain confidence
-    plain = ew.get_policy("patience_confidence", threshold=0.9, patience=1)
+    plain = ew.get_policy("patience_confidence", threshold=0.9, patience=1, measure="maxprob")
     assert first_exits(plain, seq) == [0, 1, 0, 1]
     # with_param tunes the threshold and keeps the patience
-    assert policy.with_param(0.5).params == {"threshold": 0.5, "patience": 2}
+    assert policy.with_param(0.5).params == {"threshold": 0.5, "patience": 2, "measure": "maxprob"}
     assert first_exits(policy.with_param(0.5), seq) == [1, 1, 1, 1]
+
+
+def _normalized_entropy(probs: list[float]) -> float:
+    return -sum(p * math.log(p) for p in probs) / math.log(len(probs))
+
+
+def test_pcee_entropy_rule_by_hand():
+    """PCEE-BERT's default: confident <=> entropy / log C < threshold (strict), counted from
+    the first exit, reset by any unconfident exit, exit when the count reaches patience."""
+    probs = [[0.9, 0.05, 0.05], [0.6, 0.3, 0.1], [0.98, 0.01, 0.01], [0.34, 0.33, 0.33]]
+    ents = [_normalized_entropy(p) for p in probs]  # 0.3590, 0.8173, 0.1019, 0.9999
+    logits = torch.log(torch.tensor(probs))
+    from exitwise.policies.patience_confidence import normalized_entropy
+
+    torch.testing.assert_close(normalized_entropy(logits), torch.tensor(ents), atol=1e-6, rtol=0)
+    policy = ew.get_policy("patience_confidence", threshold=0.4, patience=2)
+    assert policy.params["measure"] == "entropy"
+    done, state = policy.decide(0, 5, logits, policy.init_state(4))
+    assert state["count"].tolist() == [1, 0, 1, 0] and not done.any()
+    done, state = policy.decide(1, 5, logits, state)
+    assert state["count"].tolist() == [2, 0, 2, 0] and done.tolist() == [True, False, True, False]
+    # the boundary is strict: an entropy equal to the threshold is not confident
+    exact = float(normalized_entropy(logits[:1])[0])
+    at = ew.get_policy("patience_confidence", threshold=exact, patience=1)
+    assert at.decide(0, 5, logits[:1], at.init_state(1))[0].tolist() == [False]
+    # over exits: row entropies (normalized) per exit -> first exit with 2 confident in a row
+    p_conf, p_unsure = [0.97, 0.03], [0.7, 0.3]  # 0.194 and 0.881 of log 2
+    rows = [
+        [p_conf, p_conf, p_unsure, p_unsure],
+        [p_unsure, p_conf, p_unsure, p_conf],
+        [p_unsure, p_conf, p_conf, p_unsure],
+    ]
+    seq = [[[math.log(v) for v in r[k]] for r in rows] for k in range(4)]
+    pcee = ew.get_policy("patience_confidence", threshold=0.5, patience=2)
+    assert first_exits(pcee, seq) == [1, 3, 2]
+    # a looser threshold counts the unsure exits too (0.881 < 0.9)
+    assert first_exits(pcee.with_param(0.9), seq) == [1, 1, 1]
 
 
 @pytest.mark.parametrize("k", [0, 1, 2, 3])

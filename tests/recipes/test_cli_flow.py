@@ -22,7 +22,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tiny-bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
     (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(d / "vocab.txt"))
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
     tok.save_pretrained(d)
     torch.manual_seed(0)
     cfg = BertConfig(
@@ -58,20 +58,23 @@ def test_train_calibrate_evaluate_bench(tiny_model_dir, tiny_data_dir, tmp_path,
     assert (out / "exit_config.json").is_file() and (out / "exit_heads.safetensors").is_file()
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pkl"))
 
-    assert main(["calibrate", str(out), "--max-drop", "1.0", "--policies", "entropy,patience"]) == 0
+    assert main(["calibrate", str(out), "--max-drop", "1.0", "--policies", "entropy,patience",
+                 "--delta", "none"]) == 0
     calib = json.loads((out / "exit_config.json").read_text())["calibration"]
     assert set(calib["policies"]) == {"entropy@drop1", "patience@drop1"}
 
     capsys.readouterr()
-    assert main(["evaluate", str(out), "--split", "dev"]) == 0
+    assert main(["evaluate", str(out), "--split", "dev", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["rows"] == 60 and len(report["per_exit_accuracy"]) == 3
     assert (out / "eval-dev" / "curves.png").stat().st_size > 0
     # the replayed policies and the per-exit numbers agree in what they describe
     for entry in report["policies"].values():
-        assert 1.0 <= entry["mean_layers"] <= 3.0 and entry["flops_speedup"] >= 1.0
+        # a setting that keeps every row to full depth also pays for the exit heads
+        assert 1.0 <= entry["mean_layers"] <= 3.0 and entry["flops_speedup"] > 0.9
 
-    assert main(["bench", str(out), "--batch-sizes", "1,8", "--repeats", "1", "--limit", "16"]) == 0
+    assert main(["bench", str(out), "--batch-sizes", "1,8", "--repeats", "1", "--limit", "16",
+                 "--json"]) == 0
     bench = json.loads(capsys.readouterr().out)
     for bs in ("1", "8"):
         for entry in bench["batch_sizes"][bs]["policies"].values():
@@ -88,7 +91,7 @@ def test_missing_data_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
 def test_malformed_data_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
     d = tmp_path / "bad"
     d.mkdir()
-    (d / "train.tsv").write_text("sentence\tlabel\ngood film\tpositive\n")
+    (d / "train.tsv").write_text("sentence\tlabel\ngood film\tpositive\textra\n")
     code = main(["train", "--out", str(tmp_path / "m"), "--model", str(tiny_model_dir),
                  "--data", str(d), "--max-steps", "1"])
     assert code == 2

@@ -30,16 +30,21 @@ CNN_HEADS = {  # the head each recipe is meant for
     "branchynet": ("sdn", {}),
     "sdn_ramp": ("sdn", {}),
     "sdn_ic_only": ("sdn", {}),
-    "imta": ("cascade", {"base": "sdn", "detach_previous": False}),
-    "self_distill": ("mlp", {"hidden_features": 12}),
+    "imta": ("cascade", {"base": "sdn", "combine": "isc", "detach_previous": False}),
+    "self_distill": ("sdn", {}),  # widths differ (6, 8, 8): the adaptation layers map them
     "ztw": ("cascade", {"base": "sdn"}),
-    "boosted": ("cascade", {"base": "sdn", "combine": "additive"}),
+    "boosted": ("cascade", {"base": "sdn", "combine": "additive", "reweight": 0.5}),
     "l2w": ("sdn", {}),
     "meta_gf": ("sdn", {}),
+    "copycat_sl_vit": ("vit_layer", {}),
 }
+FINAL_HEADS = {"ztw": "mean"}  # ZTW's final exit is the network's own classifier
+# copycat: its second stage (copying a random network) undoes the first; the copy stage alone
+RECIPE_OPTIONS = {"l2w": {"meta_interval": 1}, "copycat_sl_vit": {"pretrain_exits": False}}
 
 
-def cnn(head: str = "sdn", head_kwargs=None, seed: int = 0) -> ew.MultiExitModel:
+def cnn(head: str = "sdn", head_kwargs=None, seed: int = 0,
+        final_head: str | None = None) -> ew.MultiExitModel:
     torch.manual_seed(seed)
     stem = nn.Conv2d(1, 6, 3, padding=1)
     blocks = nn.Sequential(
@@ -51,7 +56,8 @@ def cnn(head: str = "sdn", head_kwargs=None, seed: int = 0) -> ew.MultiExitModel
     return ew.attach_exits(
         backbone,
         ew.ExitConfig(layers="all", head=head, num_labels=3, dropout=0.0,
-                      head_kwargs=dict(head_kwargs or {})),
+                      head_kwargs=dict(head_kwargs or {}), final_head=final_head,
+                      final_head_kwargs={} if final_head else None),
     )
 
 
@@ -75,13 +81,12 @@ def objective(model, stage, items) -> float:
         return float(stage.loss(model(**batch, **stage.forward_kwargs), labels))
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("name", sorted(CNN_HEADS))
 def test_recipe_lowers_its_loss_on_a_cnn(name, tmp_path):
     head, kwargs = CNN_HEADS[name]
-    model = cnn(head, kwargs)
+    model = cnn(head, kwargs, final_head=FINAL_HEADS.get(name))
     items = image_items()
-    recipe = get_strategy(name)
+    recipe = get_strategy(name, **RECIPE_OPTIONS.get(name, {}))
     stages = recipe.stages(model)
     before = [objective(model, s, items) for s in stages]
     args = {**FAST, "learning_rate": 1e-2, "per_device_train_batch_size": 32}
@@ -142,7 +147,12 @@ def test_sdn_ramp_grows_ic_weights_linearly_with_the_epoch():
     assert loss.weights() == [0.25, 0.5, 1.0]  # capped at the targets
     model = cnn()
     (stage,) = get_strategy("sdn_ramp").stages(model)
-    assert stage.loss.targets == [1 / 3, 2 / 3]  # depth fractions by default
+    # SDN's targets are the ICs' FLOPs fractions (stem included), by hand from the convs
+    # (2 * C_in * C_out * 9 * H_out * W_out): stem 6912, blocks 41472, 13824, 18432
+    total = 6912 + 41472 + 13824 + 18432
+    torch.testing.assert_close(torch.tensor(stage.loss.targets),
+                               torch.tensor([(6912 + 41472) / total,
+                                             (6912 + 41472 + 13824) / total]))
     with pytest.raises(ConfigError, match="targets"):
         get_strategy("sdn_ramp", targets=[0.1]).stages(model)
 
@@ -170,7 +180,7 @@ def test_sdn_ramp_sees_the_trainers_progress(tmp_path):
     assert [s[1] for s in seen] == [4] * 8
     weights = [s[2] for s in seen]
     assert weights[0] < weights[2] < weights[4] < weights[6]  # one step up per epoch
-    torch.testing.assert_close(torch.tensor(weights[0]), torch.tensor(0.01 + (1 / 3) / 4))
+    torch.testing.assert_close(torch.tensor(weights[0]), torch.tensor(0.01 + 0.6 / 4))
 
 
 def test_sdn_ic_only_freezes_the_network_and_final_head():
@@ -203,13 +213,12 @@ def test_frozen_backbone_recipes_leave_batchnorm_statistics_alone(name, tmp_path
 
 
 # -- ZTW -----------------------------------------------------------------------------------
-@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_ztw_stores_the_ensemble_with_the_heads(tmp_path):
-    model = cnn("cascade", {"base": "sdn"})
+    model = cnn("cascade", {"base": "sdn"}, final_head="mean")
     train(model, image_items(64), strategy="ztw", output_dir=tmp_path / "run", max_steps=4,
           save_final=False, **FAST)
     found = ztw_ensemble_weights(model)
-    k, c = model.num_exits, model.num_labels
+    k, c = model.num_exits - 1, model.num_labels  # the ICs only, not the final head
     w = torch.tensor(found["weights"])
     assert w.shape == (k, k) and (w >= 0).all() and not w.triu(1).any()
     assert torch.tensor(found["bias"]).shape == (k, c)
@@ -222,7 +231,7 @@ def test_ztw_stores_the_ensemble_with_the_heads(tmp_path):
 
 
 def test_ztw_ic_stage_keeps_backbone_and_final_head():
-    model = cnn("cascade")
+    model = cnn("cascade", final_head="mean")
     s1, s2 = get_strategy("ztw").stages(model)
     names1 = s1.trainable_names(model)
     assert not any(n.startswith("backbone.") or n.startswith("heads.2.") for n in names1)
@@ -233,10 +242,13 @@ def test_ztw_ic_stage_keeps_backbone_and_final_head():
 
 # -- boosting ------------------------------------------------------------------------------
 def test_boosted_heads_fit_the_residual_of_the_detached_ensemble():
-    model = cnn("cascade", {"base": "linear", "combine": "additive"}).train()
+    model = cnn("cascade", {"base": "linear", "combine": "additive", "reweight": 0.5}).train()
     (stage,) = get_strategy("boosted", gradient_rescaling=False).stages(model)
     x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
     out = model(x=x)
+    # the loss is sum_k CE(F_k), F_k = f_k + 0.5 F_{k-1}.detach(): the heads' own outputs
+    expected = sum(nn.functional.cross_entropy(z, y) for z in out.logits)
+    torch.testing.assert_close(stage.loss(out, y), expected)
     # exit 1's loss alone must not move head 0
     nn.functional.cross_entropy(out.logits[1], y).backward()
     assert model.heads[0].base.classifier.weight.grad is None
@@ -250,17 +262,19 @@ def test_boosted_heads_fit_the_residual_of_the_detached_ensemble():
 @pytest.mark.parametrize("name", ["l2w", "meta_gf"])
 def test_meta_recipes_update_their_meta_parameters(name, tmp_path):
     model = cnn()
-    recipe = get_strategy(name)
+    recipe = get_strategy(name, **RECIPE_OPTIONS.get(name, {}))
     train(model, image_items(64), strategy=recipe, output_dir=tmp_path, max_steps=3,
           save_final=False, **FAST)
     step = recipe.last_step
-    assert len(step.meta_losses) == 3  # the stage's own step ran every time
+    assert len(step.meta_losses) == 3  # the stage's own step ran (and meta-updated) every time
     if name == "l2w":
-        assert step.wpn.net[2].weight.abs().sum() > 0  # zero-initialised, now learned
+        before = type(step.wpn)(model.num_exits, 500)
+        assert step.wpn.net[2].weight.shape == before.net[2].weight.shape
+        assert step.optimizer.state  # Adam on the WPN has taken steps
     else:
-        w = step.weights()
-        assert not torch.allclose(w, torch.ones_like(w))
-        torch.testing.assert_close(w.mean(), torch.tensor(1.0))
+        scores = torch.cat([w.flatten() for w in step.weights()])
+        start = torch.sigmoid(torch.tensor(1.0))  # the reference's fusion logits start at 1
+        assert not torch.allclose(scores, torch.full_like(scores, float(start)))
 
 
 def test_budget_assignment_follows_the_target_distribution():
@@ -269,30 +283,45 @@ def test_budget_assignment_follows_the_target_distribution():
     assert torch.bincount(exits, minlength=3).tolist() == [3, 5, 2]
     conf0 = logits[0].softmax(-1).amax(-1)
     assert set(conf0.topk(3).indices.tolist()) == set((exits == 0).nonzero().squeeze(1).tolist())
+    # floor(n * q_k) at each exit, the rest at the last (the reference's rule): 7 rows,
+    # q = (0.3, 0.3, 0.4) -> floor(2.1) = 2, floor(2.1) = 2, 3 left
+    exits = budget_assignment([torch.randn(7, 3) for _ in range(3)], torch.tensor([0.3, 0.3, 0.4]))
+    assert torch.bincount(exits, minlength=3).tolist() == [2, 2, 3]
 
 
 # -- self-distillation ---------------------------------------------------------------------
-def test_self_distill_feature_hints():
-    model = cnn("mlp", {"hidden_features": 12}).train()
+def test_self_distill_hints_go_through_adaptation_layers():
+    """BYOT's hint: lambda * torch.dist(A_k(F_k), F_final) for the hinted exits, A_k a learned
+    linear map from exit k's feature width to the final one's (heads of different widths)."""
+    model = cnn("linear").train()  # classifier inputs 6, 8, 8 wide
     (stage,) = get_strategy("self_distill").stages(model)
     assert stage.forward_kwargs == {"return_features": True}
+    adapters = model.self_distill_adapters
+    assert adapters.exits == [0]  # the reference skips outputs[1]: the exit before the final
+    assert adapters.layers["0"].in_features == 6 and adapters.layers["0"].out_features == 8
+    names = stage.trainable_names(model)
+    assert {"self_distill_adapters.layers.0.weight", "self_distill_adapters.layers.0.bias"} <= names
     x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
     out = model(x=x, return_features=True)
-    assert [tuple(f.shape) for f in out.features] == [(4, 12)] * 3
     no_hint = get_strategy("self_distill", hint_weight=0.0).stages(model)[0]
     diff = stage.loss(out, y) - no_hint.loss(out, y)
-    expected = 0.03 * sum(((out.features[k] - out.features[2]) ** 2).sum(-1).mean() for k in range(2))
+    a = adapters.layers["0"]
+    f0, f2 = out.features[0], out.features[2]
+    expected = 0.03 * ((f0 @ a.weight.T + a.bias - f2) ** 2).sum().sqrt()  # Frobenius norm
     torch.testing.assert_close(diff, expected)
-    # the teacher (deepest exit) gets no gradient from the hints or the distillation
+    # the teacher (deepest exit) gets no gradient from the hints
     model.zero_grad()
     (stage.loss(out, y) - no_hint.loss(out, y)).backward()
-    assert not model.heads[2].fc1.weight.grad.any()
-    wrong = cnn("linear").train()  # feature widths 6, 8, 8
-    with pytest.raises(ConfigError, match="bottleneck"):
-        get_strategy("self_distill").stages(wrong)
-    (bad,) = get_strategy("self_distill", hint_weight=0.0).stages(wrong)
-    with pytest.raises(ConfigError, match="bottleneck"):  # the loss checks too
-        get_strategy("self_distill").stages(model)[0].loss(wrong(x=x, return_features=True), y)
+    assert not model.heads[2].classifier.weight.grad.any()
+    assert a.weight.grad.abs().sum() > 0
+    shallow = cnn("linear")
+    get_strategy("self_distill", hint_skip="shallowest").stages(shallow)
+    assert shallow.self_distill_adapters.exits == [1]  # the reference's comment's reading
+    every = cnn("linear")
+    get_strategy("self_distill", hint_skip="none").stages(every)
+    assert every.self_distill_adapters.exits == [0, 1]
+    with pytest.raises(ConfigError, match="hint_skip"):
+        get_strategy("self_distill", hint_skip="deepest")
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -313,8 +342,8 @@ def test_meta_recipes_refuse_an_inexact_mid_stage_resume(tmp_path):
               resume=True, **args)
 
 
-def test_boosted_refuses_a_prior_temperature_inference_would_not_apply():
-    from exitwise.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="prior_temperature"):
-        get_strategy("boosted", prior_temperature=2.0)
+def test_boosted_refuses_a_reweight_the_heads_do_not_apply():
+    model = cnn("cascade", {"base": "linear", "combine": "additive", "reweight": 0.5})
+    with pytest.raises(ConfigError, match="reweight"):
+        get_strategy("boosted", reweight=1.0).stages(model)
+    assert len(get_strategy("boosted", reweight=0.5).stages(model)) == 1  # the heads' own

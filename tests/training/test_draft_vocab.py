@@ -89,7 +89,7 @@ def test_tuning_sets_the_subset_raises_agreement_and_saves_it(tmp_path):
     model.train()
     result = tune_exits(
         model, skewed_texts(48, 24, vocab=VOCAB), steps=100, lr=3e-3, batch_size=8, seq_len=24,
-        progress=False, eval_fraction=0.25,
+        progress=False, eval_fraction=0.25, loss="kl",  # distillation raises agreement
     )
     for d in (1, 2):
         assert result.agreement_after[d] > result.agreement_before[d] + 0.05, result.table()
@@ -147,7 +147,8 @@ def test_calm_early_exit_decoding_reads_the_restricted_head():
     never = ew.generate(model, ids, policy=ew.get_policy("calm_softmax", threshold=1.0, tau=0.0),
                         **common)
     assert torch.equal(never.sequences, greedy.sequences)
-    always = ew.generate(model, ids, policy=ew.get_policy("calm_softmax", threshold=0.0, tau=0.0),
+    # top-1 > 0.1 always holds over K ids here (the top-1 minus top-2 gap need not)
+    always = ew.generate(model, ids, policy=ew.get_policy("calm_maxprob", threshold=0.0, tau=0.0),
                          **common)
     new = always.sequences[:, ids.shape[1] + 1 :]  # the first token comes from the prefill
     assert set(new.flatten().tolist()) <= set(subset.tolist())

@@ -25,12 +25,15 @@ def token_items(n: int = 64, seed: int = 0, min_len: int = 4, max_len: int = 12)
     return items
 
 
-def tiny_model(seed: int = 0, layers="all", num_labels: int = 2) -> ew.MultiExitModel:
-    """A 4-layer random BERT with pooler heads; no dropout anywhere, so runs are reproducible."""
+def tiny_model(
+    seed: int = 0, layers="all", num_labels: int = 2, **heads
+) -> ew.MultiExitModel:
+    """A 4-layer random BERT with pooler heads (or the ``head=...`` / ``head_kwargs=...`` /
+    ``final_head=...`` given); no dropout anywhere, so runs are reproducible."""
     encoder = tiny_encoder("bert", seed=seed)
     torch.manual_seed(seed)
     return ew.attach_exits(
-        encoder, ew.ExitConfig(layers=layers, num_labels=num_labels, dropout=0.0)
+        encoder, ew.ExitConfig(layers=layers, num_labels=num_labels, dropout=0.0, **heads)
     )
 
 

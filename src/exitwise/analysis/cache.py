@@ -9,6 +9,7 @@ need no further model passes.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import DataError, InputError
 from ..runtime.flops import exit_cost_table, full_depth_cost
+from .scores import REGRESSION, task_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..model import MultiExitModel
@@ -38,8 +40,10 @@ def _plain(value: Any, dtype: torch.dtype) -> torch.Tensor:
 class ExitLogitsCache:
     """Every exit's logits for N examples.
 
-    logits:      (N, E, C) float32, raw (untempered) logits of every exit, shallowest first.
-    labels:      (N,) long; -1 where the label is unknown.
+    logits:      (N, E, C) float32, raw (untempered) logits of every exit, shallowest first
+                 (C == 1: a regression model's predicted values).
+    labels:      (N,) long class ids, -1 where unknown; for regression (C == 1) float32
+                 targets, nan where unknown.
     costs:       (N, E) float64, FLOPs of leaving at exit k (blocks, embeddings and every head
                  run up to k), from :func:`exitwise.runtime.flops.exit_cost_table`.
     full_cost:   (N,) float64, FLOPs of the plain full-depth model (no exit heads but the final).
@@ -56,7 +60,8 @@ class ExitLogitsCache:
 
     def __post_init__(self) -> None:
         self.logits = _plain(self.logits, torch.float32)
-        self.labels = _plain(self.labels, torch.long)
+        regression = self.logits.dim() == 3 and self.logits.shape[2] == 1
+        self.labels = _plain(self.labels, torch.float32 if regression else torch.long)
         self.costs = _plain(self.costs, torch.float64)
         self.full_cost = _plain(self.full_cost, torch.float64)
         self.exit_layers = [int(d) for d in self.exit_layers]
@@ -85,8 +90,15 @@ class ExitLogitsCache:
         return int(self.logits.shape[2])
 
     @property
+    def task(self) -> str:
+        """"classification", or "regression" when the exits output one value."""
+        return task_of(self.num_classes)
+
+    @property
     def labeled(self) -> torch.Tensor:
         """(N,) bool: rows whose label is known."""
+        if self.task == REGRESSION:
+            return ~torch.isnan(self.labels)
         return self.labels >= 0
 
     def __len__(self) -> int:
@@ -106,10 +118,10 @@ class ExitLogitsCache:
             missing = int((~self.labeled).sum())
             if missing:
                 raise InputError(
-                    f"{missing} of {self.num_examples} cached rows have no label (-1); "
+                    f"{missing} of {self.num_examples} cached rows have no label; "
                     "calibration and accuracy need a labeled held-out set"
                 )
-            if int(self.labels.max()) >= self.num_classes:
+            if self.task != REGRESSION and int(self.labels.max()) >= self.num_classes:
                 raise InputError(
                     f"labels go up to {int(self.labels.max())} but the exits have "
                     f"{self.num_classes} classes"
@@ -195,9 +207,9 @@ def _split_batch(batch: Any) -> tuple[dict[str, Any], torch.Tensor | None]:
             labels = inputs.pop("label", None)
         return inputs, labels
     if isinstance(batch, (list, tuple)) and len(batch) == 2:
-        return {"x": batch[0]}, batch[1]
+        return {"pixel_values": batch[0]}, batch[1]
     if isinstance(batch, torch.Tensor):
-        return {"x": batch}, None
+        return {"pixel_values": batch}, None
     raise InputError(
         f"cannot read a batch of type {type(batch).__name__}: give dicts or (inputs, labels)"
     )
@@ -239,7 +251,7 @@ def collect_exit_logits(
     """Run ``model`` once over ``dataloader`` and cache every exit's raw logits and costs.
 
     dataloader: any iterable of batches (dicts with input_ids/attention_mask/labels, or
-        ``(inputs, labels)`` tuples). Rows without labels get -1.
+        ``(inputs, labels)`` tuples). Rows without labels get -1 (nan for regression).
     device: where to run; defaults to the model's parameters' device.
     The model is put in eval mode for the pass and restored afterwards.
     """
@@ -260,9 +272,11 @@ def collect_exit_logits(
                 inputs, labels = _split_batch(batch)
                 logits, costs, full = _batch_exit_logits(model, _to_device(inputs, device))
                 b = logits.shape[0]
+                regression = logits.shape[-1] == 1
                 if labels is None:
-                    labels = torch.full((b,), UNKNOWN_LABEL, dtype=torch.long)
-                labels = torch.as_tensor(labels).long().cpu()
+                    labels = torch.full((b,), math.nan if regression else UNKNOWN_LABEL)
+                labels = torch.as_tensor(labels).cpu()
+                labels = labels.float() if regression else labels.long()
                 if labels.shape != (b,):
                     raise InputError(f"batch labels have shape {tuple(labels.shape)} for {b} rows")
                 parts["logits"].append(logits.cpu())

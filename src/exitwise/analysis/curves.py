@@ -1,7 +1,8 @@
 """Accuracy-vs-compute curves: sweep a policy's parameter grid by replay, plot, save.
 
-A point is a dict ``{"param", "accuracy", "mean_layers", "flops_speedup",
-"relative_compute", "mean_flops"}`` (relative_compute = mean FLOPs / mean full-depth FLOPs).
+A point is a dict ``{"param", "accuracy", "score", "mean_layers", "flops_speedup",
+"relative_compute", "mean_flops"}`` (relative_compute = mean FLOPs / mean full-depth FLOPs;
+``score`` is the task metric: accuracy, or Pearson's r for a regression model).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def as_policy(policy: ExitPolicy | str) -> ExitPolicy:
 def _point(res: Any, **extra: Any) -> Point:
     """One curve point: ``extra`` keys first, then the replay's scalar metrics."""
     metrics = res.metrics()
-    keys = ("accuracy", "mean_layers", "mean_flops", "flops_speedup", "relative_compute")
+    keys = ("accuracy", "score", "mean_layers", "mean_flops", "flops_speedup",
+            "relative_compute")
     return {**extra, **{k: metrics[k] for k in keys}}
 
 
@@ -75,14 +77,20 @@ def pareto_front(points: Sequence[Point]) -> list[Point]:
     Sorted by relative compute, cheapest first; each kept point is strictly more accurate
     than every cheaper one.
     """
-    ordered = sorted(points, key=lambda p: (_compute(p), -p["accuracy"]))
+    ordered = sorted(points, key=lambda p: (_compute(p), -_score(p)))
     front: list[Point] = []
     best = -math.inf
     for p in ordered:
-        if p["accuracy"] > best:
+        if _score(p) > best:
             front.append(p)
-            best = p["accuracy"]
+            best = _score(p)
     return front
+
+
+def _score(p: Point) -> float:
+    """The task metric of a point (older points carry accuracy only)."""
+    value = p.get("score")
+    return float(p["accuracy"] if value is None else value)
 
 
 def _compute(p: Point) -> float:
@@ -111,6 +119,7 @@ def plot_curves(
     full_accuracy: float | None = None,
     static: Sequence[Point] | None = None,
     title: str | None = None,
+    metric: str = "accuracy",
 ) -> Path:
     """Accuracy vs relative compute, one line per policy (its Pareto front), plus the
     per-exit static points and a horizontal line at the full-depth accuracy.
@@ -130,17 +139,17 @@ def plot_curves(
         if not front:
             continue
         xs = [_compute(p) for p in front]
-        ys = [100.0 * p["accuracy"] for p in front]
+        ys = [100.0 * _score(p) for p in front]
         ax.plot(xs, ys, marker=".", linewidth=1.4, markersize=4, label=name)
     if static:
         xs = [_compute(p) for p in static]
-        ys = [100.0 * p["accuracy"] for p in static]
+        ys = [100.0 * _score(p) for p in static]
         ax.scatter(xs, ys, marker="s", color="black", s=18, zorder=3, label="static exits")
     if full_accuracy is not None:
         ax.axhline(100.0 * full_accuracy, color="gray", linestyle="--", linewidth=1,
                    label="full depth")
     ax.set_xlabel("relative compute (mean FLOPs / full-depth FLOPs)")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel(f"{metric} (%)" if metric == "accuracy" else f"{metric} x 100")
     ax.set_xlim(left=0.0)
     ax.grid(True, alpha=0.3)
     if title:

@@ -17,6 +17,7 @@ import torch
 from ..errors import InputError
 from ..policies.base import ExitPolicy
 from .cache import ExitLogitsCache
+from .scores import REGRESSION, predictions_of, score
 
 
 @dataclass
@@ -25,10 +26,13 @@ class ReplayResult:
 
     exit_index:     (N,) long, the exit each row left at.
     exit_layer:     (N,) long, its depth (blocks run).
-    predictions:    (N,) long, argmax of the logits at that exit.
+    predictions:    (N,) long, argmax of the logits at that exit (regression: (N,) float, the
+                    predicted value).
     costs:          (N,) float64, FLOPs each row spent (cache.costs at its exit).
     exit_histogram: (E,) long, rows per exit.
-    accuracy:       fraction of labeled rows predicted right (nan if none is labeled).
+    accuracy:       fraction of labeled rows predicted right (nan if none is labeled, and for
+                    regression).
+    score:          the task metric: ``accuracy``, or Pearson's r for regression.
     mean_layers:    mean exit depth in blocks.
     mean_flops:     mean of ``costs``.
     flops_speedup:  mean full-depth cost / mean cost.
@@ -49,11 +53,15 @@ class ReplayResult:
     flops_speedup: float
     relative_compute: float
     outputs: torch.Tensor | None = None
+    score: float = float("nan")
+    task: str = "classification"
 
     def metrics(self) -> dict[str, Any]:
         """The scalar metrics and the histogram, JSON-able."""
         return {
             "accuracy": self.accuracy,
+            "score": self.score,
+            "task": self.task,
             "mean_layers": self.mean_layers,
             "mean_flops": self.mean_flops,
             "flops_speedup": self.flops_speedup,
@@ -93,6 +101,7 @@ def replay(
     Policies with ``needs_labels`` (the oracle) get the cache's labels, which must be known.
     """
     cache.check(need_labels=policy.needs_labels)
+    policy.check_task(cache.task)
     n, num_exits = cache.num_examples, cache.num_exits
     temps = temperature_list(temperatures, num_exits)
 
@@ -103,6 +112,8 @@ def replay(
     # Policies that change what a leaving row returns (ensembles) predict from that output.
     transforms = policy.transforms_output
     predictions = torch.full((n,), -1, dtype=torch.long)
+    if cache.task == REGRESSION:
+        predictions = predictions.float()
     outputs: torch.Tensor | None = None
     for k in range(num_exits):
         logits = cache.logits[active, k]
@@ -120,7 +131,7 @@ def replay(
         if n_done == active.numel():
             exit_index[active] = k
             if emitted is not None:
-                predictions[active] = emitted.argmax(-1)
+                predictions[active] = predictions_of(emitted).to(predictions.dtype)
                 outputs[active] = emitted
             break
         if n_done:
@@ -128,7 +139,8 @@ def replay(
             stay = (~done).nonzero().squeeze(1)
             exit_index[active[leave]] = k
             if emitted is not None:
-                predictions[active[leave]] = emitted[leave].argmax(-1)
+                predictions[active[leave]] = predictions_of(emitted[leave]).to(
+                    predictions.dtype)
                 outputs[active[leave]] = emitted[leave]
             active = active[stay]
             pstate = policy.keep(pstate, stay)
@@ -145,17 +157,16 @@ def summarize(
     cache: ExitLogitsCache, exit_index: torch.Tensor, predictions: torch.Tensor | None = None
 ) -> ReplayResult:
     """Metrics of a given exit assignment (N,) on ``cache``; ``predictions`` (N,) default to
-    the argmax of each row's cached logits at its exit."""
+    the argmax of each row's cached logits at its exit (the value, for regression)."""
     rows = torch.arange(cache.num_examples)
     if predictions is None:
-        predictions = cache.logits[rows, exit_index].argmax(-1)
+        predictions = predictions_of(cache.logits[rows, exit_index])
     costs = cache.costs[rows, exit_index]
     layers = torch.tensor(cache.exit_layers, dtype=torch.long)[exit_index]
     labeled = cache.labeled
-    if bool(labeled.any()):
-        accuracy = float((predictions[labeled] == cache.labels[labeled]).double().mean())
-    else:
-        accuracy = float("nan")
+    task = cache.task
+    value = score(predictions[labeled], cache.labels[labeled], task)
+    accuracy = value if task != REGRESSION else float("nan")
     mean_flops = float(costs.mean())
     mean_full = float(cache.full_cost.mean())
     return ReplayResult(
@@ -169,4 +180,6 @@ def summarize(
         mean_flops=mean_flops,
         flops_speedup=mean_full / mean_flops if mean_flops > 0 else float("inf"),
         relative_compute=mean_flops / mean_full if mean_full > 0 else float("nan"),
+        score=value,
+        task=task,
     )

@@ -59,12 +59,14 @@ class LTTResult:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def _binom_cdf(k: int, n: int, p: float) -> float:
+def binomial_cdf(k: int, n: int, p: float) -> float:
     """P[Binomial(n, p) <= k], summed in log space."""
     if k < 0:
         return 0.0
-    if k >= n:
+    if k >= n or p <= 0.0:
         return 1.0
+    if p >= 1.0:
+        return 0.0
     log_p, log_q = math.log(p), math.log1p(-p)
     terms = [
         math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p
@@ -89,7 +91,7 @@ def hoeffding_p_value(risk: float, n: int, epsilon: float) -> float:
 def hoeffding_bentkus_p_value(risk: float, n: int, epsilon: float) -> float:
     """The tighter Hoeffding-Bentkus p-value (LTT's default)."""
     hoeff = math.exp(-n * _h1(min(risk, epsilon), epsilon))
-    bentkus = math.e * _binom_cdf(math.ceil(n * risk - 1e-9), n, epsilon)
+    bentkus = math.e * binomial_cdf(math.ceil(n * risk - 1e-9), n, epsilon)
     return min(1.0, hoeff, bentkus)
 
 

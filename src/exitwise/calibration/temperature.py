@@ -69,6 +69,11 @@ def fit_temperatures(
             f"need 0 < min_temperature < max_temperature; got {min_temperature}, {max_temperature}"
         )
     cache.check(need_labels=True)
+    if cache.task == "regression":
+        raise ConfigError(
+            "temperature scaling calibrates class probabilities; a regression model (one "
+            "output) has none: leave its temperatures at 1"
+        )
     temps = [
         _fit_one(cache.logits[:, k], cache.labels, min_temperature, max_temperature, max_iter)
         for k in range(cache.num_exits)

@@ -5,9 +5,13 @@ decisions the runtime would make), then picks:
 
 * :func:`search_accuracy_drop`: the fastest setting (highest FLOPs speed-up) whose accuracy
   stays within ``max_drop`` of the full-depth accuracy (the final exit's accuracy on the same
-  cache);
+  cache); with ``delta``, whose drop is *certified* within ``max_drop`` at level ``delta``
+  (:mod:`exitwise.calibration.certify`) instead of merely observed so on the held-out rows;
 * :func:`search_budget`: the most accurate setting whose mean compute, as a fraction of the
   full-depth model's, is within ``budget``.
+
+For a regression model (one output) "accuracy" is Pearson's r throughout, and a drop of one
+point is 0.01 of r.
 
 Among settings with identical results (a plateau of thresholds) the middle one is taken, so
 that small shifts between held-out and test data move it least.
@@ -33,6 +37,7 @@ from ..analysis.curves import as_policy
 from ..analysis.replay import ReplayResult, replay, summarize, temperature_list
 from ..errors import ConfigError
 from ..policies.base import ExitPolicy
+from .certify import certify_candidates
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..model import MultiExitModel
@@ -124,13 +129,14 @@ def _result(
     heldout = res.metrics()
     heldout.update(
         full_accuracy=full_accuracy,
-        accuracy_drop_points=100.0 * (full_accuracy - res.accuracy),
+        accuracy_drop_points=100.0 * (full_accuracy - res.score),
         met_target=met,
     )
     curve = [
         {
             "param": p.value,
             "accuracy": r.accuracy,
+            "score": r.score,
             "mean_layers": r.mean_layers,
             "flops_speedup": r.flops_speedup,
             "relative_compute": r.relative_compute,
@@ -148,10 +154,10 @@ def _number(value: Any) -> float:
 
 
 def full_depth_accuracy(cache: ExitLogitsCache) -> float:
-    """Accuracy of the final exit on the (fully labeled) cache."""
+    """Accuracy (Pearson's r for regression) of the final exit on the (fully labeled) cache."""
     cache.check(need_labels=True)
     last = torch.full((cache.num_examples,), cache.num_exits - 1, dtype=torch.long)
-    return summarize(cache, last).accuracy
+    return summarize(cache, last).score
 
 
 def _choose(sweep, ok, score, fallback, miss: str):
@@ -174,8 +180,17 @@ def search_accuracy_drop(
     max_drop: float | None = None,
     *,
     max_drop_points: float | None = None,
+    delta: float | None = None,
+    risk: str = "drop",
 ) -> CalibrationResult:
     """The fastest setting whose held-out accuracy >= full-depth accuracy - allowed drop.
+
+    ``delta`` (e.g. 0.1): instead, the fastest setting whose drop is *certified* within the
+    target with probability >= 1 - delta (upper confidence bound; ``risk="drop"``, or
+    ``"disagreement"`` with the final exit), see :mod:`exitwise.calibration.certify`;
+    ``heldout`` then also holds ``certified_bound_points`` and ``delta``. Raises
+    :class:`~exitwise.calibration.CalibrationRefused` when the cache is too small for any
+    setting to be certified.
 
     Give the allowed drop either as a fraction (``max_drop=0.01``) or in accuracy points
     (``max_drop_points=1.0``, the same thing), not both. ``temperatures``: the model's (E,)
@@ -198,17 +213,47 @@ def search_accuracy_drop(
     policy = _prepare(policy, cache)
     temps = temperature_list(temperatures, cache.num_exits)
     full = full_depth_accuracy(cache)
-    sweep = _sweep(policy, cache, temps)
     target = {"kind": "accuracy_drop", "max_drop": float(drop), "max_drop_points": 100.0 * drop}
+    if delta is not None:
+        return _certified(policy, cache, temps, full, drop, float(delta), risk, target)
+    sweep = _sweep(policy, cache, temps)
     chosen, met = _choose(
         sweep,
-        ok=lambda r: r.accuracy >= full - drop - _EPS,
-        score=lambda r: (r.flops_speedup, r.accuracy),
-        fallback=lambda r: (r.accuracy, r.flops_speedup),
+        ok=lambda r: r.score >= full - drop - _EPS,
+        score=lambda r: (r.flops_speedup, r.score),
+        fallback=lambda r: (r.score, r.flops_speedup),
         miss=f"{policy.registered_name}: no setting keeps accuracy within {100 * drop:.2f} "
         "points of full depth on the held-out cache; returning the most accurate one",
     )
     return _result(chosen, target, full, met, temps, sweep)
+
+
+def _certified(
+    policy: ExitPolicy, cache: ExitLogitsCache, temps: list[float], full: float, drop: float,
+    delta: float, risk: str, target: dict[str, Any],
+) -> CalibrationResult:
+    """The certified variant of :func:`search_accuracy_drop` (see there)."""
+    certified, method = certify_candidates(policy, cache, temps, drop, delta, risk)
+    target = {**target, "delta": delta, "risk": risk, "testing": method}
+    sweep = [(p, r) for p, r, _, _ in certified]
+    if not certified:  # honest: nothing beats full depth with the guarantee asked for
+        warnings.warn(
+            f"{policy.registered_name}: no setting's {risk} is certified within "
+            f"{100 * drop:.2f} points at delta={delta}; returning the safest setting",
+            stacklevel=3,
+        )
+        sweep = _sweep(policy, cache, temps)
+        safest, res = min(sweep, key=lambda item: (item[1].flops_speedup, -item[1].score))
+        out = _result((safest, res), target, full, False, temps, sweep)
+        out.heldout.update(certified_bound_points=None, delta=delta, risk=risk)
+        return out
+    best = max(range(len(certified)), key=lambda i: (certified[i][1].flops_speedup,
+                                                    certified[i][1].score))
+    chosen, res, bound, seen = certified[best]
+    out = _result((chosen, res), target, full, True, temps, sweep)
+    out.heldout.update(certified_bound_points=100.0 * bound, observed_points=100.0 * seen,
+                       delta=delta, risk=risk, testing=method)
+    return out
 
 
 def search_budget(
@@ -238,8 +283,8 @@ def search_budget(
     chosen, met = _choose(
         sweep,
         ok=lambda r: r.relative_compute <= budget + _EPS,
-        score=lambda r: (r.accuracy, r.flops_speedup),
-        fallback=lambda r: (r.flops_speedup, r.accuracy),
+        score=lambda r: (r.score, r.flops_speedup),
+        fallback=lambda r: (r.flops_speedup, r.score),
         miss=f"{policy.registered_name}: no setting fits a compute budget of {budget:.3f} on "
         "the held-out cache; returning the cheapest one",
     )

@@ -3,8 +3,10 @@
 from .text import (
     TextExamples,
     TokenizedDataset,
+    examples_from_hf,
     load_examples,
     make_collator,
+    read_parallel,
     read_table,
     train_holdout_split,
 )
@@ -23,6 +25,8 @@ __all__ = [
     "ImageSplits",
     "TextExamples",
     "TokenizedDataset",
+    "examples_from_hf",
+    "read_parallel",
     "find_fashion_mnist",
     "load_examples",
     "load_fashion_mnist",

@@ -1,127 +1,209 @@
-"""Text-classification data: local TSV/CSV files, a folder of splits, or a Hugging Face dataset.
+"""Text-classification and regression data: tables, parallel files, Hugging Face datasets.
 
-SST-2 as shipped in GLUE is ``label<TAB>sentence`` or ``sentence<TAB>label`` with a header;
-both orders are read (the header names the columns). Every problem with a file is raised as a
-:class:`~exitwise.errors.DataError` naming the file and line.
+``load_examples(source, split)`` reads
+
+- a TSV/CSV file (or a folder holding ``train.tsv`` / ``dev.tsv`` ...), GLUE's original files
+  included, single sentences or pairs (:mod:`exitwise.data.tables`);
+- a folder of parallel line files, SentEval style: ``s1.<split>``, ``s2.<split>`` (optional)
+  and ``labels.<split>``, one example per line (SNLI as shipped in ``../shared/data/snli``);
+- a Hugging Face dataset id such as ``glue/sst2``, ``glue/mnli`` or ``stanfordnlp/snli``
+  (needs the ``data`` extra and a network or a local cache).
+
+The result says which columns it used (:attr:`TextExamples.columns`) and what the labels are
+(class names as ``label_names`` = ``id2label``, or regression targets). Every problem with a
+file is raised as a :class:`~exitwise.errors.DataError` naming the file and line.
 """
 
 from __future__ import annotations
 
-import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from ..errors import DataError
-
-TEXT_COLUMNS = ("sentence", "text", "sentence1", "review", "content")
-LABEL_COLUMNS = ("label", "labels", "class")
+from .tables import (
+    CLASSIFICATION,
+    LABEL_COLUMNS,
+    PAIR_COLUMNS,
+    REGRESSION,
+    TEXT_COLUMNS,
+    describe_labels,
+    parse_columns_spec,
+    parse_labels,
+    read_rows,
+    resolve_columns,
+    split_fields,
+)
 
 
 @dataclass
 class TextExamples:
-    """Parallel lists of texts and integer labels (labels may be -1 when unknown)."""
+    """Parallel lists: texts, optional second texts of pairs, labels.
+
+    labels: class ids (int) or regression targets (float); -1 / nan when unknown.
+    label_names: class names by id (``id2label``) when the labels were names, else None.
+    task: "classification" or "regression".
+    columns: which columns of the source were read (for the user to check).
+    """
 
     texts: list[str]
-    labels: list[int]
+    labels: list[Any]
     source: str = ""
+    text_pairs: list[str] | None = None
+    label_names: list[str] | None = None
+    task: str = CLASSIFICATION
+    columns: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.labels) != len(self.texts):
+            raise DataError(f"{len(self.texts)} texts but {len(self.labels)} labels")
+        if self.text_pairs is not None and len(self.text_pairs) != len(self.texts):
+            raise DataError(f"{len(self.texts)} texts but {len(self.text_pairs)} second texts")
 
     def __len__(self) -> int:
         return len(self.texts)
 
+    @property
+    def is_pair(self) -> bool:
+        return self.text_pairs is not None
+
     def subset(self, indices: Sequence[int]) -> "TextExamples":
-        return TextExamples([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.source)
+        idx = list(indices)
+        return TextExamples(
+            [self.texts[i] for i in idx], [self.labels[i] for i in idx], self.source,
+            None if self.text_pairs is None else [self.text_pairs[i] for i in idx],
+            self.label_names, self.task, self.columns, list(self.notes),
+        )
 
     @property
     def num_labels(self) -> int:
+        """Classes (1 for regression, as Hugging Face's ``num_labels``)."""
+        if self.task == REGRESSION:
+            return 1
+        if self.label_names:
+            return len(self.label_names)
         return max(self.labels) + 1 if self.labels else 0
 
+    def describe(self) -> str:
+        """One line for the user: rows, what was read, what the labels are."""
+        what = describe_labels(self.labels, self.label_names, self.task)
+        pair = "sentence pairs" if self.is_pair else "single texts"
+        text = f"{self.source}: {len(self)} {pair}, {what}"
+        return text + (f"; columns: {self.columns}" if self.columns else "")
 
-def read_table(path: str | Path) -> TextExamples:
-    """Read a TSV (or CSV) file with a header naming a text column and a label column."""
+
+def read_table(
+    path: str | Path,
+    columns: str | Sequence[str | int] | None = None,
+    label_names: Sequence[str] | None = None,
+    task: str | None = None,
+) -> TextExamples:
+    """Read a TSV (or CSV) file; see :mod:`exitwise.data.tables` for the columns it finds and
+    ``columns`` (names, or 1-based positions for a header-less file: text, [pair,] label)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
-    is_csv = path.suffix.lower() == ".csv"
-    delimiter = "," if is_csv else "\t"
-    # GLUE TSVs contain bare quote characters inside sentences, so TSV is read without quoting;
-    # CSV needs standard quoting, or any text with a comma in it would split into two fields.
-    quoting = csv.QUOTE_MINIMAL if is_csv else csv.QUOTE_NONE
-    texts: list[str] = []
-    labels: list[int] = []
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
-            header = next(reader, None)
-            if header is None:
-                raise DataError(f"{path} is empty")
-            names = [h.strip().lower() for h in header]
-            text_col = next((names.index(c) for c in TEXT_COLUMNS if c in names), None)
-            label_col = next((names.index(c) for c in LABEL_COLUMNS if c in names), None)
-            if text_col is None or label_col is None:
-                raise DataError(
-                    f"{path}: the header {header!r} must name a text column "
-                    f"({'/'.join(TEXT_COLUMNS)}) and a label column ({'/'.join(LABEL_COLUMNS)})"
-                )
-            for row in reader:
-                lineno = reader.line_num  # physical line (quoted CSV fields may span lines)
-                if not row or all(not c.strip() for c in row):
-                    continue
-                if len(row) != len(names):
-                    raise DataError(
-                        f"{path}:{lineno}: expected {len(names)} "
-                        f"{'comma' if is_csv else 'tab'}-separated fields, got {len(row)}"
-                    )
-                try:
-                    label = int(row[label_col])
-                except ValueError:
-                    raise DataError(
-                        f"{path}:{lineno}: label {row[label_col]!r} is not an integer"
-                    ) from None
-                if label < 0:
-                    raise DataError(f"{path}:{lineno}: label {label} is negative")
-                texts.append(row[text_col].strip())
-                labels.append(label)
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except csv.Error as err:
-        raise DataError(f"{path}: unreadable {'CSV' if is_csv else 'TSV'} ({err})") from None
+    rows = read_rows(path)
+    if not rows:
+        raise DataError(f"{path} is empty")
+    cols = resolve_columns(rows[0][:-1], path, parse_columns_spec(columns))
+    texts, pairs, raw, where = split_fields(rows, path, cols)
     if not texts:
         raise DataError(f"{path} has a header but no rows")
-    return TextExamples(texts, labels, str(path))
+    labels, names, kind = parse_labels(raw, label_names, where, task)
+    return TextExamples(texts, labels, str(path), pairs, names, kind, cols.describe())
+
+
+def read_parallel(
+    folder: str | Path, split: str, label_names: Sequence[str] | None = None,
+    task: str | None = None,
+) -> TextExamples:
+    """SentEval-style line files in ``folder``: ``s1.<split>``, optional ``s2.<split>`` (pairs)
+    and ``labels.<split>``, one example per line, all of the same length."""
+    folder = Path(folder)
+    files = {n: folder / f"{n}.{split}" for n in ("s1", "s2", "labels")}
+    if not files["s1"].is_file() or not files["labels"].is_file():
+        raise DataError(f"{folder} has no s1.{split} / labels.{split}")
+
+    def lines(p: Path) -> list[str]:
+        try:
+            return p.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise DataError(f"{p} is not UTF-8 text ({err.reason})") from None
+
+    first = lines(files["s1"])
+    second = lines(files["s2"]) if files["s2"].is_file() else None
+    raw = lines(files["labels"])
+    # A trailing blank line is the file's end, not an example.
+    while raw and not raw[-1].strip():
+        raw.pop()
+    first, second = first[: len(raw)], None if second is None else second[: len(raw)]
+    for name, got in (("s1", first), ("s2", second)):
+        if got is not None and len(got) != len(raw):
+            raise DataError(
+                f"{files[name]} has {len(got)} lines but {files['labels']} has {len(raw)}"
+            )
+    where = [f"{files['labels']}:{i + 1}" for i in range(len(raw))]
+    labels, names, kind = parse_labels(raw, label_names, where, task)
+    cols = f"text={files['s1'].name}" + (f", text_pair={files['s2'].name}" if second else "")
+    return TextExamples(
+        [t.strip() for t in first], labels, str(folder), None if second is None else
+        [t.strip() for t in second], names, kind, f"{cols}, label={files['labels'].name}",
+    )
 
 
 _SPLIT_FILES = {
     "train": ("train.tsv", "train.csv"),
-    "dev": ("dev.tsv", "validation.tsv", "dev.csv", "validation.csv"),
-    "validation": ("dev.tsv", "validation.tsv", "dev.csv", "validation.csv"),
+    "dev": ("dev.tsv", "validation.tsv", "dev.csv", "validation.csv", "dev_matched.tsv"),
+    "validation": ("dev.tsv", "validation.tsv", "dev.csv", "validation.csv",
+                   "dev_matched.tsv"),
     "test": ("test.tsv", "test.csv"),
 }
+_PARALLEL_SPLITS = {"train": ("train",), "dev": ("dev", "valid", "validation"),
+                    "validation": ("dev", "valid", "validation"), "test": ("test",)}
 
 
-def load_examples(source: str | Path, split: str = "train") -> TextExamples:
-    """Examples of ``split`` from ``source``.
+def load_examples(
+    source: str | Path,
+    split: str = "train",
+    columns: str | Sequence[str | int] | None = None,
+    label_names: Sequence[str] | None = None,
+    task: str | None = None,
+) -> TextExamples:
+    """Examples of ``split`` from ``source`` (see module doc).
 
-    source: a file (.tsv/.csv), a folder holding ``train.tsv``/``dev.tsv``, or a Hugging Face
-    dataset id such as ``glue/sst2`` or ``stanfordnlp/sst2`` (needs the ``data`` extra and a
-    network or a local cache).
+    columns: which columns to read, for tables whose header exitwise does not recognise or
+        that have none (see :func:`read_table`).
+    label_names: the class names of a trained model (``id2label``), so that an evaluation split
+        maps its string labels to the same ids; labels outside them are refused.
+    task: force "classification" or "regression" (default: from the labels).
     """
     p = Path(source)
     if p.is_file():
-        return read_table(p)
+        return read_table(p, columns, label_names, task)
     if p.is_dir():
         for name in _SPLIT_FILES.get(split, (f"{split}.tsv",)):
             if (p / name).is_file():
-                return read_table(p / name)
-        raise DataError(f"{p} has no file for split {split!r} (looked for {_SPLIT_FILES.get(split)})")
+                return read_table(p / name, columns, label_names, task)
+        for name in _PARALLEL_SPLITS.get(split, (split,)):
+            if (p / f"s1.{name}").is_file() and (p / f"labels.{name}").is_file():
+                return read_parallel(p, name, label_names, task)
+        raise DataError(
+            f"{p} has no file for split {split!r} (looked for "
+            f"{', '.join(_SPLIT_FILES.get(split, (f'{split}.tsv',)))}, or s1/s2/labels."
+            f"{'/'.join(_PARALLEL_SPLITS.get(split, (split,)))})"
+        )
     if str(source).startswith((".", "/")) or Path(str(source)).suffix in (".tsv", ".csv"):
         raise DataError(f"data path {source} does not exist")
-    return _load_hf(str(source), split)
+    return _load_hf(str(source), split, columns, label_names, task)
 
 
-def _load_hf(name: str, split: str) -> TextExamples:
+def _load_hf(
+    name: str, split: str, columns: Any, label_names: Sequence[str] | None, task: str | None,
+) -> TextExamples:
     try:
         import datasets
     except ImportError:
@@ -133,28 +215,87 @@ def _load_hf(name: str, split: str) -> TextExamples:
     parts = name.split("/")
     try:
         if len(parts) == 2 and parts[0] == "glue":
+            if parts[1] == "mnli" and hf_split == "validation":
+                hf_split = "validation_matched"
             ds = datasets.load_dataset("nyu-mll/glue", parts[1], split=hf_split)
         else:
             ds = datasets.load_dataset(name, split=hf_split)
     except Exception as err:  # network errors, unknown names: all mean "cannot get the data"
         raise DataError(
-            f"could not load Hugging Face dataset {name!r} split {hf_split!r} ({type(err).__name__}: "
-            f"{str(err)[:200]}). Point --data at a local folder with train.tsv/dev.tsv instead."
+            f"could not load Hugging Face dataset {name!r} split {hf_split!r} "
+            f"({type(err).__name__}: {str(err)[:200]}). Point --data at a local folder with "
+            "train.tsv/dev.tsv instead."
         ) from None
-    text_col = next((c for c in TEXT_COLUMNS if c in ds.column_names), None)
-    label_col = next((c for c in LABEL_COLUMNS if c in ds.column_names), None)
-    if text_col is None or label_col is None:
-        raise DataError(f"dataset {name!r} has no text/label columns: {ds.column_names}")
-    return TextExamples(list(ds[text_col]), [int(x) for x in ds[label_col]], name)
+    return examples_from_hf(ds, f"{name}[{hf_split}]", columns, label_names, task)
+
+
+def examples_from_hf(
+    ds: Any, source: str, columns: Any = None, label_names: Sequence[str] | None = None,
+    task: str | None = None,
+) -> TextExamples:
+    """:class:`TextExamples` from a loaded ``datasets.Dataset`` (pairs, ClassLabel names and
+    float regression labels understood; rows without a gold label (-1, as in SNLI) dropped)."""
+    names = list(ds.column_names)
+    low = [c.lower() for c in names]
+    spec = parse_columns_spec(columns)
+    if spec:
+        if any(isinstance(c, int) for c in spec):
+            spec = [names[int(c) - 1] for c in spec]
+        missing = [c for c in spec if c not in names]
+        if missing:
+            raise DataError(f"{source}: no column {missing}; it has {names}")
+        text, label = spec[0], spec[-1]
+        pair = spec[1] if len(spec) == 3 else None
+    else:
+        text = pair = label = None
+        for a, b in PAIR_COLUMNS:
+            if a in low and b in low:
+                text, pair = names[low.index(a)], names[low.index(b)]
+                break
+        text = text or next((names[low.index(c)] for c in TEXT_COLUMNS if c in low), None)
+        label = next((names[low.index(c)] for c in LABEL_COLUMNS if c in low), None)
+        if text is None or label is None:
+            raise DataError(f"dataset {source} has no text/label columns: {names}; give columns")
+    feature = ds.features.get(label)
+    class_names = list(getattr(feature, "names", None) or []) or None
+    raw = list(ds[label])
+    keep = [i for i, v in enumerate(raw) if not (isinstance(v, int) and v < 0)]
+    notes = []
+    if len(keep) < len(raw):
+        notes.append(f"dropped {len(raw) - len(keep)} rows without a gold label (-1)")
+    texts = [ds[text][i] for i in keep]
+    pairs = None if pair is None else [ds[pair][i] for i in keep]
+    values = [raw[i] for i in keep]
+    if class_names and label_names and list(label_names) != class_names:
+        raise DataError(f"{source}: its classes {class_names} differ from the model's "
+                        f"{list(label_names)}")
+    if class_names or (task != REGRESSION and all(isinstance(v, int) for v in values)):
+        labels, kind = [int(v) for v in values], CLASSIFICATION
+    elif all(isinstance(v, (int, float)) for v in values):
+        labels, kind = [float(v) for v in values], REGRESSION
+        class_names = None
+    else:
+        labels, class_names, kind = parse_labels([str(v) for v in values], label_names,
+                                                 task=task)
+    cols = f"text={text!r}" + (f", text_pair={pair!r}" if pair else "") + f", label={label!r}"
+    ignored = [c for c in names if c not in (text, pair, label)]
+    if ignored:
+        cols += f"; ignored: {', '.join(map(repr, ignored))}"
+    return TextExamples(texts, labels, source, pairs, class_names, kind, cols, notes)
 
 
 class TokenizedDataset(torch.utils.data.Dataset):
-    """Tokenizes once up front; items are dicts of lists (input_ids, attention_mask, labels, ...)."""
+    """Tokenizes once up front (pairs as ``tokenizer(text, text_pair)``); items are dicts of
+    lists (input_ids, attention_mask, token_type_ids, ..., labels)."""
 
     def __init__(self, examples: TextExamples, tokenizer: Any, max_length: int = 128) -> None:
         if len(examples) == 0:
             raise DataError("no examples to tokenize")
-        enc = tokenizer(examples.texts, truncation=True, max_length=max_length)
+        if examples.text_pairs is not None:
+            enc = tokenizer(examples.texts, examples.text_pairs, truncation=True,
+                            max_length=max_length)
+        else:
+            enc = tokenizer(examples.texts, truncation=True, max_length=max_length)
         self.features = [
             {k: enc[k][i] for k in enc.keys()} | {"labels": examples.labels[i]}
             for i in range(len(examples))
@@ -175,8 +316,8 @@ def make_collator(tokenizer: Any):
 
 
 def train_holdout_split(examples: TextExamples, holdout: int | float, seed: int = 0):
-    """Split off a held-out slice (for calibration) from training examples, stratified by nothing,
-    shuffled with ``seed``. ``holdout`` is a count or a fraction."""
+    """Split off a held-out slice (for calibration) from training examples, shuffled with
+    ``seed``. ``holdout`` is a count or a fraction."""
     n = len(examples)
     k = int(round(holdout * n)) if isinstance(holdout, float) and holdout < 1 else int(holdout)
     if not 0 < k < n:

@@ -45,6 +45,16 @@ L per step. ``skip``: ``sequential_layers`` grows by ``stop`` per step and
 included, also in ``fill_applications``), so both really drop when tokens exit early.
 ``decision_layer_applications`` counts the blocks each token needed before its exit;
 ``token_depths`` records each token's exit depth.
+
+Online-calibrated policies (``observes_consistency``, e.g. FREE's ``free_bmm``): the decoder
+pairs each token's confidence at the first exit (``state["shallow_conf"]``) and that exit's
+argmax with the full model's argmax for the same slot once it is known, and hands the pairs to
+``policy.observe(confidence, consistent)``; ``policy.begin_sequence()`` runs at the start of
+each call. The full model's prediction is known at once for a token that did not exit; for one
+that exited, ``skip`` mode gets it when a later step runs its deferred slot to the last layer
+and ``recompute`` mode when the next step recomputes it (one extra LM-head read-out per such
+slot, spent only for these policies); ``propagate`` never computes it, so those tokens give no
+pair.
 Shapes: A active rows, S cache slots, H hidden, V vocab, L layers.
 """
 
@@ -116,6 +126,54 @@ class _Deferred:
         return _Deferred(self.depth[idx], {d: h[idx] for d, h in self.at.items()})
 
 
+class _ConsistencyTap:
+    """Pairs (first-exit confidence, first-exit argmax == full model's argmax) per slot for a
+    policy that calibrates online (see the module docstring). ``pending`` keeps, per original
+    row, the slots scored at the first exit whose full-model prediction is not known yet,
+    oldest first, as (confidence, first-exit token)."""
+
+    def __init__(self, policy: ExitPolicy, rows: int) -> None:
+        self.policy = policy
+        self.pending: dict[int, list[tuple[float, int]]] = {r: [] for r in range(rows)}
+
+    def push(self, rows: list[int], running: list[bool], conf: torch.Tensor,
+             token: torch.Tensor) -> None:
+        """One new slot per running row: conf (A,), token (A,) at the first exit."""
+        for i, (r, live) in enumerate(zip(rows, running)):
+            if live:
+                self.pending[r].append((float(conf[i]), int(token[i])))
+
+    def resolve(self, rows: list[int], running: list[bool], deep: torch.Tensor,
+                which: torch.Tensor | None = None) -> None:
+        """deep (A, m): the full model's argmax for each row's last m pending slots (slot
+        order); only rows with ``which`` (A,) True (all when None). Older pending slots of
+        those rows can no longer be resolved and are dropped."""
+        confs: list[float] = []
+        same: list[bool] = []
+        for i, (r, live) in enumerate(zip(rows, running)):
+            if not live or (which is not None and not bool(which[i])):
+                continue
+            pend, m = self.pending[r], min(len(self.pending[r]), deep.shape[1])
+            for (c, tok), d in zip(pend[len(pend) - m:], deep[i, deep.shape[1] - m:].tolist()):
+                confs.append(c)
+                same.append(tok == d)
+            self.pending[r] = []
+        if confs:
+            self.policy.observe(torch.tensor(confs), torch.tensor(same))
+
+
+def _tap_for(policy: ExitPolicy, session: DecodeSession) -> _ConsistencyTap | None:
+    if not getattr(policy, "observes_consistency", False):
+        return None
+    policy.begin_sequence()
+    return _ConsistencyTap(policy, session.prompt.shape[0])
+
+
+def _deep_argmax(bb: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """(..., H) states after the last block -> (...) the full model's argmax."""
+    return bb.lm_logits(bb.final_norm(hidden)).argmax(-1)
+
+
 def _token_start(
     session: DecodeSession, policy: ExitPolicy, hidden: torch.Tensor, big: int
 ) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -161,18 +219,19 @@ def early_exit_decode(
         stats.exit_depths = [p.depth for p in points] + [big]
         stats.token_depths = [[] for _ in range(session.prompt.shape[0])]
 
+    tap = _tap_for(policy, session)
     first = session.prefill().argmax(-1)
     session.pending = first
     session.emit([[t] for t in first.tolist()])
     if kv == "skip":
         groups: list[_Group] = _drop(session, [])
         while session.unfinished:
-            groups = _drop(session, _step_skip(session, points, policy, groups))
+            groups = _drop(session, _step_skip(session, points, policy, groups, tap))
         return session.sequences()
     deferred: _Deferred | None = None
     deferred = _drop(session, deferred)
     while session.unfinished:
-        nxt, deferred = _step(session, points, policy, kv, deferred)
+        nxt, deferred = _step(session, points, policy, kv, deferred, tap)
         deferred = _drop(session, deferred)
     return session.sequences()
 
@@ -205,7 +264,8 @@ class _Group:
 
 
 def _step_skip(
-    session: DecodeSession, points: list[ExitPoint], policy: ExitPolicy, groups: list[_Group]
+    session: DecodeSession, points: list[ExitPoint], policy: ExitPolicy, groups: list[_Group],
+    tap: _ConsistencyTap | None = None,
 ) -> list[_Group]:
     """Decode one token per active row, running blocks only up to the batch's exit depth;
     deferred slots ride along as extra columns from their frontier on. Returns the groups
@@ -228,6 +288,7 @@ def _step_skip(
     by_depth = {p.depth: (k, p) for k, p in enumerate(points)}
     num_exits = len(points) + 1
     cols: torch.Tensor | None = None  # (A, k, H) deferred slots running in this call
+    first_tok = token  # (A,) the first exit's argmax (for the tap)
     stop = big
     for layer in range(big):
         joining = [g.hidden for g in groups if g.frontier == layer]  # older than those running
@@ -250,6 +311,7 @@ def _step_skip(
             live = ~exited
             now, tok, state = check_exit(policy, point, j, num_exits, hidden, live, state)
             stats.head_applications += int((live & running).sum())
+            first_tok = tok if j == 0 else first_tok
             token = torch.where(now, tok, token)
             depth = torch.where(now, torch.full_like(depth, d), depth)
             exited = exited | now
@@ -257,8 +319,15 @@ def _step_skip(
                 stop = d
                 break
     if stop == big:
-        final = bb.lm_logits(bb.final_norm(hidden)).argmax(-1)
+        final = _deep_argmax(bb, hidden)
         token = torch.where(exited, token, final)
+    if tap is not None:
+        rows, live_rows = session.rows.tolist(), running.tolist()
+        tap.push(rows, live_rows, state["shallow_conf"], first_tok)
+        if stop == big:  # every deferred slot and the new one now have the full model's state
+            deep = final[:, None] if cols is None else torch.cat(
+                [_deep_argmax(bb, cols), final[:, None]], 1)
+            tap.resolve(rows, live_rows, deep)
     stats.sequential_layers += stop
     stats.iterations += 1
 
@@ -287,6 +356,7 @@ def _step(
     policy: ExitPolicy,
     kv: str,
     deferred: _Deferred | None,
+    tap: _ConsistencyTap | None = None,
 ) -> tuple[torch.Tensor, _Deferred | None]:
     """Decode one token for every active row; commit the pending token's slot."""
     bb = session.backbone
@@ -311,6 +381,7 @@ def _step(
     at: dict[int, torch.Tensor] = {}
     by_depth = {p.depth: (k, p) for k, p in enumerate(points)}
     num_exits = len(points) + 1
+    first_tok = token
     for layer in range(big):
         if prev is not None and layer >= d_min:
             out = bb.run_layers(torch.cat([prev, hidden[:, None]], 1), layer, layer + 1, ctx2)
@@ -332,11 +403,18 @@ def _step(
             if bool(live.any()):
                 now, tok, state = check_exit(policy, point, k, num_exits, hidden, live, state)
                 stats.head_applications += int((live & running).sum())
+                first_tok = tok if k == 0 else first_tok
                 token = torch.where(now, tok, token)
                 depth = torch.where(now, torch.full_like(depth, d), depth)
                 exited = exited | now
-    final = bb.lm_logits(bb.final_norm(hidden)).argmax(-1)
+    final = _deep_argmax(bb, hidden)
     token = torch.where(exited, token, final)
+    if tap is not None:
+        rows, live_rows = session.rows.tolist(), running.tolist()
+        if prev is not None:  # the previous slot, recomputed exactly to the last layer
+            tap.resolve(rows, live_rows, _deep_argmax(bb, prev[:, 0])[:, None])
+        tap.push(rows, live_rows, state["shallow_conf"], first_tok)
+        tap.resolve(rows, live_rows, final[:, None], which=~exited)
     stats.sequential_layers += big
     stats.iterations += 1
 

@@ -19,6 +19,21 @@ One step, for every active row at once (E = exit layer, L = layers, k = draft le
 Because every emitted token is the full model's argmax given the real tokens before it, the
 output equals plain greedy decoding token for token (to float round-off in near ties).
 
+**Per-row draft stop** (``draft_threshold``, Kangaroo's second early exit; Liu et al. 2024,
+reference ``evaluation/inference_kangaroo.py``, ``kangaroo_forward``): a row stops drafting once
+the top-1 probability of its latest draft x_j (softmax of the exit logits / temperature) falls
+below the threshold; x_j is kept (like the reference, which drafts the unsure token and then
+breaks), so that row's draft length is k_r = j. Rows that stopped wait while the others go on
+(their lanes keep computing in the batched call, but what they draft past k_r is ignored); the
+step's k is the longest row's, and drafting ends once every running row stopped or k tokens
+were drafted. A row's k_r is also capped by its own budget (tokens it may still emit, minus the
+verified one), so a row drafts in a batch exactly what it drafts alone. Verification caps each
+row's acceptance at its own k_r, so its next token is the full model's choice after at most k_r
+drafts: ragged acceptance, handled by the holes of step 4 as before, and the output stays
+lossless. With sampling, a row whose k_r drafts were all kept draws its next token from
+p_{k_r}, as speculative sampling with k_r drafts does. The reference decodes one sequence
+(batch 1), where the per-row rule is its rule.
+
 **Sampling** (``sampler.do_sample``): speculative rejection sampling instead of step 3. Drafts
 are drawn from the exit head's processed distribution q (its logits divided by the exit's
 calibration ``temperature``, then the sampler's temperature / top-k / top-p); draft x(i+1) is
@@ -50,8 +65,9 @@ def self_speculative_decode(
     """Run ``session`` to the end drafting with ``head`` after ``exit_layer`` blocks.
 
     temperature: the exit head's calibration temperature (its logits are divided by it).
-    draft_threshold: stop drafting early once every active row's draft has a top-1
-        probability (softmax of logits / temperature) below this value.
+    draft_threshold: a row stops drafting after its first draft whose top-1 probability
+        (softmax of logits / temperature) is below this value (per row; see the module
+        docstring).
     sampler: None or greedy -> lossless greedy; sampling -> speculative rejection sampling.
     Returns the sequences (B, T + N).
     """
@@ -81,6 +97,11 @@ def self_speculative_decode(
         states: list[torch.Tensor] = []
         drafts: list[torch.Tensor] = []
         draft_probs: list[torch.Tensor] = []  # q_j (A, V), sampling only
+        live = torch.tensor(running, dtype=torch.bool, device=device)
+        # Each row's k_r: at most its own budget (what it may still emit) minus the verified
+        # token, then shortened by the draft threshold.
+        row_len = (session.remaining().to(device) - 1).clamp(min=0, max=k)
+        drafting = live & (row_len > 0)  # rows still drafting
         j = 0
         while True:
             ctx = session.context(j, 1)
@@ -101,10 +122,13 @@ def self_speculative_decode(
             drafts.append(tokens)
             fed.append(tokens)
             j += 1
-            if draft_threshold is not None and j < k:
+            if draft_threshold is not None:
                 conf = torch.softmax(logits.float() / temperature, -1).amax(-1)
-                if bool((conf < draft_threshold).all()):
-                    k = j  # one last pass below feeds x_j through blocks < E
+                stop = drafting & (conf < draft_threshold)
+                row_len = torch.where(stop, torch.full_like(row_len, j), row_len)
+            drafting = drafting & (j < row_len)
+            if j < k and not bool(drafting.any()):
+                k = j  # one last pass below feeds x_j through blocks < E
 
         q = k + 1
         ctx = session.context(0, q)
@@ -115,10 +139,20 @@ def self_speculative_decode(
             p = sampler.probs(target_logits)
             q_all = torch.stack(draft_probs, 1) if k else p[:, :0]
             accepted, nxt = speculative_accept(drafted, q_all, p, sampler.generator)
+            # A row that kept all its own k_r < k drafts continues from p_{k_r} (its later
+            # drafts were never proposed); the draws before k_r are unaffected.
+            cut = (accepted >= row_len) & (row_len < k)
+            if bool(cut.any()):
+                rows_cut = cut.nonzero()[:, 0]
+                p_cut = p[rows_cut, row_len[rows_cut]]
+                nxt = nxt.clone()
+                nxt[rows_cut] = draw(p_cut, sampler.generator)
+            accepted = torch.minimum(accepted, row_len)
         else:
             target = target_logits.argmax(-1)  # (A, k+1)
             if k:
                 accepted = (drafted == target[:, :k]).long().cumprod(1).sum(1)
+                accepted = torch.minimum(accepted, row_len)  # a row's own draft length
             else:
                 accepted = torch.zeros(a, dtype=torch.long, device=device)
             nxt = target.gather(1, accepted[:, None])[:, 0]
@@ -133,9 +167,9 @@ def self_speculative_decode(
         stats.sequential_layers += q * e + (num_layers - e)
         rows = session.rows.tolist()
         n_list = accepted.tolist()
-        for r, n, live in zip(rows, n_list, running):
-            if live:
-                stats.drafted[r] += k
+        for r, n, k_r, alive in zip(rows, n_list, row_len.tolist(), running):
+            if alive:
+                stats.drafted[r] += k_r
                 stats.accepted[r] += n
         session.emit(
             [drafted[i, :n].tolist() + [t] for i, (n, t) in enumerate(zip(n_list, nxt.tolist()))]

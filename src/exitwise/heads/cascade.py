@@ -1,24 +1,37 @@
 """``cascade``: an exit head that also reads the previous exit's logits, and the learned
 geometric ensemble of Zero Time Waste.
 
-Cascade heads (Wołczyk et al., "Zero Time Waste", NeurIPS 2021; the same wiring is IMTA's
-inline subnetwork collaboration, Li et al. 2019, and BoostNet's additive model, Yu et al.
-2023) reuse what the earlier exits already computed instead of wasting it. The head wraps a
-registered ``base`` head (``sdn`` by default, ZTW's internal classifier) and combines its
-logits ``f(hidden)`` (B, C) with the previous exit's logits ``z_prev`` (B, C):
+Cascade heads reuse what the earlier exits already computed. The head wraps a registered
+``base`` head (``sdn`` by default) whose logits are ``f(hidden) = W_f phi(hidden) + b`` (B, C)
+(``phi``: the base's pooled feature, the input of its classifier layer) and combines them with
+the previous exit's raw logits ``z_prev`` (B, C):
 
-- ``combine="linear"`` (ZTW, IMTA): ``f(hidden) + W log_softmax(z_prev)``, i.e. a linear layer
-  over [pooled features; previous prediction]. ``W`` (C, C) starts at zero, so a fresh head is
-  its base head. The first exit has no previous exit and reads the uniform prediction
-  ``log(1/C)`` in its place, so every exit is the same function of its inputs.
-- ``combine="additive"`` (BoostNet): ``z_prev + f(hidden)``: exit k outputs the running sum of
-  all heads up to k, each head fitting the residual of the ones before it.
+- ``combine="linear"`` (ZTW, Wołczyk et al., NeurIPS 2021; reference:
+  ``gmum/Zero-Time-Waste`` ``ztw_cv/architectures/early_exits/heads.py``, the
+  ``*CascadingHead`` classes): ``f(hidden) + W LayerNorm(z_prev)``, i.e. ONE linear layer over
+  the concatenation ``[phi; LayerNorm(z_prev)]`` written as the sum of its two blocks. The
+  LayerNorm (C,) is learned, as in the reference ("layer norm to previous logits", ZTW's
+  appendix).
+- ``combine="isc"`` (IMTA's inline subnetwork collaboration, Li et al., ICCV 2019; reference:
+  ``kalviny/IMTA`` ``models/msdnet_imta.py``): the previous logits go through
+  ``ReLU(BatchNorm1d(Linear(C -> D)))`` and are concatenated with the features before the
+  classifier: ``f(hidden) + W isc(z_prev)``, W (C, D). ``D`` (``isc_features``) defaults to
+  the width of the base head's classifier input, as the reference sizes the collaboration
+  features like the classifier's own.
+- ``combine="additive"`` (BoostNet, Yu et al., AAAI 2023; reference:
+  ``SHI-Labs/Boosted-Dynamic-Networks`` ``models/dynamic_net.py``, ``DynamicNet.forward``):
+  ``f(hidden) + reweight * z_prev``: exit k outputs ``F_k = f_k + r_k F_{k-1}``, the boosted
+  ensemble with BoostNet's prediction reweighting ``r_k`` (``reweight``; 1 = the plain sum).
 
-``detach_previous=True`` (ZTW, BoostNet) stops gradients at ``z_prev`` so that training exit k
-never changes the earlier exits; IMTA lets them flow (``False``).
+The first exit has no previous exit and outputs its base head's logits (the reference's first
+head has no cascading input). ``detach_previous=True`` (ZTW, BoostNet) stops gradients at
+``z_prev``; IMTA lets them flow (``False``).
 
-The model, the runtime executor and the logits cache all pass ``previous_logits`` (the raw,
-untempered logits of exit k-1) to any head whose class sets ``uses_previous_logits = True``.
+Deviations from the references: the link ``W`` starts at zero (a fresh cascade head is its
+base head; the references initialise the concatenated layer as one ``nn.Linear``); the base
+head's dropout applies to ``phi`` only. The model, the runtime executor and the logits cache
+pass ``previous_logits`` (the raw, untempered logits of exit k-1) to any head whose class sets
+``uses_previous_logits = True``.
 """
 
 from __future__ import annotations
@@ -27,13 +40,12 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, InputError
 from .base import HEADS, ExitHead, register_head
 
-COMBINES = ("linear", "additive")
+COMBINES = ("linear", "isc", "additive")
 
 
 @register_head("cascade")
@@ -49,6 +61,8 @@ class CascadeHead(ExitHead):
         combine: str = "linear",
         detach_previous: bool = True,
         base_kwargs: dict[str, Any] | None = None,
+        reweight: float = 1.0,
+        isc_features: int | None = None,
     ) -> None:
         super().__init__(in_features, num_labels, dropout)
         if base == "cascade" or base not in HEADS.names():
@@ -60,18 +74,35 @@ class CascadeHead(ExitHead):
             raise ConfigError(f"the {base!r} head cannot be a cascade base (it is family-bound)")
         if combine not in COMBINES:
             raise ConfigError(f"combine must be one of {COMBINES}, got {combine!r}")
+        if not math.isfinite(float(reweight)) or float(reweight) < 0:
+            raise ConfigError(f"reweight must be a finite number >= 0, got {reweight!r}")
+        if reweight != 1.0 and combine != "additive":
+            raise ConfigError("reweight is BoostNet's prediction reweighting: combine='additive'")
+        if isc_features is not None and combine != "isc":
+            raise ConfigError("isc_features sizes IMTA's collaboration layer: combine='isc'")
         self.base_name, self.combine, self.detach_previous = base, combine, bool(detach_previous)
+        self.reweight = float(reweight)
         try:
             self.base = HEADS.get(base)(
                 in_features, num_labels, dropout=dropout, **(base_kwargs or {})
             )
         except TypeError as err:
             raise ConfigError(f"bad base_kwargs for cascade base {base!r}: {err}") from None
-        # W of the linear combination, zero at the start: a fresh cascade head is its base head.
-        self.previous = (
-            nn.Linear(num_labels, num_labels, bias=False) if combine == "linear" else None
-        )
-        if self.previous is not None:
+        self.norm: nn.Module | None = None
+        self.isc: nn.Sequential | None = None
+        self.previous: nn.Linear | None = None
+        if combine == "linear":
+            self.norm = nn.LayerNorm(num_labels)
+            self.previous = nn.Linear(num_labels, num_labels, bias=False)
+        elif combine == "isc":
+            width = isc_features or getattr(self.feature_layer, "in_features", None) or in_features
+            if not isinstance(width, int) or width < 1:
+                raise ConfigError(f"isc_features must be a positive int, got {isc_features!r}")
+            self.isc = nn.Sequential(
+                nn.Linear(num_labels, width), nn.BatchNorm1d(width), nn.ReLU()
+            )
+            self.previous = nn.Linear(width, num_labels, bias=False)
+        if self.previous is not None:  # zero link: a fresh cascade head is its base head
             nn.init.zeros_(self.previous.weight)
 
     @property
@@ -80,6 +111,11 @@ class CascadeHead(ExitHead):
         from . import classifier_layer
 
         return classifier_layer(self.base)
+
+    @property
+    def link_modules(self) -> list[nn.Module]:
+        """The modules that read the previous logits (empty for ``additive``)."""
+        return [m for m in (self.norm, self.isc, self.previous) if m is not None]
 
     def init_from_backbone(self, backbone: nn.Module) -> None:
         self.base.init_from_backbone(backbone)
@@ -90,73 +126,87 @@ class CascadeHead(ExitHead):
         mask: torch.Tensor | None = None,
         previous_logits: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """hidden as the base head reads it; previous_logits (B, C) or None (first exit)."""
+        """hidden as the base head reads it; previous_logits (B, C) or None (first exit).
+        Returns (B, C) logits."""
         own = self.base(hidden, mask)
-        if previous_logits is not None:
-            if previous_logits.shape != own.shape:
-                raise InputError(
-                    f"previous logits have shape {tuple(previous_logits.shape)}, this exit "
-                    f"gives {tuple(own.shape)}"
-                )
-            if self.detach_previous:
-                previous_logits = previous_logits.detach()
+        if previous_logits is None:  # the first exit: nothing to reuse yet
+            return own
+        if previous_logits.shape != own.shape:
+            raise InputError(
+                f"previous logits have shape {tuple(previous_logits.shape)}, this exit "
+                f"gives {tuple(own.shape)}"
+            )
+        prev = previous_logits.detach() if self.detach_previous else previous_logits
         if self.combine == "additive":
-            return own if previous_logits is None else own + previous_logits.to(own.dtype)
-        if previous_logits is None:  # the uniform prediction stands in for a missing exit
-            prior = own.new_full(own.shape, -math.log(self.num_labels))
-        else:
-            prior = F.log_softmax(previous_logits.float(), -1).to(own.dtype)
-        return own + self.previous(prior)
+            return own + self.reweight * prev.to(own.dtype)
+        assert self.previous is not None
+        if self.combine == "linear":
+            assert self.norm is not None
+            return own + self.previous(self.norm(prev.to(own.dtype)))
+        assert self.isc is not None
+        return own + self.previous(self.isc(prev.to(own.dtype)))
 
     def head_flops(self, mask: torch.Tensor | None, batch_size: int) -> torch.Tensor:
-        extra = (
-            self.linear_flops(self.previous) if self.previous is not None else self.num_labels
-        )
+        extra = float(self.num_labels)  # the add (and LayerNorm / reweighting) per class
+        if self.previous is not None:
+            extra += self.linear_flops(self.previous)
+        if self.isc is not None:
+            extra += self.linear_flops(self.isc[0])
         return self.base.head_flops(mask, batch_size) + extra
 
 
 class GeometricEnsemble(nn.Module):
-    """ZTW's learned geometric ensemble over exits 0..k, for every exit k.
+    """ZTW's learned geometric ensemble over the internal classifiers 0..k, for every IC k.
 
-    ``q_k ∝ exp(b_k) * prod_{j<=k} p_j ** w_kj`` with ``w_kj >= 0`` (softplus of a free
-    parameter; entries above the diagonal are unused) and a per-class bias ``b_k`` (C,). In
-    logits: ``log q_k = b_k + sum_{j<=k} w_kj log_softmax(z_j)`` (+ a normaliser).
+    Reference: ``gmum/Zero-Time-Waste`` ``ztw_cv/architectures/early_exits/ztw.py``
+    (``GeometricWeightedEnsemble``, ``ZTWEnsembling``): ensemble k reads the
+    log-probabilities of ICs 0..k, ``s_k = mean_{j<=k} exp(a_kj) log p_j + b_k``, so
+    ``w_kj = exp(a_kj) / (k + 1) > 0``, with a per-class bias ``b_k`` (C,). ZTW builds no
+    ensemble on the backbone's own final head: give this module the number of ICs (the
+    model's exits but the final one).
 
-    raw_weight: (K, K), bias: (K, C). It starts near each exit's own prediction (w_kk = 1,
-    w_kj ≈ 0.02 for j < k, b = 0).
+    raw_weight: (E, E) ``a``, entries above the diagonal unused, initialised N(0, 0.01) as
+    in the reference; bias: (E, C), zeros.
     """
 
-    def __init__(self, num_exits: int, num_labels: int) -> None:
+    def __init__(self, num_members: int, num_labels: int) -> None:
         super().__init__()
-        if num_exits < 1 or num_labels < 1:
-            raise ConfigError("an ensemble needs at least one exit and one class")
-        self.num_exits, self.num_labels = int(num_exits), int(num_labels)
-        init = torch.full((num_exits, num_exits), -4.0)
-        init.fill_diagonal_(math.log(math.e - 1.0))  # softplus^-1(1)
-        self.raw_weight = nn.Parameter(init)
-        self.bias = nn.Parameter(torch.zeros(num_exits, num_labels))
-        self.register_buffer(
-            "lower", torch.tril(torch.ones(num_exits, num_exits)), persistent=False
-        )
+        if num_members < 1 or num_labels < 1:
+            raise ConfigError(
+                "an ensemble needs at least one internal classifier and one class (ZTW's "
+                "ensemble covers the exits before the final one)"
+            )
+        self.num_members, self.num_labels = int(num_members), int(num_labels)
+        self.raw_weight = nn.Parameter(torch.randn(num_members, num_members) * 0.01)
+        self.bias = nn.Parameter(torch.zeros(num_members, num_labels))
+        lower = torch.tril(torch.ones(num_members, num_members))
+        # row k averages k + 1 members: the reference's mean over heads
+        self.register_buffer("lower", lower / lower.sum(1, keepdim=True), persistent=False)
+
+    @property
+    def num_exits(self) -> int:
+        """Members (the internal classifiers it ensembles)."""
+        return self.num_members
 
     @property
     def weights(self) -> torch.Tensor:
-        """(K, K) non-negative, zero above the diagonal: row k weighs exits 0..k."""
-        return F.softplus(self.raw_weight) * self.lower
+        """(E, E) positive weights, zero above the diagonal: ``w_kj = exp(a_kj) / (k + 1)``."""
+        return torch.exp(self.raw_weight) * self.lower
 
     def forward(self, logits: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        """Raw exit logits (B, K, C) (or a list of K (B, C)) -> ensemble logits (B, K, C)."""
+        """Raw IC logits (B, E, C) (or a list of E (B, C)) -> ensemble logits (B, E, C)."""
         z = torch.stack(list(logits), 1) if isinstance(logits, (list, tuple)) else logits
-        if z.dim() != 3 or z.shape[1] != self.num_exits or z.shape[2] != self.num_labels:
+        if z.dim() != 3 or z.shape[1] != self.num_members or z.shape[2] != self.num_labels:
             raise InputError(
-                f"the ensemble expects logits (B, {self.num_exits}, {self.num_labels}); "
+                f"the ensemble expects IC logits (B, {self.num_members}, {self.num_labels}); "
                 f"got {tuple(z.shape)}"
             )
-        logp = F.log_softmax(z.float(), -1)  # (B, K, C)
+        logp = torch.log_softmax(z.float(), -1)  # (B, E, C)
         return torch.einsum("kj,bjc->bkc", self.weights, logp) + self.bias
 
     def to_dict(self) -> dict[str, list]:
-        """JSON-able ``{"weights": K x K, "bias": K x C}`` (what the ``ztw`` policy reads)."""
+        """JSON-able ``{"weights": E x E, "bias": E x C}`` (what the ``ztw`` policy reads; with
+        E = exits - 1 the final exit keeps its own prediction)."""
         return {
             "weights": self.weights.detach().cpu().double().tolist(),
             "bias": self.bias.detach().cpu().double().tolist(),

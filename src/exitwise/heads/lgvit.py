@@ -13,6 +13,16 @@ puts two kinds of head on a ViT: ``lgvit_local`` (local perception) on the shall
   ([CLS]) tokens join them, one multi-head self-attention layer (pre-norm, residual) lets
   every token see all the others, then LayerNorm, mean over tokens, linear.
 
+Reference: ``falcon-xu/LGViT`` ``models/deit_highway/highway.py`` (``highway_conv1_1`` /
+``highway_conv2_1`` local heads, ``GlobalSparseAttn`` global heads). Deviations from those
+heads: the local head normalises with LayerNorm instead of BatchNorm and its depth-wise
+convolution has no BatchNorm; the global head aggregates ``reduction`` x ``reduction`` windows
+by their mean (the reference keeps every ``reduction``-th token, ``AvgPool2d(1, r)``), keeps the
+prefix tokens in the attention and adds a residual and a LayerNorm, and both heads pool by the
+mean of the tokens (the reference adds the CLS embedding to the pooled patches).
+:meth:`LGViTLocalHead.distill_tokens` / :meth:`LGViTGlobalHead.distill_tokens` expose the
+per-token features LGViT's self-distillation compares (``exitwise.training.lgvit``).
+
 Which tokens form a grid: feature maps (B, C, H, W) are the grid. Tokens (B, T, H) without a
 mask form an n x n grid when T - 1 (one prefix token, ViT's [CLS]) or T is a square; other
 token sequences, and every sequence with a mask (padded batches), are a 1 x T line, so the
@@ -92,16 +102,30 @@ class LGViTLocalHead(ExitHead):
         self.norm = nn.LayerNorm(in_features)
         self.classifier = nn.Linear(in_features, num_labels)
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _mixed(self, hidden: torch.Tensor, mask: torch.Tensor | None):
+        """(the locally mixed grid (B, H, h, w) before the final norm, real (B, 1, h, w))."""
         grid, real, _ = token_grid(hidden, mask)
         x = self.norm_in(grid.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) * real
         # Padding cells are zeroed before every convolution, so a padded row sees exactly the
         # zeros it would see at its own border when run alone.
         y = self.act(self.expand(x)) * real
         y = self.act(self.depthwise(y)) * real
-        x = grid + self.project(y)
+        return grid + self.project(y), real
+
+    def _classify(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return self.classifier(self.dropout(masked_mean(x, real)))
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self._classify(*self._mixed(hidden, mask))
+
+    def distill_tokens(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits (B, C), the mixed patch tokens (B, N, H) the reference's self-distillation
+        reads, real (B, N) bool)."""
+        x, real = self._mixed(hidden, mask)
+        return self._classify(x, real), x.flatten(2).transpose(1, 2), real.flatten(1) > 0
 
     def head_flops(self, mask: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         """Per row, for its n real tokens (n = 1 without a mask: a lower bound)."""
@@ -149,10 +173,14 @@ class LGViTGlobalHead(ExitHead):
         tokens = total / count.clamp_min(1e-12)
         return tokens.flatten(2).transpose(1, 2), count.flatten(1) > 0
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _attended(self, hidden: torch.Tensor, mask: torch.Tensor | None):
+        """(tokens after attention (B, P + N, H) before the final norm, keep (B, P + N) bool,
+        P = number of prefix tokens)."""
         grid, real, prefix = token_grid(hidden, mask)
         x, keep = self.aggregate(grid, real)
+        num_prefix = 0
         if prefix is not None:
+            num_prefix = prefix.shape[1]
             x = torch.cat([prefix, x], 1)
             keep = torch.cat([keep.new_ones(prefix.shape[:2]), keep], 1)
         x = x.masked_fill(~keep.unsqueeze(-1), 0.0)
@@ -163,10 +191,25 @@ class LGViTGlobalHead(ExitHead):
             ~keep[:, None, None, :], float("-inf")
         )
         x = x + self.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, h))
+        return x, keep, num_prefix
+
+    def _classify(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)
         m = keep.to(x.dtype).unsqueeze(-1)
         pooled = (x * m).sum(1) / m.sum(1).clamp_min(1.0)
         return self.classifier(self.dropout(pooled))
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x, keep, _ = self._attended(hidden, mask)
+        return self._classify(x, keep)
+
+    def distill_tokens(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits (B, C), the attended aggregated patch tokens (B, N, H) without the prefix
+        tokens, the ones LGViT's self-distillation reads; real (B, N) bool)."""
+        x, keep, p = self._attended(hidden, mask)
+        return self._classify(x, keep), x[:, p:], keep[:, p:]
 
     def head_flops(self, mask: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         """Per row: n real tokens aggregate into about n / reduction**2 (on a line: n /

@@ -7,8 +7,21 @@ costs no new parameters. Optional trainable pieces:
 - ``adapter="norm"``:  an own copy of the final norm (a trainable exit norm);
 - ``adapter="mlp"``:   a residual MLP ``h + W2 gelu(W1 h)`` before the norm (W2 starts at
   zero, so the exit starts exactly as the shared one);
-- ``adapter="block"``: one copy of the backbone's last decoder block (EE-Tuning, Kangaroo);
+- ``adapter="block"``: one copy of the backbone's last decoder block (EE-Tuning);
   in generation it keeps its own keys/values in cache layer ``num_layers``;
+- ``adapter="kangaroo"``: Kangaroo's adapter (Liu et al. 2024; reference
+  ``kangaroo/adapter.py``, ``AdapterModel`` with one ``LlamaDecoderLayer`` that holds only
+  ``input_layernorm`` + ``self_attn``, then its own ``norm``, read out by the base model's
+  ``lm_head``): one attention sub-layer with its input norm and residual, no feed-forward, then
+  an own copy of the final norm before the shared LM head. It is built from a copy of the last
+  decoder block whose feed-forward (``block.mlp``) is replaced by a map to zero, so the block's
+  own forward (and thus every supported family) computes ``h + attn(norm_1(h))`` exactly. Like
+  ``block`` it keeps its own keys/values in cache layer ``num_layers`` during generation.
+  Deviations: the reference starts the adapter from random weights (attention) and ones (norms)
+  and trains it against the full model's distribution; here it starts from the last block's
+  attention and the final norm (a warm start, like ``block``). A norm that only fed the
+  removed feed-forward (Llama's ``post_attention_layernorm``, GPT-2's ``ln_2``) stays in the
+  copy but no longer affects the output (it gets no gradient);
 - ``untied=True``:     an own copy of the LM head.
 
 ``draft_vocab=K`` restricts the exit's read-out to K token ids (a persistent ``vocab_ids``
@@ -41,7 +54,16 @@ from torch import nn
 from ..errors import ConfigError
 from .base import ExitHead, register_head
 
-ADAPTERS = ("none", "norm", "mlp", "block")
+ADAPTERS = ("none", "norm", "mlp", "block", "kangaroo")
+BLOCK_ADAPTERS = ("block", "kangaroo")  # attend over past tokens: own KV cache in generation
+
+
+class ZeroFeedForward(nn.Module):
+    """Stands in for a decoder block's feed-forward: (..., H) -> zeros (..., H), so the block's
+    residual adds nothing after attention (Kangaroo's attention-only adapter)."""
+
+    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.zeros_like(hidden)
 
 
 class ResidualMLP(nn.Module):
@@ -127,8 +149,8 @@ class LMHead(ExitHead):
 
     @property
     def uses_cache(self) -> bool:
-        """True when the head attends over past tokens (``adapter="block"``) and so needs the
-        generator's cache and context."""
+        """True when the head attends over past tokens (``adapter="block"`` or
+        ``"kangaroo"``) and so needs the generator's cache and context."""
         return self.block is not None
 
     def init_from_backbone(self, backbone: nn.Module) -> None:
@@ -146,9 +168,17 @@ class LMHead(ExitHead):
             )
         object.__setattr__(self, "_backbone", backbone)
         self.lm_head = copy.deepcopy(backbone.lm_head) if self.untied else None
-        self.norm = copy.deepcopy(backbone.norm) if self.adapter == "norm" else None
-        if self.adapter == "block":
+        own_norm = self.adapter in ("norm", "kangaroo")
+        self.norm = copy.deepcopy(backbone.norm) if own_norm else None
+        if self.adapter in BLOCK_ADAPTERS:
             self.block = copy.deepcopy(backbone.blocks[backbone.num_layers - 1])
+            if self.adapter == "kangaroo":
+                if not isinstance(getattr(self.block, "mlp", None), nn.Module):
+                    raise ConfigError(
+                        f"adapter='kangaroo' needs a decoder block with an 'mlp' feed-forward; "
+                        f"{type(self.block).__name__} has none"
+                    )
+                self.block.mlp = ZeroFeedForward()
             self.cache_index = backbone.num_layers
             self.layer_type = backbone.layer_types[-1]
             for module in self.block.modules():  # its keys/values go to an extra cache layer
@@ -203,8 +233,9 @@ class LMHead(ExitHead):
         """Logits at every position: hidden (B, q, H) -> (B, q, V).
 
         ``ctx`` (a :class:`~exitwise.backbones.hf_decoder.DecodeContext`) is needed only by
-        ``adapter="block"`` during cached generation; without it the block sees the q tokens
-        alone, causally, at positions 0..q-1. With a draft vocabulary, ids outside it get -inf.
+        ``adapter="block"`` / ``"kangaroo"`` during cached generation; without it the block sees
+        the q tokens alone, causally, at positions 0..q-1. With a draft vocabulary, ids outside
+        it get -inf.
         """
         return self._vocab_logits(self._transform(hidden, ctx))
 
@@ -289,7 +320,7 @@ class LMHead(ExitHead):
         return self._vocab_logits(_last_real(out, mask).unsqueeze(1))[:, 0]
 
     def _transform(self, hidden: torch.Tensor, ctx: Any) -> torch.Tensor:
-        """Dropout and the trainable adapter (mlp / block): (B, q, H) -> (B, q, H)."""
+        """Dropout and the trainable adapter (mlp / block / kangaroo): (B, q, H) -> (B, q, H)."""
         hidden = self.dropout(hidden)
         if self.mlp is not None:
             hidden = self.mlp(hidden)
@@ -315,7 +346,7 @@ class LMHead(ExitHead):
     # -- cost -------------------------------------------------------------------------------
     def head_flops(self, mask: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         """LM head on one position (2 H V) + adapter; a block adapter also runs over the row's
-        real tokens (projections, MLP and causal attention pairs)."""
+        real tokens (projections, MLP (not for ``kangaroo``) and causal attention pairs)."""
         flops = 2.0 * self.in_features * (self.draft_vocab or self.num_labels)
         if self.mlp is not None:
             flops += self.linear_flops(self.mlp.fc1, self.mlp.fc2)
@@ -328,7 +359,11 @@ class LMHead(ExitHead):
                 else mask.sum(1).to(torch.float64).cpu()
             )
             pairs = n * (n + 1) / 2
+            macs = backbone.token_macs()
+            if self.adapter == "kangaroo":  # Q, O and K, V projections only: no feed-forward
+                macs = float(backbone.hidden_size * backbone.head_dim
+                             * (2 * backbone.num_heads + 2 * backbone.num_kv_heads))
             out = out + 2.0 * (
-                n * backbone.token_macs() + pairs * 2.0 * backbone.num_heads * backbone.head_dim
+                n * macs + pairs * 2.0 * backbone.num_heads * backbone.head_dim
             )
         return out

@@ -5,11 +5,16 @@ pooling, ``a * max + (1 - a) * avg``, then flattened into one linear layer. SDN 
 spatial layout (s = 4 by default) because a shallow CNN feature map pooled to a single vector
 loses most of what makes it separable.
 
-``a`` is ``sigmoid(mix_logit)`` (0.5 at the start), so the mix stays in [0, 1] while it is
-learned; SDN's original code leaves it unconstrained. Other inputs, so the head works after any
-backbone: token sequences (B, T, H) are max- and mean-pooled over their real tokens (``mask``),
-flat features (B, H) are used as they are; the pooled (B, C) vector then fills all s*s
-positions, so one linear layer serves every input kind.
+As in SDN's code (``InternalClassifier`` in the authors' ``architectures/SDNs``, kept in
+``gmum/Zero-Time-Waste``): the mixing weight ``a`` (``mix``) is one free parameter, initialised
+uniformly in [0, 1) (``torch.rand(1)``) and left unconstrained during training, and the head
+has no dropout (the ``dropout`` option every head takes is accepted and not applied).
+
+Deviations: SDN pools with a fixed kernel (input size / 4) and skips pooling on maps smaller
+than 4x4; here adaptive pooling gives an s x s map from any size. Other inputs, so the head
+works after any backbone: token sequences (B, T, H) are max- and mean-pooled over their real
+tokens (``mask``), flat features (B, H) are used as they are; the pooled (B, C) vector then
+fills all s*s positions, so one linear layer serves every input kind.
 """
 
 from __future__ import annotations
@@ -35,13 +40,10 @@ class SDNHead(ExitHead):
         if not isinstance(pool_size, int) or pool_size < 1:
             raise ConfigError(f"pool_size must be a positive int, got {pool_size!r}")
         self.pool_size = pool_size
-        self.mix_logit = nn.Parameter(torch.zeros(1))
+        # SDN's ``alpha``: free, uniform in [0, 1) at the start, unconstrained afterwards.
+        self.mix = nn.Parameter(torch.rand(1))
         self.classifier = nn.Linear(in_features * pool_size * pool_size, num_labels)
-
-    @property
-    def mix(self) -> torch.Tensor:
-        """The weight ``a`` of max pooling in the mix, in [0, 1]."""
-        return torch.sigmoid(self.mix_logit)
+        self.dropout = nn.Identity()  # SDN's internal classifiers have no dropout
 
     def pooled(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C * s * s): the mixed max/avg pooled features the linear layer reads."""

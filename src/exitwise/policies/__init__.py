@@ -3,11 +3,13 @@
 from . import (  # noqa: F401  (registration side effect)
     budget,
     calm_learned,
+    calm_maxprob,
     calm_saturation,
     calm_softmax,
     calm_top2,
     confidence,
     entropy,
+    free_bmm,
     never,
     oracle,
     patience,

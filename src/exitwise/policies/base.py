@@ -36,6 +36,13 @@ class ExitPolicy:
     param: ClassVar[str] = "threshold"
     param_range: ClassVar[tuple[float, float]] = (-math.inf, math.inf)
     needs_labels: ClassVar[bool] = False
+    # Which way the tuned parameter makes the policy exit less ("higher": a higher value is
+    # safer, closer to full depth; "lower": a lower one; None: not monotone / not declared).
+    # Certified calibration tests settings from the safest on (fixed-sequence testing).
+    safer_when: ClassVar[str | None] = None
+    # The tasks the rule means something for: a regression head outputs one value per row,
+    # on which confidence or entropy says nothing.
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)
 
     def __init__(self, **params: Any) -> None:
         self.params = dict(params)
@@ -112,6 +119,15 @@ class ExitPolicy:
     @staticmethod
     def keep(state: PolicyState, rows: torch.Tensor) -> PolicyState:
         return {k: v.index_select(0, rows) for k, v in state.items()}
+
+    def check_task(self, task: str) -> None:
+        """ConfigError when this criterion does not apply to ``task``."""
+        if task not in self.tasks:
+            usable = sorted(n for n in POLICIES.names() if task in POLICIES.get(n).tasks)
+            raise ConfigError(
+                f"policy {self.registered_name!r} is a {'/'.join(self.tasks)} criterion and "
+                f"cannot decide on a {task} model; use one of {', '.join(usable)}"
+            )
 
     @staticmethod
     def check_logits(logits: torch.Tensor) -> None:

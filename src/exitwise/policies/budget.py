@@ -38,6 +38,7 @@ class BudgetPolicy(ExitPolicy):
     """Per-exit max-probability thresholds chosen for an average budget."""
 
     param = "budget"
+    safer_when = "higher"
     param_range = (0.0, math.inf)
 
     def __init__(

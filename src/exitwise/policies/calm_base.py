@@ -1,15 +1,32 @@
 """Shared pieces of the CALM token-level exit policies (Schuster et al., 2022).
 
 A CALM policy scores each row at an exit with a confidence ``c`` in [0, 1] and exits when
-``c > lambda_t``, where the threshold decays with the generated position t::
+``c > lambda_t``, where the threshold decays with the generated position t (the paper's
+decaying threshold)::
 
     lambda_t = clip_[0, 1](0.9 * lambda + 0.1 * exp(-tau * t / N))
 
-lambda is the tuned ``threshold``, ``tau`` (>= 0) the decay rate and ``N`` (``horizon``, > 0)
-the length scale (CALM uses the maximum output length; by default the decoder passes
-``max_new_tokens``). Early tokens, which condition everything after them, need more
-confidence. Note that with ``tau > 0`` even ``threshold=1`` decays towards 0.9 as t grows:
-use ``threshold=1, tau=0`` (or the ``never`` policy) for a never-exit reference.
+lambda is the tuned ``threshold``, ``tau`` (>= 0) the decay rate (4 by default, the authors'
+``position_temp``) and ``N`` (``horizon``, > 0) the length scale (CALM uses the maximum output
+length; by default the decoder passes ``max_new_tokens``). Early tokens, which condition
+everything after them, need more confidence. Note that with ``tau > 0`` even ``threshold=1``
+decays towards 0.9 as t grows: use ``threshold=1, tau=0`` (or the ``never`` policy) for a
+never-exit reference.
+
+The measures (one registered policy each): ``calm_softmax`` CALM's *softmax response*, the gap
+between the two largest softmax probabilities (``calm_top2`` is an alias of it);
+``calm_maxprob`` the largest probability alone; ``calm_saturation`` the cosine similarity of
+consecutive hidden states; ``calm_learned`` a trained consistency classifier.
+
+Deviations from the authors' code (t5x ``t5x/contrib/calm/models.py``,
+``EncoderDecoderModel._compute_logits_from_slice_early_exit``):
+
+- the decay follows the paper's formula above; the code computes
+  ``lambda * exp(-tau t / N) / 10 + 9 lambda / 10`` (the decaying term scaled by lambda);
+- decisions are per row; the code leaves the layer loop once the *minimum* confidence of the
+  batch passes the threshold, and exits when ``c >= lambda_t`` (here ``c > lambda_t``, the
+  paper's strict rule);
+- its ``min_exit`` (no exit below a given layer) is the decoder's ``exit_layers`` here.
 
 State (dict of (B, ...) tensors, see :class:`~exitwise.policies.base.ExitPolicy`):
     t:        (B,) float, tokens the row has already generated (0 when absent).
@@ -41,7 +58,11 @@ def softmax_max(logits: torch.Tensor) -> torch.Tensor:
 
 
 def top2_gap(logits: torch.Tensor) -> torch.Tensor:
-    """Difference of the two largest softmax probabilities: (B, V) -> (B,)."""
+    """CALM's softmax response p1 - p2, the difference of the two largest softmax
+    probabilities (t5x ``get_pred_confidence``, ``conf_method='softmax_diff'``): (B, V) ->
+    (B,). A single class has no runner-up: its gap is its probability, 1."""
+    if logits.shape[-1] < 2:
+        return torch.ones(logits.shape[:-1], device=logits.device)
     top = torch.softmax(logits.float(), -1).topk(2, dim=-1).values
     return top[:, 0] - top[:, 1]
 
@@ -54,11 +75,12 @@ def cosine_saturation(hidden: torch.Tensor, previous: torch.Tensor) -> torch.Ten
 
 
 class CalmPolicy(ExitPolicy):
-    """Base of ``calm_softmax``, ``calm_top2`` and ``calm_saturation``; subclasses define
-    :meth:`measure`."""
+    """Base of ``calm_softmax`` (alias ``calm_top2``), ``calm_maxprob``, ``calm_saturation``
+    and ``calm_learned``; subclasses define :meth:`measure` ((B, V) logits -> (B,) score)."""
 
     param = "threshold"
     param_range = (0.0, 1.0)
+    safer_when = "higher"  # lambda_t grows with lambda: fewer exits
     needs_hidden: ClassVar[bool] = False
 
     def __init__(

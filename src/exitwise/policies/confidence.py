@@ -10,6 +10,7 @@ from .base import ExitPolicy, PolicyState, register_policy
 @register_policy("confidence")
 class ConfidencePolicy(ExitPolicy):
     param = "threshold"
+    safer_when = "higher"
     param_range = (0.0, 1.0)
 
     def __init__(self, threshold: float = 0.9) -> None:

@@ -16,6 +16,7 @@ def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
 @register_policy("entropy")
 class EntropyPolicy(ExitPolicy):
     param = "threshold"
+    safer_when = "lower"
     param_range = (0.0, float("inf"))
 
     def __init__(self, threshold: float = 0.2) -> None:

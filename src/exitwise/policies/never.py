@@ -10,6 +10,7 @@ from .base import ExitPolicy, register_policy
 @register_policy("never")
 class NeverPolicy(ExitPolicy):
     param = "none"
+    tasks = ("classification", "regression")
 
     def __init__(self) -> None:
         super().__init__()

@@ -1,4 +1,12 @@
-"""``patience``: PABEE. Exit once the argmax has stayed the same for ``patience`` exits in a row.
+"""``patience``: PABEE (Zhou et al. 2020, "BERT Loses Patience", Sec. 3.2). Exit once the
+prediction has stayed the same for ``patience`` exits in a row.
+
+Classification: "the same" is the same arg-max class. Regression (one output per row, as the
+reference's ``num_labels == 1`` branch): the prediction counts as unchanged when it moves by
+less than ``tolerance`` from the previous exit's (the reference's ``regression_threshold``).
+Deviation: the reference script's ``regression_threshold`` defaults to 0, which never counts
+a change as small enough, so a regression model would never exit early; here ``tolerance``
+defaults to 0.1 (on STS-B's 0-5 scale, a tenth of a point) and is the user's to set.
 
 Per-row state: the previous exit's prediction and the run length of unchanged predictions.
 """
@@ -7,32 +15,39 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
 from .base import ExitPolicy, PolicyState, register_policy
 
 
 @register_policy("patience")
 class PatiencePolicy(ExitPolicy):
     param = "patience"
+    safer_when = "higher"
     param_range = (1, 10_000)
+    tasks = ("classification", "regression")
 
-    def __init__(self, patience: int = 2) -> None:
+    def __init__(self, patience: int = 2, tolerance: float = 0.1) -> None:
         if isinstance(patience, float) and patience.is_integer():
             patience = int(patience)
-        super().__init__(patience=patience)
+        super().__init__(patience=patience, tolerance=tolerance)
         if not isinstance(patience, int):
-            from ..errors import ConfigError
-
             raise ConfigError(f"patience: patience must be an integer, got {patience!r}")
+        self._check_range("tolerance", tolerance, (0.0, float("inf")))
 
     def init_state(self, batch_size, device="cpu") -> PolicyState:
         return {
-            "previous": torch.full((batch_size,), -1, dtype=torch.long, device=device),
+            "previous": torch.full((batch_size,), float("nan"), device=device),
             "count": torch.zeros(batch_size, dtype=torch.long, device=device),
         }
 
     def decide(self, exit_index, num_exits, logits, state, labels=None):
-        pred = logits.argmax(-1)
-        same = pred == state["previous"]
+        if logits.shape[-1] == 1:  # regression: the predicted value itself
+            pred = logits[:, 0].float()
+            same = (pred - state["previous"]).abs() < float(self.params["tolerance"])
+        else:  # class ids as floats: exact for any realistic number of classes
+            pred = logits.argmax(-1).float()
+            same = pred == state["previous"]
+        # nan (no previous exit yet) compares unequal, as the reference's "None" does
         count = torch.where(same, state["count"] + 1, torch.zeros_like(state["count"]))
         return count >= self.value, {"previous": pred, "count": count}
 

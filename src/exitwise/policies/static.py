@@ -10,6 +10,8 @@ from .base import ExitPolicy, register_policy
 @register_policy("static")
 class StaticPolicy(ExitPolicy):
     param = "exit"
+    tasks = ("classification", "regression")
+    safer_when = "higher"
     param_range = (0, 10_000)
 
     def __init__(self, exit: int = 0) -> None:

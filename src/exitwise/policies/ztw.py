@@ -5,8 +5,15 @@ At exit k the prediction is a weighted *geometric* ensemble of every exit seen s
     p̃_k(x) ∝ exp(b_k) · Π_{j<=k} p_j(x) ^ w_kj        (elementwise over the C classes)
 
 i.e. in log space ``s_k = b_k + Σ_j w_kj · log p_j`` and ``p̃_k = softmax(s_k)``. A row exits
-when ``max p̃_k >= threshold``. ``w_kj >= 0`` and ``b_k`` are learned on held-out data by the
-ZTW training recipe; the defaults (``w = 1``, ``b = 0``) give the plain product of experts.
+when ``max p̃_k >= threshold``. ``w_kj >= 0`` and ``b_k`` are learned by the ZTW training
+recipe; the defaults (``w = 1``, ``b = 0``) give the plain product of experts over every exit.
+
+ZTW ensembles the internal classifiers only: the backbone's own final head is not part of the
+ensemble (reference: ``gmum/Zero-Time-Waste`` ``ztw_cv/architectures/early_exits/ztw.py``,
+``ZTWEnsembling``). Weights (and biases) with one row fewer than the model has exits say just
+that: the exits they cover are ensembled, the final exit returns its own prediction
+(``log_softmax`` of its logits). :meth:`exitwise.heads.GeometricEnsemble.to_dict` writes such
+rows.
 
 Weight format (JSON-able, what the recipe writes):
 
@@ -107,18 +114,28 @@ def check_ztw_weights(weights: Weights, biases: Biases) -> None:
             raise ConfigError("ztw: per-class biases must all have the same length")
 
 
+def covered_exits(weights: Weights, biases: Biases) -> int | None:
+    """How many exits (the first ones) the ensemble rows cover; None: every exit."""
+    if weights is not None:
+        return len(weights)
+    return None if biases is None else len(biases)
+
+
 def ensemble_scores(
     exit_index: int, logp: torch.Tensor, weights: Weights, biases: Biases
 ) -> torch.Tensor:
     """Unnormalised ensemble log-scores at ``exit_index``.
 
     logp: (B, k+1, C) float32 log-probabilities of exits 0..k. Returns (B, C)
-    ``b_k + Σ_j w_kj · logp[:, j]``.
+    ``b_k + Σ_j w_kj · logp[:, j]``; at the one exit just past the rows (ZTW's final exit,
+    outside the ensemble) the exit's own log-probabilities ``logp[:, k]``.
     """
     k = exit_index
     n_seen, num_classes = int(logp.shape[1]), int(logp.shape[2])
     if n_seen != k + 1:
         raise InputError(f"ztw: exit {k} needs the log-probs of {k + 1} exits, got {n_seen}")
+    if covered_exits(weights, biases) == k:
+        return logp[:, k]
     if weights is None:
         scores = logp.sum(1)
     else:
@@ -164,10 +181,11 @@ class ZTWPolicy(ExitPolicy):
         super().__init__(threshold=threshold, weights=weights, biases=biases)
 
     def _check_exits(self, num_exits: int) -> None:
-        weights = self.params["weights"]
-        if weights is not None and len(weights) != num_exits:
-            raise ConfigError(f"ztw: weights were set for {len(weights)} exits, the model has "
-                              f"{num_exits}")
+        covered = covered_exits(self.params["weights"], self.params["biases"])
+        if covered is not None and covered not in (num_exits, num_exits - 1):
+            raise ConfigError(f"ztw: weights were set for {covered} exits, the model has "
+                              f"{num_exits} (give one row per exit, or per exit but the final "
+                              "one, which then keeps its own prediction)")
 
     def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> PolicyState:
         # The class count is unknown until the first logits arrive: start with zero exits.
@@ -213,15 +231,17 @@ def ztw_ensemble(
 
     logits: (N, E, C) raw exit logits (as in :class:`~exitwise.analysis.ExitLogitsCache`);
     temperatures: (E,) per-exit temperatures applied first, as the executor does (None = 1).
-    Returns (N, E, C) float32: entry k is ``log p̃_k``, the ensemble of exits 0..k.
+    Returns (N, E, C) float32: entry k is ``log p̃_k``, the ensemble of exits 0..k (with rows
+    for E - 1 exits, the last entry is the final exit's own log-probabilities).
     """
     if logits.dim() != 3:
         raise InputError(f"ztw_ensemble needs (N, E, C) logits, got {tuple(logits.shape)}")
     weights = triangular(weights)
     check_ztw_weights(weights, biases)
     num_exits = int(logits.shape[1])
-    if weights is not None and len(weights) != num_exits:
-        raise ConfigError(f"ztw: weights were set for {len(weights)} exits, logits have "
+    covered = covered_exits(weights, biases)
+    if covered is not None and covered not in (num_exits, num_exits - 1):
+        raise ConfigError(f"ztw: weights were set for {covered} exits, logits have "
                           f"{num_exits}")
     scaled = logits.float()
     if temperatures is not None:

@@ -24,7 +24,7 @@ from .smollm import load_causal_lm
 
 RECIPE_NAME = "lm_recipe.json"
 REPORT_NAME = "tuning_report.json"
-ADAPTERS = ("none", "norm", "mlp", "block")
+ADAPTERS = ("none", "norm", "mlp", "block", "kangaroo")
 
 
 @dataclass
@@ -47,7 +47,7 @@ class TuneLMJob:
     lr: float = 1e-3
     batch_size: int = 8
     seq_len: int = 128
-    loss: str = "kl"
+    loss: str = "ce"
     num_generations: int = 2
     gen_tokens: int = 96
     seed: int = 0

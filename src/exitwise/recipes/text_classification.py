@@ -1,40 +1,51 @@
-"""The encoder-classifier story end to end: fine-tune with exits, calibrate, evaluate, time.
+"""The encoder story end to end: fine-tune with exits, calibrate, evaluate, time.
 
 Each step reads and writes a model directory (``save_pretrained`` format), so the CLI can run
 them one at a time (``exitwise train/calibrate/evaluate/bench``) and a run that is interrupted
 resumes where it stopped. Calibration only ever sees a held-out slice of the *training* file;
-evaluation reports on the evaluation split.
+evaluation reports on the evaluation split. Single sentences and sentence pairs, class ids or
+class names, and regression targets (one output, MSE, Pearson's r) all take the same path.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..config import ExitConfig
-from ..data import TokenizedDataset, load_examples, make_collator, train_holdout_split
+from ..data import TextExamples, TokenizedDataset, load_examples, make_collator
+from ..data import train_holdout_split
 from ..errors import ConfigError
 from ..model import MultiExitModel, attach_exits
-from ..policies import get_policy
-from .sources import default_sst2, resolve_model
+from ..policies import POLICIES, get_policy
+from .sources import default_head, default_sst2, resolve_model
 
 JOB_FILE = "exitwise_job.json"
+TRAIN_REPORT = "train_report.json"
 DEFAULT_POLICIES = ("entropy", "confidence", "patience", "patience_confidence")
+DEFAULT_DELTA = 0.1
+Print = Callable[..., None]
 
 
 @dataclass
 class TrainJob:
-    """Everything ``exitwise train`` needs; saved beside the model as ``exitwise_job.json``."""
+    """Everything ``exitwise train`` needs; saved beside the model as ``exitwise_job.json``.
+
+    columns: which columns of the data to read (see :func:`exitwise.data.load_examples`).
+    task: "classification" or "regression" (default: from the labels).
+    head: the exit head; None: chosen from the checkpoint (:func:`sources.default_head`).
+    max_length: tokens per example; None: 64 for single texts, 128 for pairs.
+    """
 
     out_dir: str
     model: str = "minilm"
     data: str | None = None
     layers: Any = "all"
-    head: str = "pooler"
+    head: str | None = None
     strategy: str = "joint"
     weights: str = "uniform"
     epochs: float = 1.0
@@ -44,10 +55,12 @@ class TrainJob:
     max_train: int | None = None
     holdout: int = 2000
     seed: int = 0
-    max_length: int = 64
+    max_length: int | None = None
     num_labels: int | None = None
     truncate: int | None = None  # keep only the first k blocks (static truncation baseline)
     group_by_length: bool = True  # batches of similar length: far less padding on short text
+    columns: str | None = None
+    task: str | None = None
     extra_args: dict[str, Any] = field(default_factory=dict)
 
 
@@ -57,18 +70,26 @@ def load_tokenizer(model_dir_or_name: str):
     return AutoTokenizer.from_pretrained(model_dir_or_name)
 
 
-def split_train(job: TrainJob):
-    """(train, holdout) examples: the held-out slice of the training file is reserved for
-    calibration and never trained on."""
-    examples = load_examples(default_sst2(job.data), "train")
+def split_train(job: TrainJob, label_names: list[str] | None = None
+                ) -> tuple[TextExamples, TextExamples, TextExamples]:
+    """(train, holdout, all) examples: the held-out slice of the training file is reserved
+    for calibration and never trained on."""
+    examples = load_examples(default_sst2(job.data), "train", columns=job.columns,
+                             label_names=label_names, task=job.task)
     train, holdout = train_holdout_split(examples, job.holdout, seed=job.seed)
     if job.max_train is not None and job.max_train < len(train):
         train = train.subset(range(job.max_train))
-    return train, holdout, examples.num_labels
+    return train, holdout, examples
 
 
-def run_train(job: TrainJob, resume: bool = True, progress: bool = True) -> MultiExitModel:
-    """Fine-tune a multi-exit classifier and save it (with its tokenizer) to ``job.out_dir``."""
+def max_length(job: TrainJob, examples: TextExamples) -> int:
+    return job.max_length or (128 if examples.is_pair else 64)
+
+
+def run_train(job: TrainJob, resume: bool = True, progress: bool = True,
+              print_fn: Print = print) -> MultiExitModel:
+    """Fine-tune a multi-exit model and save it (with its tokenizer) to ``job.out_dir``;
+    prints what it read, the head it chose and the per-exit table (dead exits flagged)."""
     from transformers import AutoModel
 
     from ..training import train
@@ -77,20 +98,34 @@ def run_train(job: TrainJob, resume: bool = True, progress: bool = True) -> Mult
     out.mkdir(parents=True, exist_ok=True)
     path = resolve_model(job.model)
     tokenizer = load_tokenizer(path)
-    train_ex, held_ex, n_labels = split_train(job)
-    num_labels = job.num_labels or n_labels
+    train_ex, held_ex, every = split_train(job)
+    print_fn(f"data: {every.describe()}")
+    for note in every.notes:
+        print_fn(f"data: {note}")
+    if job.num_labels is not None and job.num_labels != every.num_labels:
+        raise ConfigError(
+            f"num_labels={job.num_labels} but the data has {every.num_labels} "
+            f"{'outputs' if every.task == 'regression' else 'classes'}"
+        )
     backbone = AutoModel.from_pretrained(path)
+    head = job.head
+    if head is None:
+        head, why = default_head(path, backbone)
+        print_fn(f"exit head: {head} ({why}; --head to choose another)")
+    job.head = head
     if job.truncate is not None:
         from ..backbones.hf_encoder import truncate_encoder
 
         truncate_encoder(backbone, job.truncate)
-    model = attach_exits(
-        backbone, ExitConfig(layers=job.layers, head=job.head, num_labels=num_labels)
-    )
+    model = attach_exits(backbone, ExitConfig(
+        layers=job.layers, head=head, num_labels=every.num_labels,
+        label_names=every.label_names,
+    ))
+    job.max_length = max_length(job, every)
     (out / JOB_FILE).write_text(json.dumps(asdict(job), indent=2))
     train_ds = TokenizedDataset(train_ex, tokenizer, max_length=job.max_length)
-    # The per-exit accuracy table printed at the end is measured on the held-out slice (no
-    # decision is tuned on it here; calibration uses it later).
+    # The per-exit table printed at the end is measured on the held-out slice (no decision
+    # is tuned on it here; calibration uses it later).
     held_ds = TokenizedDataset(held_ex, tokenizer, max_length=job.max_length)
     strategy_options = {"weights": job.weights} if job.strategy == "joint" else {}
     args = dict(
@@ -104,29 +139,28 @@ def run_train(job: TrainJob, resume: bool = True, progress: bool = True) -> Mult
         dataloader_pin_memory=torch.cuda.is_available(),
         **job.extra_args,
     )
-    train(
-        model,
-        train_ds,
-        held_ds,
-        strategy=job.strategy,
-        strategy_options=strategy_options,
-        output_dir=str(out / "checkpoints"),
-        data_collator=make_collator(tokenizer),
-        resume=resume,
-        save_final=False,
-        save_steps=200,
-        save_total_limit=1,
-        **args,
+    result = train(
+        model, train_ds, held_ds, strategy=job.strategy, strategy_options=strategy_options,
+        output_dir=str(out / "checkpoints"), data_collator=make_collator(tokenizer),
+        resume=resume, save_final=False, save_steps=200, save_total_limit=1, **args,
     )
     model.eval()
     model.save_pretrained(out, save_backbone=True)
     tokenizer.save_pretrained(out)
+    ev = result.evaluation
+    if ev is not None:
+        (out / TRAIN_REPORT).write_text(json.dumps({
+            "metric": ev.metric, "heldout_rows": len(held_ex), "exit_layers": model.exit_layers,
+            "per_exit": ev.scores, "constant_baseline": ev.baseline,
+            "dead_exits": [model.exit_layers[k] for k in ev.dead], "head": head,
+        }, indent=2))
     return model
 
 
 def load_job(model_dir: str | Path) -> TrainJob:
     data = json.loads((Path(model_dir) / JOB_FILE).read_text())
-    return TrainJob(**data)
+    known = {f.name for f in fields(TrainJob)}
+    return TrainJob(**{k: v for k, v in data.items() if k in known})
 
 
 def load_trained(model_dir: str | Path) -> tuple[MultiExitModel, Any]:
@@ -134,24 +168,42 @@ def load_trained(model_dir: str | Path) -> tuple[MultiExitModel, Any]:
     return model, load_tokenizer(str(model_dir))
 
 
-def _loader(examples, tokenizer, batch_size: int, max_length: int):
-    ds = TokenizedDataset(examples, tokenizer, max_length=max_length)
+def _loader(examples: TextExamples, tokenizer: Any, batch_size: int, length: int):
+    ds = TokenizedDataset(examples, tokenizer, max_length=length)
     return torch.utils.data.DataLoader(
         ds, batch_size=batch_size, shuffle=False, collate_fn=make_collator(tokenizer)
     )
 
 
+def policies_for(model: MultiExitModel, names: tuple[str, ...] | None) -> list[str]:
+    """The policies to calibrate: ``names``, or the defaults that apply to the model's task."""
+    if names:
+        for n in names:
+            get_policy(n).check_task(model.task)
+        return list(names)
+    return [n for n in DEFAULT_POLICIES if model.task in POLICIES.get(n).tasks]
+
+
 def run_calibrate(
     model_dir: str | Path,
-    policies: tuple[str, ...] = DEFAULT_POLICIES,
+    policies: tuple[str, ...] | None = None,
     max_drop_points: float | None = 1.0,
     budget: float | None = None,
     data: str | None = None,
     holdout: int | None = None,
     temperature: bool = True,
     progress: bool = True,
+    delta: float | None = DEFAULT_DELTA,
+    risk: str = "drop",
 ) -> dict[str, Any]:
-    """Fit temperatures and per-policy thresholds on the held-out slice of train; save them."""
+    """Fit temperatures and per-policy settings on the held-out slice of train; save them.
+
+    With a drop target and ``delta`` (default 0.1), each policy gets the most aggressive
+    setting whose drop is *certified* within the target with probability >= 1 - delta
+    (:mod:`exitwise.calibration.certify`); ``delta=None`` picks by the observed drop only.
+    Regression models are calibrated on Pearson's r without a certificate (noted in the
+    report). Raises CalibrationRefused when the held-out slice is too small to certify.
+    """
     from ..analysis import collect_exit_logits
     from ..calibration import (
         apply_temperatures,
@@ -169,30 +221,42 @@ def run_calibrate(
     if holdout is not None:
         job.holdout = holdout
     model, tokenizer = load_trained(model_dir)
-    _, held, _ = split_train(job)
+    _, held, _ = split_train(job, label_names=model.config.label_names)
     cache = collect_exit_logits(
-        model, _loader(held, tokenizer, 64, job.max_length), progress=progress
+        model, _loader(held, tokenizer, 64, max_length(job, held)), progress=progress
     )
-    temps = fit_temperatures(cache) if temperature else torch.ones(model.num_exits)
+    fit = temperature and model.task != "regression"  # a value has no probabilities to scale
+    temps = fit_temperatures(cache) if fit else torch.ones(model.num_exits)
     apply_temperatures(model, temps)
-    report: dict[str, Any] = {"heldout_rows": len(held), "temperatures": temps.tolist()}
-    for name in policies:
+    notes = []
+    if model.task == "regression" and delta is not None and budget is None:
+        notes.append("regression: thresholds chosen on the observed Pearson drop; no "
+                     "certificate (Pearson's r is not a mean of per-row losses)")
+        delta = None
+    report: dict[str, Any] = {
+        "heldout_rows": len(held), "temperatures": temps.tolist(), "task": model.task,
+        "delta": delta if budget is None else None, "notes": notes, "policies": {},
+    }
+    for name in policies_for(model, policies):
         policy = get_policy(name)
         if max_drop_points is not None:
-            result = search_accuracy_drop(policy, cache, temps, max_drop_points=max_drop_points)
+            result = search_accuracy_drop(policy, cache, temps, max_drop_points=max_drop_points,
+                                          delta=delta, risk=risk)
             key = f"{name}@drop{max_drop_points:g}"
         else:
             result = search_budget(policy, cache, temps, budget=budget)
             key = f"{name}@budget{budget:g}"
         store_calibration(model, key, result)
-        report[key] = model.calibration["policies"][key]
+        report["policies"][key] = model.calibration["policies"][key]
     model.save_pretrained(model_dir)
     return report
 
 
-def eval_examples(model_dir: str | Path, data: str | None, split: str, limit: int | None):
+def eval_examples(model: MultiExitModel, model_dir: str | Path, data: str | None, split: str,
+                  limit: int | None) -> tuple[TextExamples, TrainJob]:
     job = load_job(model_dir)
-    examples = load_examples(default_sst2(data or job.data), split)
+    examples = load_examples(default_sst2(data or job.data), split, columns=job.columns,
+                             label_names=model.config.label_names, task=job.task)
     if limit is not None and limit < len(examples):
         examples = examples.subset(range(limit))
     return examples, job
@@ -206,76 +270,101 @@ def run_evaluate(
     limit: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Per-exit accuracy, overthinking, every calibrated policy replayed, and curves (JSON+PNG)
-    on the evaluation split, from one pass that caches all exits' logits."""
+    """Per-exit scores, overthinking (classes), every calibrated policy replayed, and curves
+    (JSON + PNG) on the evaluation split, from one pass that caches all exits' logits; the
+    report is also written to ``out_dir/report.json``."""
     from ..analysis import (
         collect_exit_logits,
         curves_for_policies,
         overthinking,
-        per_exit_accuracy,
         plot_curves,
         replay,
         save_curves_json,
     )
+    from ..analysis.scores import regression_report
+    from ..training.evaluate import LIVE_MARGIN
 
     model, tokenizer = load_trained(model_dir)
-    examples, job = eval_examples(model_dir, data, split, limit)
+    examples, job = eval_examples(model, model_dir, data, split, limit)
     cache = collect_exit_logits(
-        model, _loader(examples, tokenizer, 64, job.max_length), progress=progress
+        model, _loader(examples, tokenizer, 64, max_length(job, examples)), progress=progress
     )
     temps = model.temperatures.clone()
+    regression = model.task == "regression"
+    metric = "pearson" if regression else "accuracy"
+    per_exit = []
+    for k in range(cache.num_exits):
+        res = replay(get_policy("static", exit=k), cache)
+        per_exit.append(res.score)
     report: dict[str, Any] = {
-        "split": split,
-        "rows": len(examples),
-        "exit_layers": model.exit_layers,
-        "per_exit_accuracy": [float(a) for a in per_exit_accuracy(cache)],
-        "overthinking": overthinking(cache),
-        "policies": {},
+        "split": split, "rows": len(examples), "source": examples.source,
+        "columns": examples.columns, "task": model.task, "metric": metric,
+        "exit_layers": model.exit_layers, "labels": model.config.label_names,
+        "per_exit_accuracy": [float(a) for a in per_exit], "policies": {},
     }
+    if regression:
+        last = cache.logits[:, -1, 0]
+        report["full"] = regression_report(last, cache.labels)
+        report["constant_baseline"] = 0.0
+    else:
+        counts = torch.bincount(cache.labels, minlength=cache.num_classes)
+        report["constant_baseline"] = float(counts.max()) / len(examples)
+        report["overthinking"] = overthinking(cache)
+    report["dead_exits"] = [
+        d for d, a in zip(model.exit_layers, per_exit)
+        if not a > report["constant_baseline"] + LIVE_MARGIN
+    ]
     report["full_accuracy"] = report["per_exit_accuracy"][-1]
     for key, entry in model.calibration.get("policies", {}).items():
         res = replay(model.calibrated_policy(key), cache, temps)
         report["policies"][key] = {
             "policy": entry["policy"],
-            "accuracy": float(res.accuracy),
+            "accuracy": float(res.score),
+            "delta_points": 100.0 * (float(res.score) - report["full_accuracy"]),
             "mean_layers": float(res.mean_layers),
             "flops_speedup": float(res.flops_speedup),
+            "certified_bound_points": entry.get("heldout", {}).get("certified_bound_points"),
         }
     out = Path(out_dir) if out_dir else Path(model_dir) / f"eval-{split}"
     out.mkdir(parents=True, exist_ok=True)
-    curves = curves_for_policies(list(DEFAULT_POLICIES), cache, temps)
+    names = policies_for(model, None)
+    curves = curves_for_policies(names, cache, temps)
     save_curves_json(curves, out / "curves.json")
-    plot_curves(curves, out / "curves.png", full_accuracy=report["full_accuracy"])
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    plot_curves(curves, out / "curves.png", full_accuracy=report["full_accuracy"], metric=metric)
     report["files"] = [str(out / "curves.json"), str(out / "curves.png"), str(out / "report.json")]
+    (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
 
 
-def tokenized_batches(examples, tokenizer, batch_size: int, max_length: int) -> list[dict]:
+def tokenized_batches(examples: TextExamples, tokenizer: Any, batch_size: int,
+                      max_length: int) -> list[dict]:
     """Padded batches in file order (each padded to its own longest row), labels included."""
     loader = _loader(examples, tokenizer, batch_size, max_length)
     return [dict(b) for b in loader]
 
 
-def runtime_accuracy(model: MultiExitModel, policy, batches: list[dict]) -> dict[str, float]:
-    """Accuracy, mean exit depth and FLOPs speed-up of the *real* executor on ``batches``."""
+def runtime_accuracy(model: MultiExitModel, policy: Any, batches: list[dict]) -> dict[str, float]:
+    """Accuracy (Pearson's r for regression), mean exit depth and FLOPs speed-up of the
+    *real* executor on ``batches``."""
+    from ..analysis.scores import score
     from ..runtime import full_depth_cost
 
-    correct = total = 0
+    preds, gold = [], []
     layers = flops = full = 0.0
     for b in batches:
         labels = b["labels"]
         inputs = {k: v for k, v in b.items() if k != "labels"}
         res = model.early_exit(policy, **inputs)
-        correct += int((res.predictions == labels).sum())
-        total += labels.numel()
+        preds.append(res.predictions)
+        gold.append(labels)
         layers += float(res.exit_layer.sum())
         flops += float(res.flops.sum())
         state = model.backbone.start(**inputs)
         full += float(full_depth_cost(model, state).sum())
+    p, y = torch.cat(preds), torch.cat(gold)
     return {
-        "accuracy": correct / total,
-        "mean_layers": layers / total,
+        "accuracy": score(p, y, model.task),
+        "mean_layers": layers / len(y),
         "flops_speedup": full / flops,
     }
 
@@ -291,33 +380,39 @@ def run_bench(
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Measured wall-clock of every calibrated policy vs the plain full-depth model."""
+    from ..machine import machine_info
     from ..runtime.timing import measure_speedups
 
     if threads is not None:
         torch.set_num_threads(threads)
     model, tokenizer = load_trained(model_dir)
-    examples, job = eval_examples(model_dir, data, split, limit)
+    examples, job = eval_examples(model, model_dir, data, split, limit)
     names = policies or list(model.calibration.get("policies", {}))
+    if not names:
+        raise ConfigError(f"{model_dir} has no calibrated policy: run exitwise calibrate first")
     chosen = {n: model.calibrated_policy(n) for n in names}
+    length = max_length(job, examples)
     report: dict[str, Any] = {
-        "split": split,
-        "rows": len(examples),
-        "threads": torch.get_num_threads(),
-        "repeats": repeats,
+        "split": split, "rows": len(examples), "task": model.task,
+        "metric": "pearson" if model.task == "regression" else "accuracy",
+        "threads": torch.get_num_threads(), "repeats": repeats, "machine": machine_info(),
         "batch_sizes": {},
     }
+    full_batches = tokenized_batches(examples, tokenizer, 64, length)
+    report["full_accuracy"] = runtime_accuracy(
+        model, get_policy("static", exit=model.num_exits - 1), full_batches)["accuracy"]
     for bs in batch_sizes:
-        batches = tokenized_batches(examples, tokenizer, bs, job.max_length)
+        batches = tokenized_batches(examples, tokenizer, bs, length)
         timing = measure_speedups(
-            model,
-            [{k: v for k, v in b.items() if k != "labels"} for b in batches],
-            chosen,
+            model, [{k: v for k, v in b.items() if k != "labels"} for b in batches], chosen,
             repeats=repeats,
         )
         entry: dict[str, Any] = {"baseline_s": timing["baseline"]["median_s"], "policies": {}}
         for name, policy in chosen.items():
+            got = runtime_accuracy(model, policy, batches)
             entry["policies"][name] = {
-                **runtime_accuracy(model, policy, batches),
+                **got,
+                "delta_points": 100.0 * (got["accuracy"] - report["full_accuracy"]),
                 "median_s": timing[name]["median_s"],
                 "speedup": timing[name]["speedup"],
             }

@@ -41,6 +41,7 @@ def run_early_exit(
     """
     if policy.needs_labels and labels is None:
         raise InputError(f"policy {policy.registered_name!r} needs labels")
+    policy.check_task(model.task)
     backbone = model.backbone
     heads = model.heads
     temps = model.temperature_list()
@@ -130,4 +131,5 @@ def run_early_exit(
         executed_flops=executed,
         layer_seconds=layer_seconds,
         rows_per_layer=rows_per_layer,
+        task=model.task,
     )

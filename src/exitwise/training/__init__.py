@@ -7,13 +7,14 @@
 
 Recipes are registered strategies (one file each): ``joint``, ``two_stage``, ``exits_only``,
 and the vision literature's ``branchynet``, ``sdn_ramp``, ``sdn_ic_only``, ``imta``,
-``self_distill``, ``ztw``, ``boosted``, ``l2w``, ``meta_gf``.
+``self_distill``, ``ztw``, ``boosted``, ``l2w``, ``meta_gf``, ``lgvit``, ``copycat_sl_vit``.
 A new one subclasses :class:`TrainingStrategy`, returns its :class:`Stage` list from
 ``build_stages`` and is registered with ``@register_strategy("name")``.
 """
 
 from . import exits_only, joint, two_stage  # noqa: F401  (register the built-in recipes)
 from . import boosted, branchynet, imta, l2w, meta_gf, sdn, self_distill, ztw  # noqa: F401
+from . import copycat, lgvit  # noqa: F401  (LGViT, SL-ViT's CopycatSL-ViT)
 from .base import (
     STRATEGIES,
     Stage,
@@ -22,6 +23,7 @@ from .base import (
     backbone_parameters,
     distillation_kl,
     exit_cross_entropy,
+    exit_task_loss,
     gradient_equilibrium_scales,
     get_strategy,
     head_parameters,
@@ -32,8 +34,9 @@ from .calm_classifier import CalmClassifierResult, train_calm_classifier
 from .checkpoint import load_model_weights, save_model_weights
 from .draft_vocab import choose_draft_vocab
 from .collate import PaddingCollator, default_collator
-from .evaluate import evaluate_exits, format_exit_table
+from .evaluate import ExitEvaluation, evaluate_exit_scores, evaluate_exits, format_exit_table
 from .exits_only import ExitsOnlyStrategy
+from .free import FreeResult, free_finetune  # noqa: F401  (FREE, decoder LMs)
 from .joint import JointStrategy
 from .layerskip import LayerSkipResult, layerskip_finetune
 from .lm_answer_tuning import generate_answers, tune_exits_on_answers
@@ -66,8 +69,11 @@ __all__ = [
     "default_collator",
     "distillation_kl",
     "gradient_equilibrium_scales",
+    "ExitEvaluation",
+    "evaluate_exit_scores",
     "evaluate_exits",
     "exit_cross_entropy",
+    "exit_task_loss",
     "exit_weights",
     "format_exit_table",
     "get_strategy",

@@ -103,6 +103,9 @@ class TrainingStrategy:
 
     registered_name: str = "?"
     tunes_backbone: bool = True
+    # Tasks the recipe's losses mean something for (distillation between class distributions
+    # does not apply to a regression output); the training loop refuses the others.
+    tasks: tuple[str, ...] = ("classification",)
 
     def __init__(self, stage_args: Sequence[dict[str, Any]] | None = None) -> None:
         self.stage_args = [dict(a) for a in stage_args] if stage_args is not None else None
@@ -166,14 +169,24 @@ def exit_cross_entropy(outputs: ExitOutputs, labels: torch.Tensor, k: int) -> to
     return F.cross_entropy(outputs.logits[k].float(), labels)
 
 
+def exit_task_loss(outputs: ExitOutputs, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Exit ``k``'s loss for its task, as Hugging Face's sequence classifiers compute it:
+    cross-entropy for (B, C > 1) logits, mean squared error for (B, 1) regression outputs."""
+    logits = outputs.logits[k].float()
+    if logits.shape[-1] == 1:
+        return F.mse_loss(logits[:, 0], labels.float())
+    return F.cross_entropy(logits, labels)
+
+
 def weighted_exit_loss(weights: Sequence[float]) -> LossFn:
-    """``sum_k w_k * CE(logits_k, labels)``; exits with weight 0 are skipped."""
+    """``sum_k w_k * loss_k`` (cross-entropy, or MSE for regression; see
+    :func:`exit_task_loss`); exits with weight 0 are skipped."""
     w = [float(x) for x in weights]
 
     def loss(outputs: ExitOutputs, labels: torch.Tensor) -> torch.Tensor:
         if len(outputs.logits) != len(w):
             raise ConfigError(f"{len(w)} exit weights for a model with {len(outputs.logits)} exits")
-        terms = [wk * exit_cross_entropy(outputs, labels, k) for k, wk in enumerate(w) if wk]
+        terms = [wk * exit_task_loss(outputs, labels, k) for k, wk in enumerate(w) if wk]
         return torch.stack(terms).sum()
 
     return loss
@@ -190,6 +203,21 @@ def distillation_kl(
     target = F.log_softmax(teacher.detach().float() / t, -1)
     pred = F.log_softmax(student.float() / t, -1)
     return F.kl_div(pred, target, log_target=True, reduction="batchmean") * t * t
+
+
+def soft_cross_entropy(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """``-sum_c softmax(teacher/T)_c log_softmax(student/T)_c``, batch mean; no ``T^2``.
+
+    The distillation term of BYOT's reference (``CrossEntropy`` in
+    ``ArchipLab-LinfengZhang/pytorch-self-distillation-final/train.py``): a cross-entropy
+    against the teacher's softened distribution, equal to the KL divergence plus the teacher's
+    (constant) entropy. student, teacher: (B, C) logits; the teacher is detached.
+    """
+    t = float(temperature)
+    target = F.softmax(teacher.detach().float() / t, -1)
+    return -(target * F.log_softmax(student.float() / t, -1)).sum(-1).mean()
 
 
 def gradient_equilibrium_scales(num_exits: int) -> list[tuple[float, float]]:

@@ -1,22 +1,28 @@
 """``boosted``: Boosted Dynamic Networks, BoostNet (Yu et al., AAAI 2023).
 
-The exits form an additive model, as in gradient boosting: exit k predicts
-``F_k = F_{k-1} + f_k`` where ``f_k`` is head k's own output and ``F_{k-1}`` the ensemble of
-the heads before it, *detached* when training stage k, so head k (and the blocks it reads)
-learns the residual the earlier exits left. All stages train jointly on every mini-batch:
-``loss = sum_k CE(f_k + F_{k-1} / T, labels)``.
+The exits form an additive model, as in gradient boosting (reference:
+``SHI-Labs/Boosted-Dynamic-Networks``, ``train_cifar100.py`` ``train`` and
+``models/dynamic_net.py`` ``DynamicNet``): exit k predicts ``F_k = f_k + r_k F_{k-1}``, where
+``f_k`` is head k's own output, ``F_{k-1}`` the ensemble of the exits before it and ``r_k``
+BoostNet's prediction reweighting (``--ensemble_reweight``; the authors' scripts use 0.5, the
+code's default is 1). While training, ``F_{k-1}`` is detached, so head k (and the blocks it
+reads) learns the residual the earlier exits left; all stages train jointly on every
+mini-batch: ``loss = sum_k CE(f_k + r_k F_{k-1}.detach(), labels)``. The reweighting holds at
+inference too (the reference's ``DynamicNet.forward``): build the model with
+``head="cascade", head_kwargs={"combine": "additive", "reweight": r}``; the heads then output
+``F_k`` themselves, so training and inference are the same function and this recipe reads
+``r_k`` from the heads.
 
-- ``prior_temperature`` T (BoostNet's prediction reweighting): only T = 1 (the plain additive
-  model) is accepted, because the additive cascade head applies no reweighting at inference
-  and a model trained with ``F_{k-1} / T`` would not be the one that runs.
-- ``gradient_rescaling`` (default on): the backbone gradients from the different exits are
-  rescaled as in IMTA's gradient equilibrium, so they stay bounded however many exits there
-  are (:func:`~exitwise.training.base.gradient_equilibrium_scales`).
+- ``gradient_rescaling`` (default on; the reference trains ``msdnet_ge``): the backbone
+  gradients from the different exits are rescaled as in IMTA's gradient equilibrium
+  (:func:`~exitwise.training.base.gradient_equilibrium_scales`).
+- With other heads the recipe forms the sums in the loss only (``reweight`` option, default 1)
+  and warns, since each exit then predicts its residual alone at inference.
 
-The additive model must also hold at inference: build the model with
-``head="cascade", head_kwargs={"combine": "additive"}`` (the heads then output F_k, with
-F_{k-1} detached). With other heads the recipe forms the sums in the loss only and warns,
-since the exits then predict ``f_k`` alone at inference.
+Deviations: the reference reweights the training prior with ``r_{k-1}`` and the inference sum
+with ``r_k`` (``forward_all`` vs ``forward``), which only agree for a constant ``r``; here both
+use the heads' ``r_k``. Per-stage weight decays (``np.linspace`` over the stages) are left to
+the optimizer settings.
 """
 
 from __future__ import annotations
@@ -44,26 +50,34 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def is_additive(model: MultiExitModel) -> bool:
-    """True when every exit after the first outputs ``F_{k-1}.detach() + f_k`` itself."""
+    """True when every exit after the first outputs ``f_k + r_k F_{k-1}.detach()`` itself."""
     return all(
         getattr(h, "combine", None) == "additive" and getattr(h, "detach_previous", False)
         for h in model.heads[1:]
     )
 
 
-def boosted_loss(additive: bool, prior_temperature: float):
-    """``sum_k CE(f_k + F_{k-1}.detach() / T)``; ``additive``: the logits already are F_k."""
-    t = float(prior_temperature)
+def boosted_loss(additive: bool, reweights: Sequence[float]):
+    """``sum_k CE(f_k + r_k F_{k-1}.detach())``.
+
+    additive: the logits already are ``F_k`` (the heads add the detached prior), so the loss
+    is ``sum_k CE(z_k)``; otherwise ``z_k`` is ``f_k`` and the sums are formed here.
+    reweights: (K,) ``r_k`` (``r_0`` unused).
+    """
+    r = [float(x) for x in reweights]
 
     def loss(outputs: ExitOutputs, labels: torch.Tensor) -> torch.Tensor:
         z = [x.float() for x in outputs.logits]
+        if len(z) != len(r):
+            raise ConfigError(f"{len(r)} reweights for a model with {len(z)} exits")
+        if additive:
+            return torch.stack([F.cross_entropy(zk, labels) for zk in z]).sum()
         terms = [F.cross_entropy(z[0], labels)]
-        running = z[0].detach()  # F_0 (non-additive heads: the sum is formed here)
+        running = z[0].detach()  # F_0
         for k in range(1, len(z)):
-            prior = z[k - 1].detach() if additive else running
-            own = z[k] - prior if additive else z[k]  # f_k, its gradient path intact
-            terms.append(F.cross_entropy(own + prior / t, labels))
-            running = running + z[k].detach()
+            prior = r[k] * running
+            terms.append(F.cross_entropy(z[k] + prior, labels))
+            running = (z[k] + prior).detach()
         return torch.stack(terms).sum()
 
     return loss
@@ -75,28 +89,30 @@ class BoostedStrategy(TrainingStrategy):
 
     def __init__(
         self,
-        prior_temperature: float = 1.0,
         gradient_rescaling: bool = True,
+        reweight: float | None = None,
         stage_args: Sequence[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(stage_args)
-        if not float(prior_temperature) > 0:
-            raise ConfigError(f"prior_temperature must be > 0, got {prior_temperature}")
-        if float(prior_temperature) != 1.0:
-            # The additive cascade head adds the previous exits' sum unscaled at inference;
-            # training with F/T would train a different model than the one that runs.
-            raise ConfigError(
-                "prior_temperature != 1 is not supported: the additive cascade head applies no "
-                "reweighting at inference, so training and inference would differ"
-            )
-        self.prior_temperature = float(prior_temperature)
+        if reweight is not None and not float(reweight) >= 0:
+            raise ConfigError(f"reweight must be >= 0, got {reweight}")
         self.gradient_rescaling = bool(gradient_rescaling)
+        self.reweight = None if reweight is None else float(reweight)
 
     def build_stages(self, model: MultiExitModel) -> list[Stage]:
         if model.num_exits < 2:
             raise ConfigError("boosted needs at least one exit besides the final one")
         additive = is_additive(model)
-        if not additive:
+        if additive:
+            reweights = [1.0] + [float(h.reweight) for h in model.heads[1:]]
+            if self.reweight is not None and any(r != self.reweight for r in reweights[1:]):
+                raise ConfigError(
+                    f"the additive heads reweight the previous prediction by {reweights[1:]}; "
+                    f"reweight={self.reweight} would train another model than the one that "
+                    "runs: set it on the heads (head_kwargs={'combine': 'additive', "
+                    "'reweight': r})"
+                )
+        else:
             warnings.warn(
                 "boosted: the heads do not add the previous exits' logits themselves; the "
                 "boosting sums are formed in the loss only, so at inference each exit predicts "
@@ -104,6 +120,8 @@ class BoostedStrategy(TrainingStrategy):
                 "head_kwargs={'combine': 'additive'}",
                 stacklevel=3,
             )
+            r = 1.0 if self.reweight is None else self.reweight
+            reweights = [r] * model.num_exits
         forward = (
             {"grad_scales": gradient_equilibrium_scales(model.num_exits)}
             if self.gradient_rescaling
@@ -113,14 +131,14 @@ class BoostedStrategy(TrainingStrategy):
             Stage(
                 name="stage-1",
                 trainable=lambda m: backbone_parameters(m) + head_parameters(m),
-                loss=boosted_loss(additive, self.prior_temperature),
+                loss=boosted_loss(additive, reweights),
                 forward_kwargs=forward,
             )
         ]
 
     def options(self) -> dict[str, Any]:
         return {
-            "prior_temperature": self.prior_temperature,
             "gradient_rescaling": self.gradient_rescaling,
+            "reweight": self.reweight,
             **super().options(),
         }

@@ -1,31 +1,56 @@
-"""Per-exit accuracy of a multi-exit model on a labelled dataset, and a table to print it."""
+"""Per-exit quality of a multi-exit model on a labelled dataset, and a table to print it.
+
+Classification: each exit's accuracy, beside the majority-class rate of the same data (an exit
+that does not beat it has learned nothing: it predicts one class, say). Regression (one
+output): each exit's Pearson's r (Spearman's rho and the mean squared error alongside), beside
+0, the correlation of a constant prediction.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..analysis.scores import REGRESSION, regression_report
 from ..errors import DataError, InputError
 from .collate import default_collator
 
+# An exit "beats the baseline" when it is at least this far above it (half a point).
+LIVE_MARGIN = 0.005
+
+
+@dataclass
+class ExitEvaluation:
+    """scores: per exit, shallowest first, the task metric (``metric``: "accuracy" or
+    "pearson"). baseline: what a constant prediction scores on the same data (the
+    majority-class rate; 0 for Pearson). extra: regression's spearman / mse per exit."""
+
+    scores: list[float]
+    metric: str
+    baseline: float
+    extra: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def dead(self) -> list[int]:
+        """Exits (indices) no better than the baseline."""
+        return [k for k, s in enumerate(self.scores) if not s > self.baseline + LIVE_MARGIN]
+
 
 @torch.inference_mode()
-def evaluate_exits(
+def evaluate_exit_scores(
     model: Any,
     dataset: Dataset,
     data_collator: Callable[[list], dict[str, torch.Tensor]] | None = None,
     batch_size: int = 64,
     progress: bool = True,
-) -> list[float]:
-    """Accuracy of every exit (shallowest first) on ``dataset``.
-
-    One forward per batch gives all exits' logits (B, C) at once; raw logits are used (a
-    temperature does not change the arg-max). The model's train/eval mode is restored after.
-    """
+) -> ExitEvaluation:
+    """Every exit's task metric on ``dataset`` from one forward per batch (raw logits: a
+    temperature changes no arg-max). The model's train/eval mode is restored after."""
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     if hasattr(dataset, "__len__") and len(dataset) == 0:
@@ -35,8 +60,9 @@ def evaluate_exits(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    correct = torch.zeros(model.num_exits, dtype=torch.long)
-    seen = 0
+    regression = getattr(model, "task", None) == REGRESSION
+    preds: list[torch.Tensor] = []
+    gold: list[torch.Tensor] = []
     try:
         for batch in tqdm(loader, desc="evaluating exits", disable=not progress, leave=False):
             labels = batch.pop("labels", batch.pop("label", None))
@@ -45,21 +71,59 @@ def evaluate_exits(
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             labels = model.check_labels(labels.to(device), int(labels.shape[0]))
             logits = model(**batch).stacked()  # (B, K, C)
-            correct += (logits.argmax(-1) == labels[:, None]).sum(0).cpu()
-            seen += int(labels.shape[0])
+            preds.append((logits[..., 0] if regression else logits.argmax(-1)).cpu())
+            gold.append(labels.cpu())
     finally:
         model.train(was_training)
-    if seen == 0:
+    if not preds:
         raise DataError("the evaluation dataset yielded no examples")
-    return [c / seen for c in correct.tolist()]
+    p, y = torch.cat(preds), torch.cat(gold)  # (N, K), (N,)
+    if regression:
+        reports = [regression_report(p[:, k], y) for k in range(p.shape[1])]
+        return ExitEvaluation(
+            [r["pearson"] for r in reports], "pearson", 0.0,
+            {"spearman": [r["spearman"] for r in reports], "mse": [r["mse"] for r in reports]},
+        )
+    majority = float(torch.bincount(y).max()) / y.numel()
+    return ExitEvaluation((p == y[:, None]).double().mean(0).tolist(), "accuracy", majority)
 
 
-def format_exit_table(accuracies: Sequence[float], exit_layers: Sequence[int]) -> str:
-    """A fixed-width table: exit index, depth, accuracy (%)."""
-    if len(accuracies) != len(exit_layers):
-        raise InputError(f"{len(accuracies)} accuracies for {len(exit_layers)} exits")
-    lines = [f"{'exit':>4}  {'layer':>5}  {'accuracy':>8}"]
-    for k, (depth, acc) in enumerate(zip(exit_layers, accuracies)):
+def evaluate_exits(
+    model: Any,
+    dataset: Dataset,
+    data_collator: Callable[[list], dict[str, torch.Tensor]] | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> list[float]:
+    """Each exit's accuracy (Pearson's r for a regression model), shallowest first."""
+    return evaluate_exit_scores(model, dataset, data_collator, batch_size, progress).scores
+
+
+def format_exit_table(
+    accuracies: Sequence[float] | ExitEvaluation, exit_layers: Sequence[int]
+) -> str:
+    """A fixed-width table: exit index, depth, accuracy (%) or Pearson's r; with an
+    :class:`ExitEvaluation`, exits no better than a constant prediction are flagged, with a
+    hint."""
+    ev = accuracies if isinstance(accuracies, ExitEvaluation) else None
+    scores = ev.scores if ev else list(accuracies)
+    metric = ev.metric if ev else "accuracy"
+    if len(scores) != len(exit_layers):
+        raise InputError(f"{len(scores)} scores for {len(exit_layers)} exits")
+    dead = set(ev.dead) if ev else set()
+    lines = [f"{'exit':>4}  {'layer':>5}  {metric:>8}"]
+    for k, (depth, value) in enumerate(zip(exit_layers, scores)):
+        text = f"{100 * value:>7.2f}%" if metric == "accuracy" else f"{value:>8.4f}"
         tag = "  (final)" if k == len(exit_layers) - 1 else ""
-        lines.append(f"{k:>4}  {depth:>5}  {100 * acc:>7.2f}%{tag}")
+        if k in dead:
+            tag += "  <- no better than a constant prediction"
+        lines.append(f"{k:>4}  {depth:>5}  {text}{tag}")
+    if dead and ev is not None:
+        base = (f"the majority class's {100 * ev.baseline:.2f}%" if metric == "accuracy"
+                else "r = 0")
+        lines.append(
+            f"{len(dead)} exit(s) do not beat {base}: they are dead and only cost time. Try "
+            "the 'mean' head (--head mean), more epochs or a higher learning rate, or remove "
+            "those exits (--layers)."
+        )
     return "\n".join(lines)

@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
 @register_strategy("exits_only")
 class ExitsOnlyStrategy(TrainingStrategy):
     tunes_backbone = False
+    tasks = ("classification", "regression")
 
     def build_stages(self, model: MultiExitModel) -> list[Stage]:
         k = model.num_exits

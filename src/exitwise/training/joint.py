@@ -1,6 +1,6 @@
 """``joint``: train the backbone and every exit together on a weighted sum of exit losses.
 
-loss = sum_k w_k * CE(logits_k, labels), with w from :mod:`exitwise.training.schedules`
+loss = sum_k w_k * CE(logits_k, labels) (MSE for a regression model), with w from :mod:`exitwise.training.schedules`
 (``weights="uniform"``, ``"depth"`` as in PABEE, or a list). Exits with weight 0 are frozen.
 """
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
 @register_strategy("joint")
 class JointStrategy(TrainingStrategy):
     tunes_backbone = True
+    tasks = ("classification", "regression")
 
     def __init__(
         self, weights: WeightSpec = "uniform", stage_args: Sequence[dict[str, Any]] | None = None

@@ -1,24 +1,37 @@
-"""Exit-head tuning for decoder LMs (EE-Tuning style), with a frozen backbone.
+"""Exit-head tuning for decoder LMs (EE-Tuning, Pan et al. 2024), with a frozen backbone.
 
     model = ew.attach_exits(lm, ew.ExitConfig(layers=[6], head="lm", num_labels=vocab,
                                               head_kwargs={"adapter": "norm"},
                                               final_head_kwargs={}))
-    result = tune_exits(model, texts, tokenizer, steps=500, loss="kl", output_dir="runs/ee")
+    result = tune_exits(model, texts, tokenizer, steps=500, output_dir="runs/ee")
     result.agreement_after     # {6: 0.71}: top-1 agreement of exit 6 with the final layer
 
 Each batch runs the frozen backbone once (no grad) over whole right-padded sequences; after
 every block that carries an exit, that exit's ``lm`` head turns the hidden states into logits
-at all positions (``token_logits``, with the backbone's context so a ``block`` adapter attends
-causally). The loss per exit, averaged over real tokens, is
+at all positions (``token_logits``, with the backbone's context so a ``block`` / ``kangaroo``
+adapter attends causally). The loss per exit, averaged over real tokens, is
 
+- ``"ce"`` (default, EE-Tuning's objective): the autoregressive cross-entropy of the exit on
+  the text's next token, averaged over real positions whose next token is real;
 - ``"kl"``:    KL(p_final || p_exit): self-distillation to the model's own final layer
-  (its own final norm + LM head), as EE-Tuning / LayerSkip;
-- ``"ce"``:    next-token cross-entropy on the text;
+  (its own final norm + LM head), as LayerSkip-style self-speculation wants;
 - ``"kl+ce"``: their sum;
 
 and the exits' losses are averaged. Only the trainable pieces of the intermediate exits'
 heads (adapter / own norm / untied LM head) get gradients; ``requires_grad`` of every
 parameter is restored afterwards.
+
+Reference: EE-Tuning's stage 2 in the authors' EE-LLM (pan-x-c/EE-LLM), where each exit's loss
+is the language-modeling cross-entropy on the labels (``megatron/model/early_exit_gpt_model.py``,
+``post_language_model_processing`` -> ``vocab_parallel_cross_entropy``), averaged over the
+loss mask (``pretrain_early_exit_gpt.py``, ``loss_func``), with the backbone frozen.
+
+Deviations: the exits' losses are averaged (EE-LLM sums them with per-exit weights
+``--exit-layer-weight``; with equal weights this is the same objective scaled by 1 / exits);
+EE-LLM's optional confidence-weighted loss (``--use-dynamic-exit-layer-weight``) is not
+implemented; ``"kl"`` / ``"kl+ce"`` are exitwise options, not EE-Tuning's. The optimizer is
+AdamW with a linear warmup to a constant rate (EE-LLM's scripts warm up, then decay to a
+minimum rate).
 
 ``output_dir/lm_tuning/`` holds ``heads.safetensors``, ``optimizer.pt`` (loaded with
 ``weights_only=True``) and ``state.json`` (step, loss history, agreement before tuning), the
@@ -114,7 +127,7 @@ def _tuned_exits(model: Any) -> list[int]:
     if empty:
         raise ConfigError(
             f"the 'lm' exits at layers {empty} have nothing to train (adapter='none', tied): "
-            "use head_kwargs={'adapter': 'norm'|'mlp'|'block'} or {'untied': True}"
+            "use head_kwargs={'adapter': 'norm'|'mlp'|'block'|'kangaroo'} or {'untied': True}"
         )
     return ks
 
@@ -324,7 +337,7 @@ def tune_exits(
     lr: float = 1e-3,
     batch_size: int = 8,
     seq_len: int = 128,
-    loss: str = "kl",
+    loss: str = "ce",
     weight_decay: float = 0.0,
     warmup_steps: int = 10,
     self_generate_prompts: Sequence[Any] | None = None,
@@ -348,7 +361,8 @@ def tune_exits(
     lr: AdamW learning rate, reached after a linear warmup of ``warmup_steps`` (a fixed count, so a
         resumed run with more ``steps`` keeps the schedule; a zero-initialised adapter
         otherwise overshoots on its first steps).
-    loss: "kl" | "ce" | "kl+ce" (see module docstring).
+    loss: "ce" (default, EE-Tuning's next-token cross-entropy) | "kl" (distillation to the
+        final layer) | "kl+ce" (see module docstring).
     eval_fraction: share of sequences held out to measure top-1 agreement before/after.
     output_dir: checkpoints every ``save_every`` steps and at the end; with ``resume`` a
         complete checkpoint there is continued from its step.

@@ -25,7 +25,7 @@ from ..errors import ConfigError, DataError, InputError
 from .base import Stage, TrainingStrategy, get_strategy
 from .checkpoint import STAGE_WEIGHTS, load_model_weights, read_progress, write_progress
 from .collate import default_collator
-from .evaluate import evaluate_exits, format_exit_table
+from .evaluate import ExitEvaluation, evaluate_exit_scores, format_exit_table
 from .trainer import ExitTrainer
 
 FINAL_DIR = "final"
@@ -53,7 +53,8 @@ class StageResult:
 
 @dataclass
 class TrainResult:
-    """The trained model, per-stage facts and (with an eval set) each exit's accuracy."""
+    """The trained model, per-stage facts and (with an eval set) each exit's accuracy
+    (Pearson's r for regression) in ``exit_accuracies``, with the baseline in ``evaluation``."""
 
     model: Any
     strategy: str
@@ -61,15 +62,21 @@ class TrainResult:
     stages: list[StageResult] = field(default_factory=list)
     exit_accuracies: list[float] | None = None
     saved_to: Path | None = None
+    evaluation: ExitEvaluation | None = None
 
     @property
     def exit_layers(self) -> list[int]:
         return list(self.model.exit_layers)
 
+    @property
+    def dead_exits(self) -> list[int]:
+        """Exits no better than a constant prediction on the eval set (empty without one)."""
+        return self.evaluation.dead if self.evaluation else []
+
     def table(self) -> str:
         if self.exit_accuracies is None:
             return "(no evaluation set was given)"
-        return format_exit_table(self.exit_accuracies, self.exit_layers)
+        return format_exit_table(self.evaluation or self.exit_accuracies, self.exit_layers)
 
 
 def _training_arguments(
@@ -123,6 +130,16 @@ def _check_dataset_labels(dataset: Any, num_labels: int, name: str) -> None:
         return
     if any(v is None for v in column):
         raise DataError(f"some {name} examples have no 'labels'")
+    if num_labels == 1:  # regression targets
+        targets = torch.as_tensor([float(v) for v in column])
+        if not bool(torch.isfinite(targets).all()):
+            raise InputError(f"the {name} dataset has non-finite regression targets")
+        return
+    if any(isinstance(v, float) and not float(v).is_integer() for v in column):
+        raise InputError(
+            f"the {name} dataset has fractional labels but the model has {num_labels} classes; "
+            "a regression model needs num_labels=1"
+        )
     values = torch.as_tensor([int(v) for v in column])
     bad = values[(values < 0) | (values >= num_labels)]
     if bad.numel():
@@ -218,6 +235,16 @@ def train(
         )
     _check_args(training_args)
     recipe = get_strategy(strategy, **(strategy_options or {}))
+    task = getattr(model, "task", "classification")
+    if task not in recipe.tasks:
+        from .base import STRATEGIES
+
+        usable = [n for n in STRATEGIES.names() if task in STRATEGIES.get(n).tasks]
+        raise ConfigError(
+            f"training strategy {recipe.registered_name!r} is for "
+            f"{'/'.join(recipe.tasks)} models; this model is a {task} model "
+            f"(num_labels={model.num_labels}). Use one of: {', '.join(usable)}"
+        )
     stages = recipe.stages(model)
     _check_dataset_labels(train_dataset, model.num_labels, "training")
     if eval_dataset is not None:
@@ -268,11 +295,13 @@ def train(
     if save_final and main.should_save:
         result.saved_to = model.save_pretrained(out / FINAL_DIR)
     if eval_dataset is not None:
-        result.exit_accuracies = evaluate_exits(
+        result.evaluation = evaluate_exit_scores(
             model, eval_dataset, collator, eval_batch_size, progress=not main.disable_tqdm
         )
+        result.exit_accuracies = result.evaluation.scores
         if main.should_save:
-            print(f"per-exit accuracy after {recipe.registered_name} training:")
+            print(f"per-exit {result.evaluation.metric} after {recipe.registered_name} "
+                  "training:")
             print(result.table())
     return result
 

@@ -1,19 +1,26 @@
 """Shallow-Deep Networks' two recipes (Kaya, Hong & Dumitras, ICML 2019).
 
-``sdn_ramp`` (SDN-training): the backbone and all internal classifiers (ICs) train together
-on ``sum_k tau_k(epoch) * CE_k + CE_final``. Each IC's weight starts near 0 and grows
-linearly with the epoch to its target, as in SDN's code: at (1-based) epoch e of E,
-``tau_k = min(target_k, 0.01 + e * target_k / E)``. SDN's targets are the ICs' positions as
-a fraction of the network (0.15, 0.3, ..., 0.9 for its exits at 15%..90% of the compute); here
-``target_k = depth_k / num_layers`` by default, or a list of one target per IC. The final exit
-always weighs 1. Early in training the ICs barely pull on the backbone, so the deep features
-form first; later the ICs are trained in earnest.
+``sdn_ramp`` (SDN-training, the paper's Section 4.2 weighted loss; reference: SDN's
+``sdn_train`` in ``model_funcs.py``, kept in ``gmum/Zero-Time-Waste``): the backbone and all
+internal classifiers (ICs) train together on ``sum_k tau_k(epoch) * CE_k + CE_final``. Each
+IC's weight starts near 0 and grows linearly with the epoch to its target, as in SDN's code:
+at (1-based) epoch e of E, ``tau_k = min(target_k, 0.01 + e * target_k / E)``. The targets are
+the ICs' placement-relative costs: SDN's ``max_coeffs = [0.15, 0.3, ..., 0.9]`` are the
+fractions of the network's FLOPs spent when each IC is reached (its exits sit at 15%..90% of
+the compute). Here ``target_k`` is the backbone's cumulative FLOPs (stem included) at exit k
+divided by the whole backbone's (:func:`exit_cost_fractions`), or a list of one target per
+IC. The final exit always weighs 1. Early in training the ICs barely pull on the backbone, so
+the deep features form first; later the ICs are trained in earnest.
 
 ``sdn_ic_only`` (IC-only training): the pretrained network (backbone and final classifier) is
 frozen and only the ICs train, each on its own cross-entropy. The final exit's accuracy is
 exactly that of the network it started from.
 
 Outside training (``progress.num_epochs`` unknown) ``sdn_ramp``'s loss uses the targets.
+
+Deviations: a backbone that cannot report its FLOPs for one input (a text encoder without an
+example) falls back to the exits' depth fractions, which equal the FLOPs fractions for a stack
+of identical blocks when the embedding is not counted.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..backbones.base import BackboneState
+from ..backbones.placement import cumulative_flops
 from ..errors import ConfigError
 from ..outputs import ExitOutputs
 from .base import (
@@ -68,15 +77,41 @@ class RampedExitLoss:
         return torch.stack(terms).sum()
 
 
+def _cumulative_backbone_flops(backbone: Any) -> torch.Tensor | None:
+    """(num_layers + 1,) cumulative FLOPs for one input (stem first), or None if unknown."""
+    try:
+        return cumulative_flops(backbone)
+    except ConfigError:
+        pass
+    try:  # adapters whose costs do not depend on the input (a sequential stack): one row
+        state = BackboneState(hidden=torch.zeros(1, 1), mask=torch.ones(1, 1, dtype=torch.long))
+        costs = [backbone.start_flops(state).double().mean()]
+        costs += [backbone.layer_flops(i, state).double().mean()
+                  for i in range(backbone.num_layers)]
+        return torch.stack(costs).cumsum(0)
+    except Exception:  # noqa: BLE001 - any adapter-specific failure means "cost unknown"
+        return None
+
+
+def exit_cost_fractions(model: MultiExitModel) -> list[float]:
+    """Each exit's share of the backbone's compute: cumulative FLOPs (stem included) at its
+    depth over the whole backbone's, shallowest first (the final exit's is 1). Falls back to
+    ``depth / num_layers`` when the backbone cannot report its FLOPs."""
+    cum = _cumulative_backbone_flops(model.backbone)
+    if cum is None or not float(cum[-1]) > 0:
+        return [d / model.backbone.num_layers for d in model.exit_layers]
+    return [float(cum[d] / cum[-1]) for d in model.exit_layers]
+
+
 def sdn_targets(model: MultiExitModel, targets: Sequence[float] | None) -> list[float]:
-    """The ICs' final weights: given, or each IC's depth as a fraction of the backbone."""
+    """The ICs' final weights: given, or each IC's FLOPs fraction of the backbone."""
     n_ic = model.num_exits - 1
     if n_ic < 1:
         raise ConfigError(
             "SDN recipes need at least one internal classifier besides the final exit"
         )
     if targets is None:
-        return [d / model.backbone.num_layers for d in model.exit_layers[:-1]]
+        return exit_cost_fractions(model)[:-1]
     out = [float(t) for t in targets]
     if len(out) != n_ic or any(not math.isfinite(t) or t < 0 for t in out):
         raise ConfigError(

@@ -1,21 +1,37 @@
-"""``self_distill``: Be Your Own Teacher (Zhang et al., ICCV 2019).
+"""``self_distill``: Be Your Own Teacher, BYOT (Zhang et al., ICCV 2019).
 
-The deepest exit teaches the shallow ones inside one network, in one training run:
+The deepest exit teaches the shallow ones inside one network, in one training run. Reference:
+the authors' ``train.py`` in ``ArchipLab-LinfengZhang/pytorch-self-distillation-final`` and its
+feature-distillation version (the ``adaptation_layers`` variant with
+``--feature_loss_coefficient``)::
 
-    loss = CE_final + sum_{k<K-1} [ (1 - alpha) CE_k
-                                    + alpha T^2 KL(p_final^T || p_k^T)
-                                    + lambda ||F_k - F_final||^2 ]
+    loss = CE_final + sum_{k<K-1} [ (1 - alpha) CE_k + alpha SoftCE_T(z_k, z_final) ]
+                    + lambda sum_{k<K-1, k hinted} || A_k(F_k) - F_final ||
 
-where ``F_k`` is what exit k's classifier layer reads (its "bottleneck" output: BYOT's shallow
-classifiers end in a bottleneck that maps their features to the deepest feature's shape) and
-the deepest logits and features are detached (the teacher only gives targets). ``||.||^2`` is
-the squared L2 distance per example, averaged over the batch. BYOT's defaults: alpha = 0.3,
-T = 3, lambda = 0.03.
+- ``SoftCE_T`` is the reference's ``CrossEntropy``: the cross-entropy of the student's
+  softmax at temperature T against the teacher's, batch mean, *without* the ``T^2`` factor of
+  Hinton's KD (:func:`~exitwise.training.base.soft_cross_entropy`).
+- ``F_k`` is what exit k's classifier layer reads (its pooled "bottleneck" feature), ``A_k`` a
+  learned linear adaptation layer (``nn.Linear(D_k, D_final)``, the reference's
+  ``adaptation_layers``), so the heads need not share widths. The adaptation layers train with
+  the recipe; they live on the model as ``model.self_distill_adapters`` for the duration of
+  training (they are in the stage checkpoints, not in ``save_pretrained``'s heads).
+- ``||.||`` is ``torch.dist``: the L2 (Frobenius) norm of the whole (B, D) difference, not
+  squared and not averaged, as in the reference.
+- The deepest exit's logits and feature are detached (the teacher only gives targets).
+- Which exit gets no hint: the reference applies the hint to every shallow classifier but
+  ``outputs[1]``; its networks return ``[deepest, 3/4, 2/4, 1/4]``, so that is the *deepest*
+  internal classifier, the one right before the final exit, although the reference's comment
+  says "shallowest". ``hint_skip="deepest_internal"`` (default) follows the code,
+  ``"shallowest"`` the comment, ``"none"`` hints every exit. The distillation and
+  cross-entropy terms cover every shallow classifier in all cases.
 
-The hint needs every shallow head's feature to be as wide as the final head's: use heads with
-a common bottleneck width (``head="mlp", head_kwargs={"hidden_features": D}``), or set
-``hint_weight=0``. The training forward asks the model for the features; the loss evaluated on
-outputs without them (plain ``model(...)``) leaves the hint term out.
+Defaults as the reference: alpha = 0.3 (``loss_coefficient``), T = 3, lambda = 0.03
+(``feature_loss_coefficient``). The training forward asks the model for the features; the loss
+evaluated on outputs without them (plain ``model(...)``) leaves the hint term out.
+
+Deviations: the reference builds the adaptation layers lazily on the first batch and then
+rebuilds its optimizer; here they are created when the stages are built, before training.
 """
 
 from __future__ import annotations
@@ -24,32 +40,83 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from ..errors import ConfigError
 from ..heads import classifier_layer
 from ..outputs import ExitOutputs
 from .base import (
-    check_distillation_options,
     Stage,
     TrainingStrategy,
     backbone_parameters,
-    distillation_kl,
+    check_distillation_options,
     exit_cross_entropy,
     head_parameters,
     register_strategy,
+    soft_cross_entropy,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..model import MultiExitModel
 
+ADAPTERS = "self_distill_adapters"
+HINT_SKIPS = ("deepest_internal", "shallowest", "none")
+
 
 def feature_hint(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of ``||student - teacher||^2`` (B, D) each, teacher detached."""
-    diff = student.float().flatten(1) - teacher.detach().float().flatten(1)
-    return diff.pow(2).sum(-1).mean()
+    """``torch.dist(student, teacher)``: the L2 norm of the whole (B, D) difference, teacher
+    detached (the reference's feature distillation)."""
+    return torch.dist(student.float().flatten(1), teacher.detach().float().flatten(1))
 
 
-def byot_loss(alpha: float, temperature: float, hint_weight: float):
+def hinted_exits(num_exits: int, hint_skip: str) -> list[int]:
+    """Indices of the shallow exits that get a feature hint (see the module doc)."""
+    shallow = list(range(num_exits - 1))
+    if hint_skip == "deepest_internal":
+        return shallow[:-1]
+    if hint_skip == "shallowest":
+        return shallow[1:]
+    return shallow
+
+
+class HintAdapters(nn.Module):
+    """One ``nn.Linear(D_k, D_final)`` per hinted exit (the reference's adaptation layers)."""
+
+    def __init__(self, widths: Sequence[int], hinted: Sequence[int]) -> None:
+        super().__init__()
+        target = int(widths[-1])
+        self.exits = [int(k) for k in hinted]
+        self.layers = nn.ModuleDict({str(k): nn.Linear(int(widths[k]), target) for k in hinted})
+
+    def forward(self, k: int, feature: torch.Tensor) -> torch.Tensor:
+        """Exit k's feature (B, D_k) mapped to the final feature's width (B, D_final)."""
+        return self.layers[str(k)](feature.flatten(1).to(self.layers[str(k)].weight.dtype))
+
+
+def attach_adapters(model: MultiExitModel, hint_skip: str) -> HintAdapters:
+    """The model's adaptation layers, created (on the heads' device) on first use."""
+    found = getattr(model, ADAPTERS, None)
+    hinted = hinted_exits(model.num_exits, hint_skip)
+    widths = [getattr(classifier_layer(h), "in_features", None) for h in model.heads]
+    if any(widths[k] is None for k in hinted + [model.num_exits - 1]):
+        raise ConfigError(
+            "self_distill hints read the input of each head's classifier layer; these heads "
+            f"({[type(h).registered_name for h in model.heads]}) do not all have one: set "
+            "hint_weight=0"
+        )
+    if isinstance(found, HintAdapters) and found.exits == hinted:
+        return found
+    device = next(model.heads.parameters()).device
+    adapters = HintAdapters(widths, hinted).to(device)
+    model.add_module(ADAPTERS, adapters)  # a submodule, so the Trainer's optimizer sees it
+    return adapters
+
+
+def byot_loss(
+    alpha: float, temperature: float, hint_weight: float, adapters: HintAdapters | None = None
+):
+    """The BYOT objective above as a stage loss (the hint needs ``adapters`` and features)."""
+
     def loss(outputs: ExitOutputs, labels: torch.Tensor) -> torch.Tensor:
         last = len(outputs.logits) - 1
         teacher = outputs.logits[last]
@@ -58,18 +125,11 @@ def byot_loss(alpha: float, temperature: float, hint_weight: float):
         for k in range(last):
             term = (1.0 - alpha) * exit_cross_entropy(outputs, labels, k)
             if alpha:
-                term = term + alpha * distillation_kl(outputs.logits[k], teacher, temperature)
-            if hint_weight and feats is not None:
+                term = term + alpha * soft_cross_entropy(outputs.logits[k], teacher, temperature)
+            if hint_weight and feats is not None and adapters is not None and k in adapters.exits:
                 if feats[k] is None or feats[last] is None:
                     raise ConfigError("self_distill hints need heads with a classifier layer")
-                if feats[k].shape[1:] != feats[last].shape[1:]:
-                    raise ConfigError(
-                        f"exit {k}'s feature is {tuple(feats[k].shape[1:])} wide, the final "
-                        f"exit's {tuple(feats[last].shape[1:])}: give the heads a common "
-                        "bottleneck (head='mlp', head_kwargs={'hidden_features': D}) or "
-                        "set hint_weight=0"
-                    )
-                term = term + hint_weight * feature_hint(feats[k], feats[last])
+                term = term + hint_weight * feature_hint(adapters(k, feats[k]), feats[last])
             terms.append(term)
         return torch.stack(terms).sum()
 
@@ -85,32 +145,35 @@ class SelfDistillStrategy(TrainingStrategy):
         alpha: float = 0.3,
         temperature: float = 3.0,
         hint_weight: float = 0.03,
+        hint_skip: str = "deepest_internal",
         stage_args: Sequence[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(stage_args)
         alpha, temperature = check_distillation_options(alpha, temperature)
         if not float(hint_weight) >= 0:
             raise ConfigError(f"hint_weight must be >= 0, got {hint_weight}")
+        if hint_skip not in HINT_SKIPS:
+            raise ConfigError(f"hint_skip must be one of {HINT_SKIPS}, got {hint_skip!r}")
         self.alpha, self.temperature = float(alpha), float(temperature)
-        self.hint_weight = float(hint_weight)
+        self.hint_weight, self.hint_skip = float(hint_weight), hint_skip
 
     def build_stages(self, model: MultiExitModel) -> list[Stage]:
         if model.num_exits < 2:
             raise ConfigError("self_distill needs at least one exit besides the final one")
-        if self.hint_weight:
-            widths = [getattr(classifier_layer(h), "in_features", None) for h in model.heads]
-            if None not in widths and len(set(widths)) > 1:
-                raise ConfigError(
-                    f"self_distill feature hints need every head's feature as wide as the final "
-                    f"one's; the heads' widths are {widths}: give them a common bottleneck "
-                    "(head='mlp', head_kwargs={'hidden_features': D}) or set hint_weight=0"
-                )
+        hinted = hinted_exits(model.num_exits, self.hint_skip) if self.hint_weight else []
+        # (two exits and the internal one skipped: nothing to hint, no adapters)
+        adapters = attach_adapters(model, self.hint_skip) if hinted else None
+
+        def trainable(m: MultiExitModel) -> list[nn.Parameter]:
+            extra = list(getattr(m, ADAPTERS).parameters()) if adapters is not None else []
+            return backbone_parameters(m) + head_parameters(m) + extra
+
         return [
             Stage(
                 name="stage-1",
-                trainable=lambda m: backbone_parameters(m) + head_parameters(m),
-                loss=byot_loss(self.alpha, self.temperature, self.hint_weight),
-                forward_kwargs={"return_features": True} if self.hint_weight else {},
+                trainable=trainable,
+                loss=byot_loss(self.alpha, self.temperature, self.hint_weight, adapters),
+                forward_kwargs={"return_features": True} if adapters is not None else {},
             )
         ]
 
@@ -119,5 +182,6 @@ class SelfDistillStrategy(TrainingStrategy):
             "alpha": self.alpha,
             "temperature": self.temperature,
             "hint_weight": self.hint_weight,
+            "hint_skip": self.hint_skip,
             **super().options(),
         }

@@ -17,7 +17,7 @@ from .base import (
     Stage,
     TrainingStrategy,
     backbone_parameters,
-    exit_cross_entropy,
+    exit_task_loss,
     head_parameters,
     register_strategy,
 )
@@ -27,17 +27,18 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def _final_exit_loss(outputs: ExitOutputs, labels: torch.Tensor) -> torch.Tensor:
-    return exit_cross_entropy(outputs, labels, len(outputs.logits) - 1)
+    return exit_task_loss(outputs, labels, len(outputs.logits) - 1)
 
 
 def _early_exits_loss(outputs: ExitOutputs, labels: torch.Tensor) -> torch.Tensor:
-    terms = [exit_cross_entropy(outputs, labels, k) for k in range(len(outputs.logits) - 1)]
+    terms = [exit_task_loss(outputs, labels, k) for k in range(len(outputs.logits) - 1)]
     return torch.stack(terms).sum()
 
 
 @register_strategy("two_stage")
 class TwoStageStrategy(TrainingStrategy):
     tunes_backbone = True
+    tasks = ("classification", "regression")
 
     def build_stages(self, model: MultiExitModel) -> list[Stage]:
         if model.num_exits < 2:

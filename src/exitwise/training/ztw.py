@@ -1,23 +1,31 @@
 """``ztw``: Zero Time Waste (Wołczyk et al., NeurIPS 2021).
 
-Two ideas that reuse the work earlier exits already did:
+Two ideas that reuse the work earlier exits already did (reference: ``gmum/Zero-Time-Waste``,
+``ztw_cv/architectures/early_exits/ztw.py`` and ``heads.py``, trained by
+``ztw_cv/methods/early_exit.py``):
 
-1. **Cascading**: each internal classifier (IC) also reads the previous IC's logits, detached
-   (build the model with ``head="cascade"``, typically ``final_head`` = the network's own
-   classifier head). Stage 1 trains the ICs on the sum of their cross-entropies, on the frozen
-   pretrained network (backbone and final head frozen, as in the paper); with
-   ``train_backbone=True`` the backbone and every head train together instead (a network
-   trained from scratch).
-2. **Geometric ensembling**: exit k's decision uses ``q_k ∝ exp(b_k) prod_{j<=k} p_j^{w_kj}``
-   (``w_kj >= 0``, per-class bias ``b_k``), a learned product of all predictions so far.
-   Stage 2 learns ``w`` and ``b`` on the frozen heads, minimising ``sum_k CE(q_k, labels)``.
+1. **Cascading**: each internal classifier (IC) also reads the previous IC's logits, detached,
+   through a LayerNorm, concatenated with its pooled features before its one linear layer
+   (build the model with ``head="cascade"``, ``combine="linear"``, and the network's own
+   classifier as ``final_head``; the first IC has no previous one). Stage 1 trains the ICs on
+   the mean of their cross-entropies, on the frozen pretrained network (backbone and final
+   head frozen, as in the paper); with ``train_backbone=True`` the backbone and every head
+   train together instead (mean over all exits; a network trained from scratch).
+2. **Geometric ensembling**: IC k's decision uses ``q_k ∝ exp(b_k) prod_{j<=k} p_j^{w_kj}``
+   (``w_kj = exp(a_kj) / (k + 1) > 0``, per-class bias ``b_k``), a learned product of the ICs'
+   predictions so far. Stage 2 learns ``a`` and ``b`` on the frozen heads, minimising the mean
+   over the ICs of ``CE(q_k, labels)``. ZTW builds no ensemble on the backbone's own final
+   head: the final exit keeps its own prediction.
 
-The ensemble lives in ``model.ensemble`` (a :class:`~exitwise.heads.GeometricEnsemble`,
-created by this recipe) and is saved with the heads (``ensemble.*`` tensors in
+The ensemble lives in ``model.ensemble`` (a :class:`~exitwise.heads.GeometricEnsemble` over
+the ICs, created by this recipe) and is saved with the heads (``ensemble.*`` tensors in
 ``exit_heads.safetensors``). :func:`ztw_ensemble_weights` gives it as plain lists for the
-``ztw`` exit policy: ``{"weights": K x K (row k: w_k0..w_kk, zeros above the diagonal),
-"bias": K x C}``, to be applied to the exits' raw logits: ``log q_k = b_k + sum_{j<=k} w_kj
-log_softmax(z_j)``, normalised over classes.
+``ztw`` exit policy: ``{"weights": E x E (row k: w_k0..w_kk, zeros above the diagonal),
+"bias": E x C}`` with E = exits - 1, to be applied to the exits' raw logits: ``log q_k = b_k +
+sum_{j<=k} w_kj log_softmax(z_j)``, normalised over classes; the final exit returns its own.
+
+Deviations: the reference trains the ensemble and the ICs with its own optimiser settings;
+here ``ensemble_learning_rate`` (default 1e-2) is stage 2's learning rate.
 """
 
 from __future__ import annotations
@@ -46,19 +54,21 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def ensemble_loss(ensemble: GeometricEnsemble):
-    """``sum_k CE(q_k, labels)`` over every exit's ensemble."""
+    """Mean over the ICs k of ``CE(q_k, labels)``, ``q`` the ensemble of the ICs' logits."""
 
     def loss(outputs: ExitOutputs, labels: torch.Tensor) -> torch.Tensor:
-        q = ensemble([z.detach() for z in outputs.logits])  # (B, K, C)
+        ics = [z.detach() for z in outputs.logits[: ensemble.num_members]]
+        q = ensemble(ics)  # (B, E, C)
         return torch.stack(
             [F.cross_entropy(q[:, k], labels) for k in range(q.shape[1])]
-        ).sum()
+        ).mean()
 
     return loss
 
 
 def ztw_ensemble_weights(model: MultiExitModel) -> dict[str, list]:
-    """The learned ensemble as ``{"weights": K x K, "bias": K x C}`` (see the module doc)."""
+    """The learned ensemble as ``{"weights": E x E, "bias": E x C}``, E = the internal
+    classifiers (see the module doc); ``get_policy("ztw", threshold=t, **this)``."""
     if getattr(model, "ensemble", None) is None:
         raise ConfigError("this model has no ZTW ensemble; train it with strategy='ztw' first")
     return model.ensemble.to_dict()
@@ -98,13 +108,14 @@ class ZTWStrategy(TrainingStrategy):
             first = Stage(
                 name="stage-1",
                 trainable=lambda m: backbone_parameters(m) + head_parameters(m),
-                loss=weighted_exit_loss([1.0] * k_total),
+                loss=weighted_exit_loss([1.0 / k_total] * k_total),
             )
         else:
+            n_ic = k_total - 1
             first = Stage(
                 name="stage-1",
-                trainable=lambda m: head_parameters(m, range(k_total - 1)),
-                loss=weighted_exit_loss([1.0] * (k_total - 1) + [0.0]),
+                trainable=lambda m: head_parameters(m, range(n_ic)),
+                loss=weighted_exit_loss([1.0 / n_ic] * n_ic + [0.0]),
             )
         lr = (
             {}
