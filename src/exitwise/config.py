@@ -24,7 +24,9 @@ class ExitConfig:
         heterogeneous exits: local-perception heads shallow, global-aggregation heads deep).
     final_head: head for the final exit; defaults to the final exit's entry of ``head``.
     num_labels: number of classes; 1 = a regression target (as Hugging Face's ``num_labels``).
-        None (the default): the model's own classifier's, if the backbone has one; the
+        A model with its own task classifier keeps it as the final exit (head ``native``)
+        unless ``final_head`` is given or ``num_labels`` differs from the classifier's (then
+        the final exit is a fresh head). None (the default): the own classifier's; the
         vocabulary size for ``lm`` exits on a decoder LM; the number of ``label_names``; else 2.
     label_names: class names by id (Hugging Face's ``id2label``), saved with the model and used
         when printing and when reading string labels of new data.

@@ -67,12 +67,14 @@ class MultiExitModel(nn.Module):
 
     def __init__(self, backbone: Backbone, config: ExitConfig) -> None:
         super().__init__()
+        exit_layers = config.resolve_layers(backbone.num_layers, backbone)
+        config = _keep_own_classifier(backbone, config, exit_layers)
         if config.num_labels is None:  # an LM exit predicts the next token over the vocabulary
             is_lm = config.head_name == "lm" and hasattr(backbone, "vocab_size")
             config = replace(config, num_labels=int(backbone.vocab_size) if is_lm else 2)
         self.backbone = backbone
         self.config = config
-        self.exit_layers: list[int] = config.resolve_layers(backbone.num_layers, backbone)
+        self.exit_layers: list[int] = exit_layers
         heads = []
         for k, depth in enumerate(self.exit_layers):
             name, options = config.head_for(k, self.exit_layers)
@@ -308,7 +310,10 @@ class MultiExitModel(nn.Module):
             )
         save_file(tensors, str(out / HEADS_NAME), metadata={"format": "exitwise"})
         if save_backbone:
-            hf_model = getattr(self.backbone, "model", None)
+            # A task model (BertForSequenceClassification ...) is saved whole, so that its
+            # classifier comes back with it as the native final exit.
+            hf_model = getattr(self.backbone, "task_model", None) or getattr(
+                self.backbone, "model", None)
             if hasattr(hf_model, "save_pretrained"):
                 hf_model.save_pretrained(str(out / BACKBONE_DIR))
             else:
@@ -338,9 +343,15 @@ class MultiExitModel(nn.Module):
             family = saved.get("family")
             if family not in ("hf-encoder", "hf-decoder"):
                 raise CheckpointError(f"this model's backbone is a {family!r}; pass backbone=...")
-            from transformers import AutoModel, AutoModelForCausalLM
+            from transformers import (
+                AutoModel,
+                AutoModelForCausalLM,
+                AutoModelForSequenceClassification,
+            )
 
             loader = AutoModelForCausalLM if family == "hf-decoder" else AutoModel
+            if saved.get("task_architecture"):  # the classifier is the native final exit
+                loader = AutoModelForSequenceClassification
 
             where = str(src / BACKBONE_DIR) if meta.get("backbone_saved") else saved["name_or_path"]
             if not where:
@@ -382,6 +393,30 @@ class MultiExitModel(nn.Module):
         model.backbone_tuned = bool(meta.get("backbone_saved"))
         # Like transformers' from_pretrained: ready for inference (no dropout in the heads).
         return model.eval()
+
+
+def _keep_own_classifier(backbone: Backbone, config: ExitConfig, depths: list[int]
+                         ) -> ExitConfig:
+    """``config`` with the final exit set to the backbone's own classifier (head ``native``)
+    when the model has one and the user named no final head (as ``final_head`` or as an
+    entry of a per-exit ``head`` that covers the final exit) and asked for no other number of
+    classes; its number of outputs and class names fill ``num_labels`` / ``label_names``."""
+    own = backbone.own_classifier()
+    if own is None or config.final_head is not None or config.head_name == "lm":
+        return config
+    if config.num_labels is not None and config.num_labels != own.num_labels:
+        return config  # another number of classes: a new classifier (a fresh final head)
+    head = config.head
+    if (isinstance(head, list) and len(head) == len(depths)) or (
+        isinstance(head, dict) and depths[-1] in head
+    ):
+        return config  # the user chose the final exit's head
+    changes: dict[str, Any] = {"final_head": "native", "final_head_kwargs": {}}
+    if config.num_labels is None:
+        changes["num_labels"] = own.num_labels
+        if config.label_names is None and own.label_names:
+            changes["label_names"] = list(own.label_names)
+    return replace(config, **changes)
 
 
 def attach_exits(backbone: nn.Module | Backbone, config: ExitConfig | None = None, **kwargs: Any) -> MultiExitModel:

@@ -1,8 +1,8 @@
 """DESIGN.md invariants for every vision family in the layout table.
 
 Tiny random models built in memory (no weights, no network), 32x32 images:
-- never-exit == the model's own pre-logits features + the final head; with the model's own
-  classifier copied into the final exit, == the model's own logits;
+- never-exit == the model's own pre-logits features + the final head; a model with its own
+  classifier keeps it as the final exit, so never-exit == the model's own logits;
 - per-row exits == each row run alone;
 - offline replay on a cache from ``collect_exit_logits`` == the real executor;
 - saved exit heads load back bit-identical (``backbone=`` given).
@@ -77,27 +77,21 @@ def own_features(family: str, model: nn.Module, x: torch.Tensor) -> torch.Tensor
         return headless(x)
 
 
-def own_classifier(family: str, model: nn.Module) -> nn.Linear | None:
-    """The model's final linear layer when it acts directly on the pre-logits features."""
-    if family.startswith("timm"):
-        return model.get_classifier()
-    return {"tv-resnet": lambda: model.fc, "tv-mobilenet_v2": lambda: model.classifier[-1],
-            "hf-vit": lambda: model.classifier}.get(family, lambda: None)()
-
-
 def images(n: int = 7, seed: int = 3, size: int = SIZE) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 @functools.lru_cache(maxsize=None)
 def built(family: str, head: str = "linear"):
-    """(raw model, multi-exit model with spread-out random exits)."""
+    """(raw model, multi-exit model with spread-out random exits; the final exit is the raw
+    model's own classifier, which is left as it is)."""
     raw = tiny_vision(family)
     torch.manual_seed(1)
     model = ew.attach_exits(VisionBackbone(raw, image_size=SIZE),
-                            ew.ExitConfig(layers="all", head=head, num_labels=CLASSES, dropout=0.0))
+                            ew.ExitConfig(layers="all", head=head, dropout=0.0))
+    assert type(model.heads[-1]).registered_name == "native"
     with torch.no_grad():  # larger weights: random exits disagree, confidences spread out
-        for h in model.heads:
+        for h in model.heads[:-1]:
             h.classifier.weight.mul_(20.0)
     return raw, model.eval()
 
@@ -123,16 +117,14 @@ def test_never_exit_equals_own_features_and_logits(family):
     with torch.no_grad():
         torch.testing.assert_close(model(pixel_values=x).logits[-1], expected, atol=ATOL, rtol=1e-5)
 
-    classifier = own_classifier(family, raw)
-    if classifier is not None:  # the final exit with the model's own classifier == the model
-        clone = ew.attach_exits(VisionBackbone(raw, image_size=SIZE),
-                                head="linear", num_labels=CLASSES, layers=[1]).eval()
-        clone.heads[-1].classifier.load_state_dict(classifier.state_dict())
-        with torch.no_grad():
-            out = raw(x)
-        own_logits = out.logits if hasattr(out, "logits") else out
-        got = clone.early_exit(ew.get_policy("never"), x=x).logits
-        torch.testing.assert_close(got, own_logits, atol=ATOL, rtol=1e-5)
+    # the model's own classifier is the final exit: never-exit == the model's own logits,
+    # bit for bit at full depth (the model's own forward, its own classifier)
+    with torch.no_grad():
+        out = raw(x)
+    own_logits = out.logits if hasattr(out, "logits") else out
+    assert model.num_labels == CLASSES
+    assert torch.equal(model.full_depth(pixel_values=x), own_logits)
+    torch.testing.assert_close(res.logits, own_logits, atol=ATOL, rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

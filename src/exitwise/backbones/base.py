@@ -23,6 +23,29 @@ from ..errors import InputError
 
 
 @dataclass
+class OwnClassifier:
+    """A model's own task classifier, as an adapter reports it (``own_classifier()``):
+    ``kind``, how the model applies it after the blocks (see :mod:`exitwise.heads.native`);
+    ``modules``, the model's own modules that tail calls (shared, never copied);
+    ``num_labels``, its outputs; ``label_names``, its class names when the model has some."""
+
+    kind: str
+    modules: dict[str, nn.Module]
+    num_labels: int
+    label_names: list[str] | None = None
+
+
+def hf_label_names(config: Any, num_labels: int) -> list[str] | None:
+    """A Hugging Face config's class names (``id2label``), unless they are the generic
+    ``LABEL_i`` placeholders."""
+    id2label = getattr(config, "id2label", None) or {}
+    names = [str(id2label.get(i, id2label.get(str(i), ""))) for i in range(num_labels)]
+    if not all(names) or all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+        return None
+    return names if len(set(names)) == len(names) else None
+
+
+@dataclass
 class BackboneState:
     """What flows between blocks.
 
@@ -61,6 +84,11 @@ class Backbone(nn.Module):
     def feature_dim(self, layer: int) -> int:  # pragma: no cover - abstract
         """Width of ``features`` after ``layer`` (1-based depth)."""
         raise NotImplementedError
+
+    def own_classifier(self) -> OwnClassifier | None:
+        """The wrapped model's own task classifier, if it has one (it then becomes the final
+        exit, unchanged). Default: none."""
+        return None
 
     def refresh(self, state: BackboneState) -> BackboneState:
         """Rebuild ``state.shared`` after the batch changed. Default: nothing shared."""

@@ -22,6 +22,8 @@ class EncoderLayout:
     shared_groups: ALBERT-style weight sharing: block i uses group int(i / (L / G)).
     pooler:       optional pooler (dense) whose weights can seed "pooler" exit heads.
     pooler_act:   optional activation module applied after ``pooler`` (ALBERT keeps it apart).
+    task_head:    how the family's ``*ForSequenceClassification`` applies its classifier after
+                  the encoder (a ``kind`` of :mod:`exitwise.heads.native`).
     """
 
     embeddings: str
@@ -32,18 +34,22 @@ class EncoderLayout:
     shared_groups: bool = False
     pooler: str | None = None
     pooler_act: str | None = None
+    task_head: str = "pooled"
 
 
 _BERT_INPUTS = ("input_ids", "token_type_ids", "position_ids", "inputs_embeds")
 _BERT = EncoderLayout("embeddings", _BERT_INPUTS, "encoder.layer", pooler="pooler")
+_ROBERTA = EncoderLayout("embeddings", _BERT_INPUTS, "encoder.layer", pooler="pooler",
+                         task_head="sequence")
 
 ENCODER_LAYOUTS: dict[str, EncoderLayout] = {
     "bert": _BERT,  # also sentence-transformers MiniLM checkpoints
-    "roberta": _BERT,
-    "xlm-roberta": _BERT,
-    "camembert": _BERT,
+    "roberta": _ROBERTA,
+    "xlm-roberta": _ROBERTA,
+    "camembert": _ROBERTA,
     "electra": EncoderLayout(
-        "embeddings", _BERT_INPUTS, "encoder.layer", project="embeddings_project"
+        "embeddings", _BERT_INPUTS, "encoder.layer", project="embeddings_project",
+        task_head="sequence",
     ),
     "albert": EncoderLayout(
         "embeddings",
@@ -53,15 +59,18 @@ ENCODER_LAYOUTS: dict[str, EncoderLayout] = {
         shared_groups=True,
         pooler="pooler",
         pooler_act="pooler_activation",
+        task_head="albert",
     ),
     "distilbert": EncoderLayout(
-        "embeddings", ("input_ids", "inputs_embeds", "position_ids"), "transformer.layer"
+        "embeddings", ("input_ids", "inputs_embeds", "position_ids"), "transformer.layer",
+        task_head="distilbert",
     ),
     "deberta-v2": EncoderLayout(
         "embeddings",
         ("input_ids", "token_type_ids", "position_ids", "inputs_embeds", "mask"),
         "encoder.layer",
         convention="deberta",
+        task_head="deberta",
     ),
 }
 

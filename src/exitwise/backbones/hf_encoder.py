@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from ..errors import InputError, UnsupportedModelError
-from .base import Backbone, BackboneState
+from .base import Backbone, BackboneState, OwnClassifier, hf_label_names
 from .encoder_layouts import ENCODER_LAYOUTS, EncoderLayout, supported_encoder_types
+
 
 
 def _get(root: nn.Module, path: str | None) -> Any:
@@ -47,6 +48,10 @@ class HFEncoderBackbone(Backbone):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         base = base_model_of(model)
+        # The task model around the encoder (``BertForSequenceClassification`` ...), kept out
+        # of the module tree (its encoder is ``self.model``; its classifier is the native
+        # final exit's): in a list so that nn.Module does not register it twice.
+        self._task = [model] if model is not base else []
         config = getattr(base, "config", None)
         model_type = getattr(config, "model_type", None)
         if model_type not in ENCODER_LAYOUTS:
@@ -86,6 +91,35 @@ class HFEncoderBackbone(Backbone):
             return pooler.dense
         return pooler if isinstance(pooler, nn.Linear) else None
 
+    def own_classifier(self) -> OwnClassifier | None:
+        """The sequence classifier of the task model given (``*ForSequenceClassification``),
+        as the native final exit applies it; None for a bare encoder."""
+        task = self._task[0] if self._task else None
+        if task is None or not type(task).__name__.endswith("ForSequenceClassification"):
+            return None
+        kind = self.layout.task_head
+        names = {
+            "pooled": ("classifier", "dropout"), "albert": ("classifier", "dropout"),
+            "sequence": ("classifier",), "distilbert": ("pre_classifier", "classifier",
+                                                        "dropout"),
+            "deberta": ("pooler", "classifier", "dropout"),
+        }[kind]
+        modules = {n: getattr(task, n, None) for n in names}
+        if kind == "pooled":
+            modules["pooler"] = getattr(self.model, "pooler", None)
+        if kind == "albert":
+            modules["pooler"] = getattr(self.model, "pooler", None)
+            modules["pooler_activation"] = getattr(self.model, "pooler_activation", None)
+        if any(not isinstance(m, nn.Module) for m in modules.values()):
+            return None  # an unusual task model: no native exit, a fresh head instead
+        n = int(task.config.num_labels)
+        return OwnClassifier(kind, modules, n, hf_label_names(task.config, n))
+
+    @property
+    def task_model(self) -> nn.Module | None:
+        """The ``*ForSequenceClassification`` model given, if any (its encoder is ``model``)."""
+        return self._task[0] if self._task else None
+
     def block(self, i: int) -> nn.Module:
         if self.layout.shared_groups:
             return self.blocks[int(i / (self.num_layers / self.num_groups))]
@@ -102,6 +136,7 @@ class HFEncoderBackbone(Backbone):
             "hidden_size": self.hidden_size,
             "name_or_path": getattr(self.config, "_name_or_path", "") or "",
             "architecture": type(self.model).__name__,
+            "task_architecture": type(self._task[0]).__name__ if self._task else None,
         }
 
     def reference(self, **inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:

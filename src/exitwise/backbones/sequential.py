@@ -14,11 +14,14 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import ConfigError, InputError
-from .base import Backbone, BackboneState
+from .base import Backbone, BackboneState, OwnClassifier
+
 
 
 class SequentialBackbone(Backbone):
-    """``blocks[i]`` is block i; ``stem`` (optional) runs once in ``start``.
+    """``blocks[i]`` is block i; ``stem`` (optional) runs once in ``start``; ``classifier``
+    (optional) is the network's own classifier on the last block's output, which then becomes
+    the final exit unchanged (head ``native``).
 
     Inputs: ``start(x)`` or ``start(inputs=x)`` with x of shape (B, ...).
     ``example`` (one input row, batch dim included) lets the adapter learn each block's output
@@ -32,6 +35,7 @@ class SequentialBackbone(Backbone):
         blocks: Sequence[nn.Module] | nn.Sequential,
         stem: nn.Module | None = None,
         example: torch.Tensor | None = None,
+        classifier: nn.Module | None = None,
     ) -> None:
         super().__init__()
         blocks = list(blocks)
@@ -39,6 +43,8 @@ class SequentialBackbone(Backbone):
             raise ConfigError("a sequential backbone needs at least one block")
         self.blocks = nn.ModuleList(blocks)
         self.stem = stem
+        # Not registered here: the native final exit holds it (one owner, one name).
+        self._classifier = [classifier] if classifier is not None else []
         self.num_layers = len(blocks)
         self._dims: list[int] | None = None
         self._flops: list[float] | None = None
@@ -65,6 +71,16 @@ class SequentialBackbone(Backbone):
             dims.append(int(x.shape[1]) if x.dim() > 1 else 1)
         self._dims, self._flops = dims, flops
         self.train(was_training)
+
+    def own_classifier(self) -> OwnClassifier | None:
+        """The ``classifier`` given, applied to the last block's output; None without one."""
+        if not self._classifier:
+            return None
+        module = self._classifier[0]
+        linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ConfigError("the classifier of a SequentialBackbone must end in nn.Linear")
+        return OwnClassifier("features", {"classifier": module}, int(linears[-1].out_features))
 
     def feature_dim(self, layer: int) -> int:
         if self._dims is None:

@@ -24,8 +24,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import InputError, UnsupportedModelError
-from .base import Backbone, BackboneState
+from .base import Backbone, BackboneState, OwnClassifier, hf_label_names
 from .vision_layouts import VisionLayout, find_vision_layout, supported_vision_models
+
 
 Size = tuple[int, int]
 
@@ -95,9 +96,15 @@ class VisionBackbone(Backbone):
             )
         self.layout_key, self.layout = found
         layout: VisionLayout = self.layout
+        # The task model, when the one given is a wrapper around the network we step through
+        # (ViTForImageClassification): its classifier becomes the native final exit. In a
+        # list, so that nn.Module does not register it a second time.
+        self._task: list[nn.Module] = []
         if layout.reference == "hf-cls":  # the bare ViTModel inside ViTForImageClassification
             base = getattr(model, "base_model", model)
-            model = base if isinstance(base, nn.Module) else model
+            if isinstance(base, nn.Module) and base is not model:
+                self._task = [model]
+                model = base
         # ``net``, not ``model``: MultiExitModel saves a tuned ``backbone.model`` with HF's
         # save_pretrained; every vision backbone is saved as one safetensors state dict instead,
         # which from_pretrained(backbone=...) loads back into the adapter.
@@ -314,6 +321,28 @@ class VisionBackbone(Backbone):
     def feature_dim(self, layer: int) -> int:
         return self._profiles[self.default_size].widths[layer - 1]
 
+    def own_classifier(self) -> OwnClassifier | None:
+        """The model's own classifier over the pre-logits features the final exit reads
+        (timm ``get_classifier()``, torchvision ``fc`` / ``classifier``, HF
+        ``ViTForImageClassification.classifier``); None for a headless model."""
+        kind = self.layout.reference
+        if kind == "timm":
+            module = self.net.get_classifier() if hasattr(self.net, "get_classifier") else None
+        elif kind == "hf-cls":
+            module = getattr(self._task[0], "classifier", None) if self._task else None
+        elif kind.startswith("hook:"):
+            module = _get(self.net, kind[5:])
+        else:  # pragma: no cover - table error
+            module = None
+        linears = [m for m in module.modules() if isinstance(m, nn.Linear)] if isinstance(
+            module, nn.Module) else []
+        if not linears:  # nn.Identity (num_classes=0) or nothing: no classifier of its own
+            return None
+        n = int(linears[-1].out_features)
+        config = getattr(self._task[0], "config", None) if self._task else None
+        names = hf_label_names(config, n) if config is not None else None
+        return OwnClassifier("features", {"classifier": module}, n, names)
+
     @torch.no_grad()
     def reference(self, pixel_values: Any = None, x: Any = None, **inputs: Any):
         """The model's own feature forward: (pre-logits (B, D), None)."""
@@ -372,6 +401,7 @@ class VisionBackbone(Backbone):
             "widths": widths,
             "in_channels": self.in_channels,
             "image_size": list(self.default_size),
+            "task_architecture": type(self._task[0]).__name__ if self._task else None,
         }
 
 

@@ -1,5 +1,5 @@
 """Exit heads, registered by name: linear, pooler, mlp, mean, lm, sdn, vit_layer, cascade,
-lgvit_local, lgvit_global."""
+lgvit_local, lgvit_global, native."""
 
 from torch import nn
 
@@ -7,6 +7,7 @@ from . import linear, mean, mlp, pooler  # noqa: F401  (registration side effect
 from . import lm  # noqa: F401  (registration side effect)
 from . import sdn, vit_layer  # noqa: F401  (vision exits: SDN, SL-ViT)
 from . import cascade, lgvit  # noqa: F401  (ZTW / IMTA / BoostNet cascades, LGViT)
+from . import native  # noqa: F401  (the model's own classifier as the final exit)
 from .base import HEADS, ExitHead, build_head, heads_for_family, register_head
 from .cascade import CascadeHead, GeometricEnsemble
 

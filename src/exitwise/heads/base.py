@@ -26,6 +26,9 @@ class ExitHead(nn.Module):
     # Backbone families this head can read (None: any). The ``lm`` head, for one, shares the
     # final norm and output layer of a decoder and cannot sit on anything else.
     backbone_families: tuple[str, ...] | None = None
+    # A head that wraps the model's own classifier: chosen automatically for the final exit
+    # of a model that has one, never built standalone.
+    needs_own_classifier: bool = False
 
     def __init__(self, in_features: int, num_labels: int, dropout: float = 0.1) -> None:
         super().__init__()
@@ -70,10 +73,12 @@ class ExitHead(nn.Module):
 
 
 def heads_for_family(family: str) -> list[str]:
-    """Registered head names usable on a backbone of ``family`` (e.g. "sequential")."""
+    """Registered head names one can choose on a backbone of ``family`` (e.g. "sequential");
+    ``native`` is left out (it is the model's own classifier, picked automatically)."""
     return [
         n for n in HEADS.names()
-        if HEADS.get(n).backbone_families is None or family in HEADS.get(n).backbone_families
+        if (HEADS.get(n).backbone_families is None or family in HEADS.get(n).backbone_families)
+        and not HEADS.get(n).needs_own_classifier
     ]
 
 
