@@ -33,8 +33,8 @@ _risk_coverage.png, _overthinking.png, _ood_roc.png beside it).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import platform
 import statistics
 import sys
 import time
@@ -58,22 +58,26 @@ from exitwise.calibration import (  # noqa: E402
 )
 from exitwise.data import ImageClassificationDataset, load_fashion_mnist  # noqa: E402
 from exitwise.errors import DataError, ExitwiseError  # noqa: E402
+from exitwise.machine import machine_info  # noqa: E402
 from exitwise.policies.base import POLICIES, get_policy  # noqa: E402
 from exitwise.runtime.timing import time_interleaved  # noqa: E402
 from exitwise.training import STRATEGIES, get_strategy, train  # noqa: E402
 from fm_protocols import run_protocols  # noqa: E402  (benchmarks/, beside this script)
 
 # Exit heads. SDN internal classifiers after blocks 1-5; the final exit is the ResNet's own
-# global-average-pool + linear classifier. Cascade recipes wire each exit to the previous
-# exit's logits (ZTW / IMTA: linear, BoostNet: additive residual).
-SDN_HEADS = {"head": "sdn", "final_head": "mean", "final_head_kwargs": {}}
+# global-average-pool + linear classifier (the network's ``classifier``, kept as the final exit
+# by attach_exits: head "native"). Cascade recipes wire each exit to the previous exit's logits
+# (ZTW: LayerNorm(previous logits) into one linear layer; IMTA: Linear+BN+ReLU of them;
+# BoostNet: additive, reweighted residual); IMTA and BoostNet chain the final exit too.
+SDN_HEADS = {"head": "sdn"}
 
 
-def _cascade(combine: str, detach: bool, final_too: bool) -> dict:
-    kw = {"combine": combine, "detach_previous": detach}
-    return {"head": "cascade", "head_kwargs": {"base": "sdn", **kw},
-            "final_head": "cascade" if final_too else "mean",
-            "final_head_kwargs": {"base": "mean", **kw} if final_too else {}}
+def _cascade(combine: str, detach: bool, final_too: bool, **extra) -> dict:
+    kw = {"combine": combine, "detach_previous": detach, **extra}
+    heads = {"head": "cascade", "head_kwargs": {"base": "sdn", **kw}}
+    if final_too:
+        heads.update(final_head="cascade", final_head_kwargs={"base": "mean", **kw})
+    return heads
 
 
 # benchmark name -> (registered strategy, options, heads). Strategies not registered are
@@ -85,13 +89,15 @@ RECIPES: dict[str, tuple[str, dict, dict]] = {
     "branchynet": ("branchynet", {}, SDN_HEADS),
     "sdn_ramp": ("sdn_ramp", {}, SDN_HEADS),
     "sdn_ic_only": ("sdn_ic_only", {}, SDN_HEADS),
-    "imta": ("imta", {}, _cascade("linear", detach=False, final_too=True)),
-    # BYOT's shallow classifiers end in a bottleneck as wide as the deepest feature (64), which
-    # its feature hints compare: an mlp head (global pool, 64-wide hidden layer, linear).
-    "self_distill": ("self_distill", {}, {"head": "mlp", "head_kwargs": {"hidden_features": 64},
-                                          "final_head": "mean", "final_head_kwargs": {}}),
+    # IMTA's two stages (gradient equilibrium, then distillation on the frozen network) share
+    # the equal budget: half the epochs each (set in train_recipe).
+    "imta": ("imta", {}, _cascade("isc", detach=False, final_too=True)),
+    # BYOT's shallow classifiers: mlp heads (global pool, 64-wide hidden layer, linear); its
+    # adaptation layers map their features to the final exit's width for the hints.
+    "self_distill": ("self_distill", {}, {"head": "mlp", "head_kwargs": {"hidden_features": 64}}),
     "ztw": ("ztw", {}, _cascade("linear", detach=True, final_too=False)),
-    "boosted": ("boosted", {}, _cascade("additive", detach=True, final_too=True)),
+    # BoostNet's authors' runs reweight the previous prediction by 0.5.
+    "boosted": ("boosted", {}, _cascade("additive", detach=True, final_too=True, reweight=0.5)),
     "l2w": ("l2w", {}, SDN_HEADS),
     "meta_gf": ("meta_gf", {}, SDN_HEADS),
 }
@@ -128,7 +134,15 @@ class BasicBlock(nn.Module):
         return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-def build_backbone(seed: int = 0) -> SequentialBackbone:
+def build_backbone(seed: int = 0, like: MultiExitModel | None = None) -> SequentialBackbone:
+    """The ResNet (stem, 6 blocks, its own pool + linear classifier) as a sequential network;
+    ``like``: a copy of that trained model's network (blocks, stem and classifier)."""
+    if like is not None:
+        bb = copy.deepcopy(like.backbone)
+        own = like.backbone.own_classifier()
+        classifier = copy.deepcopy(own.modules["classifier"])
+        return SequentialBackbone(list(bb.blocks), stem=bb.stem, classifier=classifier,
+                                  example=torch.zeros(1, 1, 28, 28))
     torch.manual_seed(seed)
     stem = nn.Sequential(nn.Conv2d(1, WIDTHS[0], 3, 1, 1, bias=False), nn.BatchNorm2d(WIDTHS[0]),
                          nn.ReLU())
@@ -137,15 +151,21 @@ def build_backbone(seed: int = 0) -> SequentialBackbone:
         for j in range(BLOCKS_PER_STAGE):
             blocks.append(BasicBlock(c, w, 2 if (s > 0 and j == 0) else 1))
             c = w
-    return SequentialBackbone(blocks, stem=stem, example=torch.zeros(1, 1, 28, 28))
+    classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(c, 10))
+    return SequentialBackbone(blocks, stem=stem, classifier=classifier,
+                              example=torch.zeros(1, 1, 28, 28))
 
 
-def build_model(heads: dict = SDN_HEADS, seed: int = 0) -> MultiExitModel:
-    """The ResNet with an exit after every block, heads as in ``heads`` (an ExitConfig part)."""
+def build_model(heads: dict = SDN_HEADS, seed: int = 0,
+                network: MultiExitModel | None = None) -> MultiExitModel:
+    """The ResNet with an exit after every block, heads as in ``heads`` (an ExitConfig part);
+    ``network``: on a copy of that trained model's network (its classifier the final exit)."""
     config = ExitConfig(layers="all", num_labels=10, dropout=0.0, **heads)
-    model = attach_exits(build_backbone(seed), config)
+    model = attach_exits(build_backbone(seed, like=network), config)
     torch.manual_seed(seed + 1)  # heads: the same initial weights for every recipe
     for head in model.heads:
+        if type(head).registered_name == "native":
+            continue  # the network's own classifier: built (and trained) with the network
         for m in head.modules():
             if isinstance(m, nn.Linear):
                 m.reset_parameters()
@@ -189,13 +209,14 @@ def train_recipe(name: str, args, work: Path, train_ds) -> tuple[MultiExitModel,
         return MultiExitModel.from_pretrained(final, backbone=build_backbone()), facts
     for stale in run.glob("cache-*.safetensors"):  # logits of an earlier, unfinished model
         stale.unlink()
-    model = build_model(heads)
+    if name == "imta":  # two stages, one budget: half the epochs each
+        options = {**options, "stage_args": [{"num_train_epochs": args.epochs / 2}] * 2}
     recipe = get_strategy(strategy, **options)
-    if not recipe.tunes_backbone:  # exits on a frozen network: start from the plain one
+    if not recipe.tunes_backbone:  # exits on a frozen network: the trained plain network
         plain, _ = train_recipe("plain", args, work, train_ds)
-        model.backbone.load_state_dict(plain.backbone.state_dict())
-        if type(model.heads[-1]) is type(plain.heads[-1]):
-            model.heads[-1].load_state_dict(plain.heads[-1].state_dict())
+        model = build_model(heads, network=plain)
+    else:
+        model = build_model(heads)
     print(f"[train] {name}: strategy {strategy} {options or ''}, heads {heads['head']}")
     t0 = time.time()
     result = train(
@@ -351,6 +372,35 @@ def runtime_check(model, policy, test_c, test) -> dict:
             "exit_agreement": float((idx == rep.exit_index).double().mean())}
 
 
+def recipe_row(rep: dict) -> dict | None:
+    """The README's row for one recipe's report: full depth, the policy chosen on held-out
+    (highest held-out FLOPs speed-up among those meeting the target) with its test accuracy,
+    drop and FLOPs speed-up, and the best budgeted-batch mean accuracy."""
+    if "policies" not in rep:
+        return None
+    met = {p: v for p, v in rep["policies"].items() if v["heldout"]["met_target"]}
+    chosen = max(met, key=lambda p: met[p]["heldout"]["flops_speedup"], default=None)
+    best_b = max(rep["policies"], key=lambda p: rep["policies"][p]["budgeted_mean_accuracy"])
+    row = {"full_accuracy": rep["full_accuracy"], "policy": chosen,
+           "budgeted_policy": best_b,
+           "budgeted_mean_accuracy": rep["policies"][best_b]["budgeted_mean_accuracy"]}
+    if chosen is not None:
+        t = rep["policies"][chosen]["test"]
+        row.update(accuracy=t["accuracy"], drop_points=t["accuracy_drop_points"],
+                   flops_speedup=t["flops_speedup"])
+    return row
+
+
+def before_after(report: dict, before_file: str | None) -> dict | None:
+    """Every recipe's row now and in an earlier run's JSON (same budget and seeds)."""
+    if not before_file or not Path(before_file).is_file():
+        return None
+    old = json.loads(Path(before_file).read_text()).get("recipes", {})
+    return {name: {"before": recipe_row(old[name]) if name in old else None,
+                   "after": recipe_row(rep)}
+            for name, rep in report.items() if name != "plain"}
+
+
 # -- plots ------------------------------------------------------------------------------------
 def plot(report: dict, out_png: Path, kind: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -404,6 +454,9 @@ def parse_args():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny budget to check the script")
+    ap.add_argument("--before", default=str(RESULTS / "fashion_mnist_before_issue10.json"),
+                    help="an earlier run's JSON to compare every recipe with (same budget and "
+                         "seeds); '' for none")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/fashion_mnist"
                                                 "[_quick].json")
     args = ap.parse_args()
@@ -412,6 +465,7 @@ def parse_args():
         args.epochs = 1.0 if args.epochs == 2.0 else args.epochs
         args.recipes = args.recipes or QUICK_RECIPES
         args.work += "-quick"
+        args.before = ""  # the earlier full run is not comparable
     args.out = args.out or str(RESULTS / ("fashion_mnist_quick.json" if args.quick
                                            else "fashion_mnist.json"))
     args.recipes = args.recipes or list(RECIPES)
@@ -497,9 +551,7 @@ def main() -> int:
     result = {
         "benchmark": "fashion_mnist",
         "command": "python " + " ".join(["benchmarks/fashion_mnist.py"] + sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
+        "machine": machine_info(),
         "setup": {
             "data": source, "train_rows": len(train_ds), "holdout_rows": len(held),
             "test_rows": len(test), "epochs": args.epochs, "batch_size": args.batch_size,
@@ -522,6 +574,8 @@ def main() -> int:
         "timing": timing,
         "protocols": protocols,
         "recipes": report,
+        "before_after": before_after(report, args.before),
+        "before_file": args.before or None,
     }
     for kind in ("anytime", "budgeted"):
         png = out.with_name(f"{out.stem}_{kind}.png")

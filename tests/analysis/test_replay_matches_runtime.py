@@ -146,7 +146,7 @@ def test_sequential_backbone_with_tuple_batches() -> None:
     model.temperatures.copy_((top2[..., 0] - top2[..., 1]).median(dim=0).values / 2)
     for name in ("confidence", "patience", "oracle"):
         policy = _pick_policy(name, cache, model.temperatures)
-        live = model.early_exit(policy, labels=y if policy.needs_labels else None, x=x)
+        live = model.early_exit(policy, labels=y if policy.needs_labels else None, pixel_values=x)
         offline = replay(policy, cache, model.temperatures)
         assert torch.equal(offline.exit_index, live.exit_index), name
         assert torch.equal(offline.costs, live.flops), name

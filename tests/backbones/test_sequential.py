@@ -73,24 +73,24 @@ def test_feature_dims_and_flops_profiled(kind):
 def test_never_exit_equals_sequential_forward(kind, head):
     stem, blocks, x, model = build(kind, head)
     expected = model.heads[-1](plain_forward(stem, blocks, x))
-    res = model.early_exit(ew.get_policy("never"), x=x)
+    res = model.early_exit(ew.get_policy("never"), pixel_values=x)
     assert res.exit_index.tolist() == [model.num_exits - 1] * len(x)
     torch.testing.assert_close(res.logits, expected, atol=ATOL, rtol=0)
-    torch.testing.assert_close(model.full_depth(x=x), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(model.full_depth(pixel_values=x), expected, atol=ATOL, rtol=0)
     with torch.no_grad():
-        torch.testing.assert_close(model(x=x).logits[-1], expected, atol=ATOL, rtol=0)
+        torch.testing.assert_close(model(pixel_values=x).logits[-1], expected, atol=ATOL, rtol=0)
 
 
 def test_per_row_exits_equal_rows_alone(kind):
     _, _, x, model = build(kind)
     with torch.no_grad():
-        ent = prediction_entropy(model(x=x).logits[0]).sort().values
+        ent = prediction_entropy(model(pixel_values=x).logits[0]).sort().values
     k = (len(ent) - 1) // 2
     policy = ew.get_policy("entropy", threshold=float((ent[k] + ent[k + 1]) / 2))
-    res = model.early_exit(policy, x=x)
+    res = model.early_exit(policy, pixel_values=x)
     assert len(set(res.exit_index.tolist())) >= 2
     for r in range(len(x)):
-        alone = model.early_exit(policy, x=x[r : r + 1])
+        alone = model.early_exit(policy, pixel_values=x[r : r + 1])
         assert int(alone.exit_index) == int(res.exit_index[r])
         assert int(alone.predictions) == int(res.predictions[r])
         torch.testing.assert_close(alone.logits[0], res.logits[r], atol=ATOL, rtol=0)
@@ -113,7 +113,7 @@ def test_save_load_with_backbone_argument(kind, tmp_path):
         assert torch.equal(a, b)
     assert torch.equal(loaded.temperatures, model.temperatures)
     policy = ew.get_policy("confidence", threshold=0.7)
-    a, b = model.early_exit(policy, x=x), loaded.early_exit(policy, x=x)
+    a, b = model.early_exit(policy, pixel_values=x), loaded.early_exit(policy, pixel_values=x)
     assert torch.equal(a.exit_index, b.exit_index)
     torch.testing.assert_close(a.logits, b.logits, atol=0, rtol=0)
 
@@ -127,7 +127,7 @@ def test_save_load_tuned_sequential_backbone(tmp_path):
     loaded = ew.MultiExitModel.from_pretrained(
         tmp_path, backbone=ew.SequentialBackbone(fresh_blocks, example=x[:1])
     )
-    torch.testing.assert_close(loaded.full_depth(x=x), model.full_depth(x=x), atol=0, rtol=0)
+    torch.testing.assert_close(loaded.full_depth(pixel_values=x), model.full_depth(pixel_values=x), atol=0, rtol=0)
 
 
 def test_load_needs_backbone_argument(tmp_path):
@@ -160,6 +160,24 @@ def test_plain_sequential_without_example_asks_for_one():
 def test_empty_sequential_batch_and_blocks():
     _, _, x, model = build("mlp")
     with pytest.raises(InputError, match="empty"):
-        model.early_exit(ew.get_policy("never"), x=x[:0])
+        model.early_exit(ew.get_policy("never"), pixel_values=x[:0])
     with pytest.raises(ConfigError):
         ew.SequentialBackbone([])
+
+
+def test_one_name_for_one_input():
+    """Images are pixel_values everywhere (as Hugging Face names them); other keywords are
+    refused with the name to use."""
+    import pytest as _pytest
+
+    from exitwise.errors import InputError
+
+    from exitwise.backbones import SequentialBackbone
+
+    model = ew.attach_exits(SequentialBackbone([torch.nn.Linear(4, 4)] * 2,
+                                               example=torch.randn(1, 4)), head="linear")
+    x = torch.randn(3, 4)
+    assert model.early_exit(ew.get_policy("never"), pixel_values=x).logits.shape == (3, 2)
+    assert model.early_exit(ew.get_policy("never"), inputs=x).logits.shape == (3, 2)
+    with _pytest.raises(InputError, match="pixel_values"):
+        model.early_exit(ew.get_policy("never"), x=x)

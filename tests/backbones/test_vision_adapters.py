@@ -23,7 +23,7 @@ timm = pytest.importorskip("timm")
 
 def block_outputs(backbone: VisionBackbone, x: torch.Tensor) -> list[torch.Tensor]:
     with torch.no_grad():
-        state = backbone.start(x=x)
+        state = backbone.start(pixel_values=x)
         outs = []
         for i in range(backbone.num_layers):
             state = backbone.step(i, state)
@@ -65,10 +65,10 @@ def test_vit_blocks_match_timm_intermediates():
 
 def test_token_models_carry_a_mask_and_cnns_do_not():
     vit = VisionBackbone(tiny_vision("timm-vit"))
-    state = vit.start(x=images(2))
+    state = vit.start(pixel_values=images(2))
     assert state.mask is not None and state.mask.shape == (2, 17) and bool(state.mask.all())
     cnn = VisionBackbone(tiny_vision("timm-resnet"), image_size=SIZE)
-    assert cnn.start(x=images(2)).mask is None
+    assert cnn.start(pixel_values=images(2)).mask is None
 
 
 def test_wrap_backbone_picks_the_right_adapter():
@@ -93,8 +93,8 @@ def test_flops_are_measured_per_resolution_and_cached():
     # convolutions scale with the number of pixels: 4x the pixels, ~4x the FLOPs
     assert sum(blocks64) == pytest.approx(4 * sum(blocks32), rel=0.02)
     model = ew.attach_exits(bb, head="linear", num_labels=3, layers=[2, 5]).eval()
-    small = model.early_exit(ew.get_policy("never"), x=images(2))
-    large = model.early_exit(ew.get_policy("never"), x=images(2, size=64))
+    small = model.early_exit(ew.get_policy("never"), pixel_values=images(2))
+    large = model.early_exit(ew.get_policy("never"), pixel_values=images(2, size=64))
     assert float(large.flops[0]) > 3.5 * float(small.flops[0])
     assert set(bb._profiles) == {(32, 32), (64, 64)}  # measured once per size
 
@@ -124,7 +124,7 @@ def test_gradients_reach_backbone_and_heads():
 def test_wrong_channel_count(family):
     bb = VisionBackbone(tiny_vision(family), image_size=SIZE)
     with pytest.raises(InputError, match="1 channels but the model takes 3"):
-        bb.start(x=torch.randn(2, 1, SIZE, SIZE))
+        bb.start(pixel_values=torch.randn(2, 1, SIZE, SIZE))
     with pytest.raises(InputError, match="1 channels"):
         bb.reference(pixel_values=torch.randn(2, 1, SIZE, SIZE))
 
@@ -141,32 +141,32 @@ def test_image_size_the_model_cannot_take(family, size, match):
     model = ew.attach_exits(VisionBackbone(tiny_vision(family), image_size=SIZE),
                             num_labels=2, head="linear")
     with pytest.raises(InputError, match=match):
-        model.early_exit(ew.get_policy("never"), x=torch.randn(2, 3, size, size))
+        model.early_exit(ew.get_policy("never"), pixel_values=torch.randn(2, 3, size, size))
     with pytest.raises(InputError, match=match):
-        model.full_depth(x=torch.randn(2, 3, size, size))
+        model.full_depth(pixel_values=torch.randn(2, 3, size, size))
 
 
 def test_dynamic_size_vit_checks_patch_divisibility():
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=SIZE,
                               patch_size=8, depth=2, num_classes=2, dynamic_img_size=True)
     bb = VisionBackbone(model)
-    assert bb.start(x=torch.randn(1, 3, 48, 40)).hidden.shape == (1, 1 + 6 * 5, 192)
+    assert bb.start(pixel_values=torch.randn(1, 3, 48, 40)).hidden.shape == (1, 1 + 6 * 5, 192)
     with pytest.raises(InputError, match="divisible by the patch size 8x8"):
-        bb.start(x=torch.randn(1, 3, 36, 40))
+        bb.start(pixel_values=torch.randn(1, 3, 36, 40))
 
 
 def test_malformed_batches():
     bb = VisionBackbone(tiny_vision("timm-resnet"), image_size=SIZE)
     with pytest.raises(InputError, match="empty"):
-        bb.start(x=torch.randn(0, 3, SIZE, SIZE))
+        bb.start(pixel_values=torch.randn(0, 3, SIZE, SIZE))
     with pytest.raises(InputError, match=r"\(batch, channels, height, width\)"):
-        bb.start(x=torch.randn(3, SIZE, SIZE))
+        bb.start(pixel_values=torch.randn(3, SIZE, SIZE))
     with pytest.raises(InputError, match="float"):
-        bb.start(x=torch.zeros(1, 3, SIZE, SIZE, dtype=torch.uint8))
+        bb.start(pixel_values=torch.zeros(1, 3, SIZE, SIZE, dtype=torch.uint8))
     with pytest.raises(InputError, match="pixel_values"):
         bb.start()
     with pytest.raises(InputError, match="unexpected inputs"):
-        bb.start(x=images(1), attention_mask=torch.ones(1, 4))
+        bb.start(pixel_values=images(1), attention_mask=torch.ones(1, 4))
 
 
 def test_unknown_models_and_models_without_blocks():

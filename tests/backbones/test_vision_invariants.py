@@ -110,7 +110,7 @@ def test_never_exit_equals_own_features_and_logits(family):
     x = images()
     own = own_features(family, raw, x)
     expected = model.heads[-1](own)
-    res = model.early_exit(ew.get_policy("never"), x=x)
+    res = model.early_exit(ew.get_policy("never"), pixel_values=x)
     assert res.exit_index.tolist() == [model.num_exits - 1] * len(x)
     torch.testing.assert_close(res.logits, expected, atol=ATOL, rtol=1e-5)
     torch.testing.assert_close(model.full_depth(pixel_values=x), expected, atol=ATOL, rtol=1e-5)
@@ -132,13 +132,13 @@ def test_per_row_exits_equal_rows_alone(family):
     _, model = built(family)
     x = images()
     with torch.no_grad():
-        ent = prediction_entropy(model(x=x).logits[0])
+        ent = prediction_entropy(model(pixel_values=x).logits[0])
     policy = ew.get_policy("entropy", threshold=split_threshold(ent))
-    res = model.early_exit(policy, x=x)
+    res = model.early_exit(policy, pixel_values=x)
     assert len(set(res.exit_index.tolist())) >= 2
     assert res.rows_per_layer[0] == len(x) and res.rows_per_layer[-1] < len(x)
     for r in range(len(x)):
-        alone = model.early_exit(policy, x=x[r : r + 1])
+        alone = model.early_exit(policy, pixel_values=x[r : r + 1])
         assert int(alone.exit_index) == int(res.exit_index[r])
         assert int(alone.predictions) == int(res.predictions[r])
         torch.testing.assert_close(alone.logits[0], res.logits[r], atol=ATOL, rtol=1e-5)
@@ -156,7 +156,7 @@ def test_replay_equals_runtime(family):
     conf = cache.logits[:, 0].softmax(-1).amax(-1)
     mixed = ew.get_policy("confidence", threshold=split_threshold(conf))
     for policy in (mixed, ew.get_policy("patience", patience=2)):
-        live = model.early_exit(policy, x=x)
+        live = model.early_exit(policy, pixel_values=x)
         offline = replay(policy, cache)
         assert torch.equal(offline.exit_index, live.exit_index), policy.registered_name
         assert torch.equal(offline.predictions, live.predictions)
@@ -184,7 +184,7 @@ def test_save_load_round_trip(family, tmp_path):
     assert torch.equal(loaded.temperatures, model.temperatures)
     x = images(4)
     policy = ew.get_policy("confidence", threshold=0.5)
-    a, b = model.early_exit(policy, x=x), loaded.early_exit(policy, x=x)
+    a, b = model.early_exit(policy, pixel_values=x), loaded.early_exit(policy, pixel_values=x)
     assert torch.equal(a.exit_index, b.exit_index)
     torch.testing.assert_close(a.logits, b.logits, atol=0, rtol=0)
     with pytest.raises(ew.CheckpointError, match="backbone="):
@@ -199,7 +199,7 @@ def test_tuned_backbone_round_trip(family, tmp_path):
     fresh = VisionBackbone(tiny_vision(family, seed=7), image_size=SIZE)  # other weights
     loaded = ew.MultiExitModel.from_pretrained(tmp_path, backbone=fresh)
     x = images(3)
-    torch.testing.assert_close(loaded.full_depth(x=x), model.full_depth(x=x), atol=0, rtol=0)
+    torch.testing.assert_close(loaded.full_depth(pixel_values=x), model.full_depth(pixel_values=x), atol=0, rtol=0)
 
 
 def test_heads_saved_for_one_family_do_not_load_into_another(tmp_path):

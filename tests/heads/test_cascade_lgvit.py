@@ -43,7 +43,7 @@ def images(n: int = 6, seed: int = 1) -> torch.Tensor:
 
 def block_features(model, x):
     """Every exit's (hidden, mask), read by running the backbone by hand."""
-    state = model.backbone.start(x=x)
+    state = model.backbone.start(pixel_values=x)
     feats = []
     for i in range(model.backbone.num_layers):
         state = model.backbone.step(i, state)
@@ -56,7 +56,7 @@ def block_features(model, x):
 def test_forward_feeds_the_previous_logits(combine):
     model = cnn_model(combine=combine)
     x = images()
-    out = model(x=x).logits
+    out = model(pixel_values=x).logits
     feats = block_features(model, x)
     with torch.no_grad():
         for k, (hidden, mask) in enumerate(feats):
@@ -87,7 +87,7 @@ def test_first_exit_is_its_base_head(combine):
 @pytest.mark.parametrize("detach", [True, False])
 def test_detach_previous_controls_the_gradient_into_earlier_exits(detach):
     model = cnn_model(detach_previous=detach).train()
-    out = model(x=images()).logits
+    out = model(pixel_values=images()).logits
     out[1].sum().backward()
     grad = model.heads[0].base.classifier.weight.grad
     assert (grad is None or not grad.any()) if detach else grad.abs().sum() > 0
@@ -97,24 +97,24 @@ def test_never_exit_policy_in_the_executor_equals_forward():
     model = cnn_model()
     x = images()
     with torch.no_grad():
-        expected = model(x=x).logits[-1]
-    result = model.early_exit(get_policy("never"), x=x)
+        expected = model(pixel_values=x).logits[-1]
+    result = model.early_exit(get_policy("never"), pixel_values=x)
     torch.testing.assert_close(result.logits, expected, atol=1e-5, rtol=1e-5)
     assert (result.exit_index == model.num_exits - 1).all()
-    torch.testing.assert_close(model.full_depth(x=x), expected)
+    torch.testing.assert_close(model.full_depth(pixel_values=x), expected)
 
 
 def test_rows_exit_the_same_batched_and_alone():
     model = cnn_model()
     x = images(8)
     with torch.no_grad():
-        conf = torch.stack([z.softmax(-1).amax(-1) for z in model(x=x).logits[:-1]])
+        conf = torch.stack([z.softmax(-1).amax(-1) for z in model(pixel_values=x).logits[:-1]])
     policy = get_policy("confidence", threshold=float(conf.max(0).values.quantile(0.5)))
-    batched = model.early_exit(policy, x=x)
+    batched = model.early_exit(policy, pixel_values=x)
     assert 0 < int((batched.exit_index < model.num_exits - 1).sum()) < 8  # rows really leave
     assert batched.rows_per_layer[-1] < 8
     for r in range(8):
-        alone = model.early_exit(policy, x=x[r : r + 1])
+        alone = model.early_exit(policy, pixel_values=x[r : r + 1])
         assert int(alone.exit_index[0]) == int(batched.exit_index[r])
         torch.testing.assert_close(alone.logits[0], batched.logits[r], atol=1e-5, rtol=1e-5)
 
@@ -124,7 +124,7 @@ def test_logits_cache_feeds_the_previous_logits():
     x, y = images(), torch.arange(6) % 5
     cache = collect_exit_logits(model, [(x, y)], progress=False)
     with torch.no_grad():
-        expected = torch.stack(model(x=x).logits, 1)
+        expected = torch.stack(model(pixel_values=x).logits, 1)
     torch.testing.assert_close(cache.logits, expected)
 
 
@@ -143,7 +143,7 @@ def test_saved_cascade_heads_and_ensemble_load_bit_identical(tmp_path):
     assert torch.equal(loaded.ensemble.bias, ens.bias)
     x = images()
     with torch.no_grad():
-        assert torch.equal(loaded(x=x).stacked(), model(x=x).stacked())
+        assert torch.equal(loaded(pixel_values=x).stacked(), model(pixel_values=x).stacked())
 
 
 def test_geometric_ensemble_formula():

@@ -121,7 +121,7 @@ def tiny_model():
 def test_runs_in_the_executor(policy, tiny_model):
     x = torch.randn(B, 6)
     labels = torch.randint(0, C, (B,)) if policy.needs_labels else None
-    res = tiny_model.early_exit(policy, labels=labels, x=x)
+    res = tiny_model.early_exit(policy, labels=labels, pixel_values=x)
     assert res.exit_index.shape == (B,) and bool((res.exit_index >= 0).all())
     assert bool((res.exit_index < NUM_EXITS).all())
 
@@ -134,7 +134,7 @@ def test_nan_logits_raise_input_error_via_runtime(policy, tiny_model):
     try:
         labels = torch.zeros(B, dtype=torch.long) if policy.needs_labels else None
         with pytest.raises(InputError, match="NaN"):
-            tiny_model.early_exit(policy, labels=labels, x=torch.randn(B, 6))
+            tiny_model.early_exit(policy, labels=labels, pixel_values=torch.randn(B, 6))
     finally:
         with torch.no_grad():
             bias.copy_(saved)

@@ -180,8 +180,8 @@ def test_oracle_in_the_real_runtime():
     x = torch.randn(16, 6)
     labels = torch.randint(0, 3, (16,))
     with torch.no_grad():
-        preds = model(x=x).stacked().argmax(-1)  # (B, exits)
-    res = model.early_exit(ew.get_policy("oracle"), labels=labels, x=x)
+        preds = model(pixel_values=x).stacked().argmax(-1)  # (B, exits)
+    res = model.early_exit(ew.get_policy("oracle"), labels=labels, pixel_values=x)
     for r in range(16):
         hits = (preds[r] == labels[r]).nonzero()
         expected = int(hits[0]) if len(hits) else model.num_exits - 1

@@ -262,7 +262,7 @@ def test_fitted_policies_agree_between_runtime_and_replay(cnn):
                                                      [0.1, 0.2, 0.3, 1.0]]),
     ]
     for policy in policies:
-        live = model.early_exit(policy, x=x)
+        live = model.early_exit(policy, pixel_values=x)
         offline = replay(policy, cache, model.temperatures)
         assert torch.equal(live.exit_index, offline.exit_index), policy
         assert torch.equal(live.predictions, offline.predictions), policy
@@ -275,7 +275,7 @@ def test_ztw_runtime_returns_the_ensemble_and_replay_scores_it(cnn):
     model, x, cache = cnn
     weights = [[1.0], [0.5, 1.0], [0.2, 0.4, 1.0], [0.1, 0.2, 0.3, 1.0]]
     policy = ew.get_policy("ztw", threshold=0.9, weights=weights)
-    live = model.early_exit(policy, x=x)
+    live = model.early_exit(policy, pixel_values=x)
     ens = ztw_ensemble(cache.logits, weights, None, model.temperatures)  # (N, E, C)
     rows = torch.arange(cache.num_examples)
     torch.testing.assert_close(live.logits, ens[rows, live.exit_index], atol=1e-4, rtol=1e-4)

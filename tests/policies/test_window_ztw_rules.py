@@ -110,7 +110,7 @@ def test_ensemble_window_and_ic_only_ztw_agree_between_runtime_and_replay(cnn):
         ew.get_policy("ztw", threshold=0.6, **ens.to_dict()),
     ]
     for policy in policies:
-        live = model.early_exit(policy, x=x)
+        live = model.early_exit(policy, pixel_values=x)
         offline = replay(policy, cache, model.temperatures)
         assert torch.equal(live.exit_index, offline.exit_index), policy
         assert torch.equal(live.predictions, offline.predictions), policy

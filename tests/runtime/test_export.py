@@ -81,7 +81,7 @@ def test_every_segment_equals_eager(exported):
     model, _, runner = exported
     x = images(n=7)  # not the export batch size: the batch is dynamic
     with torch.inference_mode():
-        eager = model(x=x).stacked()
+        eager = model(pixel_values=x).stacked()
     onnx = runner.all_exits(x)
     assert onnx.shape == eager.shape == (7, 3, CLASSES)
     torch.testing.assert_close(onnx, eager, atol=ATOL, rtol=1e-4)
@@ -103,7 +103,7 @@ def _mixed_threshold(model, x) -> float:
     """A confidence threshold in a wide gap of exit 0's confidences, so that decisions are
     mixed and cannot flip under float round-off between ONNX and eager."""
     with torch.inference_mode():
-        logits = model(x=x).logits[0] / model.temperatures[0]
+        logits = model(pixel_values=x).logits[0] / model.temperatures[0]
     conf = torch.softmax(logits, -1).amax(-1).sort().values
     gaps = conf[2:-2].diff()
     j = int(gaps.argmax()) + 2
@@ -121,7 +121,7 @@ def test_runner_decisions_equal_the_eager_executor(exported, name):
         policy = ew.get_policy("window", low=0.35, high=0.9)
     else:
         policy = ew.get_policy("patience", patience=1)
-    live = model.early_exit(policy, x=x)
+    live = model.early_exit(policy, pixel_values=x)
     onnx = runner.run(x, policy)
     assert torch.equal(onnx.exit_index, live.exit_index)
     assert torch.equal(onnx.exit_layer, live.exit_layer)
@@ -197,7 +197,7 @@ def test_vision_backbones_export(tmp_path, family, head):
     export_segments(model, tmp_path, torch.randn(2, 3, 32, 32))
     x = torch.randn(5, 3, 32, 32)
     with torch.inference_mode():
-        eager = model(x=x).stacked()
+        eager = model(pixel_values=x).stacked()
     torch.testing.assert_close(OnnxExitRunner(tmp_path).all_exits(x), eager, atol=ATOL,
                                rtol=1e-4)
 

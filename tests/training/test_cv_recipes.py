@@ -69,7 +69,7 @@ def image_items(n: int = 96, seed: int = 0) -> list[dict]:
         x = torch.randn(1, 8, 8, generator=g) * 0.5
         label = i % 3
         x[:, :, label * 3 : label * 3 + 2] += 1.0
-        items.append({"x": x, "labels": label})
+        items.append({"pixel_values": x, "labels": label})
     return items
 
 
@@ -112,13 +112,13 @@ def test_gradient_equilibrium_averages_exit_gradients_on_the_backbone():
     per_exit = []  # grads of block params for each exit's loss alone (plain forward)
     for k in range(k_total):
         model.zero_grad()
-        ce(model(x=x).logits[k], y).backward()
+        ce(model(pixel_values=x).logits[k], y).backward()
         per_exit.append({n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
                          for n, p in model.named_parameters()})
 
     model.zero_grad()
-    out = model(x=x, grad_scales=gradient_equilibrium_scales(k_total))
-    plain = model(x=x).logits
+    out = model(pixel_values=x, grad_scales=gradient_equilibrium_scales(k_total))
+    plain = model(pixel_values=x).logits
     for a, b in zip(out.logits, plain):
         torch.testing.assert_close(a, b)
     sum(ce(z, y) for z in out.logits).backward()
@@ -245,7 +245,7 @@ def test_boosted_heads_fit_the_residual_of_the_detached_ensemble():
     model = cnn("cascade", {"base": "linear", "combine": "additive", "reweight": 0.5}).train()
     (stage,) = get_strategy("boosted", gradient_rescaling=False).stages(model)
     x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
-    out = model(x=x)
+    out = model(pixel_values=x)
     # the loss is sum_k CE(F_k), F_k = f_k + 0.5 F_{k-1}.detach(): the heads' own outputs
     expected = sum(nn.functional.cross_entropy(z, y) for z in out.logits)
     torch.testing.assert_close(stage.loss(out, y), expected)
@@ -254,7 +254,7 @@ def test_boosted_heads_fit_the_residual_of_the_detached_ensemble():
     assert model.heads[0].base.classifier.weight.grad is None
     assert model.heads[1].base.classifier.weight.grad.abs().sum() > 0
     model.zero_grad()
-    stage.loss(model(x=x), y).backward()
+    stage.loss(model(pixel_values=x), y).backward()
     assert model.heads[0].base.classifier.weight.grad.abs().sum() > 0
 
 
@@ -302,7 +302,7 @@ def test_self_distill_hints_go_through_adaptation_layers():
     names = stage.trainable_names(model)
     assert {"self_distill_adapters.layers.0.weight", "self_distill_adapters.layers.0.bias"} <= names
     x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
-    out = model(x=x, return_features=True)
+    out = model(pixel_values=x, return_features=True)
     no_hint = get_strategy("self_distill", hint_weight=0.0).stages(model)[0]
     diff = stage.loss(out, y) - no_hint.loss(out, y)
     a = adapters.layers["0"]

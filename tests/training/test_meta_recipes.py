@@ -114,7 +114,7 @@ def test_l2w_step_trains_on_both_halves_with_the_updated_weights():
     assert any(not torch.equal(before[n], p) for n, p in step.wpn.named_parameters())
     assert out.logits[0].shape[0] == 8  # both halves' rows
     with torch.no_grad():  # the objective on the whole batch, with the updated WPN
-        losses = torch.stack([F.cross_entropy(model(x=batch["x"][h * 4:(h + 1) * 4]).logits[k],
+        losses = torch.stack([F.cross_entropy(model(pixel_values=batch["pixel_values"][h * 4:(h + 1) * 4]).logits[k],
                                               labels[h * 4:(h + 1) * 4], reduction="none")
                               for h in range(2) for k in range(3)]).view(2, 3, 4)
         losses = losses.permute(0, 2, 1).reshape(8, 3)  # (rows, exits), halves in order
@@ -167,7 +167,7 @@ def test_meta_gf_hands_the_fused_whole_batch_gradient_to_the_trainer():
     per_exit = [[None] * len(params) for _ in range(3)]
     for h in range(2):
         rows = slice(h * 4, (h + 1) * 4)
-        out = model(x=batch["x"][rows])
+        out = model(pixel_values=batch["pixel_values"][rows])
         for k in range(3):
             gs = torch.autograd.grad(F.cross_entropy(out.logits[k], labels[rows]),
                                      list(params.values()), retain_graph=True, allow_unused=True)

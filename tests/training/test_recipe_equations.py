@@ -37,7 +37,7 @@ def test_byot_total_loss_by_hand():
     model = cnn("linear").train()
     (stage,) = get_strategy("self_distill", alpha=0.3, temperature=3.0,
                             hint_weight=0.03).stages(model)
-    out = model(x=X, return_features=True)
+    out = model(pixel_values=X, return_features=True)
     z, f = out.logits, out.features
     a = model.self_distill_adapters.layers["0"]
     expected = F.cross_entropy(z[2], Y)
@@ -100,7 +100,7 @@ def test_imta_stage_one_is_ge_without_links_stage_two_distils_the_frozen_final_e
     with torch.no_grad():
         for h in model.heads[1:]:
             h.previous.weight.normal_()
-    out = model(x=X, **s2.forward_kwargs)
+    out = model(pixel_values=X, **s2.forward_kwargs)
     teacher = model.heads[2].base.classifier(out.features[2])  # final exit without its link
     z = out.logits
     expected = F.cross_entropy(z[2], Y)
@@ -128,12 +128,12 @@ def test_imta_trains_both_stages_and_keeps_the_network_in_stage_two(tmp_path):
 def test_boostnet_reweights_the_previous_prediction_at_inference():
     model = cnn("cascade", {"base": "linear", "combine": "additive", "reweight": 0.5}).eval()
     with torch.no_grad():
-        out = model(x=X).logits
+        out = model(pixel_values=X).logits
         own = [model.heads[k].base(h) for k, (h, _) in enumerate(block_features(model, X))]
     torch.testing.assert_close(out[0], own[0])
     torch.testing.assert_close(out[1], own[1] + 0.5 * own[0])
     torch.testing.assert_close(out[2], own[2] + 0.5 * own[1] + 0.25 * own[0])
-    live = model.early_exit(ew.get_policy("never"), x=X)  # the executor computes the same
+    live = model.early_exit(ew.get_policy("never"), pixel_values=X)  # the executor computes the same
     torch.testing.assert_close(live.logits, out[2], atol=1e-5, rtol=1e-5)
 
 
@@ -141,7 +141,7 @@ def test_boostnet_loss_with_plain_heads_forms_the_reweighted_sums():
     model = cnn("linear")
     with pytest.warns(UserWarning, match="residual alone"):
         (stage,) = get_strategy("boosted", reweight=0.5, gradient_rescaling=False).stages(model)
-    out = model(x=X)
+    out = model(pixel_values=X)
     f = out.logits
     big_f1 = f[1] + 0.5 * f[0].detach()
     expected = (F.cross_entropy(f[0], Y) + F.cross_entropy(big_f1, Y)
@@ -150,7 +150,7 @@ def test_boostnet_loss_with_plain_heads_forms_the_reweighted_sums():
 
 
 def block_features(model, x):
-    state = model.backbone.start(x=x)
+    state = model.backbone.start(pixel_values=x)
     feats = []
     for i in range(model.backbone.num_layers):
         state = model.backbone.step(i, state)
@@ -221,7 +221,7 @@ def test_copycat_trains_exits_on_the_final_exits_predictions():
     for s in (s1, s2):
         names = s.trainable_names(model)
         assert {n.split(".")[1] for n in names} == {"0", "1"}  # backbone and final: frozen
-    out = model(x=X)
+    out = model(pixel_values=X)
     z = out.logits
     fake = z[2].argmax(-1)
     torch.testing.assert_close(

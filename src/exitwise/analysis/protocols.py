@@ -294,16 +294,21 @@ def window_outcome(
     policy: WindowPolicy, cache: ExitLogitsCache, temperatures: Temps = None
 ) -> dict[str, Any]:
     """Replay a window policy and read, at each row's exit, its uncertainty and whether the
-    policy flags it rejected (uncertainty above ``high``, at any exit including the last).
+    policy flags it rejected (``policy.rejected``: uncertainty above the operating threshold,
+    at any exit including the last). With ``ensemble`` the uncertainty is that of what the row
+    returned (the ensemble of the exits it saw).
 
     Returns ``{"replay": ReplayResult, "uncertainty": (N,), "rejected": (N,) bool}``.
     """
     if not isinstance(policy, WindowPolicy):
         raise ConfigError(f"window_outcome needs a window policy, got {type(policy).__name__}")
     res: ReplayResult = replay(policy, cache, temperatures)
-    logits = _scaled_exit_logits(cache, res.exit_index, temperatures)
-    u = policy.uncertainty(logits)
-    return {"replay": res, "uncertainty": u, "rejected": u > policy.high}
+    if res.outputs is not None:  # the policy changed what rows return (an ensemble)
+        returned = res.outputs
+    else:
+        returned = _scaled_exit_logits(cache, res.exit_index, temperatures)
+    return {"replay": res, "uncertainty": policy.uncertainty(returned),
+            "rejected": policy.rejected(returned)}
 
 
 def auroc(negative: torch.Tensor, positive: torch.Tensor) -> float:

@@ -52,7 +52,7 @@ def cumulative_flops(backbone: Backbone, example: Any = None) -> torch.Tensor:
     """(num_layers + 1,) float64: FLOPs spent after the stem (index 0) and after each block,
     for one row of ``example`` (mean over its rows).
 
-    example: a tensor (given as ``x``) or a dict of backbone inputs; default: the backbone's
+    example: a tensor (given as ``pixel_values``) or a dict of backbone inputs; default: the backbone's
         own ``example_input()`` when it has one (vision adapters do).
     """
     if example is None:
@@ -67,7 +67,7 @@ def cumulative_flops(backbone: Backbone, example: Any = None) -> torch.Tensor:
         if isinstance(example, dict):
             state = backbone.start(**example)
         else:
-            state = backbone.start(x=example)
+            state = backbone.start(pixel_values=example)
         costs = [backbone.start_flops(state).double().mean()]
         for i in range(backbone.num_layers):
             costs.append(backbone.layer_flops(i, state).double().mean())

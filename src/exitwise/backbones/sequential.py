@@ -23,7 +23,7 @@ class SequentialBackbone(Backbone):
     (optional) is the network's own classifier on the last block's output, which then becomes
     the final exit unchanged (head ``native``).
 
-    Inputs: ``start(x)`` or ``start(inputs=x)`` with x of shape (B, ...).
+    Inputs: ``start(pixel_values=x)`` for images or ``start(inputs=x)``, x of shape (B, ...).
     ``example`` (one input row, batch dim included) lets the adapter learn each block's output
     width and FLOPs; without it both are learned lazily on the first batch.
     """
@@ -90,20 +90,30 @@ class SequentialBackbone(Backbone):
             )
         return self._dims[layer - 1]
 
-    def start(self, x: torch.Tensor | None = None, **inputs: Any) -> BackboneState:
-        if x is None:
-            x = inputs.get("inputs", inputs.get("pixel_values", inputs.get("x")))
-        if x is None:
-            raise InputError("give the input tensor as start(x) or inputs=...")
+    def start(self, pixel_values: torch.Tensor | None = None, inputs: torch.Tensor | None = None,
+              **extra: Any) -> BackboneState:
+        """``pixel_values`` (B, C, H, W) for image networks (Hugging Face's name, as every
+        vision entry point), or ``inputs`` (B, ...) for anything else; one of them."""
+        if extra:
+            raise InputError(
+                f"unexpected inputs {sorted(extra)}: a sequential network takes "
+                "pixel_values=<images> or inputs=<tensor>"
+            )
+        if (pixel_values is None) == (inputs is None):
+            raise InputError("give the input tensor as pixel_values=... (images) or inputs=...")
+        x = pixel_values if pixel_values is not None else inputs
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"the input must be a tensor, got {type(x).__name__}")
         self.check_batch(int(x.shape[0]))
         if self._dims is None:
             self.profile(x)
         hidden = self.stem(x) if self.stem is not None else x
         return BackboneState(hidden=hidden)
 
-    def reference(self, x: torch.Tensor | None = None, **inputs: Any):
+    def reference(self, pixel_values: torch.Tensor | None = None,
+                  inputs: torch.Tensor | None = None, **extra: Any):
         """Plain sequential forward: (output, None)."""
-        state = self.start(x, **inputs)
+        state = self.start(pixel_values, inputs, **extra)
         for block in self.blocks:
             state.hidden = block(state.hidden)
         return state.hidden, None

@@ -70,7 +70,9 @@ class _Profile:
 class VisionBackbone(Backbone):
     """A vision model as a stack of blocks.
 
-    Inputs: ``start(pixel_values=x)`` or ``start(x=x)`` with x (B, C, H, W) float.
+    Inputs: ``start(pixel_values=x)`` with x (B, C, H, W) float (Hugging Face's name, the one
+    keyword every vision entry point takes: ``model(pixel_values=x)``,
+    ``model.early_exit(policy, pixel_values=x)``, data batches).
     image_size: (H, W) or an int, the resolution profiled at build time (feature widths,
         default example for FLOPs placement); default: the model's own input size
         (timm ``pretrained_cfg``, ViT ``img_size``, HF ``config.image_size``, else 224).
@@ -210,17 +212,16 @@ class VisionBackbone(Backbone):
                         f"{h}x{w}: build the model with dynamic_img_size=True to take others"
                     )
 
-    def images(self, pixel_values: Any = None, x: Any = None, **extra: Any) -> torch.Tensor:
+    def images(self, pixel_values: Any = None, **extra: Any) -> torch.Tensor:
         """Validate and return the image batch (B, C, H, W), cast to the model's dtype."""
-        alias = extra.pop("inputs", None)  # SequentialBackbone's keyword, accepted too
-        images = next((v for v in (pixel_values, x, alias) if v is not None), None)
         if extra:
             raise InputError(
-                f"unexpected inputs {sorted(extra)} for a vision model: give pixel_values "
-                "(B, C, H, W)"
+                f"unexpected inputs {sorted(extra)} for a vision model: give the images as "
+                "pixel_values=<tensor (B, C, H, W)>"
             )
+        images = pixel_values
         if not isinstance(images, torch.Tensor):
-            raise InputError("give the images as pixel_values=<tensor (B, C, H, W)> or x=...")
+            raise InputError("give the images as pixel_values=<tensor (B, C, H, W)>")
         if images.dim() != 4:
             raise InputError(
                 f"images must be (batch, channels, height, width); got {tuple(images.shape)}"
@@ -296,8 +297,8 @@ class VisionBackbone(Backbone):
             return x[:, 0]
         raise UnsupportedModelError(f"unknown pool kind {pool!r} in the vision layout")
 
-    def start(self, pixel_values: Any = None, x: Any = None, **inputs: Any) -> BackboneState:
-        images = self.images(pixel_values, x, **inputs)
+    def start(self, pixel_values: Any = None, **inputs: Any) -> BackboneState:
+        images = self.images(pixel_values, **inputs)
         size = (int(images.shape[2]), int(images.shape[3]))
         hidden = _run(self._stem, images)
         mask = None
@@ -344,9 +345,9 @@ class VisionBackbone(Backbone):
         return OwnClassifier("features", {"classifier": module}, n, names)
 
     @torch.no_grad()
-    def reference(self, pixel_values: Any = None, x: Any = None, **inputs: Any):
+    def reference(self, pixel_values: Any = None, **inputs: Any):
         """The model's own feature forward: (pre-logits (B, D), None)."""
-        images = self.images(pixel_values, x, **inputs)
+        images = self.images(pixel_values, **inputs)
         kind = self.layout.reference
         if kind == "timm":
             out = self.net.forward_head(self.net.forward_features(images), pre_logits=True)

@@ -102,8 +102,10 @@ class NativeHead(ExitHead):
 
     @property
     def feature_layer(self) -> nn.Module:
-        """The layer whose input is this exit's feature (self-distillation hints)."""
-        return self.parts["classifier"]
+        """The layer whose input is this exit's feature (self-distillation hints): the last
+        linear layer of the classifier (a pool + flatten + linear classifier's linear)."""
+        linears = [m for m in self.parts["classifier"].modules() if isinstance(m, nn.Linear)]
+        return linears[-1] if linears else self.parts["classifier"]
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.kind is None:

@@ -119,6 +119,9 @@ class WindowPolicy(ExitPolicy):
             params = {"threshold": _unit("threshold", 0.5 if threshold is None else threshold),
                       "width": _unit("width", 0.1 if width is None else width)}
         self.param = tune  # the parameter calibration sweeps (instance-level, read by with_param)
+        # A wider window, a lower ``low`` or a higher ``high`` pass more rows on; moving the
+        # operating threshold is not monotone in that sense.
+        self.safer_when = {"width": "higher", "low": "lower", "high": "higher"}.get(tune)
         super().__init__(**params, measure=measure, ensemble=bool(ensemble), tune=tune)
 
     # -- the window ---------------------------------------------------------------------------

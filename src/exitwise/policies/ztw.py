@@ -158,6 +158,7 @@ class ZTWPolicy(ExitPolicy):
     """Exit when the geometric ensemble of the exits so far is confident enough."""
 
     param = "threshold"
+    safer_when = "higher"
     param_range = (0.0, 1.0)
 
     def __init__(

@@ -195,8 +195,10 @@ def run_calibrate(
     progress: bool = True,
     delta: float | None = DEFAULT_DELTA,
     risk: str = "drop",
+    suffix: str = "",
 ) -> dict[str, Any]:
-    """Fit temperatures and per-policy settings on the held-out slice of train; save them.
+    """Fit temperatures and per-policy settings on the held-out slice of train; save them
+    (as ``<policy>@drop<X><suffix>`` or ``<policy>@budget<X><suffix>``).
 
     With a drop target and ``delta`` (default 0.1), each policy gets the most aggressive
     setting whose drop is *certified* within the target with probability >= 1 - delta
@@ -242,10 +244,10 @@ def run_calibrate(
         if max_drop_points is not None:
             result = search_accuracy_drop(policy, cache, temps, max_drop_points=max_drop_points,
                                           delta=delta, risk=risk)
-            key = f"{name}@drop{max_drop_points:g}"
+            key = f"{name}@drop{max_drop_points:g}{suffix}"
         else:
             result = search_budget(policy, cache, temps, budget=budget)
-            key = f"{name}@budget{budget:g}"
+            key = f"{name}@budget{budget:g}{suffix}"
         store_calibration(model, key, result)
         report["policies"][key] = model.calibration["policies"][key]
     model.save_pretrained(model_dir)

@@ -208,7 +208,8 @@ def export_segments(
     was_training = model.training
     model.eval()  # before anything runs: no BatchNorm statistics updates, no dropout
     try:
-        model.backbone.start(x=example)  # validates the input (channels, image size) eagerly
+        # validates the input (channels, image size) eagerly
+        model.backbone.start(pixel_values=example)
         with _one_torchlib_registry():
             entries = _export_all(segments, example, out, opset)
     finally:
