@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text[,second text],label columns by header name or 1-based position, "
                         "for files exitwise cannot read by itself (e.g. 8,9,10 for a "
                         "header-less STS-B)")
+    t.add_argument("--split", default="train",
+                   help="the split to train on (its held-out slice calibrates); e.g. dev for "
+                        "a folder with only dev and test files")
     t.add_argument("--task", default=None, choices=["classification", "regression"],
                    help="default: from the labels (decimal numbers -> regression)")
     t.add_argument("--layers", type=_layers, default="all", help="'all', 'every:K' or '2,4,6'")
@@ -43,12 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "when the checkpoint's pooler was trained)")
     t.add_argument("--strategy", default="joint")
     t.add_argument("--weights", default="uniform", help="joint weights: uniform or depth")
-    t.add_argument("--epochs", type=float, default=1.0)
+    t.add_argument("--epochs", type=float, default=None,
+                   help="default: 1, or up to 3 on a small file (about 300 steps)")
     t.add_argument("--max-steps", type=int, default=-1)
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--lr", type=float, default=5e-5)
     t.add_argument("--max-train", type=int, default=None)
-    t.add_argument("--holdout", type=int, default=2000, help="train rows kept for calibration")
+    t.add_argument("--holdout", type=int, default=None,
+                   help="train rows kept for calibration (default: 2000, or a quarter of a "
+                        "smaller file)")
     t.add_argument("--max-length", type=int, default=None,
                    help="tokens per example (default 64; 128 for sentence pairs)")
     t.add_argument("--seed", type=int, default=0)
@@ -76,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="per-exit accuracy, policies and curves on a split")
     e.add_argument("model_dir")
     e.add_argument("--data", default=None)
-    e.add_argument("--split", default="dev")
+    e.add_argument("--split", default=None,
+                   help="default: dev, or test for a model trained on dev")
     e.add_argument("--out", default=None, help="folder for report.json and the curves "
                                                 "(default: MODEL_DIR/eval-SPLIT)")
     e.add_argument("--limit", type=int, default=None)
@@ -85,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="measured wall-clock speed-up vs full depth")
     b.add_argument("model_dir")
     b.add_argument("--data", default=None)
-    b.add_argument("--split", default="dev")
+    b.add_argument("--split", default=None,
+                   help="default: dev, or test for a model trained on dev")
     b.add_argument("--batch-sizes", default="1,32")
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--limit", type=int, default=None)
@@ -293,6 +301,7 @@ def _run(args: argparse.Namespace) -> int:
             max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.lr,
             max_train=args.max_train, holdout=args.holdout, seed=args.seed,
             max_length=args.max_length, columns=args.columns, task=args.task,
+            train_split=args.split,
         )
         tc.run_train(job, resume=not args.no_resume)
         print(f"saved to {args.out}")
@@ -319,7 +328,7 @@ def _run(args: argparse.Namespace) -> int:
             batch_sizes=tuple(int(x) for x in args.batch_sizes.split(",")),
             repeats=args.repeats, limit=args.limit, threads=args.threads,
         )
-        out = Path(args.out) if args.out else Path(args.model_dir) / f"bench-{args.split}.json"
+        out = Path(args.out) if args.out else Path(args.model_dir) / f"bench-{report['split']}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2, default=_json_default))
         print(json.dumps(report, indent=2, default=_json_default) if args.json

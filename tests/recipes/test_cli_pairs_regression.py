@@ -131,3 +131,24 @@ def test_a_classification_recipe_refuses_a_regression_model():
     with pytest.raises(ConfigError, match="regression model"):
         train(model, [{"input_ids": [1, 2], "labels": 0.5}], strategy="self_distill",
               output_dir="unused")
+
+
+def test_training_on_another_split_and_evaluating_elsewhere(tiny_model_dir, tmp_path, capsys):
+    """A folder with only dev and test (as ../shared/data/snli): train on dev with --split,
+    evaluate defaults to test, and evaluating on the split trained on is refused."""
+    data = pair_files(tmp_path)
+    (data / "train.tsv").rename(data / "test.tsv")  # now: dev.tsv (60 rows) and test.tsv
+    (data / "dev.tsv").rename(data / "keep.tsv")
+    (data / "test.tsv").rename(data / "dev.tsv")  # dev: the 420-row file
+    (data / "keep.tsv").rename(data / "test.tsv")  # test: the 60-row file
+    out = tmp_path / "on-dev"
+    assert main(["train", "--out", str(out), "--model", str(tiny_model_dir), "--data", str(data),
+                 "--split", "dev", "--max-steps", "2", "--holdout", "100"]) == 0
+    said = capsys.readouterr().out
+    assert "dev.tsv: 420 sentence pairs" in said, said  # the dev file was the one read
+    assert json.loads((out / "exitwise_job.json").read_text())["train_split"] == "dev"
+    assert main(["evaluate", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["split"] == "test" and report["rows"] == 60
+    assert main(["evaluate", str(out), "--split", "dev"]) == 2
+    assert "trained on split 'dev'" in capsys.readouterr().err

@@ -86,6 +86,20 @@ def test_format_exit_table():
         format_exit_table([0.5], [1, 2])
 
 
+def test_format_exit_table_flags_dead_exits_with_a_fitting_hint():
+    from exitwise.training.evaluate import ExitEvaluation
+
+    # majority 0.40; an exit must beat it by the 0.5-point margin to be live
+    ev = ExitEvaluation([0.402, 0.41, 0.9], "accuracy", 0.40)
+    assert ev.dead == [0]
+    text = format_exit_table(ev, [1, 2, 3], ["linear"])
+    assert text.splitlines()[1].endswith("<- no better than a constant prediction")
+    assert "1 exit(s) do not beat the majority class's 40.00%" in text
+    assert "--head mean" in text
+    # exits already on the mean head are not told to use it
+    assert "--head mean" not in format_exit_table(ev, [1, 2, 3], ["mean"])
+
+
 def test_train_reports_and_prints_per_exit_accuracy(tmp_path, capsys):
     items = token_items(32, seed=8)
     result = train(

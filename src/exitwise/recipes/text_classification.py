@@ -19,7 +19,7 @@ import torch
 from ..config import ExitConfig
 from ..data import TextExamples, TokenizedDataset, load_examples, make_collator
 from ..data import train_holdout_split
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..model import MultiExitModel, attach_exits
 from ..policies import POLICIES, get_policy
 from .sources import default_head, default_sst2, resolve_model
@@ -36,9 +36,14 @@ class TrainJob:
     """Everything ``exitwise train`` needs; saved beside the model as ``exitwise_job.json``.
 
     columns: which columns of the data to read (see :func:`exitwise.data.load_examples`).
+    train_split: the split trained on (its held-out slice calibrates); e.g. "dev" for a
+        folder that ships only dev and test (SNLI in ../shared/data).
     task: "classification" or "regression" (default: from the labels).
     head: the exit head; None: chosen from the checkpoint (:func:`sources.default_head`).
     max_length: tokens per example; None: 64 for single texts, 128 for pairs.
+    holdout: training rows kept for calibration; None: :func:`default_holdout` of the file
+        (the resolved count is what gets saved, so calibration finds the same rows).
+    epochs: None: :func:`default_epochs` of the training rows.
     """
 
     out_dir: str
@@ -48,12 +53,12 @@ class TrainJob:
     head: str | None = None
     strategy: str = "joint"
     weights: str = "uniform"
-    epochs: float = 1.0
+    epochs: float | None = None
     max_steps: int = -1
     batch_size: int = 32
     learning_rate: float = 5e-5
     max_train: int | None = None
-    holdout: int = 2000
+    holdout: int | None = None
     seed: int = 0
     max_length: int | None = None
     num_labels: int | None = None
@@ -61,6 +66,7 @@ class TrainJob:
     group_by_length: bool = True  # batches of similar length: far less padding on short text
     columns: str | None = None
     task: str | None = None
+    train_split: str = "train"
     extra_args: dict[str, Any] = field(default_factory=dict)
 
 
@@ -70,12 +76,31 @@ def load_tokenizer(model_dir_or_name: str):
     return AutoTokenizer.from_pretrained(model_dir_or_name)
 
 
+def default_holdout(rows: int) -> int:
+    """2,000 rows (enough to certify a 1-point drop with room to spare), or a quarter of a
+    smaller file, so that a small task keeps most of its rows for training."""
+    return min(2000, rows // 4)
+
+
+MIN_DEFAULT_STEPS = 300
+
+
+def default_epochs(train_rows: int, batch_size: int) -> int:
+    """One epoch, or as many (up to 3) as it takes to reach about 300 optimizer steps: one
+    pass over a small file trains too few steps for the exits (measured on STS-B:
+    docs/data-and-calibration.md)."""
+    steps_per_epoch = max(1, -(-train_rows // batch_size))
+    return max(1, min(3, -(-MIN_DEFAULT_STEPS // steps_per_epoch)))
+
+
 def split_train(job: TrainJob, label_names: list[str] | None = None
                 ) -> tuple[TextExamples, TextExamples, TextExamples]:
     """(train, holdout, all) examples: the held-out slice of the training file is reserved
     for calibration and never trained on."""
-    examples = load_examples(default_sst2(job.data), "train", columns=job.columns,
+    examples = load_examples(default_sst2(job.data), job.train_split, columns=job.columns,
                              label_names=label_names, task=job.task)
+    if job.holdout is None:
+        job.holdout = default_holdout(len(examples))
     train, holdout = train_holdout_split(examples, job.holdout, seed=job.seed)
     if job.max_train is not None and job.max_train < len(train):
         train = train.subset(range(job.max_train))
@@ -100,6 +125,11 @@ def run_train(job: TrainJob, resume: bool = True, progress: bool = True,
     tokenizer = load_tokenizer(path)
     train_ex, held_ex, every = split_train(job)
     print_fn(f"data: {every.describe()}")
+    if job.epochs is None and job.max_steps <= 0:
+        job.epochs = default_epochs(len(train_ex), job.batch_size)
+    length = f"{job.max_steps} steps" if job.max_steps > 0 else f"{job.epochs:g} epoch(s)"
+    print_fn(f"training on {len(train_ex)} rows for {length}; {len(held_ex)} held out for "
+             "calibration")
     for note in every.notes:
         print_fn(f"data: {note}")
     if job.num_labels is not None and job.num_labels != every.num_labels:
@@ -129,7 +159,7 @@ def run_train(job: TrainJob, resume: bool = True, progress: bool = True,
     held_ds = TokenizedDataset(held_ex, tokenizer, max_length=job.max_length)
     strategy_options = {"weights": job.weights} if job.strategy == "joint" else {}
     args = dict(
-        num_train_epochs=job.epochs,
+        num_train_epochs=job.epochs if job.epochs is not None else 1.0,
         max_steps=job.max_steps,
         per_device_train_batch_size=job.batch_size,
         learning_rate=job.learning_rate,
@@ -254,20 +284,30 @@ def run_calibrate(
     return report
 
 
-def eval_examples(model: MultiExitModel, model_dir: str | Path, data: str | None, split: str,
-                  limit: int | None) -> tuple[TextExamples, TrainJob]:
+def eval_examples(model: MultiExitModel, model_dir: str | Path, data: str | None,
+                  split: str | None, limit: int | None) -> tuple[TextExamples, TrainJob, str]:
+    """(examples, job, split) to evaluate on. ``split`` None: "dev", or "test" when the model
+    was trained on dev."""
     job = load_job(model_dir)
+    if split is None:
+        split = "test" if job.train_split == "dev" else "dev"
+    same_data = data is None or default_sst2(data) == default_sst2(job.data)
+    if same_data and split == job.train_split:
+        # the held-out slice of this split calibrated the thresholds and the rest trained the
+        # model: a score on it would flatter both
+        raise DataError(f"this model was trained on split {split!r} of {default_sst2(job.data)}; "
+                        "evaluate on another split (e.g. --split test)")
     examples = load_examples(default_sst2(data or job.data), split, columns=job.columns,
                              label_names=model.config.label_names, task=job.task)
     if limit is not None and limit < len(examples):
         examples = examples.subset(range(limit))
-    return examples, job
+    return examples, job, split
 
 
 def run_evaluate(
     model_dir: str | Path,
     data: str | None = None,
-    split: str = "dev",
+    split: str | None = None,
     out_dir: str | Path | None = None,
     limit: int | None = None,
     progress: bool = True,
@@ -287,7 +327,7 @@ def run_evaluate(
     from ..training.evaluate import LIVE_MARGIN
 
     model, tokenizer = load_trained(model_dir)
-    examples, job = eval_examples(model, model_dir, data, split, limit)
+    examples, job, split = eval_examples(model, model_dir, data, split, limit)
     cache = collect_exit_logits(
         model, _loader(examples, tokenizer, 64, max_length(job, examples)), progress=progress
     )
@@ -374,7 +414,7 @@ def runtime_accuracy(model: MultiExitModel, policy: Any, batches: list[dict]) ->
 def run_bench(
     model_dir: str | Path,
     data: str | None = None,
-    split: str = "dev",
+    split: str | None = None,
     batch_sizes: tuple[int, ...] = (1, 32),
     repeats: int = 5,
     limit: int | None = None,
@@ -388,7 +428,7 @@ def run_bench(
     if threads is not None:
         torch.set_num_threads(threads)
     model, tokenizer = load_trained(model_dir)
-    examples, job = eval_examples(model, model_dir, data, split, limit)
+    examples, job, split = eval_examples(model, model_dir, data, split, limit)
     names = policies or list(model.calibration.get("policies", {}))
     if not names:
         raise ConfigError(f"{model_dir} has no calibrated policy: run exitwise calibrate first")

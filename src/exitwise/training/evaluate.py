@@ -100,11 +100,14 @@ def evaluate_exits(
 
 
 def format_exit_table(
-    accuracies: Sequence[float] | ExitEvaluation, exit_layers: Sequence[int]
+    accuracies: Sequence[float] | ExitEvaluation,
+    exit_layers: Sequence[int],
+    dead_heads: Sequence[str] = (),
 ) -> str:
     """A fixed-width table: exit index, depth, accuracy (%) or Pearson's r; with an
     :class:`ExitEvaluation`, exits no better than a constant prediction are flagged, with a
-    hint."""
+    hint (``dead_heads``: the heads of the dead exits, so the hint only proposes the mean
+    head where it is not already used)."""
     ev = accuracies if isinstance(accuracies, ExitEvaluation) else None
     scores = ev.scores if ev else list(accuracies)
     metric = ev.metric if ev else "accuracy"
@@ -121,9 +124,11 @@ def format_exit_table(
     if dead and ev is not None:
         base = (f"the majority class's {100 * ev.baseline:.2f}%" if metric == "accuracy"
                 else "r = 0")
+        mean = "" if dead_heads and set(dead_heads) == {"mean"} else \
+            "the 'mean' head (--head mean), "
         lines.append(
             f"{len(dead)} exit(s) do not beat {base}: they are dead and only cost time. Try "
-            "the 'mean' head (--head mean), more epochs or a higher learning rate, or remove "
-            "those exits (--layers)."
+            f"{mean}more epochs or a higher learning rate, or remove those exits (--layers); "
+            "a very shallow exit may also be unable to solve the task."
         )
     return "\n".join(lines)

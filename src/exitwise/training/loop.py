@@ -76,7 +76,9 @@ class TrainResult:
     def table(self) -> str:
         if self.exit_accuracies is None:
             return "(no evaluation set was given)"
-        return format_exit_table(self.evaluation or self.exit_accuracies, self.exit_layers)
+        depths = self.exit_layers
+        heads = [self.model.config.head_for(k, depths)[0] for k in self.dead_exits]
+        return format_exit_table(self.evaluation or self.exit_accuracies, depths, heads)
 
 
 def _training_arguments(
