@@ -14,9 +14,10 @@ Steps (each recipe's trained model and caches are kept in --work; a re-run skips
     epochs of 30,000 training images). ``plain`` (the final exit alone) is the network without
     exits; recipes that train exits on a frozen network start from it;
  2. cache every exit's logits on a held-out slice of *train* (never trained on) and on test;
- 3. fit per-exit temperatures and choose each policy's threshold on held-out, for "no more
-    than 0.25 points below full depth" there (a margin for the held-out slice's sampling error
-    under the bar's 0.5 points on test); replay the choice on test (test chooses nothing);
+ 3. fit per-exit temperatures and choose each policy's threshold on held-out: the most
+    aggressive one whose drop is certified within the bar's 0.5 points at delta 0.1 (as
+    ``exitwise calibrate``), and, for comparison, the one chosen by the observed held-out drop
+    <= 0.25 points; replay both on test (test chooses nothing);
  4. anytime curve (each exit's test accuracy vs its FLOPs) and budgeted-batch curve (for each
     average budget, thresholds chosen on held-out, accuracy on test) per recipe and policy;
  5. the best (recipe, policy), chosen by held-out FLOPs speed-up among those meeting the
@@ -104,9 +105,12 @@ RECIPES: dict[str, tuple[str, dict, dict]] = {
 QUICK_RECIPES = ["plain", "joint", "self_distill", "ztw", "boosted"]
 POLICY_NAMES = ("confidence", "entropy", "ztw", "budget")
 MAX_DROP_POINTS = 0.5  # the bar: at most this many points below full depth, on test
-# Thresholds are chosen on the 5,000-row held-out slice for a smaller drop: the standard error
-# of an accuracy difference there is ~0.2-0.3 points, and the first full run, chosen at 0.5 on
-# held-out, landed 0.63 points below full depth on test.
+# Thresholds are certified on the 5,000-row held-out slice: the most aggressive setting whose
+# upper confidence bound on the drop stays within the bar at level DELTA (exitwise calibrate's
+# default). The earlier selection, by the observed held-out drop with a hand-made margin
+# (0.25 points; a run chosen that way missed the bar on test), is
+# kept beside it in the JSON ("observed") for comparison.
+DELTA = 0.1
 HELDOUT_TARGET_POINTS = 0.25
 BUDGETS = [round(0.2 + 0.05 * i, 2) for i in range(17)]  # 0.2 .. 1.0 of full-depth FLOPs
 WIDTHS = (16, 32, 64)
@@ -309,17 +313,24 @@ def evaluate_recipe(model, held_c, test_c, policies) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a missed target is recorded as met_target=False
             cal = search_accuracy_drop(policy, held_c, temps,
+                                       max_drop_points=MAX_DROP_POINTS, delta=DELTA)
+            obs = search_accuracy_drop(policy, held_c, temps,
                                        max_drop_points=HELDOUT_TARGET_POINTS)
         curve = []
         for budget in budgets:
-            param, met = budget_setting(cal.curve, budget)
+            # the whole held-out sweep (a certified search's curve holds only its certified
+            # settings)
+            param, met = budget_setting(obs.curve, budget)
             res = replay(policy.with_param(param), test_c, temps)
             curve.append({"budget": budget, "param": param, "accuracy": res.accuracy,
                           "relative_compute": res.relative_compute, "heldout_met_budget": met})
         res = replay(cal.policy, test_c, temps)
+        seen = replay(obs.policy, test_c, temps)
         rep["policies"][name] = {
             "param": cal.param, "heldout": cal.heldout,
             "test": {**res.metrics(), "accuracy_drop_points": 100 * (full_test - res.accuracy)},
+            "observed": {"param": obs.param, "heldout": obs.heldout, "test": {
+                **seen.metrics(), "accuracy_drop_points": 100 * (full_test - seen.accuracy)}},
         }
         rep["budgeted_batch"][name] = curve
         # Mean test accuracy over the budget grid: one number to rank budgeted-batch curves.
@@ -559,8 +570,10 @@ def main() -> int:
             "network": f"ResNet, stages of {BLOCKS_PER_STAGE} basic blocks, widths {list(WIDTHS)}",
             "parameters": sum(p.numel() for p in build_model().backbone.parameters()),
             "exits": "after every block; heads per recipe in recipes.<name>.train.heads",
-            "target": f"<= {MAX_DROP_POINTS} points below full depth on test; thresholds chosen "
-                      f"on held-out train for <= {HELDOUT_TARGET_POINTS} points",
+            "target": f"<= {MAX_DROP_POINTS} points below full depth on test; thresholds "
+                      f"certified on held-out train for <= {MAX_DROP_POINTS} points at delta "
+                      f"{DELTA} (policies.<name>.observed: chosen by the observed held-out "
+                      f"drop <= {HELDOUT_TARGET_POINTS} points instead)",
             "policies": policies, "budgets": BUDGETS,
             "timing": f"interleaved, median of {args.repeats}; batch 1 on "
                       f"{min(args.bs1_rows, len(test))} test images, batch 64 on {len(test)}",

@@ -58,7 +58,8 @@ class CalibrationResult:
                   ``full_accuracy`` and ``met_target``.
     temperatures: the per-exit temperatures the search replayed with (must be the model's).
     curve:        every grid point evaluated: {param, accuracy, mean_layers, flops_speedup,
-                  relative_compute}.
+                  relative_compute}; a certified search (``delta``) keeps only the settings it
+                  certified.
     """
 
     policy: ExitPolicy
