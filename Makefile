@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml requirements-torch.txt
 	touch $@
 
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25  # and the 25 slowest tests
 
 demo: venv
 	$(VENV)/bin/exitwise demo

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from generation.lmkit import DECODER_FAMILIES, VOCAB, left_padded, tiny_lm
+from helpers.lmkit import DECODER_FAMILIES, VOCAB, left_padded, tiny_lm
 
 import exitwise as ew
 from exitwise.backbones import DecodeContext, HFDecoderBackbone, HFEncoderBackbone

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from generation.lmkit import EOS, left_padded, tiny_lm
+from helpers.lmkit import EOS, left_padded, tiny_lm
 from torch import nn
 
 import exitwise as ew

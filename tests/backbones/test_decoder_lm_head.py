@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from generation.lmkit import VOCAB, left_padded, tiny_lm
+from helpers.lmkit import VOCAB, left_padded, tiny_lm
 from safetensors.torch import load_file
 
 import exitwise as ew

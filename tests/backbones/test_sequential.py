@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import exitwise as ew
-from exitwise.heads import heads_for_family
 from exitwise.errors import ConfigError, InputError
+from exitwise.heads import heads_for_family
 from exitwise.policies.entropy import prediction_entropy
 
 ATOL = 1e-5
@@ -170,9 +170,8 @@ def test_one_name_for_one_input():
     refused with the name to use."""
     import pytest as _pytest
 
-    from exitwise.errors import InputError
-
     from exitwise.backbones import SequentialBackbone
+    from exitwise.errors import InputError
 
     model = ew.attach_exits(SequentialBackbone([torch.nn.Linear(4, 4)] * 2,
                                                example=torch.randn(1, 4)), head="linear")

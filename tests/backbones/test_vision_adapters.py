@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_encoder
-from test_vision_invariants import SIZE, images, tiny_vision
+from helpers.vision import SIZE, images, tiny_vision
 from torch import nn
 
 import exitwise as ew

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import padded_batch, tiny_encoder
-from test_vision_invariants import SIZE, tiny_vision
+from helpers.vision import SIZE, tiny_vision
 from torch import nn
 
 import exitwise as ew

@@ -4,8 +4,6 @@ loss helper on a tiny LM."""
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +11,6 @@ import torch
 from exitwise.calibration import CalibrationRefused, certify_threshold, early_exit_losses
 from exitwise.calibration.ltt import hoeffding_bentkus_p_value, hoeffding_p_value, sequence_losses
 from exitwise.errors import ConfigError, InputError
-
 
 # threshold -> true risk: lower thresholds exit more and disagree more with the full model.
 RATES = {1.0: 0.0, 0.9: 0.01, 0.8: 0.03, 0.7: 0.06, 0.6: 0.15, 0.5: 0.3, 0.4: 0.5}
@@ -93,8 +90,7 @@ def test_sequence_losses():
 
 
 def test_early_exit_losses_on_tiny_lm():
-    sys.path.insert(0, str(Path(__file__).parents[1] / "generation"))
-    from lmkit import EOS, left_padded, tiny_lm
+    from helpers.lmkit import EOS, left_padded, tiny_lm
 
     model = tiny_lm("llama")
     ids, mask = left_padded((5, 4, 6, 3))

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers.lmkit import EOS, LAYERS, VOCAB, left_padded, tiny_lm
 
 from exitwise.calibration.ltt import CalibrationRefused, certify_threshold, early_exit_losses
 from exitwise.errors import CheckpointError, ConfigError, InputError
@@ -14,8 +15,6 @@ from exitwise.generation import generate
 from exitwise.policies import get_policy, policy_from_dict
 from exitwise.policies.calm_learned import CalmExitClassifier, CalmLearnedPolicy
 from exitwise.training.calm_classifier import roc_auc, train_calm_classifier
-
-from lmkit import EOS, LAYERS, VOCAB, left_padded, tiny_lm
 
 NEW = 8
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers.lmkit import EOS, LAYERS, PAD, left_padded, tiny_lm
 
 import exitwise as ew
 from exitwise.errors import ConfigError
@@ -15,8 +16,6 @@ from exitwise.generation.confidence import resolve_exit_points
 from exitwise.generation.early_exit import EarlyExitStats, early_exit_decode
 from exitwise.policies import get_policy
 from exitwise.policies.calm_base import decayed_threshold
-
-from lmkit import EOS, LAYERS, PAD, left_padded, tiny_lm
 
 NEW = 8
 ATOL = 1e-4

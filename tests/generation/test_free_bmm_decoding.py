@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lmkit import EOS, LAYERS, left_padded, tiny_lm
+from helpers.lmkit import EOS, LAYERS, left_padded, tiny_lm
 
 from exitwise.generation import generate
 from exitwise.policies import get_policy

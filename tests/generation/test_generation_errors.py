@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lmkit import VOCAB, left_padded, tiny_lm
+from helpers.lmkit import VOCAB, left_padded, tiny_lm
 
 import exitwise as ew
 from exitwise.errors import ConfigError, InputError, UnsupportedModelError

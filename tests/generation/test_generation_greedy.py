@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lmkit import DECODER_FAMILIES, EOS, PAD, hf_greedy, left_padded, tiny_lm
+from helpers.lmkit import DECODER_FAMILIES, EOS, PAD, hf_greedy, left_padded, tiny_lm
 
 from exitwise.generation import generate
 

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from lmkit import EOS, PAD, REQUIRED_FAMILIES, hf_greedy, left_padded, tiny_lm
+from helpers.lmkit import EOS, PAD, REQUIRED_FAMILIES, hf_greedy, left_padded, tiny_lm
 
 from exitwise.generation import generate
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lmkit import DECODER_FAMILIES, EOS, PAD, VOCAB, left_padded, tiny_lm
+from helpers.lmkit import DECODER_FAMILIES, EOS, PAD, VOCAB, left_padded, tiny_lm
 
 import exitwise as ew
 from exitwise.generation import DecodeSession, GenerationStats, generate, self_speculative_decode

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lmkit import EOS, PAD, left_padded, tiny_lm
+from helpers.lmkit import EOS, PAD, left_padded, tiny_lm
 from scipy.stats import chisquare
 
 from exitwise.generation import (

@@ -8,7 +8,7 @@ implementation's tail window): the first n whose text ends with a stop string.
 from __future__ import annotations
 
 import pytest
-from lmkit import PAD, left_padded, tiny_lm
+from helpers.lmkit import PAD, left_padded, tiny_lm
 
 from exitwise.errors import ConfigError
 from exitwise.generation import StopStrings, generate

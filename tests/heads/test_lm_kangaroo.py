@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from generation.lmkit import DECODER_FAMILIES, VOCAB, left_padded, tiny_lm
+from helpers.lmkit import DECODER_FAMILIES, VOCAB, left_padded, tiny_lm
 
 import exitwise as ew
 from exitwise.backbones.hf_decoder import DecodeContext, prompt_positions

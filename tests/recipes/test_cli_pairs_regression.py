@@ -121,9 +121,9 @@ def test_regression_task_end_to_end(tiny_model_dir, tmp_path, capsys):
 
 
 def test_a_classification_recipe_refuses_a_regression_model():
-    import exitwise as ew
     from conftest import tiny_encoder
 
+    import exitwise as ew
     from exitwise.errors import ConfigError
     from exitwise.training import train
 

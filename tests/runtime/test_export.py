@@ -182,11 +182,7 @@ def test_unsupported_backbone_is_a_clear_error(tmp_path):
 def test_vision_backbones_export(tmp_path, family, head):
     """timm CNN (feature maps) and ViT (tokens with a mask): segments equal eager."""
     pytest.importorskip("timm")
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "backbones"))
-    from test_vision_invariants import tiny_vision
+    from helpers.vision import tiny_vision
 
     from exitwise.backbones import VisionBackbone
 

@@ -13,11 +13,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (conftest.py)
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/training/ (trainkit.py)
 torch.set_num_threads(1)
 
-from trainkit import FAST, tiny_model, token_items  # noqa: E402
+from helpers.trainkit import FAST, tiny_model, token_items  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from exitwise.training import train  # noqa: E402

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.trainkit import FAST
 from torch import nn
-from trainkit import FAST
 
 import exitwise as ew
 from exitwise.errors import ConfigError
@@ -327,7 +327,7 @@ def test_self_distill_hints_go_through_adaptation_layers():
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_meta_recipes_refuse_an_inexact_mid_stage_resume(tmp_path):
     """l2w's weighting network is not in the checkpoint: resuming mid-stage is refused."""
-    from trainkit import CrashAfterSave, Interrupt
+    from helpers.trainkit import CrashAfterSave, Interrupt
 
     from exitwise.errors import CheckpointError
 

@@ -3,14 +3,9 @@ lossless self-speculative decoding with a restricted draft."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "generation"))
-from lmkit import EOS, VOCAB, tiny_lm  # noqa: E402
+from helpers.lmkit import EOS, VOCAB, tiny_lm  # noqa: E402
 
 import exitwise as ew  # noqa: E402
 from exitwise.errors import ConfigError  # noqa: E402

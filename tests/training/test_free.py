@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "generation"))
-from lmkit import VOCAB, tiny_lm  # noqa: E402
+from helpers.lmkit import VOCAB, tiny_lm  # noqa: E402
 
 import exitwise as ew  # noqa: E402
 from exitwise.training.free import (  # noqa: E402

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers.lmkit import EOS, PAD, VOCAB, left_padded, tiny_lm  # noqa: E402
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "generation"))
-from lmkit import EOS, PAD, VOCAB, left_padded, tiny_lm  # noqa: E402
 
 import exitwise as ew  # noqa: E402
 from exitwise.backbones import HFDecoderBackbone  # noqa: E402

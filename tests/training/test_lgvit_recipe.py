@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from trainkit import FAST, StageRecorder
+from helpers.trainkit import FAST, StageRecorder
 
 import exitwise as ew
 from exitwise.outputs import ExitOutputs

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "generation"))
-from lmkit import EOS, VOCAB, hf_greedy, tiny_lm  # noqa: E402
+from helpers.lmkit import EOS, VOCAB, hf_greedy, tiny_lm  # noqa: E402
 
 import exitwise as ew  # noqa: E402
 from exitwise.training import lm_data  # noqa: E402

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.trainkit import FAST
 from test_cv_recipes import cnn, image_items
 from torch import nn
-from trainkit import FAST
 
 from exitwise.outputs import ExitOutputs
 from exitwise.training import PaddingCollator, get_strategy, train

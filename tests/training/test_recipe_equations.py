@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.trainkit import FAST, StageRecorder
 from test_cv_recipes import cnn, image_items
-from trainkit import FAST, StageRecorder
 
 import exitwise as ew
 from exitwise.training import get_strategy, train

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.trainkit import tiny_model
 from safetensors.torch import load_file
-from trainkit import tiny_model
 
 SCRIPT = Path(__file__).with_name("ddp_train_script.py")
 
@@ -24,8 +24,10 @@ def test_two_process_gloo_training(tmp_path):
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
+    # the script imports exitwise and the tests' helpers (tests/ holds conftest and helpers/)
     src = str(Path(__file__).resolve().parents[2] / "src")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    tests = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, tests, env.get("PYTHONPATH")) if p)
     cmd = [
         sys.executable,
         "-m",

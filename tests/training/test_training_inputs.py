@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.trainkit import FAST, tiny_model, token_items
 from torch.utils.data import IterableDataset
-from trainkit import FAST, tiny_model, token_items
 
 from exitwise.errors import ConfigError, InputError
 from exitwise.training import (

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from trainkit import (
+from helpers.trainkit import (
     FAST,
     CrashAfterSave,
     Interrupt,

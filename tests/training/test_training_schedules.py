@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from trainkit import tiny_model
+from helpers.trainkit import tiny_model
 
 from exitwise.errors import ConfigError
 from exitwise.outputs import ExitOutputs

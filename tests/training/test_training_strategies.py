@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from trainkit import FAST, StageRecorder, tiny_model, token_items
+from helpers.trainkit import FAST, StageRecorder, tiny_model, token_items
 
 from exitwise.training import STRATEGIES, PaddingCollator, get_strategy, train
 
