@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers.lmkit import EOS, VOCAB, hf_greedy, tiny_lm  # noqa: E402
@@ -168,7 +170,12 @@ def test_resume_continues_and_matches_an_uninterrupted_run(tmp_path):
 
     part_model = lm_model("gpt2", "mlp")
     part = tune_exits(part_model, texts, steps=8, output_dir=tmp_path / "b", **opts)
-    assert (tmp_path / "b" / "lm_tuning" / "heads.safetensors").is_file()
+    ckpt = tmp_path / "b" / "lm_tuning"
+    # no pickle: weights and optimizer tensors in safetensors, the rest in JSON
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "heads.safetensors", "optimizer.safetensors", "state.json"]
+    assert set(json.loads((ckpt / "state.json").read_text())["optimizer"]) == {
+        "param_groups", "scalars"}
     resumed_model = lm_model("gpt2", "mlp")  # fresh heads: all state comes from the checkpoint
     resumed = tune_exits(resumed_model, texts, steps=12, output_dir=tmp_path / "b", **opts)
 
@@ -183,6 +190,14 @@ def test_resume_continues_and_matches_an_uninterrupted_run(tmp_path):
     with pytest.raises(ew.CheckpointError, match="exits"):
         tune_exits(lm_model("gpt2", "mlp", layers=(2,)), texts, steps=12,
                    output_dir=tmp_path / "b", **opts)
+    # a checkpoint from before (optimizer state pickled in optimizer.pt) is refused clearly
+    old = tmp_path / "old" / "lm_tuning"
+    old.mkdir(parents=True)
+    state = json.loads((ckpt / "state.json").read_text())
+    del state["optimizer"]
+    (old / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ew.CheckpointError, match="older exitwise"):
+        tune_exits(lm_model("gpt2", "mlp"), texts, steps=12, output_dir=tmp_path / "old", **opts)
     # resume=False starts over
     fresh = tune_exits(lm_model("gpt2", "mlp"), texts, steps=2, output_dir=tmp_path / "b",
                        resume=False, **opts)

@@ -94,6 +94,43 @@ def load_model_weights(model: nn.Module, path: str | Path) -> None:
     load_unique_state_dict(model, load_file(str(path), device="cpu"), str(path))
 
 
+# -- optimizer and random state, without pickle ---------------------------------------------
+def optimizer_state(
+    optimizer: torch.optim.Optimizer, device: torch.device | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors for a safetensors file, JSON-able rest) of an optimizer's state plus the CPU
+    (and, on CUDA, the device's) random state: what an exact resume needs, with no pickle.
+    Tensors are named ``state.<param id>.<key>`` and ``rng.cpu`` / ``rng.cuda``."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
+    if device is not None and device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, entry in sd["state"].items():
+        for key, v in entry.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state.{pid}.{key}"] = v.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(pid), {})[key] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], rest: dict[str, Any],
+    device: torch.device | None = None,
+) -> None:
+    """Inverse of :func:`optimizer_state`: loads the optimizer and restores the random state."""
+    entries: dict[int, dict[str, Any]] = {int(p): dict(v) for p, v in rest["scalars"].items()}
+    for name, t in tensors.items():
+        if name.startswith("state."):
+            _, pid, key = name.split(".", 2)
+            entries.setdefault(int(pid), {})[key] = t
+    optimizer.load_state_dict({"state": entries, "param_groups": rest["param_groups"]})
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+
+
 # -- the resume marker ---------------------------------------------------------------------
 def read_json(path: str | Path) -> dict[str, Any] | None:
     """A JSON state file, None when absent; a clear error when it is corrupt."""

@@ -38,7 +38,9 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError
 from .checkpoint import (
+    load_optimizer_state,
     load_unique_state_dict,
+    optimizer_state,
     read_json,
     unique_state_dict,
     write_json_atomic,
@@ -194,29 +196,15 @@ def layer_agreement(
 
 
 # -- checkpoints (safetensors + JSON) ------------------------------------------------------
-def _rng_tensors(device: torch.device) -> dict[str, torch.Tensor]:
-    out = {"rng.cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        out["rng.cuda"] = torch.cuda.get_rng_state(device)
-    return out
-
-
 def save_checkpoint(
     folder: Path, lm: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
     device: torch.device,
 ) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_file(unique_state_dict(lm), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-    sd = optimizer.state_dict()
-    tensors, scalars = _rng_tensors(device), {}
-    for pid, entry in sd["state"].items():
-        for key, v in entry.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"state.{pid}.{key}"] = v.detach().contiguous().cpu()
-            else:
-                scalars.setdefault(str(pid), {})[key] = v
+    tensors, rest = optimizer_state(optimizer, device)
     save_file(tensors, str(folder / OPTIM_NAME), metadata={"format": "pt"})
-    state = dict(state, optimizer={"param_groups": sd["param_groups"], "scalars": scalars})
+    state = dict(state, optimizer=rest)
     write_json_atomic(folder / STATE_NAME, state, indent=1)  # last: marks a complete checkpoint
 
 
@@ -235,16 +223,7 @@ def load_checkpoint(
     load_unique_state_dict(lm, load_file(str(folder / WEIGHTS_NAME), device="cpu"),
                            str(folder / WEIGHTS_NAME))
     tensors = load_file(str(folder / OPTIM_NAME), device="cpu")
-    opt = state.pop("optimizer")
-    entries: dict[int, dict[str, Any]] = {int(p): dict(v) for p, v in opt["scalars"].items()}
-    for name, t in tensors.items():
-        if name.startswith("state."):
-            _, pid, key = name.split(".", 2)
-            entries.setdefault(int(pid), {})[key] = t
-    optimizer.load_state_dict({"state": entries, "param_groups": opt["param_groups"]})
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and device.type == "cuda":
-        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    load_optimizer_state(optimizer, tensors, state.pop("optimizer"), device)
     return state
 
 

@@ -33,9 +33,10 @@ implemented; ``"kl"`` / ``"kl+ce"`` are exitwise options, not EE-Tuning's. The o
 AdamW with a linear warmup to a constant rate (EE-LLM's scripts warm up, then decay to a
 minimum rate).
 
-``output_dir/lm_tuning/`` holds ``heads.safetensors``, ``optimizer.pt`` (loaded with
-``weights_only=True``) and ``state.json`` (step, loss history, agreement before tuning), the
-last written last, so it marks a complete checkpoint.
+``output_dir/lm_tuning/`` holds ``heads.safetensors``, ``optimizer.safetensors`` (the
+optimizer's tensors and the random state; no pickle) and ``state.json`` (step, loss history,
+agreement before tuning, the optimizer's other values), the last written last, so it marks a
+complete checkpoint.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError
-from .checkpoint import read_json, write_json_atomic
+from .checkpoint import load_optimizer_state, optimizer_state, read_json, write_json_atomic
 from .draft_vocab import set_draft_vocabularies
 from .lm_data import (
     batch_at_step,
@@ -62,7 +63,7 @@ from .lm_data import (
 
 LOSSES = ("kl", "ce", "kl+ce")
 CKPT_DIR = "lm_tuning"
-STATE_NAME, WEIGHTS_NAME, OPTIM_NAME = "state.json", "heads.safetensors", "optimizer.pt"
+STATE_NAME, WEIGHTS_NAME, OPTIM_NAME = "state.json", "heads.safetensors", "optimizer.safetensors"
 
 
 @dataclass
@@ -256,9 +257,9 @@ def save_checkpoint(
 ) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_file(_head_tensors(model, ks), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, folder / OPTIM_NAME
-    )
+    tensors, rest = optimizer_state(optimizer)  # no pickle: safetensors + the JSON below
+    save_file(tensors, str(folder / OPTIM_NAME), metadata={"format": "pt"})
+    state = dict(state, optimizer=rest)
     write_json_atomic(folder / STATE_NAME, state, indent=1)  # last: marks a complete checkpoint
 
 
@@ -269,6 +270,11 @@ def load_checkpoint(
     state = read_json(folder / STATE_NAME)
     if state is None:
         return None
+    if "optimizer" not in state:
+        raise CheckpointError(
+            f"{folder} was written by an older exitwise (optimizer state pickled in "
+            "optimizer.pt, no longer read); use another output_dir or resume=False"
+        )
     if state.get("exit_layers") != exit_layers:
         raise CheckpointError(
             f"{folder} was saved for exits {state.get('exit_layers')}, this model tunes "
@@ -283,9 +289,8 @@ def load_checkpoint(
         model.heads[k].load_state_dict(
             {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}
         )
-    extra = torch.load(folder / OPTIM_NAME, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(extra["optimizer"])
-    torch.set_rng_state(extra["rng"])
+    load_optimizer_state(optimizer, load_file(str(folder / OPTIM_NAME), device="cpu"),
+                         state.pop("optimizer"))
     return state
 
 
