@@ -22,6 +22,28 @@ from torch import nn
 from ..errors import InputError
 
 
+def resolve_path(root: Any, path: str | None) -> Any:
+    """The object at a dotted path under ``root`` (``a.b.0`` indexes a Sequential or
+    ModuleList; ``a|b`` tries each alternative); None when absent or ``path`` is None."""
+    if path is None:
+        return None
+    for option in path.split("|"):
+        obj = root
+        for part in option.split("."):
+            if part.isdigit():  # an index into a Sequential / ModuleList
+                try:
+                    obj = obj[int(part)]
+                except (IndexError, TypeError, KeyError):
+                    obj = None
+            else:
+                obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if obj is not None:
+            return obj
+    return None
+
+
 @dataclass
 class OwnClassifier:
     """A model's own task classifier, as an adapter reports it (``own_classifier()``):

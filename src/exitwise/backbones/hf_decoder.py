@@ -23,9 +23,8 @@ import torch
 from torch import nn
 
 from ..errors import InputError, UnsupportedModelError
-from .base import Backbone, BackboneState
+from .base import Backbone, BackboneState, resolve_path
 from .decoder_layouts import DECODER_LAYOUTS, DecoderLayout, supported_decoder_types
-from .hf_encoder import _get
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -90,7 +89,7 @@ class HFDecoderBackbone(Backbone):
                 "encoder, not a causal LM; early-exit decoding needs causal attention"
             )
         layout: DecoderLayout = DECODER_LAYOUTS[model_type]
-        base = _get(model, layout.base)
+        base = resolve_path(model, layout.base)
         lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if base is None or not isinstance(lm_head, nn.Linear):
             raise UnsupportedModelError(
@@ -103,12 +102,12 @@ class HFDecoderBackbone(Backbone):
         self.model_type: str = model_type
         self.layout = layout
         self.base = base
-        self.embed_tokens = _get(base, layout.embed)
-        self.blocks = _get(base, layout.layers)
-        self.norm = _get(base, layout.norm)
-        self.rotary = _get(base, layout.rotary)
-        self.wpe = _get(base, layout.wpe)
-        self.drop = _get(base, layout.dropout)
+        self.embed_tokens = resolve_path(base, layout.embed)
+        self.blocks = resolve_path(base, layout.layers)
+        self.norm = resolve_path(base, layout.norm)
+        self.rotary = resolve_path(base, layout.rotary)
+        self.wpe = resolve_path(base, layout.wpe)
+        self.drop = resolve_path(base, layout.dropout)
         self.lm_head = lm_head
         if self.embed_tokens is None or self.blocks is None or self.norm is None:
             raise UnsupportedModelError(

@@ -14,20 +14,8 @@ import torch
 from torch import nn
 
 from ..errors import InputError, UnsupportedModelError
-from .base import Backbone, BackboneState, OwnClassifier, hf_label_names
+from .base import Backbone, BackboneState, OwnClassifier, hf_label_names, resolve_path
 from .encoder_layouts import ENCODER_LAYOUTS, EncoderLayout, supported_encoder_types
-
-
-
-def _get(root: nn.Module, path: str | None) -> Any:
-    if path is None:
-        return None
-    obj: Any = root
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
 
 
 def base_model_of(model: nn.Module) -> nn.Module:
@@ -64,9 +52,9 @@ class HFEncoderBackbone(Backbone):
         self.config = config
         self.model_type: str = model_type
         self.layout: EncoderLayout = ENCODER_LAYOUTS[model_type]
-        self.embeddings = _get(base, self.layout.embeddings)
-        self.blocks = _get(base, self.layout.layers)
-        self.project = _get(base, self.layout.project)
+        self.embeddings = resolve_path(base, self.layout.embeddings)
+        self.blocks = resolve_path(base, self.layout.layers)
+        self.project = resolve_path(base, self.layout.project)
         if self.embeddings is None or self.blocks is None:
             raise UnsupportedModelError(
                 f"{type(base).__name__} does not have the layout expected for {model_type!r}"
@@ -79,14 +67,14 @@ class HFEncoderBackbone(Backbone):
             getattr(config, "intermediate_size", None) or getattr(config, "hidden_dim")
         )
         if self.layout.convention == "deberta":
-            self.deberta_encoder = _get(base, "encoder")
+            self.deberta_encoder = resolve_path(base, "encoder")
         if self.layout.shared_groups:
             self.num_groups = int(config.num_hidden_groups)
 
     # -- pieces other modules may want -------------------------------------------------------
     def pooler_module(self) -> nn.Module | None:
         """The backbone's own pooler dense layer, if it has one (used to seed pooler heads)."""
-        pooler = _get(self.model, self.layout.pooler)
+        pooler = resolve_path(self.model, self.layout.pooler)
         if isinstance(pooler, nn.Module) and hasattr(pooler, "dense"):
             return pooler.dense
         return pooler if isinstance(pooler, nn.Linear) else None
@@ -289,7 +277,7 @@ def truncate_encoder(model: nn.Module, num_layers: int) -> nn.Module:
     if layout is None or layout.shared_groups:
         raise UnsupportedModelError(f"cannot truncate a {model_type!r} encoder")
     parent_path, _, attr = layout.layers.rpartition(".")
-    parent = _get(base, parent_path) if parent_path else base
+    parent = resolve_path(base, parent_path) if parent_path else base
     blocks = getattr(parent, attr)
     if not 1 <= num_layers <= len(blocks):
         from ..errors import ConfigError

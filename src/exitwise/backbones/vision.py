@@ -24,33 +24,15 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import InputError, UnsupportedModelError
-from .base import Backbone, BackboneState, OwnClassifier, hf_label_names
+from .base import Backbone, BackboneState, OwnClassifier, hf_label_names, resolve_path
 from .vision_layouts import VisionLayout, find_vision_layout, supported_vision_models
-
 
 Size = tuple[int, int]
 
 
-def _get(root: Any, path: str) -> Any:
-    """Resolve a dotted path; ``a|b`` tries each alternative. None if absent."""
-    for option in path.split("|"):
-        obj = root
-        for part in option.split("."):
-            if part.isdigit():  # an index into a Sequential / ModuleList
-                try:
-                    obj = obj[int(part)]
-                except (IndexError, TypeError, KeyError):
-                    obj = None
-            else:
-                obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if obj is not None:
-            return obj
-    return None
-
-
-def _run(calls: list[Callable], x: torch.Tensor) -> torch.Tensor:
+def run_calls(calls: list[Callable], x: torch.Tensor) -> torch.Tensor:
+    """Apply ``calls`` in order; a tuple result keeps its first element (HF layers may return
+    (hidden, attentions))."""
     for call in calls:
         x = call(x)
         if isinstance(x, tuple):  # HF layers may return (hidden, attentions)
@@ -131,7 +113,7 @@ class VisionBackbone(Backbone):
 
     # -- building from the table ------------------------------------------------------------
     def _require(self, path: str) -> Any:
-        obj = _get(self.net, path)
+        obj = resolve_path(self.net, path)
         if obj is None:
             raise UnsupportedModelError(
                 f"{type(self.net).__name__} has no {path!r}, which the {self.layout.family} "
@@ -148,8 +130,8 @@ class VisionBackbone(Backbone):
             stages = [self._require(p) for p in layout.stages]
         units: list[list[Callable]] = []
         for s, stage in enumerate(stages):
-            pre = _get(stage, layout.stage_pre) if layout.stage_pre else None
-            inner = _get(stage, layout.stage_blocks) if layout.stage_blocks else stage
+            pre = resolve_path(stage, layout.stage_pre) if layout.stage_pre else None
+            inner = resolve_path(stage, layout.stage_blocks) if layout.stage_blocks else stage
             blocks = list(inner.children())[layout.skip if s == 0 else 0 :]
             for j, block in enumerate(blocks):
                 units.append([pre, block] if (j == 0 and pre is not None) else [block])
@@ -254,12 +236,12 @@ class VisionBackbone(Backbone):
         try:
             counter = FlopCounterMode(display=False)
             with counter:
-                x = _run(self._stem, x)
+                x = run_calls(self._stem, x)
             stem, flops, widths = float(counter.get_total_flops()), [], []
             for i, unit in enumerate(self._units):
                 counter = FlopCounterMode(display=False)
                 with counter:
-                    x = _run(unit, x)
+                    x = run_calls(unit, x)
                     if i == self.num_layers - 1:
                         x = self._neck_forward(x)
                 flops.append(float(counter.get_total_flops()))
@@ -285,7 +267,7 @@ class VisionBackbone(Backbone):
     # -- the contract -----------------------------------------------------------------------
     def _neck_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The model's own final norm + pooling: (B, C, H, W) or (B, T, H) -> (B, D)."""
-        x = _run(self._neck, x)
+        x = run_calls(self._neck, x)
         pool = self.layout.pool
         if pool == "timm":
             return self.net.forward_head(x, pre_logits=True)
@@ -300,7 +282,7 @@ class VisionBackbone(Backbone):
     def start(self, pixel_values: Any = None, **inputs: Any) -> BackboneState:
         images = self.images(pixel_values, **inputs)
         size = (int(images.shape[2]), int(images.shape[3]))
-        hidden = _run(self._stem, images)
+        hidden = run_calls(self._stem, images)
         mask = None
         if self.layout.tokens:
             mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
@@ -308,7 +290,7 @@ class VisionBackbone(Backbone):
         return BackboneState(hidden=hidden, mask=mask, shared={"image_size": size})
 
     def step(self, i: int, state: BackboneState) -> BackboneState:
-        state.hidden = _run(self._units[i], state.hidden)
+        state.hidden = run_calls(self._units[i], state.hidden)
         if i == self.num_layers - 1:
             state.hidden = self._neck_forward(state.hidden)
             state.mask = None  # pre-logits (B, D): no tokens any more
@@ -332,7 +314,7 @@ class VisionBackbone(Backbone):
         elif kind == "hf-cls":
             module = getattr(self._task[0], "classifier", None) if self._task else None
         elif kind.startswith("hook:"):
-            module = _get(self.net, kind[5:])
+            module = resolve_path(self.net, kind[5:])
         else:  # pragma: no cover - table error
             module = None
         linears = [m for m in module.modules() if isinstance(m, nn.Linear)] if isinstance(

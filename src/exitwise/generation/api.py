@@ -12,13 +12,14 @@ trained exit at ``exit_layer`` and its temperature).
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..backbones import HFDecoderBackbone, wrap_backbone
 from ..backbones.kernels import few_row_kernels, resolve_kernels
+from ..backbones.special_tokens import eos_and_pad
 from ..errors import ConfigError, InputError, UnsupportedModelError
 from ..heads.lm import LMHead
 from .greedy import greedy_decode
@@ -70,41 +71,8 @@ def _resolve(
     return backbone, head, float(model.temperatures[k])
 
 
-def _token_ids(value: Any, name: str) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, torch.Tensor):
-        value = value.flatten().tolist()
-    if isinstance(value, int):
-        value = [value]
-    if not isinstance(value, Iterable) or not all(isinstance(v, int) for v in value):
-        raise ConfigError(f"{name} must be an int or a list of ints; got {value!r}")
-    return [int(v) for v in value]
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _defaults(
-    backbone: HFDecoderBackbone, eos_token_id: Any, pad_token_id: Any
-) -> tuple[set[int], int]:
-    """EOS ids and pad id, falling back to the model's generation config like ``generate``."""
-    gen = getattr(backbone.model, "generation_config", None)
-    cfg = backbone.config
-    if eos_token_id is None:
-        eos_token_id = getattr(gen, "eos_token_id", None)
-        if eos_token_id is None:
-            eos_token_id = getattr(cfg, "eos_token_id", None)
-    eos = _token_ids(eos_token_id, "eos_token_id")
-    if pad_token_id is None:
-        pad_token_id = getattr(gen, "pad_token_id", None)
-        if pad_token_id is None:
-            pad_token_id = getattr(cfg, "pad_token_id", None)
-        if pad_token_id is None:
-            pad_token_id = eos[0] if eos else 0
-    pad = _token_ids(pad_token_id, "pad_token_id")
-    return set(eos), pad[0]
 
 
 @torch.inference_mode()
@@ -204,7 +172,7 @@ def generate(
                 f"prompt ({int(mask.sum(1).max())} tokens) + max_new_tokens ({max_new_tokens}) "
                 f"exceeds the model's {backbone.max_positions} positions"
             )
-    eos, pad = _defaults(backbone, eos_token_id, pad_token_id)
+    eos, pad = eos_and_pad(backbone, eos_token_id, pad_token_id)
     if sampler.generator is None and seed is not None:
         sampler.generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     with few_row_kernels(model, backbone.model, kernels=kernels) as scope:

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from ..backbones.hf_decoder import DecodeContext, HFDecoderBackbone, prompt_positions
-from ..heads.lm import _last_real
+from ..heads.lm import last_real
 from .outputs import GenerationStats
 
 
@@ -104,7 +104,7 @@ class DecodeSession:
         else:
             hidden = bb.run_layers(hidden, 0, bb.num_layers, ctx)
         self.stats.prefill_layer_applications = int(self.mask.sum()) * bb.num_layers
-        last = _last_real(hidden, self.mask)
+        last = last_real(hidden, self.mask)
         return bb.lm_logits(bb.final_norm(last))
 
     def context(self, first: int, count: int) -> DecodeContext:

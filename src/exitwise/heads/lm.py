@@ -81,7 +81,7 @@ class ResidualMLP(nn.Module):
         return hidden + self.fc2(self.act(self.fc1(hidden)))
 
 
-def _last_real(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def last_real(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """(B, T, H) -> (B, H) at each row's last real position (works for left and right padding)."""
     if mask is None:
         return hidden[:, -1]
@@ -310,14 +310,14 @@ class LMHead(ExitHead):
         elif hidden.dim() > 3:
             hidden, mask = self.spatial_mean(hidden).unsqueeze(1), None
         if self.block is None:  # position-wise: read only the last real token
-            return self.token_logits(_last_real(hidden, mask).unsqueeze(1))[:, 0]
+            return self.token_logits(last_real(hidden, mask).unsqueeze(1))[:, 0]
         from ..backbones.hf_decoder import DecodeContext, prompt_positions
 
         real = torch.ones(hidden.shape[:2], dtype=torch.long) if mask is None else mask.long()
         real = real.to(hidden.device)
         ctx = DecodeContext(cache=None, positions=prompt_positions(real), attention_mask=real)
         out = self._transform(hidden, ctx)
-        return self._vocab_logits(_last_real(out, mask).unsqueeze(1))[:, 0]
+        return self._vocab_logits(last_real(out, mask).unsqueeze(1))[:, 0]
 
     def _transform(self, hidden: torch.Tensor, ctx: Any) -> torch.Tensor:
         """Dropout and the trainable adapter (mlp / block / kangaroo): (B, q, H) -> (B, q, H)."""

@@ -37,7 +37,7 @@ from torch import nn
 
 from ..backbones.base import BackboneState
 from ..backbones.sequential import SequentialBackbone
-from ..backbones.vision import VisionBackbone, _run
+from ..backbones.vision import VisionBackbone, run_calls
 from ..errors import InputError, UnsupportedModelError
 from ..heads import uses_previous_logits
 from ..policies.base import ExitPolicy
@@ -80,7 +80,7 @@ class ExitSegment(nn.Module):
         if isinstance(backbone, VisionBackbone):
             # The stem calls of ``start`` without its Python-side input checks (the runner
             # checks the input shape against the manifest instead).
-            return _run(backbone._stem, x)
+            return run_calls(backbone._stem, x)
         stem = backbone.stem
         return stem(x) if stem is not None else x
 

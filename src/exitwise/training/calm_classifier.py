@@ -228,7 +228,7 @@ def train_calm_classifier(
         it by path.
     """
     from ..backbones import HFDecoderBackbone, wrap_backbone
-    from ..generation.api import _defaults
+    from ..backbones.special_tokens import eos_and_pad
     from ..generation.confidence import resolve_exit_points
     from ..model import MultiExitModel
 
@@ -244,7 +244,7 @@ def train_calm_classifier(
         )
     points = resolve_exit_points(model, backbone, exit_layers)
     depths = [p.depth for p in points]
-    eos, pad_id = _defaults(backbone, None, getattr(tokenizer, "pad_token_id", None))
+    eos, pad_id = eos_and_pad(backbone, None, getattr(tokenizer, "pad_token_id", None))
     out_dir = Path(output_dir) if output_dir is not None else None
     if texts is None:
         owner = model if multi else SimpleNamespace(backbone=backbone)

@@ -294,9 +294,9 @@ def free_finetune(
     backbone, multi, head, shallow_layer = _resolve(model, shallow_layer)
     lm, L = backbone.model, backbone.num_layers
     device = backbone.lm_head.weight.device
-    from ..generation.api import _defaults
+    from ..backbones.special_tokens import eos_and_pad
 
-    _, pad_id = _defaults(backbone, None, getattr(tokenizer, "pad_token_id", None))
+    _, pad_id = eos_and_pad(backbone, None, getattr(tokenizer, "pad_token_id", None))
     train_seqs, eval_seqs = split_holdout(
         tokenize_texts(texts, tokenizer, seq_len, backbone.vocab_size), eval_fraction, seed)
     # The model and the shallow head's own pieces, checkpointed together.

@@ -328,9 +328,9 @@ def layerskip_finetune(
     backbone, multi = _resolve(model)
     lm, L = backbone.model, backbone.num_layers
     device = backbone.lm_head.weight.device
-    from ..generation.api import _defaults
+    from ..backbones.special_tokens import eos_and_pad
 
-    _, pad_id = _defaults(backbone, None, getattr(tokenizer, "pad_token_id", None))
+    _, pad_id = eos_and_pad(backbone, None, getattr(tokenizer, "pad_token_id", None))
     seqs = tokenize_texts(texts, tokenizer, seq_len, backbone.vocab_size)
     train_seqs, eval_seqs = split_holdout(seqs, eval_fraction, seed)
     rates = layer_dropout_rates(L, float(p_max), dropout_scale)

@@ -35,10 +35,10 @@ from .lm_data import split_holdout
 from .lm_tuning import (
     CKPT_DIR,
     LMTuningResult,
-    _tuned_exits,
     load_checkpoint,
     only_training,
     record_step,
+    tuned_exits,
 )
 
 Answer = tuple[list[int], list[int]]  # (prompt ids, the model's greedy answer ids)
@@ -88,14 +88,14 @@ def generate_answers(
         every batch, so an interrupted run loses at most one batch and a longer prompt list
         extends a shorter one.
     """
+    from ..backbones.special_tokens import eos_and_pad
     from ..generation import generate
-    from ..generation.api import _defaults
     from .checkpoint import write_json_atomic
-    from .lm_data import _left_pad
+    from .lm_data import left_pad
 
     backbone = model.backbone if hasattr(model, "backbone") else model
     device = backbone.lm_head.weight.device
-    eos, pad = _defaults(backbone, eos_token_id, pad_token_id)
+    eos, pad = eos_and_pad(backbone, eos_token_id, pad_token_id)
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts or any(not p for p in prompts):
         raise DataError("give at least one prompt, none empty")
@@ -114,7 +114,7 @@ def generate_answers(
         bar = tqdm(total=len(prompts), initial=len(out), desc="greedy answers", leave=False)
     for s in range(len(out), len(prompts), batch_size):
         chunk = prompts[s : s + batch_size]
-        ids, mask = _left_pad(chunk, pad)
+        ids, mask = left_pad(chunk, pad)
         seqs = generate(
             backbone, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
             eos_token_id=sorted(eos) or None, pad_token_id=pad,
@@ -284,7 +284,7 @@ def tune_exits_on_answers(
     eval_fraction: share of answers held out for the agreement before / after.
     Heads built with ``draft_vocab=K`` get the K most frequent answer tokens first.
     """
-    ks = _tuned_exits(model)
+    ks = tuned_exits(model)
     backbone = model.backbone
     vocab = backbone.vocab_size
     answers = check_answers(answers, vocab)

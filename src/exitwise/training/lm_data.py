@@ -168,7 +168,7 @@ def _prompt_ids(prompts: Sequence[Any], tokenizer: Any, vocab_size: int) -> list
     return out
 
 
-def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     t = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), t), pad_id, dtype=torch.long)
     mask = torch.zeros(len(prompts), t, dtype=torch.long)
@@ -207,7 +207,7 @@ def generate_sequences(
     for g in range(num_generations):
         for s in range(0, len(prompts), batch_size):
             chunk = prompts[s : s + batch_size]
-            ids, mask = _left_pad(chunk, pad_id)
+            ids, mask = left_pad(chunk, pad_id)
             ids, mask = ids.to(device), mask.to(device)
             if g == 0:
                 seqs = generate(

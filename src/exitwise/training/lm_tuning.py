@@ -103,7 +103,7 @@ class LMTuningResult:
 
 
 # -- validation ----------------------------------------------------------------------------
-def _tuned_exits(model: Any) -> list[int]:
+def tuned_exits(model: Any) -> list[int]:
     """Indices of the intermediate ``lm`` exits (the final layer is the teacher, not tuned)."""
     from ..backbones.hf_decoder import HFDecoderBackbone
     from ..heads.lm import LMHead
@@ -373,13 +373,13 @@ def tune_exits(
         complete checkpoint there is continued from its step.
     """
     _check_args(steps, lr, batch_size, seq_len, loss, num_generations, gen_tokens, save_every)
-    ks = _tuned_exits(model)
+    ks = tuned_exits(model)
     backbone = model.backbone
     depths = [model.exit_layers[k] for k in ks]
     device = backbone.lm_head.weight.device
-    from ..generation.api import _defaults
+    from ..backbones.special_tokens import eos_and_pad
 
-    eos, pad_id = _defaults(backbone, None, getattr(tokenizer, "pad_token_id", None))
+    eos, pad_id = eos_and_pad(backbone, None, getattr(tokenizer, "pad_token_id", None))
     out_dir = Path(output_dir) if output_dir is not None else None
 
     reused = False
