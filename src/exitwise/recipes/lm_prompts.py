@@ -1,9 +1,8 @@
 """Many varied chat prompts from local text, for exit tuning on a model's own answers.
 
 A frozen-backbone exit learns to predict what the full model will say; the more varied the
-answers it sees, the better it drafts on prompts it has never seen. Sixty hand-written
-prompts are far too few (the exit then agrees with the final layer on ~19% of new answers),
-so :func:`corpus_chat_prompts` builds hundreds to thousands of user turns by pairing request
+answers it sees, the better it drafts on prompts it has never seen. A few dozen hand-written
+prompts are far too few, so :func:`corpus_chat_prompts` builds hundreds to thousands of user turns by pairing request
 templates with topics and sentences from public text files:
 
 - WikiText-2 article titles and section headings (``= Title =`` / ``= = Heading = =`` lines);
@@ -14,14 +13,12 @@ templates with topics and sentences from public text files:
 
 Most prompts are assistant-style requests (explain, list, compare, advise, write, how-to) over
 those topics and tasks, because that is what a chat model is asked and what its drafts must
-predict. Answers to rewording and reading-comprehension requests are more formulaic: the
-SmolLM2 exit at layer 2 tuned on 960 answers of an earlier mix dominated by them agreed with
-the full model on 33% of held-out tokens of that mix but drafted only 22% of the benchmark's
-answers right (its acceptance in ``benchmarks/lm_speed.py``); tuned on 1,200 answers of this
-mix, its acceptance there was 25.7% (``benchmarks/results/lm_speed.json``).
+predict. Answers to rewording and reading-comprehension requests are more formulaic: an exit
+tuned on a mix dominated by them agreed well with the full model on that mix and drafted worse
+on chat answers (measured in ``benchmarks/lm_speed.py``; docs/benchmarks/lm_speed.md).
 
-By default the files are looked for in ``../shared/data`` (this project's data folder);
-``data_dir`` points elsewhere. Prompts equal to any of ``exclude`` (e.g. benchmark and
+By default the files are looked for in :func:`exitwise.paths.data_root` (``$EXITWISE_DATA``,
+else ``../shared/data``); ``data_dir`` points elsewhere. Prompts equal to any of ``exclude`` (e.g. benchmark and
 calibration prompts) are dropped, so tuning never sees an evaluation prompt. The result is a
 pure function of (files, n, seed).
 """
@@ -34,6 +31,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..errors import DataError
+from ..paths import data_root
 
 TOPIC_TEMPLATES: tuple[str, ...] = (
     "Tell me about {}.",
@@ -132,17 +130,17 @@ _UNK = re.compile(r"<unk>|@")
 
 
 def find_text_data(data_dir: str | Path | None = None) -> Path | None:
-    """The folder holding ``lm/`` and ``sst2/`` text: ``data_dir``, else ``../shared/data``
-    relative to the working directory or to this checkout; None if not found."""
+    """The folder holding ``lm/`` and ``sst2/`` text: ``data_dir``, else
+    :func:`exitwise.paths.data_root` (``$EXITWISE_DATA`` or ``../shared/data``); None if not
+    found."""
     if data_dir is not None:
         path = Path(data_dir)
         if not path.is_dir():
             raise DataError(f"text data folder {path} does not exist")
         return path
-    here = Path(__file__).resolve()
-    for c in [Path.cwd() / "../shared/data", *(p / "shared/data" for p in here.parents)]:
-        if (c / "lm").is_dir() or (c / "sst2").is_dir():
-            return c.resolve()
+    root = data_root()
+    if root is not None and ((root / "lm").is_dir() or (root / "sst2").is_dir()):
+        return root
     return None
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..paths import data_root
 
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_ALIASES = {"minilm", "all-minilm-l6-v2", MINILM_HUB_ID}
@@ -97,16 +98,13 @@ def _has_trained_pooler(path: str, backbone: Any) -> bool:
 
 
 def default_sst2(explicit: str | None = None) -> str:
-    """``explicit`` if given; else ``../shared/data/sst2`` when it exists (relative to the
-    working directory or to this checkout); else the Hugging Face id ``glue/sst2``."""
+    """``explicit`` if given; else ``sst2/`` of :func:`exitwise.paths.data_root` when it holds
+    ``train.tsv``; else the Hugging Face id ``glue/sst2``."""
     if explicit:
         return explicit
-    here = Path(__file__).resolve()
-    candidates = [Path.cwd() / "../shared/data/sst2", Path.cwd() / "shared/data/sst2"]
-    candidates += [p / "shared/data/sst2" for p in here.parents]
-    for c in candidates:
-        if (c / "train.tsv").is_file():
-            return str(c.resolve())
+    root = data_root()
+    if root is not None and (root / "sst2" / "train.tsv").is_file():
+        return str(root / "sst2")
     return "glue/sst2"
 
 
