@@ -38,8 +38,20 @@ def test_two_process_gloo_training(tmp_path):
         str(SCRIPT),
         str(tmp_path),
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=110)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    # One retry: on a shared machine the standalone launcher occasionally fails or stalls
+    # before the ranks train; a real failure fails the second time the same way.
+    tries = []
+    for _ in range(2):
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=55)
+        except subprocess.TimeoutExpired:
+            tries.append("timed out after 55 s")
+            continue
+        if proc.returncode == 0:
+            break
+        tries.append(proc.stderr[-2000:])
+    else:
+        pytest.fail("\n---\n".join(tries))
 
     reports = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in reports] == [0, 1] and all(r["finished"] for r in reports)
