@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.cnn import block_features
 from torch import nn
 
 import exitwise as ew
@@ -39,17 +40,6 @@ def cnn_model(head: str = "cascade", seed: int = 0, **head_kwargs) -> ew.MultiEx
 
 def images(n: int = 6, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
-
-
-def block_features(model, x):
-    """Every exit's (hidden, mask), read by running the backbone by hand."""
-    state = model.backbone.start(pixel_values=x)
-    feats = []
-    for i in range(model.backbone.num_layers):
-        state = model.backbone.step(i, state)
-        if i + 1 in model.exit_lookup:
-            feats.append(model.backbone.features(state))
-    return feats
 
 
 @pytest.mark.parametrize("combine", ["linear", "isc", "additive"])

@@ -11,10 +11,10 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from helpers.cnn import sdn_cnn_with_cache
 
 import exitwise as ew
-from exitwise.analysis import ExitLogitsCache, collect_exit_logits, replay
+from exitwise.analysis import ExitLogitsCache, replay
 from exitwise.calibration.budget import (
     expected_cost,
     fit_budget_policy,
@@ -234,20 +234,7 @@ def test_unfitted_budget_policy():
 # -- runtime == replay with fitted / non-default settings on a tiny CNN ----------------------
 @pytest.fixture(scope="module")
 def cnn():
-    torch.manual_seed(0)
-    blocks = [nn.Sequential(nn.Conv2d(3 if i == 0 else 6, 6, 3, padding=1), nn.ReLU())
-              for i in range(4)]
-    backbone = ew.SequentialBackbone(blocks, example=torch.randn(1, 3, 8, 8))
-    model = ew.attach_exits(backbone, ew.ExitConfig(layers="all", head="sdn", num_labels=4,
-                                                    dropout=0.0, head_kwargs={"pool_size": 2}))
-    with torch.no_grad():
-        for h in model.heads:
-            h.classifier.weight.mul_(8.0)
-    model.eval()
-    x = torch.randn(48, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    y = torch.randint(0, 4, (48,), generator=torch.Generator().manual_seed(2))
-    cache = collect_exit_logits(model, [(x, y)], progress=False)
-    return model, x, cache
+    return sdn_cnn_with_cache()
 
 
 def test_fitted_policies_agree_between_runtime_and_replay(cnn):

@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from helpers.cnn import sdn_cnn_with_cache
 
 import exitwise as ew
-from exitwise.analysis import collect_exit_logits, replay
+from exitwise.analysis import replay
 from exitwise.errors import ConfigError
 from exitwise.policies import ztw_ensemble
 
@@ -81,19 +81,7 @@ def test_ztw_rows_for_the_internal_classifiers_leave_the_final_exit_its_own():
 # -- runtime == replay -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cnn():
-    torch.manual_seed(0)
-    blocks = [nn.Sequential(nn.Conv2d(3 if i == 0 else 6, 6, 3, padding=1), nn.ReLU())
-              for i in range(4)]
-    backbone = ew.SequentialBackbone(blocks, example=torch.randn(1, 3, 8, 8))
-    model = ew.attach_exits(backbone, ew.ExitConfig(layers="all", head="sdn", num_labels=4,
-                                                    dropout=0.0, head_kwargs={"pool_size": 2}))
-    with torch.no_grad():
-        for h in model.heads:
-            h.classifier.weight.mul_(8.0)
-    model.eval()
-    x = torch.randn(48, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    y = torch.randint(0, 4, (48,), generator=torch.Generator().manual_seed(2))
-    return model, x, collect_exit_logits(model, [(x, y)], progress=False)
+    return sdn_cnn_with_cache()
 
 
 def test_ensemble_window_and_ic_only_ztw_agree_between_runtime_and_replay(cnn):

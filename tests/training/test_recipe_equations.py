@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.cnn import block_features
 from helpers.trainkit import FAST, StageRecorder
 from test_cv_recipes import cnn, image_items
 
@@ -147,16 +148,6 @@ def test_boostnet_loss_with_plain_heads_forms_the_reweighted_sums():
     expected = (F.cross_entropy(f[0], Y) + F.cross_entropy(big_f1, Y)
                 + F.cross_entropy(f[2] + 0.5 * big_f1.detach(), Y))
     torch.testing.assert_close(stage.loss(out, Y), expected)
-
-
-def block_features(model, x):
-    state = model.backbone.start(pixel_values=x)
-    feats = []
-    for i in range(model.backbone.num_layers):
-        state = model.backbone.step(i, state)
-        if i + 1 in model.exit_lookup:
-            feats.append(model.backbone.features(state))
-    return feats
 
 
 # -- ZTW -------------------------------------------------------------------------------------
