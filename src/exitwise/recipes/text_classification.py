@@ -291,13 +291,13 @@ def eval_examples(model: MultiExitModel, model_dir: str | Path, data: str | None
     job = load_job(model_dir)
     if split is None:
         split = "test" if job.train_split == "dev" else "dev"
-    same_data = data is None or default_sst2(data) == default_sst2(job.data)
-    if same_data and split == job.train_split:
+    source, trained_on = default_sst2(data or job.data), default_sst2(job.data)
+    if source == trained_on and split == job.train_split:
         # the held-out slice of this split calibrated the thresholds and the rest trained the
         # model: a score on it would flatter both
-        raise DataError(f"this model was trained on split {split!r} of {default_sst2(job.data)}; "
+        raise DataError(f"this model was trained on split {split!r} of {trained_on}; "
                         "evaluate on another split (e.g. --split test)")
-    examples = load_examples(default_sst2(data or job.data), split, columns=job.columns,
+    examples = load_examples(source, split, columns=job.columns,
                              label_names=model.config.label_names, task=job.task)
     if limit is not None and limit < len(examples):
         examples = examples.subset(range(limit))
