@@ -241,12 +241,16 @@ def main(argv: list[str] | None = None) -> dict:
         "lm_speed_quick.json" if args.quick else "lm_speed.json")
 
     t0 = time.time()
+    if args.answers:
+        objective, options = "answers", {"epochs": args.epochs, "lr": args.lr, "batch_size": 16}
+    else:
+        objective = "kl"
+        options = {"steps": args.steps, "lr": args.lr, "batch_size": 8, "seq_len": 128}
     job = TuneLMJob(
         out_dir=str(work), model=args.model, exit_layers=exits, adapter=args.adapter,
-        steps=args.steps, num_generations=1 if args.quick else 2,
-        gen_tokens=48 if args.quick else 96, batch_size=16 if args.answers else 8,
-        seq_len=128, draft_vocab=args.draft_vocab or None, answers=args.answers,
-        epochs=args.epochs, answer_tokens=args.max_new_tokens, lr=args.lr,
+        objective=objective, options=options, num_generations=1 if args.quick else 2,
+        gen_tokens=48 if args.quick else 96, draft_vocab=args.draft_vocab or None,
+        answers=args.answers, answer_tokens=args.max_new_tokens,
     )
     if (work / "tuning_report.json").is_file():
         print(f"[tune] exits {exits} tuned earlier in {work}; skipping")

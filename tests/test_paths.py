@@ -4,7 +4,7 @@ directory, never relative to the installed package."""
 from __future__ import annotations
 
 from exitwise.paths import cache_root, data_root
-from exitwise.recipes.lm_prompts import find_text_data
+from exitwise.lm.prompts import find_text_data
 from exitwise.recipes.sources import default_sst2
 
 

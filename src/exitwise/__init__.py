@@ -4,6 +4,9 @@
     model = ew.attach_exits(backbone, ew.ExitConfig(layers="all", head="pooler", num_labels=2))
     outs = model(**batch)                              # every exit's logits
     res = model.early_exit(ew.get_policy("entropy", threshold=0.2), **batch)
+
+Decoder LMs: ``ew.generate`` (greedy, self-speculative, early-exit decoding) and
+``ew.tune_exits(model, data, ew.lm.AnswersConfig())`` (any objective of ``ew.lm``).
 """
 
 from .backbones import (
@@ -31,33 +34,8 @@ from .policies import POLICIES, ExitPolicy, get_policy, register_policy
 from .generation import generate  # noqa: E402  (needs the model and policies above)
 
 
-def tune_exits(*args, **kwargs):  # lazy: keeps ``import exitwise`` free of the training stack
-    """See :func:`exitwise.training.lm_tuning.tune_exits`."""
-    from .training.lm_tuning import tune_exits as _tune_exits
-
-    return _tune_exits(*args, **kwargs)
-
-
-def tune_exits_on_answers(*args, **kwargs):  # lazy, like tune_exits
-    """See :func:`exitwise.training.lm_answer_tuning.tune_exits_on_answers`."""
-    from .training.lm_answer_tuning import tune_exits_on_answers as _tune
-
-    return _tune(*args, **kwargs)
-
-
-def generate_answers(*args, **kwargs):  # lazy, like tune_exits
-    """See :func:`exitwise.training.lm_answer_tuning.generate_answers`."""
-    from .training.lm_answer_tuning import generate_answers as _generate_answers
-
-    return _generate_answers(*args, **kwargs)
-
-
-def layerskip_finetune(*args, **kwargs):  # lazy, like tune_exits
-    """See :func:`exitwise.training.layerskip.layerskip_finetune`."""
-    from .training.layerskip import layerskip_finetune as _layerskip_finetune
-
-    return _layerskip_finetune(*args, **kwargs)
-
+from . import lm  # noqa: E402  (trains the decoder-LM exits built above)
+from .lm import generate_answers, tune_exits  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -86,11 +64,10 @@ __all__ = [
     "build_head",
     "generate",
     "get_policy",
-    "layerskip_finetune",
+    "lm",
     "register_head",
     "register_policy",
     "tune_exits",
-    "tune_exits_on_answers",
     "generate_answers",
     "wrap_backbone",
 ]

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from .errors import ExitwiseError
+from .errors import ConfigError, ExitwiseError
 
 
 def _json_default(o: Any) -> Any:
@@ -120,35 +120,59 @@ def _delta(value: str) -> float | None:
     return float(value)
 
 
+def _key_values(items: list[str]) -> dict[str, Any]:
+    """["p_max=0.2", "kd=null"] -> {"p_max": 0.2, "kd": None} (values read as JSON, else
+    kept as strings)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option wants KEY=VALUE; got {item!r}")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
 def _ints(value: str) -> list[int]:
     return [int(v) for v in value.split(",")]
 
 
 def _add_lm_commands(sub: Any) -> None:
-    t = sub.add_parser("tune-lm", help="tune early-exit LM heads on a decoder (frozen backbone)")
+    t = sub.add_parser("tune-lm", help="train a decoder LM's exits with one objective")
     t.add_argument("--model", default="smollm2", help="'smollm2', a local folder, or a hub id")
+    t.add_argument("--objective", default="ce",
+                   choices=["ce", "kl", "answers", "layerskip", "free", "calm"],
+                   help="ce (EE-Tuning) / kl (distillation to the last layer) / calm (CALM's "
+                        "classifier) on the model's own continuations; answers: cross-entropy "
+                        "on its greedy answers (--answers N); layerskip / free: the whole "
+                        "decoder")
     t.add_argument("--exit-layer", type=_ints, default=[8], help="depth(s), e.g. 8 or 6,12")
     t.add_argument("--adapter", default="mlp",
                    choices=["none", "norm", "mlp", "block", "kangaroo"])
     t.add_argument("--draft-vocab", type=int, default=None,
                    help="read out only the K most likely token ids at the exit (e.g. 8192)")
-    t.add_argument("--steps", type=int, default=200)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--seq-len", type=int, default=128)
-    t.add_argument("--loss", default="ce", choices=["kl", "ce", "kl+ce"])
-    t.add_argument("--generations", type=int, default=2, help="self-generated texts per prompt")
-    t.add_argument("--gen-tokens", type=int, default=96)
-    t.add_argument("--answers", type=int, default=0,
-                   help="N > 0: tune on the model's greedy answers to N prompts built from "
-                        "local text (cross-entropy from cached features; --epochs, "
-                        "--answer-tokens, --data-dir); 0: KL on self-generated text (--steps)")
-    t.add_argument("--epochs", type=float, default=3.0, help="with --answers")
-    t.add_argument("--answer-tokens", type=int, default=128, help="with --answers")
+    # The objective's own options: only those given are passed, and the objective refuses
+    # any it does not have (e.g. --epochs is an option of 'answers' only).
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--epochs", type=float, default=None, help="answers")
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--seq-len", type=int, default=None)
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other option of the objective (JSON value), e.g. p_max=0.2")
+    # Where the data come from.
+    t.add_argument("--answers", type=int, default=256,
+                   help="answers: how many prompts (built from local text) to answer")
+    t.add_argument("--answer-tokens", type=int, default=128, help="answers: answer length")
     t.add_argument("--data-dir", default=None,
-                   help="with --answers: folder with lm/wikitext2-*.txt, sst2/train.tsv, "
-                        "lm/tinyshakespeare.txt (default: ../shared/data)")
-    t.add_argument("--seed", type=int, default=0)
+                   help="answers: folder with lm/wikitext2-*.txt, sst2/train.tsv, "
+                        "lm/tinyshakespeare.txt (default: $EXITWISE_DATA or ../shared/data)")
+    t.add_argument("--generations", type=int, default=2,
+                   help="other objectives: continuations per prompt")
+    t.add_argument("--gen-tokens", type=int, default=96, help="other objectives")
     t.add_argument("--out", required=True, help="folder to write (a rerun resumes)")
     t.add_argument("--no-resume", action="store_true")
 
@@ -202,12 +226,15 @@ def _run_lm(args: argparse.Namespace) -> int:
     from .recipes import lm
 
     if args.command == "tune-lm":
+        options = {name: getattr(args, name) for name in
+                   ("steps", "epochs", "lr", "batch_size", "seq_len", "seed")
+                   if getattr(args, name) is not None}
+        options.update(_key_values(args.option))
         job = lm.TuneLMJob(
             out_dir=args.out, model=args.model, exit_layers=args.exit_layer, adapter=args.adapter,
-            steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
-            loss=args.loss, num_generations=args.generations, gen_tokens=args.gen_tokens,
-            seed=args.seed, draft_vocab=args.draft_vocab, answers=args.answers,
-            epochs=args.epochs, answer_tokens=args.answer_tokens, data_dir=args.data_dir,
+            draft_vocab=args.draft_vocab, objective=args.objective, options=options,
+            answers=args.answers, answer_tokens=args.answer_tokens, data_dir=args.data_dir,
+            num_generations=args.generations, gen_tokens=args.gen_tokens,
         )
         report = lm.run_tune_lm(job, resume=not args.no_resume)
         print(json.dumps(report, indent=2, default=_json_default))
@@ -290,9 +317,8 @@ def _run(args: argparse.Namespace) -> int:
         torch.set_num_threads(2)
         run_llm_demo(out_dir=args.out or "runs/demo-llm")
         return 0
-    from .recipes import text_classification as tc
-
     from .recipes import report_tables as rt
+    from .recipes import text_classification as tc
 
     if args.command == "train":
         job = tc.TrainJob(
@@ -334,9 +360,9 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2, default=_json_default) if args.json
               else f"{rt.format_bench(report)}\nreport: {out}")
     elif args.command == "demo":
-        from .recipes.demo import run_classify_demo
-
         import torch
+
+        from .recipes.demo import run_classify_demo
 
         torch.set_num_threads(2)
         run_classify_demo(out_dir=args.out or "runs/demo-classify", data=args.data,

@@ -12,9 +12,18 @@ from helpers.lmkit import EOS, LAYERS, VOCAB, left_padded, tiny_lm
 from exitwise.calibration.ltt import CalibrationRefused, certify_threshold, early_exit_losses
 from exitwise.errors import CheckpointError, ConfigError, InputError
 from exitwise.generation import generate
+from exitwise.lm import CalmConfig, tune_exits  # noqa: E402
+from exitwise.lm.objectives.calm import consistency_bce, roc_auc  # noqa: E402
 from exitwise.policies import get_policy, policy_from_dict
 from exitwise.policies.calm_learned import CalmExitClassifier, CalmLearnedPolicy
-from exitwise.training.calm_classifier import roc_auc, train_calm_classifier
+
+
+def train_calm_classifier(model, texts, tokenizer=None, *, output_dir=None,
+                          self_generate_prompts=None, **options):
+    if self_generate_prompts is not None:
+        options["prompts"] = self_generate_prompts
+    return tune_exits(model, texts, CalmConfig(**options), tokenizer=tokenizer,
+                      output_dir=output_dir, progress=False)
 
 NEW = 8
 
@@ -41,18 +50,24 @@ def trained(llama, tmp_path_factory):
 
 def test_training_lowers_bce_and_beats_chance(trained):
     result, _ = trained
-    assert result.exit_layers == [1, 2, 3]
-    assert result.num_train_tokens > 3000 and result.num_eval_tokens > 500
-    for d in result.exit_layers:
+    assert list(result.after) == [1, 2, 3] and result.metric == "bce"
+    assert result.num_train > 3000 and result.num_eval > 500
+    for d in result.after:
         # Consistency is neither always nor never: there is something to predict.
-        assert 0.6 < result.base_rate[d] < 0.95
-        # bce_before is the best input-blind predictor (the base rate): beating it is signal.
-        assert result.bce_after[d] < result.bce_before[d] - 0.01, d
-        assert result.auc_after[d] > 0.62, d  # held-out sequences, chance = 0.5
+        assert 0.6 < result.extras["base_rate"][d] < 0.95
+        # bce before is the best input-blind predictor (the base rate): beating it is signal.
+        assert result.after[d] < result.before[d] - 0.01, d
+        assert result.extras["auc_after"][d] > 0.62, d  # held-out sequences, chance = 0.5
     first = sum(result.loss_history[:10]) / 10
     last = sum(result.loss_history[-10:]) / 10
     assert last < first
-    assert "auc" in result.table() and result.to_dict()["classifier"]["exit_layers"] == [1, 2, 3]
+    assert "bce_after" in result.table() and result.artifact.exit_layers == [1, 2, 3]
+
+
+def test_consistency_bce_by_hand():
+    logits, labels = torch.tensor([0.0, 2.0]), torch.tensor([1.0, 0.0])
+    want = (math.log(2.0) + math.log(1.0 + math.exp(2.0))) / 2
+    assert float(consistency_bce(logits, labels)) == pytest.approx(want)
 
 
 def test_roc_auc_reference_values():
@@ -67,7 +82,7 @@ def test_roc_auc_reference_values():
 def test_saved_classifier_round_trips(trained, tmp_path):
     result, folder = trained
     loaded = CalmExitClassifier.from_pretrained(folder)
-    mine = result.classifier.state_dict()
+    mine = result.artifact.state_dict()
     theirs = loaded.state_dict()
     assert mine.keys() == theirs.keys()
     for key in mine:
@@ -86,8 +101,8 @@ def test_saved_classifier_round_trips(trained, tmp_path):
 
 def test_policy_decides_from_the_hidden_state(trained):
     result, _ = trained
-    clf = result.classifier
-    policy = result.policy(threshold=0.5, tau=0.0)
+    clf = result.artifact
+    policy = get_policy("calm_learned", threshold=0.5, tau=0.0, classifier=clf)
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(6, 32, generator=g) * 3
     logits = torch.randn(6, VOCAB, generator=g)
@@ -149,7 +164,7 @@ def test_learned_policy_decodes_with_real_skipping(trained, llama):
     ids, mask = left_padded((7, 3, 5))
     kw = dict(strategy="early_exit", max_new_tokens=12, eos_token_id=None)
     greedy = generate(llama, ids, mask, max_new_tokens=12, eos_token_id=None)
-    policy = result.policy(threshold=0.8, tau=0.0)
+    policy = get_policy("calm_learned", threshold=0.8, tau=0.0, classifier=result.artifact)
     skip = generate(llama, ids, mask, policy=policy, kv="skip", **kw)
     recompute = generate(llama, ids, mask, policy=policy, kv="recompute", **kw)
     depths = [d for row in skip.stats.token_depths for d in row]
@@ -207,16 +222,17 @@ def test_self_generated_data_and_multi_exit_heads(tmp_path):
         multi, None, self_generate_prompts=prompts, gen_tokens=10, steps=5,
         output_dir=tmp_path, eval_fraction=0.34,
     )
-    assert result.self_generated and result.exit_layers == [2]
+    assert result.extras["self_generated"] and list(result.after) == [2]
     assert (tmp_path / "self_generated.json").is_file()
-    assert result.num_train_tokens == 4 * 14  # 4 of 6 sequences, prompt + 10 new tokens each
+    assert result.num_train == 4 * 14  # 4 of 6 sequences, prompt + 10 new tokens each
     # The labels follow the adapter head, not the shared readout: rates differ.
     plain = train_calm_classifier(
         model, None, self_generate_prompts=prompts, gen_tokens=10, steps=5, eval_fraction=0.34,
         exit_layers=[2],
     )
-    assert plain.base_rate[2] != result.base_rate[2]
+    assert plain.extras["base_rate"][2] != result.extras["base_rate"][2]
     ids, mask = left_padded((5, 3))
-    out = generate(multi, ids, mask, strategy="early_exit", policy=result.policy(0.0, tau=0.0),
+    out = generate(multi, ids, mask, strategy="early_exit", policy=get_policy(
+                       "calm_learned", threshold=0.0, tau=0.0, classifier=result.artifact),
                    kv="skip", max_new_tokens=4, eos_token_id=None)
     assert out.stats.exit_depths == [2, LAYERS]

@@ -54,14 +54,15 @@ def test_tune_generate_bench(tiny_lm_dir, tmp_path, capsys):
     # KL to the final layer keeps this tiny exit unsure enough that calm_softmax at threshold
     # 1.0 never exits below (the check further down); CE is the default (EE-Tuning)
     args = ["tune-lm", "--model", str(tiny_lm_dir), "--exit-layer", "2", "--steps", "30",
-            "--loss", "kl",
+            "--objective", "kl",
             "--adapter", "mlp", "--lr", "1e-2", "--batch-size", "4", "--seq-len", "32",
             "--gen-tokens", "16", "--generations", "1", "--out", str(out)]
     assert main(args) == 0
     report = json.loads((out / "tuning_report.json").read_text())
     assert report["steps"] == 30 and report["exit_layers"] == [2]
     # tuning makes the exit agree more with the final layer on held-out self-generated text
-    assert report["agreement_after"]["2"] > report["agreement_before"]["2"]
+    assert report["objective"] == "kl" and report["metric"] == "agreement"
+    assert report["after"]["2"] > report["before"]["2"]
     saved = json.loads((out / "exit_config.json").read_text())
     assert saved["exit_layers"] == [2, 4] and not saved["backbone_saved"]
     assert (out / "exit_heads.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
@@ -156,8 +157,9 @@ def test_bench_lm_times_certified_calm_policies(tiny_lm_dir, tmp_path):
     from exitwise.recipes.lm_bench import bench_lm
 
     out = tmp_path / "tuned"
-    run_tune_lm(TuneLMJob(out_dir=str(out), model=str(tiny_lm_dir), exit_layers=[2], steps=5,
-                          batch_size=4, seq_len=32, gen_tokens=8, num_generations=1),
+    run_tune_lm(TuneLMJob(out_dir=str(out), model=str(tiny_lm_dir), exit_layers=[2],
+                          options={"steps": 5, "batch_size": 4, "seq_len": 32}, gen_tokens=8,
+                          num_generations=1),
                 print_fn=lambda *a: None)
     model, tok = load_lm(str(out))
     calm = {"never": get_policy("calm_softmax", threshold=1.0, tau=0.0),
@@ -229,13 +231,14 @@ def test_tune_lm_on_greedy_answers(tiny_lm_dir, tmp_path, capsys):
                                       for i in range(80))
     )
     out = tmp_path / "tuned"
-    args = ["tune-lm", "--model", str(tiny_lm_dir), "--exit-layer", "2", "--answers", "60",
+    args = ["tune-lm", "--model", str(tiny_lm_dir), "--exit-layer", "2", "--objective", "answers",
+            "--answers", "60",
             "--epochs", "8", "--answer-tokens", "10", "--lr", "3e-3", "--batch-size", "8",
             "--data-dir", str(data), "--out", str(out)]
     assert main(args) == 0
     report = json.loads((out / "tuning_report.json").read_text())
-    assert report["recipe"] == "answers" and report["loss"] == "ce_on_greedy_answers"
-    assert report["agreement_after"]["2"] > report["agreement_before"]["2"]
+    assert report["objective"] == "answers" and report["config"]["epochs"] == 8
+    assert report["after"]["2"] > report["before"]["2"]
     cache = out / "greedy_answers.json"
     assert len(json.loads(cache.read_text())["items"]) == 60
     stamp = cache.stat().st_mtime_ns
@@ -247,6 +250,18 @@ def test_tune_lm_on_greedy_answers(tiny_lm_dir, tmp_path, capsys):
     assert main(["generate", str(out), "--prompt", "what is the sky", "--max-new-tokens", "6",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)
+
+
+def test_tune_lm_refuses_an_option_its_objective_does_not_have(tmp_path, capsys):
+    """--epochs belongs to 'answers': with 'ce' it is refused before any model is loaded."""
+    args = ["tune-lm", "--model", str(tmp_path / "absent"), "--objective", "ce", "--epochs", "3",
+            "--out", str(tmp_path / "out")]
+    assert main(args) != 0
+    assert "has no option epochs" in capsys.readouterr().err
+    args = ["tune-lm", "--model", str(tmp_path / "absent"), "--objective", "layerskip",
+            "--option", "p_max=2", "--out", str(tmp_path / "out")]
+    assert main(args) != 0
+    assert "p_max" in capsys.readouterr().err
 
 
 def test_kernels_command_measures_keeps_and_is_used_by_generate(tiny_lm_dir, capsys):

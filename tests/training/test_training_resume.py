@@ -18,7 +18,7 @@ from helpers.trainkit import (
 
 from exitwise.errors import ConfigError
 from exitwise.training import train
-from exitwise.training.checkpoint import PROGRESS_NAME
+from exitwise.checkpoint import PROGRESS_NAME
 
 N = 8  # steps per stage; checkpoints every N // 2
 ARGS = {**FAST, "save_strategy": "steps", "save_steps": N // 2, "max_steps": N, "save_final": False}

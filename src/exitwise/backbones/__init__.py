@@ -49,19 +49,42 @@ def wrap_backbone(model: nn.Module | Backbone) -> Backbone:
     )
 
 
+def decoder_of(model: nn.Module | Backbone, who: str = "this") -> tuple[HFDecoderBackbone, object]:
+    """(the decoder-LM adapter, the multi-exit model holding it or None) for a Hugging Face
+    causal LM, its :class:`HFDecoderBackbone`, or a multi-exit model over one (anything with
+    a decoder ``backbone`` and ``heads``). ``who`` names the caller in the error."""
+    inner = getattr(model, "backbone", None)
+    if isinstance(inner, HFDecoderBackbone) and hasattr(model, "heads"):
+        return inner, model
+    try:
+        backbone = wrap_backbone(model)
+    except UnsupportedModelError:
+        backbone = None
+    if not isinstance(backbone, HFDecoderBackbone):
+        from .decoder_layouts import supported_decoder_types
+
+        raise UnsupportedModelError(
+            f"{who} needs a decoder-only causal LM (model_type in "
+            f"{', '.join(supported_decoder_types())}), its HFDecoderBackbone, or a "
+            f"MultiExitModel over one; got {type(model).__name__}"
+        )
+    return backbone, None
+
+
 __all__ = [
+    "ENCODER_LAYOUTS",
+    "VISION_LAYOUTS",
     "Backbone",
     "BackboneState",
-    "ENCODER_LAYOUTS",
-    "EncoderLayout",
     "DecodeContext",
+    "EncoderLayout",
     "HFDecoderBackbone",
     "HFEncoderBackbone",
     "SequentialBackbone",
-    "VISION_LAYOUTS",
     "VisionBackbone",
     "VisionLayout",
-    "supported_vision_models",
+    "decoder_of",
     "supported_encoder_types",
+    "supported_vision_models",
     "wrap_backbone",
 ]

@@ -25,7 +25,7 @@ costs no new parameters. Optional trainable pieces:
 - ``untied=True``:     an own copy of the LM head.
 
 ``draft_vocab=K`` restricts the exit's read-out to K token ids (a persistent ``vocab_ids``
-buffer, chosen from data by :func:`exitwise.training.draft_vocab.choose_draft_vocab`): the
+buffer, chosen from data by :func:`exitwise.lm.draft_vocab.choose_draft_vocab`): the
 exit multiplies by K rows of the LM head instead of all V. At batch 1 the LM head streams as
 many bytes as ~6 of SmolLM2's 30 blocks, so a draft token through the full head costs far more
 than through K = V/6 rows (FR-Spec's frequency-ranked drafting). Self-speculative decoding

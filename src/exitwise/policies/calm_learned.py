@@ -8,7 +8,7 @@ exits when that probability exceeds CALM's position-decayed threshold lambda_t
 
 The classifier (:class:`CalmExitClassifier`, one linear or 2-layer MLP probe per exit depth)
 is trained on a frozen model by
-:func:`exitwise.training.calm_classifier.train_calm_classifier` and saved to a folder
+:mod:`exitwise.lm.objectives.calm` (``ew.tune_exits(lm, texts, "calm")``) and saved to a folder
 (``calm_classifier.json`` + ``calm_classifier.safetensors``, no pickle). It is the policy's
 own parameter, like its threshold, so the policy takes it as ``classifier=``: a folder path
 (JSON-friendly, so ``to_dict`` / ``policy_from_dict`` round-trip) or a loaded object.
@@ -139,7 +139,7 @@ class CalmExitClassifier(nn.Module):
         if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
             raise CheckpointError(
                 f"{path} holds no CALM classifier ({CONFIG_NAME} + {WEIGHTS_NAME}); train one "
-                "with exitwise.training.calm_classifier.train_calm_classifier"
+                "with ew.tune_exits(lm, texts, ew.lm.CalmConfig(), output_dir=...)"
             )
         try:
             cfg = json.loads((path / CONFIG_NAME).read_text())
@@ -225,7 +225,7 @@ class CalmLearnedPolicy(CalmPolicy):
             raise ConfigError(
                 "calm_learned needs its trained classifier: get_policy('calm_learned', "
                 "threshold=..., classifier='path/to/folder') (train it with "
-                "exitwise.training.calm_classifier.train_calm_classifier)"
+                "ew.tune_exits(lm, texts, ew.lm.CalmConfig(), output_dir=...))"
             )
         depth = self._depth(exit_index, num_exits, state)
         with torch.no_grad():

@@ -1,13 +1,14 @@
 """Decoder-LM recipes: tune exit heads, save them, generate with them (the CLI calls these).
 
-    run_tune_lm(TuneLMJob(out_dir="runs/smol-e8", model="smollm2", exit_layers=[8], steps=200))
+    run_tune_lm(TuneLMJob(out_dir="runs/smol-e8", exit_layers=[8], objective="answers",
+                          options={"epochs": 3}))
     model, tok = load_lm("runs/smol-e8")          # exit heads + their base model
     run_generate("runs/smol-e8", ["Hi!"], strategy="self_speculative", exit_layer=8)
 
 A tuned model folder holds what :meth:`MultiExitModel.save_pretrained` writes
 (``exit_config.json`` + ``exit_heads.safetensors``; the frozen backbone is *not* copied: it is
 reloaded from ``base_model`` in ``lm_recipe.json``), the tokenizer, the tuning checkpoint
-(``lm_tuning/``, so a rerun resumes) and ``tuning_report.json``.
+(``<objective>/``, so a rerun resumes) and ``tuning_report.json``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ from typing import Any, Sequence
 
 import torch
 
+from ..backbones.special_tokens import eos_and_pad
+from ..config import ExitConfig
 from ..errors import CheckpointError, ConfigError
+from ..generation import generate
+from ..lm import generate_answers, get_objective, tune_exits
+from ..lm.data import DEFAULT_PROMPTS, self_generated_sequences
+from ..lm.prompts import BENCH_PROMPTS, CALIBRATION_PROMPTS, corpus_chat_prompts
+from ..model import MultiExitModel, attach_exits
 from .smollm import load_causal_lm
 
 RECIPE_NAME = "lm_recipe.json"
@@ -29,37 +37,41 @@ ADAPTERS = ("none", "norm", "mlp", "block", "kangaroo")
 
 @dataclass
 class TuneLMJob:
-    """One exit-tuning run with a frozen backbone, on the model's own chat answers.
+    """One tuning run of a decoder LM's exits, saved to ``out_dir`` (a rerun resumes).
 
-    answers = 0: KL to the final layer on self-generated text (``tune_exits``; ``steps``,
-        ``seq_len``, ``loss``, ``num_generations``, ``gen_tokens`` apply).
-    answers = N > 0: the model's greedy answers (``answer_tokens`` long) to N prompts built
-        from local text (:func:`~exitwise.recipes.lm_prompts.corpus_chat_prompts`, never a
-        benchmark or calibration prompt), then cross-entropy on them from cached features
-        for ``epochs`` (``tune_exits_on_answers``); the answers are cached in ``out_dir``.
+    objective: any of :data:`exitwise.lm.OBJECTIVES` ("ce", "kl", "answers", "layerskip",
+        "free", "calm"); ``options`` are that objective's config options (checked by it: an
+        option it does not have is refused with its list).
+    data: "answers" tunes on the model's greedy answers (``answer_tokens`` long) to
+        ``answers`` prompts built from local text (:func:`~exitwise.lm.prompts.
+        corpus_chat_prompts`, never a benchmark or calibration prompt; ``data_dir``); the
+        other objectives train on the model's own continuations of chat prompts
+        (``num_generations`` per prompt, ``gen_tokens`` long). Both are cached in ``out_dir``.
     """
 
     out_dir: str
     model: str = "smollm2"
     exit_layers: list[int] = field(default_factory=lambda: [8])
     adapter: str = "mlp"
-    steps: int = 200
-    lr: float = 1e-3
-    batch_size: int = 8
-    seq_len: int = 128
-    loss: str = "ce"
-    num_generations: int = 2
-    gen_tokens: int = 96
-    seed: int = 0
     draft_vocab: int | None = None
-    answers: int = 0
-    epochs: float = 3.0
+    objective: str = "ce"
+    options: dict[str, Any] = field(default_factory=dict)
+    answers: int = 256
     answer_tokens: int = 128
     data_dir: str | None = None
+    num_generations: int = 2
+    gen_tokens: int = 96
+
+    def config(self) -> Any:
+        """The objective's config (validated now, before any model is loaded)."""
+        options = dict(self.options)
+        if self.objective != "answers" and "save_every" not in options and "steps" in options:
+            options["save_every"] = max(1, min(50, int(options["steps"])))
+        return get_objective(self.objective, **options)
 
 
 # -- prompts -------------------------------------------------------------------------------
-# User turns for exit tuning on a chat model's own answers, besides lm_data.DEFAULT_PROMPTS
+# User turns for exit tuning on a chat model's own answers, besides exitwise.lm.data.DEFAULT_PROMPTS
 # (disjoint from the benchmark's and the calibration's prompts in recipes/lm_bench.py).
 CHAT_TUNING_PROMPTS: tuple[str, ...] = (
     "How do solar panels generate electricity?",
@@ -165,46 +177,37 @@ def run_tune_lm(
     job: TuneLMJob, resume: bool = True, print_fn: Any = print,
     prompts: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Attach ``lm`` exits at ``job.exit_layers``, tune them on the model's own (chat-formatted)
-    generations, save everything to ``job.out_dir``; returns the tuning report."""
-    import exitwise as ew
-    from ..training.lm_data import DEFAULT_PROMPTS
-    from ..training.lm_tuning import tune_exits
-
+    """Attach ``lm`` exits at ``job.exit_layers``, train them with ``job.objective`` on the
+    model's own outputs, save everything to ``job.out_dir``; returns the tuning report."""
     if job.adapter not in ADAPTERS:
         raise ConfigError(f"adapter must be one of {', '.join(ADAPTERS)}; got {job.adapter!r}")
+    config = job.config()
     lm, tokenizer = load_causal_lm(job.model, print_fn=print_fn)
-    config = ew.ExitConfig(
+    exit_config = ExitConfig(
         layers=list(job.exit_layers), head="lm", num_labels=int(lm.config.vocab_size),
         head_kwargs={"adapter": job.adapter,
                      **({"draft_vocab": job.draft_vocab} if job.draft_vocab else {})},
         final_head_kwargs={},
     )
-    model = ew.attach_exits(lm, config)
+    model = attach_exits(lm, exit_config)
     out = Path(job.out_dir)
-    if job.answers:
-        result = _tune_on_answers(job, model, tokenizer, out, resume, prompts, print_fn)
+    reused = None
+    if job.objective == "answers":
+        data: Any = _answers(job, model, tokenizer, out, resume, prompts, print_fn)
     else:
-        texts = format_prompts(
-            tokenizer, list(prompts or (DEFAULT_PROMPTS + CHAT_TUNING_PROMPTS))
-        )
-        result = tune_exits(
-            model, None, tokenizer, steps=job.steps, lr=job.lr, batch_size=job.batch_size,
-            seq_len=job.seq_len, loss=job.loss, self_generate_prompts=texts,
-            num_generations=job.num_generations, gen_tokens=job.gen_tokens, output_dir=out,
-            resume=resume, seed=job.seed, save_every=max(1, min(50, job.steps)),
-        )
+        data, reused = _continuations(job, model, tokenizer, out, prompts, print_fn)
+    result = tune_exits(model, data, config, tokenizer=tokenizer, output_dir=out,
+                           resume=resume)
     model.save_pretrained(out)
     tokenizer.save_pretrained(str(out))
     recipe = {"base_model": job.model, "job": asdict(job)}
     (out / RECIPE_NAME).write_text(json.dumps(recipe, indent=2))
     report = {
-        "recipe": "answers" if job.answers else "kl", "loss": result.loss,
-        "exit_layers": result.exit_layers, "steps": result.steps,
-        "agreement_before": result.agreement_before, "agreement_after": result.agreement_after,
-        "final_loss": result.loss_history[-1] if result.loss_history else None,
-        "num_train_sequences": result.num_train_sequences,
-        "reused_generation_cache": result.reused_generation_cache,
+        "objective": result.objective, "config": result.config, "metric": result.metric,
+        "exit_layers": [d for d in model.exit_layers if d < model.backbone.num_layers],
+        "steps": result.steps, "before": result.before, "after": result.after,
+        "final_loss": result.final_loss, "num_train": result.num_train,
+        "num_eval": result.num_eval, "reused_generation_cache": reused,
     }
     (out / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str))
     print_fn(result.table())
@@ -215,21 +218,30 @@ ANSWERS_NAME = "greedy_answers.json"
 ANSWER_PROMPT_POOL = 2400
 
 
-def _tune_on_answers(
+def _continuations(job: TuneLMJob, model: Any, tokenizer: Any, out: Path,
+                   prompts: Sequence[str] | None, print_fn: Any) -> tuple[list[list[int]], bool]:
+    """(the model's own continuations of chat prompts as token ids, whether they came from
+    the cache in ``out``)."""
+    texts = format_prompts(tokenizer, list(prompts or (DEFAULT_PROMPTS + CHAT_TUNING_PROMPTS)))
+    eos, pad = eos_and_pad(model.backbone, None, tokenizer.pad_token_id)
+    print_fn(f"[tune] {job.num_generations} continuation(s) of {len(texts)} prompts "
+             f"(cached in {out})")
+    return self_generated_sequences(model, tokenizer, texts, job.num_generations,
+                                    job.gen_tokens, int(job.options.get("seed", 0)), pad, eos,
+                                    out)
+
+
+def _answers(
     job: TuneLMJob, model: Any, tokenizer: Any, out: Path, resume: bool,
     prompts: Sequence[str] | None, print_fn: Any,
-) -> Any:
-    """The ``answers = N`` recipe of :class:`TuneLMJob`: corpus prompts -> greedy answers
-    (cached in ``out/greedy_answers.json``) -> cross-entropy from cached features."""
-    from ..training.lm_answer_tuning import generate_answers, tune_exits_on_answers
-    from .lm_bench import BENCH_PROMPTS, CALIBRATION_PROMPTS
-    from .lm_prompts import corpus_chat_prompts
-
+) -> list[tuple[list[int], list[int]]]:
+    """Corpus prompts -> the model's greedy answers (cached in ``out/greedy_answers.json``)."""
     if prompts is None:
         # The first N of one fixed-size draw: a larger N extends a smaller one's prompts, so
         # the cached answers of an earlier run are reused.
+        seed = int(job.options.get("seed", 0))
         prompts = corpus_chat_prompts(
-            max(job.answers, ANSWER_PROMPT_POOL), seed=job.seed, data_dir=job.data_dir,
+            max(job.answers, ANSWER_PROMPT_POOL), seed=seed, data_dir=job.data_dir,
             exclude=(*BENCH_PROMPTS, *CALIBRATION_PROMPTS), minimum=job.answers,
         )
     texts = format_prompts(tokenizer, list(prompts)[: job.answers])
@@ -242,11 +254,8 @@ def _tune_on_answers(
         cache=out / ANSWERS_NAME if resume else None,
     )
     print_fn(f"[tune] {sum(len(a) for _, a in answers)} answer tokens; tuning exits "
-             f"{list(job.exit_layers)} for {job.epochs} epochs")
-    return tune_exits_on_answers(
-        model, answers, epochs=job.epochs, lr=job.lr, batch_size=job.batch_size,
-        output_dir=out, resume=resume, seed=job.seed,
-    )
+             f"{list(job.exit_layers)}")
+    return answers
 
 
 def is_tuned_dir(path: str | Path) -> bool:
@@ -257,8 +266,6 @@ def load_lm(name_or_dir: str, print_fn: Any = None) -> tuple[Any, Any]:
     """(model, tokenizer). A folder written by :func:`run_tune_lm` gives a ``MultiExitModel``
     with its tuned exits over the reloaded base model; anything else (``smollm2``, a local
     HF checkpoint, a hub id) gives the plain causal LM."""
-    from ..model import MultiExitModel
-
     if not is_tuned_dir(name_or_dir):
         return load_causal_lm(name_or_dir, print_fn=print_fn)
     folder = Path(name_or_dir)
@@ -316,8 +323,6 @@ def run_generate(
     ``tokenizer``). ``exit_layer`` defaults to the model's shallowest tuned exit.
     ``policy``: the token-level exit policy of ``strategy="early_exit"`` (object, name or dict).
     """
-    from ..generation import generate
-
     if isinstance(model_or_dir, (str, Path)):
         model, tokenizer = load_lm(str(model_or_dir), print_fn=print_fn)
     else:

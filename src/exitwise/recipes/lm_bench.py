@@ -19,81 +19,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..errors import ConfigError
+from ..lm.prompts import BENCH_PROMPTS, CALIBRATION_PROMPTS  # noqa: F401  (re-exported)
 from .lm import encode_prompts, eos_ids, format_prompts, hf_model, new_token_lists
-
-# Fixed, varied user turns (chat-formatted before use).
-BENCH_PROMPTS: tuple[str, ...] = (
-    "Explain why the sky is blue in simple terms.",
-    "Write a short poem about the sea.",
-    "What are three tips for staying productive when working from home?",
-    "Summarize the plot of Romeo and Juliet in a few sentences.",
-    "How do I reverse a list in Python?",
-    "What is the difference between a virus and a bacterium?",
-    "Give me a recipe for a simple tomato soup.",
-    "Why do leaves change color in autumn?",
-    "Write a polite email asking a colleague for a meeting next week.",
-    "What is photosynthesis?",
-    "List five countries in South America and their capitals.",
-    "How does a bicycle stay upright?",
-    "Explain what a neural network is to a ten-year-old.",
-    "What should I pack for a weekend camping trip?",
-    "Describe the water cycle.",
-    "What are the benefits of regular exercise?",
-    "Write a short story opening about a lost key.",
-    "How do vaccines work?",
-    "What is the Pythagorean theorem? Give an example.",
-    "Suggest three names for a coffee shop and explain each.",
-    "What causes earthquakes?",
-    "How can I improve my sleep?",
-    "Translate 'good morning, how are you?' into French and Spanish.",
-    "What is the capital of Australia, and why is it not Sydney?",
-)
-
-# Disjoint from BENCH_PROMPTS: used only to certify early-exit thresholds (Learn-then-Test
-# needs a few dozen sequences before any threshold can be certified).
-CALIBRATION_PROMPTS: tuple[str, ...] = (
-    "What is the boiling point of water at sea level?",
-    "Write a haiku about mountains.",
-    "How do I make a cup of green tea?",
-    "Explain what gravity is.",
-    "Name three famous painters and one work by each.",
-    "What is a prime number?",
-    "Give two reasons to learn a second language.",
-    "How does a refrigerator keep food cold?",
-    "Write a thank-you note to a teacher.",
-    "What is the largest planet in the solar system?",
-    "How do bees make honey?",
-    "Describe a sunset in two sentences.",
-    "What is the difference between weather and climate?",
-    "How do I center a div in CSS?",
-    "What does a cell's nucleus do?",
-    "Suggest a name for a pet turtle.",
-    "Why is the ocean salty?",
-    "What is inflation in economics?",
-    "Write a limerick about a cat.",
-    "How many continents are there? Name them.",
-    "What is the speed of light?",
-    "Give me three ideas for a birthday party.",
-    "How do airplanes fly?",
-    "What is democracy?",
-    "Explain recursion with a simple example.",
-    "What are the primary colors?",
-    "How can I save money on groceries?",
-    "What is the tallest mountain on Earth?",
-    "Write a two-line slogan for a bakery.",
-    "Why do we have seasons?",
-    "What is the function of the heart?",
-    "How do I write a for loop in JavaScript?",
-    "What are renewable energy sources?",
-    "Describe a cat to someone who has never seen one.",
-    "What is the meaning of the word 'ephemeral'?",
-    "How does the moon affect tides?",
-    "Give a short tip for public speaking.",
-    "What is an atom made of?",
-    "Why should I drink enough water?",
-    "What is a haiku?",
-)
-
 
 Config = tuple[int, int, float | None]
 

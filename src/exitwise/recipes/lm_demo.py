@@ -4,7 +4,7 @@
    safetensors copy);
 2. tune an ``lm`` exit (MLP adapter, draft vocabulary) at ``exit_layer`` on the model's own
    greedy chat answers to ``answers`` prompts built from local text, with the backbone frozen
-   (cross-entropy from cached features, :mod:`exitwise.training.lm_answer_tuning`); the tuned
+   (cross-entropy from cached features, :mod:`exitwise.lm.objectives.answers`); the tuned
    exit is kept in ``out_dir`` and a re-run skips this step;
 3. answer a few built-in prompts with Hugging Face's greedy ``generate`` (the reference),
    exitwise's greedy decoding and lossless self-speculative decoding drafting through the
@@ -59,8 +59,9 @@ def run_llm_demo(
         print_fn(f"[1/2] tuning an exit at layer {exit_layer} of {model} (frozen backbone) on "
                  f"its own greedy answers to {answers} prompts, {epochs:g} epochs")
         run_tune_lm(
-            TuneLMJob(out_dir=str(out), model=model, exit_layers=[exit_layer], answers=answers,
-                      epochs=epochs, lr=lr, batch_size=16, answer_tokens=max_new_tokens,
+            TuneLMJob(out_dir=str(out), model=model, exit_layers=[exit_layer],
+                      objective="answers", answers=answers, answer_tokens=max_new_tokens,
+                      options={"epochs": epochs, "lr": lr, "batch_size": 16},
                       draft_vocab=draft_vocab),
             print_fn=print_fn,
         )

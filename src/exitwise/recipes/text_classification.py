@@ -17,8 +17,7 @@ from typing import Any, Callable
 import torch
 
 from ..config import ExitConfig
-from ..data import TextExamples, TokenizedDataset, load_examples, make_collator
-from ..data import train_holdout_split
+from ..data import TextExamples, TokenizedDataset, load_examples, make_collator, train_holdout_split
 from ..errors import ConfigError, DataError
 from ..model import MultiExitModel, attach_exits
 from ..policies import POLICIES, get_policy

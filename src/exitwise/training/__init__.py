@@ -8,6 +8,7 @@
 Recipes are registered strategies (one file each): ``joint``, ``two_stage``, ``exits_only``,
 and the vision literature's ``branchynet``, ``sdn_ramp``, ``sdn_ic_only``, ``imta``,
 ``self_distill``, ``ztw``, ``boosted``, ``l2w``, ``meta_gf``, ``lgvit``, ``copycat_sl_vit``.
+Decoder LMs train their exits with :mod:`exitwise.lm` (one loop, objectives registered there).
 A new one subclasses :class:`TrainingStrategy`, returns its :class:`Stage` list from
 ``build_stages`` and is registered with ``@register_strategy("name")``.
 """
@@ -30,17 +31,11 @@ from .base import (
     register_strategy,
     weighted_exit_loss,
 )
-from .calm_classifier import CalmClassifierResult, train_calm_classifier
-from .checkpoint import load_model_weights, save_model_weights
-from .draft_vocab import choose_draft_vocab
+from ..checkpoint import load_model_weights, save_model_weights
 from .collate import PaddingCollator, default_collator
 from .evaluate import ExitEvaluation, evaluate_exit_scores, evaluate_exits, format_exit_table
 from .exits_only import ExitsOnlyStrategy
-from .free import FreeResult, free_finetune  # noqa: F401  (FREE, decoder LMs)
 from .joint import JointStrategy
-from .layerskip import LayerSkipResult, layerskip_finetune
-from .lm_answer_tuning import generate_answers, tune_exits_on_answers
-from .lm_tuning import LMTuningResult, tune_exits
 from .loop import StageResult, TrainResult, train
 from .schedules import exit_weights
 from .trainer import ExitTrainer
@@ -49,15 +44,9 @@ from .ztw import ztw_ensemble_weights
 
 __all__ = [
     "STRATEGIES",
-    "CalmClassifierResult",
-    "LayerSkipResult",
-    "choose_draft_vocab",
-    "layerskip_finetune",
-    "train_calm_classifier",
     "ExitTrainer",
     "ExitsOnlyStrategy",
     "JointStrategy",
-    "LMTuningResult",
     "PaddingCollator",
     "Stage",
     "StageResult",
@@ -82,9 +71,6 @@ __all__ = [
     "register_strategy",
     "save_model_weights",
     "train",
-    "tune_exits",
-    "tune_exits_on_answers",
-    "generate_answers",
     "weighted_exit_loss",
     "ztw_ensemble_weights",
 ]

@@ -23,7 +23,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import ConfigError, DataError, InputError
 from .base import Stage, TrainingStrategy, get_strategy
-from .checkpoint import STAGE_WEIGHTS, load_model_weights, read_progress, write_progress
+from ..checkpoint import STAGE_WEIGHTS, load_model_weights, read_progress, write_progress
 from .collate import default_collator
 from .evaluate import ExitEvaluation, evaluate_exit_scores, format_exit_table
 from .trainer import ExitTrainer

@@ -24,7 +24,7 @@ from transformers import Trainer
 
 from ..errors import CheckpointError, InputError
 from .base import Stage
-from .checkpoint import STAGE_WEIGHTS, load_model_weights, save_model_weights
+from ..checkpoint import STAGE_WEIGHTS, load_model_weights, save_model_weights
 from .evaluate import evaluate_exits
 
 

@@ -1,4 +1,4 @@
-"""Exit-head tuning of decoder LMs (``exitwise.tune_exits``) on tiny random causal LMs."""
+"""The ``ce`` / ``kl`` objectives (``exitwise.lm.objectives.exit_text``) on tiny random LMs."""
 
 from __future__ import annotations
 
@@ -9,8 +9,20 @@ import torch
 from helpers.lmkit import EOS, VOCAB, hf_greedy, tiny_lm  # noqa: E402
 
 import exitwise as ew  # noqa: E402
-from exitwise.training import lm_data  # noqa: E402
-from exitwise.training.lm_tuning import tune_exits  # noqa: E402
+from exitwise.lm import ExitCEConfig, ExitKLConfig  # noqa: E402
+from exitwise.lm import data as lm_data
+from exitwise.lm.objectives.exit_text import exit_ce, exit_kl, exit_text_losses  # noqa: E402
+
+
+def tune_exits(model, texts, tokenizer=None, *, loss="ce", output_dir=None, resume=True,
+               progress=False, self_generate_prompts=None, **options):
+    """ew.tune_exits with the config of ``loss`` ("ce", "kl" or "kl+ce")."""
+    if self_generate_prompts is not None:
+        options["prompts"] = self_generate_prompts
+    config = (ExitCEConfig(**options) if loss == "ce"
+              else ExitKLConfig(ce_weight=1.0 if loss == "kl+ce" else 0.0, **options))
+    return ew.tune_exits(model, texts, config, tokenizer=tokenizer, output_dir=output_dir,
+                         resume=resume, progress=progress)
 
 
 def lm_model(family: str = "gpt2", adapter: str = "mlp", layers=(1, 2), seed: int = 0):
@@ -61,10 +73,10 @@ def test_tuning_lowers_loss_and_raises_agreement_with_a_frozen_backbone(family, 
     hist = result.loss_history
     assert len(hist) == 100 and result.start_step == 0
     assert sum(hist[-10:]) / 10 < 0.7 * sum(hist[:10]) / 10
-    assert result.exit_layers == [1, 2]
+    assert list(result.after) == [1, 2]
     for d in (1, 2):
-        assert result.agreement_after[d] > result.agreement_before[d] + 0.05, result.table()
-        assert len(result.exit_loss_history[d]) == 100
+        assert result.after[d] > result.before[d] + 0.05, result.table()
+        assert len(result.part_history[str(d)]) == 100
     # backbone (incl. shared final norm / LM head) bit-identical
     for n, t in model.backbone.model.state_dict().items():
         assert torch.equal(t, backbone_before[n]), n
@@ -92,7 +104,7 @@ def test_string_texts_and_loss_variants_add_up():
             batch_size=4, loss=loss, progress=loss == "kl",
         )
         assert all(torch.isfinite(torch.tensor(res.loss_history)))
-        first[loss] = res.exit_loss_history[2][0]
+        first[loss] = res.part_history["2"][0]
     assert first["ce"] > first["kl"] > 0
     assert first["kl+ce"] == pytest.approx(first["kl"] + first["ce"], rel=1e-5)
 
@@ -103,9 +115,7 @@ def test_default_loss_is_ee_tunings_next_token_cross_entropy():
     import inspect
     import math
 
-    from exitwise.training.lm_tuning import exit_losses
-
-    assert inspect.signature(tune_exits).parameters["loss"].default == "ce"
+    assert inspect.signature(ew.tune_exits).parameters["config"].default == "ce"
     # V = 3, two rows of 3 positions, the second row padded after 2 tokens
     logits = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 3.0]],
                            [[0.5, 0.5, 0.0], [9.0, 9.0, 9.0], [7.0, 0.0, 0.0]]])
@@ -117,11 +127,39 @@ def test_default_loss_is_ee_tunings_next_token_cross_entropy():
 
     want = (nll([1.0, 0.0, 0.0], 1) + nll([0.0, 2.0, 0.0], 2) + nll([0.5, 0.5, 0.0], 0)) / 3
     final = torch.randn(2, 3, 3)  # the teacher plays no part in "ce"
-    got = exit_losses([logits], final, ids, mask, "ce")
+    got = exit_text_losses([logits], final, ids, mask, kl_weight=0.0, ce_weight=1.0)
     assert got.shape == (1,) and float(got[0]) == pytest.approx(want)
-    result = tune_exits(lm_model("llama", "norm", layers=(2,)), random_texts(n=8), steps=1,
-                        progress=False)
-    assert result.loss == "ce"
+    assert float(exit_ce(logits, ids, mask)) == pytest.approx(want)
+    # a draft vocabulary of ids (2, 0): targets outside it are ignored, inside re-indexed
+    where = torch.tensor([1, -100, 0])
+    sub = logits[..., [2, 0]]
+    want_sub = (nll([0.0, 0.0], 0) + nll([0.0, 0.5], 1)) / 2  # targets 2 (row 0), 0 (row 1)
+    assert float(exit_ce(sub, ids, mask, where)) == pytest.approx(want_sub)
+    result = ew.tune_exits(lm_model("llama", "norm", layers=(2,)), random_texts(n=8),
+                           progress=False)
+    assert result.objective == "ce" and result.steps == ExitCEConfig().steps
+
+
+def test_kl_is_the_final_layers_divergence_from_the_exit_by_hand():
+    """KL(p_final || p_exit) per real token, averaged; with a draft vocabulary the teacher is
+    the final distribution restricted to those ids and renormalised."""
+    import math
+
+    logits = torch.tensor([[[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]]])
+    final = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 0.0, 5.0]]])
+    mask = torch.tensor([[1, 0]])  # only the first position is real
+
+    def softmax(v):
+        z = sum(math.exp(x) for x in v)
+        return [math.exp(x) / z for x in v]
+
+    p, q = softmax([2.0, 0.0, 0.0]), softmax([0.0, 1.0, 2.0])
+    want = sum(a * math.log(a / b) for a, b in zip(p, q))
+    assert float(exit_kl(logits, final, mask)) == pytest.approx(want, rel=1e-6)
+    ids = torch.tensor([0, 2])  # K = 2: teacher softmax([2, 0]), student softmax of its logits
+    p, q = softmax([2.0, 0.0]), softmax([0.0, 1.0])
+    want = sum(a * math.log(a / b) for a, b in zip(p, q))
+    assert float(exit_kl(logits[..., :2], final, mask, ids)) == pytest.approx(want, rel=1e-6)
 
 
 def test_self_generation_builds_data_and_reuses_its_cache(tmp_path, monkeypatch):
@@ -131,9 +169,9 @@ def test_self_generation_builds_data_and_reuses_its_cache(tmp_path, monkeypatch)
         output_dir=tmp_path, resume=False,
     )
     first = tune_exits(lm_model("llama", "norm", layers=(2,)), None, tok, **opts)
-    assert first.self_generated and not first.reused_generation_cache
+    assert first.extras["self_generated"] and not first.extras["reused_generation_cache"]
     n_prompts = len(lm_data.DEFAULT_PROMPTS)
-    assert first.num_train_sequences + first.num_eval_sequences == 2 * n_prompts
+    assert first.num_train + first.num_eval == 2 * n_prompts
     cache = tmp_path / lm_data.SELF_GEN_CACHE
     assert cache.is_file()
     seqs = __import__("json").loads(cache.read_text())["sequences"]
@@ -150,7 +188,7 @@ def test_self_generation_builds_data_and_reuses_its_cache(tmp_path, monkeypatch)
 
     monkeypatch.setattr(lm_data, "generate_sequences", boom)
     again = tune_exits(lm_model("llama", "norm", layers=(2,)), None, tok, **opts)
-    assert again.reused_generation_cache
+    assert again.extras["reused_generation_cache"]
     assert again.loss_history == first.loss_history
     # token-id prompts need no tokenizer; a different key regenerates
     monkeypatch.undo()
@@ -158,8 +196,8 @@ def test_self_generation_builds_data_and_reuses_its_cache(tmp_path, monkeypatch)
         lm_model("llama", "norm", layers=(2,)), None, None,
         self_generate_prompts=[[5, 6, 7], [8, 9, 10, 11], [12, 13]], **opts,
     )
-    assert not ids.reused_generation_cache
-    assert ids.num_train_sequences + ids.num_eval_sequences == 6
+    assert not ids.extras["reused_generation_cache"]
+    assert ids.num_train + ids.num_eval == 6
 
 
 def test_resume_continues_and_matches_an_uninterrupted_run(tmp_path):
@@ -170,10 +208,10 @@ def test_resume_continues_and_matches_an_uninterrupted_run(tmp_path):
 
     part_model = lm_model("gpt2", "mlp")
     part = tune_exits(part_model, texts, steps=8, output_dir=tmp_path / "b", **opts)
-    ckpt = tmp_path / "b" / "lm_tuning"
+    ckpt = tmp_path / "b" / "ce"
     # no pickle: weights and optimizer tensors in safetensors, the rest in JSON
     assert sorted(p.name for p in ckpt.iterdir()) == [
-        "heads.safetensors", "optimizer.safetensors", "state.json"]
+        "optimizer.safetensors", "state.json", "weights.safetensors"]
     assert set(json.loads((ckpt / "state.json").read_text())["optimizer"]) == {
         "param_groups", "scalars"}
     resumed_model = lm_model("gpt2", "mlp")  # fresh heads: all state comes from the checkpoint
@@ -181,23 +219,15 @@ def test_resume_continues_and_matches_an_uninterrupted_run(tmp_path):
 
     assert part.steps == 8 and resumed.start_step == 8 and resumed.steps == 12
     assert resumed.loss_history == full.loss_history
-    assert resumed.agreement_before == full.agreement_before
-    assert resumed.agreement_after == full.agreement_after
+    assert resumed.before == full.before
+    assert resumed.after == full.after
     for k in (0, 1):
         a, b = head_params(full_model, k), head_params(resumed_model, k)
         assert all(torch.equal(a[n], b[n]) for n in a)
     # a checkpoint of other exits is refused
-    with pytest.raises(ew.CheckpointError, match="exits"):
+    with pytest.raises(ew.CheckpointError, match="exit_layers"):
         tune_exits(lm_model("gpt2", "mlp", layers=(2,)), texts, steps=12,
                    output_dir=tmp_path / "b", **opts)
-    # a checkpoint from before (optimizer state pickled in optimizer.pt) is refused clearly
-    old = tmp_path / "old" / "lm_tuning"
-    old.mkdir(parents=True)
-    state = json.loads((ckpt / "state.json").read_text())
-    del state["optimizer"]
-    (old / "state.json").write_text(json.dumps(state))
-    with pytest.raises(ew.CheckpointError, match="older exitwise"):
-        tune_exits(lm_model("gpt2", "mlp"), texts, steps=12, output_dir=tmp_path / "old", **opts)
     # resume=False starts over
     fresh = tune_exits(lm_model("gpt2", "mlp"), texts, steps=2, output_dir=tmp_path / "b",
                        resume=False, **opts)
@@ -221,8 +251,12 @@ def test_clear_errors():
         tune_exits(model, [[5, VOCAB + 3]], steps=2)
     with pytest.raises(ew.ConfigError, match="tokenizer"):
         tune_exits(model, ["some text"], steps=2)
-    with pytest.raises(ew.ConfigError, match="unknown loss"):
-        tune_exits(model, texts, steps=2, loss="mse")
+    with pytest.raises(ew.ConfigError, match="unknown objective 'mse'"):
+        ew.tune_exits(model, texts, "mse")
+    with pytest.raises(ew.ConfigError, match="has no option epochs"):
+        ew.lm.get_objective("ce", epochs=3)
+    with pytest.raises(TypeError):
+        ExitCEConfig(epochs=3)  # a config has exactly its own options
     for bad in (0, -3, 2.5):
         with pytest.raises(ew.ConfigError, match="steps"):
             tune_exits(model, texts, steps=bad)

@@ -1,11 +1,11 @@
-"""Chat prompts built from local text for exit tuning (exitwise.recipes.lm_prompts)."""
+"""Chat prompts built from local text for exit tuning (exitwise.lm.prompts)."""
 
 from __future__ import annotations
 
 import pytest
 
 from exitwise.errors import DataError
-from exitwise.recipes.lm_prompts import (
+from exitwise.lm.prompts import (
     CODE_TASKS,
     CODE_TEMPLATES,
     EVERYDAY_TASKS,

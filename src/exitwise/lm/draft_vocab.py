@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .lm_data import pad_batch
+from .data import pad_batch
+from .exits import exit_and_final_logits
 
 
 @torch.no_grad()
@@ -24,8 +25,6 @@ def expected_token_mass(
     model: Any, seqs: list[list[int]], pad_id: int, batch_size: int = 8,
 ) -> torch.Tensor:
     """(V,) float64: sum over the real positions of ``seqs`` of the final layer's softmax."""
-    from .lm_tuning import exit_and_final_logits
-
     if not seqs:
         raise ConfigError("need at least one sequence to choose a draft vocabulary")
     device = model.backbone.lm_head.weight.device

@@ -1,4 +1,5 @@
-"""Exit tuning on the model's own greedy answers from cached features (tiny random LMs)."""
+"""The ``answers`` objective: exits trained on the model's own greedy answers, from cached
+features (tiny random LMs)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ from helpers.lmkit import VOCAB, tiny_lm  # noqa: E402
 
 import exitwise as ew  # noqa: E402
 from exitwise.errors import DataError  # noqa: E402
-from exitwise.training.lm_answer_tuning import (  # noqa: E402
-    answer_token_ranking,
-    exit_features,
-    generate_answers,
-    tune_exits_on_answers,
-)
+from exitwise.lm import AnswersConfig, generate_answers, loop  # noqa: E402
+from exitwise.lm.answers import answer_token_ranking  # noqa: E402
+from exitwise.lm.objectives.answers import answer_ce, answer_targets, exit_features  # noqa: E402
+
+
+def tune_exits_on_answers(model, answers, *, output_dir=None, progress=False, **options):
+    return ew.tune_exits(model, answers, AnswersConfig(**options), output_dir=output_dir,
+                         progress=progress)
 
 
 def answer_model(family="llama", adapter="mlp", layers=(1,), draft_vocab=None, seed=0):
@@ -72,7 +75,7 @@ def test_tuning_raises_held_out_agreement_and_keeps_the_backbone(tmp_path, famil
     accepted_before = speculate().stats.acceptance_rate
     result = tune_exits_on_answers(model, answers, epochs=10, lr=3e-3, batch_size=16,
                                    eval_fraction=0.2, output_dir=tmp_path, progress=False)
-    assert result.agreement_after[1] > result.agreement_before[1] + 0.05
+    assert result.after[1] > result.before[1] + 0.05
     assert result.loss_history[-1] < result.loss_history[0]
     for n, t in model.backbone.model.state_dict().items():
         assert torch.equal(t, before_bb[n]), n
@@ -88,30 +91,60 @@ def test_tuning_raises_held_out_agreement_and_keeps_the_backbone(tmp_path, famil
     assert torch.equal(spec.sequences, ew.generate(model, ids, max_new_tokens=12).sequences)
 
 
-def test_resume_continues_to_the_same_heads(tmp_path):
+def test_answer_loss_by_hand():
+    """Targets: the answer's next token from the last prompt position on, -100 on the prompt,
+    padding and ids outside a draft vocabulary; the loss is their mean cross-entropy."""
+    import math
+
+    answers = [([5, 6], [7, 8]), ([9], [4])]
+    tgt = answer_targets(answers, [0, 1], width=4)
+    assert tgt.tolist() == [[-100, 7, 8, -100], [4, -100, -100, -100]]
+    where = torch.full((VOCAB,), -100, dtype=torch.long)
+    where[8], where[4] = 0, 1  # a draft vocabulary of ids (8, 4)
+    assert answer_targets(answers, [0, 1], 4, where).tolist() == [
+        [-100, -100, 0, -100], [1, -100, -100, -100]]
+    logits = torch.zeros(2, 4, 2)
+    logits[0, 2] = torch.tensor([2.0, 0.0])
+    logits[1, 0] = torch.tensor([0.0, 1.0])
+    want = (-(2.0 - math.log(math.exp(2.0) + 1.0)) - (1.0 - math.log(1.0 + math.exp(1.0)))) / 2
+    got = answer_ce(logits, answer_targets(answers, [0, 1], 4, where))
+    assert float(got) == pytest.approx(want)
+    assert float(answer_ce(logits, torch.full((2, 4), -100))) == 0.0
+
+
+def test_an_interrupted_run_resumes_to_the_same_heads(tmp_path, monkeypatch):
     answers = generate_answers(answer_model(), prompts(24), max_new_tokens=8, progress=False)
+    opts = dict(epochs=4, batch_size=8, save_every=3)
     full = answer_model()
-    tune_exits_on_answers(full, answers, epochs=4, batch_size=8, progress=False, save_every=3)
-    part = answer_model()
-    r1 = tune_exits_on_answers(part, answers, epochs=1, batch_size=8, progress=False,
-                               output_dir=tmp_path, save_every=3)
-    resumed = answer_model()
-    r2 = tune_exits_on_answers(resumed, answers, epochs=4, batch_size=8, progress=False,
-                               output_dir=tmp_path, save_every=3)
-    assert r2.start_step == r1.steps > 0
+    r0 = tune_exits_on_answers(full, answers, **opts)
+    real, saves = loop.save_checkpoint, []
+
+    def save_then_stop(*args, **kwargs):  # the process dies right after the first checkpoint
+        real(*args, **kwargs)
+        saves.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        tune_exits_on_answers(answer_model(), answers, output_dir=tmp_path, **opts)
+    monkeypatch.undo()
+    resumed = answer_model()  # fresh heads: everything comes from the checkpoint
+    r2 = tune_exits_on_answers(resumed, answers, output_dir=tmp_path, **opts)
+    assert saves == [1] and r2.start_step == 3 and r2.steps == r0.steps
+    assert r2.loss_history == r0.loss_history and r2.after == r0.after
     for (n, a), (_, b) in zip(full.heads[0].state_dict().items(),
                               resumed.heads[0].state_dict().items()):
-        torch.testing.assert_close(a, b, msg=n)
+        assert torch.equal(a, b), n
 
 
 def test_bad_answers_are_refused():
     model = answer_model()
     with pytest.raises(DataError, match="no answers"):
-        tune_exits_on_answers(model, [], progress=False)
+        tune_exits_on_answers(model, [])
     with pytest.raises(DataError, match="empty"):
-        tune_exits_on_answers(model, [([3, 4], [])], progress=False)
+        tune_exits_on_answers(model, [([3, 4], [])])
     with pytest.raises(DataError, match="outside"):
-        tune_exits_on_answers(model, [([3, 4], [VOCAB + 5])], progress=False)
+        tune_exits_on_answers(model, [([3, 4], [VOCAB + 5])])
 
 
 def test_answer_cache_is_reused_extended_and_keyed(tmp_path):

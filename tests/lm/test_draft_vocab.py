@@ -9,8 +9,10 @@ from helpers.lmkit import EOS, VOCAB, tiny_lm  # noqa: E402
 
 import exitwise as ew  # noqa: E402
 from exitwise.errors import ConfigError  # noqa: E402
-from exitwise.training.draft_vocab import choose_draft_vocab, expected_token_mass  # noqa: E402
-from exitwise.training.lm_tuning import tune_exits  # noqa: E402
+from exitwise.lm import ExitKLConfig  # noqa: E402
+from exitwise.lm.data import pad_batch  # noqa: E402
+from exitwise.lm.draft_vocab import choose_draft_vocab, expected_token_mass  # noqa: E402
+from exitwise.lm.exits import exit_and_final_logits  # noqa: E402
 
 K = 48
 
@@ -45,17 +47,9 @@ def test_expected_mass_ranks_the_models_likely_tokens_first():
     ids = choose_draft_vocab(model, seqs, K, pad_id=0)
     assert ids.shape == (K,) and ids.unique().numel() == K
     # every token the final layer picks most often is in the subset
-    _, final = __import__("exitwise.training.lm_tuning", fromlist=["x"]).exit_and_final_logits(
-        model, [], *_padded(seqs), grad=False
-    )
+    _, final = exit_and_final_logits(model, [], *pad_batch(seqs, 0), grad=False)
     top = torch.bincount(final.argmax(-1).flatten(), minlength=VOCAB)
     assert set(top.argsort(descending=True)[:5].tolist()) <= set(ids.tolist())
-
-
-def _padded(seqs):
-    from exitwise.training.lm_data import pad_batch
-
-    return pad_batch(seqs, 0)
 
 
 def test_restricted_head_logits_are_minus_inf_outside_and_match_the_full_head_inside():
@@ -82,12 +76,11 @@ def test_restricted_head_logits_are_minus_inf_outside_and_match_the_full_head_in
 def test_tuning_sets_the_subset_raises_agreement_and_saves_it(tmp_path):
     model = model_with_subset("gpt2")
     model.train()
-    result = tune_exits(
-        model, skewed_texts(48, 24, vocab=VOCAB), steps=100, lr=3e-3, batch_size=8, seq_len=24,
-        progress=False, eval_fraction=0.25, loss="kl",  # distillation raises agreement
-    )
+    config = ExitKLConfig(steps=100, lr=3e-3, batch_size=8, seq_len=24, eval_fraction=0.25)
+    # distillation raises agreement
+    result = ew.tune_exits(model, skewed_texts(48, 24, vocab=VOCAB), config, progress=False)
     for d in (1, 2):
-        assert result.agreement_after[d] > result.agreement_before[d] + 0.05, result.table()
+        assert result.after[d] > result.before[d] + 0.05, result.table()
     ids = model.heads[0].vocab_ids.clone()
     assert not torch.equal(ids, torch.arange(K))  # chosen from data, not the placeholder
     model.save_pretrained(tmp_path / "m")

@@ -1,4 +1,4 @@
-"""Token data for exit-head tuning of decoder LMs (:func:`exitwise.training.lm_tuning.tune_exits`).
+"""Token data for training decoder LMs' exits (:func:`exitwise.lm.tune_exits`).
 
 Three sources, one shape: a list of token-id lists (one per training sequence, each at most
 ``seq_len`` long and at least 2 tokens, so there is a next token to predict / a position to
@@ -137,6 +137,23 @@ def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
+def derived_seed(seed: int, index: int) -> int:
+    """A reproducible seed for stream ``index`` (an epoch, a step) of a run seeded ``seed``:
+    ``seed * P + index`` with the prime P = 1_000_003, larger than any index used, so distinct
+    (seed, index) pairs give distinct seeds."""
+    return seed * 1_000_003 + index
+
+
+def cut_at_eos(ids: Sequence[int], eos: set[int]) -> list[int]:
+    """``ids`` up to and including the first EOS id (all of them without one)."""
+    out: list[int] = []
+    for tok in ids:
+        out.append(int(tok))
+        if tok in eos:
+            break
+    return out
+
+
 def batch_at_step(
     seqs: list[list[int]], step: int, batch_size: int, seed: int, pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +161,7 @@ def batch_at_step(
     depends only on (seed, step) and resuming replays nothing and skips nothing."""
     per_epoch = -(-len(seqs) // batch_size)
     epoch, j = divmod(step, per_epoch)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    g = torch.Generator().manual_seed(derived_seed(seed, epoch))
     order = torch.randperm(len(seqs), generator=g).tolist()
     return pad_batch([seqs[i] for i in order[j * batch_size : (j + 1) * batch_size]], pad_id)
 
@@ -178,21 +195,6 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def _continuations(
-    seqs: torch.Tensor, prompt_len: int, prompts: list[list[int]], eos: set[int]
-) -> list[list[int]]:
-    """Per row: the prompt's real ids + new ids up to and including the first EOS."""
-    out = []
-    for r, p in enumerate(prompts):
-        new: list[int] = []
-        for tok in seqs[r, prompt_len:].tolist():
-            new.append(int(tok))
-            if tok in eos:
-                break
-        out.append(list(p) + new)
-    return out
-
-
 def generate_sequences(
     model: Any, prompts: list[list[int]], num_generations: int, gen_tokens: int, seed: int,
     pad_id: int, eos: set[int], batch_size: int = 8,
@@ -222,7 +224,8 @@ def generate_sequences(
                         temperature=1.0, top_k=0, max_new_tokens=gen_tokens,
                         pad_token_id=pad_id, eos_token_id=sorted(eos) or None,
                     )
-            out.extend(_continuations(seqs.cpu(), ids.shape[1], chunk, eos))
+            new = seqs[:, ids.shape[1]:].tolist()
+            out.extend(list(p) + cut_at_eos(row, eos) for p, row in zip(chunk, new))
     return out
 
 

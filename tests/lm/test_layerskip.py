@@ -11,16 +11,22 @@ from torch import nn
 
 import exitwise as ew  # noqa: E402
 from exitwise.backbones import HFDecoderBackbone  # noqa: E402
-from exitwise.training.layerskip import (  # noqa: E402
+from exitwise.lm import LayerSkipConfig  # noqa: E402
+from exitwise.lm.data import split_holdout  # noqa: E402
+from exitwise.lm.objectives.layerskip import (  # noqa: E402
     early_exit_curriculum,
     early_exit_weights,
     layer_dropout_rates,
-    layerskip_finetune,
     layerskip_forward,
     next_token_ce,
     sample_layer_drops,
 )
-from exitwise.training.lm_data import split_holdout  # noqa: E402
+
+
+def layerskip_finetune(model, texts, tokenizer=None, *, output_dir=None, resume=True,
+                       progress=False, **options):
+    return ew.tune_exits(model, texts, LayerSkipConfig(**options), tokenizer=tokenizer,
+                         output_dir=output_dir, resume=resume, progress=progress)
 
 QUIET = dict(progress=False)
 
@@ -104,7 +110,7 @@ def test_rotational_curriculum_and_loss_weights():
                              curriculum="rotational", rotation_interval=2, **QUIET)
     for step in range(4):
         on = early_exit_curriculum("rotational", step, 4, 4, 2)
-        got = [res.exit_loss_history[d][step] is not None for d in range(1, 5)]
+        got = [res.part_history[str(d)][step] is not None for d in range(1, 5)]
         assert got == on
 
 
@@ -127,7 +133,7 @@ def test_loss_decreases_on_a_repeated_corpus(family):
     lm = tiny_lm(family, damp=1.0)
     res = layerskip_finetune(lm, corpus(), steps=30, lr=3e-3, batch_size=8, seq_len=16,
                              p_max=0.2, curriculum="none", **QUIET)
-    final = res.exit_loss_history[4]
+    final = res.part_history["4"]
     assert len(res.loss_history) == 30 and all(math.isfinite(v) for v in res.loss_history)
     assert sum(final[-5:]) / 5 < 0.5 * sum(final[:5]) / 5
     assert sum(res.loss_history[-5:]) < 0.5 * sum(res.loss_history[:5])
@@ -142,7 +148,7 @@ def test_dropout_only_in_training_and_whole_model_trains():
     texts = corpus(n_distinct=8, repeats=1)
     res = layerskip_finetune(lm, texts, steps=3, lr=1e-2, batch_size=4, seq_len=16, p_max=1.0,
                              dropout_scale="linear", curriculum="none", **QUIET)
-    assert res.dropout_rates[-1] == 1.0 and res.dropout_rates[0] == 0.0
+    assert res.extras["dropout_rates"][-1] == 1.0 and res.extras["dropout_rates"][0] == 0.0
     for n, p in lm.named_parameters():
         if n.startswith("model.layers.3."):
             assert torch.equal(p, before[n]), n
@@ -159,7 +165,7 @@ def test_dropout_only_in_training_and_whole_model_trains():
         hs, final = out.hidden_states, out.logits.argmax(-1)
         for d in (1, 2, 3):
             exit_top = fresh.lm_head(fresh.model.norm(hs[d])).argmax(-1)
-            assert res.agreement_before[d] == pytest.approx(
+            assert res.before[d] == pytest.approx(
                 (exit_top == final).double().mean().item())
 
 
@@ -173,16 +179,16 @@ def test_resume_is_bit_identical_and_needs_no_pickle(tmp_path):
     layerskip_finetune(tiny_lm("gpt2", damp=1.0), texts, steps=3, output_dir=tmp_path / "b", **opts)
     ckpt = tmp_path / "b" / "layerskip"
     assert sorted(p.name for p in ckpt.iterdir()) == [
-        "model.safetensors", "optimizer.safetensors", "state.json"]
+        "optimizer.safetensors", "state.json", "weights.safetensors"]
     resumed_lm = tiny_lm("gpt2", seed=5, damp=1.0)  # other weights: all state from the checkpoint
     resumed = layerskip_finetune(resumed_lm, texts, steps=6, output_dir=tmp_path / "b", **opts)
     assert resumed.start_step == 3 and resumed.steps == 6
     assert resumed.loss_history == full.loss_history
-    assert resumed.exit_loss_history == full.exit_loss_history
-    assert resumed.agreement_after == full.agreement_after
+    assert resumed.part_history == full.part_history
+    assert resumed.after == full.after
     for (n, a), b in zip(full_lm.state_dict().items(), resumed_lm.state_dict().values()):
         assert torch.equal(a, b), n
-    with pytest.raises(ew.CheckpointError, match="settings"):
+    with pytest.raises(ew.CheckpointError, match="p_max"):
         layerskip_finetune(tiny_lm("gpt2"), texts, steps=6, output_dir=tmp_path / "b",
                            **dict(opts, p_max=0.3))
     fresh = layerskip_finetune(tiny_lm("gpt2", damp=1.0), texts, steps=2,
@@ -209,7 +215,7 @@ def test_early_exits_improve_and_self_speculative_stays_lossless(tmp_path):
     res = layerskip_finetune(model, texts, p_max=0.1, curriculum="rotational",
                              rotation_interval=2, **opts)
     for d in (1, 2):
-        assert res.agreement_after[d] > res.agreement_before[d] + 0.1, res.table()
+        assert res.after[d] > res.before[d] + 0.1, res.table()
     # control: the same fine-tuning without LayerSkip (no exit loss, no layer dropout)
     plain = tiny_lm("llama", damp=1.0)
     layerskip_finetune(plain, texts, p_max=0.0, early_exit_scale=0.0, curriculum="none", **opts)

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import CheckpointError
+from .errors import CheckpointError
 
 PROGRESS_NAME = "exitwise_progress.json"
 STAGE_WEIGHTS = "model.safetensors"

@@ -11,17 +11,25 @@ import torch
 from helpers.lmkit import VOCAB, tiny_lm  # noqa: E402
 
 import exitwise as ew  # noqa: E402
-from exitwise.training.free import (  # noqa: E402
+from exitwise.lm import FreeConfig, loop  # noqa: E402
+from exitwise.lm.data import batch_at_step, split_holdout, tokenize_texts  # noqa: E402
+from exitwise.lm.objectives.free import (  # noqa: E402
     dyna_alignment,
-    free_finetune,
     free_losses,
     layer_kd_loss,
-    lr_at,
     shallow_deep_forward,
     shallow_deep_weights,
     teacher_layers,
 )
-from exitwise.training.lm_data import batch_at_step, split_holdout, tokenize_texts  # noqa: E402
+
+
+def free_finetune(model, texts, tokenizer=None, *, output_dir=None, progress=False, **options):
+    return ew.tune_exits(model, texts, FreeConfig(**options), tokenizer=tokenizer,
+                         output_dir=output_dir, progress=progress)
+
+
+def lr_at(step, steps, lr, warmup):
+    return lr * loop.lr_scale("linear", step, steps, warmup)
 
 
 def test_ce_weights_are_the_depths():
@@ -110,11 +118,11 @@ def test_recipe_trains_the_whole_decoder_and_its_first_loss_is_the_equation():
     texts = random_texts()
     opts = dict(shallow_layer=2, steps=30, lr=1e-2, batch_size=8, seq_len=16, progress=False)
     result = free_finetune(lm, texts, **opts)
-    assert result.steps == 30 and result.shallow_layer == 2 and result.num_layers == 4
+    assert result.steps == 30 and list(result.after) == [2]
     hist = result.loss_history
     assert sum(hist[-5:]) / 5 < 0.7 * sum(hist[:5]) / 5
-    assert all(v >= 0 for v in result.kd_history)
-    assert result.agreement_after > result.agreement_before  # the shallow model learns too
+    assert all(v >= 0 for v in result.part_history["kd"])
+    assert result.after[2] > result.before[2]  # the shallow model learns too
     assert all(not torch.equal(before[n], p) for n, p in lm.named_parameters()
                if n.startswith("model.layers."))
     assert all(p.requires_grad for p in lm.parameters()) and not lm.training  # restored
@@ -126,12 +134,10 @@ def test_recipe_trains_the_whole_decoder_and_its_first_loss_is_the_equation():
         shallow, deep, states = shallow_deep_forward(bb, None, 2, ids, mask)
         want = free_losses(shallow, deep, states, ids, mask, 2, "dyna", 0.5)
     assert hist[0] == pytest.approx(float(want["total"]), rel=1e-5)
-    assert result.ce_shallow_history[0] == pytest.approx(float(want["ce_shallow"]), rel=1e-5)
+    assert result.part_history["ce_shallow"][0] == pytest.approx(float(want["ce_shallow"]), rel=1e-5)
 
 
 def test_multi_exit_model_head_trains_and_resume_is_exact(tmp_path, monkeypatch):
-    import exitwise.training.free as free_mod
-
     def model():
         lm = tiny_lm("llama", damp=1.0)
         cfg = ew.ExitConfig(layers=[2], head="lm", num_labels=VOCAB,
@@ -143,18 +149,18 @@ def test_multi_exit_model_head_trains_and_resume_is_exact(tmp_path, monkeypatch)
     full_model = model()
     head_before = {n: p.clone() for n, p in full_model.heads[0].named_parameters()}
     full = free_finetune(full_model, texts, output_dir=tmp_path / "a", **opts)
-    assert full.shallow_layer == 2 and full_model.backbone_tuned  # the exit at 2 is L_s
+    assert list(full.after) == [2] and full_model.backbone_tuned  # the exit at 2 is L_s
     assert any(not torch.equal(head_before[n], p)
                for n, p in full_model.heads[0].named_parameters())
 
-    save = free_mod.save_checkpoint
+    save = loop.save_checkpoint
 
-    def crash_after_step_4(folder, trained, optimizer, state, device):
-        save(folder, trained, optimizer, state, device)
+    def crash_after_step_4(folder, task, optimizer, state):
+        save(folder, task, optimizer, state)
         if state["step"] == 4:
             raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(free_mod, "save_checkpoint", crash_after_step_4)
+    monkeypatch.setattr(loop, "save_checkpoint", crash_after_step_4)
     with pytest.raises(RuntimeError, match="interrupted"):
         free_finetune(model(), texts, output_dir=tmp_path / "b", **opts)
     monkeypatch.undo()

@@ -1,0 +1,69 @@
+"""``tune_exits``: train a decoder LM's exits with any registered objective, resumably.
+
+    result = ew.tune_exits(model, texts, ew.lm.ExitKLConfig(steps=300), tokenizer=tok,
+                           output_dir="runs/kl")
+    result = ew.tune_exits(model, answers, "answers")          # a name: the defaults
+    print(result.table())                                      # before / after per exit
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from .loop import run_task
+from .objectives import OBJECTIVES, ObjectiveConfig, TuningResult, get_objective
+
+
+def tune_exits(
+    model: Any,
+    data: Any,
+    config: ObjectiveConfig | str = "ce",
+    *,
+    tokenizer: Any = None,
+    output_dir: str | Path | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> TuningResult:
+    """Train ``model`` with the objective ``config`` on ``data``; one loop for all.
+
+    model: a MultiExitModel over a Hugging Face causal LM (``ce``, ``kl``, ``answers`` tune its
+        intermediate ``lm`` exits on a frozen backbone); for ``layerskip``, ``free`` and
+        ``calm`` also the HF causal LM itself or its adapter.
+    data: what the objective reads: texts (strings with ``tokenizer``, or token-id lists;
+        None lets ``ce`` / ``kl`` / ``calm`` use the model's own continuations), or for
+        ``answers`` the ``[(prompt_ids, answer_ids), ...]`` of :func:`generate_answers`.
+    config: an objective's config (``ew.lm.ExitCEConfig(...)``, ``AnswersConfig``,
+        ``ExitKLConfig``, ``LayerSkipConfig``, ``FreeConfig``, ``CalmConfig``, or any
+        registered one) or its name for the defaults.
+    output_dir: checkpoints go to ``output_dir/<objective>/`` (safetensors + JSON) every
+        ``save_every`` steps; with ``resume`` a rerun continues from the last one and ends
+        with the weights an uninterrupted run would have.
+    """
+    if isinstance(config, str):
+        config = get_objective(config)
+    if not isinstance(config, ObjectiveConfig):
+        raise ConfigError(
+            f"config must be an objective's config or one of {', '.join(OBJECTIVES)}; "
+            f"got {type(config).__name__}"
+        )
+    out = Path(output_dir) if output_dir is not None else None
+    prepared = config.build(model, data, tokenizer, out, progress)
+    folder = out / config.objective if out is not None else None
+    state = run_task(prepared.task, config.loop_settings(prepared.steps), folder, resume,
+                     progress, desc=config.objective)
+
+    def keyed(values: dict[str, float]) -> dict[Any, float]:
+        return {int(k) if k.isdigit() else k: v for k, v in values.items()}
+
+    result = TuningResult(
+        objective=config.objective, config=config.to_dict(), metric=prepared.metric,
+        steps=state.step, start_step=state.start_step, loss_history=state.loss_history,
+        part_history=state.part_history, before=keyed(state.before), after=keyed(state.after),
+        num_train=prepared.num_train, num_eval=prepared.num_eval,
+        output_dir=str(out) if out is not None else None, extras=dict(prepared.extras),
+    )
+    if prepared.finish is not None:
+        prepared.finish(result)
+    return result

@@ -1,0 +1,119 @@
+"""The one LM training loop and the objective registry: the schedule by hand, restored flags,
+and every registered objective through the same contract (trains, checkpoints without
+pickle, resumes after an interruption to the very same weights, refuses other settings)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers.lmkit import VOCAB, tiny_lm
+
+import exitwise as ew
+from exitwise.lm import OBJECTIVES, get_objective, loop
+from exitwise.lm.answers import generate_answers
+from exitwise.lm.loop import lr_scale, only_training
+
+
+def test_lr_schedules_by_hand():
+    # constant: warmup (t + 1) / w, then 1
+    assert [lr_scale("constant", t, 10, 4) for t in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_scale("constant", 0, 10, 0) == 1.0
+    # cosine from 1 down to the floor 0.1 over the 4 post-warmup steps of 6
+    got = [lr_scale("cosine", t, 6, 2, 0.1) for t in range(6)]
+    want = [0.5, 1.0] + [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * d / 4)) for d in range(4)]
+    assert got == pytest.approx(want)
+    # linear to 0 at the end (the Hugging Face Trainer's default)
+    assert [lr_scale("linear", t, 4, 0) for t in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    with pytest.raises(ew.ConfigError, match="schedule"):
+        lr_scale("exponential", 0, 4, 0)
+
+
+def test_only_training_restores_flags_and_modes_also_on_error():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1), torch.nn.Linear(2, 1))
+    model[0].weight.requires_grad_(False)
+    model.eval()
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="boom"):
+        with only_training(model, [model[2].weight]):
+            assert [p.requires_grad for p in model.parameters()] == [False, False, True, False]
+            model.train()
+            raise RuntimeError("boom")
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert not any(m.training for m in model.modules())
+
+
+def test_configs_check_themselves_and_refuse_foreign_options():
+    assert set(OBJECTIVES) >= {"ce", "kl", "answers", "layerskip", "free", "calm"}
+    for name, cls in OBJECTIVES.items():
+        assert cls.objective == name
+        cls()  # the defaults are valid
+    with pytest.raises(ew.ConfigError, match="lr"):
+        get_objective("kl", lr=-1.0)
+    with pytest.raises(ew.ConfigError, match="no option p_max"):
+        get_objective("answers", p_max=0.1)
+    with pytest.raises(ew.ConfigError, match="unknown objective"):
+        get_objective("medusa")
+    with pytest.raises(ew.ConfigError, match="already registered"):
+        ew.lm.register_objective("ce")(type("Again", (ew.lm.ObjectiveConfig,), {}))
+    with pytest.raises(ew.ConfigError, match="config must be"):
+        ew.tune_exits(None, None, config=3)
+
+
+def _model():
+    lm = tiny_lm("llama", damp=1.0)
+    cfg = ew.ExitConfig(layers=[2], head="lm", num_labels=VOCAB,
+                        head_kwargs={"adapter": "mlp"}, final_head_kwargs={})
+    return ew.attach_exits(lm, cfg)
+
+
+def _data(name: str):
+    g = torch.Generator().manual_seed(0)
+    texts = [torch.randint(3, VOCAB, (16,), generator=g).tolist() for _ in range(16)]
+    if name != "answers":
+        return texts
+    return generate_answers(_model(), [t[:5] for t in texts], max_new_tokens=6, progress=False)
+
+
+SMALL = {"answers": {"epochs": 2.0}, "calm": {"steps": 4, "batch_size": 16}}
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_every_objective_trains_and_resumes_exactly(name, tmp_path, monkeypatch):
+    options = dict(SMALL.get(name, {"steps": 4}), batch_size=4, save_every=2, lr=1e-2)
+    if name == "calm":
+        options["batch_size"] = 16
+    config = get_objective(name, **options)
+    data = _data(name)
+    full = _model()
+    r0 = ew.tune_exits(full, data, config, progress=False)
+    assert r0.steps >= 3 and all(math.isfinite(v) for v in r0.loss_history)
+    assert set(r0.before) == set(r0.after) and r0.metric in ("agreement", "bce")
+
+    real = loop.save_checkpoint
+
+    def stop_after_step_2(folder, task, optimizer, state):
+        real(folder, task, optimizer, state)
+        if state["step"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", stop_after_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        ew.tune_exits(_model(), data, config, output_dir=tmp_path, progress=False)
+    monkeypatch.undo()
+    folder = tmp_path / name
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "optimizer.safetensors", "state.json", "weights.safetensors"]  # no pickle
+    resumed = _model()
+    r1 = ew.tune_exits(resumed, data, config, output_dir=tmp_path, progress=False)
+    assert r1.start_step == 2 and r1.loss_history == r0.loss_history and r1.after == r0.after
+    if name == "calm":
+        pairs = zip(r0.artifact.state_dict().items(), r1.artifact.state_dict().items())
+    else:
+        pairs = zip(full.state_dict().items(), resumed.state_dict().items())
+    for (n, a), (_, b) in pairs:
+        assert torch.equal(a, b), n
+    other = get_objective(name, **dict(options, seed=1))
+    with pytest.raises(ew.CheckpointError, match="seed"):
+        ew.tune_exits(_model(), data, other, output_dir=tmp_path, progress=False)
