@@ -9,9 +9,8 @@ from pathlib import Path
 
 import torch
 
-from exitwise.analysis import (
-    ExitLogitsCache,
-    collect_exit_logits,
+from exitwise.analysis import ExitLogitsCache, collect_exit_logits
+from exitwise.protocols import (
     fixed_cost_table,
     ood_auroc,
     overthinking_report,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .backbones.placement import layers_at_flops_fractions, parse_flops_spec
 from .errors import ConfigError
 
 
@@ -139,8 +140,6 @@ class ExitConfig:
         """
         spec = self.layers
         if isinstance(spec, str) and spec.startswith("flops:"):
-            from .backbones.placement import layers_at_flops_fractions, parse_flops_spec
-
             fractions = parse_flops_spec(spec)
             if backbone is None:
                 raise ConfigError(f"layers={spec!r} needs the backbone to measure FLOPs")

@@ -18,11 +18,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .backbones import Backbone, HFEncoderBackbone, wrap_backbone
+from .backbones.base import reference_output
 from .config import ExitConfig
 from .errors import CheckpointError, InputError
 from .heads import ExitHead, GeometricEnsemble, build_head, classifier_layer, uses_previous_logits
 from .outputs import EarlyExitResult, ExitOutputs
 from .policies.base import ExitPolicy, get_policy, policy_from_dict
+from .runtime import run_early_exit
 
 CONFIG_NAME = "exit_config.json"
 HEADS_NAME = "exit_heads.safetensors"
@@ -244,8 +246,6 @@ class MultiExitModel(nn.Module):
         ``labels`` (also when it arrives inside a batch dict) are validated against
         ``num_labels``; only label-needing policies (the oracle) use them.
         """
-        from .runtime import run_early_exit
-
         if policy is None or isinstance(policy, str):
             policy = self.calibrated_policy(policy)
         return run_early_exit(
@@ -255,8 +255,6 @@ class MultiExitModel(nn.Module):
     @torch.inference_mode()
     def full_depth(self, **inputs: Any) -> torch.Tensor:
         """The plain model: the backbone's own forward + the final head, (B, C) raw logits."""
-        from .backbones.base import reference_output
-
         inputs.pop("labels", None)
         if uses_previous_logits(self.heads[-1]):
             # A cascade final head needs every earlier exit's logits: no plainer model exists.

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import exitwise as ew
-from exitwise.analysis import (
-    ExitLogitsCache,
+from exitwise.analysis import ExitLogitsCache, replay
+from exitwise.protocols import (
     anytime,
     auroc,
     budgeted_batch,
@@ -23,7 +23,6 @@ from exitwise.analysis import (
     plot_ood_roc,
     plot_overthinking,
     plot_risk_coverage,
-    replay,
     risk_coverage,
     selective_classification,
     window_outcome,

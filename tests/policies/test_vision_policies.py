@@ -23,7 +23,8 @@ from exitwise.calibration.budget import (
     thresholds_for_fractions,
 )
 from exitwise.errors import ConfigError
-from exitwise.policies import ztw_cache, ztw_ensemble
+from exitwise.analysis import ztw_cache
+from exitwise.policies import ztw_ensemble
 
 
 # -- ZTW -------------------------------------------------------------------------------------
@@ -271,7 +272,7 @@ def test_ztw_runtime_returns_the_ensemble_and_replay_scores_it(cnn):
     assert torch.equal(offline.predictions, ens[rows, live.exit_index].argmax(-1))
     assert not torch.equal(offline.predictions, head_preds)  # the ensemble does change answers
     # Selective classification scores what the policy returned (the ensemble), too.
-    from exitwise.analysis import selective_classification
+    from exitwise.protocols import selective_classification
 
     sc = selective_classification(cache, policy, model.temperatures)
     assert sc["accuracy"] == pytest.approx(offline.accuracy)

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import DataError, InputError
+from ..policies.ztw import ZTWPolicy, ztw_ensemble
 from ..runtime.flops import exit_cost_table, full_depth_cost
 from .scores import REGRESSION, task_of
 
@@ -295,3 +296,16 @@ def collect_exit_logits(
         exit_layers=list(model.exit_layers),
         meta=dict(meta or {}),
     )
+
+
+def ztw_cache(cache: ExitLogitsCache, policy: ZTWPolicy, temperatures: Any = None) -> ExitLogitsCache:
+    """A copy of an :class:`~exitwise.analysis.ExitLogitsCache` whose logits are the ZTW
+    ensemble's log-probabilities (temperatures already applied: replay it with none).
+
+    Replaying ``confidence`` at the same threshold on it makes the same decisions as ``policy``
+    on the original cache (up to float round-off), and its predictions are the ensemble's.
+    """
+    logits = ztw_ensemble(cache.logits, policy.params["weights"], policy.params["biases"],
+                          temperatures)
+    return ExitLogitsCache(logits, cache.labels, cache.costs, cache.full_cost,
+                           list(cache.exit_layers), {**cache.meta, "ztw_ensemble": True})

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import InputError
 from ..policies.base import ExitPolicy
+from ..temperatures import temperature_list
 from .cache import ExitLogitsCache
 from .scores import REGRESSION, predictions_of, score
 
@@ -69,25 +70,6 @@ class ReplayResult:
             "exit_histogram": [int(v) for v in self.exit_histogram],
             "num_examples": int(self.exit_index.numel()),
         }
-
-
-def temperature_list(
-    temperatures: torch.Tensor | Sequence[float] | None, num_exits: int
-) -> list[float]:
-    """Temperatures as Python floats, rounded through float32 like the model's buffer.
-
-    ``None`` means no scaling (all 1). Raises :class:`InputError` on a wrong length or a
-    non-positive / non-finite value.
-    """
-    if temperatures is None:
-        return [1.0] * num_exits
-    temps = torch.as_tensor(temperatures, dtype=torch.float32).detach().cpu().reshape(-1)
-    if temps.numel() != num_exits:
-        raise InputError(f"{temps.numel()} temperatures for {num_exits} exits")
-    if not bool(torch.isfinite(temps).all() and (temps > 0).all()):
-        raise InputError(f"temperatures must be finite and > 0; got {temps.tolist()}")
-    # float(float32) exactly as MultiExitModel.temperature_list does.
-    return [float(t) for t in temps]
 
 
 def replay(

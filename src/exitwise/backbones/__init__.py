@@ -6,6 +6,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .base import Backbone, BackboneState
+from .decoder_layouts import DECODER_LAYOUTS, supported_decoder_types
 from .encoder_layouts import ENCODER_LAYOUTS, EncoderLayout, supported_encoder_types
 from .hf_decoder import DecodeContext, HFDecoderBackbone  # noqa: F401
 from .hf_encoder import HFEncoderBackbone
@@ -17,8 +18,6 @@ from .vision_layouts import VISION_LAYOUTS, VisionLayout, supported_vision_model
 def _is_causal_lm(model: nn.Module, config: object) -> bool:
     """A decoder-only LM: a type in the decoder table, or any non-encoder model flagged as a
     decoder / carrying an LM head."""
-    from .decoder_layouts import DECODER_LAYOUTS
-
     model_type = getattr(config, "model_type", None)
     if model_type in DECODER_LAYOUTS:
         return True
@@ -61,8 +60,6 @@ def decoder_of(model: nn.Module | Backbone, who: str = "this") -> tuple[HFDecode
     except UnsupportedModelError:
         backbone = None
     if not isinstance(backbone, HFDecoderBackbone):
-        from .decoder_layouts import supported_decoder_types
-
         raise UnsupportedModelError(
             f"{who} needs a decoder-only causal LM (model_type in "
             f"{', '.join(supported_decoder_types())}), its HFDecoderBackbone, or a "

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InputError, UnsupportedModelError
+from ..errors import ConfigError, InputError, UnsupportedModelError
 from .base import Backbone, BackboneState, OwnClassifier, hf_label_names, resolve_path
 from .encoder_layouts import ENCODER_LAYOUTS, EncoderLayout, supported_encoder_types
 
@@ -280,8 +280,6 @@ def truncate_encoder(model: nn.Module, num_layers: int) -> nn.Module:
     parent = resolve_path(base, parent_path) if parent_path else base
     blocks = getattr(parent, attr)
     if not 1 <= num_layers <= len(blocks):
-        from ..errors import ConfigError
-
         raise ConfigError(f"can keep 1..{len(blocks)} layers, not {num_layers}")
     setattr(parent, attr, nn.ModuleList(list(blocks)[:num_layers]))
     key = "n_layers" if hasattr(base.config, "n_layers") else "num_hidden_layers"

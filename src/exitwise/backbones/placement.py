@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from . import wrap_backbone
 from .base import Backbone
 
 SDN_FRACTIONS = (0.15, 0.30, 0.45, 0.60, 0.75, 0.90)
@@ -87,8 +88,6 @@ def layers_at_flops_fractions(
     """
     values = check_fractions(fractions)
     if not isinstance(backbone, Backbone):
-        from . import wrap_backbone
-
         backbone = wrap_backbone(backbone)
     cum = cumulative_flops(backbone, example)
     total = float(cum[-1])

@@ -17,7 +17,6 @@ from ..errors import ConfigError, InputError
 from .base import Backbone, BackboneState, OwnClassifier
 
 
-
 class SequentialBackbone(Backbone):
     """``blocks[i]`` is block i; ``stem`` (optional) runs once in ``start``; ``classifier``
     (optional) is the network's own classifier on the last block's output, which then becomes

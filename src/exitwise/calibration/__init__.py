@@ -7,13 +7,13 @@ search to a target (accuracy drop or compute budget) for any registered policy.
     store_calibration(model, "entropy@1pt", result)             # saved with the model
 """
 
+from .ltt import CalibrationRefused, LTTResult, certify_threshold, early_exit_losses
 from .temperature import (
     apply_temperatures,
     calibration_report,
     expected_calibration_error,
     fit_temperatures,
 )
-from .ltt import LTTResult, CalibrationRefused, certify_threshold, early_exit_losses
 from .thresholds import (
     CalibrationResult,
     full_depth_accuracy,

@@ -26,9 +26,10 @@ from typing import Any, Sequence
 import torch
 
 from ..analysis.cache import ExitLogitsCache
-from ..analysis.replay import replay, temperature_list
+from ..analysis.replay import replay
 from ..errors import ConfigError, InputError
 from ..policies.budget import BudgetPolicy
+from ..temperatures import temperature_list
 
 
 def geometric_fractions(q: float, num_exits: int) -> torch.Tensor:

@@ -29,6 +29,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import ConfigError, InputError
+from ..generation import generate
+from ..policies import get_policy
 
 METHODS = ("hoeffding", "hoeffding_bentkus")
 ORDERS = ("descending", "ascending", "given")
@@ -221,9 +223,6 @@ def early_exit_losses(
     ``policy_params``: its other parameters (e.g. tau, horizon). ``generate_kwargs`` go to
     :func:`exitwise.generation.generate` (eos_token_id, exit_layers, ...).
     """
-    from ..generation import generate
-    from ..policies import get_policy
-
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     base = get_policy(policy, **dict(policy_params or {}))

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from ..analysis.cache import ExitLogitsCache
-from ..analysis.replay import temperature_list
 from ..errors import ConfigError, InputError
+from ..temperatures import temperature_list
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..model import MultiExitModel

@@ -34,9 +34,10 @@ import torch
 
 from ..analysis.cache import ExitLogitsCache
 from ..analysis.curves import as_policy
-from ..analysis.replay import ReplayResult, replay, summarize, temperature_list
+from ..analysis.replay import ReplayResult, replay, summarize
 from ..errors import ConfigError
 from ..policies.base import ExitPolicy
+from ..temperatures import temperature_list
 from .certify import certify_candidates
 
 if TYPE_CHECKING:  # pragma: no cover

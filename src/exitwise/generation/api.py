@@ -18,10 +18,13 @@ import torch
 from torch import nn
 
 from ..backbones import HFDecoderBackbone, wrap_backbone
+from ..backbones.decoder_layouts import supported_decoder_types
 from ..backbones.kernels import few_row_kernels, resolve_kernels
 from ..backbones.special_tokens import eos_and_pad
 from ..errors import ConfigError, InputError, UnsupportedModelError
 from ..heads.lm import LMHead
+from ..model import MultiExitModel
+from .early_exit import generate_early_exit
 from .greedy import greedy_decode
 from .outputs import GenerateOutput, GenerationStats
 from .sampling import SamplingConfig
@@ -35,13 +38,9 @@ def _resolve(
     model: Any, exit_layer: int | None, need_head: bool
 ) -> tuple[HFDecoderBackbone, LMHead | None, float]:
     """(backbone adapter, draft head at exit_layer or None, its temperature)."""
-    from ..model import MultiExitModel
-
     multi = isinstance(model, MultiExitModel)
     backbone = model.backbone if multi else wrap_backbone(model)
     if not isinstance(backbone, HFDecoderBackbone):
-        from ..backbones.decoder_layouts import supported_decoder_types
-
         raise UnsupportedModelError(
             f"generation needs a decoder-only LM (model_type in "
             f"{', '.join(supported_decoder_types())}); got a {type(backbone).__name__}"
@@ -196,7 +195,6 @@ def _decode(
     """The chosen decoder on validated inputs (see :func:`generate`)."""
     speculative = strategy == "self_speculative"
     if strategy == "early_exit":  # exitwise.generation.early_exit
-        from .early_exit import generate_early_exit
 
         return generate_early_exit(
             model, backbone, input_ids, mask, max_new_tokens, eos, pad, policy, kv, exit_layers,

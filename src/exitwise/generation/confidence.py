@@ -23,6 +23,7 @@ import torch
 from ..backbones.hf_decoder import HFDecoderBackbone
 from ..errors import ConfigError
 from ..heads.lm import LMHead
+from ..model import MultiExitModel
 from ..policies.base import ExitPolicy, PolicyState, get_policy
 
 
@@ -38,8 +39,6 @@ def resolve_exit_points(
 ) -> list[ExitPoint]:
     """Exit points shallowest first. ``exit_layers``: depths in 1..L-1 (default: every depth
     for a plain LM, every non-final exit of a MultiExitModel)."""
-    from ..model import MultiExitModel
-
     last = backbone.num_layers
     if isinstance(model, MultiExitModel):
         available = {d: k for k, d in enumerate(model.exit_layers) if d < last}

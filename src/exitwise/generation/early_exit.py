@@ -68,9 +68,10 @@ import torch
 from ..backbones.hf_decoder import DecodeContext
 from ..errors import ConfigError
 from ..policies.base import ExitPolicy
-from .confidence import ExitPoint, check_exit, new_token_state
-from .outputs import GenerationStats
+from .confidence import ExitPoint, as_policy, check_exit, new_token_state, resolve_exit_points
+from .outputs import GenerateOutput, GenerationStats
 from .session import DecodeSession
+from .stopping import StreamingSession
 
 KV_MODES = ("propagate", "recompute", "skip")
 
@@ -447,10 +448,6 @@ def generate_early_exit(
 ) -> Any:
     """``generate(strategy="early_exit")`` after its common checks; returns GenerateOutput
     whose ``stats`` is an :class:`EarlyExitStats`."""
-    from .confidence import as_policy, resolve_exit_points
-    from .outputs import GenerateOutput
-    from .stopping import StreamingSession
-
     check_kv(kv)
     if do_sample:
         raise ConfigError("strategy='early_exit' decodes greedily; do_sample is not supported")

@@ -88,3 +88,14 @@ def build_head(name: str, in_features: int, num_labels: int, **kwargs: Any) -> E
         return cls(in_features, num_labels, **kwargs)
     except TypeError as err:
         raise ConfigError(f"bad options for head {name!r}: {err}") from None
+
+
+def classifier_layer(head: nn.Module) -> nn.Module | None:
+    """The layer that turns a head's pooled representation into logits: ``feature_layer``
+    when the head names one, else its ``classifier`` (or ``fc2`` of the mlp head, ``lm_head``
+    of the lm head). Its input is the head's "feature" (self-distillation hints)."""
+    for name in ("feature_layer", "classifier", "fc2", "lm_head"):
+        layer = getattr(head, name, None)
+        if isinstance(layer, nn.Module):
+            return layer
+    return None

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, InputError
-from .base import HEADS, ExitHead, register_head
+from .base import HEADS, ExitHead, classifier_layer, register_head
 
 COMBINES = ("linear", "isc", "additive")
 
@@ -108,8 +108,6 @@ class CascadeHead(ExitHead):
     @property
     def feature_layer(self) -> nn.Module | None:
         """The base head's classifier layer (what self-distillation hints read the input of)."""
-        from . import classifier_layer
-
         return classifier_layer(self.base)
 
     @property

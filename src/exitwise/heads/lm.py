@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..backbones.hf_decoder import DecodeContext, prompt_positions
 from ..errors import ConfigError
 from .base import ExitHead, register_head
 
@@ -311,7 +312,6 @@ class LMHead(ExitHead):
             hidden, mask = self.spatial_mean(hidden).unsqueeze(1), None
         if self.block is None:  # position-wise: read only the last real token
             return self.token_logits(last_real(hidden, mask).unsqueeze(1))[:, 0]
-        from ..backbones.hf_decoder import DecodeContext, prompt_positions
 
         real = torch.ones(hidden.shape[:2], dtype=torch.long) if mask is None else mask.long()
         real = real.to(hidden.device)
@@ -325,8 +325,6 @@ class LMHead(ExitHead):
         if self.mlp is not None:
             hidden = self.mlp(hidden)
         if self.block is not None:
-            from ..backbones.hf_decoder import DecodeContext, prompt_positions
-
             if ctx is None:
                 real = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
                 ctx = DecodeContext(None, prompt_positions(real), real)

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import ConfigError, DataError
+from ..generation import generate
 
 SELF_GEN_CACHE = "self_generated.json"
 
@@ -201,8 +202,6 @@ def generate_sequences(
 ) -> list[list[int]]:
     """Prompt + continuation ids: generation 0 of each prompt is greedy (exitwise's own
     decoder); generations 1.. are sampled (temperature 1, top-p 0.95) by the HF model."""
-    from ..generation import generate
-
     lm = model.backbone.model
     device = model.backbone.lm_head.weight.device
     out: list[list[int]] = []

@@ -21,7 +21,7 @@ from . import (  # noqa: F401  (registration side effect)
 from .base import POLICIES, ExitPolicy, PolicyState, get_policy, policy_from_dict, register_policy
 from .budget import BudgetPolicy
 from .window import WindowPolicy, normalized_uncertainty
-from .ztw import ZTWPolicy, ztw_cache, ztw_ensemble
+from .ztw import ZTWPolicy, ztw_ensemble
 
 __all__ = [
     "POLICIES",
@@ -34,6 +34,5 @@ __all__ = [
     "normalized_uncertainty",
     "policy_from_dict",
     "register_policy",
-    "ztw_cache",
     "ztw_ensemble",
 ]

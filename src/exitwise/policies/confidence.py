@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ExitPolicy, PolicyState, register_policy
+from .base import ExitPolicy, register_policy
 
 
 @register_policy("confidence")

@@ -46,6 +46,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import ConfigError, InputError
+from ..temperatures import temperature_list
 from .base import ExitPolicy, PolicyState, register_policy
 
 Weights = list[list[float]] | None
@@ -246,8 +247,6 @@ def ztw_ensemble(
                           f"{num_exits}")
     scaled = logits.float()
     if temperatures is not None:
-        from ..analysis.replay import temperature_list
-
         temps = temperature_list(temperatures, num_exits)
         scaled = torch.stack(
             [scaled[:, k] / t if t != 1.0 else scaled[:, k] for k, t in enumerate(temps)], 1
@@ -258,18 +257,3 @@ def ztw_ensemble(
         for k in range(num_exits)
     ]
     return torch.stack(out, dim=1)
-
-
-def ztw_cache(cache: Any, policy: ZTWPolicy, temperatures: Any = None) -> Any:
-    """A copy of an :class:`~exitwise.analysis.ExitLogitsCache` whose logits are the ZTW
-    ensemble's log-probabilities (temperatures already applied: replay it with none).
-
-    Replaying ``confidence`` at the same threshold on it makes the same decisions as ``policy``
-    on the original cache (up to float round-off), and its predictions are the ensemble's.
-    """
-    from ..analysis.cache import ExitLogitsCache
-
-    logits = ztw_ensemble(cache.logits, policy.params["weights"], policy.params["biases"],
-                          temperatures)
-    return ExitLogitsCache(logits, cache.labels, cache.costs, cache.full_cost,
-                           list(cache.exit_layers), {**cache.meta, "ztw_ensemble": True})

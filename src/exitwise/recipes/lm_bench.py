@@ -18,9 +18,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..calibration.ltt import sequence_losses
 from ..errors import ConfigError
+from ..generation import generate
 from ..lm.prompts import BENCH_PROMPTS, CALIBRATION_PROMPTS  # noqa: F401  (re-exported)
-from .lm import encode_prompts, eos_ids, format_prompts, hf_model, new_token_lists
+from .lm import encode_prompts, eos_ids, format_prompts, hf_model, load_lm, new_token_lists
 
 Config = tuple[int, int, float | None]
 
@@ -62,8 +64,6 @@ def _runner(
     draft_threshold: float | None = None, kernels: str | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict | None]]:
     """A function (ids, mask) -> (sequences, exitwise stats dict or None) for one method."""
-    from ..generation import generate
-
     lm = hf_model(model)
     if kind == "exitwise_greedy":
         def run_greedy(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
@@ -273,8 +273,6 @@ def bench_lm(
                 ),
             }
             if name.startswith("calm@"):
-                from ..calibration.ltt import sequence_losses
-
                 losses = sequence_losses(tokens[name], ref, "token")
                 entry["token_consistency"] = 1.0 - sum(losses) / len(losses)
                 depths = [d for st in stats[name] for row in st["token_depths"] for d in row]
@@ -393,8 +391,6 @@ def run_bench_lm(
     print_fn: Any = print, **kwargs: Any,
 ) -> dict[str, Any]:
     """:func:`bench_lm` on a tuned folder or a model name (the ``bench-lm`` command)."""
-    from .lm import load_lm
-
     model, tokenizer = load_lm(model_or_dir, print_fn=print_fn)
     chosen = list(prompts or BENCH_PROMPTS)[: limit or None]
     return bench_lm(model, tokenizer, chosen, print_fn=print_fn, **kwargs)

@@ -16,11 +16,33 @@ from typing import Any, Callable
 
 import torch
 
+from ..analysis import (
+    collect_exit_logits,
+    curves_for_policies,
+    overthinking,
+    plot_curves,
+    replay,
+    save_curves_json,
+)
+from ..analysis.scores import regression_report, score
+from ..backbones.hf_encoder import truncate_encoder
+from ..calibration import (
+    apply_temperatures,
+    fit_temperatures,
+    search_accuracy_drop,
+    search_budget,
+    store_calibration,
+)
 from ..config import ExitConfig
 from ..data import TextExamples, TokenizedDataset, load_examples, make_collator, train_holdout_split
 from ..errors import ConfigError, DataError
+from ..machine import machine_info
 from ..model import MultiExitModel, attach_exits
 from ..policies import POLICIES, get_policy
+from ..runtime import full_depth_cost
+from ..runtime.timing import measure_speedups
+from ..training import train
+from ..training.evaluate import LIVE_MARGIN
 from .sources import default_head, default_sst2, resolve_model
 
 JOB_FILE = "exitwise_job.json"
@@ -116,7 +138,6 @@ def run_train(job: TrainJob, resume: bool = True, progress: bool = True,
     prints what it read, the head it chose and the per-exit table (dead exits flagged)."""
     from transformers import AutoModel
 
-    from ..training import train
 
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -143,8 +164,6 @@ def run_train(job: TrainJob, resume: bool = True, progress: bool = True,
         print_fn(f"exit head: {head} ({why}; --head to choose another)")
     job.head = head
     if job.truncate is not None:
-        from ..backbones.hf_encoder import truncate_encoder
-
         truncate_encoder(backbone, job.truncate)
     model = attach_exits(backbone, ExitConfig(
         layers=job.layers, head=head, num_labels=every.num_labels,
@@ -235,15 +254,6 @@ def run_calibrate(
     Regression models are calibrated on Pearson's r without a certificate (noted in the
     report). Raises CalibrationRefused when the held-out slice is too small to certify.
     """
-    from ..analysis import collect_exit_logits
-    from ..calibration import (
-        apply_temperatures,
-        fit_temperatures,
-        search_accuracy_drop,
-        search_budget,
-        store_calibration,
-    )
-
     if (max_drop_points is None) == (budget is None):
         raise ConfigError("give exactly one target: max_drop_points or budget")
     job = load_job(model_dir)
@@ -314,17 +324,6 @@ def run_evaluate(
     """Per-exit scores, overthinking (classes), every calibrated policy replayed, and curves
     (JSON + PNG) on the evaluation split, from one pass that caches all exits' logits; the
     report is also written to ``out_dir/report.json``."""
-    from ..analysis import (
-        collect_exit_logits,
-        curves_for_policies,
-        overthinking,
-        plot_curves,
-        replay,
-        save_curves_json,
-    )
-    from ..analysis.scores import regression_report
-    from ..training.evaluate import LIVE_MARGIN
-
     model, tokenizer = load_trained(model_dir)
     examples, job, split = eval_examples(model, model_dir, data, split, limit)
     cache = collect_exit_logits(
@@ -387,9 +386,6 @@ def tokenized_batches(examples: TextExamples, tokenizer: Any, batch_size: int,
 def runtime_accuracy(model: MultiExitModel, policy: Any, batches: list[dict]) -> dict[str, float]:
     """Accuracy (Pearson's r for regression), mean exit depth and FLOPs speed-up of the
     *real* executor on ``batches``."""
-    from ..analysis.scores import score
-    from ..runtime import full_depth_cost
-
     preds, gold = [], []
     layers = flops = full = 0.0
     for b in batches:
@@ -421,9 +417,6 @@ def run_bench(
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Measured wall-clock of every calibrated policy vs the plain full-depth model."""
-    from ..machine import machine_info
-    from ..runtime.timing import measure_speedups
-
     if threads is not None:
         torch.set_num_threads(threads)
     model, tokenizer = load_trained(model_dir)

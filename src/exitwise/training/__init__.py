@@ -13,9 +13,22 @@ A new one subclasses :class:`TrainingStrategy`, returns its :class:`Stage` list 
 ``build_stages`` and is registered with ``@register_strategy("name")``.
 """
 
-from . import exits_only, joint, two_stage  # noqa: F401  (register the built-in recipes)
-from . import boosted, branchynet, imta, l2w, meta_gf, sdn, self_distill, ztw  # noqa: F401
-from . import copycat, lgvit  # noqa: F401  (LGViT, SL-ViT's CopycatSL-ViT)
+from ..checkpoint import load_model_weights, save_model_weights
+from . import (  # noqa: F401  (register the built-in recipes)  # noqa: F401  # noqa: F401  (LGViT, SL-ViT's CopycatSL-ViT)
+    boosted,
+    branchynet,
+    copycat,
+    exits_only,
+    imta,
+    joint,
+    l2w,
+    lgvit,
+    meta_gf,
+    sdn,
+    self_distill,
+    two_stage,
+    ztw,
+)
 from .base import (
     STRATEGIES,
     Stage,
@@ -25,13 +38,12 @@ from .base import (
     distillation_kl,
     exit_cross_entropy,
     exit_task_loss,
-    gradient_equilibrium_scales,
     get_strategy,
+    gradient_equilibrium_scales,
     head_parameters,
     register_strategy,
     weighted_exit_loss,
 )
-from ..checkpoint import load_model_weights, save_model_weights
 from .collate import PaddingCollator, default_collator
 from .evaluate import ExitEvaluation, evaluate_exit_scores, evaluate_exits, format_exit_table
 from .exits_only import ExitsOnlyStrategy

@@ -21,9 +21,9 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..errors import ConfigError, DataError, InputError
-from .base import Stage, TrainingStrategy, get_strategy
 from ..checkpoint import STAGE_WEIGHTS, load_model_weights, read_progress, write_progress
+from ..errors import ConfigError, DataError, InputError
+from .base import STRATEGIES, Stage, TrainingStrategy, get_strategy
 from .collate import default_collator
 from .evaluate import ExitEvaluation, evaluate_exit_scores, format_exit_table
 from .trainer import ExitTrainer
@@ -239,8 +239,6 @@ def train(
     recipe = get_strategy(strategy, **(strategy_options or {}))
     task = getattr(model, "task", "classification")
     if task not in recipe.tasks:
-        from .base import STRATEGIES
-
         usable = [n for n in STRATEGIES.names() if task in STRATEGIES.get(n).tasks]
         raise ConfigError(
             f"training strategy {recipe.registered_name!r} is for "

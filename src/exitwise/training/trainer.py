@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from ..checkpoint import STAGE_WEIGHTS, load_model_weights, save_model_weights
 from ..errors import CheckpointError, InputError
 from .base import Stage
-from ..checkpoint import STAGE_WEIGHTS, load_model_weights, save_model_weights
 from .evaluate import evaluate_exits
 
 

@@ -1,7 +1,7 @@
 """The vision literature's evaluation protocols, all from cached all-exit logits.
 
 Every function returns a JSON-able dict (``"protocol"`` names it); the matching plot lives in
-:mod:`exitwise.analysis.protocol_plots`. Compute is always *relative*: mean FLOPs over the
+:mod:`exitwise.protocols.plots`. Compute is always *relative*: mean FLOPs over the
 mean FLOPs of the plain full-depth model (no exit heads), so the last exit of a multi-exit
 network costs slightly more than 1.
 
@@ -26,12 +26,14 @@ from typing import Any, Sequence
 
 import torch
 
+from ..analysis.cache import ExitLogitsCache
+from ..analysis.metrics import overthinking, per_exit_accuracy, relative_exit_costs
+from ..analysis.replay import ReplayResult, replay
+from ..calibration.budget import fit_budget_policy
 from ..errors import ConfigError, InputError
 from ..policies.base import ExitPolicy
 from ..policies.window import WindowPolicy
-from .cache import ExitLogitsCache
-from .metrics import overthinking, per_exit_accuracy, relative_exit_costs
-from .replay import ReplayResult, replay, temperature_list
+from ..temperatures import temperature_list
 
 Temps = torch.Tensor | Sequence[float] | None
 DEFAULT_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
@@ -96,8 +98,6 @@ def budgeted_batch(
     """MSDNet budgeted batch: accuracy vs mean cost on ``test`` across budgets, the per-exit
     thresholds of each budget fitted on ``heldout``
     (:func:`exitwise.calibration.budget.fit_budget_policy`)."""
-    from ..calibration.budget import fit_budget_policy
-
     _check_pair(heldout, test)
     budgets = list(budgets) if budgets is not None else default_budgets(heldout)
     fit = fit_budget_policy(heldout, budgets, temperatures=temperatures)
@@ -138,8 +138,6 @@ def fixed_cost_table(
     _check_pair(heldout, test)
     if not fractions or any(not (0 < float(f) <= 10) for f in fractions):
         raise ConfigError(f"fractions must be positive fractions of the full cost, got {fractions}")
-    from ..calibration.budget import fit_budget_policy
-
     acc = per_exit_accuracy(test)
     rel = relative_exit_costs(test)
     first = float(relative_exit_costs(heldout)[0])

@@ -1,4 +1,4 @@
-"""PNG plots of the evaluation protocols in :mod:`exitwise.analysis.protocols`.
+"""PNG plots of the evaluation protocols in :mod:`exitwise.protocols.measures`.
 
 Each function takes the protocol's JSON-able dict (or ``{name: dict}`` to overlay several
 models / recipes) and writes one PNG. matplotlib's Agg canvas is used directly, so the global
