@@ -49,7 +49,10 @@ def _graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for module, (path, package) in modules.items():
         for name, names, _ in _imports(path, package):
-            targets = [name] + [f"{name}.{n}" for n in names if f"{name}.{n}" in modules]
+            submodules = [f"{name}.{n}" for n in names if f"{name}.{n}" in modules]
+            # "from . import a, b" of submodules needs those modules, not the package's own
+            # __init__ (which is mid-import at that point anyway).
+            targets = submodules if len(submodules) == len(names) else [name, *submodules]
             graph[module].update(t for t in targets if t in modules and t != module)
     return graph
 

@@ -1,12 +1,16 @@
-"""Decoder-only LMs: greedy and lossless self-speculative decoding with HF caches.
+"""Decoder-only LMs: greedy, lossless self-speculative and early-exit decoding with HF caches.
 
     from exitwise.generation import generate
     out = generate(lm, input_ids, attention_mask, strategy="self_speculative",
                    exit_layer=4, draft_len=4, max_new_tokens=32)
+
+Strategies are registered by name (``DECODING_STRATEGIES``), one file each, with their own
+options; :class:`GenerationConfig` holds the options they share.
 """
 
 from .api import STRATEGIES, generate
-from .greedy import greedy_decode
+from .early_exit import EarlyExit
+from .greedy import Greedy, greedy_decode
 from .outputs import GenerateOutput, GenerationStats
 from .sampling import (
     SamplingConfig,
@@ -14,12 +18,29 @@ from .sampling import (
     residual_distribution,
     speculative_accept,
 )
-from .self_speculative import self_speculative_decode
+from .self_speculative import SelfSpeculative, self_speculative_decode
 from .session import DecodeSession
 from .stopping import StopStrings, StreamingSession
+from .strategies import (
+    DECODING_STRATEGIES,
+    DecodeInputs,
+    DecodingStrategy,
+    GenerationConfig,
+    get_decoding_strategy,
+    register_decoding_strategy,
+)
 
 __all__ = [
+    "DECODING_STRATEGIES",
     "STRATEGIES",
+    "DecodeInputs",
+    "DecodingStrategy",
+    "EarlyExit",
+    "GenerationConfig",
+    "Greedy",
+    "SelfSpeculative",
+    "get_decoding_strategy",
+    "register_decoding_strategy",
     "DecodeSession",
     "GenerateOutput",
     "GenerationStats",

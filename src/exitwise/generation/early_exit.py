@@ -61,17 +61,23 @@ Shapes: A active rows, S cache slots, H hidden, V vocab, L layers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from ..backbones.hf_decoder import DecodeContext
 from ..errors import ConfigError
 from ..policies.base import ExitPolicy
-from .confidence import ExitPoint, as_policy, check_exit, new_token_state, resolve_exit_points
+from .exit_points import ExitPoint, as_policy, check_exit, new_token_state, resolve_exit_points
 from .outputs import GenerateOutput, GenerationStats
 from .session import DecodeSession
-from .stopping import StreamingSession
+from .strategies import (
+    DecodeInputs,
+    DecodingStrategy,
+    register_decoding_strategy,
+    session_for,
+    stats_for,
+)
 
 KV_MODES = ("propagate", "recompute", "skip")
 
@@ -431,35 +437,29 @@ def _step(
     return token, nxt
 
 
-def generate_early_exit(
-    model: Any,
-    backbone: Any,
-    input_ids: torch.Tensor,
-    mask: torch.Tensor,
-    max_new_tokens: int,
-    eos: set[int],
-    pad: int,
-    policy: Any,
-    kv: str = "propagate",
-    exit_layers: list[int] | None = None,
-    do_sample: bool = False,
-    stop: Any = None,
-    callback: Any = None,
-) -> Any:
-    """``generate(strategy="early_exit")`` after its common checks; returns GenerateOutput
-    whose ``stats`` is an :class:`EarlyExitStats`."""
-    check_kv(kv)
-    if do_sample:
-        raise ConfigError("strategy='early_exit' decodes greedily; do_sample is not supported")
-    pol = as_policy(policy)
-    points = resolve_exit_points(model, backbone, exit_layers)
-    b = input_ids.shape[0]
-    stats = EarlyExitStats(
-        strategy="early_exit", num_layers=backbone.num_layers, drafted=[0] * b, accepted=[0] * b
-    )
-    session = StreamingSession(
-        backbone, input_ids, mask.to(input_ids.device), max_new_tokens, eos, pad, stats,
-        stop=stop, callback=callback,
-    )
-    sequences = early_exit_decode(session, points, pol, kv)
-    return GenerateOutput(sequences=sequences, stats=stats)
+@register_decoding_strategy("early_exit")
+@dataclass
+class EarlyExit(DecodingStrategy):
+    """CALM-style token-level early exit (greedy only): a token leaves at the first exit whose
+    ``policy`` says so.
+
+    policy: a token-level exit policy (object, name or dict; e.g. ``calm_softmax``).
+    kv: the keys / values of skipped layers: "propagate" (CALM's copy), "recompute" (exact)
+    or "skip" (filled exactly, in parallel, by a later step). exit_layers: the exit depths
+    (default: all).
+    """
+
+    samples: ClassVar[bool] = False
+    policy: Any = None
+    kv: str = "propagate"
+    exit_layers: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        check_kv(self.kv)
+
+    def decode(self, inputs: DecodeInputs) -> GenerateOutput:
+        points = resolve_exit_points(inputs.model, inputs.backbone, self.exit_layers)
+        stats = stats_for(inputs, self.name, EarlyExitStats)
+        sequences = early_exit_decode(session_for(inputs, stats), points,
+                                      as_policy(self.policy), self.kv)
+        return GenerateOutput(sequences=sequences, stats=stats)

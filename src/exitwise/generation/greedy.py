@@ -8,10 +8,20 @@ the full model's processed distribution instead (the reference for speculative s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from .outputs import GenerateOutput
 from .sampling import SamplingConfig
 from .session import DecodeSession
+from .strategies import (
+    DecodeInputs,
+    DecodingStrategy,
+    register_decoding_strategy,
+    session_for,
+    stats_for,
+)
 
 
 @torch.inference_mode()
@@ -39,3 +49,14 @@ def greedy_decode(session: DecodeSession, sampler: SamplingConfig | None = None)
         session.emit([[t] for t in nxt.tolist()])
         session.drop_finished()
     return session.sequences()
+
+
+@register_decoding_strategy("greedy")
+@dataclass
+class Greedy(DecodingStrategy):
+    """One token per full forward pass (sampling with ``do_sample``); no options."""
+
+    def decode(self, inputs: DecodeInputs) -> GenerateOutput:
+        stats = stats_for(inputs, self.name)
+        sequences = greedy_decode(session_for(inputs, stats), inputs.sampler)
+        return GenerateOutput(sequences=sequences, stats=stats)

@@ -45,11 +45,24 @@ processed full-model distribution exactly, as plain sampling would; rows stay ra
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
+from ..backbones.hf_decoder import HFDecoderBackbone
+from ..errors import ConfigError
 from ..heads.lm import LMHead
+from .outputs import GenerateOutput
 from .sampling import SamplingConfig, draw, speculative_accept
 from .session import DecodeSession
+from .strategies import (
+    DecodeInputs,
+    DecodingStrategy,
+    register_decoding_strategy,
+    session_for,
+    stats_for,
+)
 
 
 @torch.inference_mode()
@@ -176,3 +189,63 @@ def self_speculative_decode(
         )
         session.drop_finished()
     return session.sequences()
+
+
+def draft_head(model: Any, backbone: HFDecoderBackbone, exit_layer: int) -> tuple[LMHead, float]:
+    """(the draft head at ``exit_layer``, its calibration temperature): a MultiExitModel's
+    trained ``lm`` exit there, or for a plain LM the shared final norm + LM head."""
+    if model is backbone or not hasattr(model, "heads"):
+        shared = LMHead(backbone.hidden_size, backbone.vocab_size, backbone=backbone)
+        return shared.eval(), 1.0
+    if exit_layer not in model.exit_layers:
+        raise ConfigError(
+            f"this model has no exit at layer {exit_layer}; its exits: {model.exit_layers}")
+    k = model.exit_layers.index(exit_layer)
+    head = model.heads[k]
+    if not isinstance(head, LMHead):
+        raise ConfigError(
+            f"self-speculative drafting needs an 'lm' exit head; exit {exit_layer} has "
+            f"{type(head).registered_name!r}")
+    return head, float(model.temperatures[k])
+
+
+@register_decoding_strategy("self_speculative")
+@dataclass
+class SelfSpeculative(DecodingStrategy):
+    """Draft with the first ``exit_layer`` blocks and an exit head, verify with the rest:
+    the tokens of greedy decoding (or, sampling, its distribution), fewer full passes.
+
+    exit_layer: depth 1..L-1 of the draft exit (required). draft_len: draft tokens per step
+    (>= 1). draft_threshold: stop a row's draft once its top-1 probability is below this.
+    """
+
+    exit_layer: int | None = None
+    draft_len: int = 4
+    draft_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.draft_len, bool) or not isinstance(self.draft_len, int) or (
+                self.draft_len < 1):
+            raise ConfigError(f"draft_len must be an int >= 1; got {self.draft_len!r}")
+        if self.draft_threshold is not None and not 0.0 <= float(self.draft_threshold) <= 1.0:
+            raise ConfigError(f"draft_threshold must be a probability in [0, 1]; "
+                              f"got {self.draft_threshold!r}")
+
+    def validate(self, backbone: HFDecoderBackbone, model: Any) -> None:
+        last = backbone.num_layers - 1
+        e = self.exit_layer
+        if isinstance(e, bool) or not isinstance(e, int) or not 1 <= e <= last:
+            raise ConfigError(
+                f"exit_layer must be a depth in 1..{last} (blocks run by the draft; this model "
+                f"has {backbone.num_layers} layers); got {e!r}")
+
+    def decode(self, inputs: DecodeInputs) -> GenerateOutput:
+        assert self.exit_layer is not None
+        head, temperature = draft_head(inputs.model, inputs.backbone, self.exit_layer)
+        stats = stats_for(inputs, self.name, exit_layer=self.exit_layer,
+                          draft_len=self.draft_len)
+        sequences = self_speculative_decode(
+            session_for(inputs, stats), head, self.exit_layer, self.draft_len,
+            temperature=temperature, draft_threshold=self.draft_threshold,
+            sampler=inputs.sampler)
+        return GenerateOutput(sequences=sequences, stats=stats)

@@ -15,7 +15,7 @@ own parameter, like its threshold, so the policy takes it as ``classifier=``: a 
 
 Hidden states come from the early-exit decoder (``needs_hidden``): ``state["hidden"]`` (B, H)
 and ``state["exit_depth"]`` (B,) the depth d (see
-:func:`exitwise.generation.confidence.check_exit`). Where only logits exist (the
+:func:`exitwise.generation.exit_points.check_exit`). Where only logits exist (the
 classification executor, offline replay of cached logits) the classifier cannot run: the
 score is -1 and no row exits before the last exit. Without a classifier, hidden states raise
 a clear :class:`~exitwise.errors.ConfigError`.

@@ -339,13 +339,12 @@ def run_generate(
     texts = format_prompts(tokenizer, prompts, chat)
     device = hf_model(model).get_output_embeddings().weight.device
     ids, mask = encode_prompts(tokenizer, texts, device)
-    out = generate(
-        model, ids, mask, strategy=strategy, exit_layer=exit_layer, draft_len=draft_len,
-        max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed,
-        policy=policy if strategy == "early_exit" else None, kv=kv, tokenizer=tokenizer,
-        draft_threshold=draft_threshold if strategy == "self_speculative" else None,
-        kernels=kernels,
-    )
+    # Each strategy gets only its own options (generate refuses the others').
+    own = {"self_speculative": {"exit_layer": exit_layer, "draft_len": draft_len,
+                                "draft_threshold": draft_threshold},
+           "early_exit": {"policy": policy, "kv": kv}}.get(strategy, {})
+    out = generate(model, ids, mask, strategy=strategy, max_new_tokens=max_new_tokens,
+                   do_sample=do_sample, seed=seed, tokenizer=tokenizer, kernels=kernels, **own)
     eos = eos_ids(hf_model(model), tokenizer)
     new = new_token_lists(out.sequences, ids.shape[1], eos)
     decoded = [tokenizer.decode(t, skip_special_tokens=True) for t in new]

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from ...backbones import decoder_of
 from ...backbones.special_tokens import eos_and_pad
 from ...errors import ConfigError, DataError
-from ...generation.confidence import resolve_exit_points
+from ...generation.exit_points import resolve_exit_points
 from ...policies.calm_learned import KINDS, CalmExitClassifier
 from ..data import derived_seed, pad_batch, self_generated_sequences, split_holdout, tokenize_texts
 from ..loop import Task
@@ -61,7 +61,7 @@ def collect_consistency_data(
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """depth -> (states (N, H) float32 on CPU, labels (N,) float 0/1) over the real tokens of
     ``seqs`` (right-padded batches through the frozen backbone, no cache). ``points``:
-    :class:`~exitwise.generation.confidence.ExitPoint` list. Stops after ``max_tokens``."""
+    :class:`~exitwise.generation.exit_points.ExitPoint` list. Stops after ``max_tokens``."""
     device = backbone.lm_head.weight.device
     by_depth = {p.depth: p for p in points}
     xs: dict[int, list[torch.Tensor]] = {d: [] for d in by_depth}
