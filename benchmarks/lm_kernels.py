@@ -31,8 +31,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from lm_bench import NEVER_SLOWER_TOLERANCE  # noqa: E402  (benchmarks/, beside this script)
+
 from exitwise.backbones.kernels import default_tuner  # noqa: E402
 from exitwise.generation import generate  # noqa: E402
+from exitwise.lm.prompts import BENCH_PROMPTS  # noqa: E402
 from exitwise.machine import machine_info  # noqa: E402
 from exitwise.recipes.lm import (  # noqa: E402
     encode_prompts,
@@ -42,7 +45,6 @@ from exitwise.recipes.lm import (  # noqa: E402
     load_lm,
     new_token_lists,
 )
-from exitwise.recipes.lm_bench import BENCH_PROMPTS, NEVER_SLOWER_TOLERANCE  # noqa: E402
 
 METHODS = ("hf_greedy", "auto", "stock", "streaming")
 

@@ -38,15 +38,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from lm_bench import bench_lm, parse_configs  # noqa: E402  (benchmarks/, beside this script)
+
 from exitwise.backbones.kernels import default_tuner, few_row_kernels  # noqa: E402
+from exitwise.lm.prompts import BENCH_PROMPTS, CALIBRATION_PROMPTS  # noqa: E402
 from exitwise.machine import machine_info  # noqa: E402
 from exitwise.recipes.lm import TuneLMJob, load_lm, run_tune_lm  # noqa: E402
-from exitwise.recipes.lm_bench import (  # noqa: E402
-    BENCH_PROMPTS,
-    CALIBRATION_PROMPTS,
-    parse_configs,
-    bench_lm,
-)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

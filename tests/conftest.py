@@ -83,3 +83,12 @@ def padded_batch(lengths=(7, 4, 9, 5), seed: int = 1, pad_id: int = 0):
 @pytest.fixture(params=ENCODER_FAMILIES)
 def family(request):
     return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    """A 4-layer random Llama (vocab 64) + a word-level tokenizer with a chat template, saved
+    to a folder (see helpers/chat_lm.py)."""
+    from helpers.chat_lm import save_tiny_chat_llama
+
+    return save_tiny_chat_llama(tmp_path_factory.mktemp("tiny-llama"))

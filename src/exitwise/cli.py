@@ -207,20 +207,6 @@ def _add_lm_commands(sub: Any) -> None:
     k.add_argument("--again", action="store_true",
                    help="forget this machine's earlier measurements first")
 
-    b = sub.add_parser("bench-lm", help="tokens/s: HF greedy, HF early-exit assistant, exitwise")
-    b.add_argument("model", help="a tune-lm folder, 'smollm2', a local folder or a hub id")
-    b.add_argument("--configs", default="8:4", help="EXIT:DRAFT_LEN list, e.g. 8:4,12:6")
-    b.add_argument("--batch-sizes", type=_ints, default=[1, 4])
-    b.add_argument("--max-new-tokens", type=int, default=128)
-    b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--limit", type=int, default=None, help="first N built-in prompts")
-    b.add_argument("--no-hf-assistant", action="store_true")
-    b.add_argument("--stock-configs", default=None,
-                   help="configs to time again on stock nn.Linear kernels (kernels='stock')")
-    b.add_argument("--no-chat", action="store_true")
-    b.add_argument("--threads", type=int, default=2)
-    b.add_argument("--out", default=None, help="also write the report to this JSON file")
-
 
 def _run_lm(args: argparse.Namespace) -> int:
     from .recipes import lm
@@ -274,23 +260,6 @@ def _run_lm(args: argparse.Namespace) -> int:
         for key, d in decisions.items():
             print(f"{key:40s} {d.stock_ms:9.3f} {d.streaming_ms:13.3f} {d.ratio:6.2f}  "
                   f"{'streaming' if d.stream else 'stock'}")
-    elif args.command == "bench-lm":
-        from pathlib import Path
-
-        from .recipes.lm_bench import run_bench_lm
-
-        report = run_bench_lm(
-            args.model, limit=args.limit, configs=args.configs.split(","),
-            batch_sizes=args.batch_sizes, max_new_tokens=args.max_new_tokens,
-            repeats=args.repeats, hf_assistant=not args.no_hf_assistant,
-            chat=False if args.no_chat else None, threads=args.threads,
-            stock_configs=args.stock_configs.split(",") if args.stock_configs else (),
-            print_fn=lambda m: print(m, file=sys.stderr),
-        )
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(report, indent=2, default=_json_default))
-        print(json.dumps(report, indent=2, default=_json_default))
     return 0
 
 
@@ -307,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.command in ("tune-lm", "generate", "bench-lm", "kernels"):
+    if args.command in ("tune-lm", "generate", "kernels"):
         return _run_lm(args)
     if args.command == "demo" and args.story == "llm":
         import torch

@@ -1,55 +1,17 @@
-"""The decoder-LM CLI story (tune-lm -> generate -> bench-lm) on a tiny random Llama saved
-like a hub checkpoint with a word-level tokenizer and a chat template (no SmolLM2, no network)."""
+"""The decoder-LM CLI story (tune-lm -> generate) on a tiny random Llama saved like a hub
+checkpoint with a word-level tokenizer and a chat template (the ``tiny_lm_dir`` fixture of
+conftest.py; no SmolLM2, no network)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
 
 from exitwise.cli import main
 
-WORDS = ["the", "cat", "dog", "sat", "ran", "on", "a", "mat", "hat", "big", "red", "is", "hi",
-         "what", "why", "how", "sky", "blue", "sea", "poem"]
-SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>", "<user>", "<assistant>"]
-CHAT = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <eos> {% endfor %}"
-        "{% if add_generation_prompt %}<assistant> {% endif %}")
 
-
-@pytest.fixture(scope="module")
-def tiny_lm_dir(tmp_path_factory) -> Path:
-    """A 4-layer random Llama (vocab 64) + a word-level tokenizer with a chat template."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    d = tmp_path_factory.mktemp("tiny-llama")
-    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
-    core = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = Whitespace()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
-        unk_token="<unk>",
-    )
-    tok.chat_template = CHAT
-    tok.save_pretrained(d)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-    )
-    lm = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # peaked next-token distributions: agreement is meaningful
-        lm.lm_head.weight.mul_(20.0)
-    lm.save_pretrained(d)
-    return d
-
-
-def test_tune_generate_bench(tiny_lm_dir, tmp_path, capsys):
+def test_tune_then_generate(tiny_lm_dir, tmp_path, capsys):
     out = tmp_path / "tuned"
     # KL to the final layer keeps this tiny exit unsure enough that calm_softmax at threshold
     # 1.0 never exits below (the check further down); CE is the default (EE-Tuning)
@@ -104,37 +66,6 @@ def test_tune_generate_bench(tiny_lm_dir, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "self_speculative" in captured.err and captured.out.strip() != ""
 
-    bench_json = tmp_path / "bench.json"
-    assert main(["bench-lm", str(out), "--configs", "2:3", "--batch-sizes", "1,4",
-                 "--max-new-tokens", "8", "--repeats", "1", "--limit", "5",
-                 "--stock-configs", "2:3", "--out", str(bench_json)]) == 0
-    bench = json.loads(bench_json.read_text())
-    b1, b4 = bench["batch_sizes"]["1"], bench["batch_sizes"]["4"]
-    ours = {"hf_greedy", "exitwise_greedy", "exitwise_greedy_stock", "self_spec@2:3",
-            "self_spec_stock@2:3"}
-    assert set(b1) == ours | {"hf_assistant@2:3"}
-    assert set(b4) == ours  # HF's assistant: batch 1 only
-    assert b1["hf_greedy"]["exact_match"] == 1.0 and b1["hf_greedy"]["new_tokens"] > 0
-    # exitwise's decoders are lossless: same tokens as HF greedy, on either kernel
-    for name in ("exitwise_greedy", "exitwise_greedy_stock", "self_spec@2:3",
-                 "self_spec_stock@2:3"):
-        assert b1[name]["exact_match"] == 1.0 and b4[name]["exact_match"] == 1.0, name
-    assert 0.0 <= b1["self_spec@2:3"]["acceptance_rate"] <= 1.0
-    s = bench["summary"]
-    for key in ("hf_greedy_tps", "hf_assistant_tps", "self_spec_tps", "self_spec_exact_match",
-                "speedup_vs_greedy", "speedup_vs_hf_assistant", "batch4_speedup_vs_greedy",
-                "exitwise_greedy_tps", "speedup_vs_exitwise_greedy",
-                "self_spec_stock_kernels_tps", "batch4_speedup_vs_exitwise_greedy"):
-        assert s[key] is not None and s[key] >= 0, key
-    assert s["speedup_vs_greedy"] == pytest.approx(s["self_spec_tps"] / s["hf_greedy_tps"])
-    # the default kernels against stock ones, per batch size, with the rule stated
-    assert set(s["greedy_kernels"]) == {"1", "4"}
-    ratios = [k["default_vs_stock_greedy"] for k in s["greedy_kernels"].values()]
-    assert s["never_slower"] == all(r >= 1 - s["never_slower_tolerance"] for r in ratios)
-    k1 = s["greedy_kernels"]["1"]
-    assert k1["default_vs_stock_greedy"] == pytest.approx(
-        b1["exitwise_greedy"]["tokens_per_s"] / b1["exitwise_greedy_stock"]["tokens_per_s"])
-
 
 def test_bad_lm_arguments_fail_clearly(tiny_lm_dir, tmp_path, capsys):
     # a plain model has no tuned exit: self-speculative needs --exit-layer
@@ -142,42 +73,9 @@ def test_bad_lm_arguments_fail_clearly(tiny_lm_dir, tmp_path, capsys):
     assert "exit-layer" in capsys.readouterr().err
     assert main(["generate", str(tiny_lm_dir), "--prompt", "hi", "--exit-layer", "9"]) == 2
     assert "exit_layer" in capsys.readouterr().err
-    assert main(["bench-lm", str(tiny_lm_dir), "--configs", "2-3", "--limit", "1"]) == 2
-    assert "EXIT:DRAFT_LEN" in capsys.readouterr().err
     assert main(["tune-lm", "--model", str(tiny_lm_dir), "--exit-layer", "7", "--steps", "1",
                  "--out", str(tmp_path / "x")]) == 2
     assert "out of range" in capsys.readouterr().err
-
-
-def test_bench_lm_times_certified_calm_policies(tiny_lm_dir, tmp_path):
-    """CALM rows of the benchmark: a never-exit threshold is lossless; an always-exit one
-    decodes shallower with kv='skip' and reports its consistency with greedy."""
-    from exitwise.policies import get_policy
-    from exitwise.recipes.lm import TuneLMJob, load_lm, run_tune_lm
-    from exitwise.recipes.lm_bench import bench_lm
-
-    out = tmp_path / "tuned"
-    run_tune_lm(TuneLMJob(out_dir=str(out), model=str(tiny_lm_dir), exit_layers=[2],
-                          options={"steps": 5, "batch_size": 4, "seq_len": 32}, gen_tokens=8,
-                          num_generations=1),
-                print_fn=lambda *a: None)
-    model, tok = load_lm(str(out))
-    calm = {"never": get_policy("calm_softmax", threshold=1.0, tau=0.0),
-            # the top-1 probability always beats 0.1; the top-2 gap need not
-            "always": get_policy("calm_maxprob", threshold=0.0, tau=0.0)}
-    report = bench_lm(model, tok, ["what is the sky", "a poem on the sea"], max_new_tokens=6,
-                      configs=["2:2"], batch_sizes=[1, 2], repeats=1, hf_assistant=False,
-                      calm=calm, calm_batch_sizes=(1, 2), print_fn=lambda *a: None)
-    for bs in ("1", "2"):
-        never, always = (report["batch_sizes"][bs][f"calm@{n}"] for n in ("never", "always"))
-        assert never["exact_match"] == 1.0 and never["token_consistency"] == 1.0
-        assert never["mean_exit_depth"] == 4 and never["early_exit_rate"] == 0.0
-        assert always["early_exit_rate"] == 1.0 and always["mean_exit_depth"] == 2
-        assert always["sequential_layers_per_token"] < never["sequential_layers_per_token"]
-        assert "acceptance_rate" not in always
-    summary = report["summary"]["calm"]
-    assert set(summary) == {"calm@never", "calm@always"}
-    assert summary["calm@never"]["token_consistency"] == 1.0
 
 
 def test_llm_demo_story_end_to_end(tiny_lm_dir, tmp_path):
@@ -211,16 +109,6 @@ def test_llm_demo_story_end_to_end(tiny_lm_dir, tmp_path):
 
     with pytest.raises(ConfigError, match="tuned at"):  # the folder's exit is at 2, not 3
         run_llm_demo(**{**kw, "exit_layer": 3})
-
-
-def test_bench_configs_parse_with_an_optional_draft_threshold():
-    from exitwise.errors import ConfigError
-    from exitwise.recipes.lm_bench import parse_configs
-
-    assert parse_configs(["6:4", "6:6:0.5", (8, 2)]) == [(6, 4, None), (6, 6, 0.5), (8, 2, None)]
-    for bad in ("6", "6:4:0.5:1", "a:4"):
-        with pytest.raises(ConfigError, match="EXIT:DRAFT_LEN"):
-            parse_configs([bad])
 
 
 def test_tune_lm_on_greedy_answers(tiny_lm_dir, tmp_path, capsys):

@@ -16,6 +16,13 @@ import torch
 from ..policies.base import ExitPolicy
 
 
+def rotation(items: Sequence[Any], step: int) -> list[Any]:
+    """``items`` rotated left by ``step``: step 0 keeps the order, step 1 starts with the
+    second item ... so that over consecutive steps every item runs first equally often."""
+    k = step % len(items) if items else 0
+    return list(items[k:]) + list(items[:k])
+
+
 def time_interleaved(
     fns: dict[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1
 ) -> dict[str, list[float]]:
@@ -26,8 +33,7 @@ def time_interleaved(
             fns[name]()
     samples: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(repeats):
-        order = names[rep % len(names):] + names[: rep % len(names)]
-        for name in order:
+        for name in rotation(names, rep):
             t0 = time.perf_counter()
             fns[name]()
             samples[name].append(time.perf_counter() - t0)

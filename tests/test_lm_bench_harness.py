@@ -1,0 +1,108 @@
+"""The LM benchmark harness (``benchmarks/lm_bench.py``) on a tiny tuned LM: every method's
+entry per batch size, lossless methods matching HF greedy, the summary for every batch size,
+CALM rows, and the rotated order in which methods run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from benchmarks.lm_bench import Method, bench_lm, main, parse_configs, time_methods
+
+from exitwise.errors import ConfigError
+from exitwise.policies import get_policy
+from exitwise.recipes.lm import TuneLMJob, load_lm, run_tune_lm
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_lm_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tuned")
+    run_tune_lm(TuneLMJob(out_dir=str(out), model=str(tiny_lm_dir), exit_layers=[2],
+                          objective="kl",
+                          options={"steps": 5, "batch_size": 4, "seq_len": 32}, gen_tokens=8,
+                          num_generations=1),
+                print_fn=lambda *a: None)
+    return out
+
+
+def test_every_method_per_batch_size_and_the_summary(tuned, tmp_path):
+    bench_json = tmp_path / "bench.json"
+    main([str(tuned), "--configs", "2:3", "--batch-sizes", "1,4", "--max-new-tokens", "8",
+          "--repeats", "1", "--limit", "5", "--stock-configs", "2:3", "--out", str(bench_json)])
+    bench = json.loads(bench_json.read_text())
+    b1, b4 = bench["batch_sizes"]["1"], bench["batch_sizes"]["4"]
+    ours = {"hf_greedy", "exitwise_greedy", "exitwise_greedy_stock", "self_spec@2:3",
+            "self_spec_stock@2:3"}
+    assert set(b1) == ours | {"hf_assistant@2:3"}
+    assert set(b4) == ours  # HF's assistant: batch 1 only
+    assert b1["hf_greedy"]["exact_match"] == 1.0 and b1["hf_greedy"]["new_tokens"] > 0
+    # exitwise's decoders are lossless: same tokens as HF greedy, on either kernel
+    for name in ("exitwise_greedy", "exitwise_greedy_stock", "self_spec@2:3",
+                 "self_spec_stock@2:3"):
+        assert b1[name]["exact_match"] == 1.0 and b4[name]["exact_match"] == 1.0, name
+    assert 0.0 <= b1["self_spec@2:3"]["acceptance_rate"] <= 1.0
+    s = bench["summary"]
+    for key in ("hf_greedy_tps", "hf_assistant_tps", "self_spec_tps", "self_spec_exact_match",
+                "speedup_vs_greedy", "speedup_vs_hf_assistant", "exitwise_greedy_tps",
+                "speedup_vs_exitwise_greedy", "self_spec_stock_kernels_tps"):
+        assert s[key] is not None and s[key] >= 0, key
+    assert s["headline_batch_size"] == 1 and set(s["per_batch_size"]) == {"1", "4"}
+    for bs, row in s["per_batch_size"].items():  # every batch size, none hard-coded
+        entries = bench["batch_sizes"][bs]
+        assert row["speedup_vs_hf_greedy"] == pytest.approx(
+            entries["self_spec@2:3"]["tokens_per_s"] / entries["hf_greedy"]["tokens_per_s"])
+        assert row["exact_match"] == 1.0
+    assert s["speedup_vs_greedy"] == pytest.approx(s["self_spec_tps"] / s["hf_greedy_tps"])
+    # the default kernels against stock ones, per batch size, with the rule stated
+    assert set(s["greedy_kernels"]) == {"1", "4"}
+    ratios = [k["default_vs_stock_greedy"] for k in s["greedy_kernels"].values()]
+    assert s["never_slower"] == all(r >= 1 - s["never_slower_tolerance"] for r in ratios)
+    k1 = s["greedy_kernels"]["1"]
+    assert k1["default_vs_stock_greedy"] == pytest.approx(
+        b1["exitwise_greedy"]["tokens_per_s"] / b1["exitwise_greedy_stock"]["tokens_per_s"])
+
+
+def test_certified_calm_policies_are_timed_beside_greedy(tuned):
+    """CALM rows of the benchmark: a never-exit threshold is lossless; an always-exit one
+    decodes shallower with kv='skip' and reports its consistency with greedy."""
+    model, tok = load_lm(str(tuned))
+    calm = {"never": get_policy("calm_softmax", threshold=1.0, tau=0.0),
+            # the top-1 probability always beats 0.1; the top-2 gap need not
+            "always": get_policy("calm_maxprob", threshold=0.0, tau=0.0)}
+    report = bench_lm(model, tok, ["what is the sky", "a poem on the sea"], max_new_tokens=6,
+                      configs=["2:2"], batch_sizes=[1, 2], repeats=1, hf_assistant=False,
+                      calm=calm, calm_batch_sizes=(1, 2), print_fn=lambda *a: None)
+    for bs in ("1", "2"):
+        never, always = (report["batch_sizes"][bs][f"calm@{n}"] for n in ("never", "always"))
+        assert never["exact_match"] == 1.0 and never["token_consistency"] == 1.0
+        assert never["mean_exit_depth"] == 4 and never["early_exit_rate"] == 0.0
+        assert always["early_exit_rate"] == 1.0 and always["mean_exit_depth"] == 2
+        assert always["sequential_layers_per_token"] < never["sequential_layers_per_token"]
+        assert "acceptance_rate" not in always
+    summary = report["summary"]["calm"]
+    assert set(summary) == {"calm@never", "calm@always"}
+    assert summary["calm@never"]["token_consistency"] == 1.0
+
+
+def test_bench_configs_parse_with_an_optional_draft_threshold():
+    assert parse_configs(["6:4", "6:6:0.5", (8, 2)]) == [(6, 4, None), (6, 6, 0.5), (8, 2, None)]
+    for bad in ("6", "6:4:0.5:1", "a:4"):
+        with pytest.raises(ConfigError, match="EXIT:DRAFT_LEN"):
+            parse_configs([bad])
+
+
+def test_methods_run_in_an_order_rotated_per_chunk():
+    import torch
+
+    calls = []
+
+    def method(name):
+        def run(ids, mask):
+            calls.append(name)
+            return torch.zeros(1, 1, dtype=torch.long), None
+        return Method(name, "lossless", "exitwise_greedy", run)
+
+    chunks = [(torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1))] * 2
+    time_methods([method("a"), method("b"), method("c")], chunks, repeats=2, eos=set(),
+                 print_fn=lambda *a: None)
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
