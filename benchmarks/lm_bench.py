@@ -34,13 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:  # run from a clone without installing
     sys.path.insert(0, str(ROOT / "src"))
 
+from exitwise.backbones.special_tokens import eos_ids  # noqa: E402
 from exitwise.calibration.ltt import sequence_losses  # noqa: E402
 from exitwise.errors import ConfigError  # noqa: E402
 from exitwise.generation import generate  # noqa: E402
 from exitwise.lm.prompts import BENCH_PROMPTS  # noqa: E402
 from exitwise.recipes.lm import (  # noqa: E402
     encode_prompts,
-    eos_ids,
     format_prompts,
     hf_model,
     load_lm,

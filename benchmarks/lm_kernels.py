@@ -34,12 +34,12 @@ ROOT = Path(__file__).resolve().parents[1]
 from lm_bench import NEVER_SLOWER_TOLERANCE  # noqa: E402  (benchmarks/, beside this script)
 
 from exitwise.backbones.kernels import default_tuner  # noqa: E402
+from exitwise.backbones.special_tokens import eos_ids  # noqa: E402
 from exitwise.generation import generate  # noqa: E402
 from exitwise.lm.prompts import BENCH_PROMPTS  # noqa: E402
 from exitwise.machine import machine_info  # noqa: E402
 from exitwise.recipes.lm import (  # noqa: E402
     encode_prompts,
-    eos_ids,
     format_prompts,
     hf_model,
     load_lm,

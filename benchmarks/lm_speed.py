@@ -123,9 +123,10 @@ def certify_calm(model, tokenizer, args) -> tuple[dict, dict]:
     """Learn-then-Test: calm_softmax thresholds (kv="skip", exits at the tuned layers) whose
     token-level inconsistency with plain greedy is certified <= epsilon w.p. >= 1 - delta, on
     CALIBRATION_PROMPTS (disjoint from the benchmark prompts)."""
+    from exitwise.backbones.special_tokens import eos_ids
     from exitwise.calibration.ltt import CalibrationRefused, certify_threshold, early_exit_losses
     from exitwise.policies import get_policy
-    from exitwise.recipes.lm import encode_prompts, eos_ids, format_prompts, hf_model
+    from exitwise.recipes.lm import encode_prompts, format_prompts, hf_model
 
     lm = hf_model(model)
     eos = eos_ids(lm, tokenizer)

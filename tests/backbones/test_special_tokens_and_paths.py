@@ -37,3 +37,15 @@ def test_resolve_path_walks_attributes_indices_and_alternatives():
     assert resolve_path(net, "trunk|body.0") is net.body[0]  # the first alternative present
     assert resolve_path(net, "body.5") is None and resolve_path(net, "head") is None
     assert resolve_path(net, None) is None
+
+
+def test_eos_ids_fall_back_to_the_tokenizer_last():
+    from exitwise.backbones.special_tokens import eos_ids
+
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None),
+                            config=SimpleNamespace(eos_token_id=None))
+    assert eos_ids(model, SimpleNamespace(eos_token_id=4)) == {4}
+    model.config.eos_token_id = [6, 1]
+    assert eos_ids(model, SimpleNamespace(eos_token_id=4)) == {6, 1}
+    assert eos_ids(model, None, eos_token_id=8) == {8}
+    assert eos_ids(SimpleNamespace(), None) == set()

@@ -20,12 +20,12 @@ from typing import Any, Sequence
 
 import torch
 
-from ..backbones.special_tokens import eos_and_pad
+from ..backbones.special_tokens import eos_and_pad, eos_ids
 from ..config import ExitConfig
 from ..errors import CheckpointError, ConfigError
 from ..generation import generate
 from ..lm import generate_answers, get_objective, tune_exits
-from ..lm.data import DEFAULT_PROMPTS, self_generated_sequences
+from ..lm.data import DEFAULT_PROMPTS, cut_at_eos, self_generated_sequences
 from ..lm.prompts import BENCH_PROMPTS, CALIBRATION_PROMPTS, corpus_chat_prompts
 from ..model import MultiExitModel, attach_exits
 from .smollm import load_causal_lm
@@ -151,25 +151,7 @@ def new_token_lists(
     sequences: torch.Tensor, prompt_len: int, eos: set[int]
 ) -> list[list[int]]:
     """Per row: generated ids up to and including the first EOS (padding after it dropped)."""
-    out = []
-    for row in sequences[:, prompt_len:].tolist():
-        kept: list[int] = []
-        for tok in row:
-            kept.append(int(tok))
-            if tok in eos:
-                break
-        out.append(kept)
-    return out
-
-
-def eos_ids(lm: Any, tokenizer: Any) -> set[int]:
-    gen = getattr(lm, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        return set()
-    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+    return [cut_at_eos(row, eos) for row in sequences[:, prompt_len:].tolist()]
 
 
 # -- tuning --------------------------------------------------------------------------------

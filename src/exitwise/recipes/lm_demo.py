@@ -22,12 +22,12 @@ from typing import Any, Sequence
 
 import torch
 
+from ..backbones.special_tokens import eos_ids
 from ..errors import ConfigError
 from ..machine import cpu_model, machine_info
 from .lm import (
     TuneLMJob,
     encode_prompts,
-    eos_ids,
     format_prompts,
     hf_model,
     is_tuned_dir,
