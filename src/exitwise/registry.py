@@ -1,12 +1,14 @@
-"""A tiny name -> class registry shared by heads, policies and training strategies.
+"""A tiny name -> class registry shared by heads, policies, training strategies, decoder-LM
+objectives and decoding strategies.
 
-``Registry("policy")`` gives ``register("name")`` as a class decorator, ``get(name)`` and
-``names()``. Unknown names fail with the list of known ones.
+``Registry("policy")`` gives ``register("name")`` as a class decorator (it sets the class's
+``registered_name``), ``get(name)``, ``names()``, iteration over the names and ``items()``.
+Unknown names fail with the list of known ones.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from typing import Callable, Generic, Iterator, TypeVar
 
 from .errors import ConfigError
 
@@ -42,5 +44,18 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._items)
 
+    def items(self) -> list[tuple[str, T]]:
+        return [(n, self._items[n]) for n in self.names()]
+
+    def unregister(self, name: str) -> None:
+        """Forget ``name`` (a plug-in registered for a while, e.g. in a test)."""
+        self._items.pop(name, None)
+
     def __contains__(self, name: object) -> bool:
         return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._items)

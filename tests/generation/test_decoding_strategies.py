@@ -38,7 +38,7 @@ def test_each_strategy_refuses_the_options_of_another(llama):
         ew.generate(llama, ids, mask, beam_width=4)
     with pytest.raises(ew.ConfigError, match="decodes greedily"):
         ew.generate(llama, ids, mask, strategy="early_exit", do_sample=True)
-    with pytest.raises(ew.ConfigError, match="unknown strategy"):
+    with pytest.raises(ew.ConfigError, match="unknown decoding strategy"):
         ew.generate(llama, ids, mask, strategy="beam")
     with pytest.raises(ew.ConfigError, match="strategy object itself"):
         ew.generate(llama, ids, mask, strategy=SelfSpeculative(exit_layer=2), draft_len=2)
@@ -74,7 +74,7 @@ def test_a_new_strategy_plugs_in_by_registration(llama):
         note: str = ""
 
         def decode(self, inputs):
-            stats = stats_for(inputs, self.name)
+            stats = stats_for(inputs, self.registered_name)
             stats.note = self.note
             return GenerateOutput(greedy_decode(session_for(inputs, stats), inputs.sampler),
                                   stats)
@@ -86,9 +86,9 @@ def test_a_new_strategy_plugs_in_by_registration(llama):
                           max_new_tokens=4)
         ref = ew.generate(llama, ids, mask, max_new_tokens=4)
         assert out.stats.note == "hi" and torch.equal(out.sequences, ref.sequences)
-        with pytest.raises(ew.ConfigError, match="already registered"):
-            register_decoding_strategy("recorder_for_test")(Recorder)
+        with pytest.raises(ew.ConfigError, match="registered twice"):
+            register_decoding_strategy("recorder_for_test")(type("Other", (Recorder,), {}))
     finally:
-        DECODING_STRATEGIES.pop("recorder_for_test", None)
+        DECODING_STRATEGIES.unregister("recorder_for_test")
     assert "recorder_for_test" not in DECODING_STRATEGIES
     assert {"greedy", "self_speculative", "early_exit"} <= set(DECODING_STRATEGIES)

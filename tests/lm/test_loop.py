@@ -47,7 +47,7 @@ def test_only_training_restores_flags_and_modes_also_on_error():
 def test_configs_check_themselves_and_refuse_foreign_options():
     assert set(OBJECTIVES) >= {"ce", "kl", "answers", "layerskip", "free", "calm"}
     for name, cls in OBJECTIVES.items():
-        assert cls.objective == name
+        assert cls.registered_name == name
         cls()  # the defaults are valid
     with pytest.raises(ew.ConfigError, match="lr"):
         get_objective("kl", lr=-1.0)
@@ -55,7 +55,7 @@ def test_configs_check_themselves_and_refuse_foreign_options():
         get_objective("answers", p_max=0.1)
     with pytest.raises(ew.ConfigError, match="unknown objective"):
         get_objective("medusa")
-    with pytest.raises(ew.ConfigError, match="already registered"):
+    with pytest.raises(ew.ConfigError, match="registered twice"):
         ew.lm.register_objective("ce")(type("Again", (ew.lm.ObjectiveConfig,), {}))
     with pytest.raises(ew.ConfigError, match="config must be"):
         ew.tune_exits(None, None, config=3)

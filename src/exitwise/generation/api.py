@@ -97,7 +97,7 @@ def generate(
     config, chosen = _split_options(config, strategy, options)
     kernels = resolve_kernels(config.kernels)
     if config.do_sample and not chosen.samples:
-        raise ConfigError(f"strategy {chosen.name!r} decodes greedily; do_sample is not "
+        raise ConfigError(f"strategy {chosen.registered_name!r} decodes greedily; do_sample is not "
                           "supported")
     sampler = SamplingConfig(bool(config.do_sample), config.temperature, config.top_k,
                              config.top_p, generator)

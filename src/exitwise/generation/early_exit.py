@@ -459,7 +459,7 @@ class EarlyExit(DecodingStrategy):
 
     def decode(self, inputs: DecodeInputs) -> GenerateOutput:
         points = resolve_exit_points(inputs.model, inputs.backbone, self.exit_layers)
-        stats = stats_for(inputs, self.name, EarlyExitStats)
+        stats = stats_for(inputs, self.registered_name, EarlyExitStats)
         sequences = early_exit_decode(session_for(inputs, stats), points,
                                       as_policy(self.policy), self.kv)
         return GenerateOutput(sequences=sequences, stats=stats)

@@ -57,6 +57,6 @@ class Greedy(DecodingStrategy):
     """One token per full forward pass (sampling with ``do_sample``); no options."""
 
     def decode(self, inputs: DecodeInputs) -> GenerateOutput:
-        stats = stats_for(inputs, self.name)
+        stats = stats_for(inputs, self.registered_name)
         sequences = greedy_decode(session_for(inputs, stats), inputs.sampler)
         return GenerateOutput(sequences=sequences, stats=stats)

@@ -242,7 +242,7 @@ class SelfSpeculative(DecodingStrategy):
     def decode(self, inputs: DecodeInputs) -> GenerateOutput:
         assert self.exit_layer is not None
         head, temperature = draft_head(inputs.model, inputs.backbone, self.exit_layer)
-        stats = stats_for(inputs, self.name, exit_layer=self.exit_layer,
+        stats = stats_for(inputs, self.registered_name, exit_layer=self.exit_layer,
                           draft_len=self.draft_len)
         sequences = self_speculative_decode(
             session_for(inputs, stats), head, self.exit_layer, self.draft_len,

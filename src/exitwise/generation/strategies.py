@@ -22,11 +22,14 @@ import torch
 
 from ..backbones.hf_decoder import HFDecoderBackbone
 from ..errors import ConfigError
+from ..registry import Registry
 from .outputs import GenerateOutput, GenerationStats
 from .sampling import SamplingConfig
 from .stopping import StopStrings, StreamingSession, TokenCallback
 
-DECODING_STRATEGIES: dict[str, type[DecodingStrategy]] = {}
+DECODING_STRATEGIES: Registry[type[DecodingStrategy]] = Registry("decoding strategy")
+# Class decorator: @register_decoding_strategy("name").
+register_decoding_strategy = DECODING_STRATEGIES.register
 
 
 def _is_int(value: Any) -> bool:
@@ -108,7 +111,7 @@ def session_for(inputs: DecodeInputs, stats: Any) -> StreamingSession:
 class DecodingStrategy:
     """Base of the registered strategies: the dataclass fields are the strategy's options."""
 
-    name: ClassVar[str] = ""
+    registered_name: ClassVar[str] = ""
     samples: ClassVar[bool] = True  # whether do_sample=True is supported
 
     def validate(self, backbone: HFDecoderBackbone, model: Any) -> None:
@@ -122,26 +125,10 @@ class DecodingStrategy:
         return {f.name for f in dataclasses.fields(cls)}
 
 
-def register_decoding_strategy(name: str):
-    """Class decorator: register a :class:`DecodingStrategy` subclass under ``name``."""
-
-    def wrap(cls: type[DecodingStrategy]) -> type[DecodingStrategy]:
-        if name in DECODING_STRATEGIES:
-            raise ConfigError(f"decoding strategy {name!r} is already registered")
-        cls.name = name
-        DECODING_STRATEGIES[name] = cls
-        return cls
-
-    return wrap
-
-
 def get_decoding_strategy(name: str, **options: Any) -> DecodingStrategy:
     """Strategy ``name`` with ``options``; an option of another strategy (or of none) is
     refused with the strategy it belongs to. Options given as None count as not given."""
-    if name not in DECODING_STRATEGIES:
-        raise ConfigError(
-            f"unknown strategy {name!r}; choose from {', '.join(DECODING_STRATEGIES)}")
-    cls = DECODING_STRATEGIES[name]
+    cls = DECODING_STRATEGIES.get(name)
     own = cls.option_names()
     foreign = sorted(k for k, v in options.items() if k not in own and v is not None)
     if foreign:

@@ -253,10 +253,10 @@ class LMHead(ExitHead):
         """:meth:`compact_logits` for drafting (inference only), (B, q, H) -> (B, q, K).
 
         With a draft vocabulary the K x H read-out is kept a second time, transposed (H x K,
-        contiguous): on this project's CPU a one-row product with it ran 2-4x faster than
-        ``F.linear`` in a micro-benchmark (``exit_head_q1_ms`` in benchmarks/lm_speed.py's
-        ``component_costs_ms``: 1.6 ms for K = 4096). Equal to :meth:`compact_logits` up
-        to float round-off; a draft only proposes tokens, so decoding stays lossless.
+        contiguous), because a one-row product with it was faster than ``F.linear`` on CPUs
+        measured here (``exit_head_q1_ms`` in ``component_costs_ms`` of
+        benchmarks/results/lm_speed.json). Equal to :meth:`compact_logits` up to float
+        round-off; a draft only proposes tokens, so decoding stays lossless.
         """
         if self.vocab_ids is None or self._backbone is None or hidden.is_cuda:
             return self.compact_logits(hidden, ctx)

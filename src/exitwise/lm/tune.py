@@ -50,15 +50,15 @@ def tune_exits(
         )
     out = Path(output_dir) if output_dir is not None else None
     prepared = config.build(model, data, tokenizer, out, progress)
-    folder = out / config.objective if out is not None else None
+    folder = out / config.registered_name if out is not None else None
     state = run_task(prepared.task, config.loop_settings(prepared.steps), folder, resume,
-                     progress, desc=config.objective)
+                     progress, desc=config.registered_name)
 
     def keyed(values: dict[str, float]) -> dict[Any, float]:
         return {int(k) if k.isdigit() else k: v for k, v in values.items()}
 
     result = TuningResult(
-        objective=config.objective, config=config.to_dict(), metric=prepared.metric,
+        objective=config.registered_name, config=config.to_dict(), metric=prepared.metric,
         steps=state.step, start_step=state.start_step, loss_history=state.loss_history,
         part_history=state.part_history, before=keyed(state.before), after=keyed(state.after),
         num_train=prepared.num_train, num_eval=prepared.num_eval,

@@ -1,11 +1,11 @@
-"""Training recipes for multi-exit models, on the Hugging Face Trainer.
+"""Training strategies for multi-exit models, on the Hugging Face Trainer.
 
     from exitwise.training import train
     result = train(model, train_ds, eval_ds, strategy="joint", output_dir="runs/joint",
                    strategy_options={"weights": "depth"}, learning_rate=2e-5, num_train_epochs=3)
     print(result.table())
 
-Recipes are registered strategies (one file each): ``joint``, ``two_stage``, ``exits_only``,
+Strategies are registered by name (one file each): ``joint``, ``two_stage``, ``exits_only``,
 and the vision literature's ``branchynet``, ``sdn_ramp``, ``sdn_ic_only``, ``imta``,
 ``self_distill``, ``ztw``, ``boosted``, ``l2w``, ``meta_gf``, ``lgvit``, ``copycat_sl_vit``.
 Decoder LMs train their exits with :mod:`exitwise.lm` (one loop, objectives registered there).
@@ -14,7 +14,7 @@ A new one subclasses :class:`TrainingStrategy`, returns its :class:`Stage` list 
 """
 
 from ..checkpoint import load_model_weights, save_model_weights
-from . import (  # noqa: F401  (register the built-in recipes)  # noqa: F401  # noqa: F401  (LGViT, SL-ViT's CopycatSL-ViT)
+from . import (  # noqa: F401  (registers the built-in strategies)
     boosted,
     branchynet,
     copycat,

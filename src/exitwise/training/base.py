@@ -1,9 +1,9 @@
-"""The training-strategy contract: a recipe is a list of stages.
+"""The training-strategy contract: a strategy is a list of stages.
 
 A :class:`Stage` says which parameters train (everything else is frozen for that stage) and
 how the loss is computed from the model's :class:`~exitwise.outputs.ExitOutputs` and the
 labels. The training loop (:mod:`exitwise.training.loop`) runs the stages one after another,
-each with its own Hugging Face ``Trainer``. Adding a recipe is one new file that subclasses
+each with its own Hugging Face ``Trainer``. Adding a strategy is one new file that subclasses
 :class:`TrainingStrategy` and registers it with :func:`register_strategy`.
 """
 
@@ -37,7 +37,7 @@ class TrainingProgress:
     """Where training is, for losses that change with it (SDN's ramped exit weights).
 
     The trainer updates it in place before every loss computation; outside training it keeps
-    its defaults (``num_epochs`` None: "not training", recipes then use their final setting).
+    its defaults (``num_epochs`` None: "not training", strategies then use their final setting).
 
     step: optimizer steps done so far; max_steps: total planned.
     epoch: fractional epochs done so far (the Trainer's ``state.epoch``); num_epochs: planned.
@@ -60,7 +60,7 @@ class TrainingProgress:
 
 @dataclass
 class Stage:
-    """One phase of a recipe.
+    """One phase of a strategy.
 
     name: folder name of the stage under the run's output_dir (``stage-1``, ``stage-2``, ...).
     trainable: ``model -> parameters`` that train in this stage; all others are frozen.
@@ -70,7 +70,7 @@ class Stage:
     forward_kwargs: extra keywords for ``model.forward`` during training
         (``return_features=True``, ``grad_scales=[...]``).
     step: optional custom training step ``(model, inputs, labels) -> (loss, outputs)``
-        replacing "forward, then ``loss``" (meta-learning recipes run their look-ahead and
+        replacing "forward, then ``loss``" (meta-learning strategies run their look-ahead and
         meta update in it); the Trainer still backpropagates the returned loss and steps the
         optimizer. ``loss`` stays the stage's objective for evaluation.
     progress: training progress, updated in place by the trainer (read by ``loss``/``step``).
@@ -91,19 +91,19 @@ class Stage:
 
 
 class TrainingStrategy:
-    """Base class of training recipes.
+    """Base class of training strategies.
 
     Subclasses implement :meth:`build_stages` and set ``tunes_backbone`` (True when any stage
     updates backbone weights; the loop then sets ``model.backbone_tuned`` so saving writes
     the backbone too).
 
     ``stage_args``: optional list (one dict per stage) of TrainingArguments overrides, merged
-    over the recipe's own per-stage defaults.
+    over the strategy's own per-stage defaults.
     """
 
     registered_name: str = "?"
     tunes_backbone: bool = True
-    # Tasks the recipe's losses mean something for (distillation between class distributions
+    # Tasks the strategy's losses mean something for (distillation between class distributions
     # does not apply to a regression output); the training loop refuses the others.
     tasks: tuple[str, ...] = ("classification",)
 
@@ -114,7 +114,7 @@ class TrainingStrategy:
         raise NotImplementedError
 
     def stages(self, model: MultiExitModel) -> list[Stage]:
-        """The recipe's stages for ``model``, with ``stage_args`` overrides applied."""
+        """The strategy's stages for ``model``, with ``stage_args`` overrides applied."""
         stages = self.build_stages(model)
         if self.stage_args is not None:
             if len(self.stage_args) != len(stages):
@@ -151,7 +151,7 @@ def get_strategy(name: str | TrainingStrategy, **options: Any) -> TrainingStrate
         raise ConfigError(f"bad options for training strategy {name!r}: {err}") from None
 
 
-# -- building blocks shared by recipes -----------------------------------------------------
+# -- building blocks shared by strategies ---------------------------------------------------
 def backbone_parameters(model: MultiExitModel) -> list[nn.Parameter]:
     return list(model.backbone.parameters())
 
@@ -233,7 +233,7 @@ def gradient_equilibrium_scales(num_exits: int) -> list[tuple[float, float]]:
 
 
 def check_distillation_options(alpha: float, temperature: float) -> tuple[float, float]:
-    """Validate the (alpha in [0, 1], temperature > 0) of a distillation recipe."""
+    """Validate the (alpha in [0, 1], temperature > 0) of a distillation strategy."""
     if not 0.0 <= float(alpha) <= 1.0:
         raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
     if not float(temperature) > 0:

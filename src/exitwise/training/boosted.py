@@ -10,13 +10,13 @@ reads) learns the residual the earlier exits left; all stages train jointly on e
 mini-batch: ``loss = sum_k CE(f_k + r_k F_{k-1}.detach(), labels)``. The reweighting holds at
 inference too (the reference's ``DynamicNet.forward``): build the model with
 ``head="cascade", head_kwargs={"combine": "additive", "reweight": r}``; the heads then output
-``F_k`` themselves, so training and inference are the same function and this recipe reads
+``F_k`` themselves, so training and inference are the same function and this strategy reads
 ``r_k`` from the heads.
 
 - ``gradient_rescaling`` (default on; the reference trains ``msdnet_ge``): the backbone
   gradients from the different exits are rescaled as in IMTA's gradient equilibrium
   (:func:`~exitwise.training.base.gradient_equilibrium_scales`).
-- With other heads the recipe forms the sums in the loss only (``reweight`` option, default 1)
+- With other heads the strategy forms the sums in the loss only (``reweight`` option, default 1)
   and warns, since each exit then predicts its residual alone at inference.
 
 Deviations: the reference reweights the training prior with ``r_{k-1}`` and the inference sum

@@ -18,7 +18,7 @@ with the network it stands in for. Two stages, backbone and final classifier fro
 Deviations and sources: the authors' code was not available to check against; the mechanism
 follows the paper's description of CopycatSL-ViT (fine-tuning the early exits with the final
 layer's outputs as their targets). For regression models the paper's targets are the final
-output itself; this recipe covers classification only.
+output itself; this strategy covers classification only.
 """
 
 from __future__ import annotations

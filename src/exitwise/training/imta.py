@@ -30,7 +30,7 @@ Deviations: the reference's second stage trains new linear classifiers on the fr
 network's pooled features; here each exit's existing classifier layer continues from its
 stage-1 weights, and the final exit's classifier on the features stays frozen (it is the
 teacher) while its collaboration link trains. With heads that are not cascade heads the
-recipe runs GE + OFA without collaboration and warns.
+strategy runs GE + OFA without collaboration and warns.
 """
 
 from __future__ import annotations

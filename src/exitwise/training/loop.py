@@ -1,4 +1,4 @@
-"""``train``: run a recipe's stages with the Hugging Face Trainer, resumably.
+"""``train``: run a strategy's stages with the Hugging Face Trainer, resumably.
 
 Each stage trains in ``output_dir/stage-k`` with its own :class:`ExitTrainer`. When a stage
 ends, its weights go to ``stage-k/model.safetensors`` and its name to the progress marker
@@ -207,7 +207,7 @@ def train(
     eval_batch_size: int = 64,
     **training_args: Any,
 ) -> TrainResult:
-    """Train ``model`` (a MultiExitModel) with a registered recipe.
+    """Train ``model`` (a MultiExitModel) with a registered training strategy.
 
     Args:
         strategy: a registered name (``exitwise.training.STRATEGIES.names()``) or an object;
@@ -236,16 +236,16 @@ def train(
             f"got {type(model).__name__}"
         )
     _check_args(training_args)
-    recipe = get_strategy(strategy, **(strategy_options or {}))
+    chosen = get_strategy(strategy, **(strategy_options or {}))
     task = getattr(model, "task", "classification")
-    if task not in recipe.tasks:
+    if task not in chosen.tasks:
         usable = [n for n in STRATEGIES.names() if task in STRATEGIES.get(n).tasks]
         raise ConfigError(
-            f"training strategy {recipe.registered_name!r} is for "
-            f"{'/'.join(recipe.tasks)} models; this model is a {task} model "
+            f"training strategy {chosen.registered_name!r} is for "
+            f"{'/'.join(chosen.tasks)} models; this model is a {task} model "
             f"(num_labels={model.num_labels}). Use one of: {', '.join(usable)}"
         )
-    stages = recipe.stages(model)
+    stages = chosen.stages(model)
     _check_dataset_labels(train_dataset, model.num_labels, "training")
     if eval_dataset is not None:
         _check_dataset_labels(eval_dataset, model.num_labels, "evaluation")
@@ -256,9 +256,9 @@ def train(
     probe = _training_arguments(stages[0], out, training_args)
     with probe.main_process_first(desc="check run folder"):
         completed = _prepare_output_dir(
-            out, recipe, stages, resume, overwrite and probe.should_save
+            out, chosen, stages, resume, overwrite and probe.should_save
         )
-    result = TrainResult(model=model, strategy=recipe.registered_name, output_dir=out)
+    result = TrainResult(model=model, strategy=chosen.registered_name, output_dir=out)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
         for i, stage in enumerate(stages):
@@ -284,11 +284,11 @@ def train(
             completed.append(stage.name)
             args = _training_arguments(stage, out, training_args)
             if args.should_save:
-                write_progress(out, {"strategy": recipe.describe(), "completed": completed})
+                write_progress(out, {"strategy": chosen.describe(), "completed": completed})
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
-    if recipe.tunes_backbone:
+    if chosen.tunes_backbone:
         model.backbone_tuned = True
 
     main = _training_arguments(stages[-1], out, training_args)
@@ -300,7 +300,7 @@ def train(
         )
         result.exit_accuracies = result.evaluation.scores
         if main.should_save:
-            print(f"per-exit {result.evaluation.metric} after {recipe.registered_name} "
+            print(f"per-exit {result.evaluation.metric} after {chosen.registered_name} "
                   "training:")
             print(result.table())
     return result

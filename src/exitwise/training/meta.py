@@ -1,11 +1,11 @@
-"""Shared pieces of the meta-learning recipes (``l2w``, ``meta_gf``).
+"""Shared pieces of the meta-learning strategies (``l2w``, ``meta_gf``).
 
 Both follow L2W-DEN's training step (``LeapLabTHU/L2W-DEN``, ``tools/main_cifar_DDP.py``
 ``train``): each batch is cut in two halves; first half 1 is the training half and half 2 the
 meta half, then the roles swap, so both halves train the model and both serve as meta data.
 For each role: a one-step look-ahead of the model on the training half (``theta' = virtual
 optimizer step``, through ``torch.func.functional_call`` so the model's own parameters are
-untouched), the meta objective of ``theta'`` on the meta half, and one step of the recipe's
+untouched), the meta objective of ``theta'`` on the meta half, and one step of the strategy's
 meta-parameters on its gradient. The meta-parameters live in the strategy (not in the model),
 with their own Adam optimizer; they are training-time state only.
 
@@ -61,7 +61,7 @@ def halves(
     ``[(inputs_1, labels_1), (inputs_2, labels_2)]``."""
     b = int(labels.shape[0])
     if b < 2:
-        raise InputError("meta-learning recipes need batches of at least 2 rows (two halves)")
+        raise InputError("meta-learning strategies need batches of at least 2 rows (two halves)")
     cut = (b + 1) // 2
 
     def part(sl: slice) -> dict[str, Any]:
@@ -267,7 +267,7 @@ def budget_assignment(logits: Sequence[torch.Tensor], shares: torch.Tensor) -> t
 
 
 def check_meta_options(meta_learning_rate: float, inner_learning_rate: float | None) -> None:
-    """Validate the options the meta-learned recipes (l2w, meta_gf) share."""
+    """Validate the options the meta-learned strategies (l2w, meta_gf) share."""
     if not float(meta_learning_rate) > 0:
         raise ConfigError(f"meta_learning_rate must be > 0, got {meta_learning_rate}")
     if inner_learning_rate is not None and not float(inner_learning_rate) > 0:

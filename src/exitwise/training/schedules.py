@@ -1,4 +1,4 @@
-"""Per-exit loss weights for recipes that sum the exits' losses.
+"""Per-exit loss weights for strategies that sum the exits' losses.
 
 Every schedule is normalised to sum to 1, so the total loss stays on the scale of one
 cross-entropy whatever the number of exits:

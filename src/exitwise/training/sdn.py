@@ -1,4 +1,4 @@
-"""Shallow-Deep Networks' two recipes (Kaya, Hong & Dumitras, ICML 2019).
+"""Shallow-Deep Networks' two strategies (Kaya, Hong & Dumitras, ICML 2019).
 
 ``sdn_ramp`` (SDN-training, the paper's Section 4.2 weighted loss; reference: SDN's
 ``sdn_train`` in ``model_funcs.py``, kept in ``gmum/Zero-Time-Waste``): the backbone and all
@@ -108,7 +108,7 @@ def sdn_targets(model: MultiExitModel, targets: Sequence[float] | None) -> list[
     n_ic = model.num_exits - 1
     if n_ic < 1:
         raise ConfigError(
-            "SDN recipes need at least one internal classifier besides the final exit"
+            "SDN strategies need at least one internal classifier besides the final exit"
         )
     if targets is None:
         return exit_cost_fractions(model)[:-1]

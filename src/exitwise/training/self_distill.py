@@ -14,7 +14,7 @@ feature-distillation version (the ``adaptation_layers`` variant with
 - ``F_k`` is what exit k's classifier layer reads (its pooled "bottleneck" feature), ``A_k`` a
   learned linear adaptation layer (``nn.Linear(D_k, D_final)``, the reference's
   ``adaptation_layers``), so the heads need not share widths. The adaptation layers train with
-  the recipe; they live on the model as ``model.self_distill_adapters`` for the duration of
+  the strategy; they live on the model as ``model.self_distill_adapters`` for the duration of
   training (they are in the stage checkpoints, not in ``save_pretrained``'s heads).
 - ``||.||`` is ``torch.dist``: the L2 (Frobenius) norm of the whole (B, D) difference, not
   squared and not averaged, as in the reference.

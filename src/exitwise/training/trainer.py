@@ -1,11 +1,11 @@
-"""``ExitTrainer``: the Hugging Face Trainer, taught to train one stage of a multi-exit recipe.
+"""``ExitTrainer``: the Hugging Face Trainer, taught to train one stage of a multi-exit strategy.
 
 What changes from the stock Trainer:
 
 - ``compute_loss`` validates the labels, updates the stage's ``progress`` (step, epoch,
   learning rate), runs the model once (all exits' logits, with the stage's
   ``forward_kwargs``) and asks the stage for the loss, or hands the batch to the stage's own
-  ``step`` when it has one (meta-learning recipes). The loss is a per-batch mean, so the
+  ``step`` when it has one (meta-learning strategies). The loss is a per-batch mean, so the
   Trainer divides it by the number of gradient-accumulation steps itself
   (``loss_is_scaled_for_ga = False``).
 - The MultiExitModel is a plain ``nn.Module`` with aliased tensors; checkpoints are written as
@@ -44,7 +44,7 @@ def _freeze_frozen_norm_statistics(model: torch.nn.Module) -> None:
 
     The Trainer switches the whole model to train mode every step; a frozen backbone's
     BatchNorm would then still update its running statistics (and normalise with batch
-    statistics), silently changing the network a frozen-backbone recipe promises to keep.
+    statistics), silently changing the network a frozen-backbone strategy promises to keep.
     """
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
@@ -54,7 +54,7 @@ def _freeze_frozen_norm_statistics(model: torch.nn.Module) -> None:
 
 
 class ExitTrainer(Trainer):
-    """A Trainer for one :class:`~exitwise.training.base.Stage` of a recipe."""
+    """A Trainer for one :class:`~exitwise.training.base.Stage` of a strategy."""
 
     loss_is_scaled_for_ga = False
 

@@ -18,7 +18,7 @@ Two ideas that reuse the work earlier exits already did (reference: ``gmum/Zero-
    head: the final exit keeps its own prediction.
 
 The ensemble lives in ``model.ensemble`` (a :class:`~exitwise.heads.GeometricEnsemble` over
-the ICs, created by this recipe) and is saved with the heads (``ensemble.*`` tensors in
+the ICs, created by this strategy) and is saved with the heads (``ensemble.*`` tensors in
 ``exit_heads.safetensors``). :func:`ztw_ensemble_weights` gives it as plain lists for the
 ``ztw`` exit policy: ``{"weights": E x E (row k: w_k0..w_kk, zeros above the diagonal),
 "bias": E x C}`` with E = exits - 1, to be applied to the exits' raw logits: ``log q_k = b_k +

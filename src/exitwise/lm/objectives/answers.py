@@ -194,7 +194,7 @@ class AnswersConfig(ObjectiveConfig):
             module=nn.ModuleDict({str(k): model.heads[k] for k in ks}),
             params=[p for k in ks for p in model.heads[k].parameters()], root=model,
             step_loss=step_loss, evaluate=evaluate, train_mode=train_mode, setup=setup,
-            settings={"objective": self.objective, "exit_layers": depths,
+            settings={"objective": self.registered_name, "exit_layers": depths,
                       "model": backbone.describe(), "batch_size": bs, "seed": self.seed,
                       "num_answers": len(answers),
                       "eval_fraction": float(self.eval_fraction)},

@@ -15,29 +15,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from ...errors import ConfigError
+from ...registry import Registry
 from ..loop import SCHEDULES, LoopSettings, Task
 
-OBJECTIVES: dict[str, type[ObjectiveConfig]] = {}
-
-
-def register_objective(name: str):
-    """Class decorator: register an :class:`ObjectiveConfig` subclass under ``name``."""
-
-    def wrap(cls: type[ObjectiveConfig]) -> type[ObjectiveConfig]:
-        if name in OBJECTIVES:
-            raise ConfigError(f"objective {name!r} is already registered")
-        cls.objective = name
-        OBJECTIVES[name] = cls
-        return cls
-
-    return wrap
+OBJECTIVES: Registry[type[ObjectiveConfig]] = Registry("objective")
+register_objective = OBJECTIVES.register  # class decorator: @register_objective("name")
 
 
 def get_objective(name: str, **options: Any) -> ObjectiveConfig:
     """The config of objective ``name`` with ``options`` (unknown options are refused)."""
-    if name not in OBJECTIVES:
-        raise ConfigError(f"unknown objective {name!r}; choose from {', '.join(OBJECTIVES)}")
-    cls = OBJECTIVES[name]
+    cls = OBJECTIVES.get(name)
     known = {f.name for f in dataclasses.fields(cls) if f.init}
     foreign = sorted(set(options) - known)
     if foreign:
@@ -68,7 +55,7 @@ class ObjectiveConfig:
     seed: every random choice (split, batches, dropped layers) derives from it.
     """
 
-    objective: ClassVar[str] = ""
+    registered_name: ClassVar[str] = ""
     lr: float = 1e-3
     batch_size: int = 8
     warmup_steps: int = 0
@@ -110,7 +97,7 @@ class ObjectiveConfig:
             raise ConfigError(f"seed must be an int; got {self.seed!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"objective": self.objective, **asdict(self)}
+        return {"objective": self.registered_name, **asdict(self)}
 
     def loop_settings(self, steps: int) -> LoopSettings:
         return LoopSettings(

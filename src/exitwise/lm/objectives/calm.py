@@ -243,7 +243,7 @@ class CalmConfig(ObjectiveConfig):
         task = Task(
             module=clf, params=list(clf.parameters()), root=clf, step_loss=step_loss,
             evaluate=evaluate, train_mode=clf.train, setup=setup,
-            settings={"objective": self.objective, "model": backbone.describe(),
+            settings={"objective": self.registered_name, "model": backbone.describe(),
                       "exit_layers": depths, "kind": self.kind, "mlp_hidden": self.mlp_hidden,
                       "batch_size": self.batch_size, "seq_len": self.seq_len,
                       "max_tokens": self.max_tokens, "seed": self.seed,

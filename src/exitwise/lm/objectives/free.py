@@ -256,7 +256,7 @@ class FreeConfig(ObjectiveConfig):
             module=trained, params=list({id(p): p for p in trained.parameters()}.values()),
             root=multi if multi is not None else trained, step_loss=step_loss,
             evaluate=evaluate, train_mode=trained.train,
-            settings={"objective": self.objective, "model": backbone.describe(),
+            settings={"objective": self.registered_name, "model": backbone.describe(),
                       "num_layers": L, "shallow_layer": shallow, "kd": self.kd,
                       "kd_alpha": float(self.kd_alpha), "batch_size": self.batch_size,
                       "seq_len": self.seq_len, "seed": self.seed, "num_sequences": len(seqs)},

@@ -247,7 +247,7 @@ class LayerSkipConfig(ObjectiveConfig):
             module=lm, params=list(lm.parameters()),
             root=multi if multi is not None else lm, step_loss=step_loss, evaluate=evaluate,
             train_mode=lm.train,
-            settings={"objective": self.objective, "model": backbone.describe(),
+            settings={"objective": self.registered_name, "model": backbone.describe(),
                       "num_layers": L, "p_max": float(self.p_max),
                       "dropout_scale": self.dropout_scale,
                       "early_exit_scale": float(self.early_exit_scale),
