@@ -9,7 +9,7 @@ Decoder LMs: ``ew.generate`` (greedy, self-speculative, early-exit decoding) and
 ``ew.tune_exits(model, data, ew.lm.AnswersConfig())`` (any objective of ``ew.lm``).
 """
 
-from . import lm  # noqa: E402  (trains the decoder-LM exits built above)
+from . import lm
 from .backbones import (
     Backbone,
     BackboneState,
@@ -28,9 +28,9 @@ from .errors import (
     InputError,
     UnsupportedModelError,
 )
-from .generation import generate  # noqa: E402  (needs the model and policies above)
+from .generation import GenerationConfig, generate
 from .heads import HEADS, ExitHead, build_head, register_head
-from .lm import generate_answers, tune_exits  # noqa: E402
+from .lm import generate_answers, tune_exits
 from .model import MultiExitModel, attach_exits
 from .outputs import EarlyExitResult, ExitOutputs
 from .policies import POLICIES, ExitPolicy, get_policy, register_policy
@@ -49,6 +49,7 @@ __all__ = [
     "ExitOutputs",
     "ExitPolicy",
     "ExitwiseError",
+    "GenerationConfig",
     "HEADS",
     "HFDecoderBackbone",
     "HFEncoderBackbone",

@@ -114,6 +114,34 @@ def test_rotational_curriculum_and_loss_weights():
         assert got == on
 
 
+def test_layerskip_loss_is_the_weighted_sum_of_each_layers_cross_entropy():
+    """sum_l w_l CE_l with CE_l read through the shared final norm + LM head, computed here
+    from Hugging Face's own forward (its hidden states, and its logits for the last layer)."""
+    import torch.nn.functional as F
+
+    from exitwise.lm.objectives.layerskip import layerskip_loss
+
+    lm = tiny_lm("llama", damp=1.0).eval()
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    w = early_exit_weights([True, False, True, True], 1.0)  # layer 1 off: no term for it
+    with torch.no_grad():
+        total, parts = layerskip_loss(HFDecoderBackbone(lm), ids, mask, None, w)
+        out = lm(input_ids=ids, output_hidden_states=True)
+    assert sorted(parts) == [0, 2, 3]
+
+    def ce(logits):
+        return F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+
+    with torch.no_grad():
+        want = {0: ce(lm.lm_head(lm.model.norm(out.hidden_states[1]))),
+                2: ce(lm.lm_head(lm.model.norm(out.hidden_states[3]))), 3: ce(out.logits)}
+    for l, v in want.items():
+        assert float(parts[l]) == pytest.approx(float(v), rel=1e-5), l
+    assert float(total) == pytest.approx(sum(float(w[l]) * float(v) for l, v in want.items()),
+                                         rel=1e-5)
+
+
 def test_gradual_curriculum_enables_layers_from_last_to_first():
     L, T = 4, 16  # one more layer every T / (2L) = 2 steps
     seen = [early_exit_curriculum("gradual", t, L, T) for t in range(T)]

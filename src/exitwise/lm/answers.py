@@ -57,7 +57,7 @@ def _read_answer_cache(path: Path | None, key: dict[str, Any]) -> list[Answer]:
 
 @torch.no_grad()
 def generate_answers(
-    model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128,
+    model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
     batch_size: int = 16, eos_token_id: Any = None, pad_token_id: int | None = None,
     cache: str | Path | None = None, progress: bool = True,
 ) -> list[Answer]:

@@ -178,8 +178,7 @@ def run_tune_lm(
         data: Any = _answers(job, model, tokenizer, out, resume, prompts, print_fn)
     else:
         data, reused = _continuations(job, model, tokenizer, out, prompts, print_fn)
-    result = tune_exits(model, data, config, tokenizer=tokenizer, output_dir=out,
-                           resume=resume)
+    result = tune_exits(model, data, config, tokenizer=tokenizer, output_dir=out, resume=resume)
     model.save_pretrained(out)
     tokenizer.save_pretrained(str(out))
     recipe = {"base_model": job.model, "job": asdict(job)}

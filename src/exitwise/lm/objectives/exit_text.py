@@ -132,6 +132,8 @@ class ExitCEConfig(ObjectiveConfig):
     prompts: Sequence[Any] | None = None
     num_generations: int = 1
     gen_tokens: int = 64
+    kl_weight: ClassVar[float] = 0.0  # the loss's weights: fixed for "ce"
+    ce_weight: ClassVar[float] = 1.0
 
     def validate(self) -> None:
         super().validate()
@@ -141,9 +143,6 @@ class ExitCEConfig(ObjectiveConfig):
         if self.seq_len < 2:
             raise ConfigError(f"seq_len must be >= 2 (a token and its successor); "
                               f"got {self.seq_len}")
-
-    kl_weight: ClassVar[float] = 0.0
-    ce_weight: ClassVar[float] = 1.0
 
     def build(self, model: Any, data: Any, tokenizer: Any, output_dir: Any,
               progress: bool = True) -> Prepared:
