@@ -18,7 +18,7 @@ from exitwise.policies import get_policy, policy_from_dict
 from exitwise.policies.calm_learned import CalmExitClassifier, CalmLearnedPolicy
 
 
-def train_calm_classifier(model, texts, tokenizer=None, *, output_dir=None,
+def train_calm(model, texts, tokenizer=None, *, output_dir=None,
                           self_generate_prompts=None, **options):
     if self_generate_prompts is not None:
         options["prompts"] = self_generate_prompts
@@ -41,7 +41,7 @@ def llama():
 @pytest.fixture(scope="module")
 def trained(llama, tmp_path_factory):
     folder = tmp_path_factory.mktemp("calm_clf")
-    result = train_calm_classifier(
+    result = train_calm(
         llama, _texts(), exit_layers=[1, 2, 3], steps=300, lr=1e-2, batch_size=512,
         output_dir=folder,
     )
@@ -196,13 +196,13 @@ def test_ltt_certifies_a_learned_threshold(trained, llama):
 def test_bad_arguments_raise_clear_errors(llama):
     texts = _texts(4, 8)
     with pytest.raises(ConfigError, match="steps"):
-        train_calm_classifier(llama, texts, steps=0)
+        train_calm(llama, texts, steps=0)
     with pytest.raises(ConfigError, match="kind"):
-        train_calm_classifier(llama, texts, kind="forest")
+        train_calm(llama, texts, kind="forest")
     with pytest.raises(ConfigError, match="exit_layers"):
-        train_calm_classifier(llama, texts, exit_layers=[LAYERS])
+        train_calm(llama, texts, exit_layers=[LAYERS])
     with pytest.raises(ConfigError, match="lr"):
-        train_calm_classifier(llama, texts, lr=-1.0)
+        train_calm(llama, texts, lr=-1.0)
 
 
 def test_self_generated_data_and_multi_exit_heads(tmp_path):
@@ -218,7 +218,7 @@ def test_self_generated_data_and_multi_exit_heads(tmp_path):
         for p in multi.heads[0].parameters():
             p.add_(torch.randn_like(p) * 0.2)
     prompts = [t[:4] for t in _texts(6, 4, seed=5)]
-    result = train_calm_classifier(
+    result = train_calm(
         multi, None, self_generate_prompts=prompts, gen_tokens=10, steps=5,
         output_dir=tmp_path, eval_fraction=0.34,
     )
@@ -226,7 +226,7 @@ def test_self_generated_data_and_multi_exit_heads(tmp_path):
     assert (tmp_path / "self_generated.json").is_file()
     assert result.num_train == 4 * 14  # 4 of 6 sequences, prompt + 10 new tokens each
     # The labels follow the adapter head, not the shared readout: rates differ.
-    plain = train_calm_classifier(
+    plain = train_calm(
         model, None, self_generate_prompts=prompts, gen_tokens=10, steps=5, eval_fraction=0.34,
         exit_layers=[2],
     )

@@ -14,7 +14,7 @@ from exitwise.lm.answers import answer_token_ranking  # noqa: E402
 from exitwise.lm.objectives.answers import answer_ce, answer_targets, exit_features  # noqa: E402
 
 
-def tune_exits_on_answers(model, answers, *, output_dir=None, progress=False, **options):
+def tune_on_answers(model, answers, *, output_dir=None, progress=False, **options):
     return ew.tune_exits(model, answers, AnswersConfig(**options), output_dir=output_dir,
                          progress=progress)
 
@@ -73,7 +73,7 @@ def test_tuning_raises_held_out_agreement_and_keeps_the_backbone(tmp_path, famil
                            max_new_tokens=12)
 
     accepted_before = speculate().stats.acceptance_rate
-    result = tune_exits_on_answers(model, answers, epochs=10, lr=3e-3, batch_size=16,
+    result = tune_on_answers(model, answers, epochs=10, lr=3e-3, batch_size=16,
                                    eval_fraction=0.2, output_dir=tmp_path, progress=False)
     assert result.after[1] > result.before[1] + 0.05
     assert result.loss_history[-1] < result.loss_history[0]
@@ -116,7 +116,7 @@ def test_an_interrupted_run_resumes_to_the_same_heads(tmp_path, monkeypatch):
     answers = generate_answers(answer_model(), prompts(24), max_new_tokens=8, progress=False)
     opts = dict(epochs=4, batch_size=8, save_every=3)
     full = answer_model()
-    r0 = tune_exits_on_answers(full, answers, **opts)
+    r0 = tune_on_answers(full, answers, **opts)
     real, saves = loop.save_checkpoint, []
 
     def save_then_stop(*args, **kwargs):  # the process dies right after the first checkpoint
@@ -126,10 +126,10 @@ def test_an_interrupted_run_resumes_to_the_same_heads(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        tune_exits_on_answers(answer_model(), answers, output_dir=tmp_path, **opts)
+        tune_on_answers(answer_model(), answers, output_dir=tmp_path, **opts)
     monkeypatch.undo()
     resumed = answer_model()  # fresh heads: everything comes from the checkpoint
-    r2 = tune_exits_on_answers(resumed, answers, output_dir=tmp_path, **opts)
+    r2 = tune_on_answers(resumed, answers, output_dir=tmp_path, **opts)
     assert saves == [1] and r2.start_step == 3 and r2.steps == r0.steps
     assert r2.loss_history == r0.loss_history and r2.after == r0.after
     for (n, a), (_, b) in zip(full.heads[0].state_dict().items(),
@@ -140,11 +140,11 @@ def test_an_interrupted_run_resumes_to_the_same_heads(tmp_path, monkeypatch):
 def test_bad_answers_are_refused():
     model = answer_model()
     with pytest.raises(DataError, match="no answers"):
-        tune_exits_on_answers(model, [])
+        tune_on_answers(model, [])
     with pytest.raises(DataError, match="empty"):
-        tune_exits_on_answers(model, [([3, 4], [])])
+        tune_on_answers(model, [([3, 4], [])])
     with pytest.raises(DataError, match="outside"):
-        tune_exits_on_answers(model, [([3, 4], [VOCAB + 5])])
+        tune_on_answers(model, [([3, 4], [VOCAB + 5])])
 
 
 def test_answer_cache_is_reused_extended_and_keyed(tmp_path):

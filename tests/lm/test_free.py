@@ -1,4 +1,4 @@
-"""FREE's shallow-deep training (``exitwise.training.free``): the loss terms against hand
+"""FREE's shallow-deep training (``exitwise.lm.objectives.free``): the loss terms against hand
 computations, and the recipe on a tiny random Llama."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from exitwise.lm.objectives.free import (  # noqa: E402
 )
 
 
-def free_finetune(model, texts, tokenizer=None, *, output_dir=None, progress=False, **options):
+def tune_free(model, texts, tokenizer=None, *, output_dir=None, progress=False, **options):
     return ew.tune_exits(model, texts, FreeConfig(**options), tokenizer=tokenizer,
                          output_dir=output_dir, progress=progress)
 
@@ -117,7 +117,7 @@ def test_recipe_trains_the_whole_decoder_and_its_first_loss_is_the_equation():
     before = {n: p.clone() for n, p in lm.named_parameters()}
     texts = random_texts()
     opts = dict(shallow_layer=2, steps=30, lr=1e-2, batch_size=8, seq_len=16, progress=False)
-    result = free_finetune(lm, texts, **opts)
+    result = tune_free(lm, texts, **opts)
     assert result.steps == 30 and list(result.after) == [2]
     hist = result.loss_history
     assert sum(hist[-5:]) / 5 < 0.7 * sum(hist[:5]) / 5
@@ -148,7 +148,7 @@ def test_multi_exit_model_head_trains_and_resume_is_exact(tmp_path, monkeypatch)
     opts = dict(steps=6, lr=3e-3, batch_size=4, seq_len=16, progress=False, save_every=2)
     full_model = model()
     head_before = {n: p.clone() for n, p in full_model.heads[0].named_parameters()}
-    full = free_finetune(full_model, texts, output_dir=tmp_path / "a", **opts)
+    full = tune_free(full_model, texts, output_dir=tmp_path / "a", **opts)
     assert list(full.after) == [2] and full_model.backbone_tuned  # the exit at 2 is L_s
     assert any(not torch.equal(head_before[n], p)
                for n, p in full_model.heads[0].named_parameters())
@@ -162,10 +162,10 @@ def test_multi_exit_model_head_trains_and_resume_is_exact(tmp_path, monkeypatch)
 
     monkeypatch.setattr(loop, "save_checkpoint", crash_after_step_4)
     with pytest.raises(RuntimeError, match="interrupted"):
-        free_finetune(model(), texts, output_dir=tmp_path / "b", **opts)
+        tune_free(model(), texts, output_dir=tmp_path / "b", **opts)
     monkeypatch.undo()
     resumed_model = model()
-    resumed = free_finetune(resumed_model, texts, output_dir=tmp_path / "b", **opts)
+    resumed = tune_free(resumed_model, texts, output_dir=tmp_path / "b", **opts)
     assert resumed.start_step == 4 and resumed.loss_history == full.loss_history
     for (n, a), (_, b) in zip(full_model.heads[0].state_dict().items(),
                               resumed_model.heads[0].state_dict().items()):
@@ -176,10 +176,10 @@ def test_clear_errors():
     lm = tiny_lm("llama")
     texts = random_texts(n=4)
     with pytest.raises(ew.ConfigError, match="shallow_layer"):
-        free_finetune(lm, texts, steps=1)
+        tune_free(lm, texts, steps=1)
     with pytest.raises(ew.ConfigError, match="shallow_layer"):
-        free_finetune(lm, texts, shallow_layer=4, steps=1)
+        tune_free(lm, texts, shallow_layer=4, steps=1)
     with pytest.raises(ew.ConfigError, match="kd"):
-        free_finetune(lm, texts, shallow_layer=2, steps=1, kd="mse")
+        tune_free(lm, texts, shallow_layer=2, steps=1, kd="mse")
     with pytest.raises(ew.UnsupportedModelError):
-        free_finetune(torch.nn.Linear(2, 2), texts, shallow_layer=1, steps=1)
+        tune_free(torch.nn.Linear(2, 2), texts, shallow_layer=1, steps=1)

@@ -23,7 +23,7 @@ from exitwise.lm.objectives.layerskip import (  # noqa: E402
 )
 
 
-def layerskip_finetune(model, texts, tokenizer=None, *, output_dir=None, resume=True,
+def tune_layerskip(model, texts, tokenizer=None, *, output_dir=None, resume=True,
                        progress=False, **options):
     return ew.tune_exits(model, texts, LayerSkipConfig(**options), tokenizer=tokenizer,
                          output_dir=output_dir, resume=resume, progress=progress)
@@ -106,7 +106,7 @@ def test_rotational_curriculum_and_loss_weights():
 
     # the recipe follows it: exits off by the curriculum have no loss at that step
     lm = tiny_lm("llama", damp=1.0)
-    res = layerskip_finetune(lm, corpus(), steps=4, lr=1e-3, batch_size=4, seq_len=16,
+    res = tune_layerskip(lm, corpus(), steps=4, lr=1e-3, batch_size=4, seq_len=16,
                              curriculum="rotational", rotation_interval=2, **QUIET)
     for step in range(4):
         on = early_exit_curriculum("rotational", step, 4, 4, 2)
@@ -159,7 +159,7 @@ def test_gradual_curriculum_enables_layers_from_last_to_first():
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_loss_decreases_on_a_repeated_corpus(family):
     lm = tiny_lm(family, damp=1.0)
-    res = layerskip_finetune(lm, corpus(), steps=30, lr=3e-3, batch_size=8, seq_len=16,
+    res = tune_layerskip(lm, corpus(), steps=30, lr=3e-3, batch_size=8, seq_len=16,
                              p_max=0.2, curriculum="none", **QUIET)
     final = res.part_history["4"]
     assert len(res.loss_history) == 30 and all(math.isfinite(v) for v in res.loss_history)
@@ -174,7 +174,7 @@ def test_dropout_only_in_training_and_whole_model_trains():
     before = {n: p.detach().clone() for n, p in lm.named_parameters()}
     flags = {n: p.requires_grad for n, p in lm.named_parameters()}
     texts = corpus(n_distinct=8, repeats=1)
-    res = layerskip_finetune(lm, texts, steps=3, lr=1e-2, batch_size=4, seq_len=16, p_max=1.0,
+    res = tune_layerskip(lm, texts, steps=3, lr=1e-2, batch_size=4, seq_len=16, p_max=1.0,
                              dropout_scale="linear", curriculum="none", **QUIET)
     assert res.extras["dropout_rates"][-1] == 1.0 and res.extras["dropout_rates"][0] == 0.0
     for n, p in lm.named_parameters():
@@ -202,14 +202,14 @@ def test_resume_is_bit_identical_and_needs_no_pickle(tmp_path):
                 rotation_interval=2, save_every=2, **QUIET)
     texts = corpus(n_distinct=6, repeats=2)
     full_lm = tiny_lm("gpt2", damp=1.0)
-    full = layerskip_finetune(full_lm, texts, steps=6, output_dir=tmp_path / "a", **opts)
+    full = tune_layerskip(full_lm, texts, steps=6, output_dir=tmp_path / "a", **opts)
 
-    layerskip_finetune(tiny_lm("gpt2", damp=1.0), texts, steps=3, output_dir=tmp_path / "b", **opts)
+    tune_layerskip(tiny_lm("gpt2", damp=1.0), texts, steps=3, output_dir=tmp_path / "b", **opts)
     ckpt = tmp_path / "b" / "layerskip"
     assert sorted(p.name for p in ckpt.iterdir()) == [
         "optimizer.safetensors", "state.json", "weights.safetensors"]
     resumed_lm = tiny_lm("gpt2", seed=5, damp=1.0)  # other weights: all state from the checkpoint
-    resumed = layerskip_finetune(resumed_lm, texts, steps=6, output_dir=tmp_path / "b", **opts)
+    resumed = tune_layerskip(resumed_lm, texts, steps=6, output_dir=tmp_path / "b", **opts)
     assert resumed.start_step == 3 and resumed.steps == 6
     assert resumed.loss_history == full.loss_history
     assert resumed.part_history == full.part_history
@@ -217,9 +217,9 @@ def test_resume_is_bit_identical_and_needs_no_pickle(tmp_path):
     for (n, a), b in zip(full_lm.state_dict().items(), resumed_lm.state_dict().values()):
         assert torch.equal(a, b), n
     with pytest.raises(ew.CheckpointError, match="p_max"):
-        layerskip_finetune(tiny_lm("gpt2"), texts, steps=6, output_dir=tmp_path / "b",
+        tune_layerskip(tiny_lm("gpt2"), texts, steps=6, output_dir=tmp_path / "b",
                            **dict(opts, p_max=0.3))
-    fresh = layerskip_finetune(tiny_lm("gpt2", damp=1.0), texts, steps=2,
+    fresh = tune_layerskip(tiny_lm("gpt2", damp=1.0), texts, steps=2,
                                output_dir=tmp_path / "b", resume=False, **opts)
     assert fresh.start_step == 0 and fresh.loss_history == full.loss_history[:2]
 
@@ -240,13 +240,13 @@ def test_early_exits_improve_and_self_speculative_stays_lossless(tmp_path):
     lm = tiny_lm("llama", damp=1.0)
     model = ew.attach_exits(lm, ew.ExitConfig(layers=[2], head="lm", num_labels=VOCAB,
                                               final_head_kwargs={}))
-    res = layerskip_finetune(model, texts, p_max=0.1, curriculum="rotational",
+    res = tune_layerskip(model, texts, p_max=0.1, curriculum="rotational",
                              rotation_interval=2, **opts)
     for d in (1, 2):
         assert res.after[d] > res.before[d] + 0.1, res.table()
     # control: the same fine-tuning without LayerSkip (no exit loss, no layer dropout)
     plain = tiny_lm("llama", damp=1.0)
-    layerskip_finetune(plain, texts, p_max=0.0, early_exit_scale=0.0, curriculum="none", **opts)
+    tune_layerskip(plain, texts, p_max=0.0, early_exit_scale=0.0, curriculum="none", **opts)
     for d in (1, 2):
         ours = exit_ce(model.backbone, texts, d)
         theirs = exit_ce(HFDecoderBackbone(plain), texts, d)
@@ -273,10 +273,10 @@ def test_clear_errors():
     ]
     for kwargs, match in bad:
         with pytest.raises(ew.ConfigError, match=match):
-            layerskip_finetune(lm, texts, **dict(dict(steps=2), **kwargs), **QUIET)
+            tune_layerskip(lm, texts, **dict(dict(steps=2), **kwargs), **QUIET)
     with pytest.raises(ew.UnsupportedModelError, match="causal LM"):
-        layerskip_finetune(nn.Linear(3, 3), texts, steps=2, **QUIET)
+        tune_layerskip(nn.Linear(3, 3), texts, steps=2, **QUIET)
     with pytest.raises(ew.DataError, match="empty"):
-        layerskip_finetune(lm, [], steps=2, **QUIET)
+        tune_layerskip(lm, [], steps=2, **QUIET)
     with pytest.raises(ew.ConfigError, match="tokenizer"):
-        layerskip_finetune(lm, ["some text"], steps=2, **QUIET)
+        tune_layerskip(lm, ["some text"], steps=2, **QUIET)

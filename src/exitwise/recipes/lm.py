@@ -72,7 +72,7 @@ class TuneLMJob:
 
 # -- prompts -------------------------------------------------------------------------------
 # User turns for exit tuning on a chat model's own answers, besides exitwise.lm.data.DEFAULT_PROMPTS
-# (disjoint from the benchmark's and the calibration's prompts in recipes/lm_bench.py).
+# (disjoint from the benchmark's and the calibration's prompts in exitwise.lm.prompts).
 CHAT_TUNING_PROMPTS: tuple[str, ...] = (
     "How do solar panels generate electricity?",
     "Write a short motivational message for a student before an exam.",
