@@ -87,7 +87,10 @@ def test_strategy_contract(name, tmp_path):
         )
     losses_after = [_stage_loss(model, s, items) for s in stages]
     for stage, lb, la in zip(stages, losses_before, losses_after):
-        assert la < lb - 0.01, f"{name}/{stage.name}: loss {lb:.4f} -> {la:.4f} did not drop"
+        # A distillation KL between a tiny model's near-uniform distributions starts near 0:
+        # there it must at least halve.
+        dropped = la < lb - 0.01 or (lb < 0.05 and la < 0.5 * lb)
+        assert dropped, f"{name}/{stage.name}: loss {lb:.4f} -> {la:.4f} did not drop"
     # requires_grad flags are restored after training.
     assert all(p.requires_grad for p in model.parameters())
     assert model.backbone_tuned is STRATEGIES.get(name).tunes_backbone

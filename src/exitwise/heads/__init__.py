@@ -1,16 +1,17 @@
 """Exit heads, registered by name: linear, pooler, mlp, mean, lm, sdn, vit_layer, cascade,
-lgvit_local, lgvit_global, native."""
+lgvit_local, lgvit_global, native, fastbert."""
 
 from torch import nn
 
-from . import (  # noqa: F401  (registration side effect)  # noqa: F401  (vision exits: SDN, SL-ViT)  # noqa: F401  (ZTW / IMTA / BoostNet cascades, LGViT)
+from . import (  # noqa: F401  (importing a head's module registers it)
     cascade,
+    fastbert,
     lgvit,
     linear,
-    lm,  # noqa: F401  (registration side effect)
+    lm,
     mean,
     mlp,
-    native,  # noqa: F401  (the model's own classifier as the final exit)
+    native,
     pooler,
     sdn,
     vit_layer,

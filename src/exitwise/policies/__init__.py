@@ -9,6 +9,7 @@ from . import (  # noqa: F401  (registration side effect)
     calm_top2,
     confidence,
     entropy,
+    fastbert,
     free_bmm,
     never,
     oracle,

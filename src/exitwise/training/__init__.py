@@ -7,7 +7,8 @@
 
 Strategies are registered by name (one file each): ``joint``, ``two_stage``, ``exits_only``,
 and the vision literature's ``branchynet``, ``sdn_ramp``, ``sdn_ic_only``, ``imta``,
-``self_distill``, ``ztw``, ``boosted``, ``l2w``, ``meta_gf``, ``lgvit``, ``copycat_sl_vit``.
+``self_distill``, ``ztw``, ``boosted``, ``l2w``, ``meta_gf``, ``lgvit``, ``copycat_sl_vit``;
+the NLP literature's ``fastbert``.
 Decoder LMs train their exits with :mod:`exitwise.lm` (one loop, objectives registered there).
 A new one subclasses :class:`TrainingStrategy`, returns its :class:`Stage` list from
 ``build_stages`` and is registered with ``@register_strategy("name")``.
@@ -19,6 +20,7 @@ from . import (  # noqa: F401  (registers the built-in strategies)
     branchynet,
     copycat,
     exits_only,
+    fastbert,
     imta,
     joint,
     l2w,
