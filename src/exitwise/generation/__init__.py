@@ -8,7 +8,7 @@ Strategies are registered by name (``DECODING_STRATEGIES``), one file each, with
 options; :class:`GenerationConfig` holds the options they share.
 """
 
-from .api import STRATEGIES, generate
+from .api import generate
 from .early_exit import EarlyExit
 from .greedy import Greedy, greedy_decode
 from .outputs import GenerateOutput, GenerationStats
@@ -32,7 +32,6 @@ from .strategies import (
 
 __all__ = [
     "DECODING_STRATEGIES",
-    "STRATEGIES",
     "DecodeInputs",
     "DecodingStrategy",
     "EarlyExit",

@@ -29,14 +29,11 @@ from .outputs import GenerateOutput
 from .sampling import SamplingConfig
 from .stopping import StopStrings, TokenCallback
 from .strategies import (
-    DECODING_STRATEGIES,
     DecodeInputs,
     DecodingStrategy,
     GenerationConfig,
     get_decoding_strategy,
 )
-
-STRATEGIES = tuple(DECODING_STRATEGIES)
 
 
 def _split_options(

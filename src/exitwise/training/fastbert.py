@@ -30,22 +30,12 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..outputs import ExitOutputs
-from .base import (
-    Stage,
-    TrainingStrategy,
-    backbone_parameters,
-    exit_cross_entropy,
-    head_parameters,
-    register_strategy,
-)
+from .base import Stage, TrainingStrategy, head_parameters, register_strategy
+from .two_stage import final_exit_loss as teacher_loss  # noqa: F401  (stage 1: the teacher's CE)
+from .two_stage import fine_tune_stage
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..model import MultiExitModel
-
-
-def teacher_loss(outputs: ExitOutputs, labels: torch.Tensor) -> torch.Tensor:
-    """Stage 1: cross-entropy of the final exit (the teacher)."""
-    return exit_cross_entropy(outputs, labels, len(outputs.logits) - 1)
 
 
 def self_distillation_loss(outputs: ExitOutputs, labels: torch.Tensor | None = None
@@ -68,9 +58,7 @@ class FastBERTStrategy(TrainingStrategy):
             raise ConfigError("fastbert needs at least one student exit besides the teacher")
         final = model.num_exits - 1
         return [
-            Stage(name="stage-1",
-                  trainable=lambda m: backbone_parameters(m) + head_parameters(m, [final]),
-                  loss=teacher_loss),
+            fine_tune_stage(model),  # the teacher's cross-entropy, as DeeBERT's stage 1
             Stage(name="stage-2", trainable=lambda m: head_parameters(m, range(final)),
                   loss=self_distillation_loss),
         ]

@@ -26,8 +26,18 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..model import MultiExitModel
 
 
-def _final_exit_loss(outputs: ExitOutputs, labels: torch.Tensor) -> torch.Tensor:
+def final_exit_loss(outputs: ExitOutputs, labels: torch.Tensor) -> torch.Tensor:
+    """The final exit's task loss alone (what fine-tuning the plain model optimizes)."""
     return exit_task_loss(outputs, labels, len(outputs.logits) - 1)
+
+
+def fine_tune_stage(model: MultiExitModel) -> Stage:
+    """Train the backbone and the final head on the final exit's loss (DeeBERT's and
+    FastBERT's first stage)."""
+    final = model.num_exits - 1
+    return Stage(name="stage-1",
+                 trainable=lambda m: backbone_parameters(m) + head_parameters(m, [final]),
+                 loss=final_exit_loss)
 
 
 def _early_exits_loss(outputs: ExitOutputs, labels: torch.Tensor) -> torch.Tensor:
@@ -45,11 +55,7 @@ class TwoStageStrategy(TrainingStrategy):
             raise ConfigError("two_stage needs at least one exit besides the final one")
         final = model.num_exits - 1
         return [
-            Stage(
-                name="stage-1",
-                trainable=lambda m: backbone_parameters(m) + head_parameters(m, [final]),
-                loss=_final_exit_loss,
-            ),
+            fine_tune_stage(model),
             Stage(
                 name="stage-2",
                 trainable=lambda m: head_parameters(m, range(final)),

@@ -153,6 +153,16 @@ class AnswersConfig(ObjectiveConfig):
                 if size:
                     model.heads[k].set_draft_vocab(ranked[:size])
 
+        wheres: dict[int, torch.Tensor | None] = {}
+
+        def where_of(k: int) -> torch.Tensor | None:
+            """Exit k's id -> draft-vocabulary position map, built once (the draft vocabulary
+            is fixed by the first step: chosen by ``setup`` or loaded from a checkpoint)."""
+            if k not in wheres:
+                where = vocab_positions(getattr(model.heads[k], "vocab_ids", None), vocab)
+                wheres[k] = None if where is None else where.cpu()
+            return wheres[k]
+
         def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float | None]]:
             epoch, j = divmod(step, per_epoch)  # seeded per-epoch shuffles: resume-exact
             g = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
@@ -162,9 +172,7 @@ class AnswersConfig(ObjectiveConfig):
             for jx, k in enumerate(ks):
                 head = model.heads[k]
                 hidden, mask = stack_features(feats[jx], part)
-                where = vocab_positions(getattr(head, "vocab_ids", None), vocab)
-                tgt = answer_targets(answers, part, hidden.shape[1],
-                                     None if where is None else where.cpu()).to(device)
+                tgt = answer_targets(answers, part, hidden.shape[1], where_of(k)).to(device)
                 losses.append(answer_ce(head_logits(head, hidden.to(device), mask.to(device)),
                                         tgt))
             total = torch.stack(losses).mean()

@@ -123,7 +123,6 @@ class Prepared:
     metric: str
     num_train: int
     num_eval: int
-    keys: dict[str, Any] = field(default_factory=dict)  # evaluation key -> reported key
     extras: dict[str, Any] = field(default_factory=dict)
     finish: Any = None
 
