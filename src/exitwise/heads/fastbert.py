@@ -7,8 +7,11 @@ layer + tanh and the output layer. Being a classifier over *all* tokens, it is s
 a [CLS]-only head at the same depth.
 
 Deviations: the attention is ``nn.MultiheadAttention`` (learned Q/K/V and output projections;
-the reference's UER attention has the same four projections); padded tokens are excluded as
-keys by the attention mask. Flat features (B, H) act as one token and feature maps are pooled
+the reference's UER attention has the same four projections) and only the first token is
+computed as a query, since only it is read (the reference's default pooling, the first token);
+padded tokens are excluded as keys by the attention mask; the ``dropout`` every exitwise head
+takes is applied before the output layer (the reference drops out inside the attention
+only). Flat features (B, H) act as one token and feature maps are pooled
 over space to one token, so the head works after any backbone.
 """
 

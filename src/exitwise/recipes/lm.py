@@ -23,7 +23,7 @@ import torch
 from ..backbones.special_tokens import eos_and_pad, eos_ids
 from ..config import ExitConfig
 from ..errors import CheckpointError, ConfigError
-from ..generation import generate
+from ..generation import DECODING_STRATEGIES, generate
 from ..lm import generate_answers, get_objective, tune_exits
 from ..lm.data import DEFAULT_PROMPTS, cut_at_eos, self_generated_sequences
 from ..lm.prompts import BENCH_PROMPTS, CALIBRATION_PROMPTS, corpus_chat_prompts
@@ -320,10 +320,12 @@ def run_generate(
     texts = format_prompts(tokenizer, prompts, chat)
     device = hf_model(model).get_output_embeddings().weight.device
     ids, mask = encode_prompts(tokenizer, texts, device)
-    # Each strategy gets only its own options (generate refuses the others').
-    own = {"self_speculative": {"exit_layer": exit_layer, "draft_len": draft_len,
-                                "draft_threshold": draft_threshold},
-           "early_exit": {"policy": policy, "kv": kv}}.get(strategy, {})
+    # The command line sets every strategy's options; pass the chosen strategy its own only
+    # (generate refuses the others').
+    given = {"exit_layer": exit_layer, "draft_len": draft_len,
+             "draft_threshold": draft_threshold, "policy": policy, "kv": kv}
+    names = DECODING_STRATEGIES.get(strategy).option_names()
+    own = {k: v for k, v in given.items() if k in names}
     out = generate(model, ids, mask, strategy=strategy, max_new_tokens=max_new_tokens,
                    do_sample=do_sample, seed=seed, tokenizer=tokenizer, kernels=kernels, **own)
     eos = eos_ids(hf_model(model), tokenizer)

@@ -205,12 +205,11 @@ class CalmConfig(ObjectiveConfig):
         device = backbone.lm_head.weight.device
         clf = CalmExitClassifier(backbone.hidden_size, depths, self.kind, self.mlp_hidden,
                                  model=backbone.describe())
-        rates: dict[int, float] = {}
 
         def setup() -> None:
             with torch.no_grad():
                 for d in depths:
-                    rates[d] = _init_probe(clf.probe(d), *train[d])
+                    _init_probe(clf.probe(d), *train[d])
 
         clf.to(device)
         n = train[depths[0]][0].shape[0]
