@@ -21,7 +21,16 @@ from .backbones import Backbone, HFEncoderBackbone, wrap_backbone
 from .backbones.base import reference_output
 from .config import ExitConfig
 from .errors import CheckpointError, InputError
-from .heads import ExitHead, GeometricEnsemble, build_head, classifier_layer, uses_previous_logits
+from .heads import (
+    ExitHead,
+    ExitScorer,
+    GeometricEnsemble,
+    build_head,
+    build_scorer,
+    classifier_layer,
+    feature_width,
+    uses_previous_logits,
+)
 from .outputs import EarlyExitResult, ExitOutputs
 from .policies.base import ExitPolicy, get_policy, policy_from_dict
 from .runtime import run_early_exit
@@ -93,6 +102,8 @@ class MultiExitModel(nn.Module):
         self.backbone_tuned = False
         # ZTW's learned geometric ensemble over the exits (attach_ensemble); saved with the heads.
         self.ensemble: GeometricEnsemble | None = None
+        # A learned per-row score at every exit that some policies read (attach_scorer).
+        self.scorer: ExitScorer | None = None
 
     # -- basic facts ------------------------------------------------------------------------
     @property
@@ -189,6 +200,7 @@ class MultiExitModel(nn.Module):
         logits: list[torch.Tensor] = []
         features: list[torch.Tensor | None] = []
         previous: torch.Tensor | None = None
+        scores: list[torch.Tensor] = []
         for i in range(self.backbone.num_layers):
             state = self.backbone.step(i, state)
             k = self.exit_lookup.get(i + 1)
@@ -197,22 +209,25 @@ class MultiExitModel(nn.Module):
                 if grad_scales is not None:
                     state.hidden = scale_grad(trunk, grad_scales[k][0])
                 hidden, mask = self.backbone.features(state)
-                if return_features:
-                    out, feat = self._logits_and_feature(k, hidden, mask, previous)
+                if return_features or self.scorer is not None:
+                    out, feat = self.logits_and_feature(k, hidden, mask, previous)
                     features.append(feat)
+                    if self.scorer is not None:
+                        scores.append(self.scorer(k, feat, out))
                 else:
                     out = self.head_logits(k, hidden, mask, previous)
                 logits.append(out)
                 previous = out
                 if grad_scales is not None:
                     state.hidden = scale_grad(trunk, grad_scales[k][1])
-        return ExitOutputs(logits=logits, features=features if return_features else None)
+        return ExitOutputs(logits=logits, features=features if return_features else None,
+                           scores=scores if self.scorer is not None else None)
 
-    def _logits_and_feature(
+    def logits_and_feature(
         self, k: int, hidden: torch.Tensor, mask: torch.Tensor | None, previous: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Exit k's logits and the input of its classifier layer (caught by a forward
-        pre-hook, so heads need no extra code to expose it)."""
+        """Exit k's raw logits (B, C) and the input of its classifier layer (B, D_k) (caught by
+        a forward pre-hook, so heads need no extra code to expose it; None without one)."""
         layer = classifier_layer(self.heads[k])
         if layer is None:
             return self.head_logits(k, hidden, mask, previous), None
@@ -231,6 +246,30 @@ class MultiExitModel(nn.Module):
             device = self.temperatures.device
             self.ensemble = GeometricEnsemble(self.num_exits - 1, self.num_labels).to(device)
         return self.ensemble
+
+    def attach_scorer(self, name: str, **options: Any) -> ExitScorer:
+        """A learned per-exit score (:mod:`exitwise.heads.scorer`, e.g. ``"lte"``) read by
+        policies that declare ``uses_scores``; created on first use (a second call with the
+        same name returns the attached one)."""
+        if self.scorer is not None:
+            if self.scorer.registered_name != name:
+                raise InputError(f"this model already has the {self.scorer.registered_name!r} "
+                                 f"exit scorer; cannot attach {name!r} too")
+            return self.scorer
+        dims = [feature_width(h) for h in self.heads]
+        device = self.temperatures.device
+        self.scorer = build_scorer(name, dims, self.num_labels, **options).to(device)
+        return self.scorer
+
+    def exit_score(self, k: int, hidden: torch.Tensor, mask: torch.Tensor | None,
+                   previous: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exit k's raw logits (B, C) and its scorer's score (B,) (the executor's and the
+        logits cache's one path to a score)."""
+        if self.scorer is None:
+            raise InputError("this model has no exit scorer (attach_scorer / a strategy that "
+                             "trains one, e.g. berxit)")
+        logits, feature = self.logits_and_feature(k, hidden, mask, previous)
+        return logits, self.scorer(k, feature, logits)
 
     def early_exit(
         self,
@@ -284,6 +323,8 @@ class MultiExitModel(nn.Module):
             "backbone_saved": backbone_saved,
             "calibration": self.calibration,
             "ensemble": None if self.ensemble is None else {"kind": "geometric"},
+            "scorer": None if self.scorer is None else {
+                "name": self.scorer.registered_name, "options": self.scorer.options},
         }
 
     def save_pretrained(self, save_dir: str | Path, save_backbone: bool | None = None) -> Path:
@@ -306,6 +347,9 @@ class MultiExitModel(nn.Module):
                 {f"ensemble.{k}": v.detach().contiguous().cpu()
                  for k, v in self.ensemble.state_dict().items()}
             )
+        if self.scorer is not None:
+            tensors.update({f"scorer.{k}": v.detach().contiguous().cpu()
+                            for k, v in self.scorer.state_dict().items()})
         save_file(tensors, str(out / HEADS_NAME), metadata={"format": "exitwise"})
         if save_backbone:
             # A task model (BertForSequenceClassification ...) is saved whole, so that its
@@ -387,6 +431,13 @@ class MultiExitModel(nn.Module):
                 raise CheckpointError(
                     f"saved exit ensemble does not fit this model: {err}"
                 ) from None
+        if meta.get("scorer"):
+            found = {k[len("scorer."):]: v for k, v in tensors.items() if k.startswith("scorer.")}
+            scorer = model.attach_scorer(meta["scorer"]["name"], **meta["scorer"]["options"])
+            try:
+                scorer.load_state_dict(found, strict=True)
+            except RuntimeError as err:
+                raise CheckpointError(f"saved exit scorer does not fit this model: {err}") from None
         model.calibration = meta.get("calibration", {})
         model.backbone_tuned = bool(meta.get("backbone_saved"))
         # Like transformers' from_pretrained: ready for inference (no dropout in the heads).

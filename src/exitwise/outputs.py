@@ -16,11 +16,13 @@ class ExitOutputs:
     features: only when the forward pass was asked for them (``return_features=True``): per
         exit, the (B, D_k) vector its head's classifier layer reads (None for a head without
         one); recipes that match representations across exits (self-distillation hints) use it.
+    scores: only for a model with an exit scorer (``attach_scorer``): per exit, (B,) scores.
     """
 
     logits: list[torch.Tensor]
     loss: torch.Tensor | None = None
     features: list[torch.Tensor | None] | None = None
+    scores: list[torch.Tensor] | None = None
 
     def stacked(self) -> torch.Tensor:
         """(B, num_exits, num_labels)."""

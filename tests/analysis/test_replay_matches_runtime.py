@@ -23,10 +23,18 @@ LABELS = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 1, 0])
 
 
 @functools.lru_cache(maxsize=None)
-def _model_and_cache(family: str):
+def _model_and_cache(family: str, scored: bool = False):
+    """A tiny encoder with exits (and, ``scored``, a randomly initialised learned exit
+    scorer, for the policies that read one) and the cache of its exit logits."""
     model = ew.attach_exits(
         tiny_encoder(family), ew.ExitConfig(layers="all", head="pooler", num_labels=2, dropout=0.0)
-    ).eval()
+    )
+    if scored:
+        torch.manual_seed(1)
+        model.attach_scorer("lte")
+        with torch.no_grad():  # spread the scores over (0, 1) so thresholds split the rows
+            model.scorer.linear.weight.mul_(20.0)
+    model.eval()
     batch = padded_batch(lengths=LENGTHS, pad_id=model.backbone.config.pad_token_id)
     cache = collect_exit_logits(model, [dict(batch, labels=LABELS)], progress=False)
     # Temperatures do not enter the cache (raw logits); pick them so that the median top-2
@@ -41,7 +49,7 @@ def _jittered(cache: ExitLogitsCache, seed: int) -> ExitLogitsCache:
     g = torch.Generator().manual_seed(seed)
     noise = 1e-4 * torch.randn(cache.logits.shape, generator=g)
     return ExitLogitsCache(cache.logits + noise, cache.labels, cache.costs, cache.full_cost,
-                           cache.exit_layers)
+                           cache.exit_layers, scores=cache.scores)
 
 
 def _pick_policy(name: str, cache: ExitLogitsCache, temps: torch.Tensor) -> ew.ExitPolicy:
@@ -66,7 +74,7 @@ def _pick_policy(name: str, cache: ExitLogitsCache, temps: torch.Tensor) -> ew.E
 @pytest.mark.parametrize("policy_name", ew.POLICIES.names())
 @pytest.mark.parametrize("family", ENCODER_FAMILIES)
 def test_replay_equals_runtime(family: str, policy_name: str) -> None:
-    model, batch, cache = _model_and_cache(family)
+    model, batch, cache = _model_and_cache(family, ew.POLICIES.get(policy_name).uses_scores)
     policy = _pick_policy(policy_name, cache, model.temperatures)
     labels = LABELS if policy.needs_labels else None
     live = model.early_exit(policy, labels=labels, **batch)

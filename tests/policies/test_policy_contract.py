@@ -36,6 +36,16 @@ def decide_args(policy: ew.ExitPolicy, seed: int = 0):
     return logits, labels
 
 
+def decide(policy: ew.ExitPolicy, k: int, logits, state, labels, seed: int = 0):
+    """``policy.decide``, with a (B,) learned exit score (in (0, 1), fixed by ``seed``) for
+    policies that read one, as the executor and the replay pass it."""
+    extra = {}
+    if policy.uses_scores:
+        g = torch.Generator().manual_seed(1000 + seed)
+        extra["scores"] = torch.rand(logits.shape[0], generator=g)
+    return policy.decide(k, NUM_EXITS, logits, state, labels, **extra)
+
+
 def assert_batch_state(state: dict, b: int) -> None:
     assert isinstance(state, dict)
     for key, value in state.items():
@@ -48,14 +58,14 @@ def test_decide_shapes_and_state(policy):
     assert_batch_state(state, B)
     for k in range(NUM_EXITS - 1):
         logits, labels = decide_args(policy, seed=k)
-        done, state = policy.decide(k, NUM_EXITS, logits, state, labels)
+        done, state = decide(policy, k, logits, state, labels)
         assert done.shape == (B,) and done.dtype == torch.bool
         assert_batch_state(state, B)
 
 
 def test_keep_subsets_state(policy):
     logits, labels = decide_args(policy)
-    _, state = policy.decide(0, NUM_EXITS, logits, policy.init_state(B), labels)
+    _, state = decide(policy, 0, logits, policy.init_state(B), labels)
     rows = torch.tensor([3, 0])
     kept = policy.keep(state, rows)
     assert kept.keys() == state.keys()
@@ -70,11 +80,15 @@ def test_decisions_are_per_row(policy):
     alone_states = [policy.init_state(1) for _ in range(B)]
     for k in range(NUM_EXITS - 1):
         logits, labels = decide_args(policy, seed=10 + k)
-        done, state = policy.decide(k, NUM_EXITS, logits, state, labels)
+        extra = {}
+        if policy.uses_scores:
+            extra["scores"] = torch.rand(B, generator=torch.Generator().manual_seed(k))
+        done, state = policy.decide(k, NUM_EXITS, logits, state, labels, **extra)
         for r in range(B):
             lab = None if labels is None else labels[r : r + 1]
+            one = {key: v[r : r + 1] for key, v in extra.items()}
             d, alone_states[r] = policy.decide(
-                k, NUM_EXITS, logits[r : r + 1], alone_states[r], lab
+                k, NUM_EXITS, logits[r : r + 1], alone_states[r], lab, **one
             )
             assert bool(d[0]) == bool(done[r])
 
@@ -111,11 +125,27 @@ def test_check_logits(policy):
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
+def plain_model():
     torch.manual_seed(0)
     blocks = [nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(NUM_EXITS)]
     backbone = ew.SequentialBackbone(blocks, example=torch.randn(1, 6))
     return ew.attach_exits(backbone, layers="all", head="linear", num_labels=C).eval()
+
+
+@pytest.fixture(scope="module")
+def scored_model():
+    """The same kind of model with a learned exit scorer, for policies that read one."""
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(NUM_EXITS)]
+    backbone = ew.SequentialBackbone(blocks, example=torch.randn(1, 6))
+    model = ew.attach_exits(backbone, layers="all", head="linear", num_labels=C)
+    model.attach_scorer("lte")
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_model(policy, plain_model, scored_model):
+    return scored_model if policy.uses_scores else plain_model
 
 
 def test_runs_in_the_executor(policy, tiny_model):
@@ -189,7 +219,8 @@ def test_a_declared_safer_direction_is_monotone(policy):
     cache = ExitLogitsCache(torch.randn(n, NUM_EXITS, C, generator=g) * 2,
                             torch.randint(0, C, (n,), generator=g),
                             torch.arange(1.0, NUM_EXITS + 1).expand(n, NUM_EXITS),
-                            torch.full((n,), float(NUM_EXITS)), list(range(1, NUM_EXITS + 1)))
+                            torch.full((n,), float(NUM_EXITS)), list(range(1, NUM_EXITS + 1)),
+                            scores=torch.rand(n, NUM_EXITS, generator=g))
     values = sorted(policy.grid(NUM_EXITS), reverse=direction == "higher")  # safest first
     previous = None
     for v in values:

@@ -26,7 +26,9 @@ STRATEGY_HEADS: dict[str, dict] = {
 # Options for the contract run: CopycatSL-ViT's first stage trains the exits on the labels and
 # its second on a random network's predictions, which undoes the first; the contract checks
 # the copying stage alone (the two stages have their own test).
-STRATEGY_OPTIONS: dict[str, dict] = {"copycat_sl_vit": {"pretrain_exits": False}}
+# BERxiT's learning-to-exit stage trains one linear layer: 12 steps need a larger step.
+STRATEGY_OPTIONS: dict[str, dict] = {"copycat_sl_vit": {"pretrain_exits": False},
+                                     "berxit": {"stage_args": [{}, {"learning_rate": 5e-2}]}}
 
 
 def _stage_loss(model, stage, items) -> float:

@@ -50,6 +50,8 @@ class ExitLogitsCache:
     full_cost:   (N,) float64, FLOPs of the plain full-depth model (no exit heads but the final).
     exit_layers: the E depths (1-based) carrying the exits.
     meta:        free JSON-able notes (model name, split ...), saved with the cache.
+    scores:      (N, E) float32 learned exit scores (a model with an exit scorer,
+                 :mod:`exitwise.heads.scorer`), read by policies with ``uses_scores``; else None.
     """
 
     logits: torch.Tensor
@@ -58,6 +60,7 @@ class ExitLogitsCache:
     full_cost: torch.Tensor
     exit_layers: list[int]
     meta: dict[str, Any] = field(default_factory=dict)
+    scores: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.logits = _plain(self.logits, torch.float32)
@@ -72,6 +75,9 @@ class ExitLogitsCache:
         if len(self.exit_layers) != e:
             raise InputError(f"{len(self.exit_layers)} exit layers for {e} exits in the logits")
         expected = {"labels": (n,), "costs": (n, e), "full_cost": (n,)}
+        if self.scores is not None:
+            self.scores = _plain(self.scores, torch.float32)
+            expected["scores"] = (n, e)
         for name, shape in expected.items():
             have = tuple(getattr(self, name).shape)
             if have != shape:
@@ -137,6 +143,7 @@ class ExitLogitsCache:
         return ExitLogitsCache(
             self.logits[idx], self.labels[idx], self.costs[idx], self.full_cost[idx],
             list(self.exit_layers), dict(self.meta),
+            None if self.scores is None else self.scores[idx],
         )
 
     @classmethod
@@ -147,6 +154,9 @@ class ExitLogitsCache:
         layers = caches[0].exit_layers
         if any(c.exit_layers != layers for c in caches):
             raise InputError("caches come from models with different exits")
+        scored = [c.scores is not None for c in caches]
+        if any(scored) and not all(scored):
+            raise InputError("some caches have exit scores and others not")
         return cls(
             torch.cat([c.logits for c in caches]),
             torch.cat([c.labels for c in caches]),
@@ -154,6 +164,7 @@ class ExitLogitsCache:
             torch.cat([c.full_cost for c in caches]),
             list(layers),
             dict(caches[0].meta),
+            torch.cat([c.scores for c in caches]) if all(scored) else None,
         )
 
     # -- persistence (safetensors, no pickle) -----------------------------------------------
@@ -167,6 +178,8 @@ class ExitLogitsCache:
             "costs": self.costs.contiguous(),
             "full_cost": self.full_cost.contiguous(),
         }
+        if self.scores is not None:
+            tensors["scores"] = self.scores.contiguous()
         header = {
             "format": CACHE_FORMAT,
             "version": str(CACHE_VERSION),
@@ -191,6 +204,7 @@ class ExitLogitsCache:
         return cls(
             tensors["logits"], tensors["labels"], tensors["costs"], tensors["full_cost"],
             json.loads(header["exit_layers"]), json.loads(header.get("meta", "{}")),
+            tensors.get("scores"),
         )
 
 
@@ -221,7 +235,8 @@ def _to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def _batch_exit_logits(model: "MultiExitModel", inputs: dict[str, Any]):
-    """One pass over a batch: (logits (B, E, C), costs (B, E), full cost (B,)).
+    """One pass over a batch: (logits (B, E, C), costs (B, E), full cost (B,), scores (B, E)
+    or None without an exit scorer).
 
     The cost tables are read from the state right after ``start`` (they depend only on each
     row's real length), then the blocks run with every head evaluated, as in ``forward``.
@@ -231,15 +246,21 @@ def _batch_exit_logits(model: "MultiExitModel", inputs: dict[str, Any]):
     costs = exit_cost_table(model, state)
     full = full_depth_cost(model, state)
     logits: list[torch.Tensor] = []
+    scores: list[torch.Tensor] = []
     previous: torch.Tensor | None = None  # raw logits of the last exit, for cascade heads
     for i in range(backbone.num_layers):
         state = backbone.step(i, state)
         k = model.exit_lookup.get(i + 1)
         if k is not None:
             hidden, mask = backbone.features(state)
-            previous = model.head_logits(k, hidden, mask, previous)
+            if model.scorer is not None:
+                previous, score = model.exit_score(k, hidden, mask, previous)
+                scores.append(score.float())
+            else:
+                previous = model.head_logits(k, hidden, mask, previous)
             logits.append(previous.float())
-    return torch.stack(logits, dim=1), costs, full
+    return (torch.stack(logits, dim=1), costs, full,
+            torch.stack(scores, dim=1) if scores else None)
 
 
 def collect_exit_logits(
@@ -262,7 +283,8 @@ def collect_exit_logits(
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    parts: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "costs": [], "full": []}
+    parts: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "costs": [], "full": [],
+                                            "scores": []}
     try:
         total = len(dataloader) if hasattr(dataloader, "__len__") else None  # type: ignore
         from tqdm.auto import tqdm
@@ -271,7 +293,7 @@ def collect_exit_logits(
         with torch.inference_mode():
             for batch in bar:
                 inputs, labels = _split_batch(batch)
-                logits, costs, full = _batch_exit_logits(model, _to_device(inputs, device))
+                logits, costs, full, scores = _batch_exit_logits(model, _to_device(inputs, device))
                 b = logits.shape[0]
                 regression = logits.shape[-1] == 1
                 if labels is None:
@@ -284,6 +306,8 @@ def collect_exit_logits(
                 parts["labels"].append(labels)
                 parts["costs"].append(costs.cpu())
                 parts["full"].append(full.cpu())
+                if scores is not None:
+                    parts["scores"].append(scores.cpu())
     finally:
         model.train(was_training)
     if not parts["logits"]:
@@ -295,6 +319,7 @@ def collect_exit_logits(
         full_cost=torch.cat(parts["full"]),
         exit_layers=list(model.exit_layers),
         meta=dict(meta or {}),
+        scores=torch.cat(parts["scores"]) if parts["scores"] else None,
     )
 
 
@@ -308,4 +333,5 @@ def ztw_cache(cache: ExitLogitsCache, policy: ZTWPolicy, temperatures: Any = Non
     logits = ztw_ensemble(cache.logits, policy.params["weights"], policy.params["biases"],
                           temperatures)
     return ExitLogitsCache(logits, cache.labels, cache.costs, cache.full_cost,
-                           list(cache.exit_layers), {**cache.meta, "ztw_ensemble": True})
+                           list(cache.exit_layers), {**cache.meta, "ztw_ensemble": True},
+                           cache.scores)

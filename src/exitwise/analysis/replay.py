@@ -84,6 +84,9 @@ def replay(
     """
     cache.check(need_labels=policy.needs_labels)
     policy.check_task(cache.task)
+    if policy.uses_scores and cache.scores is None:
+        raise InputError(f"policy {policy.registered_name!r} reads learned exit scores, but "
+                         "this cache has none (collect it from a model with an exit scorer)")
     n, num_exits = cache.num_examples, cache.num_exits
     temps = temperature_list(temperatures, num_exits)
 
@@ -106,7 +109,8 @@ def replay(
         if k == num_exits - 1:
             done = torch.ones(logits.shape[0], dtype=torch.bool)
         else:
-            done, pstate = policy.decide(k, num_exits, logits, pstate, labels)
+            extra = {"scores": cache.scores[active, k]} if policy.uses_scores else {}
+            done, pstate = policy.decide(k, num_exits, logits, pstate, labels, **extra)
         if emitted is not None and outputs is None:
             outputs = torch.zeros(n, emitted.shape[-1], dtype=emitted.dtype)
         n_done = int(done.sum())

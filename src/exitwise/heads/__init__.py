@@ -1,5 +1,6 @@
 """Exit heads, registered by name: linear, pooler, mlp, mean, lm, sdn, vit_layer, cascade,
-lgvit_local, lgvit_global, native, fastbert."""
+lgvit_local, lgvit_global, native, fastbert; exit scorers (learned per-row scores policies
+read): lte."""
 
 from torch import nn
 
@@ -9,6 +10,7 @@ from . import (  # noqa: F401  (importing a head's module registers it)
     lgvit,
     linear,
     lm,
+    lte,
     mean,
     mlp,
     native,
@@ -25,6 +27,7 @@ from .base import (
     register_head,
 )
 from .cascade import CascadeHead, GeometricEnsemble
+from .scorer import SCORERS, ExitScorer, build_scorer, feature_width, register_scorer
 
 
 def uses_previous_logits(head: nn.Module) -> bool:
@@ -34,6 +37,11 @@ def uses_previous_logits(head: nn.Module) -> bool:
 
 __all__ = [
     "HEADS",
+    "SCORERS",
+    "ExitScorer",
+    "build_scorer",
+    "feature_width",
+    "register_scorer",
     "CascadeHead",
     "ExitHead",
     "GeometricEnsemble",

@@ -11,6 +11,7 @@ from . import (  # noqa: F401  (registration side effect)
     entropy,
     fastbert,
     free_bmm,
+    lte,
     never,
     oracle,
     patience,

@@ -43,6 +43,10 @@ class ExitPolicy:
     # The tasks the rule means something for: a regression head outputs one value per row,
     # on which confidence or entropy says nothing.
     tasks: ClassVar[tuple[str, ...]] = ("classification",)
+    # True for policies that read a learned per-row exit score (the model's exit scorer,
+    # :mod:`exitwise.heads.scorer`): the executor and the replay then pass ``scores=`` (B,)
+    # to :meth:`decide`; the others never receive it.
+    uses_scores: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         self.params = dict(params)

@@ -42,6 +42,12 @@ def run_early_exit(
     if policy.needs_labels and labels is None:
         raise InputError(f"policy {policy.registered_name!r} needs labels")
     policy.check_task(model.task)
+    scored = policy.uses_scores
+    if scored and model.scorer is None:
+        raise InputError(
+            f"policy {policy.registered_name!r} reads a learned exit score, but this model has "
+            "no exit scorer (train it with a strategy that fits one, e.g. berxit)"
+        )
     backbone = model.backbone
     heads = model.heads
     temps = model.temperature_list()
@@ -75,11 +81,17 @@ def run_early_exit(
         k = exit_at.get(i + 1)
         if k is not None:
             hidden, mask = backbone.features(state)
-            logits = model.head_logits(k, hidden, mask, previous)
+            score = None
+            if scored:
+                logits, score = model.exit_score(k, hidden, mask, previous)
+            else:
+                logits = model.head_logits(k, hidden, mask, previous)
             previous = logits
             if count_flops:
                 full_mask = None if mask is None else torch.ones_like(mask)
                 executed += float(heads[k].head_flops(full_mask, logits.shape[0]).sum())
+                if model.scorer is not None and scored:
+                    executed += float(model.scorer.scorer_flops(k, logits.shape[0]).sum())
             if temps[k] != 1.0:
                 logits = logits / temps[k]
             policy.check_logits(logits)
@@ -92,7 +104,8 @@ def run_early_exit(
             if k == num_exits - 1:
                 done = torch.ones(logits.shape[0], dtype=torch.bool, device=device)
             else:
-                done, pstate = policy.decide(k, num_exits, logits, pstate, labels)
+                extra = {"scores": score} if scored else {}
+                done, pstate = policy.decide(k, num_exits, logits, pstate, labels, **extra)
             n_done = int(done.sum())
             if n_done:
                 if n_done == active.numel():

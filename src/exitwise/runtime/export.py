@@ -313,6 +313,9 @@ class OnnxExitRunner:
         """Early exit on one batch with ``policy``; same decisions as the eager executor."""
         if policy.needs_labels and labels is None:
             raise InputError(f"policy {policy.registered_name!r} needs labels")
+        if policy.uses_scores:
+            raise InputError(f"policy {policy.registered_name!r} reads a learned exit score, "
+                             "which the exported segments do not compute; run it eagerly")
         features = self._check_input(x)
         b, num_exits = features.shape[0], self.num_exits
         out_logits: torch.Tensor | None = None

@@ -20,7 +20,8 @@ def exit_cost_table(model: "MultiExitModel", state: BackboneState) -> torch.Tens
     """(B, num_exits) float64: FLOPs a row spends if it leaves at exit k.
 
     Counts the embedding/stem, every block up to the exit's depth, and every head evaluated on
-    the way (a row leaving at exit k ran heads 0..k). ``state`` is the state right after
+    the way (a row leaving at exit k ran heads 0..k), with the exit scorer's work when the
+    model has one (policies that do not read it skip it at run time: a slight overcount). ``state`` is the state right after
     ``start`` (its mask gives each row's real length).
     """
     backbone = model.backbone
@@ -36,6 +37,8 @@ def exit_cost_table(model: "MultiExitModel", state: BackboneState) -> torch.Tens
             heads_so_far = heads_so_far + head.head_flops(
                 None if state.mask is None else state.mask.cpu(), b
             )
+            if model.scorer is not None:  # a learned exit score is computed at every exit
+                heads_so_far = heads_so_far + model.scorer.scorer_flops(len(columns), b)
             columns.append(cumulative + heads_so_far)
             nxt = next(exit_iter, None)
             if nxt is None:

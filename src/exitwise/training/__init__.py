@@ -16,6 +16,7 @@ A new one subclasses :class:`TrainingStrategy`, returns its :class:`Stage` list 
 
 from ..checkpoint import load_model_weights, save_model_weights
 from . import (  # noqa: F401  (registers the built-in strategies)
+    berxit,
     boosted,
     branchynet,
     copycat,
