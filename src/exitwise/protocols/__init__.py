@@ -1,10 +1,12 @@
 """Evaluation protocols of the early-exit literature on cached all-exit logits: anytime
 prediction, budgeted batch classification (MSDNet), fixed-cost tables, risk-coverage,
-out-of-distribution AUROC, overthinking; and their plots.
+out-of-distribution AUROC, overthinking; and their plots. The ELUE score (:mod:`.elue`)
+compares (FLOPs, performance) points with a baseline curve.
 
 They sit above analysis and calibration (the budgeted protocol fits MSDNet's thresholds).
 """
 
+from .elue import baseline_performance, elue_benchmark, elue_score
 from .measures import (
     anytime,
     auroc,
@@ -30,8 +32,11 @@ from .plots import (
 __all__ = [
     "anytime",
     "auroc",
+    "baseline_performance",
     "budgeted_batch",
     "coverage_at_risk",
+    "elue_benchmark",
+    "elue_score",
     "fixed_cost_table",
     "ood_auroc",
     "overthinking_report",

@@ -20,6 +20,7 @@ from . import (  # noqa: F401  (registers the built-in strategies)
     boosted,
     branchynet,
     copycat,
+    elasticbert,
     exits_only,
     fastbert,
     imta,
@@ -29,6 +30,7 @@ from . import (  # noqa: F401  (registers the built-in strategies)
     meta_gf,
     sdn,
     self_distill,
+    sweet,
     two_stage,
     ztw,
 )
