@@ -7,6 +7,7 @@ search to a target (accuracy drop or compute budget) for any registered policy.
     store_calibration(model, "entropy@1pt", result)             # saved with the model
 """
 
+from .conformal import calibrate_cats, conformal_threshold
 from .ltt import CalibrationRefused, LTTResult, certify_threshold, early_exit_losses
 from .temperature import (
     apply_temperatures,
@@ -23,6 +24,8 @@ from .thresholds import (
 )
 
 __all__ = [
+    "calibrate_cats",
+    "conformal_threshold",
     "CalibrationRefused",
     "LTTResult",
     "certify_threshold",

@@ -1,13 +1,16 @@
 """Exit policies, registered by name (see :data:`POLICIES`)."""
 
 from . import (  # noqa: F401  (registration side effect)
+    badge,
     budget,
     calm_learned,
     calm_maxprob,
     calm_saturation,
     calm_softmax,
     calm_top2,
+    cats,
     confidence,
+    elbert,
     entropy,
     fastbert,
     free_bmm,
@@ -17,6 +20,7 @@ from . import (  # noqa: F401  (registration side effect)
     patience,
     patience_confidence,
     static,
+    voting,
     window,
     ztw,
 )
