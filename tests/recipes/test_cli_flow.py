@@ -96,3 +96,21 @@ def test_malformed_data_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
                  "--data", str(d), "--max-steps", "1"])
     assert code == 2
     assert "train.tsv:2" in capsys.readouterr().err
+
+
+def test_strategy_options_reach_the_strategy_and_cats_calibrates_by_conformal(
+        tiny_model_dir, tiny_data_dir, tmp_path):
+    from exitwise.recipes import text_classification as tc
+
+    out = tmp_path / "cats"
+    job = tc.TrainJob(out_dir=str(out), model=str(tiny_model_dir), data=str(tiny_data_dir),
+                      strategy="cats", max_steps=6, batch_size=16, learning_rate=5e-3,
+                      holdout=60, strategy_options={"hidden": 8})
+    model = tc.run_train(job, progress=False)
+    assert model.scorer is not None and model.scorer.hidden == 8  # the option arrived
+    assert tc.load_job(out).strategy_options == {"hidden": 8}
+    report = tc.run_calibrate(out, policies=("cats",), max_drop_points=20, delta=None,
+                              progress=False)
+    entry = report["policies"]["cats@drop20"]
+    assert entry["target"]["kind"] == "consistency" and entry["target"]["epsilon"] == 0.2
+    assert 0.0 <= entry["heldout"]["consistency"] <= 1.0

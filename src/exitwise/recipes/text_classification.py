@@ -28,6 +28,7 @@ from ..analysis.scores import regression_report, score
 from ..backbones.hf_encoder import truncate_encoder
 from ..calibration import (
     apply_temperatures,
+    calibrate_cats,
     fit_temperatures,
     search_accuracy_drop,
     search_budget,
@@ -65,6 +66,8 @@ class TrainJob:
     holdout: training rows kept for calibration; None: :func:`default_holdout` of the file
         (the resolved count is what gets saved, so calibration finds the same rows).
     epochs: None: :func:`default_epochs` of the training rows.
+    strategy_options: the training strategy's own options (``weights`` of ``joint`` has its
+        own field).
     """
 
     out_dir: str
@@ -74,6 +77,7 @@ class TrainJob:
     head: str | None = None
     strategy: str = "joint"
     weights: str = "uniform"
+    strategy_options: dict[str, Any] = field(default_factory=dict)
     epochs: float | None = None
     max_steps: int = -1
     batch_size: int = 32
@@ -176,6 +180,7 @@ def run_train(job: TrainJob, resume: bool = True, progress: bool = True,
     # is tuned on it here; calibration uses it later).
     held_ds = TokenizedDataset(held_ex, tokenizer, max_length=job.max_length)
     strategy_options = {"weights": job.weights} if job.strategy == "joint" else {}
+    strategy_options.update(job.strategy_options)
     args = dict(
         num_train_epochs=job.epochs if job.epochs is not None else 1.0,
         max_steps=job.max_steps,
@@ -252,7 +257,9 @@ def run_calibrate(
     setting whose drop is *certified* within the target with probability >= 1 - delta
     (:mod:`exitwise.calibration.certify`); ``delta=None`` picks by the observed drop only.
     Regression models are calibrated on Pearson's r without a certificate (noted in the
-    report). Raises CalibrationRefused when the held-out slice is too small to certify.
+    report). The ``cats`` policy is calibrated by CATs' conformal method instead, for a
+    consistency with the full model of at least ``1 - max_drop_points / 100``. Raises
+    CalibrationRefused when the held-out slice is too small to certify.
     """
     if (max_drop_points is None) == (budget is None):
         raise ConfigError("give exactly one target: max_drop_points or budget")
@@ -281,8 +288,15 @@ def run_calibrate(
     for name in policies_for(model, policies):
         policy = get_policy(name)
         if max_drop_points is not None:
-            result = search_accuracy_drop(policy, cache, temps, max_drop_points=max_drop_points,
-                                          delta=delta, risk=risk)
+            if name == "cats":
+                # CATs' own calibration: conformal consistency with the full model at
+                # 1 - target (an inconsistency rate bounds the accuracy drop)
+                result = calibrate_cats(cache, epsilon=max_drop_points / 100.0, delta=delta,
+                                        temperatures=temps)
+            else:
+                result = search_accuracy_drop(policy, cache, temps,
+                                              max_drop_points=max_drop_points, delta=delta,
+                                              risk=risk)
             key = f"{name}@drop{max_drop_points:g}{suffix}"
         else:
             result = search_budget(policy, cache, temps, budget=budget)
