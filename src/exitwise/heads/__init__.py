@@ -7,6 +7,7 @@ from torch import nn
 from . import (  # noqa: F401  (importing a head's module registers it)
     cascade,
     cats,
+    class_means,
     fastbert,
     lgvit,
     linear,

@@ -10,6 +10,7 @@ from . import (  # noqa: F401  (registration side effect)
     calm_top2,
     cats,
     confidence,
+    e2cm,
     elbert,
     entropy,
     fastbert,
