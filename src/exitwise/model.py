@@ -22,6 +22,7 @@ from .backbones.base import reference_output
 from .config import ExitConfig
 from .errors import CheckpointError, InputError
 from .heads import (
+    HEADS,
     ExitHead,
     ExitScorer,
     GeometricEnsemble,
@@ -29,6 +30,7 @@ from .heads import (
     build_scorer,
     classifier_layer,
     feature_width,
+    uses_past_states,
     uses_previous_logits,
 )
 from .outputs import EarlyExitResult, ExitOutputs
@@ -89,6 +91,8 @@ class MultiExitModel(nn.Module):
         heads = []
         for k, depth in enumerate(self.exit_layers):
             name, options = config.head_for(k, self.exit_layers)
+            if uses_past_states(HEADS.get(name)):  # it sizes its past and future by its place
+                options = {**options, "exit_index": k, "num_exits": len(self.exit_layers)}
             head = build_head(
                 name, backbone.feature_dim(depth), config.num_labels, dropout=config.dropout,
                 **options,
@@ -164,11 +168,21 @@ class MultiExitModel(nn.Module):
         hidden: torch.Tensor,
         mask: torch.Tensor | None,
         previous_logits: torch.Tensor | None = None,
+        past: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Exit ``k``'s raw logits (B, C); heads that declare ``uses_previous_logits`` also get
-        the raw logits of exit k-1 (None at the first exit). Every path that runs heads
-        (forward, the executor, the logits cache) goes through here."""
+        the raw logits of exit k-1 (None at the first exit). Heads that declare
+        ``uses_past_states`` get ``past``, the (B, D) states the earlier such exits left, and
+        their own state is appended to ``past`` in place (a caller keeps one list per batch,
+        as it keeps ``previous_logits``). Every path that runs heads (forward, the executor,
+        the logits cache) goes through here."""
         head = self.heads[k]
+        if uses_past_states(head):
+            past = [] if past is None else past
+            own = head.exit_state(hidden, mask)
+            out = head(hidden, mask, past=list(past), state=own)
+            past.append(own)
+            return out
         if uses_previous_logits(head):
             return head(hidden, mask, previous_logits=previous_logits)
         return head(hidden, mask)
@@ -200,6 +214,7 @@ class MultiExitModel(nn.Module):
         logits: list[torch.Tensor] = []
         features: list[torch.Tensor | None] = []
         previous: torch.Tensor | None = None
+        past: list[torch.Tensor] = []  # states of the earlier exits, for past-future heads
         scores: list[torch.Tensor] = []
         for i in range(self.backbone.num_layers):
             state = self.backbone.step(i, state)
@@ -210,12 +225,12 @@ class MultiExitModel(nn.Module):
                     state.hidden = scale_grad(trunk, grad_scales[k][0])
                 hidden, mask = self.backbone.features(state)
                 if return_features or self.scorer is not None:
-                    out, feat = self.logits_and_feature(k, hidden, mask, previous)
+                    out, feat = self.logits_and_feature(k, hidden, mask, previous, past)
                     features.append(feat)
                     if self.scorer is not None:
                         scores.append(self.scorer(k, feat, out))
                 else:
-                    out = self.head_logits(k, hidden, mask, previous)
+                    out = self.head_logits(k, hidden, mask, previous, past)
                 logits.append(out)
                 previous = out
                 if grad_scales is not None:
@@ -224,17 +239,18 @@ class MultiExitModel(nn.Module):
                            scores=scores if self.scorer is not None else None)
 
     def logits_and_feature(
-        self, k: int, hidden: torch.Tensor, mask: torch.Tensor | None, previous: torch.Tensor | None
+        self, k: int, hidden: torch.Tensor, mask: torch.Tensor | None,
+        previous: torch.Tensor | None, past: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Exit k's raw logits (B, C) and the input of its classifier layer (B, D_k) (caught by
         a forward pre-hook, so heads need no extra code to expose it; None without one)."""
         layer = classifier_layer(self.heads[k])
         if layer is None:
-            return self.head_logits(k, hidden, mask, previous), None
+            return self.head_logits(k, hidden, mask, previous, past), None
         caught: list[torch.Tensor] = []
         handle = layer.register_forward_pre_hook(lambda _m, args: caught.append(args[0]))
         try:
-            out = self.head_logits(k, hidden, mask, previous)
+            out = self.head_logits(k, hidden, mask, previous, past)
         finally:
             handle.remove()
         return out, (caught[-1] if caught else None)
@@ -262,13 +278,14 @@ class MultiExitModel(nn.Module):
         return self.scorer
 
     def exit_score(self, k: int, hidden: torch.Tensor, mask: torch.Tensor | None,
-                   previous: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                   previous: torch.Tensor | None, past: list[torch.Tensor] | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exit k's raw logits (B, C) and its scorer's score (B,) (the executor's and the
         logits cache's one path to a score)."""
         if self.scorer is None:
             raise InputError("this model has no exit scorer (attach_scorer / a strategy that "
                              "trains one, e.g. berxit)")
-        logits, feature = self.logits_and_feature(k, hidden, mask, previous)
+        logits, feature = self.logits_and_feature(k, hidden, mask, previous, past)
         return logits, self.scorer(k, feature, logits)
 
     def early_exit(
@@ -295,8 +312,9 @@ class MultiExitModel(nn.Module):
     def full_depth(self, **inputs: Any) -> torch.Tensor:
         """The plain model: the backbone's own forward + the final head, (B, C) raw logits."""
         inputs.pop("labels", None)
-        if uses_previous_logits(self.heads[-1]):
-            # A cascade final head needs every earlier exit's logits: no plainer model exists.
+        if uses_previous_logits(self.heads[-1]) or uses_past_states(self.heads[-1]):
+            # A cascade (past-future) final head needs every earlier exit's logits (states):
+            # no plainer model exists.
             return self.forward(**inputs).logits[-1]
         hidden, mask = reference_output(self.backbone, **inputs)
         return self.heads[-1](hidden, mask)

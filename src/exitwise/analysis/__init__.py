@@ -23,8 +23,10 @@ from .metrics import (
     summary_table,
 )
 from .replay import ReplayResult, replay, summarize
+from .stream import replay_stream
 
 __all__ = [
+    "replay_stream",
     "ztw_cache",
     "ExitLogitsCache",
     "ReplayResult",

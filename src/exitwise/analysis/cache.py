@@ -248,16 +248,17 @@ def _batch_exit_logits(model: "MultiExitModel", inputs: dict[str, Any]):
     logits: list[torch.Tensor] = []
     scores: list[torch.Tensor] = []
     previous: torch.Tensor | None = None  # raw logits of the last exit, for cascade heads
+    past: list[torch.Tensor] = []  # states of the earlier exits, for past-future heads
     for i in range(backbone.num_layers):
         state = backbone.step(i, state)
         k = model.exit_lookup.get(i + 1)
         if k is not None:
             hidden, mask = backbone.features(state)
             if model.scorer is not None:
-                previous, score = model.exit_score(k, hidden, mask, previous)
+                previous, score = model.exit_score(k, hidden, mask, previous, past)
                 scores.append(score.float())
             else:
-                previous = model.head_logits(k, hidden, mask, previous)
+                previous = model.head_logits(k, hidden, mask, previous, past)
             logits.append(previous.float())
     return (torch.stack(logits, dim=1), costs, full,
             torch.stack(scores, dim=1) if scores else None)

@@ -8,6 +8,7 @@ from . import (  # noqa: F401  (importing a head's module registers it)
     cascade,
     cats,
     class_means,
+    dact,
     fastbert,
     lgvit,
     linear,
@@ -16,6 +17,7 @@ from . import (  # noqa: F401  (importing a head's module registers it)
     mean,
     mlp,
     native,
+    past_future,
     pooler,
     sdn,
     vit_layer,
@@ -37,6 +39,12 @@ def uses_previous_logits(head: nn.Module) -> bool:
     return bool(getattr(head, "uses_previous_logits", False))
 
 
+def uses_past_states(head: nn.Module | type) -> bool:
+    """True when ``head`` (or a head class) reads the states earlier exits left (``past=``,
+    ``state=``) and leaves its own (``exit_state``); see :mod:`exitwise.heads.past_future`."""
+    return bool(getattr(head, "uses_past_states", False))
+
+
 __all__ = [
     "HEADS",
     "SCORERS",
@@ -51,5 +59,6 @@ __all__ = [
     "classifier_layer",
     "heads_for_family",
     "register_head",
+    "uses_past_states",
     "uses_previous_logits",
 ]

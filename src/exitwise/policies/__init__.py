@@ -10,6 +10,7 @@ from . import (  # noqa: F401  (registration side effect)
     calm_top2,
     cats,
     confidence,
+    dact,
     e2cm,
     elbert,
     entropy,
@@ -27,16 +28,19 @@ from . import (  # noqa: F401  (registration side effect)
 )
 from .base import POLICIES, ExitPolicy, PolicyState, get_policy, policy_from_dict, register_policy
 from .budget import BudgetPolicy
+from .uee_ucb import UCBExitSelector, depth_costs
 from .window import WindowPolicy, normalized_uncertainty
 from .ztw import ZTWPolicy, ztw_ensemble
 
 __all__ = [
     "POLICIES",
     "BudgetPolicy",
+    "UCBExitSelector",
     "ExitPolicy",
     "PolicyState",
     "WindowPolicy",
     "ZTWPolicy",
+    "depth_costs",
     "get_policy",
     "normalized_uncertainty",
     "policy_from_dict",

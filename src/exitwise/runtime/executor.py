@@ -2,7 +2,8 @@
 
 Runs the backbone block by block; at each exit evaluates the head and asks the policy; rows
 that exit are written out and removed from the batch (hidden states, masks, policy state,
-labels, and the previous exit's raw logits that cascade heads read) so the remaining rows
+labels, the previous exit's raw logits that cascade heads read and the earlier exits' states
+that past-future heads read) so the remaining rows
 run on a smaller batch. Nothing is simulated: the skipped blocks
 are never computed.
 """
@@ -71,6 +72,7 @@ def run_early_exit(
     layer_seconds: list[float] = []
     rows_per_layer: list[int] = []
     previous: torch.Tensor | None = None  # raw logits of the last exit, for cascade heads
+    past: list[torch.Tensor] = []  # states of the earlier exits, for past-future heads
 
     for i in range(backbone.num_layers):
         if count_flops:
@@ -83,9 +85,9 @@ def run_early_exit(
             hidden, mask = backbone.features(state)
             score = None
             if scored:
-                logits, score = model.exit_score(k, hidden, mask, previous)
+                logits, score = model.exit_score(k, hidden, mask, previous, past)
             else:
-                logits = model.head_logits(k, hidden, mask, previous)
+                logits = model.head_logits(k, hidden, mask, previous, past)
             previous = logits
             if count_flops:
                 full_mask = None if mask is None else torch.ones_like(mask)
@@ -123,6 +125,7 @@ def run_early_exit(
                     active = active[stay]
                     state = backbone.keep(state, stay)
                     previous = previous[stay]
+                    past = [p[stay] for p in past]
                     pstate = policy.keep(pstate, stay)
                     if labels is not None:
                         labels = labels[stay]
