@@ -20,7 +20,7 @@ from torch import nn
 from .backbones import Backbone, HFEncoderBackbone, wrap_backbone
 from .backbones.base import reference_output
 from .config import ExitConfig
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, ConfigError, InputError
 from .heads import (
     HEADS,
     ExitHead,
@@ -99,6 +99,12 @@ class MultiExitModel(nn.Module):
             )
             head.init_from_backbone(backbone)
             heads.append(head)
+        widths = {h.in_features for h in heads if uses_past_states(h)}
+        if len(widths) > 1:
+            raise ConfigError(
+                "heads that read the earlier exits' states need one feature width at every "
+                f"such exit; this backbone's exits have widths {sorted(widths)}"
+            )
         self.heads: nn.ModuleList = nn.ModuleList(heads)
         self.register_buffer("temperatures", torch.ones(len(heads)))
         self.exit_lookup: dict[int, int] = {d: k for k, d in enumerate(self.exit_layers)}

@@ -19,6 +19,7 @@ from . import (  # noqa: F401  (registers the built-in strategies)
     berxit,
     boosted,
     branchynet,
+    cascadebert,
     cats,
     copycat,
     dact,
