@@ -19,6 +19,7 @@ from .backbones import (
     VisionBackbone,
     wrap_backbone,
 )
+from .cascade import ModelCascade
 from .config import ExitConfig
 from .errors import (
     CheckpointError,
@@ -54,6 +55,7 @@ __all__ = [
     "HFDecoderBackbone",
     "HFEncoderBackbone",
     "InputError",
+    "ModelCascade",
     "MultiExitModel",
     "POLICIES",
     "SequentialBackbone",
