@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .backbones import Backbone, HFEncoderBackbone, wrap_backbone
-from .backbones.base import reference_output
+from .backbones.base import BackboneState, reference_output
 from .config import ExitConfig
 from .errors import CheckpointError, ConfigError, InputError
 from .heads import (
@@ -26,6 +26,8 @@ from .heads import (
     ExitHead,
     ExitScorer,
     GeometricEnsemble,
+    SkipGate,
+    build_gate,
     build_head,
     build_scorer,
     classifier_layer,
@@ -114,6 +116,8 @@ class MultiExitModel(nn.Module):
         self.ensemble: GeometricEnsemble | None = None
         # A learned per-row score at every exit that some policies read (attach_scorer).
         self.scorer: ExitScorer | None = None
+        # A learned per-row decision to skip each block (attach_gate); obeyed by block_step.
+        self.gate: SkipGate | None = None
 
     # -- basic facts ------------------------------------------------------------------------
     @property
@@ -223,7 +227,7 @@ class MultiExitModel(nn.Module):
         past: list[torch.Tensor] = []  # states of the earlier exits, for past-future heads
         scores: list[torch.Tensor] = []
         for i in range(self.backbone.num_layers):
-            state = self.backbone.step(i, state)
+            state, _ = self.block_step(i, state)
             k = self.exit_lookup.get(i + 1)
             if k is not None:
                 trunk = state.hidden
@@ -243,6 +247,18 @@ class MultiExitModel(nn.Module):
                     state.hidden = scale_grad(trunk, grad_scales[k][1])
         return ExitOutputs(logits=logits, features=features if return_features else None,
                            scores=scores if self.scorer is not None else None)
+
+    def block_step(self, i: int, state: BackboneState
+                   ) -> tuple[BackboneState, torch.Tensor | None]:
+        """Block ``i`` on the batch: ``(new state, ran)``. Without a skip gate every row runs
+        it (``ran`` None); with one (:meth:`attach_gate`) only the rows whose gate lets them in
+        are computed, the others keep their state, and ``ran`` is (B,) bool. Every path that
+        runs blocks (forward, the executor, the logits cache) goes through here."""
+        if self.gate is None:
+            return self.backbone.step(i, state), None
+        hidden, mask = self.backbone.features(state)
+        ran = ~self.gate.skip(i, hidden, mask)
+        return self.backbone.step_rows(i, state, ran), ran
 
     def logits_and_feature(
         self, k: int, hidden: torch.Tensor, mask: torch.Tensor | None,
@@ -282,6 +298,21 @@ class MultiExitModel(nn.Module):
         device = self.temperatures.device
         self.scorer = build_scorer(name, dims, self.num_labels, **options).to(device)
         return self.scorer
+
+    def attach_gate(self, name: str, **options: Any) -> SkipGate:
+        """A learned skip gate in front of every block (:mod:`exitwise.heads.skip_gate`, e.g.
+        ``"smartbert"``), obeyed by :meth:`block_step`; created on first use (a second call
+        with the same name returns the attached one)."""
+        if self.gate is not None:
+            if self.gate.registered_name != name:
+                raise InputError(f"this model already has the {self.gate.registered_name!r} "
+                                 f"skip gate; cannot attach {name!r} too")
+            return self.gate
+        # A block that can be skipped keeps the state's width: block i's input is as wide as
+        # its output (and block 0's as the first block's output).
+        dims = [self.backbone.feature_dim(max(i, 1)) for i in range(self.backbone.num_layers)]
+        self.gate = build_gate(name, dims, **options).to(self.temperatures.device)
+        return self.gate
 
     def exit_score(self, k: int, hidden: torch.Tensor, mask: torch.Tensor | None,
                    previous: torch.Tensor | None, past: list[torch.Tensor] | None = None,
@@ -349,6 +380,8 @@ class MultiExitModel(nn.Module):
             "ensemble": None if self.ensemble is None else {"kind": "geometric"},
             "scorer": None if self.scorer is None else {
                 "name": self.scorer.registered_name, "options": self.scorer.options},
+            "gate": None if self.gate is None else {
+                "name": self.gate.registered_name, "options": self.gate.options},
         }
 
     def save_pretrained(self, save_dir: str | Path, save_backbone: bool | None = None) -> Path:
@@ -374,6 +407,9 @@ class MultiExitModel(nn.Module):
         if self.scorer is not None:
             tensors.update({f"scorer.{k}": v.detach().contiguous().cpu()
                             for k, v in self.scorer.state_dict().items()})
+        if self.gate is not None:
+            tensors.update({f"gate.{k}": v.detach().contiguous().cpu()
+                            for k, v in self.gate.state_dict().items()})
         save_file(tensors, str(out / HEADS_NAME), metadata={"format": "exitwise"})
         if save_backbone:
             # A task model (BertForSequenceClassification ...) is saved whole, so that its
@@ -462,6 +498,13 @@ class MultiExitModel(nn.Module):
                 scorer.load_state_dict(found, strict=True)
             except RuntimeError as err:
                 raise CheckpointError(f"saved exit scorer does not fit this model: {err}") from None
+        if meta.get("gate"):
+            found = {k[len("gate."):]: v for k, v in tensors.items() if k.startswith("gate.")}
+            gate = model.attach_gate(meta["gate"]["name"], **meta["gate"]["options"])
+            try:
+                gate.load_state_dict(found, strict=True)
+            except RuntimeError as err:
+                raise CheckpointError(f"saved skip gate does not fit this model: {err}") from None
         model.calibration = meta.get("calibration", {})
         model.backbone_tuned = bool(meta.get("backbone_saved"))
         # Like transformers' from_pretrained: ready for inference (no dropout in the heads).

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +52,11 @@ class ExitLogitsCache:
     meta:        free JSON-able notes (model name, split ...), saved with the cache.
     scores:      (N, E) float32 learned exit scores (a model with an exit scorer,
                  :mod:`exitwise.heads.scorer`), read by policies with ``uses_scores``; else None.
+    skipped:     (N, E) bool for a model with a skip gate (:mod:`exitwise.heads.skip_gate`):
+                 True where the row skipped the block exit k sits on, so it is not offered
+                 exit k (the replay masks that decision, as the executor does). The logits and
+                 costs are those of the gated run (the gates are deterministic at inference).
+                 None for a model without a gate.
     """
 
     logits: torch.Tensor
@@ -61,6 +66,7 @@ class ExitLogitsCache:
     exit_layers: list[int]
     meta: dict[str, Any] = field(default_factory=dict)
     scores: torch.Tensor | None = None
+    skipped: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.logits = _plain(self.logits, torch.float32)
@@ -78,6 +84,9 @@ class ExitLogitsCache:
         if self.scores is not None:
             self.scores = _plain(self.scores, torch.float32)
             expected["scores"] = (n, e)
+        if self.skipped is not None:
+            self.skipped = _plain(self.skipped, torch.bool)
+            expected["skipped"] = (n, e)
         for name, shape in expected.items():
             have = tuple(getattr(self, name).shape)
             if have != shape:
@@ -144,6 +153,7 @@ class ExitLogitsCache:
             self.logits[idx], self.labels[idx], self.costs[idx], self.full_cost[idx],
             list(self.exit_layers), dict(self.meta),
             None if self.scores is None else self.scores[idx],
+            None if self.skipped is None else self.skipped[idx],
         )
 
     @classmethod
@@ -157,6 +167,9 @@ class ExitLogitsCache:
         scored = [c.scores is not None for c in caches]
         if any(scored) and not all(scored):
             raise InputError("some caches have exit scores and others not")
+        gated = [c.skipped is not None for c in caches]
+        if any(gated) and not all(gated):
+            raise InputError("some caches come from a gated model and others not")
         return cls(
             torch.cat([c.logits for c in caches]),
             torch.cat([c.labels for c in caches]),
@@ -165,6 +178,7 @@ class ExitLogitsCache:
             list(layers),
             dict(caches[0].meta),
             torch.cat([c.scores for c in caches]) if all(scored) else None,
+            torch.cat([c.skipped for c in caches]) if all(gated) else None,
         )
 
     # -- persistence (safetensors, no pickle) -----------------------------------------------
@@ -180,6 +194,8 @@ class ExitLogitsCache:
         }
         if self.scores is not None:
             tensors["scores"] = self.scores.contiguous()
+        if self.skipped is not None:
+            tensors["skipped"] = self.skipped.contiguous()
         header = {
             "format": CACHE_FORMAT,
             "version": str(CACHE_VERSION),
@@ -204,7 +220,7 @@ class ExitLogitsCache:
         return cls(
             tensors["logits"], tensors["labels"], tensors["costs"], tensors["full_cost"],
             json.loads(header["exit_layers"]), json.loads(header.get("meta", "{}")),
-            tensors.get("scores"),
+            tensors.get("scores"), tensors.get("skipped"),
         )
 
 
@@ -236,23 +252,31 @@ def _to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def _batch_exit_logits(model: "MultiExitModel", inputs: dict[str, Any]):
     """One pass over a batch: (logits (B, E, C), costs (B, E), full cost (B,), scores (B, E)
-    or None without an exit scorer).
+    or None without an exit scorer, skipped (B, E) bool or None without a skip gate).
 
     The cost tables are read from the state right after ``start`` (they depend only on each
-    row's real length), then the blocks run with every head evaluated, as in ``forward``.
+    row's real length, and on the blocks a gated row ran), then the blocks run with every head
+    evaluated, as in ``forward``.
     """
     backbone = model.backbone
     state = backbone.start(**inputs)
-    costs = exit_cost_table(model, state)
+    gated = model.gate is not None
+    first = replace(state, rows=dict(state.rows), shared=dict(state.shared)) if gated else state
+    ran_blocks = torch.ones(state.batch_size, backbone.num_layers, dtype=torch.bool)
+    skipped: list[torch.Tensor] = []
+    costs = None if gated else exit_cost_table(model, state)
     full = full_depth_cost(model, state)
     logits: list[torch.Tensor] = []
     scores: list[torch.Tensor] = []
     previous: torch.Tensor | None = None  # raw logits of the last exit, for cascade heads
     past: list[torch.Tensor] = []  # states of the earlier exits, for past-future heads
     for i in range(backbone.num_layers):
-        state = backbone.step(i, state)
+        state, ran = model.block_step(i, state)
+        if ran is not None:
+            ran_blocks[:, i] = ran.cpu()
         k = model.exit_lookup.get(i + 1)
         if k is not None:
+            skipped.append(~ran_blocks[:, i])
             hidden, mask = backbone.features(state)
             if model.scorer is not None:
                 previous, score = model.exit_score(k, hidden, mask, previous, past)
@@ -260,8 +284,11 @@ def _batch_exit_logits(model: "MultiExitModel", inputs: dict[str, Any]):
             else:
                 previous = model.head_logits(k, hidden, mask, previous, past)
             logits.append(previous.float())
+    if gated:
+        costs = exit_cost_table(model, first, ran_blocks)
     return (torch.stack(logits, dim=1), costs, full,
-            torch.stack(scores, dim=1) if scores else None)
+            torch.stack(scores, dim=1) if scores else None,
+            torch.stack(skipped, dim=1) if gated else None)
 
 
 def collect_exit_logits(
@@ -285,7 +312,7 @@ def collect_exit_logits(
     was_training = model.training
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "costs": [], "full": [],
-                                            "scores": []}
+                                            "scores": [], "skipped": []}
     try:
         total = len(dataloader) if hasattr(dataloader, "__len__") else None  # type: ignore
         from tqdm.auto import tqdm
@@ -294,7 +321,8 @@ def collect_exit_logits(
         with torch.inference_mode():
             for batch in bar:
                 inputs, labels = _split_batch(batch)
-                logits, costs, full, scores = _batch_exit_logits(model, _to_device(inputs, device))
+                logits, costs, full, scores, skipped = _batch_exit_logits(
+                    model, _to_device(inputs, device))
                 b = logits.shape[0]
                 regression = logits.shape[-1] == 1
                 if labels is None:
@@ -309,6 +337,8 @@ def collect_exit_logits(
                 parts["full"].append(full.cpu())
                 if scores is not None:
                     parts["scores"].append(scores.cpu())
+                if skipped is not None:
+                    parts["skipped"].append(skipped)
     finally:
         model.train(was_training)
     if not parts["logits"]:
@@ -321,6 +351,7 @@ def collect_exit_logits(
         exit_layers=list(model.exit_layers),
         meta=dict(meta or {}),
         scores=torch.cat(parts["scores"]) if parts["scores"] else None,
+        skipped=torch.cat(parts["skipped"]) if parts["skipped"] else None,
     )
 
 
@@ -335,4 +366,4 @@ def ztw_cache(cache: ExitLogitsCache, policy: ZTWPolicy, temperatures: Any = Non
                           temperatures)
     return ExitLogitsCache(logits, cache.labels, cache.costs, cache.full_cost,
                            list(cache.exit_layers), {**cache.meta, "ztw_ensemble": True},
-                           cache.scores)
+                           cache.scores, cache.skipped)

@@ -5,6 +5,8 @@ scales the still-active rows' logits by ``1 / temperature[k]`` (only when it is 
 executor does), asks ``policy.decide``, removes the rows that exit, shrinks the policy state
 with ``policy.keep`` and forces everyone out at the last exit. Same calls, same order, same
 state: so replay and runtime agree on every decision (tested for every registered policy).
+A cache from a model with a skip gate says which rows skipped the block each exit sits on
+(``cache.skipped``); those rows are not offered that exit, as in the executor.
 """
 
 from __future__ import annotations
@@ -111,6 +113,8 @@ def replay(
         else:
             extra = {"scores": cache.scores[active, k]} if policy.uses_scores else {}
             done, pstate = policy.decide(k, num_exits, logits, pstate, labels, **extra)
+            if cache.skipped is not None:  # a gated row that skipped this exit's block
+                done = done & ~cache.skipped[active, k]
         if emitted is not None and outputs is None:
             outputs = torch.zeros(n, emitted.shape[-1], dtype=emitted.dtype)
         n_done = int(done.sum())

@@ -126,6 +126,36 @@ class Backbone(nn.Module):
         )
         return self.refresh(new)
 
+    def step_rows(self, i: int, state: BackboneState, run: torch.Tensor) -> BackboneState:
+        """Block ``i`` on the rows where ``run`` (B,) bool is True only; the other rows keep
+        their state and are not computed (layer skipping). The running rows go through
+        :meth:`keep` and :meth:`step` as a smaller batch and are written back; when ``keep``
+        trimmed trailing positions (padding none of them needs), their results fill the
+        leading positions and the trimmed ones keep their old values."""
+        n = int(run.sum())
+        if n == state.batch_size:
+            return self.step(i, state)
+        if n == 0:
+            return state
+        rows = run.nonzero().squeeze(1)
+        sub = self.step(i, self.keep(state, rows))
+
+        def put(full: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+            if part.dim() != full.dim() or any(p > f for p, f in zip(part.shape[1:],
+                                                                      full.shape[1:])):
+                raise InputError(
+                    f"block {i} changes the state's shape ({tuple(full.shape[1:])} -> "
+                    f"{tuple(part.shape[1:])}); only shape-keeping blocks can be skipped"
+                )
+            out = full.clone()  # not in place: autograd may still need ``full``
+            out[(rows, *(slice(0, s) for s in part.shape[1:]))] = part.to(full.dtype)
+            return out
+
+        state.hidden = put(state.hidden, sub.hidden)
+        # Per-row tensors the block consumed (gone from ``sub``) are dropped for all rows.
+        state.rows = {k: put(v, sub.rows[k]) for k, v in state.rows.items() if k in sub.rows}
+        return state
+
     # -- cost model -------------------------------------------------------------------------
     def layer_flops(self, i: int, state: BackboneState) -> torch.Tensor:
         """FLOPs block ``i`` spends on each row, (B,) float64, counting real tokens only."""

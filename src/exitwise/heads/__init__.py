@@ -20,6 +20,7 @@ from . import (  # noqa: F401  (importing a head's module registers it)
     past_future,
     pooler,
     sdn,
+    smartbert,
     vit_layer,
 )
 from .base import (
@@ -32,6 +33,7 @@ from .base import (
 )
 from .cascade import CascadeHead, GeometricEnsemble
 from .scorer import SCORERS, ExitScorer, build_scorer, feature_width, register_scorer
+from .skip_gate import GATES, SkipGate, build_gate, register_gate
 
 
 def uses_previous_logits(head: nn.Module) -> bool:
@@ -46,8 +48,12 @@ def uses_past_states(head: nn.Module | type) -> bool:
 
 
 __all__ = [
+    "GATES",
     "HEADS",
     "SCORERS",
+    "SkipGate",
+    "build_gate",
+    "register_gate",
     "ExitScorer",
     "build_scorer",
     "feature_width",

@@ -6,11 +6,17 @@ labels, the previous exit's raw logits that cascade heads read and the earlier e
 that past-future heads read) so the remaining rows
 run on a smaller batch. Nothing is simulated: the skipped blocks
 are never computed.
+
+A model with a skip gate (:mod:`exitwise.heads.skip_gate`) runs each block only on the rows
+its gate lets in (``model.block_step``); a row that skipped the block an exit sits on is not
+offered that exit (its decision there is masked), and its FLOPs count only the blocks it ran
+plus the gates.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -60,7 +66,11 @@ def run_early_exit(
     device = state.hidden.device
     if labels is not None:
         labels = model.check_labels(labels, b)
-    costs = exit_cost_table(model, state) if count_flops else None
+    gated = model.gate is not None
+    costs = exit_cost_table(model, state) if count_flops and not gated else None
+    if gated:  # per-row costs depend on the blocks each row ran: tabled at the end
+        first = replace(state, rows=dict(state.rows), shared=dict(state.shared))
+        ran_blocks = torch.ones(b, backbone.num_layers, dtype=torch.bool)
     # Work really done on the (padded, shrinking) batch, summed over rows.
     executed = float(backbone.start_flops(padded(state)).sum()) if count_flops else 0.0
 
@@ -75,11 +85,19 @@ def run_early_exit(
     past: list[torch.Tensor] = []  # states of the earlier exits, for past-future heads
 
     for i in range(backbone.num_layers):
-        if count_flops:
-            executed += float(backbone.layer_flops(i, padded(state)).sum())
+        work = None
+        if count_flops:  # per row, on the padded batch; a gated row may skip the block
+            work = backbone.layer_flops(i, padded(state)).cpu()
+            if gated:
+                executed += float(model.gate.gate_flops(i, padded(state).mask,
+                                                         state.batch_size).sum())
         t0 = time.perf_counter() if profile else 0.0
-        rows_per_layer.append(int(active.numel()))
-        state = backbone.step(i, state)
+        state, ran = model.block_step(i, state)
+        rows_per_layer.append(int(active.numel()) if ran is None else int(ran.sum()))
+        if ran is not None:
+            ran_blocks[active.cpu(), i] = ran.cpu()
+        if work is not None:
+            executed += float(work.sum() if ran is None else work[ran.cpu()].sum())
         k = exit_at.get(i + 1)
         if k is not None:
             hidden, mask = backbone.features(state)
@@ -108,6 +126,8 @@ def run_early_exit(
             else:
                 extra = {"scores": score} if scored else {}
                 done, pstate = policy.decide(k, num_exits, logits, pstate, labels, **extra)
+                if ran is not None:  # a row that skipped this exit's block is not offered it
+                    done = done & ran
             n_done = int(done.sum())
             if n_done:
                 if n_done == active.numel():
@@ -135,6 +155,8 @@ def run_early_exit(
             break
 
     assert out_logits is not None and bool((exit_index >= 0).all())
+    if gated and count_flops:
+        costs = exit_cost_table(model, first, ran_blocks)
     if costs is not None:
         flops = costs.gather(1, exit_index.unsqueeze(1)).squeeze(1)
     else:

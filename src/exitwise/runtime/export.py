@@ -108,6 +108,9 @@ def segments_of(model: "MultiExitModel") -> list[ExitSegment]:
             f"ONNX segment export supports vision and nn.Sequential backbones, not "
             f"{type(model.backbone).__name__}"
         )
+    if model.gate is not None:
+        raise UnsupportedModelError("ONNX segment export does not carry skip gates (the "
+                                    f"{model.gate.registered_name!r} gate of this model)")
     segments, start = [], 0
     for k, depth in enumerate(model.exit_layers):
         segments.append(ExitSegment(model, k, start, depth))

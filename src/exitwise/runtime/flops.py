@@ -16,13 +16,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..model import MultiExitModel
 
 
-def exit_cost_table(model: "MultiExitModel", state: BackboneState) -> torch.Tensor:
+def exit_cost_table(model: "MultiExitModel", state: BackboneState,
+                    ran: torch.Tensor | None = None) -> torch.Tensor:
     """(B, num_exits) float64: FLOPs a row spends if it leaves at exit k.
 
     Counts the embedding/stem, every block up to the exit's depth, and every head evaluated on
     the way (a row leaving at exit k ran heads 0..k), with the exit scorer's work when the
     model has one (policies that do not read it skip it at run time: a slight overcount). ``state`` is the state right after
-    ``start`` (its mask gives each row's real length).
+    ``start`` (its mask gives each row's real length). A model with a skip gate also pays its
+    gate in front of every block, and ``ran`` (B, num_layers) bool says which blocks each row
+    ran (None: all of them).
     """
     backbone = model.backbone
     b = state.batch_size
@@ -31,8 +34,12 @@ def exit_cost_table(model: "MultiExitModel", state: BackboneState) -> torch.Tens
     columns = []
     exit_iter = iter(zip(model.exit_layers, model.heads))
     depth, head = next(exit_iter)
+    mask = None if state.mask is None else state.mask.cpu()
     for i in range(backbone.num_layers):
-        cumulative = cumulative + backbone.layer_flops(i, state).cpu()
+        block = backbone.layer_flops(i, state).cpu()
+        cumulative = cumulative + (block if ran is None else block * ran[:, i].cpu())
+        if model.gate is not None:
+            cumulative = cumulative + model.gate.gate_flops(i, mask, b)
         if i + 1 == depth:
             heads_so_far = heads_so_far + head.head_flops(
                 None if state.mask is None else state.mask.cpu(), b

@@ -39,6 +39,7 @@ from . import (  # noqa: F401  (registers the built-in strategies)
     romebert,
     sdn,
     self_distill,
+    smartbert,
     sweet,
     two_stage,
     ztw,
