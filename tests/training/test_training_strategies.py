@@ -22,6 +22,7 @@ STRATEGY_HEADS: dict[str, dict] = {
     "lgvit": {"head": {1: "lgvit_local", 2: "lgvit_local", 3: "lgvit_global", 4: "pooler"}},
     "copycat_sl_vit": {"head": "vit_layer", "final_head": "pooler", "final_head_kwargs": {}},
     "past_future": {"head": "past_future"},
+    "smartbert": {"head": "smartbert"},
 }
 
 # Options for the contract run: CopycatSL-ViT's first stage trains the exits on the labels and
