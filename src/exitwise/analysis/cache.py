@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import DataError, InputError
 from ..policies.ztw import ZTWPolicy, ztw_ensemble
 from ..runtime.flops import exit_cost_table, full_depth_cost
+from ..runtime.online import split_batch
 from .scores import REGRESSION, task_of
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -225,25 +226,18 @@ class ExitLogitsCache:
 
 
 # -- collection ------------------------------------------------------------------------------
-def _split_batch(batch: Any) -> tuple[dict[str, Any], torch.Tensor | None]:
-    """A dataloader batch -> (backbone inputs, labels or None).
-
-    Dict batches (HF collators) give their keys, ``labels``/``label`` removed; ``(x, y)``
-    tuples (torchvision loaders) give ``x`` as the input tensor.
-    """
-    if isinstance(batch, Mapping):
-        inputs = dict(batch)
-        labels = inputs.pop("labels", None)
-        if labels is None:
-            labels = inputs.pop("label", None)
-        return inputs, labels
-    if isinstance(batch, (list, tuple)) and len(batch) == 2:
-        return {"pixel_values": batch[0]}, batch[1]
-    if isinstance(batch, torch.Tensor):
-        return {"pixel_values": batch}, None
-    raise InputError(
-        f"cannot read a batch of type {type(batch).__name__}: give dicts or (inputs, labels)"
-    )
+def batch_labels(labels: Any, logits: torch.Tensor) -> torch.Tensor:
+    """(B,) CPU labels of a batch whose outputs are ``logits`` (B, ..., C): long class ids, or
+    float targets for regression (C == 1); unknown (None) -> -1 / nan."""
+    b = logits.shape[0]
+    regression = logits.shape[-1] == 1
+    if labels is None:
+        labels = torch.full((b,), math.nan if regression else UNKNOWN_LABEL)
+    labels = torch.as_tensor(labels).cpu()
+    labels = labels.float() if regression else labels.long()
+    if labels.shape != (b,):
+        raise InputError(f"batch labels have shape {tuple(labels.shape)} for {b} rows")
+    return labels
 
 
 def _to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -320,19 +314,11 @@ def collect_exit_logits(
         bar = tqdm(dataloader, total=total, disable=not progress, desc="caching exit logits")
         with torch.inference_mode():
             for batch in bar:
-                inputs, labels = _split_batch(batch)
+                inputs, labels = split_batch(batch)
                 logits, costs, full, scores, skipped = _batch_exit_logits(
                     model, _to_device(inputs, device))
-                b = logits.shape[0]
-                regression = logits.shape[-1] == 1
-                if labels is None:
-                    labels = torch.full((b,), math.nan if regression else UNKNOWN_LABEL)
-                labels = torch.as_tensor(labels).cpu()
-                labels = labels.float() if regression else labels.long()
-                if labels.shape != (b,):
-                    raise InputError(f"batch labels have shape {tuple(labels.shape)} for {b} rows")
                 parts["logits"].append(logits.cpu())
-                parts["labels"].append(labels)
+                parts["labels"].append(batch_labels(labels, logits))
                 parts["costs"].append(costs.cpu())
                 parts["full"].append(full.cpu())
                 if scores is not None:

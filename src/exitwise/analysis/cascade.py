@@ -18,7 +18,6 @@ it unchanged:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -28,7 +27,8 @@ from ..cascade import ModelCascade
 from ..errors import InputError
 from ..runtime.cascade import PolicySpec, cascade_policy
 from ..runtime.flops import full_depth_cost
-from .cache import UNKNOWN_LABEL, ExitLogitsCache
+from ..runtime.online import split_batch
+from .cache import ExitLogitsCache, batch_labels
 from .replay import ReplayResult, replay
 
 
@@ -37,11 +37,7 @@ def _inputs_and_labels(batch: Any) -> tuple[dict[str, Any], torch.Tensor | None]
     if not isinstance(batch, Mapping):
         raise InputError(f"a cascade reads dict batches (input_ids, attention_mask, labels); "
                          f"got {type(batch).__name__}")
-    inputs = dict(batch)
-    labels = inputs.pop("labels", None)
-    if labels is None:
-        labels = inputs.pop("label", None)
-    return inputs, labels
+    return split_batch(batch)
 
 
 def collect_cascade_logits(
@@ -72,14 +68,7 @@ def collect_cascade_logits(
                     state = member.backbone.start(**inputs)
                     costs.append(full_depth_cost(member, state).cpu())
                 stacked = torch.stack(logits, dim=1)
-                b = stacked.shape[0]
-                regression = stacked.shape[-1] == 1
-                if labels is None:
-                    labels = torch.full((b,), math.nan if regression else UNKNOWN_LABEL)
-                labels = torch.as_tensor(labels).cpu()
-                labels = labels.float() if regression else labels.long()
-                if labels.shape != (b,):
-                    raise InputError(f"batch labels have shape {tuple(labels.shape)} for {b} rows")
+                labels = batch_labels(labels, stacked)
                 member_costs = torch.stack(costs, dim=1)
                 parts["logits"].append(stacked)
                 parts["labels"].append(labels)

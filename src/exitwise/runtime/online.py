@@ -184,10 +184,10 @@ class _ObservedStatic(StaticPolicy):
         return super().decide(exit_index, num_exits, logits, state, labels)
 
 
-def _split_batch(batch: Any) -> tuple[dict[str, Any], torch.Tensor | None]:
-    """A stream batch -> (backbone inputs, labels or None): dicts (labels under ``labels`` or
-    ``label``), ``(inputs, labels)`` pairs or bare tensors (vision), as the exit-logits cache
-    reads them."""
+def split_batch(batch: Any) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """A batch -> (backbone inputs, labels or None): dicts (HF collators; labels under
+    ``labels`` or ``label``, removed), ``(inputs, labels)`` pairs (torchvision loaders) or bare
+    tensors (vision). The one reader of batches for streams, caches and cascades."""
     if isinstance(batch, Mapping):
         inputs = dict(batch)
         labels = inputs.pop("labels", None)
@@ -240,7 +240,7 @@ def run_stream(
     model.eval()
     try:
         for batch in batches:
-            inputs, labels = _split_batch(batch)
+            inputs, labels = split_batch(batch)
             inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
                       for k, v in inputs.items()}
             arm = int(selector.select())
