@@ -190,16 +190,27 @@ def test_speculative_accept_matches_p_at_every_position():
 
 
 # -- 3. end to end ----------------------------------------------------------------------------
-@pytest.mark.parametrize("strategy", ["self_speculative", "greedy"])
+DRAFTERS = {
+    "self_speculative": dict(strategy="self_speculative", exit_layer=1, draft_len=3),
+    "greedy": dict(strategy="greedy"),
+    # n-gram drafts are point masses q: kept with probability p(x), else drawn from p minus x
+    "anpd": dict(strategy="anpd", ngram=3, draft_len=3),
+    "exit+ngram": dict(strategy="self_speculative", exit_layer=1, draft_len=3, ngram=2),
+}
+
+
+@pytest.mark.parametrize("strategy", list(DRAFTERS))
 def test_first_tokens_follow_the_full_models_processed_law(lm, strategy):
     ids = torch.tensor([PROMPT]).repeat(ROWS, 1)
-    opts = dict(exit_layer=1, draft_len=3) if strategy == "self_speculative" else {}
     out = generate(
-        lm, ids, strategy=strategy, max_new_tokens=NEW + 1, eos_token_id=[], do_sample=True,
-        seed=0, **PROCESS, **opts,
+        lm, ids, max_new_tokens=NEW + 1, eos_token_id=[], do_sample=True,
+        seed=0, **PROCESS, **DRAFTERS[strategy],
     )
     samples = out.sequences[:, len(PROMPT) : len(PROMPT) + NEW]
     assert chi2_pvalue(samples, exact_law(lm, None)) > ALPHA
+    if strategy in ("anpd", "exit+ngram"):
+        s = out.stats
+        assert 0 < s.ngram_accepted < s.ngram_drafted  # n-gram drafts kept and rejected
     if strategy == "self_speculative":
         s = out.stats
         assert 0.2 < s.acceptance_rate < 0.95  # both kept and rejected drafts were exercised

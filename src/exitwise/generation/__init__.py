@@ -9,8 +9,10 @@ options; :class:`GenerationConfig` holds the options they share.
 """
 
 from .api import generate
+from .draft_control import DraftLengthController
 from .early_exit import EarlyExit
 from .greedy import Greedy, greedy_decode
+from .ngram import NGramDrafter, NGramTables
 from .outputs import GenerateOutput, GenerationStats
 from .sampling import (
     SamplingConfig,
@@ -18,7 +20,7 @@ from .sampling import (
     residual_distribution,
     speculative_accept,
 )
-from .self_speculative import SelfSpeculative, self_speculative_decode
+from .self_speculative import ANPD, SelfSpeculative, self_speculative_decode
 from .session import DecodeSession
 from .stopping import StopStrings, StreamingSession
 from .strategies import (
@@ -31,7 +33,11 @@ from .strategies import (
 )
 
 __all__ = [
+    "ANPD",
     "DECODING_STRATEGIES",
+    "DraftLengthController",
+    "NGramDrafter",
+    "NGramTables",
     "DecodeInputs",
     "DecodingStrategy",
     "EarlyExit",

@@ -14,7 +14,7 @@ class GenerationStats:
     every strategy and is not counted except in ``prefill_layer_applications``).
 
     new_tokens:  per row, tokens generated (EOS included, padding excluded).
-    drafted:     per row, draft tokens proposed by the early exit (self-speculative only).
+    drafted:     per row, draft tokens proposed (speculative strategies only).
     accepted:    per row, draft tokens the full model confirmed.
     iterations:  decoding steps (greedy: one per token; self-speculative: draft + verify).
     layer_applications: sum over rows and token positions of blocks applied after prefill
@@ -25,6 +25,9 @@ class GenerationStats:
     head_applications:  exit-head evaluations (row x position) for drafts.
     kernels:            the ``kernels`` setting the call ran with ("auto", "stock", ...).
     streamed_products:  few-row products that took the streaming kernel (0: all stock).
+    ngram_drafted / ngram_accepted: of the drafted / accepted tokens, those that came from
+        n-gram lookups (:mod:`.ngram`).
+    step_draft_lengths: per speculative step, its draft length k (the longest row's).
     """
 
     strategy: str
@@ -41,6 +44,9 @@ class GenerationStats:
     prefill_layer_applications: int = 0
     kernels: str | None = None
     streamed_products: int = 0
+    ngram_drafted: int = 0
+    ngram_accepted: int = 0
+    step_draft_lengths: list[int] = field(default_factory=list)
 
     @property
     def total_drafted(self) -> int:

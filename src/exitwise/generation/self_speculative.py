@@ -45,6 +45,7 @@ processed full-model distribution exactly, as plain sampling would; rows stay ra
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,8 @@ import torch
 from ..backbones.hf_decoder import HFDecoderBackbone
 from ..errors import ConfigError
 from ..heads.lm import LMHead
+from .draft_control import DraftLengthController
+from .ngram import NGramDrafter
 from .outputs import GenerateOutput
 from .sampling import SamplingConfig, draw, speculative_accept
 from .session import DecodeSession
@@ -68,20 +71,30 @@ from .strategies import (
 @torch.inference_mode()
 def self_speculative_decode(
     session: DecodeSession,
-    head: LMHead,
+    head: LMHead | None,
     exit_layer: int,
     draft_len: int,
     temperature: float = 1.0,
     draft_threshold: float | None = None,
     sampler: SamplingConfig | None = None,
+    ngram: NGramDrafter | None = None,
+    ngram_len: int | None = None,
+    controller: DraftLengthController | None = None,
 ) -> torch.Tensor:
-    """Run ``session`` to the end drafting with ``head`` after ``exit_layer`` blocks.
+    """Run ``session`` to the end drafting with ``head`` after ``exit_layer`` blocks and/or
+    with n-gram lookups.
 
+    head: the exit head (None: no exit drafts; then ``exit_layer`` must be 0 and ``ngram``
+        given: ANPD alone, verification runs every block).
     temperature: the exit head's calibration temperature (its logits are divided by it).
     draft_threshold: a row stops drafting after its first draft whose top-1 probability
         (softmax of logits / temperature) is below this value (per row; see the module
         docstring).
     sampler: None or greedy -> lossless greedy; sampling -> speculative rejection sampling.
+    ngram: a row whose n-gram tables predict a continuation drafts it (up to ``ngram_len``
+        tokens, default ``draft_len``) instead of the exit head's tokens (:mod:`.ngram`).
+    controller: chooses each step's draft lengths from measured costs and acceptance
+        (``draft_len`` and ``ngram_len`` are then ignored; :mod:`.draft_control`).
     Returns the sequences (B, T + N).
     """
     sampler = sampler or SamplingConfig()
@@ -89,11 +102,18 @@ def self_speculative_decode(
     bb = session.backbone
     stats = session.stats
     num_layers, e = bb.num_layers, exit_layer
+    if head is None and (e != 0 or ngram is None):
+        raise ConfigError("drafting without an exit head needs exit_layer 0 and n-gram drafts")
+    ngram_len = draft_len if ngram_len is None else ngram_len
 
     def fill_head_cache(hidden, ctx):  # a block adapter attends over the prompt too
         head.token_logits(hidden, ctx)
 
-    first = session.prefill(split=e, on_split=fill_head_cache if head.uses_cache else None)
+    uses_cache = head is not None and head.uses_cache
+    if ngram is not None:  # tables from each prompt's real tokens, keyed by original row
+        ngram.start([ids[m.bool()].tolist() for ids, m in zip(session.prompt, session.mask)])
+    first = session.prefill(split=e if head is not None else None,
+                            on_split=fill_head_cache if uses_cache else None)
     first = sampler.choose(first)
     session.pending = first
     session.emit([[t] for t in first.tolist()])
@@ -103,49 +123,65 @@ def self_speculative_decode(
         a = session.active
         running = session.running()
         device = session.pending.device
-        # Drafting past what any row may still emit is waste: cap k by the largest budget.
-        k = max(0, min(draft_len, int(session.remaining().max()) - 1))
-        tokens = session.pending
-        fed = [tokens]
-        states: list[torch.Tensor] = []
-        drafts: list[torch.Tensor] = []
-        draft_probs: list[torch.Tensor] = []  # q_j (A, V), sampling only
         live = torch.tensor(running, dtype=torch.bool, device=device)
         # Each row's k_r: at most its own budget (what it may still emit) minus the verified
-        # token, then shortened by the draft threshold.
-        row_len = (session.remaining().to(device) - 1).clamp(min=0, max=k)
-        drafting = live & (row_len > 0)  # rows still drafting
-        j = 0
-        while True:
-            ctx = session.context(j, 1)
-            hidden = bb.run_layers(bb.embed(tokens[:, None], ctx.positions), 0, e, ctx)
-            states.append(hidden)
-            if j < k or head.uses_cache:  # keep a block adapter's cache aligned with blocks < E
-                # (A, K) over the head's draft vocabulary (K = V without one)
-                logits = head.draft_logits(hidden, ctx)[:, -1]
-                stats.head_applications += sum(running)
-            if j == k:
-                break
-            if sampling:
-                q_j = sampler.probs(head.expand_logits(logits).float() / temperature)
-                tokens = draw(q_j, sampler.generator)
-                draft_probs.append(q_j)
-            else:
-                tokens = head.compact_argmax(logits)
-            drafts.append(tokens)
-            fed.append(tokens)
-            j += 1
-            if draft_threshold is not None:
-                conf = torch.softmax(logits.float() / temperature, -1).amax(-1)
-                stop = drafting & (conf < draft_threshold)
-                row_len = torch.where(stop, torch.full_like(row_len, j), row_len)
-            drafting = drafting & (j < row_len)
-            if j < k and not bool(drafting.any()):
-                k = j  # one last pass below feeds x_j through blocks < E
+        # token; then the exit's (or the controller's) length or its n-gram draft's length.
+        budget = (session.remaining().to(device) - 1).clamp(min=0)
+        if controller is not None:
+            controller.begin_step()
+        if head is None:
+            k_exit = 0
+        elif controller is not None:
+            k_exit = controller.choose(a, "exit", "per_token")
+        else:
+            k_exit = draft_len
+        proposals: list[list[int]] = [[] for _ in range(a)]
+        if ngram is not None:
+            cap = (controller.choose(a, "ngram", "one" if e else "none")
+                   if controller is not None else ngram_len)
+            if controller is not None and head is not None and not controller.prefers(
+                    "ngram", "exit"):
+                cap = 0  # the exit's drafts promise more tokens per second now
+            for i, r in enumerate(session.rows.tolist()):
+                if running[i] and cap:
+                    proposals[i] = ngram.propose(r, session.generated[r],
+                                                 min(cap, int(budget[i])))
+        from_ngram = torch.tensor([bool(p) for p in proposals], dtype=torch.bool, device=device)
+        row_len = torch.where(from_ngram,
+                              torch.tensor([len(p) for p in proposals], device=device),
+                              budget.clamp(max=k_exit))
+        row_len = torch.where(live, row_len, torch.zeros_like(row_len))
+        k = int(row_len.max()) if a else 0
+        timer = _StepTimer(controller, device)
+
+        if head is None or not bool((live & ~from_ngram & (row_len > 0)).any()):
+            # Every draft is known up front: one pass over the k + 1 tokens below the exit.
+            fed_all = _padded(session.pending, proposals, k)
+            ctx = session.context(0, k + 1)
+            hidden = bb.embed(fed_all, ctx.positions)
+            if e:
+                hidden = bb.run_layers(hidden, 0, e, ctx)
+                if uses_cache:
+                    head.draft_logits(hidden, ctx)
+                    stats.head_applications += sum(running) * (k + 1)
+            states, fed = hidden, list(fed_all.unbind(1))
+            drafts, draft_probs = fed[1:], []
+            if sampling and k:
+                v = bb.vocab_size
+                draft_probs = [torch.nn.functional.one_hot(t, v).float() for t in drafts]
+            passes = 1 if e else 0
+            sequential = e
+        else:
+            states_l, fed, drafts, draft_probs, k, row_len, passes = _draft_sequentially(
+                session, head, e, k, row_len, live, proposals, from_ngram, temperature,
+                draft_threshold, sampler, stats)
+            states = torch.cat(states_l, 1)
+            sequential = passes * e
+        timer.drafted()
 
         q = k + 1
         ctx = session.context(0, q)
-        hidden = bb.run_layers(torch.cat(states, 1), e, num_layers, ctx)
+        hidden = bb.run_layers(states, e, num_layers, ctx)
         target_logits = bb.lm_logits(bb.final_norm(hidden))  # (A, k+1, V)
         drafted = torch.stack(drafts, 1) if k else session.pending[:, None][:, :0]  # (A, k)
         if sampling:
@@ -169,6 +205,13 @@ def self_speculative_decode(
             else:
                 accepted = torch.zeros(a, dtype=torch.long, device=device)
             nxt = target.gather(1, accepted[:, None])[:, 0]
+        timer.verified(a, q, passes)
+        if controller is not None:
+            for source, rows_of in (("exit", ~from_ngram), ("ngram", from_ngram)):
+                sel = rows_of & live & (row_len > 0)
+                if bool(sel.any()):
+                    controller.record_acceptance(
+                        source, int(accepted[sel].sum()), int((accepted[sel] < row_len[sel]).sum()))
         best = int(accepted.max())
         if k > best:
             session.cache.crop(-(k - best))  # slots no row kept
@@ -176,19 +219,115 @@ def self_speculative_decode(
         session.commit(torch.stack(fed, 1)[:, : best + 1], valid, accepted + 1, nxt)
 
         stats.iterations += 1
+        stats.step_draft_lengths.append(k)
         stats.layer_applications += sum(running) * q * num_layers
-        stats.sequential_layers += q * e + (num_layers - e)
+        stats.sequential_layers += sequential + (num_layers - e)
         rows = session.rows.tolist()
         n_list = accepted.tolist()
-        for r, n, k_r, alive in zip(rows, n_list, row_len.tolist(), running):
+        for r, n, k_r, alive, by_ngram in zip(rows, n_list, row_len.tolist(), running,
+                                               from_ngram.tolist()):
             if alive:
                 stats.drafted[r] += k_r
                 stats.accepted[r] += n
+                if by_ngram:
+                    stats.ngram_drafted += k_r
+                    stats.ngram_accepted += n
         session.emit(
             [drafted[i, :n].tolist() + [t] for i, (n, t) in enumerate(zip(n_list, nxt.tolist()))]
         )
         session.drop_finished()
     return session.sequences()
+
+
+def _padded(pending: torch.Tensor, proposals: list[list[int]], k: int) -> torch.Tensor:
+    """(A, k + 1): each row's pending token, then its proposal padded with its pending token
+    (padding slots are never kept: the row's k_r stops before them)."""
+    rows = [[t] + p + [t] * (k - len(p)) for t, p in zip(pending.tolist(), proposals)]
+    return torch.tensor(rows, dtype=torch.long, device=pending.device)
+
+
+def _draft_sequentially(session, head, e, k, row_len, live, proposals, from_ngram, temperature,
+                        draft_threshold, sampler, stats):
+    """The exit head's drafts, one pass of blocks [0, E) per position (see the module
+    docstring); a row with an n-gram proposal feeds that instead of the head's token.
+    Returns (states per position (A, 1, H), fed tokens, drafts, draft probs (sampling), k,
+    row_len, passes)."""
+    bb = session.backbone
+    sampling = sampler.do_sample
+    running = live.tolist()
+    tokens = session.pending
+    fed = [tokens]
+    states: list[torch.Tensor] = []
+    drafts: list[torch.Tensor] = []
+    draft_probs: list[torch.Tensor] = []  # q_j (A, V), sampling only
+    ngram_rows = from_ngram.nonzero()[:, 0].tolist()
+    drafting = live & (row_len > 0)  # rows still drafting
+    exit_rows = ~from_ngram
+    j = 0
+    while True:
+        ctx = session.context(j, 1)
+        hidden = bb.run_layers(bb.embed(tokens[:, None], ctx.positions), 0, e, ctx)
+        states.append(hidden)
+        if j < k or head.uses_cache:  # keep a block adapter's cache aligned with blocks < E
+            # (A, K) over the head's draft vocabulary (K = V without one)
+            logits = head.draft_logits(hidden, ctx)[:, -1]
+            stats.head_applications += sum(running)
+        if j == k:
+            break
+        if sampling:
+            q_j = sampler.probs(head.expand_logits(logits).float() / temperature)
+            tokens = draw(q_j, sampler.generator)
+        else:
+            tokens = head.compact_argmax(logits)
+        here = [i for i in ngram_rows if j < len(proposals[i])]
+        if here:  # n-gram rows feed their own proposal (a point mass as q)
+            tokens = tokens.clone()
+            if sampling:
+                q_j = q_j.clone()
+            for i in here:
+                tokens[i] = proposals[i][j]
+                if sampling:
+                    q_j[i] = 0.0
+                    q_j[i, proposals[i][j]] = 1.0
+        if sampling:
+            draft_probs.append(q_j)
+        drafts.append(tokens)
+        fed.append(tokens)
+        j += 1
+        if draft_threshold is not None:
+            conf = torch.softmax(logits.float() / temperature, -1).amax(-1)
+            stop = drafting & exit_rows & (conf < draft_threshold)
+            row_len = torch.where(stop, torch.full_like(row_len, j), row_len)
+        drafting = drafting & (j < row_len)
+        if j < k and not bool(drafting.any()):
+            k = j  # one last pass below feeds x_j through blocks < E
+    return states, fed, drafts, draft_probs, k, row_len, j + 1
+
+
+class _StepTimer:
+    """Wall-clock of a step's draft and verify phases, handed to the controller (if any)."""
+
+    def __init__(self, controller: DraftLengthController | None, device: torch.device) -> None:
+        self.controller = controller
+        self.cuda = device.type == "cuda"
+        self.t0 = self._now() if controller is not None else 0.0
+        self.t1 = self.t0
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def drafted(self) -> None:
+        if self.controller is not None:
+            self.t1 = self._now()
+
+    def verified(self, rows: int, q: int, passes: int) -> None:
+        if self.controller is None:
+            return
+        t2 = self._now()
+        draft = self.t1 - self.t0 if passes else None  # no pass: nothing ran before verifying
+        self.controller.record_costs(rows, q, t2 - self.t1, draft, passes)
 
 
 def draft_head(model: Any, backbone: HFDecoderBackbone, exit_layer: int) -> tuple[LMHead, float]:
@@ -209,6 +348,17 @@ def draft_head(model: Any, backbone: HFDecoderBackbone, exit_layer: int) -> tupl
     return head, float(model.temperatures[k])
 
 
+def _check_draft_len(value: Any, name: str = "draft_len") -> None:
+    if value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be an int >= 1 or 'auto'; got {value!r}")
+
+
+def _controller(draft_len: int | str, max_draft_len: int) -> DraftLengthController | None:
+    return DraftLengthController(max_len=max_draft_len) if draft_len == "auto" else None
+
+
 @register_decoding_strategy("self_speculative")
 @dataclass
 class SelfSpeculative(DecodingStrategy):
@@ -216,17 +366,32 @@ class SelfSpeculative(DecodingStrategy):
     the tokens of greedy decoding (or, sampling, its distribution), fewer full passes.
 
     exit_layer: depth 1..L-1 of the draft exit (required). draft_len: draft tokens per step
-    (>= 1). draft_threshold: stop a row's draft once its top-1 probability is below this.
+    (>= 1), or "auto": chosen per step from the measured costs and acceptance, 0 (plain
+    decoding) when speculation does not pay (:mod:`.draft_control`), at most
+    ``max_draft_len``. draft_threshold: stop a row's draft once its top-1 probability is
+    below this. ngram: also draft from the text's own n-grams up to this order (ANPD,
+    :mod:`.ngram`; None: off): a row whose tables predict a continuation drafts it instead
+    of the exit's tokens, up to ``ngram_len`` tokens (default: ``draft_len``).
     """
 
     exit_layer: int | None = None
-    draft_len: int = 4
+    draft_len: int | str = 4
     draft_threshold: float | None = None
+    ngram: int | None = None
+    ngram_len: int | None = None
+    max_draft_len: int = 8
 
     def __post_init__(self) -> None:
-        if isinstance(self.draft_len, bool) or not isinstance(self.draft_len, int) or (
-                self.draft_len < 1):
-            raise ConfigError(f"draft_len must be an int >= 1; got {self.draft_len!r}")
+        _check_draft_len(self.draft_len)
+        _check_draft_len(self.max_draft_len, "max_draft_len")
+        if self.max_draft_len == "auto":
+            raise ConfigError("max_draft_len must be an int >= 1")
+        if self.ngram_len is not None:
+            _check_draft_len(self.ngram_len, "ngram_len")
+            if self.ngram_len == "auto":
+                raise ConfigError("ngram_len must be an int >= 1 (draft_len='auto' sets both)")
+        if self.ngram is not None:
+            NGramDrafter(self.ngram)  # validates the order
         if self.draft_threshold is not None and not 0.0 <= float(self.draft_threshold) <= 1.0:
             raise ConfigError(f"draft_threshold must be a probability in [0, 1]; "
                               f"got {self.draft_threshold!r}")
@@ -242,10 +407,45 @@ class SelfSpeculative(DecodingStrategy):
     def decode(self, inputs: DecodeInputs) -> GenerateOutput:
         assert self.exit_layer is not None
         head, temperature = draft_head(inputs.model, inputs.backbone, self.exit_layer)
+        fixed = self.draft_len if isinstance(self.draft_len, int) else self.max_draft_len
         stats = stats_for(inputs, self.registered_name, exit_layer=self.exit_layer,
-                          draft_len=self.draft_len)
+                          draft_len=fixed)
         sequences = self_speculative_decode(
-            session_for(inputs, stats), head, self.exit_layer, self.draft_len,
+            session_for(inputs, stats), head, self.exit_layer, fixed,
             temperature=temperature, draft_threshold=self.draft_threshold,
-            sampler=inputs.sampler)
+            sampler=inputs.sampler,
+            ngram=NGramDrafter(self.ngram) if self.ngram is not None else None,
+            ngram_len=self.ngram_len, controller=_controller(self.draft_len, self.max_draft_len))
+        return GenerateOutput(sequences=sequences, stats=stats)
+
+
+@register_decoding_strategy("anpd")
+@dataclass
+class ANPD(DecodingStrategy):
+    """Adaptive n-gram parallel decoding (Ou et al., 2024): drafts read from the text's own
+    multi-level n-gram tables, verified by every block; no exit, no training (:mod:`.ngram`).
+
+    ngram: the largest order N (tables of orders N .. 2). draft_len: tokens per draft (>= 1),
+    or "auto" (chosen per step from measured costs and acceptance, at most
+    ``max_draft_len``).
+    """
+
+    ngram: int = 4
+    draft_len: int | str = "auto"
+    max_draft_len: int = 8
+
+    def __post_init__(self) -> None:
+        _check_draft_len(self.draft_len)
+        if self.max_draft_len == "auto":
+            raise ConfigError("max_draft_len must be an int >= 1")
+        _check_draft_len(self.max_draft_len, "max_draft_len")
+        NGramDrafter(self.ngram)
+
+    def decode(self, inputs: DecodeInputs) -> GenerateOutput:
+        fixed = self.draft_len if isinstance(self.draft_len, int) else self.max_draft_len
+        stats = stats_for(inputs, self.registered_name, exit_layer=0, draft_len=fixed)
+        sequences = self_speculative_decode(
+            session_for(inputs, stats), None, 0, fixed, sampler=inputs.sampler,
+            ngram=NGramDrafter(self.ngram), ngram_len=fixed,
+            controller=_controller(self.draft_len, self.max_draft_len))
         return GenerateOutput(sequences=sequences, stats=stats)

@@ -1,0 +1,106 @@
+"""Adaptive multi-level n-gram drafts from the text itself (ANPD; Ou et al., NAACL 2024).
+
+ANPD drafts without any model: an n-gram module built from the prompt's tokens and updated
+with every token decoding accepts predicts the next tokens; the full model verifies them as it
+verifies any draft, so the output stays exactly greedy (or, sampling, the full model's law).
+The *multi-level* module (the paper's MLN) keeps one table per order n = N .. 2, each mapping
+the last n - 1 tokens to the token that followed them; a query tries the longest context first
+and falls back to shorter ones, and a draft of k tokens is read by querying again with each
+predicted token appended (the paper's auto-regressive use of the module).
+
+Per row (shapes are Python lists; a batch has one :class:`NGramTables` per row):
+
+- ``update(tokens)`` ingests tokens appended to the row's text; only text decoding has
+  accepted is ever ingested, never a draft, so a rejected draft needs no rollback: the tables
+  after any number of steps equal tables built from the accepted text (a test checks it).
+- ``propose(k)`` returns up to k tokens (empty when even the shortest context is unseen).
+
+Reference: the paper's Section 3 (the N-gram module, its update with accepted tokens and the
+multi-level fallback); its code was not found, so this follows the text. Deviations and
+choices stated: a context seen several times predicts the token that followed it *most
+recently* (the module adapts to the text as it goes); the default order is N = 4 (contexts of
+3, 2, 1 tokens) because the paper's own default could not be read here; drafting stops at the
+first context seen nowhere instead of padding the draft.
+"""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+
+
+class NGramTables:
+    """Tables of orders ``max_n`` .. 2 over one growing text.
+
+    tables[c - 1] maps a context of c tokens (a tuple) to the token that followed it last.
+    """
+
+    def __init__(self, max_n: int = 4, tokens: list[int] | None = None) -> None:
+        if isinstance(max_n, bool) or not isinstance(max_n, int) or max_n < 2:
+            raise ConfigError(f"the n-gram order must be an int >= 2; got {max_n!r}")
+        self.max_n = max_n
+        self.text: list[int] = []
+        self.tables: list[dict[tuple[int, ...], int]] = [{} for _ in range(max_n - 1)]
+        if tokens:
+            self.update(tokens)
+
+    def update(self, tokens: list[int]) -> None:
+        """Append ``tokens`` to the text, recording every n-gram that ends in one of them."""
+        text = self.text
+        for t in tokens:
+            text.append(int(t))
+            end = len(text) - 1  # index of the new token
+            for c, table in enumerate(self.tables, start=1):
+                if end >= c:
+                    table[tuple(text[end - c:end])] = text[end]
+
+    def next_token(self, context: list[int]) -> int | None:
+        """The token predicted after ``context`` by the longest order that has seen its tail."""
+        for c in range(min(len(self.tables), len(context)), 0, -1):
+            hit = self.tables[c - 1].get(tuple(context[-c:]))
+            if hit is not None:
+                return hit
+        return None
+
+    def propose(self, k: int) -> list[int]:
+        """Up to ``k`` tokens continuing the text, each predicted from the text plus the
+        tokens predicted before it; stops at the first context no table has seen."""
+        context = self.text[-(self.max_n - 1):] if self.max_n > 1 else []
+        out: list[int] = []
+        while len(out) < k:
+            nxt = self.next_token(context)
+            if nxt is None:
+                break
+            out.append(nxt)
+            context = (context + [nxt])[-(self.max_n - 1):]
+        return out
+
+
+class NGramDrafter:
+    """One :class:`NGramTables` per row of a decode session, fed with what the rows emit.
+
+    The text of a row is its prompt's real tokens followed by every token it emitted (the
+    pending token included, since it is the full model's own choice).
+    """
+
+    def __init__(self, max_n: int = 4) -> None:
+        NGramTables(max_n)  # validates max_n
+        self.max_n = max_n
+        self.rows: dict[int, NGramTables] = {}
+        self._seen: dict[int, int] = {}
+
+    def start(self, prompts: list[list[int]]) -> None:
+        """Build the tables of each row (index = original row) from its prompt's tokens."""
+        self.rows = {r: NGramTables(self.max_n, p) for r, p in enumerate(prompts)}
+        self._seen = {r: 0 for r in self.rows}
+
+    def sync(self, row: int, generated: list[int]) -> None:
+        """Ingest the tokens ``row`` emitted since the last call."""
+        seen = self._seen[row]
+        if len(generated) > seen:
+            self.rows[row].update(generated[seen:])
+            self._seen[row] = len(generated)
+
+    def propose(self, row: int, generated: list[int], k: int) -> list[int]:
+        """Up to ``k`` draft tokens for ``row`` after its emitted ``generated`` tokens."""
+        self.sync(row, generated)
+        return self.rows[row].propose(k) if k > 0 else []
