@@ -51,8 +51,9 @@ from exitwise.runtime.timing import rotation  # noqa: E402
 Config = tuple[int, int, "float | None"]
 Run = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, dict | None]"]
 
-# ``never_slower`` in the summary: exitwise's greedy with its default kernels at least this
-# close to its greedy on stock kernels (the same decoding, timed back to back), per batch size.
+# The tolerance of ``never_slower`` (every automatic drafter at least this close to exitwise's
+# greedy on stock kernels) and of ``greedy_kernels_never_slower`` (exitwise's greedy with its
+# default kernels against the same on stock ones), both timed back to back per batch size.
 NEVER_SLOWER_TOLERANCE = 0.02
 
 
@@ -128,8 +129,8 @@ def exitwise_method(model: Any, name: str, family: str, max_new_tokens: int, eos
                     pad: int, **options: Any) -> Method:
     """exitwise's ``generate`` with a strategy and its options (family: exitwise_greedy,
     self_spec or calm)."""
-    strategy = {"exitwise_greedy": "greedy", "self_spec": "self_speculative",
-                "calm": "early_exit"}[family]
+    strategy = options.pop("strategy", None) or {
+        "exitwise_greedy": "greedy", "self_spec": "self_speculative", "calm": "early_exit"}[family]
 
     def run(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
         out = generate(model, ids, mask, strategy=strategy, max_new_tokens=max_new_tokens,
@@ -141,11 +142,41 @@ def exitwise_method(model: Any, name: str, family: str, max_new_tokens: int, eos
                   info={k: v for k, v in options.items() if k != "policy"})
 
 
+def parse_drafters(specs: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Named lossless drafters beyond the fixed (exit, draft length) configs:
+
+    ``anpd`` / ``anpd:D``: n-gram drafts alone (ANPD), draft length D or "auto";
+    ``auto@E``: exit E's drafts, draft length chosen per step ("auto");
+    ``ngram@E:D``: exit E's drafts of D with n-gram drafts where the text predicts them;
+    ``ngram@E:auto``: the same with automatic lengths.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        kind, _, arg = spec.partition("@")
+        try:
+            if kind.startswith("anpd"):
+                d = kind.partition(":")[2] or "auto"
+                out[spec] = {"strategy": "anpd", "draft_len": d if d == "auto" else int(d)}
+            elif kind == "auto":
+                out[spec] = {"strategy": "self_speculative", "exit_layer": int(arg),
+                             "draft_len": "auto"}
+            elif kind == "ngram":
+                e, _, d = arg.partition(":")
+                out[spec] = {"strategy": "self_speculative", "exit_layer": int(e),
+                             "draft_len": d if d == "auto" else int(d), "ngram": 4}
+            else:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"bad drafter {spec!r}; write anpd, anpd:D, auto@E, ngram@E:D or "
+                              "ngram@E:auto") from None
+    return out
+
+
 def build_methods(model: Any, bs: int, pairs: list[Config], stock_pairs: list[Config],
                   assist_pairs: list[Config], calm: dict[str, Any], calm_kv: str,
                   calm_batch_sizes: Sequence[int], exitwise_greedy: bool, hf_assistant: bool,
                   assistant_chunks: int, max_new_tokens: int, eos: set[int],
-                  pad: int) -> list[Method]:
+                  pad: int, drafters: dict[str, dict[str, Any]] | None = None) -> list[Method]:
     common = dict(max_new_tokens=max_new_tokens, eos=eos, pad=pad)
     methods = [hf_method(model, "hf_greedy", **common)]
     if exitwise_greedy:  # the default kernels, and the stock ones beside them
@@ -162,6 +193,9 @@ def build_methods(model: Any, bs: int, pairs: list[Config], stock_pairs: list[Co
             methods.append(exitwise_method(
                 model, f"{prefix}@{config_name(c)}", "self_spec", exit_layer=c[0],
                 draft_len=c[1], draft_threshold=c[2], kernels=kernels, **common))
+    for name, options in (drafters or {}).items():
+        methods.append(exitwise_method(model, f"draft@{name}", "self_spec", **dict(options),
+                                       **common))
     if bs in calm_batch_sizes:
         for name, policy in calm.items():
             methods.append(exitwise_method(model, f"calm@{name}", "calm", policy=policy,
@@ -254,7 +288,7 @@ def bench_lm(
     threads: int | None = None, calm: dict[str, Any] | None = None, calm_kv: str = "skip",
     calm_batch_sizes: Sequence[int] = (1,), exitwise_greedy: bool = True,
     stock_configs: Sequence[Any] = (), assistant_prompts: int | None = None,
-    print_fn: Any = print,
+    print_fn: Any = print, drafters: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Time every method on ``prompts`` at each batch size; returns the report (module doc).
 
@@ -263,7 +297,8 @@ def bench_lm(
     exitwise's greedy with the default and with stock kernels (speculation alone, and the
     kernel check); hf_assistant / assistant_configs / assistant_prompts: HF's early-exit
     assistant (batch 1 only; on the first ``assistant_prompts`` prompts); calm: name ->
-    token-level exit policy, run as early-exit decoding (``calm_kv``) at ``calm_batch_sizes``.
+    token-level exit policy, run as early-exit decoding (``calm_kv``) at ``calm_batch_sizes``;
+    drafters: named lossless drafters (:func:`parse_drafters`), reported as ``draft@NAME``.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -281,7 +316,8 @@ def bench_lm(
     report: dict[str, Any] = {
         "num_prompts": len(texts), "max_new_tokens": max_new_tokens, "repeats": repeats,
         "threads": torch.get_num_threads(), "num_layers": num_layers,
-        "configs": [config_name(p) for p in pairs], "batch_sizes": {},
+        "configs": [config_name(p) for p in pairs], "drafters": list(drafters),
+        "batch_sizes": {},
     }
     for bs in batch_sizes:
         chunks = [encode_prompts(tokenizer, texts[s : s + bs], device)
@@ -290,7 +326,8 @@ def bench_lm(
             -assistant_prompts // bs)
         methods = build_methods(model, bs, pairs, stock_pairs, assist_pairs, calm or {},
                                 calm_kv, calm_batch_sizes, exitwise_greedy, hf_assistant,
-                                assistant_chunks, max_new_tokens, eos, pad)
+                                assistant_chunks, max_new_tokens, eos, pad,
+                                parse_drafters(drafters))
         for m in methods:  # warm-up: first-call allocations out of the timings
             m.run(*encode_prompts(tokenizer, texts[:1], device))
         recs = time_methods(methods, chunks, repeats, eos, print_fn, f"batch {bs}, ")
@@ -302,7 +339,7 @@ def bench_lm(
             # repetition): the ratio of their summed times there (both lossless).
             n = min(assistant_chunks, len(chunks))
             for m in methods:
-                if m.family == "self_spec":
+                if m.family == "self_spec" and m.name.startswith("self_spec@"):
                     mine = sum(recs[m.name]["chunk_seconds"][:n])
                     entries[m.name]["vs_hf_assistant_same_prompts"] = {
                         a: sum(recs[a]["chunk_seconds"][:n]) / mine for a in assistants}
@@ -385,8 +422,52 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     if kernels:
         out["greedy_kernels"] = kernels
         out["never_slower_tolerance"] = NEVER_SLOWER_TOLERANCE
-        out["never_slower"] = all(k["default_vs_stock_greedy"] >= 1.0 - NEVER_SLOWER_TOLERANCE
-                                  for k in kernels.values())
+        out["greedy_kernels_never_slower"] = all(
+            k["default_vs_stock_greedy"] >= 1.0 - NEVER_SLOWER_TOLERANCE
+            for k in kernels.values())
+    out.update(lossless_summary(report))
+    return out
+
+
+def _is_lossless_exitwise(name: str) -> bool:
+    return name.startswith(("self_spec@", "draft@"))
+
+
+def lossless_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """``best_lossless`` per batch size (the fastest exitwise lossless method: tokens/s,
+    speed-up vs HF greedy and vs exitwise greedy, acceptance, exact match) and
+    ``never_slower``: every automatic configuration (draft length "auto") at least as fast
+    as exitwise's greedy on stock kernels, within the tolerance, at every batch size."""
+    best: dict[str, Any] = {}
+    auto_ok: list[bool] = []
+    auto_ratios: dict[str, dict[str, float]] = {}
+    for bs, entries in report["batch_sizes"].items():
+        cands = [(n, e) for n, e in entries.items() if _is_lossless_exitwise(n)]
+        if not cands:
+            continue
+        name, e = max(cands, key=lambda x: x[1]["tokens_per_s"])
+        own = entries.get("exitwise_greedy")
+        best[bs] = {
+            "method": name, "tokens_per_s": e["tokens_per_s"],
+            "speedup_vs_greedy": e["tokens_per_s"] / entries["hf_greedy"]["tokens_per_s"],
+            "speedup_vs_exitwise_greedy": (
+                e["tokens_per_s"] / own["tokens_per_s"] if own else None),
+            "acceptance": e.get("acceptance_rate"), "exact_match": e["exact_match"],
+        }
+        stock = entries.get("exitwise_greedy_stock")
+        for n, a in cands:
+            if a.get("draft_len") == "auto" and stock:
+                r = a["tokens_per_s"] / stock["tokens_per_s"]
+                auto_ratios.setdefault(bs, {})[n] = r
+                auto_ok.append(r >= 1.0 - NEVER_SLOWER_TOLERANCE)
+    out: dict[str, Any] = {}
+    if best:
+        first = min(best, key=int)
+        out["best_lossless"] = best[first]
+        out["best_lossless_per_batch_size"] = best
+    if auto_ok:
+        out["auto_vs_stock_greedy"] = auto_ratios
+        out["never_slower"] = all(auto_ok)
     return out
 
 
@@ -403,6 +484,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--no-hf-assistant", action="store_true")
     p.add_argument("--stock-configs", default=None,
                    help="configs to time again on stock nn.Linear kernels")
+    p.add_argument("--drafters", default="",
+                   help="named lossless drafters (anpd, anpd:D, auto@E, ngram@E:D, ngram@E:auto)")
     p.add_argument("--no-chat", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="also write the report to this JSON file")
@@ -414,7 +497,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         batch_sizes=[int(b) for b in args.batch_sizes.split(",")], repeats=args.repeats,
         hf_assistant=not args.no_hf_assistant, chat=False if args.no_chat else None,
         threads=args.threads,
-        stock_configs=args.stock_configs.split(",") if args.stock_configs else ())
+        stock_configs=args.stock_configs.split(",") if args.stock_configs else (),
+        drafters=[d for d in args.drafters.split(",") if d])
     print(json.dumps(report["summary"], indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -81,6 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None,
                    help="passes over all prompts (default 1: every prompt is already an "
                         "interleaved measurement); quick 1")
+    p.add_argument("--drafters", default="anpd,auto@2,ngram@2:1,ngram@2:auto",
+                   help="named lossless drafters timed beside the configs (lm_bench."
+                        "parse_drafters: anpd, anpd:D, auto@E, ngram@E:D, ngram@E:auto; "
+                        "'none' for none)")
     p.add_argument("--batch-sizes", default="1,4")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--calm-epsilons", default="0.1,0.25",
@@ -298,6 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
         repeats=args.repeats, threads=args.threads,
         assistant_configs=assistant, stock_configs=stock,
         assistant_prompts=args.assistant_prompts or None,
+        drafters=[] if args.drafters == "none" else args.drafters.split(","),
     )
     report["hf_assistant_sweep_tps"] = sweep
     report["selection"] = (

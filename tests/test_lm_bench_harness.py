@@ -28,17 +28,19 @@ def tuned(tiny_lm_dir, tmp_path_factory):
 def test_every_method_per_batch_size_and_the_summary(tuned, tmp_path):
     bench_json = tmp_path / "bench.json"
     main([str(tuned), "--configs", "2:3", "--batch-sizes", "1,4", "--max-new-tokens", "8",
-          "--repeats", "1", "--limit", "5", "--stock-configs", "2:3", "--out", str(bench_json)])
+          "--repeats", "1", "--limit", "5", "--stock-configs", "2:3", "--out", str(bench_json),
+          "--drafters", "anpd,auto@2,ngram@2:auto"])
     bench = json.loads(bench_json.read_text())
     b1, b4 = bench["batch_sizes"]["1"], bench["batch_sizes"]["4"]
+    drafters = {"draft@anpd", "draft@auto@2", "draft@ngram@2:auto"}
     ours = {"hf_greedy", "exitwise_greedy", "exitwise_greedy_stock", "self_spec@2:3",
-            "self_spec_stock@2:3"}
+            "self_spec_stock@2:3"} | drafters
     assert set(b1) == ours | {"hf_assistant@2:3"}
     assert set(b4) == ours  # HF's assistant: batch 1 only
     assert b1["hf_greedy"]["exact_match"] == 1.0 and b1["hf_greedy"]["new_tokens"] > 0
     # exitwise's decoders are lossless: same tokens as HF greedy, on either kernel
     for name in ("exitwise_greedy", "exitwise_greedy_stock", "self_spec@2:3",
-                 "self_spec_stock@2:3"):
+                 "self_spec_stock@2:3", *drafters):
         assert b1[name]["exact_match"] == 1.0 and b4[name]["exact_match"] == 1.0, name
     assert 0.0 <= b1["self_spec@2:3"]["acceptance_rate"] <= 1.0
     s = bench["summary"]
@@ -56,7 +58,21 @@ def test_every_method_per_batch_size_and_the_summary(tuned, tmp_path):
     # the default kernels against stock ones, per batch size, with the rule stated
     assert set(s["greedy_kernels"]) == {"1", "4"}
     ratios = [k["default_vs_stock_greedy"] for k in s["greedy_kernels"].values()]
-    assert s["never_slower"] == all(r >= 1 - s["never_slower_tolerance"] for r in ratios)
+    assert s["greedy_kernels_never_slower"] == all(
+        r >= 1 - s["never_slower_tolerance"] for r in ratios)
+    # never_slower: every automatic drafter against exitwise greedy on stock kernels
+    for bs in ("1", "4"):
+        entries = bench["batch_sizes"][bs]
+        stock = entries["exitwise_greedy_stock"]["tokens_per_s"]
+        assert s["auto_vs_stock_greedy"][bs] == pytest.approx(
+            {n: entries[n]["tokens_per_s"] / stock for n in drafters})
+        best = max((n for n in entries if n.startswith(("self_spec@", "draft@"))),
+                   key=lambda n: entries[n]["tokens_per_s"])
+        assert s["best_lossless_per_batch_size"][bs]["method"] == best
+    auto = [r for per in s["auto_vs_stock_greedy"].values() for r in per.values()]
+    assert s["never_slower"] == all(r >= 1 - s["never_slower_tolerance"] for r in auto)
+    assert s["best_lossless"] == s["best_lossless_per_batch_size"]["1"]
+    assert s["best_lossless"]["exact_match"] == 1.0
     k1 = s["greedy_kernels"]["1"]
     assert k1["default_vs_stock_greedy"] == pytest.approx(
         b1["exitwise_greedy"]["tokens_per_s"] / b1["exitwise_greedy_stock"]["tokens_per_s"])
