@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="exit layers tried for HF's assistant on 2 prompts x 32 tokens; the "
                         "fastest is benchmarked (ignored with --assistant-configs)")
     p.add_argument("--adapter", default="mlp")
+    p.add_argument("--conditioned", action="store_true",
+                   help="feature-conditioned exits (they also read the full model's final "
+                        "state at the previous position; tuned on --answers)")
     p.add_argument("--draft-vocab", type=int, default=8192,
                    help="draft vocabulary of the exit heads (0: the full vocabulary)")
     p.add_argument("--answers", type=int, default=None,
@@ -250,6 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
         options = {"steps": args.steps, "lr": args.lr, "batch_size": 8, "seq_len": 128}
     job = TuneLMJob(
         out_dir=str(work), model=args.model, exit_layers=exits, adapter=args.adapter,
+        conditioned=args.conditioned,
         objective=objective, options=options, num_generations=1 if args.quick else 2,
         gen_tokens=48 if args.quick else 96, draft_vocab=args.draft_vocab or None,
         answers=args.answers, answer_tokens=args.max_new_tokens,

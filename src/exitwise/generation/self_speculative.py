@@ -183,6 +183,7 @@ def self_speculative_decode(
         ctx = session.context(0, q)
         hidden = bb.run_layers(states, e, num_layers, ctx)
         target_logits = bb.lm_logits(bb.final_norm(hidden))  # (A, k+1, V)
+        last_final = hidden
         drafted = torch.stack(drafts, 1) if k else session.pending[:, None][:, :0]  # (A, k)
         if sampling:
             p = sampler.probs(target_logits)
@@ -212,6 +213,8 @@ def self_speculative_decode(
                 if bool(sel.any()):
                     controller.record_acceptance(
                         source, int(accepted[sel].sum()), int((accepted[sel] < row_len[sel]).sum()))
+        # the final state at the position that chose each row's next token (conditioned exits)
+        session.final_hidden = last_final[torch.arange(a, device=device), accepted]
         best = int(accepted.max())
         if k > best:
             session.cache.crop(-(k - best))  # slots no row kept
@@ -269,8 +272,11 @@ def _draft_sequentially(session, head, e, k, row_len, live, proposals, from_ngra
         hidden = bb.run_layers(bb.embed(tokens[:, None], ctx.positions), 0, e, ctx)
         states.append(hidden)
         if j < k or head.uses_cache:  # keep a block adapter's cache aligned with blocks < E
-            # (A, K) over the head's draft vocabulary (K = V without one)
-            logits = head.draft_logits(hidden, ctx)[:, -1]
+            # (A, K) over the head's draft vocabulary (K = V without one); a conditioned exit
+            # reads the final state that chose the pending token (first draft only)
+            cond = session.final_hidden[:, None] if (
+                j == 0 and head.conditioned and session.final_hidden is not None) else None
+            logits = head.draft_logits(hidden, ctx, cond)[:, -1]
             stats.head_applications += sum(running)
         if j == k:
             break

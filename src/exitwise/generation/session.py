@@ -29,6 +29,9 @@ class DecodeSession:
     next_pos: (A,) position id of the pending token.
     pending:  (A,) the last token the full model chose; not yet in the cache.
     slot_tokens: (A, S) token id in each slot (holes keep their rejected draft).
+    final_hidden: (A, H) the last block's output (before the final norm) at the position that
+        chose ``pending`` (set by the prefill and by decoders that keep it up to date; read
+        by feature-conditioned draft exits).
 
     keep_finished: keep finished rows in the batch (as ``model.generate`` does) instead of
         dropping them; their further tokens are not emitted. Used to inspect the final cache.
@@ -61,6 +64,7 @@ class DecodeSession:
         self.slot_tokens = input_ids.long()
         self.next_pos = self.mask.sum(1)
         self.pending = torch.zeros(b, dtype=torch.long, device=device)
+        self.final_hidden: torch.Tensor | None = None
         self.generated: list[list[int]] = [[] for _ in range(b)]
         self.done = [False] * b
 
@@ -105,6 +109,7 @@ class DecodeSession:
             hidden = bb.run_layers(hidden, 0, bb.num_layers, ctx)
         self.stats.prefill_layer_applications = int(self.mask.sum()) * bb.num_layers
         last = last_real(hidden, self.mask)
+        self.final_hidden = last
         return bb.lm_logits(bb.final_norm(last))
 
     def context(self, first: int, count: int) -> DecodeContext:
@@ -173,6 +178,8 @@ class DecodeSession:
         self.slot_tokens = self.slot_tokens[idx]
         self.next_pos = self.next_pos[idx]
         self.pending = self.pending[idx]
+        if self.final_hidden is not None:
+            self.final_hidden = self.final_hidden[idx]
 
     def sequences(self) -> torch.Tensor:
         """(B, T + N): prompts followed by the generated tokens, padded with the pad id."""

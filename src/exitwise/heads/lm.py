@@ -23,6 +23,17 @@ costs no new parameters. Optional trainable pieces:
   removed feed-forward (Llama's ``post_attention_layernorm``, GPT-2's ``ln_2``) stays in the
   copy but no longer affects the output (it gets no gradient);
 - ``untied=True``:     an own copy of the LM head.
+- ``conditioned=True``: a *feature-conditioned* draft exit (the idea of EAGLE and Medusa,
+  brought to early exit): the exit also reads the full model's final hidden state g at the
+  previous position, which verification has just computed for free, as
+  ``h + fuse(final_norm(g))`` before the adapter (``fuse`` a Linear(H, H) starting at zero,
+  so the exit starts exactly as an unconditioned one). The shallow state h of the new token
+  knows the token; g knows what all L blocks made of the context before it. Trained on the
+  model's own answers (:mod:`exitwise.lm.objectives.answers`) with the condition dropped
+  (zeroed) for a share of the positions, so the head also drafts without one: deeper drafts
+  (x2, x3, ...) and early-exit decoding have no final state of the previous position yet, and
+  pass none. Deviation from EAGLE: no feature-level autoregression (EAGLE predicts the next
+  final feature and chains on it); only the first draft of a step is conditioned.
 
 ``draft_vocab=K`` restricts the exit's read-out to K token ids (a persistent ``vocab_ids``
 buffer, chosen from data by :func:`exitwise.lm.draft_vocab.choose_draft_vocab`): the
@@ -40,7 +51,8 @@ Before :meth:`init_from_backbone` binds it, a head stands alone with its own Lay
 (num_labels x in_features) output layer, so the head contract holds for it too.
 
 Shapes: ``forward(hidden (B, T, H), mask (B, T)) -> (B, V)`` next-token logits at each row's
-last real token (left or right padding); ``token_logits(hidden (B, q, H)) -> (B, q, V)``.
+last real token (left or right padding); ``token_logits(hidden (B, q, H)) -> (B, q, V)``;
+``condition``: (B, q, H) final hidden states of the previous positions, or None.
 """
 
 from __future__ import annotations
@@ -104,9 +116,18 @@ class LMHead(ExitHead):
         untied: bool = False,
         mlp_hidden: int | None = None,
         draft_vocab: int | None = None,
+        conditioned: bool = False,
         backbone: nn.Module | None = None,
     ) -> None:
         super().__init__(in_features, num_labels, dropout)
+        self.conditioned = bool(conditioned)
+        self.fuse: nn.Linear | None = None
+        if self.conditioned:
+            if adapter in ("block", "kangaroo"):
+                raise ConfigError("conditioned=True works with adapter 'none', 'norm' or 'mlp'")
+            self.fuse = nn.Linear(in_features, in_features)
+            nn.init.zeros_(self.fuse.weight)
+            nn.init.zeros_(self.fuse.bias)
         if draft_vocab is not None and (
             not isinstance(draft_vocab, int) or isinstance(draft_vocab, bool)
             or not 1 <= draft_vocab <= num_labels
@@ -230,7 +251,8 @@ class LMHead(ExitHead):
         return self._backbone.lm_head
 
     # -- forward ----------------------------------------------------------------------------
-    def token_logits(self, hidden: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+    def token_logits(self, hidden: torch.Tensor, ctx: Any = None,
+                     condition: torch.Tensor | None = None) -> torch.Tensor:
         """Logits at every position: hidden (B, q, H) -> (B, q, V).
 
         ``ctx`` (a :class:`~exitwise.backbones.hf_decoder.DecodeContext`) is needed only by
@@ -238,18 +260,20 @@ class LMHead(ExitHead):
         the q tokens alone, causally, at positions 0..q-1. With a draft vocabulary, ids outside
         it get -inf.
         """
-        return self._vocab_logits(self._transform(hidden, ctx))
+        return self._vocab_logits(self._transform(hidden, ctx, condition))
 
-    def compact_logits(self, hidden: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+    def compact_logits(self, hidden: torch.Tensor, ctx: Any = None,
+                       condition: torch.Tensor | None = None) -> torch.Tensor:
         """(B, q, H) -> (B, q, K) logits over ``vocab_ids`` (K = V without a draft
         vocabulary, in token-id order)."""
-        hidden = self._transform(hidden, ctx)
+        hidden = self._transform(hidden, ctx, condition)
         if self.vocab_ids is None:
             return self._readout(hidden)
         return self._compact_readout(hidden)
 
     @torch.no_grad()
-    def draft_logits(self, hidden: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+    def draft_logits(self, hidden: torch.Tensor, ctx: Any = None,
+                     condition: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`compact_logits` for drafting (inference only), (B, q, H) -> (B, q, K).
 
         With a draft vocabulary the K x H read-out is kept a second time, transposed (H x K,
@@ -259,8 +283,8 @@ class LMHead(ExitHead):
         round-off; a draft only proposes tokens, so decoding stays lossless.
         """
         if self.vocab_ids is None or self._backbone is None or hidden.is_cuda:
-            return self.compact_logits(hidden, ctx)
-        return self._compact_readout(self._transform(hidden, ctx), transposed=True)
+            return self.compact_logits(hidden, ctx, condition)
+        return self._compact_readout(self._transform(hidden, ctx, condition), transposed=True)
 
     def _vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., V); -inf outside the draft vocabulary when there is one."""
@@ -319,9 +343,14 @@ class LMHead(ExitHead):
         out = self._transform(hidden, ctx)
         return self._vocab_logits(last_real(out, mask).unsqueeze(1))[:, 0]
 
-    def _transform(self, hidden: torch.Tensor, ctx: Any) -> torch.Tensor:
-        """Dropout and the trainable adapter (mlp / block / kangaroo): (B, q, H) -> (B, q, H)."""
+    def _transform(self, hidden: torch.Tensor, ctx: Any,
+                   condition: torch.Tensor | None = None) -> torch.Tensor:
+        """Dropout, the condition (``conditioned`` heads) and the trainable adapter (mlp /
+        block / kangaroo): (B, q, H) -> (B, q, H)."""
         hidden = self.dropout(hidden)
+        if self.fuse is not None and condition is not None:
+            norm = self._backbone.final_norm if self._backbone is not None else self.norm
+            hidden = hidden + self.fuse(norm(condition.to(hidden.dtype)))
         if self.mlp is not None:
             hidden = self.mlp(hidden)
         if self.block is not None:
@@ -348,6 +377,8 @@ class LMHead(ExitHead):
         flops = 2.0 * self.in_features * (self.draft_vocab or self.num_labels)
         if self.mlp is not None:
             flops += self.linear_flops(self.mlp.fc1, self.mlp.fc2)
+        if self.fuse is not None:
+            flops += self.linear_flops(self.fuse)
         out = torch.full((batch_size,), flops, dtype=torch.float64)
         if self.block is not None:
             backbone = self._backbone

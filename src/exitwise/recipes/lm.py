@@ -39,6 +39,8 @@ ADAPTERS = ("none", "norm", "mlp", "block", "kangaroo")
 class TuneLMJob:
     """One tuning run of a decoder LM's exits, saved to ``out_dir`` (a rerun resumes).
 
+    conditioned: feature-conditioned exits (:class:`~exitwise.heads.lm.LMHead`; trained by
+        the "answers" objective, which feeds them the final states).
     objective: any of :data:`exitwise.lm.OBJECTIVES` ("ce", "kl", "answers", "layerskip",
         "free", "calm"); ``options`` are that objective's config options (checked by it: an
         option it does not have is refused with its list).
@@ -54,6 +56,7 @@ class TuneLMJob:
     exit_layers: list[int] = field(default_factory=lambda: [8])
     adapter: str = "mlp"
     draft_vocab: int | None = None
+    conditioned: bool = False
     objective: str = "ce"
     options: dict[str, Any] = field(default_factory=dict)
     answers: int = 256
@@ -163,12 +166,16 @@ def run_tune_lm(
     model's own outputs, save everything to ``job.out_dir``; returns the tuning report."""
     if job.adapter not in ADAPTERS:
         raise ConfigError(f"adapter must be one of {', '.join(ADAPTERS)}; got {job.adapter!r}")
+    if job.conditioned and job.objective != "answers":
+        raise ConfigError("conditioned exits are tuned by the 'answers' objective (it feeds them "
+                          f"the final states); got objective {job.objective!r}")
     config = job.config()
     lm, tokenizer = load_causal_lm(job.model, print_fn=print_fn)
     exit_config = ExitConfig(
         layers=list(job.exit_layers), head="lm", num_labels=int(lm.config.vocab_size),
         head_kwargs={"adapter": job.adapter,
-                     **({"draft_vocab": job.draft_vocab} if job.draft_vocab else {})},
+                     **({"draft_vocab": job.draft_vocab} if job.draft_vocab else {}),
+                     **({"conditioned": True} if job.conditioned else {})},
         final_head_kwargs={},
     )
     model = attach_exits(lm, exit_config)

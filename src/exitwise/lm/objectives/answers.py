@@ -101,10 +101,28 @@ def stack_features(feats: list[torch.Tensor], index: list[int]) -> tuple[torch.T
     return hidden, mask
 
 
-def head_logits(head: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def head_logits(head: Any, hidden: torch.Tensor, mask: torch.Tensor,
+                condition: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T, K) compact logits of ``head`` at every position (a block adapter attends
-    causally over the real tokens, as in generation)."""
-    return head.compact_logits(hidden, DecodeContext(None, prompt_positions(mask), mask))
+    causally over the real tokens, as in generation); ``condition`` (B, T, H): what a
+    feature-conditioned head reads at each position."""
+    ctx = DecodeContext(None, prompt_positions(mask), mask)
+    if condition is None:
+        return head.compact_logits(hidden, ctx)
+    return head.compact_logits(hidden, ctx, condition)
+
+
+def previous_final(final: torch.Tensor, drop: float = 0.0,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """The condition of a feature-conditioned exit: at position t the final hidden state at
+    t - 1 (zeros at t = 0), (B, T, H) -> (B, T, H); each position's condition is zeroed with
+    probability ``drop`` (so the head also learns to draft without one)."""
+    cond = torch.zeros_like(final)
+    cond[:, 1:] = final[:, :-1]
+    if drop > 0:
+        keep = torch.rand(cond.shape[:2], generator=generator) >= drop
+        cond = cond * keep[..., None].to(cond.dtype)
+    return cond
 
 
 # -- the config ----------------------------------------------------------------------------
@@ -116,6 +134,9 @@ class AnswersConfig(ObjectiveConfig):
 
     epochs: passes over the training answers (fractions allowed); steps = ceil(epochs x
     answers / batch_size). Warmup, then cosine decay to ``min_lr_ratio`` x lr.
+    condition_dropout: for feature-conditioned heads (``conditioned=True``), the share of
+    positions trained without the previous position's final state (see
+    :class:`~exitwise.heads.lm.LMHead`); their features then run through every block once.
     """
 
     epochs: float = 3.0
@@ -124,11 +145,15 @@ class AnswersConfig(ObjectiveConfig):
     warmup_steps: int = 20
     schedule: str = "cosine"
     eval_fraction: float = 0.05
+    condition_dropout: float = 0.25
 
     def validate(self) -> None:
         super().validate()
         if not is_number(self.epochs) or self.epochs <= 0:
             raise ConfigError(f"epochs must be a positive number; got {self.epochs!r}")
+        if not is_number(self.condition_dropout) or not 0 <= self.condition_dropout < 1:
+            raise ConfigError(
+                f"condition_dropout must be in [0, 1); got {self.condition_dropout!r}")
 
     def build(self, model: Any, data: Any, tokenizer: Any, output_dir: Any,
               progress: bool = True) -> Prepared:
@@ -143,8 +168,19 @@ class AnswersConfig(ObjectiveConfig):
         train_idx, eval_idx = [int(i) for i in train_idx], [int(i) for i in eval_idx]
         steps = max(1, -(-int(self.epochs * len(train_idx)) // self.batch_size))
         per_epoch = -(-len(train_idx) // self.batch_size)
-        feats = exit_features(model, ks, answers, self.batch_size, progress)
+        conditioned = [bool(getattr(model.heads[k], "conditioned", False)) for k in ks]
+        last = len(model.exit_layers) - 1  # the final layer: conditioned heads read its states
+        feats = exit_features(model, ks + [last] if any(conditioned) else ks, answers,
+                              self.batch_size, progress)
+        final = feats.pop() if any(conditioned) else None
         bs = self.batch_size
+
+        def condition_of(jx: int, part: list[int], drop: float, step: int) -> torch.Tensor | None:
+            if not conditioned[jx]:
+                return None
+            hidden, _ = stack_features(final, part)
+            g = torch.Generator().manual_seed(derived_seed(self.seed, 10_000_019 + step))
+            return previous_final(hidden, drop, g).to(device)
 
         def setup() -> None:
             ranked = answer_token_ranking([answers[i] for i in train_idx], vocab)
@@ -173,8 +209,9 @@ class AnswersConfig(ObjectiveConfig):
                 head = model.heads[k]
                 hidden, mask = stack_features(feats[jx], part)
                 tgt = answer_targets(answers, part, hidden.shape[1], where_of(k)).to(device)
-                losses.append(answer_ce(head_logits(head, hidden.to(device), mask.to(device)),
-                                        tgt))
+                cond = condition_of(jx, part, self.condition_dropout, step)
+                losses.append(answer_ce(
+                    head_logits(head, hidden.to(device), mask.to(device), cond), tgt))
             total = torch.stack(losses).mean()
             return total, {str(d): float(v.detach()) for d, v in zip(depths, losses)}
 
@@ -189,8 +226,9 @@ class AnswersConfig(ObjectiveConfig):
                 for j, k in enumerate(ks):
                     head = model.heads[k]
                     hidden, mask = stack_features(feats[j], part)
+                    cond = condition_of(j, part, 0.0, 0)
                     top = head.compact_argmax(
-                        head_logits(head, hidden.to(device), mask.to(device))).cpu()
+                        head_logits(head, hidden.to(device), mask.to(device), cond)).cpu()
                     hits[j] += int((top[real] == tgt[real]).sum())
             return {str(d): h / max(total, 1) for d, h in zip(depths, hits)}
 
@@ -205,6 +243,7 @@ class AnswersConfig(ObjectiveConfig):
             settings={"objective": self.registered_name, "exit_layers": depths,
                       "model": backbone.describe(), "batch_size": bs, "seed": self.seed,
                       "num_answers": len(answers),
+                      **({"conditioned": conditioned} if any(conditioned) else {}),
                       "eval_fraction": float(self.eval_fraction)},
         )
         return Prepared(task=task, steps=steps, metric="agreement", num_train=len(train_idx),
