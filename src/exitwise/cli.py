@@ -111,7 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=None)
     d.add_argument("--data", default=None)
     d.add_argument("--max-train", type=int, default=8000)
+    d.add_argument("--tune", action="store_true",
+                   help="llm: tune a draft exit anew instead of the one shipped for SmolLM2")
     return p
+
+
+def _draft_len(value: str) -> int | str:
+    return value if value == "auto" else int(value)
 
 
 def _delta(value: str) -> float | None:
@@ -153,6 +159,9 @@ def _add_lm_commands(sub: Any) -> None:
                    choices=["none", "norm", "mlp", "block", "kangaroo"])
     t.add_argument("--draft-vocab", type=int, default=None,
                    help="read out only the K most likely token ids at the exit (e.g. 8192)")
+    t.add_argument("--conditioned", action="store_true",
+                   help="feature-conditioned exits: they also read the full model's final state "
+                        "at the previous position (objective 'answers')")
     # The objective's own options: only those given are passed, and the objective refuses
     # any it does not have (e.g. --epochs is an option of 'answers' only).
     t.add_argument("--steps", type=int, default=None)
@@ -181,8 +190,14 @@ def _add_lm_commands(sub: Any) -> None:
     g.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     g.add_argument("--strategy", default="self_speculative",
                    choices=["greedy", "self_speculative", "early_exit"])
-    g.add_argument("--exit-layer", type=int, default=None, help="default: the tuned exit")
-    g.add_argument("--draft-len", type=int, default=4)
+    g.add_argument("--exit-layer", type=int, default=None,
+                   help="default: the tuned exit, or the drafter shipped for the model")
+    g.add_argument("--draft-len", type=_draft_len, default=None,
+                   help="an int, or 'auto' (chosen per step from measured costs); default: "
+                        "the shipped drafter's, else 4")
+    g.add_argument("--ngram", type=int, default=None,
+                   help="self_speculative: also draft from the text's n-grams up to this order "
+                        "(0: off; default: the shipped drafter's, else off)")
     g.add_argument("--draft-threshold", type=float, default=None,
                    help="self_speculative: stop a draft once its top-1 probability is below")
     g.add_argument("--kv", default="skip", choices=["skip", "propagate", "recompute"],
@@ -218,7 +233,8 @@ def _run_lm(args: argparse.Namespace) -> int:
         options.update(_key_values(args.option))
         job = lm.TuneLMJob(
             out_dir=args.out, model=args.model, exit_layers=args.exit_layer, adapter=args.adapter,
-            draft_vocab=args.draft_vocab, objective=args.objective, options=options,
+            draft_vocab=args.draft_vocab, conditioned=args.conditioned,
+            objective=args.objective, options=options,
             answers=args.answers, answer_tokens=args.answer_tokens, data_dir=args.data_dir,
             num_generations=args.generations, gen_tokens=args.gen_tokens,
         )
@@ -231,7 +247,7 @@ def _run_lm(args: argparse.Namespace) -> int:
             draft_len=args.draft_len, max_new_tokens=args.max_new_tokens,
             chat=False if args.no_chat else None, do_sample=args.sample, seed=args.seed,
             policy={"name": args.policy, "threshold": args.threshold}, kv=args.kv,
-            draft_threshold=args.draft_threshold, kernels=args.kernels,
+            draft_threshold=args.draft_threshold, kernels=args.kernels, ngram=args.ngram,
         )
         if args.json:
             print(json.dumps(out, indent=2, default=_json_default))
@@ -284,7 +300,7 @@ def _run(args: argparse.Namespace) -> int:
         from .recipes.lm_demo import run_llm_demo
 
         torch.set_num_threads(2)
-        run_llm_demo(out_dir=args.out or "runs/demo-llm")
+        run_llm_demo(out_dir=args.out or "runs/demo-llm", tune=args.tune)
         return 0
     from .recipes import report_tables as rt
     from .recipes import text_classification as tc

@@ -62,7 +62,10 @@ def test_a_config_object_and_keywords_decode_the_same(llama):
     # keywords override the config's fields
     shorter = ew.generate(llama, ids, mask, config, max_new_tokens=2)
     assert shorter.sequences.shape[1] == ids.shape[1] + 2
-    assert get_decoding_strategy("self_speculative", exit_layer=2).draft_len == 4
+    # an option left unset takes its default when decoding (drafts of 4)
+    assert get_decoding_strategy("self_speculative", exit_layer=2).draft_len is None
+    unset = ew.generate(llama, ids, mask, config, strategy="self_speculative", exit_layer=2)
+    assert unset.stats.draft_len == 4
 
 
 def test_a_new_strategy_plugs_in_by_registration(llama):

@@ -16,11 +16,17 @@ def llama():
     return tiny_lm("llama")
 
 
-@pytest.mark.parametrize("exit_layer", [0, 4, 5, -1, None, 1.5])
+@pytest.mark.parametrize("exit_layer", [0, 4, 5, -1, 1.5])
 def test_exit_layer_out_of_range(llama, exit_layer):
     ids, mask = left_padded()
     with pytest.raises(ConfigError, match=r"exit_layer must be a depth in 1\.\.3"):
         generate(llama, ids, mask, strategy="self_speculative", exit_layer=exit_layer)
+
+
+def test_exit_layer_required_without_a_tuned_or_shipped_drafter(llama):
+    ids, mask = left_padded()
+    with pytest.raises(ConfigError, match="exit_layer is required.*no drafter is shipped"):
+        generate(llama, ids, mask, strategy="self_speculative")
 
 
 @pytest.mark.parametrize("max_new_tokens", [0, -3, 2.0])

@@ -68,9 +68,9 @@ def test_tune_then_generate(tiny_lm_dir, tmp_path, capsys):
 
 
 def test_bad_lm_arguments_fail_clearly(tiny_lm_dir, tmp_path, capsys):
-    # a plain model has no tuned exit: self-speculative needs --exit-layer
+    # a plain model with no tuned exit and no shipped drafter: self-speculative needs one
     assert main(["generate", str(tiny_lm_dir), "--prompt", "hi", "--no-chat"]) == 2
-    assert "exit-layer" in capsys.readouterr().err
+    assert "exit_layer is required" in capsys.readouterr().err
     assert main(["generate", str(tiny_lm_dir), "--prompt", "hi", "--exit-layer", "9"]) == 2
     assert "exit_layer" in capsys.readouterr().err
     assert main(["tune-lm", "--model", str(tiny_lm_dir), "--exit-layer", "7", "--steps", "1",
@@ -109,6 +109,35 @@ def test_llm_demo_story_end_to_end(tiny_lm_dir, tmp_path):
 
     with pytest.raises(ConfigError, match="tuned at"):  # the folder's exit is at 2, not 3
         run_llm_demo(**{**kw, "exit_layer": 3})
+
+
+def test_llm_demo_drafts_with_the_shipped_exit(tiny_lm_dir, tmp_path, monkeypatch):
+    """A drafter shipped for the model's weights: the demo uses it (no tuning) with its
+    options, every answer identical to HF greedy; --tune would tune anew."""
+    import exitwise as ew
+    import exitwise.lm.shipped as shipped
+    from exitwise.recipes.lm import load_lm
+    from exitwise.recipes.lm_demo import run_llm_demo
+
+    lm, _ = load_lm(str(tiny_lm_dir))
+    multi = ew.attach_exits(lm, ew.ExitConfig(
+        layers=[1], head="lm", num_labels=int(lm.config.vocab_size),
+        head_kwargs={"adapter": "mlp", "conditioned": True}, final_head_kwargs={}))
+    folder = tmp_path / "drafters" / "tiny"
+    multi.save_pretrained(folder)
+    (folder / "drafter.json").write_text(json.dumps({
+        "fingerprint": shipped.fingerprint(multi.backbone), "exit_layer": 1,
+        "options": {"draft_len": "auto", "ngram": 3}, "source": {"command": "test"}}))
+    monkeypatch.setattr(shipped, "ASSETS", tmp_path / "drafters")
+    lines: list[str] = []
+    report = run_llm_demo(out_dir=str(tmp_path / "demo"), model=str(tiny_lm_dir),
+                          prompts=["what is the sky"], max_new_tokens=8,
+                          print_fn=lambda *a: lines.append(" ".join(map(str, a))))
+    assert any("shipped" in line for line in lines)
+    assert not any("tuning an exit" in line for line in lines)
+    assert report["drafter"] == "shipped" and report["exit_layer"] == 1
+    assert report["options"] == {"draft_len": "auto", "ngram": 3}
+    assert report["all_identical"]
 
 
 def test_tune_lm_on_greedy_answers(tiny_lm_dir, tmp_path, capsys):

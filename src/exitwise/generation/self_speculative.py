@@ -365,30 +365,45 @@ def _controller(draft_len: int | str, max_draft_len: int) -> DraftLengthControll
     return DraftLengthController(max_len=max_draft_len) if draft_len == "auto" else None
 
 
+def _shallowest_lm_exit(model: Any) -> int | None:
+    """Depth of a multi-exit model's shallowest ``lm`` exit (not the final layer), or None."""
+    heads = getattr(model, "heads", None)
+    if heads is None:
+        return None
+    for depth, head in zip(model.exit_layers[:-1], list(heads)[:-1]):
+        if isinstance(head, LMHead):
+            return int(depth)
+    return None
+
+
 @register_decoding_strategy("self_speculative")
 @dataclass
 class SelfSpeculative(DecodingStrategy):
     """Draft with the first ``exit_layer`` blocks and an exit head, verify with the rest:
     the tokens of greedy decoding (or, sampling, its distribution), fewer full passes.
 
-    exit_layer: depth 1..L-1 of the draft exit (required). draft_len: draft tokens per step
-    (>= 1), or "auto": chosen per step from the measured costs and acceptance, 0 (plain
-    decoding) when speculation does not pay (:mod:`.draft_control`), at most
-    ``max_draft_len``. draft_threshold: stop a row's draft once its top-1 probability is
-    below this. ngram: also draft from the text's own n-grams up to this order (ANPD,
-    :mod:`.ngram`; None: off): a row whose tables predict a continuation drafts it instead
-    of the exit's tokens, up to ``ngram_len`` tokens (default: ``draft_len``).
+    exit_layer: depth 1..L-1 of the draft exit. None: a multi-exit model's shallowest ``lm``
+    exit, or for a plain LM the drafter shipped for exactly its weights
+    (:mod:`exitwise.lm.shipped`, whose measured options then fill every option left None).
+    draft_len: draft tokens per step (>= 1), or "auto": chosen per step from the measured
+    costs and acceptance, 0 (plain decoding) when speculation does not pay
+    (:mod:`.draft_control`), at most ``max_draft_len`` (default 4). draft_threshold: stop a
+    row's draft once its top-1 probability is below this. ngram: also draft from the text's
+    own n-grams up to this order (ANPD, :mod:`.ngram`; None or 0: off): a row whose tables
+    predict a continuation drafts it instead of the exit's tokens, up to ``ngram_len`` tokens
+    (default: ``draft_len``).
     """
 
     exit_layer: int | None = None
-    draft_len: int | str = 4
+    draft_len: int | str | None = None
     draft_threshold: float | None = None
     ngram: int | None = None
     ngram_len: int | None = None
     max_draft_len: int = 8
 
     def __post_init__(self) -> None:
-        _check_draft_len(self.draft_len)
+        if self.draft_len is not None:
+            _check_draft_len(self.draft_len)
         _check_draft_len(self.max_draft_len, "max_draft_len")
         if self.max_draft_len == "auto":
             raise ConfigError("max_draft_len must be an int >= 1")
@@ -396,7 +411,7 @@ class SelfSpeculative(DecodingStrategy):
             _check_draft_len(self.ngram_len, "ngram_len")
             if self.ngram_len == "auto":
                 raise ConfigError("ngram_len must be an int >= 1 (draft_len='auto' sets both)")
-        if self.ngram is not None:
+        if self.ngram:
             NGramDrafter(self.ngram)  # validates the order
         if self.draft_threshold is not None and not 0.0 <= float(self.draft_threshold) <= 1.0:
             raise ConfigError(f"draft_threshold must be a probability in [0, 1]; "
@@ -404,24 +419,42 @@ class SelfSpeculative(DecodingStrategy):
 
     def validate(self, backbone: HFDecoderBackbone, model: Any) -> None:
         last = backbone.num_layers - 1
-        e = self.exit_layer
+        e, drafter_model, shipped = self.exit_layer, model, {}
+        if e is None:
+            e = _shallowest_lm_exit(model)
+        if e is None and not hasattr(model, "heads"):
+            from ..lm.shipped import find_drafter, with_shipped_drafter
+
+            found = find_drafter(backbone)
+            if found is not None:
+                e, shipped = found.exit_layer, found.options
+                drafter_model = with_shipped_drafter(backbone, found)
+        if e is None:
+            raise ConfigError(
+                "exit_layer is required: this model has no tuned 'lm' exit and no drafter is "
+                "shipped for its weights (tune one with `exitwise tune-lm` or "
+                "ew.tune_exits, or pass exit_layer to draft through the shared LM head)")
         if isinstance(e, bool) or not isinstance(e, int) or not 1 <= e <= last:
             raise ConfigError(
                 f"exit_layer must be a depth in 1..{last} (blocks run by the draft; this model "
                 f"has {backbone.num_layers} layers); got {e!r}")
+        # what decode() runs: the options given, else the shipped drafter's, else defaults
+        self._resolved = (drafter_model, e, shipped)
 
     def decode(self, inputs: DecodeInputs) -> GenerateOutput:
-        assert self.exit_layer is not None
-        head, temperature = draft_head(inputs.model, inputs.backbone, self.exit_layer)
-        fixed = self.draft_len if isinstance(self.draft_len, int) else self.max_draft_len
-        stats = stats_for(inputs, self.registered_name, exit_layer=self.exit_layer,
-                          draft_len=fixed)
+        model, exit_layer, shipped = getattr(
+            self, "_resolved", (inputs.model, self.exit_layer, {}))
+        draft_len = self.draft_len if self.draft_len is not None else shipped.get(
+            "draft_len", 4)
+        ngram = self.ngram if self.ngram is not None else shipped.get("ngram")
+        head, temperature = draft_head(model, inputs.backbone, exit_layer)
+        fixed = draft_len if isinstance(draft_len, int) else self.max_draft_len
+        stats = stats_for(inputs, self.registered_name, exit_layer=exit_layer, draft_len=fixed)
         sequences = self_speculative_decode(
-            session_for(inputs, stats), head, self.exit_layer, fixed,
+            session_for(inputs, stats), head, exit_layer, fixed,
             temperature=temperature, draft_threshold=self.draft_threshold,
-            sampler=inputs.sampler,
-            ngram=NGramDrafter(self.ngram) if self.ngram is not None else None,
-            ngram_len=self.ngram_len, controller=_controller(self.draft_len, self.max_draft_len))
+            sampler=inputs.sampler, ngram=NGramDrafter(ngram) if ngram else None,
+            ngram_len=self.ngram_len, controller=_controller(draft_len, self.max_draft_len))
         return GenerateOutput(sequences=sequences, stats=stats)
 
 

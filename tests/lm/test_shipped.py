@@ -1,0 +1,95 @@
+"""Shipped drafters (``exitwise.lm.shipped``): found by the exact weights they were tuned for,
+used by ``generate(..., strategy="self_speculative")`` on a plain LM with their measured
+options (options given win), lossless; and the drafter the package really ships loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers.lmkit import EOS, PAD, VOCAB, left_padded, tiny_lm
+
+import exitwise as ew
+import exitwise.lm.shipped as shipped
+from exitwise.lm.shipped import find_drafter, fingerprint, same_model, shipped_drafters
+
+
+def ship(tmp_path, lm, layer=2, options=None):
+    """A drafter folder for ``lm`` under tmp_path/drafters (as benchmarks/ship_drafter.py)."""
+    config = ew.ExitConfig(layers=[layer], head="lm", num_labels=VOCAB,
+                           head_kwargs={"adapter": "mlp"}, final_head_kwargs={})
+    multi = ew.attach_exits(lm, config)
+    with torch.no_grad():
+        for p in multi.heads[0].parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    folder = tmp_path / "drafters" / "tiny"
+    multi.save_pretrained(folder)
+    meta = {"fingerprint": fingerprint(multi.backbone), "exit_layer": layer,
+            "options": options or {}}
+    (folder / "drafter.json").write_text(json.dumps(meta))
+    return tmp_path / "drafters", multi
+
+
+def test_fingerprint_matches_only_the_same_weights():
+    a, b = tiny_lm("llama"), tiny_lm("llama")
+    fa = fingerprint(ew.wrap_backbone(a))
+    assert same_model(fa, fingerprint(ew.wrap_backbone(b)))
+    with torch.no_grad():
+        b.get_input_embeddings().weight[3, 5] += 1e-3
+    assert not same_model(fa, fingerprint(ew.wrap_backbone(b)))
+    assert not same_model(fa, fingerprint(ew.wrap_backbone(tiny_lm("llama", seed=1))))
+    assert not same_model(fa, fingerprint(ew.wrap_backbone(tiny_lm("qwen2"))))
+
+
+def test_generate_uses_the_shipped_drafter_of_a_plain_lm(tmp_path, monkeypatch):
+    lm = tiny_lm("llama")
+    root, multi = ship(tmp_path, lm, layer=2, options={"draft_len": "auto", "ngram": 3})
+    monkeypatch.setattr(shipped, "ASSETS", root)
+    found = find_drafter(ew.wrap_backbone(lm))
+    assert found is not None and found.exit_layer == 2
+    ids, mask = left_padded()
+    ref = ew.generate(lm, ids, mask, max_new_tokens=16, eos_token_id=EOS, pad_token_id=PAD)
+    out = ew.generate(lm, ids, mask, strategy="self_speculative", max_new_tokens=16,
+                      eos_token_id=EOS, pad_token_id=PAD)
+    assert torch.equal(out.sequences, ref.sequences)
+    s = out.stats
+    assert s.exit_layer == 2 and s.draft_len == 8  # "auto" up to max_draft_len
+    assert s.head_applications > 0
+    # the same drafts as through the shipped heads attached by hand
+    by_hand = ew.generate(multi, ids, mask, strategy="self_speculative", exit_layer=2,
+                          draft_len="auto", ngram=3, max_new_tokens=16, eos_token_id=EOS,
+                          pad_token_id=PAD)
+    assert by_hand.stats.total_drafted > 0
+    # options given win over the shipped ones
+    fixed = ew.generate(lm, ids, mask, strategy="self_speculative", draft_len=2, ngram=0,
+                        max_new_tokens=16, eos_token_id=EOS, pad_token_id=PAD)
+    assert torch.equal(fixed.sequences, ref.sequences)
+    assert fixed.stats.draft_len == 2 and fixed.stats.ngram_drafted == 0
+    assert set(fixed.stats.step_draft_lengths) <= {0, 1, 2}
+    # another model's weights: no drafter, a clear error
+    with pytest.raises(ew.ConfigError, match="no drafter is shipped"):
+        ew.generate(tiny_lm("llama", seed=2), ids, mask, strategy="self_speculative")
+
+
+def test_a_multi_exit_model_drafts_with_its_shallowest_lm_exit():
+    lm = tiny_lm("gpt2")
+    multi = ew.attach_exits(lm, ew.ExitConfig(layers=[1, 3], head="lm", num_labels=VOCAB,
+                                              final_head_kwargs={}))
+    ids, mask = left_padded()
+    out = ew.generate(multi, ids, mask, strategy="self_speculative", max_new_tokens=10,
+                      eos_token_id=EOS, pad_token_id=PAD)
+    assert out.stats.exit_layer == 1
+    ref = ew.generate(lm, ids, mask, max_new_tokens=10, eos_token_id=EOS, pad_token_id=PAD)
+    assert torch.equal(out.sequences, ref.sequences)
+
+
+def test_the_packages_own_drafters_are_complete():
+    """Every drafter the package ships has its exits, a fingerprint and its provenance."""
+    for d in shipped_drafters():
+        assert (d.folder / "exit_config.json").is_file()
+        assert (d.folder / "exit_heads.safetensors").is_file()
+        fp = d.meta["fingerprint"]
+        assert {"model_type", "num_layers", "embed_head_sum"} <= set(fp)
+        assert 1 <= d.exit_layer < fp["num_layers"]
+        assert d.meta["source"]["command"]
