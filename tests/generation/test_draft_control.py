@@ -66,8 +66,8 @@ def test_choice_maximises_tokens_per_second():
 def test_explores_both_ends_first_then_neighbours():
     c = DraftLengthController(max_len=3, explore_every=4, smoothing=1.0, discount=1.0)
     c.begin_step()
-    assert c.choose(2) == 3  # nothing timed: the longest draft
-    c.record_costs(2, 4, 0.1, 0.04, 4)
+    assert c.choose(2) == 1  # nothing timed: a one-token draft
+    c.record_costs(2, 2, 0.1, 0.02, 2)
     c.begin_step()
     assert c.choose(2) == 0  # then plain decoding
     c.record_costs(2, 1, 0.1, 0.01, 1)
@@ -77,7 +77,7 @@ def test_explores_both_ends_first_then_neighbours():
         c.begin_step()
         picks.append(c.choose(2))
     assert picks == [0, 1, 0, 0, 0, 1]  # ... but steps 4 and 8 try the neighbour k = 1
-    assert c.history["exit"] == [3, 0] + picks
+    assert c.history["exit"] == [1, 0] + picks
 
 
 def test_bad_options_are_refused():
@@ -94,11 +94,15 @@ def test_auto_draft_length_is_lossless_and_varies(family):
     ids, mask = left_padded()
     ref = generate(model, ids, mask, max_new_tokens=24, eos_token_id=EOS, pad_token_id=PAD,
                    kernels="stock")
+    seen = []
     for rows in (slice(0, 1), slice(0, 3)):
         out = generate(model, ids[rows], mask[rows], max_new_tokens=24, eos_token_id=EOS,
                        pad_token_id=PAD, strategy="self_speculative", exit_layer=1,
                        draft_len="auto", max_draft_len=5)
         assert torch.equal(out.sequences, ref.sequences[rows])
-        lengths = out.stats.step_draft_lengths
-        assert lengths[0] == 5 and max(lengths) <= 5  # starts by timing the longest draft
-        assert 0 in lengths  # and plain decoding
+        seen.append(out.stats.step_draft_lengths)
+        assert max(seen[-1]) <= 5
+    # a fresh model's first call times a one-token draft, then plain decoding; both batch
+    # sizes then run what their own timings say (the second call starts with its own timing)
+    assert seen[0][:2] == [1, 0]
+    assert all(0 in lengths for lengths in seen)

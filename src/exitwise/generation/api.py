@@ -123,7 +123,7 @@ def generate(
         sampler.generator = torch.Generator(device=input_ids.device).manual_seed(config.seed)
     inputs = DecodeInputs(model=model, backbone=backbone, input_ids=input_ids, mask=mask,
                           max_new_tokens=config.max_new_tokens, eos=eos, pad=pad,
-                          sampler=sampler, stop=stop, callback=callback)
+                          sampler=sampler, stop=stop, callback=callback, kernels=kernels)
     with few_row_kernels(model, backbone.model, kernels=kernels) as scope:
         out = chosen.decode(inputs)
     out.stats.kernels = kernels

@@ -21,11 +21,14 @@ token and each draft pass through the blocks below the exit), one pass or none w
 drafts are known up front (n-gram lookups); the controller picks the k in 0..max_len with the
 most tokens per second. k = 0 is plain greedy decoding through the same path, so when
 speculation does not pay the decoder falls back to it by measurement, never by a constant.
-Until both a draft (the longest) and k = 0 are timed for the current batch size, it tries
-those two (one step each); then every ``explore_every``-th step it tries a neighbour of the
-best k, so the estimates follow the machine and the text as they drift. With n-gram and exit
-drafts together, a row uses its n-gram continuation only while n-gram drafts promise at least
-the exit's tokens per second (:meth:`DraftLengthController.prefers`).
+Until both a one-token draft and k = 0 are timed for the current batch size, it tries those
+two (one step each; longer drafts are costed along the line through them until tried); then
+every ``explore_every``-th step it tries a neighbour of the best k, so the estimates follow the
+machine and the text as they drift. With n-gram and exit drafts together, a row uses its
+n-gram continuation only while n-gram drafts promise at least the exit's tokens per second
+(:meth:`DraftLengthController.prefers`). The decoding strategies keep one controller per model
+and drafter (and thread count, kernels, device), so what one ``generate`` call measured carries
+over to the next: the calibration happens at first use.
 
 Which k is chosen never changes what is generated (every draft is verified), only how fast.
 """
@@ -128,8 +131,9 @@ class DraftLengthController:
         longer = c is not None and any(q > 1 for q in c.verify)
         self.rates.pop(source, None)
         if c is None or not longer or 1 not in c.verify or self.step_cost(rows, 1, passes) is None:
-            # Time both ends first: the longest draft, then k = 0 (plain decoding).
-            k = 0 if longer and 1 not in c.verify else self.max_len
+            # Time a one-token draft first, then k = 0 (plain decoding); longer drafts are
+            # costed along the line through those two until tried.
+            k = 0 if longer and 1 not in c.verify else 1
         else:
             alpha = self.alpha(source)
             rates = []

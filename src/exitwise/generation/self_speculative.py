@@ -46,6 +46,7 @@ processed full-model distribution exactly, as plain sampling would; rows stay ra
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,6 +154,9 @@ def self_speculative_decode(
         row_len = torch.where(live, row_len, torch.zeros_like(row_len))
         k = int(row_len.max()) if a else 0
         timer = _StepTimer(controller, device)
+        if k == 0 and not uses_cache:  # nothing to draft: a plain decoding step, as lean
+            _plain_step(session, e, sampler, timer, running)
+            continue
 
         if head is None or not bool((live & ~from_ngram & (row_len > 0)).any()):
             # Every draft is known up front: one pass over the k + 1 tokens below the exit.
@@ -240,6 +244,32 @@ def self_speculative_decode(
         )
         session.drop_finished()
     return session.sequences()
+
+
+def _plain_step(session: DecodeSession, e: int, sampler: SamplingConfig, timer: "_StepTimer",
+                running: list[bool]) -> None:
+    """One token per row through every block, as plain decoding (the step with k = 0): the
+    blocks below the exit timed as the draft pass and the rest as verifying one position, so
+    the controller sees the same costs as on the drafting path."""
+    bb, stats = session.backbone, session.stats
+    a = session.active
+    ctx = session.context(0, 1)
+    hidden = bb.embed(session.pending[:, None], ctx.positions)
+    if e:
+        hidden = bb.run_layers(hidden, 0, e, ctx)
+    timer.drafted()
+    hidden = bb.run_layers(hidden, e, bb.num_layers, ctx)
+    nxt = sampler.choose(bb.lm_logits(bb.final_norm(hidden[:, -1])))
+    timer.verified(a, 1, 1 if e else 0)
+    session.final_hidden = hidden[:, -1]
+    ones = torch.ones(a, 1, dtype=torch.long, device=nxt.device)
+    session.commit(session.pending[:, None], ones, ones[:, 0], nxt)
+    stats.iterations += 1
+    stats.step_draft_lengths.append(0)
+    stats.layer_applications += sum(running) * bb.num_layers
+    stats.sequential_layers += bb.num_layers
+    session.emit([[t] for t in nxt.tolist()])
+    session.drop_finished()
 
 
 def _padded(pending: torch.Tensor, proposals: list[list[int]], k: int) -> torch.Tensor:
@@ -361,8 +391,23 @@ def _check_draft_len(value: Any, name: str = "draft_len") -> None:
         raise ConfigError(f"{name} must be an int >= 1 or 'auto'; got {value!r}")
 
 
-def _controller(draft_len: int | str, max_draft_len: int) -> DraftLengthController | None:
-    return DraftLengthController(max_len=max_draft_len) if draft_len == "auto" else None
+# model (the HF module) -> {(what drafts, machine settings): controller}: what a controller
+# measured (step costs per batch size, acceptance) carries over to the next generate call on
+# the same model, so the calibration happens at first use, not at every call
+_CONTROLLERS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def _controller(draft_len: int | str, max_draft_len: int, inputs: DecodeInputs,
+                key: tuple) -> DraftLengthController | None:
+    """The model's automatic draft-length controller for ``key`` (None unless "auto")."""
+    if draft_len != "auto":
+        return None
+    per_model = _CONTROLLERS.setdefault(inputs.backbone.model, {})
+    full = (*key, max_draft_len, torch.get_num_threads(), inputs.kernels,
+            str(inputs.input_ids.device))
+    if full not in per_model:
+        per_model[full] = DraftLengthController(max_len=max_draft_len)
+    return per_model[full]
 
 
 def _shallowest_lm_exit(model: Any) -> int | None:
@@ -384,14 +429,14 @@ class SelfSpeculative(DecodingStrategy):
 
     exit_layer: depth 1..L-1 of the draft exit. None: a multi-exit model's shallowest ``lm``
     exit, or for a plain LM the drafter shipped for exactly its weights
-    (:mod:`exitwise.lm.shipped`, whose measured options then fill every option left None).
-    draft_len: draft tokens per step (>= 1), or "auto": chosen per step from the measured
-    costs and acceptance, 0 (plain decoding) when speculation does not pay
-    (:mod:`.draft_control`), at most ``max_draft_len`` (default 4). draft_threshold: stop a
-    row's draft once its top-1 probability is below this. ngram: also draft from the text's
-    own n-grams up to this order (ANPD, :mod:`.ngram`; None or 0: off): a row whose tables
-    predict a continuation drafts it instead of the exit's tokens, up to ``ngram_len`` tokens
-    (default: ``draft_len``).
+    (:mod:`exitwise.generation.shipped`; its measured options fill every option left None).
+    draft_len: draft tokens per step (>= 1; default 4), or "auto": chosen per step from the
+    measured costs and acceptance, 0 (plain decoding) when speculation does not pay, at most
+    ``max_draft_len`` (:mod:`.draft_control`). draft_threshold: stop a row's draft once its
+    top-1 probability is below this. ngram: also draft from the text's own n-grams up to
+    this order (ANPD, :mod:`.ngram`; None or 0: off): a row whose tables predict a
+    continuation drafts it instead of the exit's tokens, up to ``ngram_len`` tokens (default:
+    ``draft_len``).
     """
 
     exit_layer: int | None = None
@@ -423,7 +468,7 @@ class SelfSpeculative(DecodingStrategy):
         if e is None:
             e = _shallowest_lm_exit(model)
         if e is None and not hasattr(model, "heads"):
-            from ..lm.shipped import find_drafter, with_shipped_drafter
+            from .shipped import find_drafter, with_shipped_drafter
 
             found = find_drafter(backbone)
             if found is not None:
@@ -454,7 +499,9 @@ class SelfSpeculative(DecodingStrategy):
             session_for(inputs, stats), head, exit_layer, fixed,
             temperature=temperature, draft_threshold=self.draft_threshold,
             sampler=inputs.sampler, ngram=NGramDrafter(ngram) if ngram else None,
-            ngram_len=self.ngram_len, controller=_controller(draft_len, self.max_draft_len))
+            ngram_len=self.ngram_len,
+            controller=_controller(draft_len, self.max_draft_len, inputs,
+                                   ("self_speculative", id(head), exit_layer, ngram or 0)))
         return GenerateOutput(sequences=sequences, stats=stats)
 
 
@@ -486,5 +533,6 @@ class ANPD(DecodingStrategy):
         sequences = self_speculative_decode(
             session_for(inputs, stats), None, 0, fixed, sampler=inputs.sampler,
             ngram=NGramDrafter(self.ngram), ngram_len=fixed,
-            controller=_controller(self.draft_len, self.max_draft_len))
+            controller=_controller(self.draft_len, self.max_draft_len, inputs,
+                                   ("anpd", self.ngram)))
         return GenerateOutput(sequences=sequences, stats=stats)

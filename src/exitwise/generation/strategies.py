@@ -88,6 +88,7 @@ class DecodeInputs:
     sampler: SamplingConfig
     stop: StopStrings | None
     callback: TokenCallback | None
+    kernels: str = "auto"
 
 
 def stats_for(inputs: DecodeInputs, name: str, cls: type = GenerationStats,

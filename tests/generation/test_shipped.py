@@ -1,6 +1,7 @@
-"""Shipped drafters (``exitwise.lm.shipped``): found by the exact weights they were tuned for,
-used by ``generate(..., strategy="self_speculative")`` on a plain LM with their measured
-options (options given win), lossless; and the drafter the package really ships loads."""
+"""Shipped drafters (``exitwise.generation.shipped``): found by the exact weights they were
+tuned for, used by ``generate(..., strategy="self_speculative")`` on a plain LM with their
+measured options (options given win), lossless; and the drafters the package ships are
+complete."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import torch
 from helpers.lmkit import EOS, PAD, VOCAB, left_padded, tiny_lm
 
 import exitwise as ew
-import exitwise.lm.shipped as shipped
-from exitwise.lm.shipped import find_drafter, fingerprint, same_model, shipped_drafters
+import exitwise.generation.shipped as shipped
+from exitwise.generation.shipped import find_drafter, fingerprint, same_model, shipped_drafters
 
 
 def ship(tmp_path, lm, layer=2, options=None):
