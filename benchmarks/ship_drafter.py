@@ -7,7 +7,7 @@
 Reads a folder written by ``benchmarks/lm_speed.py`` (or ``exitwise tune-lm``): its tuned exit
 heads over the base model. Writes the heads as the library saves them (``exit_config.json``,
 ``exit_heads.safetensors``; the backbone is never copied) and ``drafter.json``: the base
-model's fingerprint (:func:`exitwise.lm.shipped.fingerprint`), the exit layer, the decoding
+model's fingerprint (:func:`exitwise.generation.shipped.fingerprint`), the exit layer, the decoding
 options ``generate(..., strategy="self_speculative")`` then uses by default, and the
 provenance: the tuning job and report, and with ``--bench`` the benchmark's measured figures
 for those options. ``generate`` finds the drafter by the fingerprint, so it is used on exactly
@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from exitwise.lm.shipped import ASSETS, DRAFTER_FILE, fingerprint  # noqa: E402
+from exitwise.generation.shipped import ASSETS, DRAFTER_FILE, fingerprint  # noqa: E402
 from exitwise.recipes.lm import load_lm  # noqa: E402
 
 

@@ -115,7 +115,7 @@ def test_llm_demo_drafts_with_the_shipped_exit(tiny_lm_dir, tmp_path, monkeypatc
     """A drafter shipped for the model's weights: the demo uses it (no tuning) with its
     options, every answer identical to HF greedy; --tune would tune anew."""
     import exitwise as ew
-    import exitwise.lm.shipped as shipped
+    import exitwise.generation.shipped as shipped
     from exitwise.recipes.lm import load_lm
     from exitwise.recipes.lm_demo import run_llm_demo
 
