@@ -12,19 +12,22 @@ from exitwise.errors import ConfigError
 from exitwise.generation import DraftLengthController, generate
 
 
-def test_acceptance_estimate_and_expected_tokens_by_hand():
+def test_acceptance_per_position_and_expected_tokens_by_hand():
     c = DraftLengthController(max_len=4, discount=1.0)
-    assert c.alpha("exit") == 0.5  # Beta(1, 1) prior
-    c.record_acceptance("exit", kept=6, rejections=2)
-    assert c.alpha("exit") == pytest.approx(7 / 10)
-    c.record_acceptance("exit", kept=0, rejections=2)
-    assert c.alpha("exit") == pytest.approx(7 / 12)
-    assert c.expected_tokens(0, 0.7) == 1.0
-    assert c.expected_tokens(3, 0.5) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    assert c.alphas("exit", 3) == [0.5, 0.5, 0.5]  # Beta(1, 1) prior
+    # rows: 3 drafts all kept; 3 drafts, first rejected; 2 drafts, 1 kept; 1 draft kept
+    c.record_acceptance("exit", accepted=[3, 0, 1, 1], drafted=[3, 3, 2, 1])
+    # position 1 reached by 4 rows, kept by 3; position 2 reached by 2 (rows 0, 2), kept by 1;
+    # position 3 reached by 1 (row 0), kept by 1
+    assert c.reached["exit"] == [4.0, 2.0, 1.0] and c.kept["exit"] == [3.0, 1.0, 1.0]
+    assert c.alphas("exit", 4) == pytest.approx([4 / 6, 2 / 4, 2 / 3, 2 / 3])
+    a = [0.8, 0.5, 0.25]
+    assert c.expected_tokens(0, a) == 1.0
+    assert c.expected_tokens(3, a) == pytest.approx(1 + 0.8 + 0.4 + 0.1)
     d = DraftLengthController(max_len=4, discount=0.5)
-    d.record_acceptance("ngram", kept=4, rejections=0)
-    d.record_acceptance("ngram", kept=0, rejections=2)  # the 4 kept now count as 2
-    assert d.alpha("ngram") == pytest.approx((2 + 1) / (2 + 2 + 2))
+    d.record_acceptance("ngram", accepted=[1, 1], drafted=[1, 1])
+    d.record_acceptance("ngram", accepted=[0], drafted=[1])  # the 2 earlier rows count as 1
+    assert d.alphas("ngram", 1) == pytest.approx([(1 + 1) / (2 + 2)])
 
 
 def test_cost_model_interpolates_and_extrapolates():
@@ -41,25 +44,37 @@ def test_cost_model_interpolates_and_extrapolates():
     assert c.step_cost(4, 2) is None  # nothing timed at 4 rows yet
 
 
-def _timed(verify: dict[int, float], draft: float, alpha_counts=(8, 2), max_len=4):
+def _timed(verify: dict[int, float], draft: float, outcomes=(), max_len=4):
+    """A controller with these verification costs (1 row) and acceptance outcomes
+    [(accepted, drafted), ...] of single rows."""
     c = DraftLengthController(max_len=max_len, explore_every=0, smoothing=1.0, discount=1.0)
     for q, t in verify.items():
         c.record_costs(1, q, t, draft, 1)
-    c.record_acceptance("exit", *alpha_counts)
+    for n, k in outcomes:
+        c.record_acceptance("exit", [n], [k])
     return c
 
 
 def test_choice_maximises_tokens_per_second():
-    # flat verification (the CPU batch-1 case), alpha = 9/12 = 0.75, cheap drafts:
-    # rate(k) = (1 - 0.75^(k+1)) / 0.25 / ((k + 1) * 0.01 + 0.1); by hand k = 4 is best
-    flat = _timed({1: 0.1, 5: 0.1}, 0.01, (8, 2))
-    rates = [sum(0.75 ** i for i in range(k + 1)) / ((k + 1) * 0.01 + 0.1) for k in range(5)]
+    # every position kept 3 times in 4 (alpha_j = (3x + 1) / (4x + 2) = 0.75 with x = 2.5):
+    # 10 rows drafting 1 token, 7 or 8 of them kept... built directly instead:
+    flat = _timed({1: 0.1, 5: 0.1}, 0.01)
+    flat.reached["exit"], flat.kept["exit"] = [10.0] * 4, [7.0] * 4  # alpha_j = 8/12
+    a = 8 / 12
+    rates = [sum(a ** i for i in range(k + 1)) / ((k + 1) * 0.01 + 0.1) for k in range(5)]
+    # flat verification (the CPU batch-1 case) and cheap drafts: the longest draft
     assert flat.choose(1) == max(range(5), key=rates.__getitem__) == 4
+    # a first draft kept often, later ones rarely (a conditioned exit): one draft
+    first = _timed({1: 0.1, 5: 0.1}, 0.01)
+    first.reached["exit"], first.kept["exit"] = [10.0, 10.0], [8.0, 1.0]
+    al = first.alphas("exit", 4)  # [9/12, 2/12, 2/12, 2/12]
+    rates = [first.expected_tokens(k, al) / ((k + 1) * 0.01 + 0.1) for k in range(5)]
+    assert first.choose(1) == max(range(5), key=rates.__getitem__) == 1
     # verification that grows with every position (the batch-4 case): plain decoding wins
-    steep = _timed({1: 0.1, 5: 0.5}, 0.01, (8, 2))
+    steep = _timed({1: 0.1, 5: 0.5}, 0.01, [(1, 1)] * 8 + [(0, 1)] * 2)
     assert steep.choose(1) == 0
     # drafts that are rarely kept: plain decoding, however cheap verifying is
-    poor = _timed({1: 0.1, 5: 0.1}, 0.02, (0, 20))
+    poor = _timed({1: 0.1, 5: 0.1}, 0.02, [(0, 1)] * 20)
     assert poor.choose(1) == 0
 
 
@@ -67,17 +82,28 @@ def test_explores_both_ends_first_then_neighbours():
     c = DraftLengthController(max_len=3, explore_every=4, smoothing=1.0, discount=1.0)
     c.begin_step()
     assert c.choose(2) == 1  # nothing timed: a one-token draft
-    c.record_costs(2, 2, 0.1, 0.02, 2)
+    c.record_costs(2, 2, 0.15, 0.02, 2)
     c.begin_step()
     assert c.choose(2) == 0  # then plain decoding
     c.record_costs(2, 1, 0.1, 0.01, 1)
-    c.record_acceptance("exit", 0, 50)  # drafts never kept: k = 0 is best ...
+    c.record_acceptance("exit", [0] * 50, [1] * 50)  # drafts never kept: k = 0 is best ...
     picks = []
-    for _ in range(6):
+    for _ in range(36):
         c.begin_step()
         picks.append(c.choose(2))
-    assert picks == [0, 1, 0, 0, 0, 1]  # ... but steps 4 and 8 try the neighbour k = 1
-    assert c.history["exit"] == [1, 0] + picks
+    # ... and k = 1 is clearly worse (drafts kept 1 time in 52, for 55% more time), so it
+    # is tried only every 8 x explore_every = 32 steps, not every 4
+    assert [i + 3 for i, k in enumerate(picks) if k] == [32]
+    # a neighbour close to the best is tried every 4 steps
+    e = DraftLengthController(max_len=1, explore_every=4, smoothing=1.0, discount=1.0)
+    e.record_costs(2, 1, 0.1, 0.01, 1)
+    e.record_costs(2, 2, 0.1, 0.01, 1)  # T(0) = 0.11 s, T(1) = 0.12 s
+    e.record_acceptance("exit", [0] * 10, [1] * 10)  # alpha_1 = 1/12: 1.083 tokens for T(1)
+    picks = []
+    for _ in range(8):
+        e.begin_step()
+        picks.append(e.choose(2))
+    assert picks == [0, 0, 0, 1, 0, 0, 0, 1]
 
 
 def test_bad_options_are_refused():

@@ -10,12 +10,15 @@ run itself has measured:
   per drafted position) and of verifying q = k + 1 positions, each a running mean per active
   batch size; a verification length not yet timed is interpolated linearly between the
   nearest timed ones (extrapolated flat beyond them);
-- **acceptance**: each source of drafts (the exit head, n-gram lookups) keeps a discounted
-  count of kept drafts and of rejections; under the usual geometric model (each further
-  draft kept with probability alpha until the first rejection) alpha = kept / (kept +
-  rejections), started from a Beta(1, 1) prior.
+- **acceptance**: each source of drafts (the exit head, n-gram lookups) keeps, per draft
+  position j, a discounted count of the rows that reached position j (every earlier draft
+  kept) and of those whose j-th draft was kept too: alpha_j = kept_j / reached_j, from a
+  Beta(1, 1) prior; a position never reached takes the deepest reached one's alpha. Positions
+  differ (a feature-conditioned exit's first draft is kept far more often than its later
+  ones), so no single geometric rate is assumed.
 
-A row drafting k tokens then yields E[tokens] = 1 + alpha + ... + alpha^k per step, and the
+A row drafting k tokens then yields E[tokens] = 1 + a_1 + a_1 a_2 + ... + a_1 ... a_k per step
+(a_j = alpha_j), and the
 step costs T(k) = (k + 1) * t_draft + t_verify(k + 1) when the exit head drafts (the pending
 token and each draft pass through the blocks below the exit), one pass or none when the
 drafts are known up front (n-gram lookups); the controller picks the k in 0..max_len with the
@@ -23,8 +26,10 @@ most tokens per second. k = 0 is plain greedy decoding through the same path, so
 speculation does not pay the decoder falls back to it by measurement, never by a constant.
 Until both a one-token draft and k = 0 are timed for the current batch size, it tries those
 two (one step each; longer drafts are costed along the line through them until tried); then
-every ``explore_every``-th step it tries a neighbour of the best k, so the estimates follow the
-machine and the text as they drift. With n-gram and exit drafts together, a row uses its
+every ``explore_every``-th step it tries a neighbour of the best k when that neighbour's
+estimate is within ``explore_margin`` of the best (else only every 8 x ``explore_every``
+steps), so the estimates follow the machine and the text as they drift without paying for
+trials that are clearly worse. With n-gram and exit drafts together, a row uses its
 n-gram continuation only while n-gram drafts promise at least the exit's tokens per second
 (:meth:`DraftLengthController.prefers`). The decoding strategies keep one controller per model
 and drafter (and thread count, kernels, device), so what one ``generate`` call measured carries
@@ -75,36 +80,50 @@ class DraftLengthController:
     max_len: the longest draft considered (>= 1). explore_every: steps between tries of a
     neighbour of the best length (0: never). smoothing: weight of a new timing in the running
     means. discount: how much of the past acceptance counts survive each update (forgetting
-    lets the estimate follow the text).
+    lets the estimate follow the text). explore_margin: a neighbour estimated within this
+    fraction of the best rate is tried every ``explore_every`` steps.
     """
 
     def __init__(self, max_len: int = 8, explore_every: int = 16, smoothing: float = 0.2,
-                 discount: float = 0.98) -> None:
+                 discount: float = 0.98, explore_margin: float = 0.1) -> None:
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
             raise ConfigError(f"the longest automatic draft must be an int >= 1; got {max_len!r}")
         if not 0.0 < smoothing <= 1.0 or not 0.0 < discount <= 1.0:
             raise ConfigError("smoothing and discount must lie in (0, 1]")
         self.max_len = max_len
         self.explore_every = explore_every
+        self.explore_margin = explore_margin
         self.smoothing = smoothing
         self.discount = discount
         self.costs: dict[int, _Costs] = {}
-        self.kept: dict[str, float] = {}
-        self.rejected: dict[str, float] = {}
+        # per source, per draft position j (index j - 1): rows that reached it, and kept it
+        self.reached: dict[str, list[float]] = {}
+        self.kept: dict[str, list[float]] = {}
         self.steps = 0
         self.history: dict[str, list[int]] = {}  # chosen lengths per source, for inspection
         # expected tokens per second of the last choice per source (absent while exploring)
         self.rates: dict[str, float] = {}
 
     # -- estimates ----------------------------------------------------------------------
-    def alpha(self, source: str) -> float:
-        """Probability that a further draft of ``source`` is kept (Beta(1, 1) prior)."""
-        return (self.kept.get(source, 0.0) + 1.0) / (
-            self.kept.get(source, 0.0) + self.rejected.get(source, 0.0) + 2.0)
+    def alphas(self, source: str, k: int) -> list[float]:
+        """[alpha_1, ..., alpha_k]: the chance that draft j of ``source`` is kept given the
+        drafts before it were (Beta(1, 1) prior; unreached positions: the deepest reached)."""
+        reached, kept = self.reached.get(source, []), self.kept.get(source, [])
+        out: list[float] = []
+        for j in range(k):
+            if j < len(reached) and reached[j] > 0:
+                out.append((kept[j] + 1.0) / (reached[j] + 2.0))
+            else:
+                out.append(out[-1] if out else 0.5)
+        return out
 
-    def expected_tokens(self, k: int, alpha: float) -> float:
-        """1 + alpha + ... + alpha^k: tokens a row gets from a step with k drafts."""
-        return sum(alpha ** i for i in range(k + 1))
+    def expected_tokens(self, k: int, alphas: list[float]) -> float:
+        """1 + a_1 + a_1 a_2 + ... + a_1...a_k: tokens a row gets from a step with k drafts."""
+        total, chain = 1.0, 1.0
+        for a in alphas[:k]:
+            chain *= a
+            total += chain
+        return total
 
     def step_cost(self, rows: int, k: int, passes: str = "per_token") -> float | None:
         """Estimated seconds of a step with k drafts at ``rows`` active rows (None: not yet
@@ -135,17 +154,21 @@ class DraftLengthController:
             # costed along the line through those two until tried.
             k = 0 if longer and 1 not in c.verify else 1
         else:
-            alpha = self.alpha(source)
+            alphas = self.alphas(source, self.max_len)
             rates = []
             for n in range(self.max_len + 1):
                 cost = self.step_cost(rows, n, passes)
-                rates.append(self.expected_tokens(n, alpha) / max(cost or 0.0, 1e-12))
+                rates.append(self.expected_tokens(n, alphas) / max(cost or 0.0, 1e-12))
             k = max(range(self.max_len + 1), key=rates.__getitem__)
             self.rates[source] = rates[k]
-            if self.explore_every and self.steps % self.explore_every == 0:
-                # a neighbour of the best length, up and down in turn
-                up = k == 0 or (k < self.max_len and self.steps % (2 * self.explore_every))
-                k = k + 1 if up else k - 1
+            every = self.explore_every
+            if every and self.steps % every == 0:
+                # a neighbour of the best length, up and down in turn, when it is close
+                up = k == 0 or (k < self.max_len and self.steps % (2 * every))
+                near = k + 1 if up else k - 1
+                close = rates[near] >= (1 - self.explore_margin) * rates[k]
+                if close or self.steps % (8 * every) == 0:
+                    k = near
         self.history.setdefault(source, []).append(k)
         return k
 
@@ -169,8 +192,20 @@ class DraftLengthController:
         if draft_s is not None and draft_passes > 0:
             c.draft = self._mean(c.draft, draft_s / draft_passes)
 
-    def record_acceptance(self, source: str, kept: int, rejections: int) -> None:
-        """A step's outcome for ``source``: drafts kept, and rows whose draft met a rejection."""
+    def record_acceptance(self, source: str, accepted: list[int], drafted: list[int]) -> None:
+        """A step's outcome for ``source``: per row, drafts kept (the longest verified
+        prefix) and drafts proposed. A row with n kept of k reached positions 1..min(n+1, k)
+        and kept positions 1..n."""
         d = self.discount
-        self.kept[source] = d * self.kept.get(source, 0.0) + kept
-        self.rejected[source] = d * self.rejected.get(source, 0.0) + rejections
+        reached = [x * d for x in self.reached.get(source, [])]
+        kept = [x * d for x in self.kept.get(source, [])]
+        for n, k in zip(accepted, drafted):
+            top = min(n + 1, k)
+            while len(reached) < top:
+                reached.append(0.0)
+                kept.append(0.0)
+            for j in range(top):
+                reached[j] += 1.0
+                if j < n:
+                    kept[j] += 1.0
+        self.reached[source], self.kept[source] = reached, kept

@@ -215,8 +215,8 @@ def self_speculative_decode(
             for source, rows_of in (("exit", ~from_ngram), ("ngram", from_ngram)):
                 sel = rows_of & live & (row_len > 0)
                 if bool(sel.any()):
-                    controller.record_acceptance(
-                        source, int(accepted[sel].sum()), int((accepted[sel] < row_len[sel]).sum()))
+                    controller.record_acceptance(source, accepted[sel].tolist(),
+                                                 row_len[sel].tolist())
         # the final state at the position that chose each row's next token (conditioned exits)
         session.final_hidden = last_final[torch.arange(a, device=device), accepted]
         best = int(accepted.max())
