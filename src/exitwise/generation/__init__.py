@@ -12,6 +12,7 @@ from .api import generate
 from .draft_control import DraftLengthController
 from .early_exit import EarlyExit
 from .greedy import Greedy, greedy_decode
+from .layer_skip import LayerSkipDrafter, SkipSearch, search_skip_layers
 from .ngram import NGramDrafter, NGramTables
 from .outputs import GenerateOutput, GenerationStats
 from .sampling import (
@@ -20,8 +21,9 @@ from .sampling import (
     residual_distribution,
     speculative_accept,
 )
-from .self_speculative import ANPD, SelfSpeculative, self_speculative_decode
+from .self_speculative import self_speculative_decode
 from .session import DecodeSession
+from .speculative import ANPD, LayerSkip, SelfSpeculative
 from .stopping import StopStrings, StreamingSession
 from .strategies import (
     DECODING_STRATEGIES,
@@ -42,6 +44,10 @@ __all__ = [
     "DecodingStrategy",
     "EarlyExit",
     "GenerationConfig",
+    "LayerSkip",
+    "LayerSkipDrafter",
+    "SkipSearch",
+    "search_skip_layers",
     "Greedy",
     "SelfSpeculative",
     "get_decoding_strategy",

@@ -51,6 +51,7 @@ class _Costs:
 
     draft: float | None = None
     verify: dict[int, float] = field(default_factory=dict)  # q -> seconds
+    proposal: dict[str, float] = field(default_factory=dict)  # source -> seconds per draft
 
     def verify_cost(self, q: int) -> float | None:
         """Seconds to verify q positions: timed, else interpolated linearly between the
@@ -125,16 +126,26 @@ class DraftLengthController:
             total += chain
         return total
 
-    def step_cost(self, rows: int, k: int, passes: str = "per_token") -> float | None:
+    def step_cost(self, rows: int, k: int, passes: str = "per_token",
+                  source: str = "exit") -> float | None:
         """Estimated seconds of a step with k drafts at ``rows`` active rows (None: not yet
-        timed). passes: the draft passes the step runs below the exit -- "per_token" (the
-        exit head drafts: k + 1), "one" (drafts known up front, one pass) or "none"."""
+        timed). passes: the draft passes the step runs -- "per_token" (the exit head drafts:
+        k + 1 passes below the exit), "one" (drafts known up front, one pass below the exit),
+        "none", or "per_draft" (a proposer that runs a draft model: k of ``source``'s passes,
+        timed by :meth:`record_proposal`)."""
         c = self.costs.get(rows)
         if c is None:
             return None
         verify = c.verify_cost(k + 1)
+        if verify is None:
+            return None
+        if passes == "per_draft":
+            if not k:
+                return verify
+            per = c.proposal.get(source)
+            return None if per is None else k * per + verify
         n = {"per_token": k + 1, "one": 1, "none": 0}[passes]
-        if verify is None or (n and c.draft is None):
+        if n and c.draft is None:
             return None
         return n * (c.draft or 0.0) + verify
 
@@ -149,7 +160,8 @@ class DraftLengthController:
         c = self.costs.get(rows)
         longer = c is not None and any(q > 1 for q in c.verify)
         self.rates.pop(source, None)
-        if c is None or not longer or 1 not in c.verify or self.step_cost(rows, 1, passes) is None:
+        if (c is None or not longer or 1 not in c.verify
+                or self.step_cost(rows, 1, passes, source) is None):
             # Time a one-token draft first, then k = 0 (plain decoding); longer drafts are
             # costed along the line through those two until tried.
             k = 0 if longer and 1 not in c.verify else 1
@@ -157,7 +169,7 @@ class DraftLengthController:
             alphas = self.alphas(source, self.max_len)
             rates = []
             for n in range(self.max_len + 1):
-                cost = self.step_cost(rows, n, passes)
+                cost = self.step_cost(rows, n, passes, source)
                 rates.append(self.expected_tokens(n, alphas) / max(cost or 0.0, 1e-12))
             k = max(range(self.max_len + 1), key=rates.__getitem__)
             self.rates[source] = rates[k]
@@ -191,6 +203,12 @@ class DraftLengthController:
         c.verify[q] = self._mean(c.verify.get(q), verify_s)
         if draft_s is not None and draft_passes > 0:
             c.draft = self._mean(c.draft, draft_s / draft_passes)
+
+    def record_proposal(self, rows: int, source: str, seconds: float, drafts: int) -> None:
+        """A proposer of ``source`` took ``seconds`` to propose up to ``drafts`` tokens per row
+        at ``rows`` active rows."""
+        c = self.costs.setdefault(rows, _Costs())
+        c.proposal[source] = self._mean(c.proposal.get(source), seconds / max(drafts, 1))
 
     def record_acceptance(self, source: str, accepted: list[int], drafted: list[int]) -> None:
         """A step's outcome for ``source``: per row, drafts kept (the longest verified

@@ -25,7 +25,25 @@ first context seen nowhere instead of padding the draft.
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 from ..errors import ConfigError
+
+
+class Proposer(Protocol):
+    """Drafts known before a speculative step, per row (n-gram lookups, a layer-skipping draft
+    model). source: its name in the controller's acceptance counts; passes: what proposing k
+    tokens costs in model passes ("none": lookups only; "per_draft": one pass per draft)."""
+
+    source: str
+    passes: str
+
+    def start(self, prompts: list[list[int]]) -> None:
+        """Before decoding: each row's prompt tokens (index = original row)."""
+
+    def propose_rows(self, session: Any, caps: list[int]) -> list[list[int]]:
+        """Per active row of ``session``, up to ``caps[i]`` draft tokens (may be fewer)."""
+        ...
 
 
 class NGramTables:
@@ -76,11 +94,15 @@ class NGramTables:
 
 
 class NGramDrafter:
-    """One :class:`NGramTables` per row of a decode session, fed with what the rows emit.
+    """One :class:`NGramTables` per row of a decode session, fed with what the rows emit (a
+    :class:`Proposer`).
 
     The text of a row is its prompt's real tokens followed by every token it emitted (the
     pending token included, since it is the full model's own choice).
     """
+
+    source = "ngram"
+    passes = "none"
 
     def __init__(self, max_n: int = 4) -> None:
         NGramTables(max_n)  # validates max_n
@@ -104,3 +126,8 @@ class NGramDrafter:
         """Up to ``k`` draft tokens for ``row`` after its emitted ``generated`` tokens."""
         self.sync(row, generated)
         return self.rows[row].propose(k) if k > 0 else []
+
+    def propose_rows(self, session: Any, caps: list[int]) -> list[list[int]]:
+        """Up to ``caps[i]`` tokens for each active row of ``session``."""
+        return [self.propose(r, session.generated[r], c) if c > 0 else []
+                for r, c in zip(session.rows.tolist(), caps)]

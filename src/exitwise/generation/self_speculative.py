@@ -41,32 +41,33 @@ kept with probability min(1, p_i(x(i+1)) / q_i(x(i+1))), p_i the full model's pr
 distribution; at the first rejection the next token is drawn from norm(max(0, p_n - q_n)),
 and after k kept drafts from p_k (see :mod:`.sampling`). Every emitted token then follows the
 processed full-model distribution exactly, as plain sampling would; rows stay ragged.
+N-gram drafts are point masses q = one-hot(x): kept with probability p(x), else the token is
+drawn from p with x removed, which is again exactly p.
+
+**Other drafters and the draft length.** With ``ngram`` (:mod:`.ngram`, ANPD), a row whose
+n-gram tables predict a continuation drafts it instead of the exit's tokens (its tokens are
+fed through blocks [0, E) like the exit's, so verification is unchanged; when no row uses the
+exit, all k + 1 tokens go through [0, E) in one pass); with no exit head at all (strategy
+``anpd``) E = 0 and verification runs every block. With a ``controller``
+(:mod:`.draft_control`, ``draft_len="auto"``) each step's lengths come from the run's own timed
+costs and acceptance; a step with nothing to draft runs as plain decoding (``_plain_step``).
+A feature-conditioned exit reads, for the first draft of a step, the final state that chose the
+pending token (``session.final_hidden``, kept from the prefill and from each verification).
 """
 
 from __future__ import annotations
 
 import time
-import weakref
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..backbones.hf_decoder import HFDecoderBackbone
 from ..errors import ConfigError
 from ..heads.lm import LMHead
 from .draft_control import DraftLengthController
-from .ngram import NGramDrafter
-from .outputs import GenerateOutput
+from .ngram import Proposer
 from .sampling import SamplingConfig, draw, speculative_accept
 from .session import DecodeSession
-from .strategies import (
-    DecodeInputs,
-    DecodingStrategy,
-    register_decoding_strategy,
-    session_for,
-    stats_for,
-)
 
 
 @torch.inference_mode()
@@ -78,7 +79,7 @@ def self_speculative_decode(
     temperature: float = 1.0,
     draft_threshold: float | None = None,
     sampler: SamplingConfig | None = None,
-    ngram: NGramDrafter | None = None,
+    ngram: Proposer | None = None,
     ngram_len: int | None = None,
     controller: DraftLengthController | None = None,
 ) -> torch.Tensor:
@@ -92,8 +93,10 @@ def self_speculative_decode(
         (softmax of logits / temperature) is below this value (per row; see the module
         docstring).
     sampler: None or greedy -> lossless greedy; sampling -> speculative rejection sampling.
-    ngram: a row whose n-gram tables predict a continuation drafts it (up to ``ngram_len``
-        tokens, default ``draft_len``) instead of the exit head's tokens (:mod:`.ngram`).
+    ngram: a proposer of drafts known before the step (:class:`Proposer`: n-gram lookups,
+        :mod:`.ngram`, or a layer-skipping draft model, :mod:`.layer_skip`); a row it proposes
+        for (up to ``ngram_len`` tokens, default ``draft_len``) drafts that instead of the exit
+        head's tokens.
     controller: chooses each step's draft lengths from measured costs and acceptance
         (``draft_len`` and ``ngram_len`` are then ignored; :mod:`.draft_control`).
     Returns the sequences (B, T + N).
@@ -104,7 +107,8 @@ def self_speculative_decode(
     stats = session.stats
     num_layers, e = bb.num_layers, exit_layer
     if head is None and (e != 0 or ngram is None):
-        raise ConfigError("drafting without an exit head needs exit_layer 0 and n-gram drafts")
+        raise ConfigError("drafting without an exit head needs exit_layer 0 and a proposer "
+                          "(n-gram drafts or a layer-skipping draft)")
     ngram_len = draft_len if ngram_len is None else ngram_len
 
     def fill_head_cache(hidden, ctx):  # a block adapter attends over the prompt too
@@ -138,15 +142,18 @@ def self_speculative_decode(
             k_exit = draft_len
         proposals: list[list[int]] = [[] for _ in range(a)]
         if ngram is not None:
-            cap = (controller.choose(a, "ngram", "one" if e else "none")
-                   if controller is not None else ngram_len)
+            src = ngram.source
+            passes_mode = ngram.passes if ngram.passes != "none" or not e else "one"
+            cap = (controller.choose(a, src, passes_mode) if controller is not None
+                   else ngram_len)
             if controller is not None and head is not None and not controller.prefers(
-                    "ngram", "exit"):
+                    src, "exit"):
                 cap = 0  # the exit's drafts promise more tokens per second now
-            for i, r in enumerate(session.rows.tolist()):
-                if running[i] and cap:
-                    proposals[i] = ngram.propose(r, session.generated[r],
-                                                 min(cap, int(budget[i])))
+            caps = [min(cap, int(b)) if alive else 0 for b, alive in zip(budget, running)]
+            t_prop = time.perf_counter()
+            proposals = ngram.propose_rows(session, caps)
+            if controller is not None and ngram.passes == "per_draft" and max(caps):
+                controller.record_proposal(a, src, time.perf_counter() - t_prop, max(caps))
         from_ngram = torch.tensor([bool(p) for p in proposals], dtype=torch.bool, device=device)
         row_len = torch.where(from_ngram,
                               torch.tensor([len(p) for p in proposals], device=device),
@@ -212,7 +219,8 @@ def self_speculative_decode(
             nxt = target.gather(1, accepted[:, None])[:, 0]
         timer.verified(a, q, passes)
         if controller is not None:
-            for source, rows_of in (("exit", ~from_ngram), ("ngram", from_ngram)):
+            proposed = ngram.source if ngram is not None else "ngram"
+            for source, rows_of in (("exit", ~from_ngram), (proposed, from_ngram)):
                 sel = rows_of & live & (row_len > 0)
                 if bool(sel.any()):
                     controller.record_acceptance(source, accepted[sel].tolist(),
@@ -236,7 +244,7 @@ def self_speculative_decode(
             if alive:
                 stats.drafted[r] += k_r
                 stats.accepted[r] += n
-                if by_ngram:
+                if by_ngram and ngram.source == "ngram":
                     stats.ngram_drafted += k_r
                     stats.ngram_accepted += n
         session.emit(
@@ -279,8 +287,12 @@ def _padded(pending: torch.Tensor, proposals: list[list[int]], k: int) -> torch.
     return torch.tensor(rows, dtype=torch.long, device=pending.device)
 
 
-def _draft_sequentially(session, head, e, k, row_len, live, proposals, from_ngram, temperature,
-                        draft_threshold, sampler, stats):
+def _draft_sequentially(
+    session: DecodeSession, head: LMHead, e: int, k: int, row_len: torch.Tensor,
+    live: torch.Tensor, proposals: list[list[int]], from_ngram: torch.Tensor,
+    temperature: float, draft_threshold: float | None, sampler: SamplingConfig, stats: Any,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], int,
+           torch.Tensor, int]:
     """The exit head's drafts, one pass of blocks [0, E) per position (see the module
     docstring); a row with an n-gram proposal feeds that instead of the head's token.
     Returns (states per position (A, 1, H), fed tokens, drafts, draft probs (sampling), k,
@@ -364,175 +376,3 @@ class _StepTimer:
         t2 = self._now()
         draft = self.t1 - self.t0 if passes else None  # no pass: nothing ran before verifying
         self.controller.record_costs(rows, q, t2 - self.t1, draft, passes)
-
-
-def draft_head(model: Any, backbone: HFDecoderBackbone, exit_layer: int) -> tuple[LMHead, float]:
-    """(the draft head at ``exit_layer``, its calibration temperature): a MultiExitModel's
-    trained ``lm`` exit there, or for a plain LM the shared final norm + LM head."""
-    if model is backbone or not hasattr(model, "heads"):
-        shared = LMHead(backbone.hidden_size, backbone.vocab_size, backbone=backbone)
-        return shared.eval(), 1.0
-    if exit_layer not in model.exit_layers:
-        raise ConfigError(
-            f"this model has no exit at layer {exit_layer}; its exits: {model.exit_layers}")
-    k = model.exit_layers.index(exit_layer)
-    head = model.heads[k]
-    if not isinstance(head, LMHead):
-        raise ConfigError(
-            f"self-speculative drafting needs an 'lm' exit head; exit {exit_layer} has "
-            f"{type(head).registered_name!r}")
-    return head, float(model.temperatures[k])
-
-
-def _check_draft_len(value: Any, name: str = "draft_len") -> None:
-    if value == "auto":
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be an int >= 1 or 'auto'; got {value!r}")
-
-
-# model (the HF module) -> {(what drafts, machine settings): controller}: what a controller
-# measured (step costs per batch size, acceptance) carries over to the next generate call on
-# the same model, so the calibration happens at first use, not at every call
-_CONTROLLERS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
-
-
-def _controller(draft_len: int | str, max_draft_len: int, inputs: DecodeInputs,
-                key: tuple) -> DraftLengthController | None:
-    """The model's automatic draft-length controller for ``key`` (None unless "auto")."""
-    if draft_len != "auto":
-        return None
-    per_model = _CONTROLLERS.setdefault(inputs.backbone.model, {})
-    full = (*key, max_draft_len, torch.get_num_threads(), inputs.kernels,
-            str(inputs.input_ids.device))
-    if full not in per_model:
-        per_model[full] = DraftLengthController(max_len=max_draft_len)
-    return per_model[full]
-
-
-def _shallowest_lm_exit(model: Any) -> int | None:
-    """Depth of a multi-exit model's shallowest ``lm`` exit (not the final layer), or None."""
-    heads = getattr(model, "heads", None)
-    if heads is None:
-        return None
-    for depth, head in zip(model.exit_layers[:-1], list(heads)[:-1]):
-        if isinstance(head, LMHead):
-            return int(depth)
-    return None
-
-
-@register_decoding_strategy("self_speculative")
-@dataclass
-class SelfSpeculative(DecodingStrategy):
-    """Draft with the first ``exit_layer`` blocks and an exit head, verify with the rest:
-    the tokens of greedy decoding (or, sampling, its distribution), fewer full passes.
-
-    exit_layer: depth 1..L-1 of the draft exit. None: a multi-exit model's shallowest ``lm``
-    exit, or for a plain LM the drafter shipped for exactly its weights
-    (:mod:`exitwise.generation.shipped`; its measured options fill every option left None).
-    draft_len: draft tokens per step (>= 1; default 4), or "auto": chosen per step from the
-    measured costs and acceptance, 0 (plain decoding) when speculation does not pay, at most
-    ``max_draft_len`` (:mod:`.draft_control`). draft_threshold: stop a row's draft once its
-    top-1 probability is below this. ngram: also draft from the text's own n-grams up to
-    this order (ANPD, :mod:`.ngram`; None or 0: off): a row whose tables predict a
-    continuation drafts it instead of the exit's tokens, up to ``ngram_len`` tokens (default:
-    ``draft_len``).
-    """
-
-    exit_layer: int | None = None
-    draft_len: int | str | None = None
-    draft_threshold: float | None = None
-    ngram: int | None = None
-    ngram_len: int | None = None
-    max_draft_len: int = 8
-
-    def __post_init__(self) -> None:
-        if self.draft_len is not None:
-            _check_draft_len(self.draft_len)
-        _check_draft_len(self.max_draft_len, "max_draft_len")
-        if self.max_draft_len == "auto":
-            raise ConfigError("max_draft_len must be an int >= 1")
-        if self.ngram_len is not None:
-            _check_draft_len(self.ngram_len, "ngram_len")
-            if self.ngram_len == "auto":
-                raise ConfigError("ngram_len must be an int >= 1 (draft_len='auto' sets both)")
-        if self.ngram:
-            NGramDrafter(self.ngram)  # validates the order
-        if self.draft_threshold is not None and not 0.0 <= float(self.draft_threshold) <= 1.0:
-            raise ConfigError(f"draft_threshold must be a probability in [0, 1]; "
-                              f"got {self.draft_threshold!r}")
-
-    def validate(self, backbone: HFDecoderBackbone, model: Any) -> None:
-        last = backbone.num_layers - 1
-        e, drafter_model, shipped = self.exit_layer, model, {}
-        if e is None:
-            e = _shallowest_lm_exit(model)
-        if e is None and not hasattr(model, "heads"):
-            from .shipped import find_drafter, with_shipped_drafter
-
-            found = find_drafter(backbone)
-            if found is not None:
-                e, shipped = found.exit_layer, found.options
-                drafter_model = with_shipped_drafter(backbone, found)
-        if e is None:
-            raise ConfigError(
-                "exit_layer is required: this model has no tuned 'lm' exit and no drafter is "
-                "shipped for its weights (tune one with `exitwise tune-lm` or "
-                "ew.tune_exits, or pass exit_layer to draft through the shared LM head)")
-        if isinstance(e, bool) or not isinstance(e, int) or not 1 <= e <= last:
-            raise ConfigError(
-                f"exit_layer must be a depth in 1..{last} (blocks run by the draft; this model "
-                f"has {backbone.num_layers} layers); got {e!r}")
-        # what decode() runs: the options given, else the shipped drafter's, else defaults
-        self._resolved = (drafter_model, e, shipped)
-
-    def decode(self, inputs: DecodeInputs) -> GenerateOutput:
-        model, exit_layer, shipped = getattr(
-            self, "_resolved", (inputs.model, self.exit_layer, {}))
-        draft_len = self.draft_len if self.draft_len is not None else shipped.get(
-            "draft_len", 4)
-        ngram = self.ngram if self.ngram is not None else shipped.get("ngram")
-        head, temperature = draft_head(model, inputs.backbone, exit_layer)
-        fixed = draft_len if isinstance(draft_len, int) else self.max_draft_len
-        stats = stats_for(inputs, self.registered_name, exit_layer=exit_layer, draft_len=fixed)
-        sequences = self_speculative_decode(
-            session_for(inputs, stats), head, exit_layer, fixed,
-            temperature=temperature, draft_threshold=self.draft_threshold,
-            sampler=inputs.sampler, ngram=NGramDrafter(ngram) if ngram else None,
-            ngram_len=self.ngram_len,
-            controller=_controller(draft_len, self.max_draft_len, inputs,
-                                   ("self_speculative", id(head), exit_layer, ngram or 0)))
-        return GenerateOutput(sequences=sequences, stats=stats)
-
-
-@register_decoding_strategy("anpd")
-@dataclass
-class ANPD(DecodingStrategy):
-    """Adaptive n-gram parallel decoding (Ou et al., 2024): drafts read from the text's own
-    multi-level n-gram tables, verified by every block; no exit, no training (:mod:`.ngram`).
-
-    ngram: the largest order N (tables of orders N .. 2). draft_len: tokens per draft (>= 1),
-    or "auto" (chosen per step from measured costs and acceptance, at most
-    ``max_draft_len``).
-    """
-
-    ngram: int = 4
-    draft_len: int | str = "auto"
-    max_draft_len: int = 8
-
-    def __post_init__(self) -> None:
-        _check_draft_len(self.draft_len)
-        if self.max_draft_len == "auto":
-            raise ConfigError("max_draft_len must be an int >= 1")
-        _check_draft_len(self.max_draft_len, "max_draft_len")
-        NGramDrafter(self.ngram)
-
-    def decode(self, inputs: DecodeInputs) -> GenerateOutput:
-        fixed = self.draft_len if isinstance(self.draft_len, int) else self.max_draft_len
-        stats = stats_for(inputs, self.registered_name, exit_layer=0, draft_len=fixed)
-        sequences = self_speculative_decode(
-            session_for(inputs, stats), None, 0, fixed, sampler=inputs.sampler,
-            ngram=NGramDrafter(self.ngram), ngram_len=fixed,
-            controller=_controller(self.draft_len, self.max_draft_len, inputs,
-                                   ("anpd", self.ngram)))
-        return GenerateOutput(sequences=sequences, stats=stats)

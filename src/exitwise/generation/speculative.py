@@ -1,0 +1,244 @@
+"""The speculative decoding strategies, registered by name: ``self_speculative`` (exit drafts,
+optionally feature-conditioned and/or with n-gram drafts), ``anpd`` (n-gram drafts alone) and
+``layer_skip`` (Draft & Verify: the model minus some blocks drafts).
+Both run :func:`~.self_speculative.self_speculative_decode`; this module resolves their options:
+the draft exit (given, a multi-exit model's shallowest ``lm`` exit, or the drafter shipped for
+the model, :mod:`.shipped`) and the automatic draft-length controller, kept per model so that
+what one call measured carries over to the next (:mod:`.draft_control`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..backbones.hf_decoder import HFDecoderBackbone
+from ..errors import ConfigError
+from ..heads.lm import LMHead
+from .draft_control import DraftLengthController
+from .layer_skip import LayerSkipDrafter, check_skip
+from .ngram import NGramDrafter
+from .outputs import GenerateOutput
+from .self_speculative import self_speculative_decode
+from .strategies import (
+    DecodeInputs,
+    DecodingStrategy,
+    register_decoding_strategy,
+    session_for,
+    stats_for,
+)
+
+
+def draft_head(model: Any, backbone: HFDecoderBackbone, exit_layer: int) -> tuple[LMHead, float]:
+    """(the draft head at ``exit_layer``, its calibration temperature): a MultiExitModel's
+    trained ``lm`` exit there, or for a plain LM the shared final norm + LM head."""
+    if model is backbone or not hasattr(model, "heads"):
+        shared = LMHead(backbone.hidden_size, backbone.vocab_size, backbone=backbone)
+        return shared.eval(), 1.0
+    if exit_layer not in model.exit_layers:
+        raise ConfigError(
+            f"this model has no exit at layer {exit_layer}; its exits: {model.exit_layers}")
+    k = model.exit_layers.index(exit_layer)
+    head = model.heads[k]
+    if not isinstance(head, LMHead):
+        raise ConfigError(
+            f"self-speculative drafting needs an 'lm' exit head; exit {exit_layer} has "
+            f"{type(head).registered_name!r}")
+    return head, float(model.temperatures[k])
+
+
+def _check_draft_len(value: Any, name: str = "draft_len") -> None:
+    if value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be an int >= 1 or 'auto'; got {value!r}")
+
+
+# model (the HF module) -> {(what drafts, machine settings): controller}: what a controller
+# measured (step costs per batch size, acceptance) carries over to the next generate call on
+# the same model, so the calibration happens at first use, not at every call
+_CONTROLLERS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def _controller(draft_len: int | str, max_draft_len: int, inputs: DecodeInputs,
+                key: tuple) -> DraftLengthController | None:
+    """The model's automatic draft-length controller for ``key`` (None unless "auto")."""
+    if draft_len != "auto":
+        return None
+    per_model = _CONTROLLERS.setdefault(inputs.backbone.model, {})
+    full = (*key, max_draft_len, torch.get_num_threads(), inputs.kernels,
+            str(inputs.input_ids.device))
+    if full not in per_model:
+        per_model[full] = DraftLengthController(max_len=max_draft_len)
+    return per_model[full]
+
+
+def _shallowest_lm_exit(model: Any) -> int | None:
+    """Depth of a multi-exit model's shallowest ``lm`` exit (not the final layer), or None."""
+    heads = getattr(model, "heads", None)
+    if heads is None:
+        return None
+    for depth, head in zip(model.exit_layers[:-1], list(heads)[:-1]):
+        if isinstance(head, LMHead):
+            return int(depth)
+    return None
+
+
+@register_decoding_strategy("self_speculative")
+@dataclass
+class SelfSpeculative(DecodingStrategy):
+    """Draft with the first ``exit_layer`` blocks and an exit head, verify with the rest:
+    the tokens of greedy decoding (or, sampling, its distribution), fewer full passes.
+
+    exit_layer: depth 1..L-1 of the draft exit. None: a multi-exit model's shallowest ``lm``
+    exit, or for a plain LM the drafter shipped for exactly its weights
+    (:mod:`exitwise.generation.shipped`; its measured options fill every option left None).
+    draft_len: draft tokens per step (>= 1; default 4), or "auto": chosen per step from the
+    measured costs and acceptance, 0 (plain decoding) when speculation does not pay, at most
+    ``max_draft_len`` (:mod:`.draft_control`). draft_threshold: stop a row's draft once its
+    top-1 probability is below this. ngram: also draft from the text's own n-grams up to
+    this order (ANPD, :mod:`.ngram`; None or 0: off): a row whose tables predict a
+    continuation drafts it instead of the exit's tokens, up to ``ngram_len`` tokens (default:
+    ``draft_len``).
+    """
+
+    exit_layer: int | None = None
+    draft_len: int | str | None = None
+    draft_threshold: float | None = None
+    ngram: int | None = None
+    ngram_len: int | None = None
+    max_draft_len: int = 8
+
+    def __post_init__(self) -> None:
+        if self.draft_len is not None:
+            _check_draft_len(self.draft_len)
+        _check_draft_len(self.max_draft_len, "max_draft_len")
+        if self.max_draft_len == "auto":
+            raise ConfigError("max_draft_len must be an int >= 1")
+        if self.ngram_len is not None:
+            _check_draft_len(self.ngram_len, "ngram_len")
+            if self.ngram_len == "auto":
+                raise ConfigError("ngram_len must be an int >= 1 (draft_len='auto' sets both)")
+        if self.ngram:
+            NGramDrafter(self.ngram)  # validates the order
+        if self.draft_threshold is not None and not 0.0 <= float(self.draft_threshold) <= 1.0:
+            raise ConfigError(f"draft_threshold must be a probability in [0, 1]; "
+                              f"got {self.draft_threshold!r}")
+
+    def validate(self, backbone: HFDecoderBackbone, model: Any) -> None:
+        last = backbone.num_layers - 1
+        e, drafter_model, shipped = self.exit_layer, model, {}
+        if e is None:
+            e = _shallowest_lm_exit(model)
+        if e is None and not hasattr(model, "heads"):
+            from .shipped import find_drafter, with_shipped_drafter
+
+            found = find_drafter(backbone)
+            if found is not None:
+                e, shipped = found.exit_layer, found.options
+                drafter_model = with_shipped_drafter(backbone, found)
+        if e is None:
+            raise ConfigError(
+                "exit_layer is required: this model has no tuned 'lm' exit and no drafter is "
+                "shipped for its weights (tune one with `exitwise tune-lm` or "
+                "ew.tune_exits, or pass exit_layer to draft through the shared LM head)")
+        if isinstance(e, bool) or not isinstance(e, int) or not 1 <= e <= last:
+            raise ConfigError(
+                f"exit_layer must be a depth in 1..{last} (blocks run by the draft; this model "
+                f"has {backbone.num_layers} layers); got {e!r}")
+        # what decode() runs: the options given, else the shipped drafter's, else defaults
+        self._resolved = (drafter_model, e, shipped)
+
+    def decode(self, inputs: DecodeInputs) -> GenerateOutput:
+        model, exit_layer, shipped = getattr(
+            self, "_resolved", (inputs.model, self.exit_layer, {}))
+        draft_len = self.draft_len if self.draft_len is not None else shipped.get(
+            "draft_len", 4)
+        ngram = self.ngram if self.ngram is not None else shipped.get("ngram")
+        head, temperature = draft_head(model, inputs.backbone, exit_layer)
+        fixed = draft_len if isinstance(draft_len, int) else self.max_draft_len
+        stats = stats_for(inputs, self.registered_name, exit_layer=exit_layer, draft_len=fixed)
+        sequences = self_speculative_decode(
+            session_for(inputs, stats), head, exit_layer, fixed,
+            temperature=temperature, draft_threshold=self.draft_threshold,
+            sampler=inputs.sampler, ngram=NGramDrafter(ngram) if ngram else None,
+            ngram_len=self.ngram_len,
+            controller=_controller(draft_len, self.max_draft_len, inputs,
+                                   ("self_speculative", id(head), exit_layer, ngram or 0)))
+        return GenerateOutput(sequences=sequences, stats=stats)
+
+
+@register_decoding_strategy("anpd")
+@dataclass
+class ANPD(DecodingStrategy):
+    """Adaptive n-gram parallel decoding (Ou et al., 2024): drafts read from the text's own
+    multi-level n-gram tables, verified by every block; no exit, no training (:mod:`.ngram`).
+
+    ngram: the largest order N (tables of orders N .. 2). draft_len: tokens per draft (>= 1),
+    or "auto" (chosen per step from measured costs and acceptance, at most
+    ``max_draft_len``).
+    """
+
+    ngram: int = 4
+    draft_len: int | str = "auto"
+    max_draft_len: int = 8
+
+    def __post_init__(self) -> None:
+        _check_draft_len(self.draft_len)
+        if self.max_draft_len == "auto":
+            raise ConfigError("max_draft_len must be an int >= 1")
+        _check_draft_len(self.max_draft_len, "max_draft_len")
+        NGramDrafter(self.ngram)
+
+    def decode(self, inputs: DecodeInputs) -> GenerateOutput:
+        fixed = self.draft_len if isinstance(self.draft_len, int) else self.max_draft_len
+        stats = stats_for(inputs, self.registered_name, exit_layer=0, draft_len=fixed)
+        sequences = self_speculative_decode(
+            session_for(inputs, stats), None, 0, fixed, sampler=inputs.sampler,
+            ngram=NGramDrafter(self.ngram), ngram_len=fixed,
+            controller=_controller(self.draft_len, self.max_draft_len, inputs,
+                                   ("anpd", self.ngram)))
+        return GenerateOutput(sequences=sequences, stats=stats)
+
+
+@register_decoding_strategy("layer_skip")
+@dataclass
+class LayerSkip(DecodingStrategy):
+    """Draft & Verify: draft with the model itself minus blocks ``skip`` (e.g. from
+    :func:`~.layer_skip.search_skip_layers`), verify with every block; no head, no training
+    (:mod:`.layer_skip`).
+
+    skip: block indices in 1..L-2 (required). draft_len: tokens per draft (>= 1), or "auto"
+    (chosen per step from measured costs and acceptance, at most ``max_draft_len``).
+    """
+
+    skip: list[int] | None = None
+    draft_len: int | str = "auto"
+    max_draft_len: int = 8
+
+    def __post_init__(self) -> None:
+        _check_draft_len(self.draft_len)
+        if self.max_draft_len == "auto":
+            raise ConfigError("max_draft_len must be an int >= 1")
+        _check_draft_len(self.max_draft_len, "max_draft_len")
+
+    def validate(self, backbone: HFDecoderBackbone, model: Any) -> None:
+        if self.skip is None:
+            raise ConfigError("layer_skip needs skip=[blocks to leave out of the draft] (choose "
+                              "them with exitwise.generation.search_skip_layers)")
+        check_skip(self.skip, backbone.num_layers)
+
+    def decode(self, inputs: DecodeInputs) -> GenerateOutput:
+        assert self.skip is not None
+        fixed = self.draft_len if isinstance(self.draft_len, int) else self.max_draft_len
+        stats = stats_for(inputs, self.registered_name, exit_layer=0, draft_len=fixed)
+        drafter = LayerSkipDrafter(self.skip, inputs.backbone.num_layers)
+        sequences = self_speculative_decode(
+            session_for(inputs, stats), None, 0, fixed, sampler=inputs.sampler,
+            ngram=drafter, ngram_len=fixed,
+            controller=_controller(self.draft_len, self.max_draft_len, inputs,
+                                   ("layer_skip", tuple(drafter.skip))))
+        return GenerateOutput(sequences=sequences, stats=stats)
