@@ -19,7 +19,10 @@ as slow. So nothing here is chosen by a constant:
   (weight shape, row count) that occurs, :class:`KernelTuner` times the stock and the streaming
   product over *all* the model's weights of that shape (as a forward pass reads them, so the
   weights come from memory, not from cache), the two alternating, and streams only when the
-  median paired ratio is below ``1 - margin``; otherwise, and whenever in doubt, stock. Each
+  median paired ratio is below ``1 - margin``; otherwise, and whenever in doubt, stock. When
+  no weight shape of the model streams at any row count 1..``max_rows``, nothing is rerouted
+  at all (rerouting costs a Python call per operation: on a small model more than any
+  few-row product could gain), so "auto" is then exactly "stock". Each
   choice is measured once per machine (CPU model, torch version, thread count) and kept in
   ``$EXITWISE_CACHE/kernels.json``; delete that file, or call :meth:`KernelTuner.clear`, to
   measure again. The environment variable ``EXITWISE_KERNELS`` (``auto``/``stock``/
@@ -142,6 +145,7 @@ class KernelTuner:
         self.repeats = repeats
         self._lock = threading.Lock()
         self._memo: dict[str, dict[str, KernelDecision]] = {}
+        self._verdicts: dict[tuple, bool] = {}
         self._loaded = False
 
     # -- the decisions ----------------------------------------------------------------------
@@ -160,6 +164,20 @@ class KernelTuner:
             self._save(machine, key, decision)
         logger.info("kernels %s on %s: %s", key, machine, decision)
         return decision
+
+    def any_stream(self, groups: Sequence[Sequence[torch.Tensor]], max_rows: int) -> bool:
+        """Whether any of these weight groups streams at any row count 1..``max_rows`` on this
+        machine (each measured now if never measured). When none does, a caller need not
+        reroute products at all: rerouting itself costs a Python call per operation, which on
+        a small model outweighs what a few-row product could gain."""
+        keys = tuple(sorted(_key(g, r) for g in groups for r in range(1, max_rows + 1)))
+        memo_key = (machine_key(), keys)
+        known = self._verdicts.get(memo_key)
+        if known is None:
+            known = any(self.decide(g, r).stream for g in groups
+                        for r in range(1, max_rows + 1))
+            self._verdicts[memo_key] = known
+        return known
 
     def decisions(self) -> dict[str, KernelDecision]:
         """This machine's measured choices, by ``dtype:OUTxIN:nWEIGHTS:rROWS``."""
@@ -358,10 +376,15 @@ def few_row_kernels(
         raise ConfigError(f"max_rows must be an int >= 1; got {max_rows!r}")
     groups = {} if kernels == "stock" else _weight_groups(modules)
     scope = KernelScope(kernels=kernels, weights=len(groups))
+    tuner = tuner or default_tuner()
+    if kernels == "auto" and groups:
+        unique = list({id(g[0]): g for g in groups.values()}.values())
+        if not tuner.any_stream(unique, max_rows):
+            groups = {}  # every product stays stock: do not pay for rerouting at all
     if not groups:
         yield scope
         return
-    with _FewRowMode(groups, scope, max_rows, tuner or default_tuner()):
+    with _FewRowMode(groups, scope, max_rows, tuner):
         yield scope
 
 

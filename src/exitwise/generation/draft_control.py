@@ -40,6 +40,7 @@ Which k is chosen never changes what is generated (every draft is verified), onl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
@@ -104,6 +105,8 @@ class DraftLengthController:
         self.history: dict[str, list[int]] = {}  # chosen lengths per source, for inspection
         # expected tokens per second of the last choice per source (absent while exploring)
         self.rates: dict[str, float] = {}
+        # (rows, source) -> the step at which k = 0 last won clearly (see :meth:`resting`)
+        self._zero_since: dict[tuple[int, str], int] = {}
 
     # -- estimates ----------------------------------------------------------------------
     def alphas(self, source: str, k: int) -> list[float]:
@@ -173,6 +176,10 @@ class DraftLengthController:
                 rates.append(self.expected_tokens(n, alphas) / max(cost or 0.0, 1e-12))
             k = max(range(self.max_len + 1), key=rates.__getitem__)
             self.rates[source] = rates[k]
+            if k == 0:
+                self._zero_since[(rows, source)] = self.steps  # plain decoding won
+            else:
+                self._zero_since.pop((rows, source), None)
             every = self.explore_every
             if every and self.steps % every == 0:
                 # a neighbour of the best length, up and down in turn, when it is close
@@ -183,6 +190,16 @@ class DraftLengthController:
                     k = near
         self.history.setdefault(source, []).append(k)
         return k
+
+    def resting(self, rows: int, sources: Sequence[str]) -> bool:
+        """True when, for every source, plain decoding (k = 0) won the last choice at this
+        batch size and this step is not one of the every-``explore_every`` steps that choose
+        (and may try a neighbour): the decoder then runs a plain step without timing or
+        choosing anything, so that when speculation does not pay it costs what plain decoding
+        costs."""
+        if not sources or (self.explore_every and self.steps % self.explore_every == 0):
+            return False
+        return all((rows, source) in self._zero_since for source in sources)
 
     def prefers(self, source: str, other: str) -> bool:
         """Whether ``source``'s last choice promised at least ``other``'s tokens per second

@@ -124,16 +124,20 @@ def self_speculative_decode(
     session.emit([[t] for t in first.tolist()])
     session.drop_finished()
 
+    sources = (["exit"] if head is not None else []) + ([ngram.source] if ngram else [])
     while session.unfinished:
         a = session.active
         running = session.running()
         device = session.pending.device
+        if controller is not None:
+            controller.begin_step()
+            if not uses_cache and controller.resting(a, sources):  # plain decoding wins
+                _plain_step(session, e, sampler, _StepTimer(None, device), running)
+                continue
         live = torch.tensor(running, dtype=torch.bool, device=device)
         # Each row's k_r: at most its own budget (what it may still emit) minus the verified
         # token; then the exit's (or the controller's) length or its n-gram draft's length.
         budget = (session.remaining().to(device) - 1).clamp(min=0)
-        if controller is not None:
-            controller.begin_step()
         if head is None:
             k_exit = 0
         elif controller is not None:
@@ -217,7 +221,6 @@ def self_speculative_decode(
             else:
                 accepted = torch.zeros(a, dtype=torch.long, device=device)
             nxt = target.gather(1, accepted[:, None])[:, 0]
-        timer.verified(a, q, passes)
         if controller is not None:
             proposed = ngram.source if ngram is not None else "ngram"
             for source, rows_of in (("exit", ~from_ngram), (proposed, from_ngram)):
@@ -251,6 +254,7 @@ def self_speculative_decode(
             [drafted[i, :n].tolist() + [t] for i, (n, t) in enumerate(zip(n_list, nxt.tolist()))]
         )
         session.drop_finished()
+        timer.verified(a, q, passes)  # the whole step: bookkeeping differs by k too
     return session.sequences()
 
 
@@ -268,7 +272,6 @@ def _plain_step(session: DecodeSession, e: int, sampler: SamplingConfig, timer: 
     timer.drafted()
     hidden = bb.run_layers(hidden, e, bb.num_layers, ctx)
     nxt = sampler.choose(bb.lm_logits(bb.final_norm(hidden[:, -1])))
-    timer.verified(a, 1, 1 if e else 0)
     session.final_hidden = hidden[:, -1]
     ones = torch.ones(a, 1, dtype=torch.long, device=nxt.device)
     session.commit(session.pending[:, None], ones, ones[:, 0], nxt)
@@ -278,6 +281,7 @@ def _plain_step(session: DecodeSession, e: int, sampler: SamplingConfig, timer: 
     stats.sequential_layers += bb.num_layers
     session.emit([[t] for t in nxt.tolist()])
     session.drop_finished()
+    timer.verified(a, 1, 1 if e else 0)
 
 
 def _padded(pending: torch.Tensor, proposals: list[list[int]], k: int) -> torch.Tensor:
