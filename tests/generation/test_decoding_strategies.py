@@ -13,8 +13,8 @@ import exitwise as ew
 from exitwise.generation import (
     DECODING_STRATEGIES,
     DecodingStrategy,
-    GenerationConfig,
     GenerateOutput,
+    GenerationConfig,
     SelfSpeculative,
     get_decoding_strategy,
     greedy_decode,
@@ -30,7 +30,8 @@ def llama():
 
 def test_each_strategy_refuses_the_options_of_another(llama):
     ids, mask = left_padded()
-    with pytest.raises(ew.ConfigError, match="draft_len is an option of 'anpd', 'layer_skip', 'self_speculative'"):
+    with pytest.raises(ew.ConfigError, match="draft_len is an option of 'anpd', "
+                                              "'layer_skip', 'self_speculative'"):
         ew.generate(llama, ids, mask, draft_len=3)
     with pytest.raises(ew.ConfigError, match="kv is an option of 'early_exit'"):
         ew.generate(llama, ids, mask, strategy="self_speculative", exit_layer=2, kv="skip")

@@ -12,8 +12,8 @@ from helpers.lmkit import EOS, LAYERS, PAD, left_padded, tiny_lm
 import exitwise as ew
 from exitwise.errors import ConfigError
 from exitwise.generation import DecodeSession, generate
-from exitwise.generation.exit_points import resolve_exit_points
 from exitwise.generation.early_exit import EarlyExitStats, early_exit_decode
+from exitwise.generation.exit_points import resolve_exit_points
 from exitwise.policies import get_policy
 from exitwise.policies.calm_base import decayed_threshold
 

@@ -100,7 +100,7 @@ def test_tables_after_decoding_equal_tables_of_the_accepted_text():
     session = DecodeSession(bb, ids, mask, NEW, set(), PAD, stats)
     drafter = NGramDrafter(3)
     self_speculative_decode(session, LMHead(32, 100, backbone=bb).eval(), 1, 3,
-                            ngram=drafter, ngram_len=4)
+                            proposer=drafter, proposal_len=4)
     assert stats.ngram_drafted > stats.ngram_accepted  # some n-gram drafts were rejected
     for r in range(b):
         drafter.sync(r, session.generated[r])

@@ -76,6 +76,9 @@ class _Costs:
         return max(0.0, self.verify[edge] + slope * (q - edge))
 
 
+HISTORY = 1024  # chosen lengths kept per source (the latest)
+
+
 class DraftLengthController:
     """Chooses each step's draft length; see the module docstring.
 
@@ -188,7 +191,10 @@ class DraftLengthController:
                 close = rates[near] >= (1 - self.explore_margin) * rates[k]
                 if close or self.steps % (8 * every) == 0:
                     k = near
-        self.history.setdefault(source, []).append(k)
+        history = self.history.setdefault(source, [])
+        history.append(k)
+        if len(history) > 2 * HISTORY:  # a controller lives as long as its model: stay bounded
+            del history[:-HISTORY]
         return k
 
     def resting(self, rows: int, sources: Sequence[str]) -> bool:

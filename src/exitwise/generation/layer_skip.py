@@ -18,10 +18,21 @@ speculative sampling exact.
 greedy forward selection (repeatedly add the block whose removal keeps the draft model's next
 token equal to the full model's most often), each candidate set scored by the tokens per unit
 of time it would give (:func:`estimated_speedup`: acceptance from the measured agreement,
-cost from the share of blocks kept, verification counted as one full pass). Deviations from
-Draft & Verify: whole blocks (not attention and MLP sub-layers separately), greedy selection
-instead of Bayesian optimisation, and a modelled objective instead of timed decoding; SWIFT's
-on-the-fly search is not built. Shapes: A active rows, V vocabulary.
+cost from the share of blocks kept, verification counted as one full pass).
+
+Reference read: the authors' code (dilab-zju/self-speculative-decoding): ``searching.py``
+(``LayerSkippingSearching``: Bayesian optimisation over 2L binary choices, skip each layer's
+attention and/or MLP, scored by the measured tokens/s of ``exact_self_speculative_generate``
+on a few prompts) and ``decoding.py`` (``exact_self_speculative_generate``: drafts of at most
+``max_step_draft=8`` tokens, a draft stops when its top-1 probability falls below
+``th_stop_draft`` (0.8), adapted after each step from the acceptance; the draft's keys/values
+are discarded, verification recomputes the drafted positions in every layer). Deviations:
+whole blocks are skipped (not attention and MLP separately); greedy forward selection with a
+modelled objective instead of Bayesian optimisation on timed decoding; the first and last
+blocks are always kept; the draft length comes from the measured-cost controller
+(:mod:`.draft_control`, ``draft_len="auto"``, at most 8 as in the reference) or is fixed,
+instead of the adaptive confidence threshold; SWIFT's on-the-fly search is not built.
+Shapes: A active rows, V vocabulary.
 """
 
 from __future__ import annotations
@@ -55,6 +66,13 @@ class LayerSkipDrafter:
     def __init__(self, skip: Sequence[int], num_layers: int) -> None:
         self.skip = check_skip(skip, num_layers)
         self.keep = [i for i in range(num_layers) if i not in set(self.skip)]
+        # runs of consecutive kept blocks [start, end): one run_layers call each
+        self.runs: list[tuple[int, int]] = []
+        for i in self.keep:
+            if self.runs and self.runs[-1][1] == i:
+                self.runs[-1] = (self.runs[-1][0], i + 1)
+            else:
+                self.runs.append((i, i + 1))
 
     def start(self, prompts: list[list[int]]) -> None:
         """Nothing to prepare: the draft model is the model itself."""
@@ -71,8 +89,8 @@ class LayerSkipDrafter:
         for j in range(k):
             ctx = session.context(j, 1)
             hidden = bb.embed(tokens[:, None], ctx.positions)
-            for i in self.keep:
-                hidden = bb.run_layers(hidden, i, i + 1, ctx)
+            for start, end in self.runs:
+                hidden = bb.run_layers(hidden, start, end, ctx)
             tokens = bb.lm_logits(bb.final_norm(hidden[:, -1])).argmax(-1)
             drafts.append(tokens.tolist())
         for i in self.keep:  # verification recomputes these positions in every block

@@ -44,13 +44,14 @@ processed full-model distribution exactly, as plain sampling would; rows stay ra
 N-gram drafts are point masses q = one-hot(x): kept with probability p(x), else the token is
 drawn from p with x removed, which is again exactly p.
 
-**Other drafters and the draft length.** With ``ngram`` (:mod:`.ngram`, ANPD), a row whose
-n-gram tables predict a continuation drafts it instead of the exit's tokens (its tokens are
-fed through blocks [0, E) like the exit's, so verification is unchanged; when no row uses the
-exit, all k + 1 tokens go through [0, E) in one pass); with no exit head at all (strategy
-``anpd``) E = 0 and verification runs every block. With a ``controller``
-(:mod:`.draft_control`, ``draft_len="auto"``) each step's lengths come from the run's own timed
-costs and acceptance; a step with nothing to draft runs as plain decoding (``_plain_step``).
+**Other drafters and the draft length.** With a ``proposer`` (n-gram lookups, :mod:`.ngram`,
+ANPD; or a layer-skipping draft model, :mod:`.layer_skip`), a row it proposes for drafts that
+instead of the exit's tokens (fed through blocks [0, E) like the exit's, so verification is
+unchanged; when no row uses the exit, all k + 1 tokens go through [0, E) in one pass); with no
+exit head at all (strategies ``anpd``, ``layer_skip``) E = 0 and verification runs every
+block. With a ``controller`` (:mod:`.draft_control`, ``draft_len="auto"``) each step's lengths
+come from the run's own timed costs and acceptance; a step with nothing to draft is a plain
+decoding step (:func:`.greedy.plain_step`).
 A feature-conditioned exit reads, for the first draft of a step, the final state that chose the
 pending token (``session.final_hidden``, kept from the prefill and from each verification).
 """
@@ -65,6 +66,7 @@ import torch
 from ..errors import ConfigError
 from ..heads.lm import LMHead
 from .draft_control import DraftLengthController
+from .greedy import plain_step
 from .ngram import Proposer
 from .sampling import SamplingConfig, draw, speculative_accept
 from .session import DecodeSession
@@ -79,26 +81,26 @@ def self_speculative_decode(
     temperature: float = 1.0,
     draft_threshold: float | None = None,
     sampler: SamplingConfig | None = None,
-    ngram: Proposer | None = None,
-    ngram_len: int | None = None,
+    proposer: Proposer | None = None,
+    proposal_len: int | None = None,
     controller: DraftLengthController | None = None,
 ) -> torch.Tensor:
     """Run ``session`` to the end drafting with ``head`` after ``exit_layer`` blocks and/or
     with n-gram lookups.
 
-    head: the exit head (None: no exit drafts; then ``exit_layer`` must be 0 and ``ngram``
-        given: ANPD alone, verification runs every block).
+    head: the exit head (None: no exit drafts; then ``exit_layer`` must be 0 and a
+        ``proposer`` given, e.g. ANPD alone; verification runs every block).
     temperature: the exit head's calibration temperature (its logits are divided by it).
     draft_threshold: a row stops drafting after its first draft whose top-1 probability
         (softmax of logits / temperature) is below this value (per row; see the module
         docstring).
     sampler: None or greedy -> lossless greedy; sampling -> speculative rejection sampling.
-    ngram: a proposer of drafts known before the step (:class:`Proposer`: n-gram lookups,
+    proposer: drafts known before the step (:class:`~.ngram.Proposer`: n-gram lookups,
         :mod:`.ngram`, or a layer-skipping draft model, :mod:`.layer_skip`); a row it proposes
-        for (up to ``ngram_len`` tokens, default ``draft_len``) drafts that instead of the exit
-        head's tokens.
+        for (up to ``proposal_len`` tokens, default ``draft_len``) drafts that instead of the
+        exit head's tokens.
     controller: chooses each step's draft lengths from measured costs and acceptance
-        (``draft_len`` and ``ngram_len`` are then ignored; :mod:`.draft_control`).
+        (``draft_len`` and ``proposal_len`` are then ignored; :mod:`.draft_control`).
     Returns the sequences (B, T + N).
     """
     sampler = sampler or SamplingConfig()
@@ -106,17 +108,17 @@ def self_speculative_decode(
     bb = session.backbone
     stats = session.stats
     num_layers, e = bb.num_layers, exit_layer
-    if head is None and (e != 0 or ngram is None):
+    if head is None and (e != 0 or proposer is None):
         raise ConfigError("drafting without an exit head needs exit_layer 0 and a proposer "
                           "(n-gram drafts or a layer-skipping draft)")
-    ngram_len = draft_len if ngram_len is None else ngram_len
+    proposal_len = draft_len if proposal_len is None else proposal_len
 
     def fill_head_cache(hidden, ctx):  # a block adapter attends over the prompt too
         head.token_logits(hidden, ctx)
 
     uses_cache = head is not None and head.uses_cache
-    if ngram is not None:  # tables from each prompt's real tokens, keyed by original row
-        ngram.start([ids[m.bool()].tolist() for ids, m in zip(session.prompt, session.mask)])
+    if proposer is not None:  # tables from each prompt's real tokens, keyed by original row
+        proposer.start([ids[m.bool()].tolist() for ids, m in zip(session.prompt, session.mask)])
     first = session.prefill(split=e if head is not None else None,
                             on_split=fill_head_cache if uses_cache else None)
     first = sampler.choose(first)
@@ -124,7 +126,7 @@ def self_speculative_decode(
     session.emit([[t] for t in first.tolist()])
     session.drop_finished()
 
-    sources = (["exit"] if head is not None else []) + ([ngram.source] if ngram else [])
+    sources = (["exit"] if head is not None else []) + ([proposer.source] if proposer else [])
     while session.unfinished:
         a = session.active
         running = session.running()
@@ -132,7 +134,7 @@ def self_speculative_decode(
         if controller is not None:
             controller.begin_step()
             if not uses_cache and controller.resting(a, sources):  # plain decoding wins
-                _plain_step(session, e, sampler, _StepTimer(None, device), running)
+                _plain_step(session, e, sampler, _StepTimer(None, device))
                 continue
         live = torch.tensor(running, dtype=torch.bool, device=device)
         # Each row's k_r: at most its own budget (what it may still emit) minus the verified
@@ -145,31 +147,31 @@ def self_speculative_decode(
         else:
             k_exit = draft_len
         proposals: list[list[int]] = [[] for _ in range(a)]
-        if ngram is not None:
-            src = ngram.source
-            passes_mode = ngram.passes if ngram.passes != "none" or not e else "one"
+        if proposer is not None:
+            src = proposer.source
+            passes_mode = proposer.passes if proposer.passes != "none" or not e else "one"
             cap = (controller.choose(a, src, passes_mode) if controller is not None
-                   else ngram_len)
+                   else proposal_len)
             if controller is not None and head is not None and not controller.prefers(
                     src, "exit"):
                 cap = 0  # the exit's drafts promise more tokens per second now
             caps = [min(cap, int(b)) if alive else 0 for b, alive in zip(budget, running)]
             t_prop = time.perf_counter()
-            proposals = ngram.propose_rows(session, caps)
-            if controller is not None and ngram.passes == "per_draft" and max(caps):
+            proposals = proposer.propose_rows(session, caps)
+            if controller is not None and proposer.passes == "per_draft" and max(caps):
                 controller.record_proposal(a, src, time.perf_counter() - t_prop, max(caps))
-        from_ngram = torch.tensor([bool(p) for p in proposals], dtype=torch.bool, device=device)
-        row_len = torch.where(from_ngram,
+        proposed = torch.tensor([bool(p) for p in proposals], dtype=torch.bool, device=device)
+        row_len = torch.where(proposed,
                               torch.tensor([len(p) for p in proposals], device=device),
                               budget.clamp(max=k_exit))
         row_len = torch.where(live, row_len, torch.zeros_like(row_len))
         k = int(row_len.max()) if a else 0
         timer = _StepTimer(controller, device)
         if k == 0 and not uses_cache:  # nothing to draft: a plain decoding step, as lean
-            _plain_step(session, e, sampler, timer, running)
+            _plain_step(session, e, sampler, timer)
             continue
 
-        if head is None or not bool((live & ~from_ngram & (row_len > 0)).any()):
+        if head is None or not bool((live & ~proposed & (row_len > 0)).any()):
             # Every draft is known up front: one pass over the k + 1 tokens below the exit.
             fed_all = _padded(session.pending, proposals, k)
             ctx = session.context(0, k + 1)
@@ -188,7 +190,7 @@ def self_speculative_decode(
             sequential = e
         else:
             states_l, fed, drafts, draft_probs, k, row_len, passes = _draft_sequentially(
-                session, head, e, k, row_len, live, proposals, from_ngram, temperature,
+                session, head, e, k, row_len, live, proposals, proposed, temperature,
                 draft_threshold, sampler, stats)
             states = torch.cat(states_l, 1)
             sequential = passes * e
@@ -222,8 +224,8 @@ def self_speculative_decode(
                 accepted = torch.zeros(a, dtype=torch.long, device=device)
             nxt = target.gather(1, accepted[:, None])[:, 0]
         if controller is not None:
-            proposed = ngram.source if ngram is not None else "ngram"
-            for source, rows_of in (("exit", ~from_ngram), (proposed, from_ngram)):
+            other = proposer.source if proposer is not None else "ngram"
+            for source, rows_of in (("exit", ~proposed), (other, proposed)):
                 sel = rows_of & live & (row_len > 0)
                 if bool(sel.any()):
                     controller.record_acceptance(source, accepted[sel].tolist(),
@@ -242,12 +244,12 @@ def self_speculative_decode(
         stats.sequential_layers += sequential + (num_layers - e)
         rows = session.rows.tolist()
         n_list = accepted.tolist()
-        for r, n, k_r, alive, by_ngram in zip(rows, n_list, row_len.tolist(), running,
-                                               from_ngram.tolist()):
+        for r, n, k_r, alive, by_proposal in zip(rows, n_list, row_len.tolist(), running,
+                                               proposed.tolist()):
             if alive:
                 stats.drafted[r] += k_r
                 stats.accepted[r] += n
-                if by_ngram and ngram.source == "ngram":
+                if by_proposal and proposer.source == "ngram":
                     stats.ngram_drafted += k_r
                     stats.ngram_accepted += n
         session.emit(
@@ -258,29 +260,14 @@ def self_speculative_decode(
     return session.sequences()
 
 
-def _plain_step(session: DecodeSession, e: int, sampler: SamplingConfig, timer: "_StepTimer",
-                running: list[bool]) -> None:
-    """One token per row through every block, as plain decoding (the step with k = 0): the
-    blocks below the exit timed as the draft pass and the rest as verifying one position, so
-    the controller sees the same costs as on the drafting path."""
-    bb, stats = session.backbone, session.stats
+def _plain_step(session: DecodeSession, e: int, sampler: SamplingConfig,
+                timer: "_StepTimer") -> None:
+    """A step with k = 0: :func:`.greedy.plain_step`, the blocks below the exit timed as the
+    draft pass and the rest (bookkeeping included) as verifying one position, so that the
+    controller sees the same costs as on the drafting path."""
     a = session.active
-    ctx = session.context(0, 1)
-    hidden = bb.embed(session.pending[:, None], ctx.positions)
-    if e:
-        hidden = bb.run_layers(hidden, 0, e, ctx)
-    timer.drafted()
-    hidden = bb.run_layers(hidden, e, bb.num_layers, ctx)
-    nxt = sampler.choose(bb.lm_logits(bb.final_norm(hidden[:, -1])))
-    session.final_hidden = hidden[:, -1]
-    ones = torch.ones(a, 1, dtype=torch.long, device=nxt.device)
-    session.commit(session.pending[:, None], ones, ones[:, 0], nxt)
-    stats.iterations += 1
-    stats.step_draft_lengths.append(0)
-    stats.layer_applications += sum(running) * bb.num_layers
-    stats.sequential_layers += bb.num_layers
-    session.emit([[t] for t in nxt.tolist()])
-    session.drop_finished()
+    plain_step(session, sampler, e, timer.drafted)
+    session.stats.step_draft_lengths.append(0)
     timer.verified(a, 1, 1 if e else 0)
 
 
@@ -293,7 +280,7 @@ def _padded(pending: torch.Tensor, proposals: list[list[int]], k: int) -> torch.
 
 def _draft_sequentially(
     session: DecodeSession, head: LMHead, e: int, k: int, row_len: torch.Tensor,
-    live: torch.Tensor, proposals: list[list[int]], from_ngram: torch.Tensor,
+    live: torch.Tensor, proposals: list[list[int]], proposed: torch.Tensor,
     temperature: float, draft_threshold: float | None, sampler: SamplingConfig, stats: Any,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], int,
            torch.Tensor, int]:
@@ -309,9 +296,9 @@ def _draft_sequentially(
     states: list[torch.Tensor] = []
     drafts: list[torch.Tensor] = []
     draft_probs: list[torch.Tensor] = []  # q_j (A, V), sampling only
-    ngram_rows = from_ngram.nonzero()[:, 0].tolist()
+    proposal_rows = proposed.nonzero()[:, 0].tolist()
     drafting = live & (row_len > 0)  # rows still drafting
-    exit_rows = ~from_ngram
+    exit_rows = ~proposed
     j = 0
     while True:
         ctx = session.context(j, 1)
@@ -331,7 +318,7 @@ def _draft_sequentially(
             tokens = draw(q_j, sampler.generator)
         else:
             tokens = head.compact_argmax(logits)
-        here = [i for i in ngram_rows if j < len(proposals[i])]
+        here = [i for i in proposal_rows if j < len(proposals[i])]
         if here:  # n-gram rows feed their own proposal (a point mass as q)
             tokens = tokens.clone()
             if sampling:

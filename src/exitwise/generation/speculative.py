@@ -50,11 +50,26 @@ def draft_head(model: Any, backbone: HFDecoderBackbone, exit_layer: int) -> tupl
     return head, float(model.temperatures[k])
 
 
-def _check_draft_len(value: Any, name: str = "draft_len") -> None:
-    if value == "auto":
+def _check_draft_len(value: Any, name: str = "draft_len", auto: bool = True) -> None:
+    """``value`` is an int >= 1 (or "auto" when ``auto``); else a ConfigError naming it."""
+    if auto and value == "auto":
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be an int >= 1 or 'auto'; got {value!r}")
+        raise ConfigError(f"{name} must be an int >= 1{' or auto' if auto else ''}; "
+                          f"got {value!r}")
+
+
+def _decode_with_proposer(strategy: Any, inputs: DecodeInputs, proposer: Any,
+                          key: tuple) -> GenerateOutput:
+    """Decode with drafts that ``proposer`` knows before each step and no exit head
+    (verification by every block): ``anpd`` and ``layer_skip``."""
+    draft_len, max_len = strategy.draft_len, strategy.max_draft_len
+    fixed = draft_len if isinstance(draft_len, int) else max_len
+    stats = stats_for(inputs, strategy.registered_name, exit_layer=0, draft_len=fixed)
+    sequences = self_speculative_decode(
+        session_for(inputs, stats), None, 0, fixed, sampler=inputs.sampler, proposer=proposer,
+        proposal_len=fixed, controller=_controller(draft_len, max_len, inputs, key))
+    return GenerateOutput(sequences=sequences, stats=stats)
 
 
 # model (the HF module) -> {(what drafts, machine settings): controller}: what a controller
@@ -115,13 +130,9 @@ class SelfSpeculative(DecodingStrategy):
     def __post_init__(self) -> None:
         if self.draft_len is not None:
             _check_draft_len(self.draft_len)
-        _check_draft_len(self.max_draft_len, "max_draft_len")
-        if self.max_draft_len == "auto":
-            raise ConfigError("max_draft_len must be an int >= 1")
+        _check_draft_len(self.max_draft_len, "max_draft_len", auto=False)
         if self.ngram_len is not None:
-            _check_draft_len(self.ngram_len, "ngram_len")
-            if self.ngram_len == "auto":
-                raise ConfigError("ngram_len must be an int >= 1 (draft_len='auto' sets both)")
+            _check_draft_len(self.ngram_len, "ngram_len", auto=False)
         if self.ngram:
             NGramDrafter(self.ngram)  # validates the order
         if self.draft_threshold is not None and not 0.0 <= float(self.draft_threshold) <= 1.0:
@@ -164,8 +175,8 @@ class SelfSpeculative(DecodingStrategy):
         sequences = self_speculative_decode(
             session_for(inputs, stats), head, exit_layer, fixed,
             temperature=temperature, draft_threshold=self.draft_threshold,
-            sampler=inputs.sampler, ngram=NGramDrafter(ngram) if ngram else None,
-            ngram_len=self.ngram_len,
+            sampler=inputs.sampler, proposer=NGramDrafter(ngram) if ngram else None,
+            proposal_len=self.ngram_len,
             controller=_controller(draft_len, self.max_draft_len, inputs,
                                    ("self_speculative", id(head), exit_layer, ngram or 0)))
         return GenerateOutput(sequences=sequences, stats=stats)
@@ -188,20 +199,11 @@ class ANPD(DecodingStrategy):
 
     def __post_init__(self) -> None:
         _check_draft_len(self.draft_len)
-        if self.max_draft_len == "auto":
-            raise ConfigError("max_draft_len must be an int >= 1")
-        _check_draft_len(self.max_draft_len, "max_draft_len")
+        _check_draft_len(self.max_draft_len, "max_draft_len", auto=False)
         NGramDrafter(self.ngram)
 
     def decode(self, inputs: DecodeInputs) -> GenerateOutput:
-        fixed = self.draft_len if isinstance(self.draft_len, int) else self.max_draft_len
-        stats = stats_for(inputs, self.registered_name, exit_layer=0, draft_len=fixed)
-        sequences = self_speculative_decode(
-            session_for(inputs, stats), None, 0, fixed, sampler=inputs.sampler,
-            ngram=NGramDrafter(self.ngram), ngram_len=fixed,
-            controller=_controller(self.draft_len, self.max_draft_len, inputs,
-                                   ("anpd", self.ngram)))
-        return GenerateOutput(sequences=sequences, stats=stats)
+        return _decode_with_proposer(self, inputs, NGramDrafter(self.ngram), ("anpd", self.ngram))
 
 
 @register_decoding_strategy("layer_skip")
@@ -221,9 +223,7 @@ class LayerSkip(DecodingStrategy):
 
     def __post_init__(self) -> None:
         _check_draft_len(self.draft_len)
-        if self.max_draft_len == "auto":
-            raise ConfigError("max_draft_len must be an int >= 1")
-        _check_draft_len(self.max_draft_len, "max_draft_len")
+        _check_draft_len(self.max_draft_len, "max_draft_len", auto=False)
 
     def validate(self, backbone: HFDecoderBackbone, model: Any) -> None:
         if self.skip is None:
@@ -233,12 +233,5 @@ class LayerSkip(DecodingStrategy):
 
     def decode(self, inputs: DecodeInputs) -> GenerateOutput:
         assert self.skip is not None
-        fixed = self.draft_len if isinstance(self.draft_len, int) else self.max_draft_len
-        stats = stats_for(inputs, self.registered_name, exit_layer=0, draft_len=fixed)
         drafter = LayerSkipDrafter(self.skip, inputs.backbone.num_layers)
-        sequences = self_speculative_decode(
-            session_for(inputs, stats), None, 0, fixed, sampler=inputs.sampler,
-            ngram=drafter, ngram_len=fixed,
-            controller=_controller(self.draft_len, self.max_draft_len, inputs,
-                                   ("layer_skip", tuple(drafter.skip))))
-        return GenerateOutput(sequences=sequences, stats=stats)
+        return _decode_with_proposer(self, inputs, drafter, ("layer_skip", tuple(drafter.skip)))
