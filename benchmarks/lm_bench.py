@@ -148,27 +148,35 @@ def parse_drafters(specs: Sequence[str]) -> dict[str, dict[str, Any]]:
     ``anpd`` / ``anpd:D``: n-gram drafts alone (ANPD), draft length D or "auto";
     ``auto@E``: exit E's drafts, draft length chosen per step ("auto");
     ``ngram@E:D``: exit E's drafts of D with n-gram drafts where the text predicts them;
-    ``ngram@E:auto``: the same with automatic lengths.
+    ``ngram@E:auto``: the same with automatic lengths;
+    ``fixed@E:D``: exit E's drafts of D.
+    A suffix ``/wW`` on an exit drafter verifies token trees of width W (each draft with the
+    exit's next W - 1 choices as sibling leaves), e.g. ``auto@2/w3``.
     """
     out: dict[str, dict[str, Any]] = {}
     for spec in specs:
-        kind, _, arg = spec.partition("@")
+        body, _, width = spec.partition("/w")
+        kind, _, arg = body.partition("@")
         try:
-            if kind.startswith("anpd"):
+            if kind.startswith("anpd") and not width:
                 d = kind.partition(":")[2] or "auto"
                 out[spec] = {"strategy": "anpd", "draft_len": d if d == "auto" else int(d)}
             elif kind == "auto":
                 out[spec] = {"strategy": "self_speculative", "exit_layer": int(arg),
                              "draft_len": "auto"}
-            elif kind == "ngram":
+            elif kind in ("ngram", "fixed"):
                 e, _, d = arg.partition(":")
                 out[spec] = {"strategy": "self_speculative", "exit_layer": int(e),
-                             "draft_len": d if d == "auto" else int(d), "ngram": 4}
+                             "draft_len": d if d == "auto" else int(d)}
+                if kind == "ngram":
+                    out[spec]["ngram"] = 4
             else:
                 raise ValueError
+            if width:
+                out[spec]["tree_width"] = int(width)
         except ValueError:
-            raise ConfigError(f"bad drafter {spec!r}; write anpd, anpd:D, auto@E, ngram@E:D or "
-                              "ngram@E:auto") from None
+            raise ConfigError(f"bad drafter {spec!r}; write anpd, anpd:D, auto@E, ngram@E:D, "
+                              "ngram@E:auto or fixed@E:D, optionally with /wW") from None
     return out
 
 
@@ -485,7 +493,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--stock-configs", default=None,
                    help="configs to time again on stock nn.Linear kernels")
     p.add_argument("--drafters", default="",
-                   help="named lossless drafters (anpd, anpd:D, auto@E, ngram@E:D, ngram@E:auto)")
+                   help="named lossless drafters (anpd, anpd:D, auto@E, ngram@E:D, ngram@E:auto, "
+                        "fixed@E:D; /wW: token trees of width W)")
     p.add_argument("--no-chat", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="also write the report to this JSON file")

@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from typing import Any
+
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +43,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from lm_bench import bench_lm, parse_configs  # noqa: E402  (benchmarks/, beside this script)
 
 from exitwise.backbones.kernels import default_tuner, few_row_kernels  # noqa: E402
+from exitwise.errors import ConfigError  # noqa: E402
 from exitwise.lm.prompts import BENCH_PROMPTS, CALIBRATION_PROMPTS  # noqa: E402
 from exitwise.machine import machine_info  # noqa: E402
 from exitwise.recipes.lm import TuneLMJob, load_lm, run_tune_lm  # noqa: E402
@@ -97,6 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="new tokens per calibration prompt (default --max-new-tokens, so the "
                         "decaying threshold sees the same horizon as in the benchmark)")
     p.add_argument("--work", default=None, help="folder for the tuned exits")
+    p.add_argument("--shipped", action="store_true",
+                   help="skip step 1: benchmark the drafter shipped with the package for "
+                        "--model (exitwise/assets/drafters) instead of tuning one")
     p.add_argument("--tune-only", action="store_true",
                    help="stop after step 1 (answers and tuning need no quiet machine; run the "
                         "same command without it for the timed part)")
@@ -233,6 +239,21 @@ def component_costs(model, tokenizer, exit_layer: int, repeats: int = 25) -> dic
     return out
 
 
+def shipped_model(name: str) -> tuple[Any, Any, dict]:
+    """(the multi-exit model of the drafter shipped for ``name``, its tokenizer, the drafter's
+    provenance) -- a ConfigError when none is shipped for those weights."""
+    import exitwise as ew
+    from exitwise.generation.shipped import find_drafter
+    from exitwise.model import MultiExitModel
+
+    lm, tokenizer = load_lm(name)
+    found = find_drafter(ew.wrap_backbone(lm))
+    if found is None:
+        raise ConfigError(f"no drafter is shipped for {name!r}")
+    model = MultiExitModel.from_pretrained(found.folder, backbone=lm).eval()
+    return model, tokenizer, {"shipped": found.folder.name, **found.meta}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -246,22 +267,26 @@ def main(argv: list[str] | None = None) -> dict:
         "lm_speed_quick.json" if args.quick else "lm_speed.json")
 
     t0 = time.time()
-    if args.answers:
-        objective, options = "answers", {"epochs": args.epochs, "lr": args.lr, "batch_size": 16}
-    else:
-        objective = "kl"
-        options = {"steps": args.steps, "lr": args.lr, "batch_size": 8, "seq_len": 128}
-    job = TuneLMJob(
-        out_dir=str(work), model=args.model, exit_layers=exits, adapter=args.adapter,
-        conditioned=args.conditioned,
-        objective=objective, options=options, num_generations=1 if args.quick else 2,
-        gen_tokens=48 if args.quick else 96, draft_vocab=args.draft_vocab or None,
-        answers=args.answers, answer_tokens=args.max_new_tokens,
-    )
-    if (work / "tuning_report.json").is_file():
+    if args.shipped:
+        model, tokenizer, tuning = shipped_model(args.model)
+        print(f"[tune] using the shipped drafter: exit {model.exit_layers[:-1]}")
+    elif (work / "tuning_report.json").is_file():
         print(f"[tune] exits {exits} tuned earlier in {work}; skipping")
         tuning = json.loads((work / "tuning_report.json").read_text())
     else:
+        if args.answers:
+            objective = "answers"
+            options = {"epochs": args.epochs, "lr": args.lr, "batch_size": 16}
+        else:
+            objective = "kl"
+            options = {"steps": args.steps, "lr": args.lr, "batch_size": 8, "seq_len": 128}
+        job = TuneLMJob(
+            out_dir=str(work), model=args.model, exit_layers=exits, adapter=args.adapter,
+            conditioned=args.conditioned,
+            objective=objective, options=options, num_generations=1 if args.quick else 2,
+            gen_tokens=48 if args.quick else 96, draft_vocab=args.draft_vocab or None,
+            answers=args.answers, answer_tokens=args.max_new_tokens,
+        )
         what = (f"{args.answers} greedy answers x {args.epochs:g} epochs" if args.answers
                 else f"{args.steps} KL steps")
         print(f"[tune] exits {exits}, adapter {args.adapter}, {what} -> {work}")
@@ -274,7 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
         return tuning
     print(f"[bench] {args.prompts} prompts x {args.max_new_tokens} tokens, configs {pairs}, "
           f"batch sizes {args.batch_sizes}, {args.repeats} repetition(s)")
-    model, tokenizer = load_lm(str(work))
+    if not args.shipped:
+        model, tokenizer = load_lm(str(work))
     t1 = time.time()
     prompts = list(BENCH_PROMPTS)[: args.prompts]
     # First the long, untimed part: certifying CALM thresholds on the calibration prompts.
@@ -322,7 +348,9 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join(["python benchmarks/lm_speed.py", *(sys.argv[1:] if argv is None
                                                                   else argv)]),
         "model": args.model, "adapter": args.adapter, "draft_vocab": args.draft_vocab,
-        "tuning_recipe": (f"greedy answers to {args.answers} corpus prompts, {args.epochs:g} "
+        "tuning_recipe": ("the drafter shipped with the package (see tuning.source)"
+                          if args.shipped else
+                          f"greedy answers to {args.answers} corpus prompts, {args.epochs:g} "
                           "epochs of cross-entropy from cached features" if args.answers
                           else f"KL to the final layer, {args.steps} steps"),
         "tuning": tuning, "bench_seconds": time.time() - t1,

@@ -7,7 +7,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from benchmarks.lm_bench import Method, bench_lm, main, parse_configs, time_methods
+from benchmarks.lm_bench import (
+    Method,
+    bench_lm,
+    main,
+    parse_configs,
+    parse_drafters,
+    time_methods,
+)
 
 from exitwise.errors import ConfigError
 from exitwise.policies import get_policy
@@ -122,3 +129,16 @@ def test_methods_run_in_an_order_rotated_per_chunk():
     time_methods([method("a"), method("b"), method("c")], chunks, repeats=2, eos=set(),
                  print_fn=lambda *a: None)
     assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+
+
+def test_drafter_specs():
+    got = parse_drafters(["anpd:3", "auto@2/w3", "ngram@2:auto/w2", "fixed@4:1"])
+    assert got["anpd:3"] == {"strategy": "anpd", "draft_len": 3}
+    assert got["auto@2/w3"] == {"strategy": "self_speculative", "exit_layer": 2,
+                                "draft_len": "auto", "tree_width": 3}
+    assert got["ngram@2:auto/w2"] == {"strategy": "self_speculative", "exit_layer": 2,
+                                      "draft_len": "auto", "ngram": 4, "tree_width": 2}
+    assert got["fixed@4:1"] == {"strategy": "self_speculative", "exit_layer": 4, "draft_len": 1}
+    for bad in ("tree@2", "auto@x", "anpd/w2", "fixed@2:1/wx"):
+        with pytest.raises(ConfigError, match="bad drafter"):
+            parse_drafters([bad])

@@ -200,6 +200,9 @@ def _add_lm_commands(sub: Any) -> None:
                         "(0: off; default: the shipped drafter's, else off)")
     g.add_argument("--draft-threshold", type=float, default=None,
                    help="self_speculative: stop a draft once its top-1 probability is below")
+    g.add_argument("--tree-width", type=int, default=None,
+                   help="self_speculative: verify token trees, each draft with the exit's "
+                        "next TREE_WIDTH - 1 choices as siblings (greedy only; default 1)")
     g.add_argument("--kv", default="skip", choices=["skip", "propagate", "recompute"],
                    help="early_exit: keys/values of skipped layers (skip = computed later, "
                         "in parallel with the next token)")
@@ -248,6 +251,7 @@ def _run_lm(args: argparse.Namespace) -> int:
             chat=False if args.no_chat else None, do_sample=args.sample, seed=args.seed,
             policy={"name": args.policy, "threshold": args.threshold}, kv=args.kv,
             draft_threshold=args.draft_threshold, kernels=args.kernels, ngram=args.ngram,
+            tree_width=args.tree_width,
         )
         if args.json:
             print(json.dumps(out, indent=2, default=_json_default))

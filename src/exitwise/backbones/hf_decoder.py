@@ -41,12 +41,19 @@ class DecodeContext:
     slot_positions: (B, S + q) position id of every slot; only needed by sliding-window
                     layers once the sequence is longer than the window (holes make slot
                     distance differ from token distance).
+    tree:           None, or (n, n) bool: a token tree's ancestor-or-self matrix over the n
+                    slots a speculative step writes, which start at slot ``tree_start``; a
+                    new token then attends to the slots before ``tree_start`` and to its own
+                    ancestors among the step's slots only (token-tree verification). The
+                    slots are in topological order (a parent before its children).
     """
 
     cache: Any
     positions: torch.Tensor
     attention_mask: torch.Tensor
     slot_positions: torch.Tensor | None = None
+    tree: torch.Tensor | None = None
+    tree_start: int = 0
     _memo: dict[Any, Any] = field(default_factory=dict, repr=False)
 
 
@@ -278,18 +285,40 @@ class HFDecoderBackbone(Backbone):
             position_ids=ctx.positions,
             layer_idx=cache_index,
         )
-        if not sliding:
-            mask = create_causal_mask(**kwargs)
-        elif ctx.slot_positions is None:
-            # No holes: slot distance is token distance, HF's own index-based window is right.
-            mask = create_sliding_window_causal_mask(**kwargs)
-        else:
+        # Restrictions on top of causality and the holes, as (B, q, kv) bool tensors: a
+        # sliding window by positions (holes make slot distance differ from token distance)
+        # and a token tree's ancestors. Applied to HF's own mask directly: routing them
+        # through its mask-function interface costs milliseconds per build on a CPU.
+        q = hidden.shape[1]
+        keep = None
+        if sliding and (ctx.slot_positions is not None or ctx.tree is not None):
+            if ctx.slot_positions is None:
+                raise InputError("a token tree over a sliding window needs slot_positions")
             slot_pos = ctx.slot_positions.to(hidden.device)
+            keep = slot_pos[:, None, :] > slot_pos[:, -q:, None] - window
+        if ctx.tree is not None:
+            start = ctx.tree_start
+            on_path = torch.ones(q, kv_len, dtype=torch.bool, device=hidden.device)
+            rel = cached - start  # the first query's row in the tree
+            on_path[:, start:] = ctx.tree.to(hidden.device)[rel: rel + q, : kv_len - start]
+            keep = on_path[None] if keep is None else keep & on_path[None]
+        if keep is None:
+            if sliding:  # no holes: slot distance is token distance, HF's window is right
+                mask = create_sliding_window_causal_mask(**kwargs)
+            else:
+                mask = create_causal_mask(**kwargs)
+        else:
+            mask = create_causal_mask(**kwargs, allow_is_causal_skip=False)
+            if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+                if mask.dtype == torch.bool:
+                    mask = mask & keep[:, None]
+                else:  # an additive float mask (eager attention)
+                    mask = mask.masked_fill(~keep[:, None], torch.finfo(mask.dtype).min)
+            else:  # another back-end's format (e.g. flex attention): its mask functions
+                def restrict(batch_idx, head_idx, q_idx, kv_idx):
+                    return keep[batch_idx, q_idx - (kv_len - q), kv_idx]
 
-            def in_window(batch_idx, head_idx, q_idx, kv_idx):  # positions, not slot indices
-                return slot_pos[batch_idx, kv_idx] > slot_pos[batch_idx, q_idx] - window
-
-            mask = create_causal_mask(**kwargs, and_mask_function=in_window)
+                mask = create_causal_mask(**kwargs, and_mask_function=restrict)
         ctx._memo[key] = mask
         return mask
 

@@ -14,6 +14,7 @@ from .early_exit import EarlyExit
 from .greedy import Greedy, greedy_decode
 from .layer_skip import LayerSkipDrafter, SkipSearch, search_skip_layers
 from .ngram import NGramDrafter, NGramTables
+from .token_tree import ChainTree, accept_greedy
 from .outputs import GenerateOutput, GenerationStats
 from .sampling import (
     SamplingConfig,
@@ -35,6 +36,8 @@ from .strategies import (
 )
 
 __all__ = [
+    "ChainTree",
+    "accept_greedy",
     "ANPD",
     "DECODING_STRATEGIES",
     "DraftLengthController",

@@ -86,16 +86,19 @@ class DraftLengthController:
     neighbour of the best length (0: never). smoothing: weight of a new timing in the running
     means. discount: how much of the past acceptance counts survive each update (forgetting
     lets the estimate follow the text). explore_margin: a neighbour estimated within this
-    fraction of the best rate is tried every ``explore_every`` steps.
+    fraction of the best rate is tried every ``explore_every`` steps. tree_width: steps with
+    k drafts verify 1 + k * tree_width positions (token trees, :mod:`.token_tree`; 1: a chain).
     """
 
     def __init__(self, max_len: int = 8, explore_every: int = 16, smoothing: float = 0.2,
-                 discount: float = 0.98, explore_margin: float = 0.1) -> None:
+                 discount: float = 0.98, explore_margin: float = 0.1,
+                 tree_width: int = 1) -> None:
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
             raise ConfigError(f"the longest automatic draft must be an int >= 1; got {max_len!r}")
         if not 0.0 < smoothing <= 1.0 or not 0.0 < discount <= 1.0:
             raise ConfigError("smoothing and discount must lie in (0, 1]")
         self.max_len = max_len
+        self.tree_width = tree_width
         self.explore_every = explore_every
         self.explore_margin = explore_margin
         self.smoothing = smoothing
@@ -142,7 +145,7 @@ class DraftLengthController:
         c = self.costs.get(rows)
         if c is None:
             return None
-        verify = c.verify_cost(k + 1)
+        verify = c.verify_cost(1 + k * (self.tree_width if passes == "per_token" else 1))
         if verify is None:
             return None
         if passes == "per_draft":

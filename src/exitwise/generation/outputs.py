@@ -27,6 +27,8 @@ class GenerationStats:
     streamed_products:  few-row products that took the streaming kernel (0: all stock).
     ngram_drafted / ngram_accepted: of the drafted / accepted tokens, those that came from
         n-gram lookups (:mod:`.ngram`).
+    sibling_accepted:   of the accepted tokens, those that were a token tree's sibling leaf (the
+        exit's second or later choice, :mod:`.token_tree`).
     step_draft_lengths: per speculative step, its draft length k (the longest row's).
     """
 
@@ -46,6 +48,7 @@ class GenerationStats:
     streamed_products: int = 0
     ngram_drafted: int = 0
     ngram_accepted: int = 0
+    sibling_accepted: int = 0
     step_draft_lengths: list[int] = field(default_factory=list)
 
     @property

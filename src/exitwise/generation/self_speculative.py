@@ -54,6 +54,11 @@ come from the run's own timed costs and acceptance; a step with nothing to draft
 decoding step (:func:`.greedy.plain_step`).
 A feature-conditioned exit reads, for the first draft of a step, the final state that chose the
 pending token (``session.final_hidden``, kept from the prefill and from each verification).
+
+**Token trees** (``tree_width`` > 1, greedy only, :mod:`.token_tree`): each draft also gets the
+exit's next choices as sibling leaves, fed through blocks [0, E) with the step's last draft
+pass and verified in the same call under a tree attention mask; acceptance may end on a
+sibling, whose slot then moves into place in every cache layer.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ from .greedy import plain_step
 from .ngram import Proposer
 from .sampling import SamplingConfig, draw, speculative_accept
 from .session import DecodeSession
+from .token_tree import ChainTree, accept_greedy, check_tree_width, sibling_tokens
 
 
 @torch.inference_mode()
@@ -84,6 +90,7 @@ def self_speculative_decode(
     proposer: Proposer | None = None,
     proposal_len: int | None = None,
     controller: DraftLengthController | None = None,
+    tree_width: int = 1,
 ) -> torch.Tensor:
     """Run ``session`` to the end drafting with ``head`` after ``exit_layer`` blocks and/or
     with n-gram lookups.
@@ -101,6 +108,8 @@ def self_speculative_decode(
         exit head's tokens.
     controller: chooses each step's draft lengths from measured costs and acceptance
         (``draft_len`` and ``proposal_len`` are then ignored; :mod:`.draft_control`).
+    tree_width: > 1 verifies a token tree: each draft also has the exit's next
+        ``tree_width - 1`` choices as sibling leaves (:mod:`.token_tree`; greedy only).
     Returns the sequences (B, T + N).
     """
     sampler = sampler or SamplingConfig()
@@ -112,6 +121,14 @@ def self_speculative_decode(
         raise ConfigError("drafting without an exit head needs exit_layer 0 and a proposer "
                           "(n-gram drafts or a layer-skipping draft)")
     proposal_len = draft_len if proposal_len is None else proposal_len
+    check_tree_width(tree_width)
+    if tree_width > 1:
+        if sampling:
+            raise ConfigError("token trees verify greedy decoding only (tree_width > 1 with "
+                              "sampling needs multi-draft rejection sampling, not built)")
+        if head is None or head.uses_cache:
+            raise ConfigError("token trees take their siblings from an exit head without a "
+                              "cache of its own (no block adapter); tree_width must be 1 here")
 
     def fill_head_cache(hidden, ctx):  # a block adapter attends over the prompt too
         head.token_logits(hidden, ctx)
@@ -182,22 +199,27 @@ def self_speculative_decode(
                     head.draft_logits(hidden, ctx)
                     stats.head_applications += sum(running) * (k + 1)
             states, fed = hidden, list(fed_all.unbind(1))
-            drafts, draft_probs = fed[1:], []
+            drafts, draft_probs, siblings = fed[1:], [], None
             if sampling and k:
                 v = bb.vocab_size
                 draft_probs = [torch.nn.functional.one_hot(t, v).float() for t in drafts]
             passes = 1 if e else 0
             sequential = e
         else:
-            states_l, fed, drafts, draft_probs, k, row_len, passes = _draft_sequentially(
-                session, head, e, k, row_len, live, proposals, proposed, temperature,
-                draft_threshold, sampler, stats)
+            states_l, fed, drafts, draft_probs, k, row_len, passes, siblings = (
+                _draft_sequentially(session, head, e, k, row_len, live, proposals, proposed,
+                                    temperature, draft_threshold, sampler, stats, tree_width))
             states = torch.cat(states_l, 1)
             sequential = passes * e
         timer.drafted()
 
-        q = k + 1
-        ctx = session.context(0, q)
+        tree = ChainTree(k, tree_width if siblings is not None else 1)
+        q = tree.size
+        if siblings is not None:
+            ctx = session.tree_context(0, q, tree.depths(device), tree.ancestors(device))
+            fed = fed + list(siblings.flatten(1).unbind(1))
+        else:
+            ctx = session.context(0, q)
         hidden = bb.run_layers(states, e, num_layers, ctx)
         target_logits = bb.lm_logits(bb.final_norm(hidden))  # (A, k+1, V)
         last_final = hidden
@@ -216,13 +238,9 @@ def self_speculative_decode(
                 nxt[rows_cut] = draw(p_cut, sampler.generator)
             accepted = torch.minimum(accepted, row_len)
         else:
-            target = target_logits.argmax(-1)  # (A, k+1)
-            if k:
-                accepted = (drafted == target[:, :k]).long().cumprod(1).sum(1)
-                accepted = torch.minimum(accepted, row_len)  # a row's own draft length
-            else:
-                accepted = torch.zeros(a, dtype=torch.long, device=device)
-            nxt = target.gather(1, accepted[:, None])[:, 0]
+            # the longest verified prefix (a row's own draft length at most), or a tree path
+            accepted, path, nxt, took = accept_greedy(
+                tree, drafted, siblings, target_logits.argmax(-1), row_len)
         if controller is not None:
             other = proposer.source if proposer is not None else "ngram"
             for source, rows_of in (("exit", ~proposed), (other, proposed)):
@@ -230,13 +248,21 @@ def self_speculative_decode(
                 if bool(sel.any()):
                     controller.record_acceptance(source, accepted[sel].tolist(),
                                                  row_len[sel].tolist())
-        # the final state at the position that chose each row's next token (conditioned exits)
-        session.final_hidden = last_final[torch.arange(a, device=device), accepted]
+        if sampling:
+            path = torch.arange(int(accepted.max()) + 1, device=device).repeat(a, 1)
+            took = torch.zeros(a, dtype=torch.bool, device=device)
+        # the final state at the slot that chose each row's next token (conditioned exits)
+        rows_a = torch.arange(a, device=device)
+        session.final_hidden = last_final[rows_a, path[rows_a, accepted]]
         best = int(accepted.max())
-        if k > best:
-            session.cache.crop(-(k - best))  # slots no row kept
+        kept_tokens = torch.stack(fed, 1).gather(1, path)
+        if bool(took.any()):
+            session.keep_step_slots(path)  # a sibling's slot moves next to its parent
+        elif q > best + 1:
+            session.cache.crop(-(q - best - 1))  # slots no row kept
         valid = torch.arange(best + 1, device=device)[None, :] <= accepted[:, None]
-        session.commit(torch.stack(fed, 1)[:, : best + 1], valid, accepted + 1, nxt)
+        session.commit(kept_tokens, valid, accepted + 1, nxt)
+        stats.sibling_accepted += int(took.sum())
 
         stats.iterations += 1
         stats.step_draft_lengths.append(k)
@@ -252,9 +278,8 @@ def self_speculative_decode(
                 if by_proposal and proposer.source == "ngram":
                     stats.ngram_drafted += k_r
                     stats.ngram_accepted += n
-        session.emit(
-            [drafted[i, :n].tolist() + [t] for i, (n, t) in enumerate(zip(n_list, nxt.tolist()))]
-        )
+        session.emit([kept_tokens[i, 1 : n + 1].tolist() + [t]
+                      for i, (n, t) in enumerate(zip(n_list, nxt.tolist()))])
         session.drop_finished()
         timer.verified(a, q, passes)  # the whole step: bookkeeping differs by k too
     return session.sequences()
@@ -282,12 +307,15 @@ def _draft_sequentially(
     session: DecodeSession, head: LMHead, e: int, k: int, row_len: torch.Tensor,
     live: torch.Tensor, proposals: list[list[int]], proposed: torch.Tensor,
     temperature: float, draft_threshold: float | None, sampler: SamplingConfig, stats: Any,
+    tree_width: int = 1,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], int,
-           torch.Tensor, int]:
+           torch.Tensor, int, torch.Tensor | None]:
     """The exit head's drafts, one pass of blocks [0, E) per position (see the module
-    docstring); a row with an n-gram proposal feeds that instead of the head's token.
-    Returns (states per position (A, 1, H), fed tokens, drafts, draft probs (sampling), k,
-    row_len, passes)."""
+    docstring); a row with an n-gram proposal feeds that instead of the head's token. With
+    ``tree_width`` > 1, the exit's next choices at each depth become sibling leaves, fed
+    through [0, E) with the last pass (:mod:`.token_tree`).
+    Returns (states per slot (A, n, H), fed chain tokens, drafts, draft probs (sampling), k,
+    row_len, passes, siblings (A, k, tree_width - 1) or None)."""
     bb = session.backbone
     sampling = sampler.do_sample
     running = live.tolist()
@@ -296,13 +324,21 @@ def _draft_sequentially(
     states: list[torch.Tensor] = []
     drafts: list[torch.Tensor] = []
     draft_probs: list[torch.Tensor] = []  # q_j (A, V), sampling only
+    siblings: list[torch.Tensor] = []  # (A, tree_width - 1) per depth, token trees only
     proposal_rows = proposed.nonzero()[:, 0].tolist()
     drafting = live & (row_len > 0)  # rows still drafting
     exit_rows = ~proposed
     j = 0
     while True:
-        ctx = session.context(j, 1)
-        hidden = bb.run_layers(bb.embed(tokens[:, None], ctx.positions), 0, e, ctx)
+        if j == k and siblings:  # the last pass also feeds every sibling leaf
+            tree = ChainTree(k, tree_width)
+            new = torch.cat([tokens[:, None], torch.stack(siblings, 1).flatten(1)], 1)
+            ctx = session.tree_context(k, new.shape[1], tree.depths(tokens.device),
+                                       tree.ancestors(tokens.device))
+        else:
+            new = tokens[:, None]
+            ctx = session.context(j, 1)
+        hidden = bb.run_layers(bb.embed(new, ctx.positions), 0, e, ctx)
         states.append(hidden)
         if j < k or head.uses_cache:  # keep a block adapter's cache aligned with blocks < E
             # (A, K) over the head's draft vocabulary (K = V without one); a conditioned exit
@@ -330,6 +366,9 @@ def _draft_sequentially(
                     q_j[i, proposals[i][j]] = 1.0
         if sampling:
             draft_probs.append(q_j)
+        if tree_width > 1:
+            siblings.append(sibling_tokens(head.compact_topk(logits, tree_width), tokens,
+                                           tree_width - 1))
         drafts.append(tokens)
         fed.append(tokens)
         j += 1
@@ -340,7 +379,8 @@ def _draft_sequentially(
         drafting = drafting & (j < row_len)
         if j < k and not bool(drafting.any()):
             k = j  # one last pass below feeds x_j through blocks < E
-    return states, fed, drafts, draft_probs, k, row_len, j + 1
+    tree_leaves = torch.stack(siblings, 1) if siblings else None
+    return states, fed, drafts, draft_probs, k, row_len, j + 1, tree_leaves
 
 
 class _StepTimer:

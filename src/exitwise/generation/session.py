@@ -124,6 +124,35 @@ class DecodeSession:
         slot_pos = torch.cat([self.slot_pos, self.next_pos[:, None] + offsets], 1)
         return DecodeContext(self.cache, slot_pos[:, -count:], mask, slot_pos)
 
+    def tree_context(self, first: int, count: int, depths: torch.Tensor,
+                     ancestors: torch.Tensor) -> DecodeContext:
+        """Like :meth:`context`, for a step that writes a token tree: its n slots (the first
+        ``first`` written by earlier calls of the step, then ``count`` new ones) hold nodes of
+        depth ``depths`` (n,) -- position next_pos + depth -- and each new token attends to its
+        ancestors among them (``ancestors`` (n, n) bool, ancestor-or-self) and to the
+        committed slots."""
+        device = self.mask.device
+        width = first + count
+        new = torch.ones(self.active, width, dtype=torch.long, device=device)
+        mask = torch.cat([self.mask, new], 1)
+        slot_pos = torch.cat([self.slot_pos, self.next_pos[:, None] + depths[None, :width]], 1)
+        return DecodeContext(self.cache, slot_pos[:, -count:], mask, slot_pos,
+                             tree=ancestors, tree_start=self.mask.shape[1])
+
+    def keep_step_slots(self, index: torch.Tensor) -> None:
+        """Keep, of the slots the current step wrote into every cache layer (all past the
+        committed ones), the m slots ``index`` (A, m) per row, in that order; the rest are
+        dropped (token trees: the accepted path's slots move to the front)."""
+        start = self.mask.shape[1]
+        for layer in self.cache.layers:
+            if not getattr(layer, "is_initialized", True) or getattr(layer, "keys", None) is None:
+                continue
+            for name in ("keys", "values"):
+                t = getattr(layer, name)  # (A, heads, S + n, d)
+                idx = index[:, None, :, None].expand(t.shape[0], t.shape[1], -1, t.shape[3])
+                setattr(layer, name, torch.cat([t[:, :, :start], t[:, :, start:].gather(2, idx)],
+                                               2))
+
     def commit(
         self,
         tokens: torch.Tensor,

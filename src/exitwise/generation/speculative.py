@@ -23,6 +23,7 @@ from .layer_skip import LayerSkipDrafter, check_skip
 from .ngram import NGramDrafter
 from .outputs import GenerateOutput
 from .self_speculative import self_speculative_decode
+from .token_tree import check_tree_width
 from .strategies import (
     DecodeInputs,
     DecodingStrategy,
@@ -79,15 +80,15 @@ _CONTROLLERS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary
 
 
 def _controller(draft_len: int | str, max_draft_len: int, inputs: DecodeInputs,
-                key: tuple) -> DraftLengthController | None:
+                key: tuple, tree_width: int = 1) -> DraftLengthController | None:
     """The model's automatic draft-length controller for ``key`` (None unless "auto")."""
     if draft_len != "auto":
         return None
     per_model = _CONTROLLERS.setdefault(inputs.backbone.model, {})
-    full = (*key, max_draft_len, torch.get_num_threads(), inputs.kernels,
+    full = (*key, max_draft_len, tree_width, torch.get_num_threads(), inputs.kernels,
             str(inputs.input_ids.device))
     if full not in per_model:
-        per_model[full] = DraftLengthController(max_len=max_draft_len)
+        per_model[full] = DraftLengthController(max_len=max_draft_len, tree_width=tree_width)
     return per_model[full]
 
 
@@ -117,7 +118,9 @@ class SelfSpeculative(DecodingStrategy):
     top-1 probability is below this. ngram: also draft from the text's own n-grams up to
     this order (ANPD, :mod:`.ngram`; None or 0: off): a row whose tables predict a
     continuation drafts it instead of the exit's tokens, up to ``ngram_len`` tokens (default:
-    ``draft_len``).
+    ``draft_len``). tree_width: > 1 also verifies, at every draft, the exit's next
+    ``tree_width - 1`` choices as sibling leaves of a token tree in the same pass (greedy
+    only; :mod:`.token_tree`).
     """
 
     exit_layer: int | None = None
@@ -126,8 +129,10 @@ class SelfSpeculative(DecodingStrategy):
     ngram: int | None = None
     ngram_len: int | None = None
     max_draft_len: int = 8
+    tree_width: int = 1
 
     def __post_init__(self) -> None:
+        check_tree_width(self.tree_width)
         if self.draft_len is not None:
             _check_draft_len(self.draft_len)
         _check_draft_len(self.max_draft_len, "max_draft_len", auto=False)
@@ -176,9 +181,10 @@ class SelfSpeculative(DecodingStrategy):
             session_for(inputs, stats), head, exit_layer, fixed,
             temperature=temperature, draft_threshold=self.draft_threshold,
             sampler=inputs.sampler, proposer=NGramDrafter(ngram) if ngram else None,
-            proposal_len=self.ngram_len,
+            proposal_len=self.ngram_len, tree_width=self.tree_width,
             controller=_controller(draft_len, self.max_draft_len, inputs,
-                                   ("self_speculative", id(head), exit_layer, ngram or 0)))
+                                   ("self_speculative", id(head), exit_layer, ngram or 0),
+                                   self.tree_width))
         return GenerateOutput(sequences=sequences, stats=stats)
 
 

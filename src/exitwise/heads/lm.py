@@ -304,6 +304,11 @@ class LMHead(ExitHead):
         top = compact.argmax(-1)
         return top if self.vocab_ids is None else self.vocab_ids[top]
 
+    def compact_topk(self, compact: torch.Tensor, k: int) -> torch.Tensor:
+        """Token ids (..., k) of the k largest of (..., K) compact logits, best first."""
+        top = compact.topk(min(k, compact.shape[-1]), -1).indices
+        return top if self.vocab_ids is None else self.vocab_ids[top]
+
     def _compact_readout(self, hidden: torch.Tensor, transposed: bool = False) -> torch.Tensor:
         """(..., H) -> (..., K) over ``vocab_ids``; ``transposed``: multiply by a cached
         contiguous H x K copy of the read-out (the fast one-row kernel, inference only)."""

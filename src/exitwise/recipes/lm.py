@@ -299,6 +299,7 @@ def run_generate(
     draft_threshold: float | None = None,
     kernels: str | None = None,
     ngram: int | None = None,
+    tree_width: int | None = None,
 ) -> dict[str, Any]:
     """Generate continuations of ``prompts``; returns {"texts": [...], "stats": {...}}.
 
@@ -319,7 +320,8 @@ def run_generate(
     # The command line sets every strategy's options; pass the chosen strategy its own only
     # (generate refuses the others').
     given = {"exit_layer": exit_layer, "draft_len": draft_len,
-             "draft_threshold": draft_threshold, "policy": policy, "kv": kv, "ngram": ngram}
+             "draft_threshold": draft_threshold, "policy": policy, "kv": kv, "ngram": ngram,
+             "tree_width": tree_width}
     names = DECODING_STRATEGIES.get(strategy).option_names()
     own = {k: v for k, v in given.items() if k in names}
     out = generate(model, ids, mask, strategy=strategy, max_new_tokens=max_new_tokens,

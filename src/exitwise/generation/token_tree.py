@@ -1,0 +1,143 @@
+"""Token-tree verification: several candidate continuations verified in one pass.
+
+A chain drafter (the exit head, or n-gram lookups) proposes one token per depth; when the
+full model disagrees at depth d, the step ends there even if the exit's *second* choice was
+the right one. A token tree verifies those alternatives too, in the same verification call:
+the step's slots hold a tree, each new token attends only to the committed context and its
+own ancestors (a tree attention mask, :class:`~exitwise.backbones.hf_decoder.DecodeContext`
+``tree``), and each node sits at position next_pos + depth. One forward then gives the full
+model's next-token choice after every node, exactly as if each root-to-node path had been fed
+alone (the test checks this against sequential verification for every decoder family).
+
+**The tree here** (:class:`ChainTree`): the draft chain d0 -> x1 -> ... -> xk (slots 0..k),
+plus, at every depth d = 1..k, ``width - 1`` *sibling leaves* of x_d: the exit head's next
+most likely tokens after x_(d-1) (top-``width`` of its logits without x_d). Those logits
+exist anyway (the exit computed them to draft x_d), and the siblings' states below the exit
+are computed in the step's last draft pass together with xk, so the tree costs no extra draft
+pass, only ``k (width - 1)`` more verified positions. Sub-trees under the siblings would need
+draft passes of their own (blocks below the exit on each sibling), which is what full top-k
+trees (SpecInfer, Miao et al. 2024, section 3; Medusa's trees, Cai et al. 2024, section 2.1.2)
+pay for; this is the cheapest tree that still catches "the draft's second choice was right".
+Deviation: a static shape (chain + siblings) rather than a tree tuned per model (Sequoia).
+
+**Acceptance** (:func:`accept_greedy`), exactly greedy's choice: follow the chain while
+x_(d+1) equals the full model's argmax after x_d (capped at the row's own draft length); at
+the first mismatch, if a sibling at that depth equals the full model's argmax, accept it too
+(siblings have no children, so the path ends there) and take the full model's argmax after
+the sibling as the next token; else the argmax after the last kept chain node. Every emitted
+token is the full model's argmax given the real tokens before it: lossless. The accepted
+path's cache slots are then moved to the front of the step's slots
+(:meth:`~.session.DecodeSession.keep_step_slots`); the other nodes are dropped.
+
+Greedy only: sampling over a tree needs multi-draft rejection sampling (SpecInfer's
+multi-step speculative sampling), not built; asking for it is an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+
+
+def check_tree_width(value: object) -> int:
+    """``value`` as a tree width (an int >= 1; 1 is a plain chain); else a ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"tree_width must be an int >= 1 (1: no tree); got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ChainTree:
+    """The tree of one step: a chain of ``k`` drafts after the pending token, each draft with
+    ``width - 1`` sibling leaves. Slots: 0 the pending token d0, 1..k the chain, then the
+    siblings depth by depth (depth d's s-th sibling at ``sibling_slot(d, s)``)."""
+
+    k: int
+    width: int
+
+    @property
+    def size(self) -> int:
+        """Slots of the step: 1 + k * width."""
+        return 1 + self.k * self.width
+
+    def sibling_slot(self, depth: int | torch.Tensor, s: int | torch.Tensor) -> torch.Tensor | int:
+        """Slot of the ``s``-th sibling (0-based) at ``depth`` (1..k)."""
+        return self.k + 1 + (depth - 1) * (self.width - 1) + s
+
+    def depths(self, device: torch.device | None = None) -> torch.Tensor:
+        """(size,) depth of each slot (its position past the pending token)."""
+        chain = torch.arange(self.k + 1, device=device)
+        sib = torch.arange(1, self.k + 1, device=device).repeat_interleave(self.width - 1)
+        return torch.cat([chain, sib])
+
+    def parents(self) -> list[int]:
+        """Parent slot of each slot (-1 for the root)."""
+        out = [-1] + list(range(self.k))
+        for d in range(1, self.k + 1):
+            out += [d - 1] * (self.width - 1)
+        return out
+
+    def ancestors(self, device: torch.device | None = None) -> torch.Tensor:
+        """(size, size) bool: [i, j] when slot j is slot i or one of its ancestors."""
+        n = self.size
+        anc = torch.zeros(n, n, dtype=torch.bool)
+        for i, p in enumerate(self.parents()):
+            anc[i, i] = True
+            if p >= 0:
+                anc[i] |= anc[p]
+        return anc.to(device)
+
+
+def sibling_tokens(top: torch.Tensor, chosen: torch.Tensor, count: int) -> torch.Tensor:
+    """(A, count) the best ``count`` of each row's candidates ``top`` (A, count + 1), best
+    first, other than its chosen draft ``chosen`` (A,) (when the draft is not among them, the
+    first ``count`` candidates)."""
+    is_chosen = (top == chosen[:, None]).to(torch.int8)
+    order = torch.argsort(is_chosen, dim=1, stable=True)  # the chosen token last
+    return top.gather(1, order)[:, :count]
+
+
+def accept_greedy(
+    tree: ChainTree,
+    drafted: torch.Tensor,
+    siblings: torch.Tensor | None,
+    target: torch.Tensor,
+    row_len: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy acceptance over a :class:`ChainTree` (see the module docstring).
+
+    drafted: (A, k) chain tokens x1..xk. siblings: (A, k, width - 1) sibling tokens per depth
+    (None when width is 1). target: (A, size) the full model's argmax after each slot.
+    row_len: (A,) each row's own draft length (acceptance stops there).
+    Returns (accepted (A,) drafts kept, path (A, best + 1) the slots of each row's kept tokens
+    d0, ... in order (entries past a row's own path are unused), next token (A,), took_sibling
+    (A,) bool).
+    """
+    a, k = drafted.shape
+    device = drafted.device
+    rows = torch.arange(a, device=device)
+    if k:
+        chain = (drafted == target[:, :k]).long().cumprod(1).sum(1)
+        chain = torch.minimum(chain, row_len)
+    else:
+        chain = torch.zeros(a, dtype=torch.long, device=device)
+    took = torch.zeros(a, dtype=torch.bool, device=device)
+    last = chain.clone()  # slot whose argmax is the next token
+    if siblings is not None and k and tree.width > 1:
+        want = target[rows, chain]  # the full model's choice after the last kept chain node
+        depth = (chain + 1).clamp(max=k)  # siblings of the first rejected chain draft
+        cand = siblings[rows, depth - 1]  # (A, width - 1)
+        hit = (cand == want[:, None]) & (chain < row_len)[:, None]
+        took = hit.any(1)
+        slot = tree.sibling_slot(depth, hit.long().argmax(1))
+        last = torch.where(took, slot, chain)
+    accepted = chain + took.long()
+    best = int(accepted.max()) if a else 0
+    path = torch.arange(best + 1, device=device).repeat(a, 1)
+    if bool(took.any()):
+        r = took.nonzero()[:, 0]
+        path[r, accepted[r]] = last[r]
+    return accepted, path, target[rows, last], took

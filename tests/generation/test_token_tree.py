@@ -1,0 +1,198 @@
+"""Token-tree verification (``exitwise.generation.token_tree``): the tree's layout and the
+greedy acceptance rule against hand-written values; the tree attention mask gives every node
+the logits of feeding its root-to-node path alone (every decoder family, padded rows, windows
+exceeded); decoding with trees equals greedy decoding for every family at batch 1 and a padded
+batch of 3, with siblings really accepted and the compacted cache equal to a full
+recomputation; misuse is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers.lmkit import DECODER_FAMILIES, EOS, PAD, VOCAB, left_padded, tiny_lm
+
+import exitwise as ew
+from exitwise.errors import ConfigError
+from exitwise.generation import (
+    ChainTree,
+    DecodeSession,
+    GenerationStats,
+    accept_greedy,
+    generate,
+    self_speculative_decode,
+)
+from exitwise.generation.draft_control import DraftLengthController
+from exitwise.generation.token_tree import sibling_tokens
+from exitwise.heads.lm import LMHead
+
+NEW = 14
+
+
+def test_chain_tree_layout_by_hand():
+    t = ChainTree(k=2, width=3)
+    assert t.size == 7
+    # slots: d0, x1, x2, then the two siblings of x1 (depth 1), the two of x2 (depth 2)
+    assert t.depths().tolist() == [0, 1, 2, 1, 1, 2, 2]
+    assert t.parents() == [-1, 0, 1, 0, 0, 1, 1]
+    assert t.sibling_slot(1, 0) == 3 and t.sibling_slot(2, 1) == 6
+    anc = t.ancestors()
+    assert anc[2].nonzero()[:, 0].tolist() == [0, 1, 2]
+    assert anc[4].nonzero()[:, 0].tolist() == [0, 4]  # x1's sibling: d0 and itself
+    assert anc[5].nonzero()[:, 0].tolist() == [0, 1, 5]  # x2's sibling hangs under x1
+    assert ChainTree(3, 1).size == 4 and ChainTree(3, 1).depths().tolist() == [0, 1, 2, 3]
+
+
+def test_sibling_tokens_skip_the_chosen_draft():
+    top = torch.tensor([[5, 7, 9], [4, 6, 8]])
+    chosen = torch.tensor([5, 3])  # row 0 drafted its top choice; row 1 an n-gram token
+    assert sibling_tokens(top, chosen, 2).tolist() == [[7, 9], [4, 6]]
+
+
+def test_greedy_acceptance_by_hand():
+    tree = ChainTree(k=2, width=2)  # slots: d0, x1, x2, sib(x1), sib(x2)
+    drafted = torch.tensor([[10, 11], [10, 11], [10, 11], [10, 11]])
+    siblings = torch.tensor([[[20], [21]], [[20], [21]], [[20], [21]], [[20], [21]]])
+    target = torch.tensor([
+        [10, 11, 30, 40, 41],  # chain fully kept: next = argmax after x2
+        [20, 99, 98, 31, 41],  # x1 wrong, its sibling 20 right: path d0 -> sib(x1), next 31
+        [10, 21, 98, 40, 32],  # x1 kept, x2 wrong, sib(x2) = 21 right: next = argmax there
+        [55, 99, 98, 40, 41],  # nothing kept: next = argmax after d0
+    ])
+    row_len = torch.tensor([2, 2, 2, 2])
+    accepted, path, nxt, took = accept_greedy(tree, drafted, siblings, target, row_len)
+    assert accepted.tolist() == [2, 1, 2, 0]
+    assert nxt.tolist() == [30, 31, 32, 55]
+    assert took.tolist() == [False, True, True, False]
+    assert path[0].tolist() == [0, 1, 2]
+    assert path[1, :2].tolist() == [0, 3]
+    assert path[2].tolist() == [0, 1, 4]
+    # a row's own draft length caps the chain and its siblings
+    capped = accept_greedy(tree, drafted, siblings, target, torch.tensor([1, 0, 1, 2]))
+    assert capped[0].tolist() == [1, 0, 1, 0]
+    assert capped[2].tolist() == [11, 20, 21, 55]
+    # width 1: the plain longest-prefix rule
+    chain = accept_greedy(ChainTree(2, 1), drafted, None, target[:, :3], row_len)
+    assert chain[0].tolist() == [2, 0, 1, 0] and chain[2].tolist() == [30, 20, 21, 55]
+
+
+@pytest.fixture(scope="module", params=DECODER_FAMILIES)
+def lm(request):
+    return tiny_lm(request.param)
+
+
+def test_tree_mask_equals_sequential_verification(lm):
+    """Each node's logits from one tree-masked pass == the model's own forward over the prompt
+    followed by that node's root-to-node path (padded rows; prompts past the windows)."""
+    bb = ew.wrap_backbone(lm)
+    ids, mask = left_padded((12, 9, 11), seed=5)
+    stats = GenerationStats("tree", bb.num_layers)
+    session = DecodeSession(bb, ids, mask, 4, set(), PAD, stats)
+    first = session.prefill().argmax(-1)
+    tree = ChainTree(k=3, width=3)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, VOCAB, (3, tree.size), generator=g)
+    tokens[:, 0] = first
+    ctx = session.tree_context(0, tree.size, tree.depths(), tree.ancestors())
+    with torch.no_grad():
+        hidden = bb.run_layers(bb.embed(tokens, ctx.positions), 0, bb.num_layers, ctx)
+        logits = bb.lm_logits(bb.final_norm(hidden))
+    parents = tree.parents()
+    for r in range(3):
+        prompt = ids[r][mask[r].bool()].tolist()
+        for slot in range(tree.size):
+            path, node = [], slot
+            while node >= 0:
+                path.insert(0, int(tokens[r, node]))
+                node = parents[node]
+            with torch.no_grad():
+                ref = lm(input_ids=torch.tensor([prompt + path])).logits[0, -1]
+            torch.testing.assert_close(logits[r, slot], ref, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["single", "padded3"])
+def test_tree_decoding_equals_greedy(lm, kind):
+    ids, mask = left_padded()
+    if kind == "single":
+        ids, mask = ids[:1], mask[:1]
+    opts = dict(max_new_tokens=NEW, eos_token_id=EOS, pad_token_id=PAD)
+    greedy = generate(lm, ids, mask, kernels="stock", **opts)
+    for exit_layer, draft_len, width in [(1, 1, 2), (1, 4, 3), (2, 3, 4), (3, 2, 2)]:
+        out = generate(lm, ids, mask, strategy="self_speculative", exit_layer=exit_layer,
+                       draft_len=draft_len, tree_width=width, **opts)
+        assert torch.equal(out.sequences, greedy.sequences), (exit_layer, draft_len, width)
+        s = out.stats
+        assert 0 <= s.sibling_accepted <= s.total_accepted <= s.total_drafted
+
+
+def test_siblings_accepted_and_cache_equals_full_recomputation():
+    """A ragged batch where siblings were taken: every real slot's keys/values equal the
+    model's own forward over the row's final tokens (the accepted path moved into place)."""
+    from transformers import DynamicCache
+
+    model = tiny_lm("qwen2", seed=2)
+    bb = ew.wrap_backbone(model)
+    ids, mask = left_padded()
+    stats = GenerationStats("self_speculative", bb.num_layers, drafted=[0] * 3, accepted=[0] * 3)
+    session = DecodeSession(bb, ids, mask, NEW, set(), PAD, stats, keep_finished=True)
+    head = LMHead(bb.hidden_size, bb.vocab_size, backbone=bb).eval()
+    self_speculative_decode(session, head, 1, 3, tree_width=3)
+    assert stats.sibling_accepted > 0
+    assert (session.mask[:, ids.shape[1]:] == 0).any()  # ragged: holes too
+    assert session.cache.get_seq_length(0) == session.mask.shape[1]
+    assert session.next_pos.tolist() == session.mask.sum(1).tolist()
+    for r in range(3):
+        valid = session.mask[r].bool()
+        tokens = session.slot_tokens[r][valid]
+        assert session.slot_pos[r][valid].tolist() == list(range(int(valid.sum())))
+        with torch.no_grad():
+            ref = model(input_ids=tokens[None], cache=DynamicCache(), use_cache=True).cache
+        for layer in range(bb.num_layers):
+            mine, theirs = session.cache.layers[layer], ref.layers[layer]
+            torch.testing.assert_close(mine.keys[r][:, valid], theirs.keys[0], atol=2e-5,
+                                       rtol=1e-4)
+            torch.testing.assert_close(mine.values[r][:, valid], theirs.values[0], atol=2e-5,
+                                       rtol=1e-4)
+        gen = session.generated[r]
+        t_real = int(mask[r].sum())
+        assert tokens[t_real: t_real + len(gen) - 1].tolist() == gen[:-1]
+
+
+def test_tree_with_ngrams_and_automatic_length_is_lossless():
+    model = tiny_lm("llama", seed=1)
+    ids, mask = left_padded((9, 4, 6), seed=3)
+    ids = torch.cat([ids, ids[:, -4:]], 1)  # repeated text: n-gram drafts have hits
+    mask = torch.cat([mask, torch.ones_like(mask[:, -4:])], 1)
+    opts = dict(max_new_tokens=NEW, eos_token_id=EOS, pad_token_id=PAD)
+    greedy = generate(model, ids, mask, kernels="stock", **opts)
+    for extra in (dict(draft_len=2, ngram=3), dict(draft_len="auto"),
+                  dict(draft_len="auto", ngram=3)):
+        out = generate(model, ids, mask, strategy="self_speculative", exit_layer=2,
+                       tree_width=2, **extra, **opts)
+        assert torch.equal(out.sequences, greedy.sequences), extra
+
+
+def test_controller_costs_the_tree_verification_width():
+    c = DraftLengthController(max_len=4, tree_width=3)
+    c.record_costs(1, 1, verify_s=0.010, draft_s=0.002, draft_passes=1)
+    c.record_costs(1, 4, verify_s=0.013, draft_s=0.004, draft_passes=2)  # k = 1: 1 + 3 slots
+    # k = 1 verifies 1 + 1 * 3 = 4 slots; k = 2 verifies 7: extrapolated along q = 1 .. 4
+    assert c.step_cost(1, 1) == pytest.approx(2 * 0.002 + 0.013)
+    assert c.step_cost(1, 2) == pytest.approx(3 * 0.002 + 0.013 + 0.001 * 3)
+    # drafts known up front (one pass) get no siblings: a chain of k + 1
+    assert c.step_cost(1, 1, "one") == pytest.approx(0.002 + 0.010 + 0.001)
+
+
+def test_misuse_is_refused():
+    model = tiny_lm("llama")
+    ids = torch.tensor([[3, 4, 5, 6]])
+    for bad in (0, True, 1.5):
+        with pytest.raises(ConfigError, match="tree_width"):
+            generate(model, ids, strategy="self_speculative", exit_layer=1, tree_width=bad)
+    with pytest.raises(ConfigError, match="greedy decoding only"):
+        generate(model, ids, strategy="self_speculative", exit_layer=1, tree_width=2,
+                 do_sample=True)
+    config = ew.ExitConfig(layers=[2], head="lm", num_labels=VOCAB,
+                           head_kwargs={"adapter": "kangaroo"}, final_head_kwargs={})
+    multi = ew.attach_exits(model, config).eval()
+    with pytest.raises(ConfigError, match="without a cache of its own"):
+        generate(multi, ids, strategy="self_speculative", exit_layer=2, tree_width=2)
