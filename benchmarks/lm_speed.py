@@ -32,7 +32,6 @@ import json
 import sys
 import time
 from pathlib import Path
-
 from typing import Any
 
 import torch

@@ -92,7 +92,7 @@ def test_tree_mask_equals_sequential_verification(lm):
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(3, VOCAB, (3, tree.size), generator=g)
     tokens[:, 0] = first
-    ctx = session.tree_context(0, tree.size, tree.depths(), tree.ancestors())
+    ctx = session.context(0, tree.size, tree)
     with torch.no_grad():
         hidden = bb.run_layers(bb.embed(tokens, ctx.positions), 0, bb.num_layers, ctx)
         logits = bb.lm_logits(bb.final_norm(hidden))

@@ -14,7 +14,6 @@ from .early_exit import EarlyExit
 from .greedy import Greedy, greedy_decode
 from .layer_skip import LayerSkipDrafter, SkipSearch, search_skip_layers
 from .ngram import NGramDrafter, NGramTables
-from .token_tree import ChainTree, accept_greedy
 from .outputs import GenerateOutput, GenerationStats
 from .sampling import (
     SamplingConfig,
@@ -34,11 +33,12 @@ from .strategies import (
     get_decoding_strategy,
     register_decoding_strategy,
 )
+from .token_tree import ChainTree, accept_greedy
 
 __all__ = [
+    "ANPD",
     "ChainTree",
     "accept_greedy",
-    "ANPD",
     "DECODING_STRATEGIES",
     "DraftLengthController",
     "NGramDrafter",

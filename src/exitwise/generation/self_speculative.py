@@ -216,10 +216,8 @@ def self_speculative_decode(
         tree = ChainTree(k, tree_width if siblings is not None else 1)
         q = tree.size
         if siblings is not None:
-            ctx = session.tree_context(0, q, tree.depths(device), tree.ancestors(device))
             fed = fed + list(siblings.flatten(1).unbind(1))
-        else:
-            ctx = session.context(0, q)
+        ctx = session.context(0, q, tree if siblings is not None else None)
         hidden = bb.run_layers(states, e, num_layers, ctx)
         target_logits = bb.lm_logits(bb.final_norm(hidden))  # (A, k+1, V)
         last_final = hidden
@@ -331,10 +329,8 @@ def _draft_sequentially(
     j = 0
     while True:
         if j == k and siblings:  # the last pass also feeds every sibling leaf
-            tree = ChainTree(k, tree_width)
             new = torch.cat([tokens[:, None], torch.stack(siblings, 1).flatten(1)], 1)
-            ctx = session.tree_context(k, new.shape[1], tree.depths(tokens.device),
-                                       tree.ancestors(tokens.device))
+            ctx = session.context(k, new.shape[1], ChainTree(k, tree_width))
         else:
             new = tokens[:, None]
             ctx = session.context(j, 1)

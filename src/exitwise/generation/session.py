@@ -11,7 +11,7 @@ slots, T prompt length, V vocab.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -112,30 +112,22 @@ class DecodeSession:
         self.final_hidden = last
         return bb.lm_logits(bb.final_norm(last))
 
-    def context(self, first: int, count: int) -> DecodeContext:
+    def context(self, first: int, count: int, tree: Any = None) -> DecodeContext:
         """Context for ``count`` new tokens at offsets first..first+count-1 past the cache's
         committed slots, every new slot real (the slots before ``first`` were written by
-        earlier calls of the same step)."""
+        earlier calls of the same step). With ``tree`` (a :class:`~.token_tree.ChainTree`),
+        the step's slots hold its nodes: slot i sits at position next_pos + depth(i) and a
+        new token attends to the committed slots and its own ancestors only."""
         device = self.mask.device
         width = first + count
-        offsets = torch.arange(width, device=device)
+        if tree is None:
+            offsets, ancestors = torch.arange(width, device=device), None
+        else:
+            depths, ancestors = tree.layout(device)
+            offsets = depths[:width]
         new = torch.ones(self.active, width, dtype=torch.long, device=device)
         mask = torch.cat([self.mask, new], 1)
         slot_pos = torch.cat([self.slot_pos, self.next_pos[:, None] + offsets], 1)
-        return DecodeContext(self.cache, slot_pos[:, -count:], mask, slot_pos)
-
-    def tree_context(self, first: int, count: int, depths: torch.Tensor,
-                     ancestors: torch.Tensor) -> DecodeContext:
-        """Like :meth:`context`, for a step that writes a token tree: its n slots (the first
-        ``first`` written by earlier calls of the step, then ``count`` new ones) hold nodes of
-        depth ``depths`` (n,) -- position next_pos + depth -- and each new token attends to its
-        ancestors among them (``ancestors`` (n, n) bool, ancestor-or-self) and to the
-        committed slots."""
-        device = self.mask.device
-        width = first + count
-        new = torch.ones(self.active, width, dtype=torch.long, device=device)
-        mask = torch.cat([self.mask, new], 1)
-        slot_pos = torch.cat([self.slot_pos, self.next_pos[:, None] + depths[None, :width]], 1)
         return DecodeContext(self.cache, slot_pos[:, -count:], mask, slot_pos,
                              tree=ancestors, tree_start=self.mask.shape[1])
 

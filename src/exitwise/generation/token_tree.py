@@ -14,11 +14,17 @@ plus, at every depth d = 1..k, ``width - 1`` *sibling leaves* of x_d: the exit h
 most likely tokens after x_(d-1) (top-``width`` of its logits without x_d). Those logits
 exist anyway (the exit computed them to draft x_d), and the siblings' states below the exit
 are computed in the step's last draft pass together with xk, so the tree costs no extra draft
-pass, only ``k (width - 1)`` more verified positions. Sub-trees under the siblings would need
-draft passes of their own (blocks below the exit on each sibling), which is what full top-k
-trees (SpecInfer, Miao et al. 2024, section 3; Medusa's trees, Cai et al. 2024, section 2.1.2)
-pay for; this is the cheapest tree that still catches "the draft's second choice was right".
-Deviation: a static shape (chain + siblings) rather than a tree tuned per model (Sequoia).
+pass, only ``k (width - 1)`` more verified positions. The mechanism follows Medusa's reference
+(Cai et al. 2024, ``medusa/model/utils.py``): ``generate_medusa_buffers`` builds the same
+ancestor-only attention mask and depth-based position ids over candidates in topological
+order, and ``evaluate_posterior`` (greedy) keeps the longest candidate path whose every token
+is the model's argmax after its prefix; SpecInfer (Miao et al. 2024) verifies token trees
+likewise. Deviations: the tree's shape -- Medusa's trees are top-k products of its heads'
+choices along several depths, tuned offline (``medusa_choices``); here a chain from one exit
+plus its siblings, since sub-trees under a sibling would need draft passes of their own
+(blocks below the exit on each sibling); a static shape rather than one tuned per model
+(Sequoia); and the accepted path's keys/values are moved into place per row of a ragged batch
+(Medusa decodes one sequence).
 
 **Acceptance** (:func:`accept_greedy`), exactly greedy's choice: follow the chain while
 x_(d+1) equals the full model's argmax after x_d (capped at the row's own draft length); at
@@ -36,6 +42,7 @@ multi-step speculative sampling), not built; asking for it is an error.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -89,6 +96,16 @@ class ChainTree:
             if p >= 0:
                 anc[i] |= anc[p]
         return anc.to(device)
+
+    def layout(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(depths, ancestors) on ``device``, built once per shape and device (a decoding
+        step asks for them twice, at every step)."""
+        return _layout(self, None if device is None else torch.device(device))
+
+
+@lru_cache(maxsize=64)
+def _layout(tree: ChainTree, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return tree.depths(device), tree.ancestors(device)
 
 
 def sibling_tokens(top: torch.Tensor, chosen: torch.Tensor, count: int) -> torch.Tensor:
