@@ -220,7 +220,8 @@ def _add_lm_commands(sub: Any) -> None:
     k = sub.add_parser("kernels", help="measure now which few-row kernels this machine should "
                                        "use for a model (else measured at first use)")
     k.add_argument("model", help="a tune-lm folder, 'smollm2', a local folder or a hub id")
-    k.add_argument("--rows", type=_ints, default=[1, 2], help="row counts to measure")
+    k.add_argument("--rows", type=_ints, default=list(range(1, 9)),
+                   help="row counts to measure (default 1..8, what generation reroutes)")
     k.add_argument("--threads", type=int, default=2)
     k.add_argument("--again", action="store_true",
                    help="forget this machine's earlier measurements first")
@@ -265,7 +266,9 @@ def _run_lm(args: argparse.Namespace) -> int:
     elif args.command == "kernels":
         import torch
 
+        from .backbones import decoder_of
         from .backbones.kernels import autotune, default_tuner
+        from .backbones.stack_probe import DecoderStackProbe
         from .machine import machine_key
 
         torch.set_num_threads(args.threads)
@@ -273,12 +276,15 @@ def _run_lm(args: argparse.Namespace) -> int:
         tuner = default_tuner()
         if args.again:
             tuner.clear()
-        decisions = autotune(lm.hf_model(model), rows=args.rows, tuner=tuner)
+        backbone = decoder_of(model, "kernels")[0]
+        probe = DecoderStackProbe(backbone, max_rows=max(args.rows))
+        # the modules generate() reroutes (a tuned model's exit heads too), so the keys match
+        decisions = autotune(model, backbone.model, rows=args.rows, tuner=tuner, probe=probe)
         print(f"{machine_key()} (kept in {tuner.path})")
-        print(f"{'weights (dtype:OUTxIN:count:rows)':40s} {'stock ms':>9s} {'streaming ms':>13s}"
-              f" {'ratio':>6s}  choice")
+        print(f"{'weights (dtype:OUTxIN:count:rows) / whole pass':52s} {'stock ms':>9s} "
+              f"{'streaming ms':>13s} {'ratio':>6s}  choice")
         for key, d in decisions.items():
-            print(f"{key:40s} {d.stock_ms:9.3f} {d.streaming_ms:13.3f} {d.ratio:6.2f}  "
+            print(f"{key:52s} {d.stock_ms:9.3f} {d.streaming_ms:13.3f} {d.ratio:6.2f}  "
                   f"{'streaming' if d.stream else 'stock'}")
     return 0
 

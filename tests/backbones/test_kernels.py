@@ -262,3 +262,131 @@ def test_measuring_leaves_the_global_random_stream_alone():
     torch.manual_seed(5)
     KernelTuner(None, repeats=1).decide([torch.ones(4, 4)], 1)
     assert torch.equal(torch.rand(3), expected)
+
+
+# -- the whole-pass check and per-call rerouting -------------------------------------------
+class Probe:
+    """A stack probe over ``model`` whose 'time' is 2.0 when any of its products streamed and
+    ``slow_rows`` includes the row count, else 1.0 (and 0.5 when streamed at other counts)."""
+
+    key = "probe-model"
+
+    def __init__(self, model: nn.Module, slow_rows=()) -> None:
+        self.model = model
+        self.slow_rows = set(slow_rows)
+        self.calls: list[int] = []
+
+    def __call__(self, rows: int) -> float:
+        self.calls.append(rows)
+        before = STREAMED[0]
+        with torch.inference_mode():
+            self.model(torch.randn(rows, 8))
+        if STREAMED[0] == before:
+            return 1.0
+        return 2.0 if rows in self.slow_rows else 0.5
+
+
+STREAMED = [0]
+
+
+@pytest.fixture
+def counted_streaming(monkeypatch):
+    real = K.streaming_linear
+
+    def counting(x, w, b=None):
+        STREAMED[0] += 1
+        return real(x, w, b)
+
+    monkeypatch.setattr(K, "streaming_linear", counting)
+    STREAMED[0] = 0
+    return STREAMED
+
+
+def test_the_whole_pass_check_keeps_rerouting_only_where_the_pass_is_faster(
+        tmp_path, counted_streaming):
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    probe = Probe(model, slow_rows={1, 3})
+    tuner = FixedTuner(True, tmp_path / "kernels.json")  # every shape streams alone
+    with torch.inference_mode(), few_row_kernels(
+            model, kernels="auto", tuner=tuner, probe=probe, max_rows=4) as scope:
+        assert scope.rows == (2, 4)  # the pass rerouted measured 2.0 vs 1.0 at rows 1 and 3
+        n = STREAMED[0]
+        model(torch.randn(1, 8))
+        model(torch.randn(3, 8))
+        assert STREAMED[0] == n  # rows 1 and 3 kept the stock kernel
+        model(torch.randn(2, 8))
+        assert STREAMED[0] == n + 2
+    assert scope.streamed == 2 and set(scope.calls) == {"float32:8x8:n2:r2"}
+    # each count measured once (warm-up + pairs), stock and rerouted alternating
+    assert sorted(set(probe.calls)) == [1, 2, 3, 4]
+    data = json.loads((tmp_path / "kernels.json").read_text())
+    kept = data["machines"][K.machine_key()]
+    assert {k: v["stream"] for k, v in kept.items() if k.startswith("stack:")} == {
+        "stack:probe-model:r1": False, "stack:probe-model:r2": True,
+        "stack:probe-model:r3": False, "stack:probe-model:r4": True}
+    assert kept["stack:probe-model:r1"]["ratio"] == pytest.approx(2.0)
+    # a new process on this machine reuses the verdicts: the probe does not run again
+    again = Probe(model, slow_rows={1, 2, 3, 4})
+    with few_row_kernels(model, kernels="auto", tuner=FixedTuner(True, tmp_path / "kernels.json"),
+                         probe=again, max_rows=4) as scope:
+        assert scope.rows == (2, 4) and again.calls == []
+
+
+def test_when_no_row_count_pays_nothing_is_rerouted(counted_streaming):
+    model = nn.Sequential(nn.Linear(8, 8))
+    probe = Probe(model, slow_rows=range(1, 9))
+    with torch.inference_mode(), few_row_kernels(
+            model, kernels="auto", tuner=FixedTuner(True), probe=probe) as scope:
+        want = F.linear(torch.ones(1, 8), model[0].weight, model[0].bias)
+        n = STREAMED[0]
+        assert torch.equal(model(torch.ones(1, 8)), want)
+    assert scope.rows == () and scope.calls == {} and STREAMED[0] == n
+    # and when no shape streams alone the probe never runs
+    probe = Probe(model)
+    with few_row_kernels(model, kernels="auto", tuner=FixedTuner(False), probe=probe) as scope:
+        pass
+    assert probe.calls == [] and scope.rows is None
+
+
+def test_per_call_reroutes_only_inside_rerouted_blocks_of_allowed_row_counts(counted_streaming):
+    lin = nn.Linear(8, 8)
+    probe = Probe(lin, slow_rows={1})
+    x1, x2 = torch.randn(1, 1, 8), torch.randn(1, 2, 8)
+    with torch.inference_mode():
+        with K.rerouted(x2):  # no scope: nothing happens
+            lin(x2)
+        assert STREAMED[0] == 0
+        with few_row_kernels(lin, kernels="auto", tuner=FixedTuner(True), probe=probe,
+                             per_call=True) as scope:
+            n = STREAMED[0]
+            lin(x2)  # outside a rerouted block: the stock kernel
+            with K.rerouted(x1):  # one row does not pay: stock, and no interception at all
+                lin(x1)
+            assert STREAMED[0] == n
+            with K.rerouted(x2):
+                got = lin(x2)
+                with K.rerouted(x2):  # nested: still rerouted, entered once
+                    lin(x2)
+            assert STREAMED[0] == n + 2
+        with K.rerouted(x2):  # the scope is over
+            lin(x2)
+    assert STREAMED[0] == n + 2 and scope.streamed == 2
+    torch.testing.assert_close(got, F.linear(x2, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_paired_times_alternate_and_shorten_long_measurements():
+    order: list[str] = []
+
+    def a() -> float:
+        order.append("a")
+        return 0.01
+
+    def b() -> float:
+        order.append("b")
+        return 0.02
+
+    x, y = K.paired_times(a, b, 4)
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"] and len(x) == len(y) == 4
+    order.clear()
+    x, _ = K.paired_times(lambda: 0.3, b, 9)  # a warm-up pair over 0.2 s: 4 pairs, not 9
+    assert len(x) == 4

@@ -85,3 +85,36 @@ def test_two_threads_decode_the_same_model_at_once():
     assert not errors
     for k, seq in alone.items():
         assert torch.equal(got[k], seq)
+
+
+def test_auto_reroutes_only_the_passes_whose_row_count_paid_in_the_whole_pass_check(
+        monkeypatch):
+    from exitwise.backbones import kernels as K
+
+    class Tuner(K.KernelTuner):
+        """Every shape streams alone; the whole pass pays from 2 rows on (as measured at one
+        row on an AMD EPYC with SmolLM2)."""
+
+        def __init__(self):
+            super().__init__(None)
+            self.probes: list[str] = []
+
+        def _measure(self, weights, rows):
+            return K.KernelDecision(True, 0.5, 1.0, 0.5)
+
+        def check_stack(self, probe, rows, routed):
+            self.probes.append(probe.key)
+            return K.KernelDecision(rows >= 2, 0.5 if rows >= 2 else 1.2, 1.0, 1.0)
+
+    tuner = Tuner()
+    monkeypatch.setattr(K, "default_tuner", lambda: tuner)
+    model = tiny_lm("llama")
+    ids, mask = left_padded(lengths=(12,))  # a prefill of more rows than any reroute
+    ref = hf_greedy(model, ids, mask, NEW, eos=EOS)
+    opts = dict(max_new_tokens=NEW, eos_token_id=EOS, pad_token_id=PAD)
+    greedy = generate(model, ids, mask, **opts)  # one row per pass: nothing rerouted
+    assert torch.equal(greedy.sequences, ref) and greedy.stats.streamed_products == 0
+    assert tuner.probes and set(tuner.probes) == {tuner.probes[0]}  # the model's own probe
+    spec = generate(model, ids, mask, strategy="self_speculative", exit_layer=1, draft_len=2,
+                    **opts)  # verification passes of 3 rows are rerouted
+    assert torch.equal(spec.sequences, ref) and spec.stats.streamed_products > 0

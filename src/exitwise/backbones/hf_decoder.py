@@ -25,6 +25,7 @@ from torch import nn
 from ..errors import InputError, UnsupportedModelError
 from .base import Backbone, BackboneState, resolve_path
 from .decoder_layouts import DECODER_LAYOUTS, DecoderLayout, supported_decoder_types
+from .kernels import rerouted
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -194,8 +195,9 @@ class HFDecoderBackbone(Backbone):
         """
         if not 0 <= start <= end <= self.num_layers:
             raise InputError(f"layer range [{start}, {end}) is outside 0..{self.num_layers}")
-        for i in range(start, end):
-            hidden = self.run_block(self.blocks[i], i, self.layer_types[i], hidden, ctx)
+        with rerouted(hidden):  # few-row kernels, where this row count pays (kernels.py)
+            for i in range(start, end):
+                hidden = self.run_block(self.blocks[i], i, self.layer_types[i], hidden, ctx)
         return hidden
 
     def run_block(
@@ -226,7 +228,9 @@ class HFDecoderBackbone(Backbone):
     def lm_logits(self, hidden: torch.Tensor, lm_head: nn.Module | None = None) -> torch.Tensor:
         """Normed hidden (..., H) -> logits (..., V) through the shared LM head (or ``lm_head``),
         with the model's own output scaling / soft-capping."""
-        return self.postprocess_logits((lm_head or self.lm_head)(hidden))
+        with rerouted(hidden):
+            logits = (lm_head or self.lm_head)(hidden)
+        return self.postprocess_logits(logits)
 
     def postprocess_logits(self, logits: torch.Tensor) -> torch.Tensor:
         if self.layout.logits_divisor:

@@ -22,7 +22,13 @@ as slow. So nothing here is chosen by a constant:
   median paired ratio is below ``1 - margin``; otherwise, and whenever in doubt, stock. When
   no weight shape of the model streams at any row count 1..``max_rows``, nothing is rerouted
   at all (rerouting costs a Python call per operation: on a small model more than any
-  few-row product could gain), so "auto" is then exactly "stock". Each
+  few-row product could gain), so "auto" is then exactly "stock". Products that win alone can
+  still lose in a whole forward pass (on one AMD EPYC every SmolLM2 shape streamed faster
+  alone at one row, yet the whole stack streamed took 1.3x as long), so when the caller gives
+  a *stack probe* (:class:`StackProbe`: one forward pass of the whole model on a given number
+  of rows, e.g. :class:`~exitwise.backbones.stack_probe.DecoderStackProbe`), each row count
+  that some shape would stream at is also timed end to end, rerouted vs stock, in pairs, and
+  keeps rerouting only where the whole pass is faster by the margin. Each
   choice is measured once per machine (CPU model, torch version, thread count) and kept in
   ``$EXITWISE_CACHE/kernels.json``; delete that file, or call :meth:`KernelTuner.clear`, to
   measure again. The environment variable ``EXITWISE_KERNELS`` (``auto``/``stock``/
@@ -45,7 +51,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +125,37 @@ def paired_choice(
     )
 
 
+def paired_times(
+    first: Callable[[], float], second: Callable[[], float], repeats: int
+) -> tuple[list[float], list[float]]:
+    """Seconds of ``first`` and ``second`` (each returns the seconds of one run), measured in
+    ``repeats`` pairs after one untimed warm-up of each; which of the two goes first alternates,
+    so drift favours neither. Fewer pairs (at least 3) when one pair takes over 0.2 s."""
+    warm = first() + second()  # allocations, first-touch, lazily built state
+    if warm >= 0.2:
+        repeats = max(3, repeats // 2)
+    a: list[float] = []
+    b: list[float] = []
+    for r in range(repeats):
+        if r % 2:
+            b.append(second())
+            a.append(first())
+        else:
+            a.append(first())
+            b.append(second())
+    return a, b
+
+
+class StackProbe(Protocol):
+    """One forward pass of a whole model on ``rows`` new rows, timed: ``probe(rows)`` returns
+    the seconds the pass took (set-up it needs, such as copying a cache, is not counted).
+    ``key`` names the model (architecture and shapes), so a verdict is reused only for it."""
+
+    key: str
+
+    def __call__(self, rows: int) -> float: ...
+
+
 def _key(weights: Sequence[torch.Tensor], rows: int) -> str:
     w = weights[0]
     dtype = str(w.dtype).replace("torch.", "")
@@ -143,7 +180,9 @@ class KernelTuner:
         self.path = None if path is None else Path(path)
         self.margin = margin
         self.repeats = repeats
-        self._lock = threading.Lock()
+        # re-entrant: a whole-pass check (check_stack) runs rerouted products, which ask
+        # decide() for their (already measured) choice while the check holds the lock
+        self._lock = threading.RLock()
         self._memo: dict[str, dict[str, KernelDecision]] = {}
         self._verdicts: dict[tuple, bool] = {}
         self._loaded = False
@@ -178,6 +217,25 @@ class KernelTuner:
                         for r in range(1, max_rows + 1))
             self._verdicts[memo_key] = known
         return known
+
+    def check_stack(
+        self, probe: StackProbe, rows: int, routed: Callable[[], float]
+    ) -> KernelDecision:
+        """Whether rerouting pays for a whole forward pass of ``probe``'s model at ``rows``
+        rows: ``probe(rows)`` (stock) against ``routed()`` (the same pass rerouted), paired;
+        measured once per machine and kept like the per-shape choices."""
+        key = f"stack:{probe.key}:r{rows}"
+        machine = machine_key()
+        with self._lock:
+            self._load()
+            known = self._memo.setdefault(machine, {}).get(key)
+            if known is not None:
+                return known
+            decision = self._measure_stack(lambda: probe(rows), routed)
+            self._memo[machine][key] = decision
+            self._save(machine, key, decision)
+        logger.info("kernels %s on %s: %s", key, machine, decision)
+        return decision
 
     def decisions(self) -> dict[str, KernelDecision]:
         """This machine's measured choices, by ``dtype:OUTxIN:nWEIGHTS:rROWS``."""
@@ -215,17 +273,15 @@ class KernelTuner:
                 streaming_linear(x, w)
             return time.perf_counter() - t0
 
-        first = stock() + streaming()  # warm-up (allocations, first-touch)
-        repeats = self.repeats if first < 0.2 else max(3, self.repeats // 2)
-        a: list[float] = []
-        b: list[float] = []
-        for r in range(repeats):  # alternate which goes first, so drift favours neither
-            if r % 2:
-                b.append(streaming())
-                a.append(stock())
-            else:
-                a.append(stock())
-                b.append(streaming())
+        a, b = paired_times(stock, streaming, self.repeats)
+        return paired_choice(a, b, self.margin)
+
+    @torch.inference_mode()
+    def _measure_stack(
+        self, stock: Callable[[], float], routed: Callable[[], float]
+    ) -> KernelDecision:
+        # Whole passes are long: 5 pairs at most (each a paired ratio, so drift cancels).
+        a, b = paired_times(stock, routed, min(self.repeats, 5))
         return paired_choice(a, b, self.margin)
 
     # -- the file ---------------------------------------------------------------------------
@@ -290,6 +346,9 @@ class KernelScope:
     kernels: str
     weights: int
     calls: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: row counts whose products may be rerouted (None: every count 1..max_rows); a stack
+    #: probe narrows it to the counts where the whole pass measured faster rerouted
+    rows: tuple[int, ...] | None = None
 
     @property
     def streamed(self) -> int:
@@ -320,15 +379,21 @@ class _FewRowMode(TorchFunctionMode):
 
     def __init__(
         self, groups: dict[int, list[torch.Tensor]], scope: KernelScope, max_rows: int,
-        tuner: KernelTuner,
+        tuner: KernelTuner, rows: frozenset[int] | None = None,
     ) -> None:
         super().__init__()
+        self.rows = rows
         self.groups = groups
         self.scope = scope
         self.max_rows = max_rows
         self.tuner = tuner
         self.always = scope.kernels == "streaming"
         self.memo: dict[tuple[int, int], tuple[bool, dict[str, int], str]] = {}
+        self.entered = False  # per_call use: inside a rerouted() block now
+
+    def wants(self, rows: int) -> bool:
+        """Whether products of ``rows`` rows may be rerouted (then decided per shape)."""
+        return 1 <= rows <= self.max_rows and (self.rows is None or rows in self.rows)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
@@ -343,7 +408,7 @@ class _FewRowMode(TorchFunctionMode):
         ):
             return func(*args, **kwargs)
         rows = x.numel() // max(x.shape[-1], 1)
-        if not 1 <= rows <= self.max_rows:
+        if not self.wants(rows):
             return func(*args, **kwargs)
         # Decided once per (shape group, rows) in this scope: this runs for every product of
         # every step, so it must not format keys or take the tuner's lock each time.
@@ -366,42 +431,124 @@ def few_row_kernels(
     kernels: str | None = "auto",
     max_rows: int = DEFAULT_MAX_ROWS,
     tuner: KernelTuner | None = None,
+    probe: StackProbe | None = None,
+    per_call: bool = False,
 ) -> Iterator[KernelScope]:
     """Within the block, on this thread, few-row products (1..``max_rows`` rows, no autograd,
     CPU) with the ``nn.Linear`` weights under ``modules`` use the streaming kernel when
-    ``kernels`` says so ("auto": where measured faster; see module doc). Nothing of the
-    modules is changed. Yields a :class:`KernelScope` that counts what ran."""
+    ``kernels`` says so ("auto": where measured faster, and with ``probe`` only at the row
+    counts where a whole pass measured faster; see module doc). Nothing of the modules is
+    changed. Yields a :class:`KernelScope` that counts what ran.
+
+    per_call: reroute only inside :func:`rerouted` blocks whose row count is allowed, instead
+        of everywhere in the block. Rerouting intercepts every torch call (about 16% of a
+        SmolLM2 step at one row on one CPU), so code that knows its row counts (exitwise's
+        decoders: each pass of blocks, the LM head and the exit heads) pays it only where it
+        gains."""
     kernels = resolve_kernels(kernels)
     if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
         raise ConfigError(f"max_rows must be an int >= 1; got {max_rows!r}")
     groups = {} if kernels == "stock" else _weight_groups(modules)
     scope = KernelScope(kernels=kernels, weights=len(groups))
     tuner = tuner or default_tuner()
+    allowed: frozenset[int] | None = None
     if kernels == "auto" and groups:
         unique = list({id(g[0]): g for g in groups.values()}.values())
         if not tuner.any_stream(unique, max_rows):
             groups = {}  # every product stays stock: do not pay for rerouting at all
+        elif probe is not None:
+            allowed = _rows_that_pay(groups, unique, max_rows, tuner, probe)
+            scope.rows = tuple(sorted(allowed))
+            if not allowed:
+                groups = {}
     if not groups:
         yield scope
         return
-    with _FewRowMode(groups, scope, max_rows, tuner):
+    mode = _FewRowMode(groups, scope, max_rows, tuner, allowed)
+    if not per_call:
+        with mode:
+            yield scope
+        return
+    previous = getattr(_local, "router", None)
+    _local.router = mode
+    try:
         yield scope
+    finally:
+        _local.router = previous
+
+
+_local = threading.local()  # .router: the _FewRowMode of the per_call scope of this thread
+
+
+@contextmanager
+def rerouted(x: torch.Tensor) -> Iterator[None]:
+    """Inside a ``few_row_kernels(..., per_call=True)`` scope of this thread: the products of
+    the block are rerouted when ``x`` (..., in), the input of the block's products, has a row
+    count the scope reroutes; elsewhere (and nested) it does nothing and costs one lookup."""
+    mode = getattr(_local, "router", None)
+    if mode is None or mode.entered or not mode.wants(x.numel() // max(x.shape[-1], 1)):
+        yield
+        return
+    mode.entered = True
+    try:
+        with mode:
+            yield
+    finally:
+        mode.entered = False
+
+
+def _rows_that_pay(
+    groups: dict[int, list[torch.Tensor]], unique: Sequence[Sequence[torch.Tensor]],
+    max_rows: int, tuner: KernelTuner, probe: StackProbe,
+) -> frozenset[int]:
+    """The row counts 1..max_rows at which some shape streams *and* the probe's whole pass,
+    rerouted as decided per shape, is faster than stock (see :meth:`KernelTuner.check_stack`)."""
+    keep = set()
+    for rows in range(1, max_rows + 1):
+        if not any(tuner.decide(g, rows).stream for g in unique):
+            continue
+        if tuner.check_stack(probe, rows, _routed(groups, tuner, probe, rows)).stream:
+            keep.add(rows)
+    return frozenset(keep)
+
+
+def _routed(
+    groups: dict[int, list[torch.Tensor]], tuner: KernelTuner, probe: StackProbe, rows: int
+) -> Callable[[], float]:
+    """``probe(rows)`` with the products of ``rows`` rows rerouted as decided per shape."""
+
+    def run() -> float:
+        # a scope of its own: the probe's products must not count as the caller's
+        trial = KernelScope(kernels="auto", weights=len(groups))
+        with _FewRowMode(groups, trial, rows, tuner, frozenset((rows,))):
+            return probe(rows)
+
+    return run
 
 
 def autotune(
     *modules: nn.Module | None,
     rows: Sequence[int] = (1, 2),
     tuner: KernelTuner | None = None,
+    probe: StackProbe | None = None,
 ) -> dict[str, KernelDecision]:
     """Measure now (instead of at first use) the choice for every weight shape under
-    ``modules`` at each row count; returns the decisions by key. Already measured ones are
-    reused (``tuner.clear()`` first to measure again)."""
+    ``modules`` at each row count, and with ``probe`` the whole-pass check at each of those
+    counts where some shape streams (keys ``stack:<probe.key>:r<rows>``); returns the
+    decisions by key. Already measured ones are reused (``tuner.clear()`` first to measure
+    again)."""
     tuner = tuner or default_tuner()
     out: dict[str, KernelDecision] = {}
-    groups = {id(g[0]): g for g in _weight_groups(modules).values()}
+    by_weight = _weight_groups(modules)
+    groups = {id(g[0]): g for g in by_weight.values()}
     for r in rows:
-        if not isinstance(r, int) or r < 1:
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise ConfigError(f"rows must be ints >= 1; got {r!r}")
         for group in groups.values():
             out[_key(group, r)] = tuner.decide(group, r)
+    if probe is not None and rows:
+        for r in rows:
+            if any(out[_key(g, r)].stream for g in groups.values()):
+                routed = _routed(by_weight, tuner, probe, r)
+                out[f"stack:{probe.key}:r{r}"] = tuner.check_stack(probe, r, routed)
     return out

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..backbones import decoder_of
 from ..backbones.kernels import few_row_kernels, resolve_kernels
+from ..backbones.stack_probe import DecoderStackProbe
 from ..backbones.special_tokens import eos_and_pad
 from ..errors import ConfigError, InputError
 from . import early_exit, greedy, self_speculative  # noqa: F401  (register the strategies)
@@ -124,7 +125,12 @@ def generate(
     inputs = DecodeInputs(model=model, backbone=backbone, input_ids=input_ids, mask=mask,
                           max_new_tokens=config.max_new_tokens, eos=eos, pad=pad,
                           sampler=sampler, stop=stop, callback=callback, kernels=kernels)
-    with few_row_kernels(model, backbone.model, kernels=kernels) as scope:
+    # "auto" keeps rerouting only at the row counts where a whole pass of this model measured
+    # faster (once per machine and model; see exitwise.backbones.kernels), and only around
+    # the passes of those row counts (per_call).
+    probe = DecoderStackProbe(backbone) if kernels == "auto" else None
+    with few_row_kernels(model, backbone.model, kernels=kernels, probe=probe,
+                         per_call=True) as scope:
         out = chosen.decode(inputs)
     out.stats.kernels = kernels
     out.stats.streamed_products = scope.streamed

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..backbones.hf_decoder import HFDecoderBackbone
+from ..backbones.kernels import rerouted
 from ..errors import ConfigError
 from ..heads.lm import LMHead
 from ..model import MultiExitModel
@@ -146,7 +147,9 @@ def check_exit(
     if compact is not None:
         logits = compact(hidden.index_select(0, idx)[:, None])[:, 0]
     else:
-        logits = head.token_logits(hidden.index_select(0, idx)[:, None])[:, 0]
+        rows = hidden.index_select(0, idx)[:, None]
+        with rerouted(rows):  # few-row kernels where this row count pays
+            logits = head.token_logits(rows)[:, 0]
     logits = logits / point.temperature
     decided, sub = policy.decide(exit_index, num_exits, logits, sub)
     exits[idx] = decided.to(exits.device)

@@ -68,6 +68,7 @@ from typing import Any
 
 import torch
 
+from ..backbones.kernels import rerouted
 from ..errors import ConfigError
 from ..heads.lm import LMHead
 from .draft_control import DraftLengthController
@@ -196,7 +197,8 @@ def self_speculative_decode(
             if e:
                 hidden = bb.run_layers(hidden, 0, e, ctx)
                 if uses_cache:
-                    head.draft_logits(hidden, ctx)
+                    with rerouted(hidden):
+                        head.draft_logits(hidden, ctx)
                     stats.head_applications += sum(running) * (k + 1)
             states, fed = hidden, list(fed_all.unbind(1))
             drafts, draft_probs, siblings = fed[1:], [], None
@@ -341,7 +343,8 @@ def _draft_sequentially(
             # reads the final state that chose the pending token (first draft only)
             cond = session.final_hidden[:, None] if (
                 j == 0 and head.conditioned and session.final_hidden is not None) else None
-            logits = head.draft_logits(hidden, ctx, cond)[:, -1]
+            with rerouted(hidden):  # few-row kernels where this row count pays
+                logits = head.draft_logits(hidden, ctx, cond)[:, -1]
             stats.head_applications += sum(running)
         if j == k:
             break
