@@ -218,8 +218,14 @@ def merge_stats(parts: list[dict]) -> dict[str, float]:
     accepted = sum(p["total_accepted"] for p in parts)
     decoded = sum(p["decoded_tokens"] for p in parts)
     rows_decoded = sum(p["decoded_tokens"] / max(len(p["new_tokens"]), 1) for p in parts)
+    siblings = sum(p.get("sibling_accepted", 0) for p in parts)
+    ngram_drafted = sum(p.get("ngram_drafted", 0) for p in parts)
     return {
         "acceptance_rate": accepted / drafted if drafted else 0.0,
+        # of the accepted tokens, those that were token-tree siblings (0 for chains)
+        "sibling_share": siblings / accepted if accepted else 0.0,
+        "ngram_acceptance_rate": (sum(p.get("ngram_accepted", 0) for p in parts)
+                                  / ngram_drafted if ngram_drafted else None),
         "layer_applications_per_token": (
             sum(p["layer_applications"] for p in parts) / max(decoded, 1)),
         "sequential_layers_per_token": sum(p["sequential_layers"] for p in parts) / max(

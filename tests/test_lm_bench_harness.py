@@ -11,6 +11,7 @@ from benchmarks.lm_bench import (
     Method,
     bench_lm,
     main,
+    merge_stats,
     parse_configs,
     parse_drafters,
     time_methods,
@@ -142,3 +143,23 @@ def test_drafter_specs():
     for bad in ("tree@2", "auto@x", "anpd/w2", "fixed@2:1/wx"):
         with pytest.raises(ConfigError, match="bad drafter"):
             parse_drafters([bad])
+
+
+def test_merged_stats_carry_sibling_and_ngram_shares_computed_by_hand():
+    parts = [
+        dict(total_drafted=10, total_accepted=4, decoded_tokens=8, new_tokens=[4, 4],
+             layer_applications=80, sequential_layers=40, sibling_accepted=1, ngram_drafted=6,
+             ngram_accepted=3),
+        dict(total_drafted=6, total_accepted=4, decoded_tokens=4, new_tokens=[4],
+             layer_applications=40, sequential_layers=40, sibling_accepted=1, ngram_drafted=0,
+             ngram_accepted=0),
+    ]
+    got = merge_stats(parts)
+    assert got["acceptance_rate"] == pytest.approx(8 / 16)
+    assert got["sibling_share"] == pytest.approx(2 / 8)
+    assert got["ngram_acceptance_rate"] == pytest.approx(3 / 6)
+    assert got["layer_applications_per_token"] == pytest.approx(120 / 12)
+    # rows decoded: 8 / 2 + 4 / 1 = 8 -> 80 sequential layers / 8
+    assert got["sequential_layers_per_token"] == pytest.approx(80 / 8)
+    assert merge_stats([dict(parts[1], ngram_drafted=0, total_accepted=0, total_drafted=0)])[
+        "ngram_acceptance_rate"] is None
