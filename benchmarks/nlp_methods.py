@@ -534,8 +534,22 @@ def claim_checks(task: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def earlier_report(path: Path) -> dict[str, Any]:
+    """The report already at ``path`` ({} if none or unreadable)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def build_report(args, specs: dict[str, TaskSpec]) -> dict[str, Any]:
+    """The report from the parts under ``--work``; a recipe with no part there (trained in an
+    earlier checkout whose work folder is gone) keeps its entry and rows from the report
+    already at ``--out``, marked ``from_earlier_run``, so running one part never drops the
+    others."""
     work = Path(args.work)
+    earlier = earlier_report(Path(args.out)).get("tasks", {})
     tasks: dict[str, Any] = {}
     for tname, spec in specs.items():
         recipes = {}
@@ -546,11 +560,19 @@ def build_report(args, specs: dict[str, TaskSpec]) -> dict[str, Any]:
                 tr = json.loads((work / tname / rname / "train.json").read_text())
                 recipes[rname] = {"full_metric": ev["full_metric"], "static": ev["static"],
                                   "train_seconds": tr["seconds"], "head": tr["head"]}
+        before = earlier.get(tname, {})
+        carried = {r for r in before.get("recipes", {}) if r in RECIPES and r not in recipes}
+        for rname in carried:
+            recipes[rname] = {**before["recipes"][rname], "from_earlier_run": True}
         if not recipes:
             continue
         rows = []
         for mname, m in METHODS.items():
-            rows += rows_for(spec, mname, m, work)
+            if m.recipe in carried:
+                rows += [{**r, "from_earlier_run": True} for r in before.get("rows", [])
+                         if r.get("method") == mname]
+            else:
+                rows += rows_for(spec, mname, m, work)
         # The plain fine-tuned model: two_stage's final exit (its stage 1 is a plain fine-tune
         # and stage 2 leaves it unchanged). "Within 1 point" is measured against it, so a
         # recipe whose own full depth is worse (SWEET's) is not flattered by its own baseline.
