@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from exitwise.backbones import kernel_tuner as KT
 from exitwise.backbones import kernels as K
 from exitwise.backbones.kernels import (
     KernelDecision,
@@ -32,7 +33,7 @@ class FixedTuner(KernelTuner):
         self.measured: list[str] = []
 
     def _measure(self, weights, rows):
-        self.measured.append(K._key(weights, rows))
+        self.measured.append(K.shape_key(weights, rows))
         return KernelDecision(self.stream, 0.5 if self.stream else 1.5, 1.0, 1.0)
 
 
@@ -165,9 +166,9 @@ def test_measurements_are_kept_per_machine_and_reused(tmp_path, monkeypatch):
     assert again.decide(weights, 1).stream and again.measured == []
     data = json.loads(path.read_text())
     (machine,) = data["machines"]
-    assert machine == K.machine_key() and data["machines"][machine]["float32:6x5:n2:r1"][
+    assert machine == KT.machine_key() and data["machines"][machine]["float32:6x5:n2:r1"][
         "stream"] is True
-    monkeypatch.setattr(K, "machine_key", lambda: "another CPU | torch x | 2 threads")
+    monkeypatch.setattr(KT, "machine_key", lambda: "another CPU | torch x | 2 threads")
     other = FixedTuner(False, path)  # another machine never reuses this one's timings
     assert not other.decide(weights, 1).stream and other.measured == ["float32:6x5:n2:r1"]
     assert len(json.loads(path.read_text())["machines"]) == 2
@@ -320,7 +321,7 @@ def test_the_whole_pass_check_keeps_rerouting_only_where_the_pass_is_faster(
     # each count measured once (warm-up + pairs), stock and rerouted alternating
     assert sorted(set(probe.calls)) == [1, 2, 3, 4]
     data = json.loads((tmp_path / "kernels.json").read_text())
-    kept = data["machines"][K.machine_key()]
+    kept = data["machines"][KT.machine_key()]
     assert {k: v["stream"] for k, v in kept.items() if k.startswith("stack:")} == {
         "stack:probe-model:r1": False, "stack:probe-model:r2": True,
         "stack:probe-model:r3": False, "stack:probe-model:r4": True}
