@@ -72,6 +72,7 @@ class TaskSpec:
     task: str  # "classification" / "regression"
     max_train: int | None
     holdout: int | None
+    columns: str | None = None  # header-less files: text[,second text],label positions
 
 
 @dataclass
@@ -206,8 +207,9 @@ def task_specs(args) -> dict[str, TaskSpec]:
                          args.train_rows, args.holdout),
         "snli": TaskSpec("snli", str(shared / "snli"), "dev", "test", "classification",
                          args.train_rows, args.holdout),
+        # GLUE's STS-B has no header: sentence1, sentence2, score are columns 8, 9, 10
         "stsb": TaskSpec("stsb", str(shared / "stsb"), "train", "dev", "regression",
-                         args.train_rows, args.stsb_holdout),
+                         args.train_rows, args.stsb_holdout, columns="8,9,10"),
     }
 
 
@@ -222,6 +224,7 @@ def train_recipe(args, spec: TaskSpec, name: str, recipe: Recipe, out: Path) -> 
         weights=recipe.options.get("weights", "uniform"), epochs=args.epochs,
         max_train=spec.max_train, holdout=spec.holdout, batch_size=32,
         learning_rate=args.lr, seed=0, train_split=spec.train_split,
+        columns=spec.columns, task=spec.task,
     )
     if recipe.strategy == "joint":
         job.strategy_options.pop("weights", None)
@@ -371,7 +374,8 @@ def run_cascadebert(args, spec: TaskSpec) -> None:
             out_dir=str(small_dir), data=spec.data, layers=[CASCADE_SMALL_LAYERS],
             truncate=CASCADE_SMALL_LAYERS, strategy="cascadebert", epochs=args.epochs,
             max_train=spec.max_train, holdout=spec.holdout, batch_size=32,
-            learning_rate=args.lr, seed=0, train_split=spec.train_split)
+            learning_rate=args.lr, seed=0, train_split=spec.train_split,
+            columns=spec.columns, task=spec.task)
         print(f"[train] {spec.name}/cascadebert_small (cascadebert, {CASCADE_SMALL_LAYERS} layers)",
               flush=True)
         t0 = time.time()
