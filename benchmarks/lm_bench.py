@@ -149,7 +149,9 @@ def parse_drafters(specs: Sequence[str]) -> dict[str, dict[str, Any]]:
     ``auto@E``: exit E's drafts, draft length chosen per step ("auto");
     ``ngram@E:D``: exit E's drafts of D with n-gram drafts where the text predicts them;
     ``ngram@E:auto``: the same with automatic lengths;
-    ``fixed@E:D``: exit E's drafts of D.
+    ``fixed@E:D``: exit E's drafts of D;
+    ``swift`` / ``swift:D``: SWIFT, the model minus blocks it chooses while decoding (no exit),
+    draft length D or "auto" (its search goes on across the prompts and repetitions).
     A suffix ``/wW`` on an exit drafter verifies token trees of width W (each draft with the
     exit's next W - 1 choices as sibling leaves), e.g. ``auto@2/w3``.
     """
@@ -158,7 +160,10 @@ def parse_drafters(specs: Sequence[str]) -> dict[str, dict[str, Any]]:
         body, _, width = spec.partition("/w")
         kind, _, arg = body.partition("@")
         try:
-            if kind.startswith("anpd") and not width:
+            if kind.startswith("swift") and not width and not arg:
+                d = kind.partition(":")[2] or "auto"
+                out[spec] = {"strategy": "swift", "draft_len": d if d == "auto" else int(d)}
+            elif kind.startswith("anpd") and not width:
                 d = kind.partition(":")[2] or "auto"
                 out[spec] = {"strategy": "anpd", "draft_len": d if d == "auto" else int(d)}
             elif kind == "auto":
@@ -175,8 +180,9 @@ def parse_drafters(specs: Sequence[str]) -> dict[str, dict[str, Any]]:
             if width:
                 out[spec]["tree_width"] = int(width)
         except ValueError:
-            raise ConfigError(f"bad drafter {spec!r}; write anpd, anpd:D, auto@E, ngram@E:D, "
-                              "ngram@E:auto or fixed@E:D, optionally with /wW") from None
+            raise ConfigError(f"bad drafter {spec!r}; write anpd, anpd:D, swift, swift:D, auto@E, "
+                              "ngram@E:D, ngram@E:auto or fixed@E:D, optionally with /wW"
+                              ) from None
     return out
 
 

@@ -133,14 +133,17 @@ def test_methods_run_in_an_order_rotated_per_chunk():
 
 
 def test_drafter_specs():
-    got = parse_drafters(["anpd:3", "auto@2/w3", "ngram@2:auto/w2", "fixed@4:1"])
+    got = parse_drafters(["anpd:3", "auto@2/w3", "ngram@2:auto/w2", "fixed@4:1", "swift",
+                          "swift:2"])
+    assert got["swift"] == {"strategy": "swift", "draft_len": "auto"}
+    assert got["swift:2"] == {"strategy": "swift", "draft_len": 2}
     assert got["anpd:3"] == {"strategy": "anpd", "draft_len": 3}
     assert got["auto@2/w3"] == {"strategy": "self_speculative", "exit_layer": 2,
                                 "draft_len": "auto", "tree_width": 3}
     assert got["ngram@2:auto/w2"] == {"strategy": "self_speculative", "exit_layer": 2,
                                       "draft_len": "auto", "ngram": 4, "tree_width": 2}
     assert got["fixed@4:1"] == {"strategy": "self_speculative", "exit_layer": 4, "draft_len": 1}
-    for bad in ("tree@2", "auto@x", "anpd/w2", "fixed@2:1/wx"):
+    for bad in ("tree@2", "auto@x", "anpd/w2", "fixed@2:1/wx", "swift/w2", "swift:x"):
         with pytest.raises(ConfigError, match="bad drafter"):
             parse_drafters([bad])
 

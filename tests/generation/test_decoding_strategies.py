@@ -31,7 +31,7 @@ def llama():
 def test_each_strategy_refuses_the_options_of_another(llama):
     ids, mask = left_padded()
     with pytest.raises(ew.ConfigError, match="draft_len is an option of 'anpd', "
-                                              "'layer_skip', 'self_speculative'"):
+                                              "'layer_skip', 'self_speculative', 'swift'"):
         ew.generate(llama, ids, mask, draft_len=3)
     with pytest.raises(ew.ConfigError, match="kv is an option of 'early_exit'"):
         ew.generate(llama, ids, mask, strategy="self_speculative", exit_layer=2, kv="skip")

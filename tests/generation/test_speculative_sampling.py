@@ -196,6 +196,9 @@ DRAFTERS = {
     # n-gram drafts are point masses q: kept with probability p(x), else drawn from p minus x
     "anpd": dict(strategy="anpd", ngram=3, draft_len=3),
     "exit+ngram": dict(strategy="self_speculative", exit_layer=1, draft_len=3, ngram=2),
+    # the model minus blocks drafts point masses too; SWIFT changes the set while sampling
+    "layer_skip": dict(strategy="layer_skip", skip=[1, 2], draft_len=2),
+    "swift": dict(strategy="swift", context_window=1, draft_len=2),
 }
 
 

@@ -23,8 +23,9 @@ from .sampling import (
 )
 from .self_speculative import self_speculative_decode
 from .session import DecodeSession
-from .speculative import ANPD, LayerSkip, SelfSpeculative
+from .speculative import ANPD, LayerSkip, SelfSpeculative, Swift, swift_search
 from .stopping import StopStrings, StreamingSession
+from .swift import SwiftDrafter, SwiftSearch
 from .strategies import (
     DECODING_STRATEGIES,
     DecodeInputs,
@@ -53,6 +54,10 @@ __all__ = [
     "search_skip_layers",
     "Greedy",
     "SelfSpeculative",
+    "Swift",
+    "SwiftDrafter",
+    "SwiftSearch",
+    "swift_search",
     "get_decoding_strategy",
     "register_decoding_strategy",
     "DecodeSession",

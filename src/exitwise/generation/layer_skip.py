@@ -31,7 +31,7 @@ whole blocks are skipped (not attention and MLP separately); greedy forward sele
 modelled objective instead of Bayesian optimisation on timed decoding; the first and last
 blocks are always kept; the draft length comes from the measured-cost controller
 (:mod:`.draft_control`, ``draft_len="auto"``, at most 8 as in the reference) or is fixed,
-instead of the adaptive confidence threshold; SWIFT's on-the-fly search is not built.
+instead of the adaptive confidence threshold. SWIFT's on-the-fly search is :mod:`.swift`.
 Shapes: A active rows, V vocabulary.
 """
 
@@ -64,8 +64,13 @@ class LayerSkipDrafter:
     passes = "per_draft"
 
     def __init__(self, skip: Sequence[int], num_layers: int) -> None:
-        self.skip = check_skip(skip, num_layers)
-        self.keep = [i for i in range(num_layers) if i not in set(self.skip)]
+        self.num_layers = num_layers
+        self.set_skip(skip)
+
+    def set_skip(self, skip: Sequence[int]) -> None:
+        """Draft without blocks ``skip`` from now on (SWIFT changes the set while decoding)."""
+        self.skip = check_skip(skip, self.num_layers)
+        self.keep = [i for i in range(self.num_layers) if i not in set(self.skip)]
         # runs of consecutive kept blocks [start, end): one run_layers call each
         self.runs: list[tuple[int, int]] = []
         for i in self.keep:
@@ -76,6 +81,9 @@ class LayerSkipDrafter:
 
     def start(self, prompts: list[list[int]]) -> None:
         """Nothing to prepare: the draft model is the model itself."""
+
+    def prepare(self, session: Any) -> None:
+        """Nothing before a step: the skipped set is fixed (see :mod:`.swift`)."""
 
     @torch.inference_mode()
     def propose_rows(self, session: Any, caps: list[int]) -> list[list[int]]:

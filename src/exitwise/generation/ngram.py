@@ -41,6 +41,10 @@ class Proposer(Protocol):
     def start(self, prompts: list[list[int]]) -> None:
         """Before decoding: each row's prompt tokens (index = original row)."""
 
+    def prepare(self, session: Any) -> None:
+        """Before each speculative step, outside the measured drafting time: work that is not
+        part of drafting (SWIFT's search of the skipped set, :mod:`.swift`)."""
+
     def propose_rows(self, session: Any, caps: list[int]) -> list[list[int]]:
         """Per active row of ``session``, up to ``caps[i]`` draft tokens (may be fewer)."""
         ...
@@ -114,6 +118,9 @@ class NGramDrafter:
         """Build the tables of each row (index = original row) from its prompt's tokens."""
         self.rows = {r: NGramTables(self.max_n, p) for r, p in enumerate(prompts)}
         self._seen = {r: 0 for r in self.rows}
+
+    def prepare(self, session: Any) -> None:
+        """Nothing before a step: the tables are updated as drafts are asked for."""
 
     def sync(self, row: int, generated: list[int]) -> None:
         """Ingest the tokens ``row`` emitted since the last call."""

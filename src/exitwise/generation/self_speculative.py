@@ -149,6 +149,8 @@ def self_speculative_decode(
         a = session.active
         running = session.running()
         device = session.pending.device
+        if proposer is not None:  # before the step, resting or not; not drafting time
+            proposer.prepare(session)
         if controller is not None:
             controller.begin_step()
             if not uses_cache and controller.resting(a, sources):  # plain decoding wins

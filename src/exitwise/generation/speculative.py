@@ -1,6 +1,7 @@
 """The speculative decoding strategies, registered by name: ``self_speculative`` (exit drafts,
 optionally feature-conditioned and/or with n-gram drafts), ``anpd`` (n-gram drafts alone) and
-``layer_skip`` (Draft & Verify: the model minus some blocks drafts).
+``layer_skip`` (Draft & Verify: the model minus some blocks drafts) and ``swift`` (the same
+drafts, the skipped blocks chosen while decoding).
 Both run :func:`~.self_speculative.self_speculative_decode`; this module resolves their options:
 the draft exit (given, a multi-exit model's shallowest ``lm`` exit, or the drafter shipped for
 the model, :mod:`.shipped`) and the automatic draft-length controller, kept per model so that
@@ -9,6 +10,7 @@ what one call measured carries over to the next (:mod:`.draft_control`).
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +25,7 @@ from .layer_skip import LayerSkipDrafter, check_skip
 from .ngram import NGramDrafter
 from .outputs import GenerateOutput
 from .self_speculative import self_speculative_decode
+from .swift import SwiftDrafter, SwiftSearch
 from .token_tree import check_tree_width
 from .strategies import (
     DecodeInputs,
@@ -241,3 +244,80 @@ class LayerSkip(DecodingStrategy):
         assert self.skip is not None
         drafter = LayerSkipDrafter(self.skip, inputs.backbone.num_layers)
         return _decode_with_proposer(self, inputs, drafter, ("layer_skip", tuple(drafter.skip)))
+
+
+# model (the HF module) -> {search options: SwiftSearch}: SWIFT's search goes on across
+# generate calls, as the reference's statistics go on across the prompts of a task
+_SWIFT_SEARCHES: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_SWIFT_OPTIONS = ("skip_ratio", "context_window", "opt_interval", "bayes_interval",
+                  "max_opt_iter", "max_tolerance_iter", "max_score", "bayes", "seed")
+
+
+def swift_search(model: Any, **options: Any) -> SwiftSearch:
+    """The :class:`~.swift.SwiftSearch` that ``strategy="swift"`` with these ``options`` uses
+    for ``model`` (made on first use; it persists while the model lives). Read its ``skip``,
+    ``best_score`` and ``observed`` to see what the search found."""
+    from ..backbones import decoder_of
+
+    unknown = sorted(set(options) - set(_SWIFT_OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown SWIFT option(s) {unknown}; choose from {_SWIFT_OPTIONS}")
+    backbone, _ = decoder_of(model, "swift_search")
+    per_model = _SWIFT_SEARCHES.setdefault(backbone.model, {})
+    defaults = {f.name: f.default for f in dataclasses.fields(SwiftSearch)
+                if f.name in _SWIFT_OPTIONS}
+    key = tuple(sorted({**defaults, **options}.items()))
+    if key not in per_model:
+        per_model[key] = SwiftSearch(backbone.num_layers, **options)
+    return per_model[key]
+
+
+@register_decoding_strategy("swift")
+@dataclass
+class Swift(DecodingStrategy):
+    """SWIFT: draft with the model itself minus blocks chosen on the fly while decoding
+    (:mod:`.swift`), verify with every block; no head, no training, no offline search.
+
+    skip_ratio: share of the L - 2 middle blocks a candidate set skips (0.45).
+    context_window: generated tokens a candidate is scored on (32; the search starts once a
+    row has generated more). opt_interval: a search iteration every this many speculative
+    steps (1). bayes_interval: every this many iterations the candidate comes from Bayesian
+    optimisation instead of a random draw (25; ``bayes=False``: random only). max_opt_iter,
+    max_tolerance_iter, max_score: stop the search after this many iterations (1000), this
+    many in a row without improvement (300), or once a matchness exceeds this (0.95).
+    search_seed: the search's random draws (``seed`` is the sampling seed every strategy
+    shares). The search persists per model and options across calls
+    (:func:`swift_search`). draft_len: tokens per draft (>= 1) or "auto" (chosen per step from
+    measured costs and acceptance, at most ``max_draft_len``).
+    """
+
+    skip_ratio: float = 0.45
+    context_window: int = 32
+    opt_interval: int = 1
+    bayes_interval: int = 25
+    max_opt_iter: int = 1000
+    max_tolerance_iter: int = 300
+    max_score: float = 0.95
+    bayes: bool = True
+    search_seed: int = 0
+    draft_len: int | str = "auto"
+    max_draft_len: int = 8
+
+    def __post_init__(self) -> None:
+        _check_draft_len(self.draft_len)
+        _check_draft_len(self.max_draft_len, "max_draft_len", auto=False)
+        SwiftSearch(3, **self._search_options())  # validates the options
+
+    def _search_options(self) -> dict[str, Any]:
+        options = {name: getattr(self, name) for name in _SWIFT_OPTIONS if name != "seed"}
+        return {**options, "seed": self.search_seed}
+
+    def validate(self, backbone: HFDecoderBackbone, model: Any) -> None:
+        if backbone.num_layers < 3:
+            raise ConfigError("swift skips blocks between the first and the last: the model "
+                              f"needs at least 3 blocks; it has {backbone.num_layers}")
+
+    def decode(self, inputs: DecodeInputs) -> GenerateOutput:
+        search = swift_search(inputs.backbone, **self._search_options())
+        drafter = SwiftDrafter(search)
+        return _decode_with_proposer(self, inputs, drafter, ("swift", id(search)))

@@ -1,0 +1,122 @@
+"""Self-drafting by skipping blocks, on SmolLM2-135M-Instruct: Draft & Verify (skipped set
+searched offline) and SWIFT (searched on the fly), against greedy decoding.
+
+    python benchmarks/lm_layer_skip.py --threads 2                 # 3 search + 8 timed prompts
+    python benchmarks/lm_layer_skip.py --threads 2 --prompts 20    # the lm_speed prompt set
+
+1. Draft & Verify's offline step (``search_skip_layers``) on the model's own greedy answers to
+   --search-prompts calibration prompts (never benchmark prompts): greedy forward selection,
+   every step's set with its teacher-forced agreement and modelled speed-up;
+2. timed at batch 1, interleaved per prompt (chat template, --max-new-tokens each): HF greedy,
+   exitwise greedy, ``layer_skip`` with the searched set (or, when no set is modelled to pay,
+   the one-block set with the best agreement, so that the cost of trying it is measured), and
+   ``swift`` with its defaults (its search starts on the first prompt and goes on across them);
+   tokens/s, speed-up vs HF greedy, acceptance, exact match, block applications per token;
+   SWIFT's search state at the end.
+
+Writes benchmarks/results/lm_layer_skip.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from lm_bench import entry_of, exitwise_method, hf_method, time_methods  # noqa: E402
+
+from exitwise.generation import search_skip_layers, swift_search  # noqa: E402
+from exitwise.lm.prompts import BENCH_PROMPTS, CALIBRATION_PROMPTS  # noqa: E402
+from exitwise.machine import machine_info  # noqa: E402
+from exitwise.recipes.lm import encode_prompts, format_prompts, load_lm  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    ap.add_argument("--search-prompts", type=int, default=3)
+    ap.add_argument("--search-tokens", type=int, default=48)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/lm_layer_skip.json"))
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    lm, tok = load_lm(args.model)
+    eos = {int(tok.eos_token_id)} if tok.eos_token_id is not None else set()
+    pad = int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+
+    t0 = time.time()
+    cal = list(CALIBRATION_PROMPTS)[: args.search_prompts]
+    ids, mask = encode_prompts(tok, format_prompts(tok, cal), "cpu")
+    found = search_skip_layers(lm, ids, mask, max_new_tokens=args.search_tokens, patience=3)
+    search_seconds = time.time() - t0
+    history = found.history
+    if found.skip:
+        skip, skip_note = found.skip, "the searched set"
+    else:
+        skip = history[0]["skip"]
+        skip_note = ("no set is modelled to pay; the one-block set with the best agreement, "
+                     "timed to measure what trying it costs")
+    print(f"[search] {search_seconds:.0f} s: {skip_note}: skip {skip}")
+
+    common = dict(max_new_tokens=args.max_new_tokens, eos=eos, pad=pad)
+    methods = [
+        hf_method(lm, "hf_greedy", **common),
+        exitwise_method(lm, "exitwise_greedy", "exitwise_greedy", **common),
+        exitwise_method(lm, "layer_skip", "self_spec", strategy="layer_skip", skip=skip,
+                        draft_len="auto", **common),
+        exitwise_method(lm, "swift", "self_spec", strategy="swift", draft_len="auto", **common),
+    ]
+    prompts = list(BENCH_PROMPTS)[: args.prompts]
+    chunks = [encode_prompts(tok, format_prompts(tok, [p]), "cpu") for p in prompts]
+    timed = time_methods(methods, chunks, args.repeats, eos)
+    ref = timed["hf_greedy"]
+    num_layers = lm.config.num_hidden_layers
+    entries = {m.name: entry_of(m, timed[m.name], ref, num_layers) for m in methods}
+    base = entries["hf_greedy"]["tokens_per_s"]
+    for e in entries.values():
+        e["speedup_vs_hf_greedy"] = e["tokens_per_s"] / base
+    state = swift_search(lm)
+    report = {
+        "benchmark": "lm_layer_skip",
+        "command": "python benchmarks/lm_layer_skip.py " + " ".join(argv or sys.argv[1:]),
+        "machine": machine_info(),
+        "setup": {"model": args.model, "threads": args.threads, "batch_size": 1,
+                  "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+                  "repeats": args.repeats, "search_prompts": len(cal),
+                  "search_tokens": args.search_tokens},
+        "draft_and_verify_search": {"seconds": search_seconds, "chosen": found.skip,
+                                    "timed_skip": skip, "timed_skip_note": skip_note,
+                                    "history": history},
+        "swift_search_after": {"opt_iter": state.opt_iter, "best_score": state.best_score,
+                               "skip": state.skip, "active": state.active,
+                               "stopped_by": state.stopped_by,
+                               "scores": [s for _, s in state.observed]},
+        "methods": entries,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    for name, e in entries.items():
+        print(f"{name:16s} {e['tokens_per_s']:7.2f} tok/s  {e['speedup_vs_hf_greedy']:.2f}x HF "
+              f"greedy  exact {e['exact_match']:.2f}  acceptance {e.get('acceptance_rate')}")
+    print(f"[done] {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

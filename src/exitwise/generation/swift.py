@@ -1,0 +1,277 @@
+"""SWIFT: choosing the skipped blocks on the fly, while decoding (Xia et al., 2024, "SWIFT:
+On-the-Fly Self-Speculative Decoding for LLM Inference Acceleration", Sec. 4.1 "context-based
+layer set optimization").
+
+Draft & Verify (:mod:`.layer_skip`) chooses the blocks a self-draft leaves out offline; SWIFT
+chooses them during decoding, from the text being generated, with no offline step and no
+training. The drafts themselves are :class:`~.layer_skip.LayerSkipDrafter`'s: the model
+without the skipped blocks, verified by every block, so the output is exactly greedy
+decoding's (or, sampling, its distribution) whatever set is in use.
+
+The search (:class:`SwiftSearch`, one object kept per model so that it continues across
+``generate`` calls, as the reference keeps its statistics across the prompts of a task):
+
+- the drafter starts by skipping every other block (1, 3, 5, ..., never the first or last);
+- once a row has generated more than ``context_window + 1`` tokens, every ``opt_interval``-th
+  speculative step runs one iteration: a candidate set of ``int((L - 2) * skip_ratio)`` blocks,
+  drawn at random, or every ``bayes_interval``-th iteration suggested by Bayesian optimisation
+  (:func:`bayes_suggest`: a Gaussian process over the sets scored so far, UCB acquisition);
+- the candidate's *matchness* (:func:`window_matchness`): the first ``context_window + 1``
+  generated tokens are fed at once, teacher-forced, through the kept blocks only, attending
+  to the full model's keys/values of the prompt; the share of the ``context_window`` next-token
+  predictions equal to the generated tokens;
+- the candidate becomes the drafter's set if it scores above the best so far; the search stops
+  when a score exceeds ``max_score``, after ``max_tolerance_iter`` iterations in a row without
+  improvement, or after ``max_opt_iter`` iterations.
+
+Reference read: the authors' code (hemingkx/SWIFT): ``model/swift/utils.py``
+(``swift_optimization``, ``layer_random_search``, ``layer_bayes_search``) and
+``evaluation_llama/inference_swift.py`` (``swift_forward``: one optimisation per decoding step
+once ``new_token_num > context_window + 1``; defaults skip_ratio 0.45, opt_interval 1,
+bayes_interval 25, max_opt_iter 1000, max_tolerance_iter 300, max_score 0.95,
+context_window 32; ``BayesianOptimization`` with ``alpha=1e-2`` and a UCB utility, kappa 2.5).
+The defaults here are the reference's. Deviations:
+
+- whole blocks are skipped, not attention and MLP sub-layers separately (the reference edits
+  its Llama modelling code to skip either; here every decoder family runs its own blocks
+  unchanged), so a candidate holds ``int((L - 2) * skip_ratio)`` blocks instead of
+  ``int(2 (L - 2) * skip_ratio)`` sub-layers;
+- the draft length comes from the measured-cost controller (:mod:`.draft_control`,
+  ``draft_len="auto"``) instead of SWIFT's confidence-aware drafting with top-k candidate
+  trees;
+- the Gaussian process (Matern 5/2 kernel as ``bayes_opt``'s default, its length scale chosen
+  by marginal likelihood on a grid instead of L-BFGS restarts) is maximised over 10,000 random
+  points (``bayes_opt``'s warm-up) without the L-BFGS refinement, and it learns the 0/1 sets
+  actually scored (the reference registers the continuous suggestion for Bayesian steps);
+- a batch scores the candidate over every row that has generated enough (the reference runs
+  batch 1); the scoring pass reuses the live cache with the generated slots masked out (the
+  reference copies the prompt's cache), which gives the same attention;
+- the time spent on the search is not counted as drafting time by the controller (it is
+  counted in the wall-clock of every benchmark).
+
+Shapes: A active rows, W = ``context_window``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..backbones.hf_decoder import DecodeContext
+from ..errors import ConfigError
+from .layer_skip import LayerSkipDrafter
+
+# bayes_opt's defaults, as the reference uses them
+_UCB_KAPPA = 2.5
+_GP_NOISE = 1e-2
+_WARMUP_POINTS = 10_000
+_LENGTH_SCALES = tuple(10 ** (k / 4) for k in range(-4, 9))  # 0.1 .. 100
+
+
+@dataclass
+class SwiftSearch:
+    """State of SWIFT's on-the-fly search for one model (see the module docstring).
+
+    skip: the set the drafter uses now; best_score: its matchness (0 before the first
+    iteration, so the first candidate scored replaces the initial every-other-block set);
+    observed: every (set, matchness) scored; active: False once a stopping rule fired.
+    """
+
+    num_layers: int
+    skip_ratio: float = 0.45
+    context_window: int = 32
+    opt_interval: int = 1
+    bayes_interval: int = 25
+    max_opt_iter: int = 1000
+    max_tolerance_iter: int = 300
+    max_score: float = 0.95
+    bayes: bool = True
+    seed: int = 0
+    skip: list[int] = field(default_factory=list)
+    best_score: float = 0.0
+    opt_iter: int = 0
+    tolerance_iter: int = 0
+    steps: int = 0
+    active: bool = True
+    stopped_by: str | None = None
+    observed: list[tuple[list[int], float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.num_layers < 3:
+            raise ConfigError("SWIFT skips blocks between the first and the last: the model "
+                              f"needs at least 3 blocks; it has {self.num_layers}")
+        if not 0.0 < float(self.skip_ratio) < 1.0:
+            raise ConfigError(f"skip_ratio must be in (0, 1); got {self.skip_ratio!r}")
+        for name in ("context_window", "opt_interval", "bayes_interval", "max_opt_iter",
+                     "max_tolerance_iter"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an int >= 1; got {value!r}")
+        if not 0.0 < float(self.max_score) <= 1.0:
+            raise ConfigError(f"max_score must be in (0, 1]; got {self.max_score!r}")
+        if not self.skip:
+            self.skip = list(range(1, self.num_layers - 1, 2))  # every other block
+        self._rng = random.Random(self.seed)
+
+    @property
+    def candidates(self) -> list[int]:
+        """The blocks that may be skipped: 1 .. L - 2."""
+        return list(range(1, self.num_layers - 1))
+
+    @property
+    def set_size(self) -> int:
+        """Blocks in a candidate set: int((L - 2) * skip_ratio), at least 1."""
+        return max(1, int((self.num_layers - 2) * self.skip_ratio))
+
+    def due(self) -> bool:
+        """Whether this speculative step runs an iteration (counts the steps it is asked)."""
+        if not self.active:
+            return False
+        self.steps += 1
+        return (self.steps - 1) % self.opt_interval == 0
+
+    def candidate(self) -> list[int]:
+        """The next set to score: Bayesian every ``bayes_interval``-th iteration (once two sets
+        were scored), else drawn uniformly."""
+        if self.bayes and (self.opt_iter + 1) % self.bayes_interval == 0 and \
+                len(self.observed) >= 2:
+            return bayes_suggest(self.observed, self.candidates, self.set_size, self._rng)
+        return sorted(self._rng.sample(self.candidates, self.set_size))
+
+    def iterate(self, score_of: Callable[[list[int]], float | None]) -> bool:
+        """One iteration: score a candidate with ``score_of`` (None: nothing to score yet, no
+        iteration) and keep it if it beats the best so far. Returns whether ``skip`` changed."""
+        cand = self.candidate()
+        score = score_of(cand)
+        if score is None:
+            return False
+        self.observed.append((cand, float(score)))
+        changed = False
+        if score > self.best_score:
+            self.best_score, self.skip, self.tolerance_iter = float(score), cand, 0
+            changed = True
+            if score > self.max_score:
+                self.active, self.stopped_by = False, "max_score"
+        else:
+            self.tolerance_iter += 1
+        self.opt_iter += 1
+        if self.active and self.tolerance_iter > self.max_tolerance_iter:
+            self.active, self.stopped_by = False, "tolerance"
+        if self.active and self.opt_iter > self.max_opt_iter:
+            self.active, self.stopped_by = False, "max_opt_iter"
+        return changed
+
+
+def _matern52(a: torch.Tensor, b: torch.Tensor, length: float) -> torch.Tensor:
+    """Matern 5/2 kernel between rows of a (n, d) and b (m, d) -> (n, m)."""
+    r = torch.cdist(a, b) * (math.sqrt(5.0) / length)
+    return (1.0 + r + r * r / 3.0) * torch.exp(-r)
+
+
+def gp_posterior(x: torch.Tensor, y: torch.Tensor, query: torch.Tensor, length: float,
+                 noise: float = _GP_NOISE) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Gaussian-process regression with a Matern 5/2 kernel (unit signal variance) and
+    ``noise`` added to the diagonal; x (n, d), y (n,) already normalised, query (m, d).
+    Returns (mean (m,), std (m,), log marginal likelihood)."""
+    k = _matern52(x, x, length) + noise * torch.eye(len(x), dtype=x.dtype)
+    chol = torch.linalg.cholesky(k)
+    alpha = torch.cholesky_solve(y[:, None], chol)[:, 0]
+    ks = _matern52(query, x, length)  # (m, n)
+    mean = ks @ alpha
+    v = torch.cholesky_solve(ks.T, chol)  # (n, m)
+    var = (1.0 - (ks * v.T).sum(1)).clamp(min=1e-12)
+    loglik = float(-0.5 * y @ alpha - torch.log(torch.diagonal(chol)).sum()
+                   - 0.5 * len(x) * math.log(2 * math.pi))
+    return mean, var.sqrt(), loglik
+
+
+def bayes_suggest(observed: list[tuple[list[int], float]], blocks: list[int], size: int,
+                  rng: random.Random) -> list[int]:
+    """Bayesian optimisation's next set: fit a GP to the scored sets (each a 0/1 vector over
+    ``blocks``; scores normalised to mean 0, std 1), take the point of [0, 1]^d with the
+    highest UCB (mean + 2.5 std) among random ones, and skip its ``size`` largest
+    coordinates (the reference's ``layer_bayes_search``)."""
+    index = {b: i for i, b in enumerate(blocks)}
+    x = torch.zeros(len(observed), len(blocks), dtype=torch.float64)
+    for row, (skip, _) in enumerate(observed):
+        x[row, [index[b] for b in skip]] = 1.0
+    y = torch.tensor([s for _, s in observed], dtype=torch.float64)
+    y = (y - y.mean()) / (y.std() if len(y) > 1 and float(y.std()) > 0 else 1.0)
+    gen = torch.Generator().manual_seed(rng.randrange(2 ** 31))
+    query = torch.rand(_WARMUP_POINTS, len(blocks), generator=gen, dtype=torch.float64)
+    length = max(_LENGTH_SCALES, key=lambda ls: gp_posterior(x, y, x[:1], ls)[2])
+    mean, std, _ = gp_posterior(x, y, query, length)
+    best = query[int(torch.argmax(mean + _UCB_KAPPA * std))]
+    top = torch.argsort(best, descending=True)[:size]
+    return sorted(blocks[int(i)] for i in top)
+
+
+@torch.inference_mode()
+def window_matchness(session: Any, drafter: LayerSkipDrafter, window: int) -> float | None:
+    """SWIFT's score of ``drafter``'s current set on ``session``: over the rows that have
+    generated more than ``window + 1`` tokens, the share of positions j < W where the model
+    without the skipped blocks, fed the generated tokens 0..j after the prompt (the full
+    model's prompt keys/values; the generated slots of the cache masked out), predicts
+    generated token j + 1. None when no row has generated enough. The cache is left as found.
+    """
+    rows = session.rows.tolist()
+    w = window + 1
+    ready = [len(session.generated[r]) > w for r in rows]
+    if not any(ready):
+        return None
+    bb = session.backbone
+    device = session.mask.device
+    t = session.prompt.shape[1]
+    a, s = session.mask.shape
+    ids = torch.tensor([session.generated[r][:w] if ok else [0] * w
+                        for r, ok in zip(rows, ready)], dtype=torch.long, device=device)
+    prompt_mask = session.mask[:, :t]
+    positions = prompt_mask.sum(1, keepdim=True) + torch.arange(w, device=device)  # (A, W+1)
+    mask = torch.cat([prompt_mask, torch.zeros(a, s - t, dtype=prompt_mask.dtype, device=device),
+                      torch.ones(a, w, dtype=prompt_mask.dtype, device=device)], 1)
+    slot_pos = torch.cat([session.slot_pos, positions], 1)
+    ctx = DecodeContext(session.cache, positions, mask, slot_pos)
+    hidden = bb.embed(ids, positions)
+    for start, end in drafter.runs:
+        hidden = bb.run_layers(hidden, start, end, ctx)
+    for i in drafter.keep:  # the scoring pass's slots go again
+        session.cache.layers[i].crop(-w)
+    pred = bb.lm_logits(bb.final_norm(hidden[:, :-1])).argmax(-1)  # (A, W)
+    keep = torch.tensor(ready, device=device)
+    hits = (pred == ids[:, 1:])[keep]
+    return float(hits.double().mean())
+
+
+class SwiftDrafter(LayerSkipDrafter):
+    """:class:`~.layer_skip.LayerSkipDrafter` whose skipped set follows a :class:`SwiftSearch`:
+    before each speculative step (:meth:`prepare`, outside the measured drafting time), one
+    search iteration when it is due."""
+
+    def __init__(self, search: SwiftSearch) -> None:
+        self.search = search
+        super().__init__(search.skip, search.num_layers)
+
+    def prepare(self, session: Any) -> None:
+        search = self.search
+        if not search.active:
+            return
+        enough = search.context_window + 1
+        if not any(len(session.generated[r]) > enough for r in session.rows.tolist()):
+            return  # the reference starts once new_token_num > context_window + 1
+        if not search.due():
+            return
+        current = list(self.skip)
+
+        def score_of(cand: list[int]) -> float | None:
+            self.set_skip(cand)
+            try:
+                return window_matchness(session, self, search.context_window)
+            finally:
+                self.set_skip(current)
+
+        if search.iterate(score_of):
+            self.set_skip(search.skip)
