@@ -251,6 +251,9 @@ class LayerSkip(DecodingStrategy):
 _SWIFT_SEARCHES: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 _SWIFT_OPTIONS = ("skip_ratio", "context_window", "opt_interval", "bayes_interval",
                   "max_opt_iter", "max_tolerance_iter", "max_score", "bayes", "seed")
+# the search's defaults (the reference's), one place for the strategy and swift_search
+_SWIFT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SwiftSearch)
+                   if f.name in _SWIFT_OPTIONS}
 
 
 def swift_search(model: Any, **options: Any) -> SwiftSearch:
@@ -264,9 +267,7 @@ def swift_search(model: Any, **options: Any) -> SwiftSearch:
         raise ConfigError(f"unknown SWIFT option(s) {unknown}; choose from {_SWIFT_OPTIONS}")
     backbone, _ = decoder_of(model, "swift_search")
     per_model = _SWIFT_SEARCHES.setdefault(backbone.model, {})
-    defaults = {f.name: f.default for f in dataclasses.fields(SwiftSearch)
-                if f.name in _SWIFT_OPTIONS}
-    key = tuple(sorted({**defaults, **options}.items()))
+    key = tuple(sorted({**_SWIFT_DEFAULTS, **options}.items()))
     if key not in per_model:
         per_model[key] = SwiftSearch(backbone.num_layers, **options)
     return per_model[key]
@@ -291,15 +292,15 @@ class Swift(DecodingStrategy):
     measured costs and acceptance, at most ``max_draft_len``).
     """
 
-    skip_ratio: float = 0.45
-    context_window: int = 32
-    opt_interval: int = 1
-    bayes_interval: int = 25
-    max_opt_iter: int = 1000
-    max_tolerance_iter: int = 300
-    max_score: float = 0.95
-    bayes: bool = True
-    search_seed: int = 0
+    skip_ratio: float = _SWIFT_DEFAULTS["skip_ratio"]
+    context_window: int = _SWIFT_DEFAULTS["context_window"]
+    opt_interval: int = _SWIFT_DEFAULTS["opt_interval"]
+    bayes_interval: int = _SWIFT_DEFAULTS["bayes_interval"]
+    max_opt_iter: int = _SWIFT_DEFAULTS["max_opt_iter"]
+    max_tolerance_iter: int = _SWIFT_DEFAULTS["max_tolerance_iter"]
+    max_score: float = _SWIFT_DEFAULTS["max_score"]
+    bayes: bool = _SWIFT_DEFAULTS["bayes"]
+    search_seed: int = _SWIFT_DEFAULTS["seed"]
     draft_len: int | str = "auto"
     max_draft_len: int = 8
 
