@@ -42,8 +42,9 @@ class Proposer(Protocol):
         """Before decoding: each row's prompt tokens (index = original row)."""
 
     def prepare(self, session: Any) -> None:
-        """Before each speculative step, outside the measured drafting time: work that is not
-        part of drafting (SWIFT's search of the skipped set, :mod:`.swift`)."""
+        """Before each decoding step (speculative, or plain when the controller rests),
+        outside the measured drafting time: work that is not drafting (SWIFT's search of the
+        skipped set, :mod:`.swift`)."""
 
     def propose_rows(self, session: Any, caps: list[int]) -> list[list[int]]:
         """Per active row of ``session``, up to ``caps[i]`` draft tokens (may be fewer)."""

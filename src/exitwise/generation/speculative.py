@@ -281,7 +281,7 @@ class Swift(DecodingStrategy):
 
     skip_ratio: share of the L - 2 middle blocks a candidate set skips (0.45).
     context_window: generated tokens a candidate is scored on (32; the search starts once a
-    row has generated more). opt_interval: a search iteration every this many speculative
+    row has generated more). opt_interval: a search iteration every this many decoding
     steps (1). bayes_interval: every this many iterations the candidate comes from Bayesian
     optimisation instead of a random draw (25; ``bayes=False``: random only). max_opt_iter,
     max_tolerance_iter, max_score: stop the search after this many iterations (1000), this

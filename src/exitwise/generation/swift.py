@@ -13,7 +13,7 @@ The search (:class:`SwiftSearch`, one object kept per model so that it continues
 
 - the drafter starts by skipping every other block (1, 3, 5, ..., never the first or last);
 - once a row has generated more than ``context_window + 1`` tokens, every ``opt_interval``-th
-  speculative step runs one iteration: a candidate set of ``int((L - 2) * skip_ratio)`` blocks,
+  decoding step (speculative or, when the controller rests, plain) runs one iteration: a candidate set of ``int((L - 2) * skip_ratio)`` blocks,
   drawn at random, or every ``bayes_interval``-th iteration suggested by Bayesian optimisation
   (:func:`bayes_suggest`: a Gaussian process over the sets scored so far, UCB acquisition);
 - the candidate's *matchness* (:func:`window_matchness`): the first ``context_window + 1``
@@ -128,7 +128,7 @@ class SwiftSearch:
         return max(1, int((self.num_layers - 2) * self.skip_ratio))
 
     def due(self) -> bool:
-        """Whether this speculative step runs an iteration (counts the steps it is asked)."""
+        """Whether this decoding step runs an iteration (counts the steps it is asked)."""
         if not self.active:
             return False
         self.steps += 1
@@ -248,7 +248,7 @@ def window_matchness(session: Any, drafter: LayerSkipDrafter, window: int) -> fl
 
 class SwiftDrafter(LayerSkipDrafter):
     """:class:`~.layer_skip.LayerSkipDrafter` whose skipped set follows a :class:`SwiftSearch`:
-    before each speculative step (:meth:`prepare`, outside the measured drafting time), one
+    before each decoding step (:meth:`prepare`, outside the measured drafting time), one
     search iteration when it is due."""
 
     def __init__(self, search: SwiftSearch) -> None:
