@@ -2,7 +2,7 @@
 optionally feature-conditioned and/or with n-gram drafts), ``anpd`` (n-gram drafts alone) and
 ``layer_skip`` (Draft & Verify: the model minus some blocks drafts) and ``swift`` (the same
 drafts, the skipped blocks chosen while decoding).
-Both run :func:`~.self_speculative.self_speculative_decode`; this module resolves their options:
+All run :func:`~.self_speculative.self_speculative_decode`; this module resolves their options:
 the draft exit (given, a multi-exit model's shallowest ``lm`` exit, or the drafter shipped for
 the model, :mod:`.shipped`) and the automatic draft-length controller, kept per model so that
 what one call measured carries over to the next (:mod:`.draft_control`).
@@ -314,9 +314,7 @@ class Swift(DecodingStrategy):
         return {**options, "seed": self.search_seed}
 
     def validate(self, backbone: HFDecoderBackbone, model: Any) -> None:
-        if backbone.num_layers < 3:
-            raise ConfigError("swift skips blocks between the first and the last: the model "
-                              f"needs at least 3 blocks; it has {backbone.num_layers}")
+        SwiftSearch(backbone.num_layers, **self._search_options())  # too few blocks: refused
 
     def decode(self, inputs: DecodeInputs) -> GenerateOutput:
         search = swift_search(inputs.backbone, **self._search_options())
