@@ -31,7 +31,7 @@ def test_acceptance_per_position_and_expected_tokens_by_hand():
 
 
 def test_cost_model_interpolates_and_extrapolates():
-    c = DraftLengthController(max_len=6, smoothing=1.0)
+    c = DraftLengthController(max_len=6, window=1)
     c.record_costs(rows=1, q=1, verify_s=0.10, draft_s=0.02, draft_passes=1)
     c.record_costs(rows=1, q=5, verify_s=0.30, draft_s=0.10, draft_passes=5)
     # verify(3) halfway between q=1 and q=5; verify(7) along the same slope (0.05 per token)
@@ -47,7 +47,7 @@ def test_cost_model_interpolates_and_extrapolates():
 def _timed(verify: dict[int, float], draft: float, outcomes=(), max_len=4):
     """A controller with these verification costs (1 row) and acceptance outcomes
     [(accepted, drafted), ...] of single rows."""
-    c = DraftLengthController(max_len=max_len, explore_every=0, smoothing=1.0, discount=1.0)
+    c = DraftLengthController(max_len=max_len, explore_every=0, window=1, discount=1.0)
     for q, t in verify.items():
         c.record_costs(1, q, t, draft, 1)
     for n, k in outcomes:
@@ -79,7 +79,7 @@ def test_choice_maximises_tokens_per_second():
 
 
 def test_explores_both_ends_first_then_neighbours():
-    c = DraftLengthController(max_len=3, explore_every=4, smoothing=1.0, discount=1.0)
+    c = DraftLengthController(max_len=3, explore_every=4, window=1, discount=1.0)
     c.begin_step()
     assert c.choose(2) == 1  # nothing timed: a one-token draft
     c.record_costs(2, 2, 0.15, 0.02, 2)
@@ -95,7 +95,7 @@ def test_explores_both_ends_first_then_neighbours():
     # is tried only every 8 x explore_every = 32 steps, not every 4
     assert [i + 3 for i, k in enumerate(picks) if k] == [32]
     # a neighbour close to the best is tried every 4 steps
-    e = DraftLengthController(max_len=1, explore_every=4, smoothing=1.0, discount=1.0)
+    e = DraftLengthController(max_len=1, explore_every=4, window=1, discount=1.0)
     e.record_costs(2, 1, 0.1, 0.01, 1)
     e.record_costs(2, 2, 0.1, 0.01, 1)  # T(0) = 0.11 s, T(1) = 0.12 s
     e.record_acceptance("exit", [0] * 10, [1] * 10)  # alpha_1 = 1/12: 1.083 tokens for T(1)
@@ -132,3 +132,64 @@ def test_auto_draft_length_is_lossless_and_varies(family):
     # sizes then run what their own timings say (the second call starts with its own timing)
     assert seen[0][:2] == [1, 0]
     assert all(0 in lengths for lengths in seen)
+
+
+def test_costs_are_medians_of_the_latest_timings():
+    c = DraftLengthController(max_len=2, window=3)
+    for t in (0.10, 0.90, 0.12):  # a spike among steady timings does not move the estimate
+        c.record_costs(1, 1, t, 0.02, 1)
+    assert c.costs[1].verify[1] == pytest.approx(0.12)
+    for t in (0.30, 0.31):  # the window follows a lasting change: median of (0.12, 0.3, 0.31)
+        c.record_costs(1, 1, t, 0.04, 1)
+    assert c.costs[1].verify[1] == pytest.approx(0.30)
+    assert c.costs[1].draft == pytest.approx(0.04)  # median of (0.02, 0.04, 0.04)
+    with pytest.raises(ConfigError, match="window"):
+        DraftLengthController(window=0)
+
+
+def test_the_clock_overrules_the_model():
+    # the model favours one-token drafts (cheap drafts, flat verification, alpha = 0.9) ...
+    c = _timed({1: 0.1, 2: 0.1}, 0.001, [(1, 1)] * 20, max_len=1)
+    c.begin_step()
+    assert c.choose(1) == 1
+    # ... but drafting steps realized 1.5 tokens in 0.2 s (7.5/s) and plain ones 1 token in
+    # 0.1 s (10/s): plain decoding, and then resting
+    for _ in range(3):
+        c.record_step(1, True, 3, 0.4)  # 2 rows: 3 tokens in all
+        c.record_step(1, False, 1, 0.1)
+    d = 0.95  # the realized sums are discounted per step: both rates stay the same here
+    assert c.realized_rate(1, True) == pytest.approx(3 * (1 + d + d * d) / (0.4 * (1 + d + d * d)))
+    assert c.realized_rate(1, False) == pytest.approx(10.0)
+    c.begin_step()
+    assert c.choose(1) == 0 and c.resting(1, ["exit"])
+    # fewer than 3 steps of a kind: not trusted yet
+    fresh = _timed({1: 0.1, 2: 0.1}, 0.001, [(1, 1)] * 20, max_len=1)
+    fresh.record_step(1, True, 1, 1.0)
+    fresh.record_step(1, False, 1, 0.1)
+    assert fresh.realized_rate(1, True) is None and fresh.choose(1) == 1
+
+
+def test_plain_decoding_is_retimed_while_drafting_wins():
+    # longer drafts win (k = 4 here, see the first test) and plain decoding is still tried
+    # at the steps that are explore_every past a multiple of 8 x explore_every (2, 18): its
+    # cost is the baseline
+    c = DraftLengthController(max_len=4, explore_every=2, window=1, discount=1.0)
+    c.record_costs(1, 1, 0.1, 0.01, 1)
+    c.record_costs(1, 5, 0.1, 0.01, 1)
+    c.reached["exit"], c.kept["exit"] = [10.0] * 4, [9.0] * 4
+    picks = []
+    for _ in range(20):
+        c.begin_step()
+        picks.append(c.choose(1))
+    assert [i + 1 for i, k in enumerate(picks) if k == 0] == [2, 18]
+
+
+def test_a_shared_head_keeps_its_controller_across_calls():
+    from exitwise.generation import speculative
+
+    model = tiny_lm("llama")
+    for _ in range(2):
+        generate(model, torch.tensor([[3, 4, 5]]), max_new_tokens=6, eos_token_id=[],
+                 strategy="self_speculative", exit_layer=1, draft_len="auto")
+    keys = list(speculative._CONTROLLERS[model])
+    assert len(keys) == 1 and keys[0][:2] == ("self_speculative", "shared")

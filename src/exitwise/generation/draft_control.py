@@ -7,9 +7,11 @@ is no longer almost free), so ``draft_len="auto"`` decides per step instead, fro
 run itself has measured:
 
 - **cost**: the wall-clock time of one draft pass (blocks below the exit and the exit head,
-  per drafted position) and of verifying q = k + 1 positions, each a running mean per active
-  batch size; a verification length not yet timed is interpolated linearly between the
-  nearest timed ones (extrapolated flat beyond them);
+  per drafted position) and of verifying q = k + 1 positions, each the median of its latest
+  ``window`` timings per active batch size (a median, not a running mean: the first steps of
+  a run are cold and a shared machine has spikes, and one such timing must not decide the
+  next hundred steps); a verification length not yet timed is interpolated linearly between
+  the nearest timed ones (extrapolated along the last two beyond them);
 - **acceptance**: each source of drafts (the exit head, n-gram lookups) keeps, per draft
   position j, a discounted count of the rows that reached position j (every earlier draft
   kept) and of those whose j-th draft was kept too: alpha_j = kept_j / reached_j, from a
@@ -29,7 +31,17 @@ two (one step each; longer drafts are costed along the line through them until t
 every ``explore_every``-th step it tries a neighbour of the best k when that neighbour's
 estimate is within ``explore_margin`` of the best (else only every 8 x ``explore_every``
 steps), so the estimates follow the machine and the text as they drift without paying for
-trials that are clearly worse. With n-gram and exit drafts together, a row uses its
+trials that are clearly worse; while drafting wins, plain decoding itself is re-timed every
+8 x ``explore_every`` steps (its cost is the baseline every draft length is compared with,
+and a stale one would keep a losing draft length forever).
+
+The model above can be wrong where its parts are right (a step after a speculative one pays
+for the cache it left, rows of a batch accept differently), so the controller also keeps
+what was *realized*: per batch size, the tokens emitted and the wall-clock seconds of whole
+drafting steps and of whole plain steps (discounted sums). When drafting steps have
+realized fewer tokens per second than plain steps, plain decoding is chosen whatever the
+model says (and re-tried as above), so a configuration the model favours but the clock does
+not is dropped within a few steps. With n-gram and exit drafts together, a row uses its
 n-gram continuation only while n-gram drafts promise at least the exit's tokens per second
 (:meth:`DraftLengthController.prefers`). The decoding strategies keep one controller per model
 and drafter (and thread count, kernels, device), so what one ``generate`` call measured carries
@@ -40,19 +52,44 @@ Which k is chosen never changes what is generated (every draft is verified), onl
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import ConfigError
 
 
+class _Timings:
+    """The latest ``window`` timings of one quantity; its estimate is their median."""
+
+    def __init__(self, window: int) -> None:
+        self.samples: deque[float] = deque(maxlen=window)
+        self.value = 0.0
+
+    def add(self, seconds: float) -> float:
+        self.samples.append(seconds)
+        self.value = statistics.median(self.samples)
+        return self.value
+
+
 @dataclass
 class _Costs:
-    """Running means of one active batch size's step costs (seconds)."""
+    """One active batch size's step costs (seconds): the medians of recent timings."""
 
+    window: int = 5
     draft: float | None = None
     verify: dict[int, float] = field(default_factory=dict)  # q -> seconds
     proposal: dict[str, float] = field(default_factory=dict)  # source -> seconds per draft
+    timings: dict[Any, _Timings] = field(default_factory=dict)  # what -> recent timings
+
+    def add(self, what: Any, seconds: float) -> float:
+        """Record a timing of ``what`` ("draft", ("verify", q), ("proposal", source)) and
+        return its new estimate."""
+        if what not in self.timings:
+            self.timings[what] = _Timings(self.window)
+        return self.timings[what].add(seconds)
 
     def verify_cost(self, q: int) -> float | None:
         """Seconds to verify q positions: timed, else interpolated linearly between the
@@ -77,31 +114,35 @@ class _Costs:
 
 
 HISTORY = 1024  # chosen lengths kept per source (the latest)
+REALIZED_MIN = 3  # whole steps of a kind before their realized rate is trusted
+REALIZED_DISCOUNT = 0.95  # per step: the realized rates follow about the last 20 steps
 
 
 class DraftLengthController:
     """Chooses each step's draft length; see the module docstring.
 
     max_len: the longest draft considered (>= 1). explore_every: steps between tries of a
-    neighbour of the best length (0: never). smoothing: weight of a new timing in the running
-    means. discount: how much of the past acceptance counts survive each update (forgetting
+    neighbour of the best length (0: never). window: each cost is the median of its latest
+    ``window`` timings (1: the latest timing alone). discount: how much of the past acceptance counts survive each update (forgetting
     lets the estimate follow the text). explore_margin: a neighbour estimated within this
     fraction of the best rate is tried every ``explore_every`` steps. tree_width: steps with
     k drafts verify 1 + k * tree_width positions (token trees, :mod:`.token_tree`; 1: a chain).
     """
 
-    def __init__(self, max_len: int = 8, explore_every: int = 16, smoothing: float = 0.2,
+    def __init__(self, max_len: int = 8, explore_every: int = 16, window: int = 5,
                  discount: float = 0.98, explore_margin: float = 0.1,
                  tree_width: int = 1) -> None:
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
             raise ConfigError(f"the longest automatic draft must be an int >= 1; got {max_len!r}")
-        if not 0.0 < smoothing <= 1.0 or not 0.0 < discount <= 1.0:
-            raise ConfigError("smoothing and discount must lie in (0, 1]")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ConfigError(f"window must be an int >= 1; got {window!r}")
+        if not 0.0 < discount <= 1.0:
+            raise ConfigError("discount must lie in (0, 1]")
         self.max_len = max_len
         self.tree_width = tree_width
         self.explore_every = explore_every
         self.explore_margin = explore_margin
-        self.smoothing = smoothing
+        self.window = window
         self.discount = discount
         self.costs: dict[int, _Costs] = {}
         # per source, per draft position j (index j - 1): rows that reached it, and kept it
@@ -113,6 +154,8 @@ class DraftLengthController:
         self.rates: dict[str, float] = {}
         # (rows, source) -> the step at which k = 0 last won clearly (see :meth:`resting`)
         self._zero_since: dict[tuple[int, str], int] = {}
+        # (rows, drafting?) -> [discounted tokens, discounted seconds, steps] of whole steps
+        self.realized: dict[tuple[int, bool], list[float]] = {}
 
     # -- estimates ----------------------------------------------------------------------
     def alphas(self, source: str, k: int) -> list[float]:
@@ -181,13 +224,17 @@ class DraftLengthController:
                 cost = self.step_cost(rows, n, passes, source)
                 rates.append(self.expected_tokens(n, alphas) / max(cost or 0.0, 1e-12))
             k = max(range(self.max_len + 1), key=rates.__getitem__)
+            if k and self.clock_prefers_plain(rows):
+                k = 0  # the model favours drafting, the clock does not
             self.rates[source] = rates[k]
             if k == 0:
                 self._zero_since[(rows, source)] = self.steps  # plain decoding won
             else:
                 self._zero_since.pop((rows, source), None)
             every = self.explore_every
-            if every and self.steps % every == 0:
+            if every and k > 1 and self.steps % (8 * every) == every:
+                k = 0  # re-time plain decoding, the baseline (k = 1 re-times it as a neighbour)
+            elif every and self.steps % every == 0:
                 # a neighbour of the best length, up and down in turn, when it is close
                 up = k == 0 or (k < self.max_len and self.steps % (2 * every))
                 near = k + 1 if up else k - 1
@@ -210,6 +257,19 @@ class DraftLengthController:
             return False
         return all((rows, source) in self._zero_since for source in sources)
 
+    def realized_rate(self, rows: int, drafting: bool) -> float | None:
+        """Tokens per second that whole steps (drafting or plain) realized at ``rows`` active
+        rows (discounted; None before ``REALIZED_MIN`` such steps)."""
+        r = self.realized.get((rows, drafting))
+        if r is None or r[2] < REALIZED_MIN or r[1] <= 0:
+            return None
+        return r[0] / r[1]
+
+    def clock_prefers_plain(self, rows: int) -> bool:
+        """True when drafting steps realized fewer tokens per second than plain ones."""
+        spec, plain = self.realized_rate(rows, True), self.realized_rate(rows, False)
+        return spec is not None and plain is not None and spec < plain
+
     def prefers(self, source: str, other: str) -> bool:
         """Whether ``source``'s last choice promised at least ``other``'s tokens per second
         (True while either is still being explored, so both keep being measured)."""
@@ -218,23 +278,28 @@ class DraftLengthController:
         return self.rates[source] >= self.rates[other]
 
     # -- measurements -------------------------------------------------------------------
-    def _mean(self, old: float | None, new: float) -> float:
-        return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
-
     def record_costs(self, rows: int, q: int, verify_s: float, draft_s: float | None,
                      draft_passes: int) -> None:
         """Timings of one step at ``rows`` active rows: verifying q positions took
         ``verify_s``; ``draft_passes`` draft passes took ``draft_s`` in all."""
-        c = self.costs.setdefault(rows, _Costs())
-        c.verify[q] = self._mean(c.verify.get(q), verify_s)
+        c = self.costs.setdefault(rows, _Costs(self.window))
+        c.verify[q] = c.add(("verify", q), verify_s)
         if draft_s is not None and draft_passes > 0:
-            c.draft = self._mean(c.draft, draft_s / draft_passes)
+            c.draft = c.add("draft", draft_s / draft_passes)
+
+    def record_step(self, rows: int, drafting: bool, tokens: int, seconds: float) -> None:
+        """A whole step at ``rows`` active rows (drafting: k > 0 for some row) emitted
+        ``tokens`` tokens in all in ``seconds``."""
+        r = self.realized.setdefault((rows, drafting), [0.0, 0.0, 0])
+        r[0] = REALIZED_DISCOUNT * r[0] + tokens
+        r[1] = REALIZED_DISCOUNT * r[1] + seconds
+        r[2] += 1
 
     def record_proposal(self, rows: int, source: str, seconds: float, drafts: int) -> None:
         """A proposer of ``source`` took ``seconds`` to propose up to ``drafts`` tokens per row
         at ``rows`` active rows."""
-        c = self.costs.setdefault(rows, _Costs())
-        c.proposal[source] = self._mean(c.proposal.get(source), seconds / max(drafts, 1))
+        c = self.costs.setdefault(rows, _Costs(self.window))
+        c.proposal[source] = c.add(("proposal", source), seconds / max(drafts, 1))
 
     def record_acceptance(self, source: str, accepted: list[int], drafted: list[int]) -> None:
         """A step's outcome for ``source``: per row, drafts kept (the longest verified

@@ -151,11 +151,14 @@ def self_speculative_decode(
         device = session.pending.device
         if proposer is not None:  # before the step, resting or not; not drafting time
             proposer.prepare(session)
+        t_top = time.perf_counter()  # choosing and setting up a step cost time too
         if controller is not None:
             controller.begin_step()
             if not uses_cache and controller.resting(a, sources):  # plain decoding wins
                 _plain_step(session, e, sampler, _StepTimer(None, device))
+                controller.record_step(a, False, sum(running), time.perf_counter() - t_top)
                 continue
+        t_proposal = 0.0  # a draft model's passes, timed on their own
         live = torch.tensor(running, dtype=torch.bool, device=device)
         # Each row's k_r: at most its own budget (what it may still emit) minus the verified
         # token; then the exit's (or the controller's) length or its n-gram draft's length.
@@ -179,17 +182,23 @@ def self_speculative_decode(
             t_prop = time.perf_counter()
             proposals = proposer.propose_rows(session, caps)
             if controller is not None and proposer.passes == "per_draft" and max(caps):
-                controller.record_proposal(a, src, time.perf_counter() - t_prop, max(caps))
+                t_proposal = time.perf_counter() - t_prop
+                controller.record_proposal(a, src, t_proposal, max(caps))
         proposed = torch.tensor([bool(p) for p in proposals], dtype=torch.bool, device=device)
         row_len = torch.where(proposed,
                               torch.tensor([len(p) for p in proposals], device=device),
                               budget.clamp(max=k_exit))
         row_len = torch.where(live, row_len, torch.zeros_like(row_len))
         k = int(row_len.max()) if a else 0
-        timer = _StepTimer(controller, device)
         if k == 0 and not uses_cache:  # nothing to draft: a plain decoding step, as lean
-            _plain_step(session, e, sampler, timer)
+            # as a resting one, so it is timed from here (no choosing counted)
+            _plain_step(session, e, sampler, _StepTimer(controller, device))
+            if controller is not None:
+                controller.record_step(a, False, sum(running), time.perf_counter() - t_top)
             continue
+        # A drafting step also pays for choosing its lengths and building its rows (a fixed
+        # amount per step that a resting plain step does not pay): counted with verifying.
+        timer = _StepTimer(controller, device, since=t_top, excluded=t_proposal)
 
         if head is None or not bool((live & ~proposed & (row_len > 0)).any()):
             # Every draft is known up front: one pass over the k + 1 tokens below the exit.
@@ -284,6 +293,9 @@ def self_speculative_decode(
                       for i, (n, t) in enumerate(zip(n_list, nxt.tolist()))])
         session.drop_finished()
         timer.verified(a, q, passes)  # the whole step: bookkeeping differs by k too
+        if controller is not None:
+            emitted = sum(n + 1 for n, alive in zip(n_list, running) if alive)
+            controller.record_step(a, True, emitted, time.perf_counter() - t_top)
     return session.sequences()
 
 
@@ -387,11 +399,15 @@ def _draft_sequentially(
 class _StepTimer:
     """Wall-clock of a step's draft and verify phases, handed to the controller (if any)."""
 
-    def __init__(self, controller: DraftLengthController | None, device: torch.device) -> None:
+    def __init__(self, controller: DraftLengthController | None, device: torch.device,
+                 since: float | None = None, excluded: float = 0.0) -> None:
         self.controller = controller
         self.cuda = device.type == "cuda"
         self.t0 = self._now() if controller is not None else 0.0
         self.t1 = self.t0
+        # set-up seconds before the draft phase (from ``since``, less ``excluded``: time
+        # recorded elsewhere), added to the step's fixed (verify) cost
+        self.setup = max(0.0, self.t0 - since - excluded) if since is not None else 0.0
 
     def _now(self) -> float:
         if self.cuda:
@@ -407,4 +423,4 @@ class _StepTimer:
             return
         t2 = self._now()
         draft = self.t1 - self.t0 if passes else None  # no pass: nothing ran before verifying
-        self.controller.record_costs(rows, q, t2 - self.t1, draft, passes)
+        self.controller.record_costs(rows, q, t2 - self.t1 + self.setup, draft, passes)

@@ -54,6 +54,14 @@ def draft_head(model: Any, backbone: HFDecoderBackbone, exit_layer: int) -> tupl
     return head, float(model.temperatures[k])
 
 
+def _head_key(model: Any, backbone: HFDecoderBackbone, head: LMHead) -> Any:
+    """What identifies a draft head across ``generate`` calls: the shared LM head is built
+    afresh per call (so its ``id`` would start a new controller, and a new calibration, at
+    every call), a trained exit is the model's own module."""
+    shared = model is backbone or not hasattr(model, "heads")  # as :func:`draft_head`
+    return "shared" if shared else id(head)
+
+
 def _check_draft_len(value: Any, name: str = "draft_len", auto: bool = True) -> None:
     """``value`` is an int >= 1 (or "auto" when ``auto``); else a ConfigError naming it."""
     if auto and value == "auto":
@@ -186,7 +194,8 @@ class SelfSpeculative(DecodingStrategy):
             sampler=inputs.sampler, proposer=NGramDrafter(ngram) if ngram else None,
             proposal_len=self.ngram_len, tree_width=self.tree_width,
             controller=_controller(draft_len, self.max_draft_len, inputs,
-                                   ("self_speculative", id(head), exit_layer, ngram or 0),
+                                   ("self_speculative", _head_key(model, inputs.backbone, head), exit_layer,
+                                    ngram or 0),
                                    self.tree_width))
         return GenerateOutput(sequences=sequences, stats=stats)
 
