@@ -202,7 +202,7 @@ def _add_lm_commands(sub: Any) -> None:
                    help="self_speculative: stop a draft once its top-1 probability is below")
     g.add_argument("--tree-width", type=int, default=None,
                    help="self_speculative: verify token trees, each draft with the exit's "
-                        "next TREE_WIDTH - 1 choices as siblings (greedy only; default 1)")
+                        "next TREE_WIDTH - 1 choices as siblings (default 1)")
     g.add_argument("--kv", default="skip", choices=["skip", "propagate", "recompute"],
                    help="early_exit: keys/values of skipped layers (skip = computed later, "
                         "in parallel with the next token)")

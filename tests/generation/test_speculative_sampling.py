@@ -199,6 +199,8 @@ DRAFTERS = {
     # the model minus blocks drafts point masses too; SWIFT changes the set while sampling
     "layer_skip": dict(strategy="layer_skip", skip=[1, 2], draft_len=2),
     "swift": dict(strategy="swift", context_window=1, draft_len=2),
+    # a token tree: the rejected draft's siblings tried against the residual law
+    "tree": dict(strategy="self_speculative", exit_layer=1, draft_len=3, tree_width=3),
 }
 
 
@@ -214,6 +216,8 @@ def test_first_tokens_follow_the_full_models_processed_law(lm, strategy):
     if strategy in ("anpd", "exit+ngram"):
         s = out.stats
         assert 0 < s.ngram_accepted < s.ngram_drafted  # n-gram drafts kept and rejected
+    if strategy == "tree":
+        assert out.stats.sibling_accepted > 0
     if strategy == "self_speculative":
         s = out.stats
         assert 0.2 < s.acceptance_rate < 0.95  # both kept and rejected drafts were exercised

@@ -1,5 +1,5 @@
 """Token-tree verification (``exitwise.generation.token_tree``): the tree's layout and the
-greedy acceptance rule against hand-written values; the tree attention mask gives every node
+greedy and sampled acceptance rules against hand-computed values; the tree attention mask gives every node
 the logits of feeding its root-to-node path alone (every decoder family, padded rows, windows
 exceeded); decoding with trees equals greedy decoding for every family at batch 1 and a padded
 batch of 3, with siblings really accepted and the compacted cache equal to a full
@@ -22,7 +22,7 @@ from exitwise.generation import (
     self_speculative_decode,
 )
 from exitwise.generation.draft_control import DraftLengthController
-from exitwise.generation.token_tree import sibling_tokens
+from exitwise.generation.token_tree import accept_sampled, sibling_tokens
 from exitwise.heads.lm import LMHead
 
 NEW = 14
@@ -188,11 +188,40 @@ def test_misuse_is_refused():
     for bad in (0, True, 1.5):
         with pytest.raises(ConfigError, match="tree_width"):
             generate(model, ids, strategy="self_speculative", exit_layer=1, tree_width=bad)
-    with pytest.raises(ConfigError, match="greedy decoding only"):
-        generate(model, ids, strategy="self_speculative", exit_layer=1, tree_width=2,
-                 do_sample=True)
     config = ew.ExitConfig(layers=[2], head="lm", num_labels=VOCAB,
                            head_kwargs={"adapter": "kangaroo"}, final_head_kwargs={})
     multi = ew.attach_exits(model, config).eval()
     with pytest.raises(ConfigError, match="without a cache of its own"):
         generate(multi, ids, strategy="self_speculative", exit_layer=2, tree_width=2)
+
+
+def test_sampled_acceptance_tries_siblings_against_the_residual_by_hand():
+    """One draft x = 0 from a point-mass q, p = (.1, .5, .3, .1), siblings (1, 2). Kept x:
+    p(0) = .1; else r = (0, .5, .3, .1) / .9: sibling 1 kept with r(1) -> .9 * 5/9 = .5;
+    then r' = (0, 0, .3, .1) / .4: sibling 2 kept with .75 -> .9 * 4/9 * .75 = .3; the rest
+    (token 3) .1. Each kept sibling's next token comes from p at its own slot."""
+    n = 200_000
+    tree = ChainTree(1, 3)
+    p0 = torch.tensor([0.1, 0.5, 0.3, 0.1])
+    after = torch.eye(4)  # p after slot s (1..3) is a point mass on token s - 1
+    p = torch.stack([p0, after[0], after[1], after[2]])[None].expand(n, 4, 4)
+    q = torch.eye(4)[0].expand(n, 1, 4)
+    drafted = torch.zeros(n, 1, dtype=torch.long)
+    siblings = torch.tensor([[[1, 2]]]).expand(n, 1, 2)
+    g = torch.Generator().manual_seed(0)
+    accepted, path, nxt, took = accept_sampled(
+        tree, drafted, q, siblings, p, torch.ones(n, dtype=torch.long), g)
+    # the token emitted first: the kept chain draft, a kept sibling (slots 2, 3 hold tokens
+    # 1, 2), or the draw after all were rejected
+    kept_chain = (accepted == 1) & ~took
+    tok = torch.where(kept_chain, drafted[:, 0], nxt)
+    tok = torch.where(took, path[:, 1] - 1, tok)
+    freq = torch.bincount(tok, minlength=4).float() / n
+    torch.testing.assert_close(freq, p0, atol=0.005, rtol=0)  # sd ~ 0.001
+    assert (accepted[took] == 1).all()
+    # the next token comes from p at the slot that ended the path (slot s's next token is
+    # s - 1 here): a kept sibling's own slot, slot 1 after the kept chain draft
+    assert (nxt[took] == path[took, 1] - 1).all()
+    assert (nxt[kept_chain] == 0).all()
+    # rows that kept nothing draw from the residual without the siblings: token 3 only
+    assert (nxt[accepted == 0] == 3).all()

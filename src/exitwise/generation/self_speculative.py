@@ -55,10 +55,12 @@ decoding step (:func:`.greedy.plain_step`).
 A feature-conditioned exit reads, for the first draft of a step, the final state that chose the
 pending token (``session.final_hidden``, kept from the prefill and from each verification).
 
-**Token trees** (``tree_width`` > 1, greedy only, :mod:`.token_tree`): each draft also gets the
+**Token trees** (``tree_width`` > 1, :mod:`.token_tree`): each draft also gets the
 exit's next choices as sibling leaves, fed through blocks [0, E) with the step's last draft
 pass and verified in the same call under a tree attention mask; acceptance may end on a
-sibling, whose slot then moves into place in every cache layer.
+sibling, whose slot then moves into place in every cache layer. Greedy keeps the path greedy
+would take; sampling tries the rejected draft's siblings against the residual law
+(:func:`.token_tree.accept_sampled`), still lossless.
 """
 
 from __future__ import annotations
@@ -74,9 +76,15 @@ from ..heads.lm import LMHead
 from .draft_control import DraftLengthController
 from .greedy import plain_step
 from .ngram import Proposer
-from .sampling import SamplingConfig, draw, speculative_accept
+from .sampling import SamplingConfig, draw
 from .session import DecodeSession
-from .token_tree import ChainTree, accept_greedy, check_tree_width, sibling_tokens
+from .token_tree import (
+    ChainTree,
+    accept_greedy,
+    accept_sampled,
+    check_tree_width,
+    sibling_tokens,
+)
 
 
 @torch.inference_mode()
@@ -110,7 +118,7 @@ def self_speculative_decode(
     controller: chooses each step's draft lengths from measured costs and acceptance
         (``draft_len`` and ``proposal_len`` are then ignored; :mod:`.draft_control`).
     tree_width: > 1 verifies a token tree: each draft also has the exit's next
-        ``tree_width - 1`` choices as sibling leaves (:mod:`.token_tree`; greedy only).
+        ``tree_width - 1`` choices as sibling leaves (:mod:`.token_tree`).
     Returns the sequences (B, T + N).
     """
     sampler = sampler or SamplingConfig()
@@ -124,9 +132,6 @@ def self_speculative_decode(
     proposal_len = draft_len if proposal_len is None else proposal_len
     check_tree_width(tree_width)
     if tree_width > 1:
-        if sampling:
-            raise ConfigError("token trees verify greedy decoding only (tree_width > 1 with "
-                              "sampling needs multi-draft rejection sampling, not built)")
         if head is None or head.uses_cache:
             raise ConfigError("token trees take their siblings from an exit head without a "
                               "cache of its own (no block adapter); tree_width must be 1 here")
@@ -238,16 +243,8 @@ def self_speculative_decode(
         if sampling:
             p = sampler.probs(target_logits)
             q_all = torch.stack(draft_probs, 1) if k else p[:, :0]
-            accepted, nxt = speculative_accept(drafted, q_all, p, sampler.generator)
-            # A row that kept all its own k_r < k drafts continues from p_{k_r} (its later
-            # drafts were never proposed); the draws before k_r are unaffected.
-            cut = (accepted >= row_len) & (row_len < k)
-            if bool(cut.any()):
-                rows_cut = cut.nonzero()[:, 0]
-                p_cut = p[rows_cut, row_len[rows_cut]]
-                nxt = nxt.clone()
-                nxt[rows_cut] = draw(p_cut, sampler.generator)
-            accepted = torch.minimum(accepted, row_len)
+            accepted, path, nxt, took = accept_sampled(
+                tree, drafted, q_all, siblings, p, row_len, sampler.generator)
         else:
             # the longest verified prefix (a row's own draft length at most), or a tree path
             accepted, path, nxt, took = accept_greedy(
@@ -259,9 +256,6 @@ def self_speculative_decode(
                 if bool(sel.any()):
                     controller.record_acceptance(source, accepted[sel].tolist(),
                                                  row_len[sel].tolist())
-        if sampling:
-            path = torch.arange(int(accepted.max()) + 1, device=device).repeat(a, 1)
-            took = torch.zeros(a, dtype=torch.bool, device=device)
         # the final state at the slot that chose each row's next token (conditioned exits)
         rows_a = torch.arange(a, device=device)
         session.final_hidden = last_final[rows_a, path[rows_a, accepted]]

@@ -130,8 +130,8 @@ class SelfSpeculative(DecodingStrategy):
     this order (ANPD, :mod:`.ngram`; None or 0: off): a row whose tables predict a
     continuation drafts it instead of the exit's tokens, up to ``ngram_len`` tokens (default:
     ``draft_len``). tree_width: > 1 also verifies, at every draft, the exit's next
-    ``tree_width - 1`` choices as sibling leaves of a token tree in the same pass (greedy
-    only; :mod:`.token_tree`).
+    ``tree_width - 1`` choices as sibling leaves of a token tree in the same pass
+    (:mod:`.token_tree`; greedy or sampled, both lossless).
     """
 
     exit_layer: int | None = None

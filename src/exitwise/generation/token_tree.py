@@ -35,8 +35,23 @@ token is the full model's argmax given the real tokens before it: lossless. The 
 path's cache slots are then moved to the front of the step's slots
 (:meth:`~.session.DecodeSession.keep_step_slots`); the other nodes are dropped.
 
-Greedy only: sampling over a tree needs multi-draft rejection sampling (SpecInfer's
-multi-step speculative sampling), not built; asking for it is an error.
+**Sampling over the tree** (:func:`accept_sampled`), lossless: the chain is rejection-sampled
+as without a tree (:func:`.sampling.speculative_accept`: x_d ~ q_d kept with probability
+min(1, p/q)). At the first rejection, instead of drawing the next token from the residual
+r = norm(max(0, p - q)) at once, the siblings s_1, s_2, ... of the rejected draft are tried as
+point-mass drafts against r, one after the other: s_j is kept with probability r(s_j) (its
+acceptance min(1, r(s_j) / 1)); on rejection r loses s_j and is renormalised (the residual of
+r against the point mass on s_j). When a sibling is kept the next token is drawn from p after
+the sibling (its slot's verified distribution); when none is, from the last r, which then has
+no mass on the siblings. For any fixed list of candidates this sequence draws exactly from r:
+P(s_1) = r(s_1), P(s_2) = (1 - r(s_1)) r(s_2) / (1 - r(s_1)) = r(s_2), ..., and the rest
+r(y) for the others; so the step emits tokens with p's law exactly as the chain alone does,
+and the siblings only shorten the way there. This is SpecInfer's multi-step speculative
+sampling (Miao et al. 2024, Algorithm 2) with deterministic candidates, whose draft law at a
+sibling is a point mass (SpecInfer draws its candidates from q; Sequoia's sampling without
+replacement is the same residual update for candidates taken without replacement). Siblings
+are the exit's top choices other than the drawn x_d, chosen before any acceptance coin is
+tossed, so the argument holds.
 """
 
 from __future__ import annotations
@@ -47,6 +62,7 @@ from functools import lru_cache
 import torch
 
 from ..errors import ConfigError
+from .sampling import draw, residual_distribution, speculative_accept, uniform
 
 
 def check_tree_width(value: object) -> int:
@@ -158,3 +174,65 @@ def accept_greedy(
         r = took.nonzero()[:, 0]
         path[r, accepted[r]] = last[r]
     return accepted, path, target[rows, last], took
+
+
+def accept_sampled(
+    tree: ChainTree,
+    drafted: torch.Tensor,
+    q: torch.Tensor,
+    siblings: torch.Tensor | None,
+    p: torch.Tensor,
+    row_len: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Speculative rejection sampling over a :class:`ChainTree` (see the module docstring).
+
+    drafted: (A, k) chain tokens, drafted[:, d] ~ q[:, d]. q: (A, k, V) their draft laws.
+    siblings: (A, k, width - 1) or None. p: (A, size, V) the full model's processed law after
+    every slot. row_len: (A,) each row's own draft length.
+    Returns what :func:`accept_greedy` returns (accepted, path, next token, took_sibling)."""
+    a, k = drafted.shape
+    device = drafted.device
+    accepted, nxt = speculative_accept(drafted, q, p[:, : k + 1], generator)
+    # A row that kept all its own k_r < k drafts continues from p after its k_r-th draft (its
+    # later drafts were never proposed); the draws before k_r are unaffected.
+    cut = (accepted >= row_len) & (row_len < k)
+    if bool(cut.any()):
+        rc = cut.nonzero()[:, 0]
+        nxt = nxt.clone()
+        nxt[rc] = draw(p[rc, row_len[rc]], generator)
+    accepted = torch.minimum(accepted, row_len)
+    took = torch.zeros(a, dtype=torch.bool, device=device)
+    last = accepted.clone()
+    rejected = (accepted < row_len).nonzero()[:, 0]
+    if siblings is not None and tree.width > 1 and k and rejected.numel():
+        n = accepted[rejected]  # index of the rejected draft; its siblings sit at depth n + 1
+        res = residual_distribution(p[rejected, n], q[rejected, n])  # (R, V)
+        cand = siblings[rejected, n]  # (R, width - 1)
+        hit = torch.zeros(rejected.numel(), dtype=torch.bool, device=device)
+        which = torch.zeros_like(n)
+        for j in range(cand.shape[1]):
+            tok = cand[:, j : j + 1]
+            prob = res.gather(1, tok)[:, 0]
+            keep = ~hit & (uniform((len(n),), res, generator) < prob)
+            which = torch.where(keep, j, which)
+            hit |= keep
+            # the residual of r against the point mass on s_j: r without s_j, renormalised
+            # (a row whose r had all its mass on s_j kept s_j; it keeps its r, never drawn)
+            rest = res.scatter(1, tok, 0.0)
+            mass = rest.sum(1, keepdim=True)
+            res = torch.where(mass > 0, rest / mass.clamp_min(1e-30), res)
+        slot = tree.sibling_slot(n + 1, which)
+        from_sibling = draw(p[rejected, slot], generator)
+        from_rest = draw(res, generator)
+        nxt = nxt.clone()
+        nxt[rejected] = torch.where(hit, from_sibling, from_rest)
+        took[rejected] = hit
+        last[rejected] = torch.where(hit, slot, last[rejected])
+    accepted = accepted + took.long()
+    best = int(accepted.max()) if a else 0
+    path = torch.arange(best + 1, device=device).repeat(a, 1)
+    if bool(took.any()):
+        r = took.nonzero()[:, 0]
+        path[r, accepted[r]] = last[r]
+    return accepted, path, nxt, took
