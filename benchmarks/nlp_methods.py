@@ -31,8 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -88,6 +87,9 @@ class Recipe:
     # Fit per-exit temperatures before calibrating (off where the exit rule was trained on
     # the raw logits, as DACT's accumulated answer).
     temperature: bool = True
+    # Another recipe whose trained model this one starts from instead of training its own
+    # (same strategy, options and head; only ``after`` differs). Saves one training run.
+    reuse: str | None = None
 
 
 @dataclass
@@ -136,7 +138,8 @@ RECIPES: dict[str, Recipe] = {
     "e2cm": Recipe("joint", {"weights": E2CM_WEIGHTS}, head=E2CM_HEADS,
                    tasks=("classification",), after=class_means_after("true")),
     "e2cm_unsup": Recipe("joint", {"weights": E2CM_WEIGHTS}, head=E2CM_HEADS,
-                         tasks=("classification",), after=class_means_after("predicted")),
+                         tasks=("classification",), after=class_means_after("predicted"),
+                         reuse="e2cm"),
     "dact": Recipe("dact", tasks=("classification",), temperature=False),
     "past_future": Recipe("past_future", head="past_future", tasks=("classification",)),
     "smartbert": Recipe("smartbert", head="smartbert", tasks=("classification",)),
@@ -228,15 +231,39 @@ def train_recipe(args, spec: TaskSpec, name: str, recipe: Recipe, out: Path) -> 
     )
     if recipe.strategy == "joint":
         job.strategy_options.pop("weights", None)
-    print(f"[train] {spec.name}/{name} ({recipe.strategy})", flush=True)
     t0 = time.time()
-    tc.run_train(job, progress=args.progress)
+    if recipe.reuse is not None:
+        source = out.parent / recipe.reuse
+        info = train_recipe(args, spec, recipe.reuse, RECIPES[recipe.reuse], source)
+        print(f"[train] {spec.name}/{name}: reusing the trained {recipe.reuse}", flush=True)
+        copy_trained(source, out)
+        t0 -= info["seconds"]  # the shared training counts for both
+    else:
+        print(f"[train] {spec.name}/{name} ({recipe.strategy})", flush=True)
+        tc.run_train(job, progress=args.progress)
     if recipe.after is not None:
         recipe.after(out, spec)
     info = {"seconds": time.time() - t0, "strategy": recipe.strategy,
             "options": recipe.options, "head": tc.load_job(out).head}
     done.write_text(json.dumps(info, indent=2))
     return info
+
+
+def copy_trained(source: Path, out: Path) -> None:
+    """The trained model of ``source`` (weights, tokenizer, job, training report) into
+    ``out``, without its calibration, caches or timings."""
+    out.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.name in ("train.json", "calibration.json", "evaluation.json", "timing.json",
+                         "checkpoints") or item.name.startswith("cache-"):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, out / item.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, out / item.name)
+    job = json.loads((out / tc.JOB_FILE).read_text())
+    job["out_dir"] = str(out)
+    (out / tc.JOB_FILE).write_text(json.dumps(job, indent=2))
 
 
 def calibrate(args, spec: TaskSpec, out: Path, policies: list[str],
