@@ -168,12 +168,19 @@ def accept_greedy(
         slot = tree.sibling_slot(depth, hit.long().argmax(1))
         last = torch.where(took, slot, chain)
     accepted = chain + took.long()
+    return accepted, kept_path(accepted, last, took), target[rows, last], took
+
+
+def kept_path(accepted: torch.Tensor, last: torch.Tensor, took: torch.Tensor) -> torch.Tensor:
+    """(A, best + 1) the slots of each row's kept tokens in order: the chain's slots 0..n,
+    with the row's kept sibling ``last`` in place of its final entry where ``took``."""
+    a = accepted.shape[0]
     best = int(accepted.max()) if a else 0
-    path = torch.arange(best + 1, device=device).repeat(a, 1)
+    path = torch.arange(best + 1, device=accepted.device).repeat(a, 1)
     if bool(took.any()):
         r = took.nonzero()[:, 0]
         path[r, accepted[r]] = last[r]
-    return accepted, path, target[rows, last], took
+    return path
 
 
 def accept_sampled(
@@ -230,9 +237,4 @@ def accept_sampled(
         took[rejected] = hit
         last[rejected] = torch.where(hit, slot, last[rejected])
     accepted = accepted + took.long()
-    best = int(accepted.max()) if a else 0
-    path = torch.arange(best + 1, device=device).repeat(a, 1)
-    if bool(took.any()):
-        r = took.nonzero()[:, 0]
-        path[r, accepted[r]] = last[r]
-    return accepted, path, nxt, took
+    return accepted, kept_path(accepted, last, took), nxt, took
