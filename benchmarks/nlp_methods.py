@@ -483,7 +483,8 @@ def rows_for(spec: TaskSpec, method: str, m: Method, work: Path) -> list[dict[st
         if key.split("@")[0] != m.policy or "@drop" not in key:
             continue
         t = tm_d["settings"].get(key, {})
-        rows.append({"method": method, "setting": key, "target_points": float(key.split("@drop")[1]),
+        target = float(key.split("@drop")[1])
+        rows.append({"method": method, "setting": key, "target_points": target,
                      **{k: s.get(k) for k in ("metric", "delta_points", "mean_layers",
                                               "flops_speedup", "mean_flops",
                                               "runtime_equals_replay", "certified_bound_points",

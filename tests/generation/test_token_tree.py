@@ -1,9 +1,9 @@
 """Token-tree verification (``exitwise.generation.token_tree``): the tree's layout and the
-greedy and sampled acceptance rules against hand-computed values; the tree attention mask gives every node
-the logits of feeding its root-to-node path alone (every decoder family, padded rows, windows
-exceeded); decoding with trees equals greedy decoding for every family at batch 1 and a padded
-batch of 3, with siblings really accepted and the compacted cache equal to a full
-recomputation; misuse is refused."""
+greedy and sampled acceptance rules against hand-computed values; the tree attention mask
+gives every node the logits of feeding its root-to-node path alone (every decoder family,
+padded rows, windows exceeded); decoding with trees equals greedy decoding for every family
+at batch 1 and a padded batch of 3, with siblings really accepted and the compacted cache
+equal to a full recomputation; misuse is refused."""
 
 from __future__ import annotations
 

@@ -123,8 +123,9 @@ class DraftLengthController:
 
     max_len: the longest draft considered (>= 1). explore_every: steps between tries of a
     neighbour of the best length (0: never). window: each cost is the median of its latest
-    ``window`` timings (1: the latest timing alone). discount: how much of the past acceptance counts survive each update (forgetting
-    lets the estimate follow the text). explore_margin: a neighbour estimated within this
+    ``window`` timings (1: the latest timing alone). discount: how much of the past
+    acceptance counts survive each update (forgetting lets the estimate follow the text).
+    explore_margin: a neighbour estimated within this
     fraction of the best rate is tried every ``explore_every`` steps. tree_width: steps with
     k drafts verify 1 + k * tree_width positions (token trees, :mod:`.token_tree`; 1: a chain).
     """

@@ -194,8 +194,8 @@ class SelfSpeculative(DecodingStrategy):
             sampler=inputs.sampler, proposer=NGramDrafter(ngram) if ngram else None,
             proposal_len=self.ngram_len, tree_width=self.tree_width,
             controller=_controller(draft_len, self.max_draft_len, inputs,
-                                   ("self_speculative", _head_key(model, inputs.backbone, head), exit_layer,
-                                    ngram or 0),
+                                   ("self_speculative", _head_key(model, inputs.backbone, head),
+                                    exit_layer, ngram or 0),
                                    self.tree_width))
         return GenerateOutput(sequences=sequences, stats=stats)
 

@@ -13,9 +13,10 @@ The search (:class:`SwiftSearch`, one object kept per model so that it continues
 
 - the drafter starts by skipping every other block (1, 3, 5, ..., never the first or last);
 - once a row has generated more than ``context_window + 1`` tokens, every ``opt_interval``-th
-  decoding step (speculative or, when the controller rests, plain) runs one iteration: a candidate set of ``int((L - 2) * skip_ratio)`` blocks,
-  drawn at random, or every ``bayes_interval``-th iteration suggested by Bayesian optimisation
-  (:func:`bayes_suggest`: a Gaussian process over the sets scored so far, UCB acquisition);
+  decoding step (speculative or, when the controller rests, plain) runs one iteration: a
+  candidate set of ``int((L - 2) * skip_ratio)`` blocks, drawn at random, or every
+  ``bayes_interval``-th iteration suggested by Bayesian optimisation (:func:`bayes_suggest`:
+  a Gaussian process over the sets scored so far, UCB acquisition);
 - the candidate's *matchness* (:func:`window_matchness`): the first ``context_window + 1``
   generated tokens are fed at once, teacher-forced, through the kept blocks only, attending
   to the full model's keys/values of the prompt; the share of the ``context_window`` next-token

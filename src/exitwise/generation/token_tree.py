@@ -46,10 +46,14 @@ the sibling (its slot's verified distribution); when none is, from the last r, w
 no mass on the siblings. For any fixed list of candidates this sequence draws exactly from r:
 P(s_1) = r(s_1), P(s_2) = (1 - r(s_1)) r(s_2) / (1 - r(s_1)) = r(s_2), ..., and the rest
 r(y) for the others; so the step emits tokens with p's law exactly as the chain alone does,
-and the siblings only shorten the way there. This is SpecInfer's multi-step speculative
-sampling (Miao et al. 2024, Algorithm 2) with deterministic candidates, whose draft law at a
-sibling is a point mass (SpecInfer draws its candidates from q; Sequoia's sampling without
-replacement is the same residual update for candidates taken without replacement). Siblings
+and the siblings only shorten the way there. Reference read: EAGLE's ``evaluate_posterior``
+(Li et al. 2024, ``eagle/model/utils.py``, sampling branch): at each depth its candidates are
+tried in order as point masses (``qx = 1.0``: kept when a uniform draw is at most p(x), else
+p(x) is zeroed and p renormalised), and after the last rejection the next token is drawn from
+what is left; SpecInfer's multi-step speculative sampling (Miao et al. 2024) is the same walk
+with candidates drawn from q. Deviation: the chain draft is not a point mass here but was
+drawn from the exit's q, so it is kept with min(1, p/q) first and the point-mass walk over
+the siblings starts from the residual r rather than from p (both orders are exact). Siblings
 are the exit's top choices other than the drawn x_d, chosen before any acceptance coin is
 tossed, so the argument holds.
 """
