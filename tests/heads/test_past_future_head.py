@@ -64,7 +64,7 @@ def _matvec(w, x):  # y_o = sum_i x_i w[i][o]  (w: D x O, as the head's per-posi
 def test_past_own_and_imitated_future_combine_as_computed_by_hand():
     """Exit 1 of 3, D = C = 2: P = a_0 + a_1 (past + own), F = a_2 (imitated), lambda =
     sigmoid(G tanh((g_0 + g_1) / 2) + g), logits = 2 lambda P + (2 - 2 lambda) F."""
-    head = PastFutureHead(2, 2, dropout=0.0, exit_index=1, num_exits=3).eval()
+    head = PastFutureHead(2, 2, dropout=0.0, exit_index=1, num_exits=3, pooling="first").eval()
     dense_w, dense_b = [[1.0, 0.5], [-0.5, 1.0]], [0.1, 0.0]  # out x in, as nn.Linear
     imit_w, imit_b = [[0.3, -1.0], [0.8, 0.2]], [0.0, -0.1]
     maps = [[[0.2, -0.1, 0.4, 0.3], [0.5, 0.2, -0.3, 0.1]],
@@ -97,6 +97,30 @@ def test_past_own_and_imitated_future_combine_as_computed_by_hand():
     torch.testing.assert_close(got, torch.tensor([want]))
     torch.testing.assert_close(head.exit_state(hidden), torch.tensor([s1]))
     torch.testing.assert_close(head.imitate(torch.tensor([s1])), torch.tensor([[s2]]))
+
+
+def test_the_default_pools_the_mean_of_the_real_tokens():
+    """s_k = tanh(A mean(real tokens) + a); padding is not read, and an input whose [CLS] is
+    the same for every row still gets a state that follows its other tokens."""
+    head = PastFutureHead(2, 2, dropout=0.0).eval()
+    dense_w, dense_b = [[1.0, 0.5], [-0.5, 1.0]], [0.1, 0.0]
+    with torch.no_grad():
+        head.dense.weight.copy_(torch.tensor(dense_w))
+        head.dense.bias.copy_(torch.tensor(dense_b))
+    cls = [0.3, 0.8]
+    hidden = torch.tensor([[cls, [1.0, -1.0], [7.0, 7.0]],   # row 0: the third token is padding
+                           [cls, [0.2, 0.6], [-0.4, 0.1]]])  # row 1: three real tokens
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    means = [[(0.3 + 1.0) / 2, (0.8 - 1.0) / 2], [(0.3 + 0.2 - 0.4) / 3, (0.8 + 0.6 + 0.1) / 3]]
+    want = [[math.tanh(sum(w * x for w, x in zip(row, m)) + b) for row, b in zip(dense_w, dense_b)]
+            for m in means]
+    torch.testing.assert_close(head.exit_state(hidden, mask), torch.tensor(want))
+    first = PastFutureHead(2, 2, dropout=0.0, pooling="first").eval()
+    first.load_state_dict(head.state_dict())
+    same = first.exit_state(hidden, mask)
+    assert torch.equal(same[0], same[1])  # the reference's [CLS] pooling cannot tell them apart
+    d = 2.0
+    assert (head.head_flops(mask, 2) - first.head_flops(mask, 2)).tolist() == [2 * d, 3 * d]
 
 
 def test_the_last_exit_has_no_future_term():
@@ -215,6 +239,8 @@ def test_misuse_is_refused_clearly():
         ew.build_head("past_future", 8, 2, exit_index=2, num_exits=2)
     with pytest.raises(ConfigError, match="num_exits"):
         ew.build_head("past_future", 8, 2, num_exits=1.5)
+    with pytest.raises(ConfigError, match="pooling must be one of"):
+        ew.build_head("past_future", 8, 2, pooling="max")
     later = ew.build_head("past_future", 8, 2, exit_index=1, num_exits=3)
     with pytest.raises(InputError, match="reads the states of the 1 exits before it"):
         later(torch.randn(2, 8))  # no past: it is not the first exit

@@ -19,6 +19,9 @@ HEADS: Registry[type["ExitHead"]] = Registry("exit head")
 register_head = HEADS.register
 
 
+# How a token sequence becomes one vector: mean over the real tokens, or the first ([CLS]).
+POOLINGS = ("mean", "first")
+
 class ExitHead(nn.Module):
     """Base class. Subclasses implement ``forward`` and ``head_flops``."""
 
@@ -57,6 +60,17 @@ class ExitHead(nn.Module):
         if hidden.dim() == 3:
             return hidden[:, 0]
         return ExitHead.spatial_mean(hidden)
+
+    @staticmethod
+    def token_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, H) with mask (B, T) -> (B, H) mean over the real (unpadded) tokens (over all
+        T when mask is None); (B, H) and feature maps go through :meth:`spatial_mean`."""
+        if hidden.dim() != 3:
+            return ExitHead.spatial_mean(hidden)
+        if mask is None:
+            return hidden.mean(1)
+        m = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
     @staticmethod
     def spatial_mean(hidden: torch.Tensor) -> torch.Tensor:

@@ -33,9 +33,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import ExitHead, register_head
+from .base import POOLINGS, ExitHead, register_head
 
-POOLINGS = ("mean", "first")
 
 
 class ClassMeanDistance(nn.Module):
@@ -96,10 +95,7 @@ class ClassMeansHead(ExitHead):
             return self.spatial_mean(hidden)
         if self.pooling == "first":
             return hidden[:, 0]
-        if mask is None:
-            return hidden.mean(1)
-        m = mask.to(hidden.dtype).unsqueeze(-1)
-        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return self.token_mean(hidden, mask)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.classifier(self.pool(hidden, mask)).to(hidden.dtype)

@@ -15,14 +15,7 @@ class MeanPoolHead(ExitHead):
         self.classifier = nn.Linear(in_features, num_labels)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if hidden.dim() == 3:
-            if mask is None:
-                pooled = hidden.mean(1)
-            else:
-                m = mask.to(hidden.dtype).unsqueeze(-1)
-                pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-        else:
-            pooled = self.spatial_mean(hidden)  # (B, H) as is; (B, C, H, W) pooled over space
+        pooled = self.token_mean(hidden, mask)  # feature maps: pooled over space
         return self.classifier(self.dropout(pooled))
 
     def head_flops(self, mask: torch.Tensor | None, batch_size: int) -> torch.Tensor:

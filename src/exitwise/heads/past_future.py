@@ -19,7 +19,7 @@ projected by its own affine map to ``2C`` numbers, ``[a_j; g_j] = W_j s_j + b_j`
 - the gate ``lambda = sigmoid(G tanh(mean_{j<=k} g_j))`` (C,), with ``G`` a C x C linear layer,
 - logits ``= 2 lambda * P + (2 - 2 lambda) * F``.
 
-The pooled state is ``s_k = tanh(A h_[CLS] + a)`` (the reference's per-layer pooler) and the
+The pooled state is ``s_k = tanh(A pool(h) + a)`` (the reference's per-layer pooler) and the
 imitated state of exit ``j > k`` is ``tanh(M_j s_k + m_j)`` (the reference's ``CLSPredLayer``).
 The paper's full text was not at hand here; this follows the authors' code. A later
 re-implementation (``bartwojcik/D2DMoE``, ``architectures/early_exits/gpf.py``,
@@ -36,11 +36,17 @@ its own state (:meth:`exit_state`) for the exits after it. The model sets ``exit
 ``return_features=True`` reports ``s_k`` as the exit's feature (the input of ``feature_layer``,
 an identity tap), which the strategy uses as the imitation target of the earlier exits.
 
-Deviations from the reference: the reference shares one projection ``W_j`` per position, one
-imitator per target layer and one gate across all exits; here each exit owns its own (heads are
-independent modules, saved and loaded per exit). Exits may sit
-at any subset of layers (the reference has one at every layer): past and future are the other
-*exits*, not layers. The dropout every exitwise head takes plays the reference's
+Deviations from the reference: ``pool`` is the mean over the real tokens by default
+(``pooling="mean"``); the reference pools the [CLS] token (``pooling="first"``). In the lower
+layers of a checkpoint that was not pre-trained to put the sentence into [CLS] (a
+sentence-transformers model pooled by the mean, as the embedded default MiniLM), the [CLS] state
+barely varies across inputs, and a short fine-tune left the first exits predicting one class for
+every input (``benchmarks/nlp_methods.py``, past_future rows before this default); the mean of
+the tokens does not depend on what the checkpoint put into [CLS]. The reference shares one
+projection ``W_j`` per position, one imitator per target layer and one gate across all exits;
+here each exit owns its own (heads are independent modules, saved and loaded per exit). Exits
+may sit at any subset of layers (the reference has one at every layer): past and future are the
+other *exits*, not layers. The dropout every exitwise head takes plays the reference's
 ``output_dropout`` over all states before the projections. Weights start as the reference's
 (normal, std 0.02; biases zero). As in the reference, the past states are detached (the
 reference detaches each layer's state once the next layer runs; ``detach_past=False`` lets
@@ -53,7 +59,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, InputError
-from .base import ExitHead, register_head
+from .base import POOLINGS, ExitHead, register_head
 
 INIT_STD = 0.02  # BERT's initializer_range, with which the reference initialises every layer
 
@@ -79,8 +85,12 @@ class PastFutureHead(ExitHead):
         exit_index: int = 0,
         num_exits: int = 1,
         detach_past: bool = True,
+        pooling: str = "mean",
     ) -> None:
         super().__init__(in_features, num_labels, dropout)
+        if pooling not in POOLINGS:
+            raise ConfigError(f"past_future: pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.pooling = pooling
         for name, value in (("exit_index", exit_index), ("num_exits", num_exits)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"{name} must be an int, got {value!r}")
@@ -92,7 +102,7 @@ class PastFutureHead(ExitHead):
         self.exit_index, self.num_exits = exit_index, num_exits
         self.detach_past = bool(detach_past)
         d, c = in_features, num_labels
-        self.dense = nn.Linear(d, d)  # the per-exit pooler: s_k = tanh(dense(h_[CLS]))
+        self.dense = nn.Linear(d, d)  # the per-exit pooler: s_k = tanh(dense(pool(h)))
         self.feature_layer = _StateTap(d)
         # imitators[i] predicts the state of exit exit_index + 1 + i from s_k
         self.imitators = nn.ModuleList(nn.Linear(d, d) for _ in range(self.num_future))
@@ -111,8 +121,11 @@ class PastFutureHead(ExitHead):
         return self.num_exits - 1 - self.exit_index
 
     def exit_state(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """This exit's pooled state s_k (B, D) = tanh(dense([CLS])), left to the later exits."""
-        return torch.tanh(self.dense(self.first_token(hidden)))
+        """This exit's pooled state s_k (B, D) = tanh(dense(pool(hidden))), left to the later
+        exits; pool: the mean of the real tokens, or [CLS] with ``pooling="first"``."""
+        pooled = (self.first_token(hidden) if self.pooling == "first"
+                  else self.token_mean(hidden, mask))
+        return torch.tanh(self.dense(pooled))
 
     def imitate(self, state: torch.Tensor) -> torch.Tensor:
         """Imitated states of the later exits from s_k (B, D): (B, num_future, D)."""
@@ -162,9 +175,13 @@ class PastFutureHead(ExitHead):
         return 2 * lam * past_logits + (2 - 2 * lam) * future_logits
 
     def head_flops(self, mask: torch.Tensor | None, batch_size: int) -> torch.Tensor:
-        """The pooler, the imitators, E per-position projections, the gate layer and the
-        element-wise combination (sums, mean, gate, mix: about 8 per class)."""
+        """The token mean (n x D adds; none for [CLS]), the pooler, the imitators, E
+        per-position projections, the gate layer and the element-wise combination (sums,
+        mean, gate, mix: about 8 per class)."""
         d, c = float(self.in_features), float(self.num_labels)
         flops = (self.linear_flops(self.dense, self.gate, *self.imitators)
                  + self.num_exits * 2 * d * 2 * c + 8 * c)
-        return torch.full((batch_size,), flops, dtype=torch.float64)
+        out = torch.full((batch_size,), flops, dtype=torch.float64)
+        if self.pooling == "mean" and mask is not None:
+            out += mask.sum(1).to(torch.float64) * d
+        return out
