@@ -135,6 +135,7 @@ RECIPES: dict[str, Recipe] = {
     "cats": Recipe("cats", tasks=("classification",)),
     "romebert": Recipe("romebert", tasks=("classification",)),
     "leebert": Recipe("leebert", tasks=("classification",)),
+    "elbert": Recipe("elbert", tasks=("classification",)),  # its exit rule is classification's
     "e2cm": Recipe("joint", {"weights": E2CM_WEIGHTS}, head=E2CM_HEADS,
                    tasks=("classification",), after=class_means_after("true")),
     "e2cm_unsup": Recipe("joint", {"weights": E2CM_WEIGHTS}, head=E2CM_HEADS,
@@ -170,9 +171,10 @@ METHODS: dict[str, Method] = {
                           "threshold on the same exits at equal speed"),
     "ensemble_ic_confidence": Method("ensemble_ic", "confidence",
                                      "Ensemble ICs' training, confidence exit"),
-    "elbert": Method("joint", "elbert", "ELBERT (Xie et al., ICASSP 2021)",
-                     "the confidence window exits earlier than a plain confidence threshold "
-                     "at equal accuracy"),
+    "elbert": Method("elbert", "elbert", "ELBERT (Xie et al., ICASSP 2021)",
+                     "learned exit weights and the confidence window exit earlier than a "
+                     "confidence threshold on jointly trained exits (Right Tool) at equal "
+                     "accuracy"),
     "badge": Method("joint", "badge", "BADGE's divergence exit (Zhu et al., ACL 2023)"),
     "cats": Method("cats", "cats", "CATs (Schuster et al., EMNLP 2021)",
                    "the conformal threshold keeps consistency with the full model at "

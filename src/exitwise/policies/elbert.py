@@ -37,9 +37,9 @@ Deviations:
 Training: the reference's default (``weight_name = "dyn"``) trains the backbone and all exits
 jointly on ``sum_i w_i L_i`` with learned ``w_i = sigmoid(t_i)`` for the internal exits
 (``t_i`` initialised to 4, own learning rate 1e-2) and ``w_K = K - sum_i w_i`` for the final
-one. No exitwise strategy learns such weights. Its other option, ``weight_name = "equal"``
-(every exit weight 1), is the ``joint`` strategy with ``weights="uniform"`` (the same weights
-divided by K).
+one: the ``elbert`` training strategy (:mod:`exitwise.training.elbert`). Its other option,
+``weight_name = "equal"`` (every exit weight 1), is the ``joint`` strategy with
+``weights="uniform"`` (the same weights divided by K).
 
 Classification only (entropy and class probabilities).
 

@@ -9,8 +9,8 @@ Strategies are registered by name (one file each): ``joint``, ``two_stage``, ``e
 and the vision literature's ``branchynet``, ``sdn_ramp``, ``sdn_ic_only``, ``imta``,
 ``self_distill``, ``ztw``, ``boosted``, ``l2w``, ``meta_gf``, ``lgvit``, ``copycat_sl_vit``;
 the NLP literature's ``fastbert``, ``berxit``, ``sweet``, ``elasticbert``, ``ensemble_ic``,
-``romebert``, ``leebert``, ``cats``, ``dact``, ``past_future``, ``cascadebert`` (E2CM needs
-no training of its exits: :func:`exitwise.training.e2cm.fit_class_means`).
+``romebert``, ``leebert``, ``elbert``, ``cats``, ``dact``, ``past_future``, ``cascadebert``
+(E2CM needs no training of its exits: :func:`exitwise.training.e2cm.fit_class_means`).
 Decoder LMs train their exits with :mod:`exitwise.lm` (one loop, objectives registered there).
 A new one subclasses :class:`TrainingStrategy`, returns its :class:`Stage` list from
 ``build_stages`` and is registered with ``@register_strategy("name")``.
@@ -26,6 +26,7 @@ from . import (  # noqa: F401  (registers the built-in strategies)
     copycat,
     dact,
     elasticbert,
+    elbert,
     ensemble_ic,
     exits_only,
     fastbert,
