@@ -22,6 +22,7 @@ register_head = HEADS.register
 # How a token sequence becomes one vector: mean over the real tokens, or the first ([CLS]).
 POOLINGS = ("mean", "first")
 
+
 class ExitHead(nn.Module):
     """Base class. Subclasses implement ``forward`` and ``head_flops``."""
 

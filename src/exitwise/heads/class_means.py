@@ -36,7 +36,6 @@ from ..errors import ConfigError
 from .base import POOLINGS, ExitHead, register_head
 
 
-
 class ClassMeanDistance(nn.Module):
     """(B, D) pooled features -> (B, C) logits ``-||f - mu_c|| / s_c``.
 
