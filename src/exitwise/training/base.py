@@ -178,6 +178,11 @@ def exit_task_loss(outputs: ExitOutputs, labels: torch.Tensor, k: int) -> torch.
     return F.cross_entropy(logits, labels)
 
 
+def exit_task_losses(outputs: ExitOutputs, labels: torch.Tensor) -> torch.Tensor:
+    """(E,) every exit's :func:`exit_task_loss`, shallowest first."""
+    return torch.stack([exit_task_loss(outputs, labels, k) for k in range(len(outputs.logits))])
+
+
 def weighted_exit_loss(weights: Sequence[float]) -> LossFn:
     """``sum_k w_k * loss_k`` (cross-entropy, or MSE for regression; see
     :func:`exit_task_loss`); exits with weight 0 are skipped."""

@@ -45,6 +45,7 @@ from .base import (
     TrainingStrategy,
     backbone_parameters,
     exit_task_loss,
+    exit_task_losses,
     head_parameters,
     register_strategy,
 )
@@ -68,8 +69,7 @@ class AlternatingLoss:
         final = len(outputs.logits) - 1
         if self.final_only():
             return exit_task_loss(outputs, labels, final)
-        return torch.stack([exit_task_loss(outputs, labels, k)
-                            for k in range(len(outputs.logits))]).sum()
+        return exit_task_losses(outputs, labels).sum()
 
 
 def certainty_targets(logits: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:

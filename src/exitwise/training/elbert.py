@@ -48,7 +48,7 @@ from .base import (
     TrainingProgress,
     TrainingStrategy,
     backbone_parameters,
-    exit_task_loss,
+    exit_task_losses,
     head_parameters,
     register_strategy,
 )
@@ -68,7 +68,7 @@ def elbert_loss(outputs: ExitOutputs, labels: torch.Tensor, weights: torch.Tenso
     """``sum_k weights[k] * L_k`` over the E exits (cross-entropy, or MSE for (B, 1))."""
     if weights.numel() != len(outputs.logits):
         raise ConfigError(f"{weights.numel()} ELBERT weights for {len(outputs.logits)} exits")
-    losses = torch.stack([exit_task_loss(outputs, labels, k) for k in range(len(outputs.logits))])
+    losses = exit_task_losses(outputs, labels)
     return (weights.to(losses.dtype) * losses).sum()
 
 
@@ -91,10 +91,8 @@ class ELBERTStep:
     def __call__(self, model: torch.nn.Module, inputs: dict[str, Any], labels: torch.Tensor
                  ) -> tuple[torch.Tensor, ExitOutputs]:
         outputs = model(**inputs)
-        w = elbert_weights(self.logits.detach())
-        losses = torch.stack([exit_task_loss(outputs, labels, k)
-                              for k in range(len(outputs.logits))])
-        loss = (w.to(losses.dtype) * losses).sum()
+        losses = exit_task_losses(outputs, labels)
+        loss = (elbert_weights(self.logits.detach()).to(losses.dtype) * losses).sum()
         # the weights' step: the same objective, the losses as constants
         self.optimizer.zero_grad(set_to_none=True)
         (elbert_weights(self.logits) * losses.detach().float()).sum().backward()
@@ -116,7 +114,8 @@ class ELBERTStrategy(TrainingStrategy):
         super().__init__(stage_args)
         if not isinstance(weight_init, (int, float)) or isinstance(weight_init, bool):
             raise ConfigError(f"weight_init must be a number, got {weight_init!r}")
-        if not float(weight_learning_rate) >= 0:
+        if (not isinstance(weight_learning_rate, (int, float))
+                or isinstance(weight_learning_rate, bool) or not weight_learning_rate >= 0):
             raise ConfigError(f"weight_learning_rate must be >= 0, got {weight_learning_rate!r}")
         self.weight_init = float(weight_init)
         self.weight_learning_rate = float(weight_learning_rate)
