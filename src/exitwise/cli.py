@@ -179,6 +179,12 @@ def _add_lm_commands(sub: Any) -> None:
     t.add_argument("--data-dir", default=None,
                    help="answers: folder with lm/wikitext2-*.txt, sst2/train.tsv, "
                         "lm/tinyshakespeare.txt (default: $EXITWISE_DATA or ../shared/data)")
+    t.add_argument("--prompts-file", default=None,
+                   help="the user turns to answer or continue (JSON list, or one per line) "
+                        "instead of prompts built from local text")
+    t.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1")
+    t.add_argument("--answer-batch-size", type=int, default=32,
+                   help="answers: prompts answered per batch (larger on a GPU)")
     t.add_argument("--generations", type=int, default=2,
                    help="other objectives: continuations per prompt")
     t.add_argument("--gen-tokens", type=int, default=96, help="other objectives")
@@ -241,6 +247,8 @@ def _run_lm(args: argparse.Namespace) -> int:
             objective=args.objective, options=options,
             answers=args.answers, answer_tokens=args.answer_tokens, data_dir=args.data_dir,
             num_generations=args.generations, gen_tokens=args.gen_tokens,
+            prompts_file=args.prompts_file, device=args.device,
+            answer_batch_size=args.answer_batch_size,
         )
         report = lm.run_tune_lm(job, resume=not args.no_resume)
         print(json.dumps(report, indent=2, default=_json_default))

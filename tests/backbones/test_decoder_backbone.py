@@ -139,3 +139,16 @@ def test_encoders_keep_the_encoder_adapter():
     from conftest import tiny_encoder
 
     assert isinstance(ew.wrap_backbone(tiny_encoder("bert")), HFEncoderBackbone)
+
+
+@pytest.mark.parametrize("family", DECODER_FAMILIES)
+def test_blocks_take_the_cache_under_the_keyword_used(family):
+    """exitwise passes the KV cache to each block as ``cache_keyword()``; a block whose
+    forward lacks that name would swallow it in ``**kwargs`` and attend without the cache."""
+    import inspect
+
+    from exitwise.backbones.hf_decoder import cache_keyword
+
+    bb = ew.wrap_backbone(tiny_lm(family))
+    assert cache_keyword() in ("cache", "past_key_values")
+    assert cache_keyword() in inspect.signature(bb.blocks[0].forward).parameters

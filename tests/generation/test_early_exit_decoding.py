@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers.lmkit import EOS, LAYERS, PAD, left_padded, tiny_lm
+from helpers.lmkit import EOS, LAYERS, PAD, full_cache, left_padded, tiny_lm
 
 import exitwise as ew
 from exitwise.errors import ConfigError
@@ -92,13 +92,6 @@ def test_softmax_exits_once_threshold_decays(llama):
     assert generate(llama, ids, mask, policy=top2, **kw).stats.early_exit_rate == 1.0
 
 
-def _full_cache(model, tokens):
-    from transformers import DynamicCache
-
-    with torch.no_grad():
-        return model(input_ids=tokens, cache=DynamicCache(), use_cache=True).cache
-
-
 @pytest.mark.parametrize("kv", ["recompute", "propagate"])
 def test_recompute_cache_equals_full_recomputation(llama, kv):
     bb = ew.wrap_backbone(llama)
@@ -115,7 +108,7 @@ def test_recompute_cache_equals_full_recomputation(llama, kv):
     for r in range(b):
         valid = session.mask[r].bool()
         tokens = session.slot_tokens[r][valid]
-        ref = _full_cache(llama, tokens[None])
+        ref = full_cache(llama, tokens[None])
         last_depth = depths[r][-1]  # the last fed slot is exact only below its exit depth
         for layer in range(bb.num_layers):
             mine = session.cache.layers[layer]
@@ -264,7 +257,7 @@ def test_skip_cache_equals_full_recomputation(family):
     assert lengths[-1] < slots  # the run ended with an early exit: its slot was never run deep
     for r in range(b):
         valid = session.mask[r].bool()
-        ref = _full_cache(model, session.slot_tokens[r][valid][None])
+        ref = full_cache(model, session.slot_tokens[r][valid][None])
         for layer, n in enumerate(lengths):
             mine = session.cache.layers[layer]
             keep = valid[:n]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.lmkit import DECODER_FAMILIES, EOS, PAD, VOCAB, left_padded, tiny_lm
+from helpers.lmkit import DECODER_FAMILIES, EOS, PAD, VOCAB, full_cache, left_padded, tiny_lm
 
 import exitwise as ew
 from exitwise.generation import DecodeSession, GenerationStats, generate, self_speculative_decode
@@ -55,15 +55,6 @@ def test_lossless_for_every_exit_and_draft_length(lm, kind):
         drafted += s.total_drafted
         accepted += s.total_accepted
     assert 0 < accepted < drafted  # the tests saw both acceptances and rejections
-
-
-def full_cache(model, tokens: torch.Tensor):
-    """Keys/values of the model's own forward over ``tokens`` (1, n), full-attention cache."""
-    from transformers import DynamicCache
-
-    with torch.no_grad():
-        out = model(input_ids=tokens, cache=DynamicCache(), use_cache=True)
-    return out.cache
 
 
 @pytest.mark.parametrize("exit_layer, draft_len", [(1, 4), (2, 3)])

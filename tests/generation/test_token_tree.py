@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.lmkit import DECODER_FAMILIES, EOS, PAD, VOCAB, left_padded, tiny_lm
+from helpers.lmkit import DECODER_FAMILIES, EOS, PAD, VOCAB, full_cache, left_padded, tiny_lm
 
 import exitwise as ew
 from exitwise.errors import ConfigError
@@ -127,8 +127,6 @@ def test_tree_decoding_equals_greedy(lm, kind):
 def test_siblings_accepted_and_cache_equals_full_recomputation():
     """A ragged batch where siblings were taken: every real slot's keys/values equal the
     model's own forward over the row's final tokens (the accepted path moved into place)."""
-    from transformers import DynamicCache
-
     model = tiny_lm("qwen2", seed=2)
     bb = ew.wrap_backbone(model)
     ids, mask = left_padded()
@@ -144,8 +142,7 @@ def test_siblings_accepted_and_cache_equals_full_recomputation():
         valid = session.mask[r].bool()
         tokens = session.slot_tokens[r][valid]
         assert session.slot_pos[r][valid].tolist() == list(range(int(valid.sum())))
-        with torch.no_grad():
-            ref = model(input_ids=tokens[None], cache=DynamicCache(), use_cache=True).cache
+        ref = full_cache(model, tokens[None])
         for layer in range(bb.num_layers):
             mine, theirs = session.cache.layers[layer], ref.layers[layer]
             torch.testing.assert_close(mine.keys[r][:, valid], theirs.keys[0], atol=2e-5,

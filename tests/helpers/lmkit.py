@@ -133,3 +133,15 @@ def hf_greedy(model, ids, mask, max_new_tokens, eos=None):
         input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
         pad_token_id=PAD, eos_token_id=eos, num_beams=1,
     )
+
+
+def full_cache(model, tokens):
+    """Keys/values of the HF model's own forward over ``tokens`` (1, n), full-attention cache
+    (the keyword and output field follow the installed transformers version)."""
+    from transformers import DynamicCache
+
+    from exitwise.backbones.hf_decoder import cache_keyword
+
+    with torch.no_grad():
+        out = model(input_ids=tokens, use_cache=True, **{cache_keyword(): DynamicCache()})
+    return getattr(out, cache_keyword())

@@ -78,6 +78,47 @@ def test_bad_lm_arguments_fail_clearly(tiny_lm_dir, tmp_path, capsys):
     assert "out of range" in capsys.readouterr().err
 
 
+def test_tune_on_answers_to_a_prompts_file(tiny_lm_dir, tmp_path, capsys):
+    prompts = ["what is the sky", "a poem on the sea", "tell me a story", "hi there", "the sea"]
+    listed = tmp_path / "prompts.json"
+    listed.write_text(json.dumps(prompts))
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("\n".join(prompts[:3]) + "\n\n")
+    out = tmp_path / "tuned"
+    args = ["tune-lm", "--model", str(tiny_lm_dir), "--exit-layer", "2", "--objective",
+            "answers", "--answers", "4", "--answer-tokens", "6", "--epochs", "1",
+            "--batch-size", "2", "--answer-batch-size", "3", "--device", "cpu",
+            "--prompts-file", str(listed), "--out", str(out)]
+    assert main(args) == 0
+    capsys.readouterr()
+    cached = json.loads((out / "greedy_answers.json").read_text())["items"]
+    # the first --answers of the file's prompts were answered, in order (batches of 3 + 1)
+    assert len(cached) == 4
+    from exitwise.recipes.lm import TuneLMJob
+
+    job = TuneLMJob(out_dir=str(out), prompts_file=str(lines))
+    assert job.read_prompts() == prompts[:3]  # one per line, blank lines skipped
+    for bad, message in ((tmp_path / "missing.txt", "does not exist"),
+                         (tmp_path / "bad.json", "JSON list of strings")):
+        if bad.suffix == ".json":
+            bad.write_text(json.dumps({"a": 1}))
+        assert main([*args[:-4], "--prompts-file", str(bad), "--out", str(tmp_path / "y")]) == 2
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, message", [("gpu", "like 'cpu'"), ("meta", "CPU or a CUDA"),
+                                             ("cuda:0", "no CUDA GPU")])
+def test_a_bad_or_missing_device_is_a_clear_error(tiny_lm_dir, tmp_path, capsys, device,
+                                                  message):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["tune-lm", "--model", str(tiny_lm_dir), "--exit-layer", "2", "--steps", "1",
+                 "--device", device, "--out", str(tmp_path / "x")]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_llm_demo_story_end_to_end(tiny_lm_dir, tmp_path):
     """`exitwise demo` on a tiny model: tunes, answers with HF greedy, exitwise greedy and
     self-speculatively, the answers are identical, the report (with the CPU it ran on) is

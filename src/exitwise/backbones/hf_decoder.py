@@ -16,6 +16,8 @@ Shapes: B batch rows, q new tokens, S tokens already in the cache, H hidden size
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +58,17 @@ class DecodeContext:
     tree: torch.Tensor | None = None
     tree_start: int = 0
     _memo: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+
+@functools.cache
+def cache_keyword() -> str:
+    """The name under which this transformers version's decoder blocks and mask functions
+    take the KV cache: ``cache`` (5.2x) or ``past_key_values`` (earlier 5.x). A block given
+    the wrong one would swallow it in ``**kwargs`` and silently attend without the cache."""
+    from transformers.masking_utils import create_causal_mask
+
+    params = inspect.signature(create_causal_mask).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def prompt_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -213,12 +226,13 @@ class HFDecoderBackbone(Backbone):
                 hidden,
                 attention_mask=mask,
                 position_ids=ctx.positions,
-                cache=ctx.cache,
                 use_cache=use_cache,
                 position_embeddings=self._rope(hidden, ctx, layer_type),
+                **{cache_keyword(): ctx.cache},
             )
         else:
-            out = block(hidden, cache=ctx.cache, attention_mask=mask, use_cache=use_cache)
+            out = block(hidden, attention_mask=mask, use_cache=use_cache,
+                        **{cache_keyword(): ctx.cache})
         return out[0] if isinstance(out, tuple) else out
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -285,8 +299,8 @@ class HFDecoderBackbone(Backbone):
             config=self.config,
             inputs_embeds=hidden,
             attention_mask=ctx.attention_mask,
-            cache=ctx.cache,
             position_ids=ctx.positions,
+            **{cache_keyword(): ctx.cache},
             layer_idx=cache_index,
         )
         # Restrictions on top of causality and the holes, as (B, q, kv) bool tensors: a

@@ -22,7 +22,7 @@ import torch
 
 from ..backbones.special_tokens import eos_and_pad, eos_ids
 from ..config import ExitConfig
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, DataError
 from ..generation import DECODING_STRATEGIES, generate
 from ..lm import generate_answers, get_objective, tune_exits
 from ..lm.data import DEFAULT_PROMPTS, cut_at_eos, self_generated_sequences
@@ -49,6 +49,12 @@ class TuneLMJob:
         corpus_chat_prompts`, never a benchmark or calibration prompt; ``data_dir``); the
         other objectives train on the model's own continuations of chat prompts
         (``num_generations`` per prompt, ``gen_tokens`` long). Both are cached in ``out_dir``.
+    prompts_file: the user turns to answer or continue instead (a JSON list of strings, or
+        a text file with one per line); with "answers", the first ``answers`` of them.
+    device: where the model runs ("cpu", "cuda", "cuda:1", ...): a GPU answers tens of
+        thousands of prompts and trains on their features in minutes; the heads saved are
+        the same either way.
+    answer_batch_size: prompts answered per batch (larger on a GPU).
     """
 
     out_dir: str
@@ -64,6 +70,9 @@ class TuneLMJob:
     data_dir: str | None = None
     num_generations: int = 2
     gen_tokens: int = 96
+    prompts_file: str | None = None
+    device: str = "cpu"
+    answer_batch_size: int = 32
 
     def config(self) -> Any:
         """The objective's config (validated now, before any model is loaded)."""
@@ -71,6 +80,37 @@ class TuneLMJob:
         if self.objective != "answers" and "save_every" not in options and "steps" in options:
             options["save_every"] = max(1, min(50, int(options["steps"])))
         return get_objective(self.objective, **options)
+
+    def torch_device(self) -> torch.device:
+        """``device`` checked: a ConfigError for a malformed name or a missing GPU."""
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError) as err:
+            raise ConfigError(
+                f"device must be like 'cpu' or 'cuda:0'; got {self.device!r}") from err
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r}: no CUDA GPU is available here")
+        if device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"device must be a CPU or a CUDA GPU; got {self.device!r}")
+        return device
+
+    def read_prompts(self) -> list[str] | None:
+        """The user turns of ``prompts_file`` (None without one)."""
+        if self.prompts_file is None:
+            return None
+        path = Path(self.prompts_file)
+        if not path.is_file():
+            raise DataError(f"prompts file {path} does not exist")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".json":
+            prompts = json.loads(text)
+            if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+                raise DataError(f"{path} must hold a JSON list of strings")
+        else:
+            prompts = [line for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise DataError(f"{path} holds no prompts")
+        return prompts
 
 
 # -- prompts -------------------------------------------------------------------------------
@@ -170,7 +210,14 @@ def run_tune_lm(
         raise ConfigError("conditioned exits are tuned by the 'answers' objective (it feeds them "
                           f"the final states); got objective {job.objective!r}")
     config = job.config()
+    device = job.torch_device()
+    if not isinstance(job.answer_batch_size, int) or job.answer_batch_size < 1:
+        raise ConfigError(
+            f"answer_batch_size must be a positive int; got {job.answer_batch_size!r}")
+    if prompts is None:
+        prompts = job.read_prompts()
     lm, tokenizer = load_causal_lm(job.model, print_fn=print_fn)
+    lm.to(device)
     exit_config = ExitConfig(
         layers=list(job.exit_layers), head="lm", num_labels=int(lm.config.vocab_size),
         head_kwargs={"adapter": job.adapter,
@@ -178,7 +225,7 @@ def run_tune_lm(
                      **({"conditioned": True} if job.conditioned else {})},
         final_head_kwargs={},
     )
-    model = attach_exits(lm, exit_config)
+    model = attach_exits(lm, exit_config).to(device)
     out = Path(job.out_dir)
     reused = None
     if job.objective == "answers":
@@ -237,7 +284,7 @@ def _answers(
     eos = eos_ids(hf_model(model), tokenizer)
     print_fn(f"[tune] greedy answers to {len(prompt_ids)} prompts (cached in {out})")
     answers = generate_answers(
-        model, prompt_ids, max_new_tokens=job.answer_tokens, batch_size=32,
+        model, prompt_ids, max_new_tokens=job.answer_tokens, batch_size=job.answer_batch_size,
         eos_token_id=sorted(eos) or None, pad_token_id=tokenizer.pad_token_id,
         cache=out / ANSWERS_NAME if resume else None,
     )
