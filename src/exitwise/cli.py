@@ -219,7 +219,7 @@ def _add_lm_commands(sub: Any) -> None:
     g.add_argument("--sample", action="store_true", help="sample instead of greedy")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--json", action="store_true", help="print texts and stats as JSON")
-    g.add_argument("--kernels", default=None, choices=["auto", "stock", "streaming"],
+    g.add_argument("--kernels", default=None, choices=["auto", "stock", "streaming", "packed"],
                    help="few-row products: auto (default, or $EXITWISE_KERNELS) = stock unless "
                         "measured faster on this machine; stock; streaming")
 
@@ -290,10 +290,10 @@ def _run_lm(args: argparse.Namespace) -> int:
         decisions = autotune(model, backbone.model, rows=args.rows, tuner=tuner, probe=probe)
         print(f"{machine_key()} (kept in {tuner.path})")
         print(f"{'weights (dtype:OUTxIN:count:rows) / whole pass':52s} {'stock ms':>9s} "
-              f"{'streaming ms':>13s} {'ratio':>6s}  choice")
+              f"{'alternative':>13s} {'ratio':>6s}  choice")
         for key, d in decisions.items():
             print(f"{key:52s} {d.stock_ms:9.3f} {d.streaming_ms:13.3f} {d.ratio:6.2f}  "
-                  f"{'streaming' if d.stream else 'stock'}")
+                  f"{d.kind if d.stream else 'stock'}")
     return 0
 
 

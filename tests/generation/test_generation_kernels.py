@@ -22,7 +22,7 @@ def snapshot(model: torch.nn.Module) -> list:
 
 
 @pytest.mark.parametrize("family", REQUIRED_FAMILIES)
-@pytest.mark.parametrize("kernels", ["auto", "stock", "streaming"])
+@pytest.mark.parametrize("kernels", ["auto", "stock", "streaming", "packed"])
 def test_every_kernel_choice_gives_greedy_tokens_and_leaves_the_model_alone(family, kernels):
     model = tiny_lm(family)
     before = snapshot(model)

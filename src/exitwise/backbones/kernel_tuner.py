@@ -1,7 +1,8 @@
 """Measuring which few-row kernel to use: the measured choices of ``kernels="auto"``.
 
-:class:`KernelTuner` keeps, per machine, the per-shape decisions (stock vs streaming product
-over all the model's weights of one shape, at one row count) and the whole-pass decisions
+:class:`KernelTuner` keeps, per machine, the per-shape decisions (the stock product against
+each alternative -- streaming, and packed where oneDNN can pack the weight -- over all the
+model's weights of one shape, at one row count) and the whole-pass decisions
 (:meth:`KernelTuner.check_stack`, one forward pass of the whole model through a
 :class:`StackProbe`, rerouted vs stock); both are paired, alternating measurements decided by
 :func:`paired_choice`. How and where the products are rerouted is
@@ -27,35 +28,43 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..machine import machine_key
 from ..paths import cache_root
+from .packed import can_pack, forget_packed, packed_linear
 from .streaming import streaming_linear
 
 logger = logging.getLogger(__name__)
 
 
+ALTERNATIVES = ("streaming", "packed")  # the kernels measured against the stock product
+
+
 @dataclass
 class KernelDecision:
-    """One measured choice: stream or not, with the medians it rests on (ms per pass over
-    every weight of the shape) and the median of the paired streaming/stock ratios."""
+    """One measured choice: reroute (``stream``) to the alternative ``kind`` or not, with the
+    medians it rests on (ms per pass over every weight of the shape; ``streaming_ms`` is the
+    alternative's) and the median of the paired alternative/stock ratios. For a whole-pass
+    check ``kind`` is "stack" (the pass rerouted as decided per shape)."""
 
     stream: bool
     ratio: float
     stock_ms: float
     streaming_ms: float
+    kind: str = "streaming"
 
 
 def paired_choice(
-    stock_s: Sequence[float], streaming_s: Sequence[float], margin: float
+    stock_s: Sequence[float], streaming_s: Sequence[float], margin: float,
+    kind: str = "streaming",
 ) -> KernelDecision:
-    """The rule of ``kernels="auto"``: times of the two kernels taken in pairs (seconds, run
-    back to back); stream when the median of the paired ratios streaming/stock is below
-    ``1 - margin``."""
+    """The rule of ``kernels="auto"``: times of the stock kernel and an alternative ``kind``
+    taken in pairs (seconds, run back to back); reroute when the median of the paired ratios
+    alternative/stock is below ``1 - margin``."""
     if not stock_s or len(stock_s) != len(streaming_s):
         raise ConfigError("paired_choice needs two equally long, non-empty lists of times")
     ratio = statistics.median(s / max(t, 1e-12) for t, s in zip(stock_s, streaming_s))
     return KernelDecision(
         stream=ratio < 1.0 - margin, ratio=ratio,
         stock_ms=1000 * statistics.median(stock_s),
-        streaming_ms=1000 * statistics.median(streaming_s),
+        streaming_ms=1000 * statistics.median(streaming_s), kind=kind,
     )
 
 
@@ -98,18 +107,24 @@ def shape_key(weights: Sequence[torch.Tensor], rows: int) -> str:
 
 
 class KernelTuner:
-    """Measured stock-vs-streaming choices for this machine (see module doc); thread-safe.
+    """Measured few-row kernel choices for this machine (see module doc); thread-safe.
 
     path: the JSON file that keeps measurements across runs (None: this process only).
-    margin: streaming must be at least this much faster (median paired ratio < 1 - margin).
+    margin: an alternative must be at least this much faster (median paired ratio < 1 - margin).
+    alternatives: the kernels measured against the stock product (packed only where
+        :func:`~exitwise.backbones.packed.can_pack`).
     repeats: timed pairs per measurement (fewer for a pass that takes longer than 0.1 s).
     """
 
     def __init__(
-        self, path: str | Path | None = None, margin: float = 0.05, repeats: int = 9
+        self, path: str | Path | None = None, margin: float = 0.05, repeats: int = 9,
+        alternatives: Sequence[str] = ALTERNATIVES,
     ) -> None:
         if not 0.0 <= margin < 1.0:
             raise ConfigError(f"margin must be in [0, 1); got {margin!r}")
+        if not alternatives or any(a not in ALTERNATIVES for a in alternatives):
+            raise ConfigError(f"alternatives must be some of {ALTERNATIVES}; got {alternatives!r}")
+        self.alternatives = tuple(alternatives)
         if not isinstance(repeats, int) or repeats < 1:
             raise ConfigError(f"repeats must be an int >= 1; got {repeats!r}")
         self.path = None if path is None else Path(path)
@@ -197,14 +212,29 @@ class KernelTuner:
                 F.linear(x, w)
             return time.perf_counter() - t0
 
-        def streaming() -> float:
-            t0 = time.perf_counter()
-            for w in weights:
-                streaming_linear(x, w)
-            return time.perf_counter() - t0
+        def timed(kernel: Callable[..., torch.Tensor]) -> Callable[[], float]:
+            def run() -> float:
+                t0 = time.perf_counter()
+                for w in weights:
+                    kernel(x, w)
+                return time.perf_counter() - t0
 
-        a, b = paired_times(stock, streaming, self.repeats)
-        return paired_choice(a, b, self.margin)
+            return run
+
+        kernels = {"streaming": streaming_linear, "packed": packed_linear}
+        best = None
+        for kind in self.alternatives:
+            if kind == "packed" and not all(can_pack(w) for w in weights):
+                continue
+            a, b = paired_times(stock, timed(kernels[kind]), self.repeats)
+            d = paired_choice(a, b, self.margin, kind=kind)
+            if best is None or d.ratio < best.ratio:
+                best = d
+        if best is None or not (best.stream and best.kind == "packed"):
+            forget_packed(weights)  # measured but not chosen: free the copies
+        if best is None:  # no alternative applies to these weights
+            return KernelDecision(False, float("inf"), 0.0, 0.0, kind="none")
+        return best
 
     @torch.inference_mode()
     def _measure_stack(
@@ -212,7 +242,7 @@ class KernelTuner:
     ) -> KernelDecision:
         # Whole passes are long: 5 pairs at most (each a paired ratio, so drift cancels).
         a, b = paired_times(stock, routed, min(self.repeats, 5))
-        return paired_choice(a, b, self.margin)
+        return paired_choice(a, b, self.margin, kind="stack")
 
     # -- the file ---------------------------------------------------------------------------
     def _read(self) -> dict[str, Any]:
@@ -241,6 +271,8 @@ class KernelTuner:
             return
         for machine, entries in self._read().get("machines", {}).items():
             for key, value in entries.items():
+                if not isinstance(value, dict) or "kind" not in value:
+                    continue  # measured before packing was a candidate: measured again
                 try:
                     self._memo.setdefault(machine, {})[key] = KernelDecision(**value)
                 except TypeError:

@@ -1,38 +1,45 @@
-"""Few-row linear products that read their weight once, used only where measured faster.
+"""Few-row linear products computed without the stock path's overhead, only where measured
+faster.
 
 Speculative decoding pays off when checking k + 1 tokens costs about as much as one step. On a
 GPU that holds by itself. On a CPU at batch 1 a decoder step is bound by streaming the weights
 from memory, so it *could* hold too, but ``F.linear`` on a handful of rows may take a BLAS path
-that costs far more than a one-row product. Computing the same product as ``(W @ x^T)^T``
-hands the BLAS a tall-skinny product that streams ``W`` once; an odd row count is padded with
-one zero row, because on some CPUs a one- or three-column product streams a large weight
-slower than a two- or four-column one. The products of the real rows are unchanged up to
-round-off (not bit for bit).
+that costs far more than a one-row product (the BLAS re-packs the weight on every call). Two
+alternatives compute the same products, equal up to round-off (not bit for bit):
 
-Whether that wins is a property of the CPU, its BLAS, the thread count and the weight's shape:
-on one AMD EPYC it made SmolLM2's decoding steps faster, on an Intel Xeon it made them twice
-as slow. So nothing here is chosen by a constant:
+- *streaming* (:mod:`.streaming`): ``(W @ x^T)^T``, a tall-skinny product that streams ``W``
+  once; an odd row count is padded with one zero row, because on some CPUs a one- or
+  three-column product streams a large weight slower than a two- or four-column one;
+- *packed* (:mod:`.packed`): oneDNN's product with a copy of ``W`` laid out once for its
+  kernels, so no call repacks it (float32, where the PyTorch build has oneDNN; the copy costs
+  the weight's memory again).
+
+Whether either wins is a property of the CPU, its BLAS, the thread count and the weight's
+shape: on one AMD EPYC streaming made SmolLM2's decoding steps faster, on an Intel Xeon it made
+them twice as slow. So nothing here is chosen by a constant:
 
 - ``kernels="stock"``: ``nn.Linear`` as everyone runs it (Hugging Face's numerics bit for bit).
-- ``kernels="streaming"``: every few-row product of the given modules streams (when asked).
+- ``kernels="streaming"`` / ``"packed"``: every few-row product of the given modules takes that
+  path (when asked; packed falls back to streaming for weights oneDNN cannot pack).
 - ``kernels="auto"`` (what :func:`exitwise.generate` uses unless told otherwise): for every
-  (weight shape, row count) that occurs, :class:`KernelTuner` times the stock and the streaming
-  product over *all* the model's weights of that shape (as a forward pass reads them, so the
-  weights come from memory, not from cache), the two alternating, and streams only when the
-  median paired ratio is below ``1 - margin``; otherwise, and whenever in doubt, stock. When
-  no weight shape of the model streams at any row count 1..``max_rows``, nothing is rerouted
+  (weight shape, row count) that occurs, :class:`KernelTuner` times the stock product against
+  each alternative over *all* the model's weights of that shape (as a forward pass reads them,
+  so the weights come from memory, not from cache), in alternating pairs, and reroutes to the
+  alternative with the lowest median paired ratio only when that ratio is below
+  ``1 - margin``; otherwise, and whenever in doubt, stock. When
+  no weight shape of the model is rerouted at any row count 1..``max_rows``, nothing is rerouted
   at all (rerouting costs a Python call per operation: on a small model more than any
   few-row product could gain), so "auto" is then exactly "stock". Products that win alone can
   still lose in a whole forward pass (on one AMD EPYC every SmolLM2 shape streamed faster
   alone at one row, yet the whole stack streamed took 1.3x as long), so when the caller gives
   a *stack probe* (:class:`StackProbe`: one forward pass of the whole model on a given number
   of rows, e.g. :class:`~exitwise.backbones.stack_probe.DecoderStackProbe`), each row count
-  that some shape would stream at is also timed end to end, rerouted vs stock, in pairs, and
-  keeps rerouting only where the whole pass is faster by the margin. Each
+  that some shape would be rerouted at is also timed end to end, rerouted vs stock, in pairs,
+  and keeps rerouting only where the whole pass is faster by the margin. Each
   choice is measured once per machine (CPU model, torch version, thread count) and kept in
   ``$EXITWISE_CACHE/kernels.json``; delete that file, or call :meth:`KernelTuner.clear`, to
   measure again. The environment variable ``EXITWISE_KERNELS`` (``auto``/``stock``/
-  ``streaming``) overrides the default of :func:`resolve_kernels`.
+  ``streaming``/``packed``) overrides the default of :func:`resolve_kernels`.
 
 How the products are rerouted: :func:`few_row_kernels` enters a ``TorchFunctionMode`` that sees
 each ``F.linear`` call of the current thread and reroutes those whose weight belongs to the
@@ -63,9 +70,10 @@ from .kernel_tuner import (  # noqa: F401  (re-exported: the measuring half of t
     paired_times,
     shape_key,
 )
+from .packed import can_pack, packed_linear
 from .streaming import streaming_linear
 
-KERNELS = ("auto", "stock", "streaming")
+KERNELS = ("auto", "stock", "streaming", "packed")
 DEFAULT_MAX_ROWS = 8
 ENV_VAR = "EXITWISE_KERNELS"
 
@@ -86,8 +94,9 @@ def resolve_kernels(kernels: str | None) -> str:
 @dataclass
 class KernelScope:
     """What one :func:`few_row_kernels` block did: ``calls`` counts, per
-    ``dtype:OUTxIN:nWEIGHTS:rROWS``, the products that ``"streamed"`` and those left to
-    ``"stock"`` (products of more rows, or of weights outside the scope, are not counted)."""
+    ``dtype:OUTxIN:nWEIGHTS:rROWS``, the products that ``"streamed"``, those ``"packed"`` and
+    those left to ``"stock"`` (products of more rows, or of weights outside the scope, are not
+    counted)."""
 
     kernels: str
     weights: int
@@ -98,7 +107,8 @@ class KernelScope:
 
     @property
     def streamed(self) -> int:
-        return sum(c.get("streamed", 0) for c in self.calls.values())
+        """Products rerouted (streamed or packed)."""
+        return sum(c.get("streamed", 0) + c.get("packed", 0) for c in self.calls.values())
 
 
 def _weight_groups(modules: Sequence[nn.Module | None]) -> dict[int, list[torch.Tensor]]:
@@ -133,8 +143,9 @@ class _FewRowMode(TorchFunctionMode):
         self.scope = scope
         self.max_rows = max_rows
         self.tuner = tuner
-        self.always = scope.kernels == "streaming"
-        self.memo: dict[tuple[int, int], tuple[bool, dict[str, int], str]] = {}
+        # a kind forced by the caller ("streaming" / "packed"), else None: measured per shape
+        self.always = scope.kernels if scope.kernels in ("streaming", "packed") else None
+        self.memo: dict[tuple[int, int], tuple[Callable | None, dict[str, int], str]] = {}
         self.entered = False  # per_call use: inside a rerouted() block now
 
     def wants(self, rows: int) -> bool:
@@ -160,15 +171,22 @@ class _FewRowMode(TorchFunctionMode):
         # every step, so it must not format keys or take the tuner's lock each time.
         memo = self.memo.get((id(group), rows))
         if memo is None:
-            stream = self.always or self.tuner.decide(group, rows).stream
+            kind = self.always
+            if kind is None:
+                decision = self.tuner.decide(group, rows)
+                kind = decision.kind if decision.stream else "stock"
+            if kind == "packed" and not can_pack(w):
+                kind = "streaming"  # forced packing where oneDNN cannot pack: stream instead
+            kernel = {"streaming": streaming_linear, "packed": packed_linear}.get(kind)
             counts = self.scope.calls.setdefault(shape_key(group, rows), {})
-            memo = self.memo[(id(group), rows)] = (stream, counts, "streamed" if stream else "stock")
-        stream, counts, which = memo
+            which = {"streaming": "streamed", "packed": "packed"}.get(kind, "stock")
+            memo = self.memo[(id(group), rows)] = (kernel, counts, which)
+        kernel, counts, which = memo
         counts[which] = counts.get(which, 0) + 1
-        if not stream:
+        if kernel is None:
             return func(*args, **kwargs)
         b = args[2] if len(args) > 2 else kwargs.get("bias")
-        return streaming_linear(x, w, b)
+        return kernel(x, w, b)
 
 
 @contextmanager
