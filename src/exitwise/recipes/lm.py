@@ -52,8 +52,8 @@ class TuneLMJob:
     prompts_file: the user turns to answer or continue instead (a JSON list of strings, or
         a text file with one per line); with "answers", the first ``answers`` of them.
     device: where the model runs ("cpu", "cuda", "cuda:1", ...): answering tens of thousands
-        of prompts (about a second each on the 2-core CPU this was built on) is what a GPU is for; the
-        heads saved are the same either way.
+        of prompts (about a second each on the 2-core CPU this was built on) is what a GPU
+        is for; the heads saved are the same either way.
     answer_batch_size: prompts answered per batch (larger on a GPU).
     """
 
