@@ -53,14 +53,6 @@ def test_only_float32_cpu_matrices_are_packed():
     assert P.can_pack(torch.randn(4, 4)) == P.packed_available()
 
 
-class TimedTuner(KernelTuner):
-    """Measures with hand-set times: each alternative's paired ratio is fixed."""
-
-    def __init__(self, ratios: dict[str, float], **kw) -> None:
-        super().__init__(None, repeats=3, **kw)
-        self.ratios = ratios
-
-
 def test_the_alternative_with_the_lowest_ratio_is_chosen(monkeypatch):
     """Paired times, stock 10 ms each: streaming at 9 ms (ratio 0.9) and packed at 6 ms
     (0.6) -> packed; with packing too slow (1.2) -> streaming; both above 1 - margin ->

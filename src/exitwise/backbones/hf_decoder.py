@@ -123,6 +123,7 @@ class HFDecoderBackbone(Backbone):
         self.model_type: str = model_type
         self.layout = layout
         self.base = base
+        self.cache_kw = cache_keyword()  # looked up once, not per block call
         self.embed_tokens = resolve_path(base, layout.embed)
         self.blocks = resolve_path(base, layout.layers)
         self.norm = resolve_path(base, layout.norm)
@@ -228,11 +229,11 @@ class HFDecoderBackbone(Backbone):
                 position_ids=ctx.positions,
                 use_cache=use_cache,
                 position_embeddings=self._rope(hidden, ctx, layer_type),
-                **{cache_keyword(): ctx.cache},
+                **{self.cache_kw: ctx.cache},
             )
         else:
             out = block(hidden, attention_mask=mask, use_cache=use_cache,
-                        **{cache_keyword(): ctx.cache})
+                        **{self.cache_kw: ctx.cache})
         return out[0] if isinstance(out, tuple) else out
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -300,7 +301,7 @@ class HFDecoderBackbone(Backbone):
             inputs_embeds=hidden,
             attention_mask=ctx.attention_mask,
             position_ids=ctx.positions,
-            **{cache_keyword(): ctx.cache},
+            **{self.cache_kw: ctx.cache},
             layer_idx=cache_index,
         )
         # Restrictions on top of causality and the holes, as (B, q, kv) bool tensors: a
