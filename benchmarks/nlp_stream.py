@@ -8,7 +8,10 @@ Method: Hari Narayan N U et al., "Unsupervised Early Exit in DNNs with Multiple 
 as implemented in :mod:`exitwise.policies.uee_ucb` (reference notebook MLiONS/MutiExitDNNs,
 ``Part2_UEE_UCB_Algorithm_Evaluation.ipynb``). Steps:
 
-1. load the arena's SST-2 ``joint`` model (an exit after each of the 6 layers), read every MR
+1. load the arena's SST-2 ``joint`` model (an exit after each of the 6 layers; ``--model-dir``:
+   the arena's work folder, or one trained apart with ``nlp_methods.py --tasks sst2 --methods
+   pcee_bert --skip-timing --work benchmarks/work/nlp_stream_model --out /tmp/x.json``, which
+   trains the same recipe without touching the arena's report), read every MR
    sentence (labels only score the runs), cache every exit's logits once in ``--work``;
 2. per cost weight ``mu`` (``depth_costs(..., scale=mu)``: exit at depth d costs
    ``mu * d / 6`` error-rate units; the reference's CS-1 is ``mu = 1``) and alpha 1 (the
