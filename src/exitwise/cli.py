@@ -287,7 +287,8 @@ def _run_lm(args: argparse.Namespace) -> int:
         backbone = decoder_of(model, "kernels")[0]
         probe = DecoderStackProbe(backbone, max_rows=max(args.rows))
         # the modules generate() reroutes (a tuned model's exit heads too), so the keys match
-        decisions = autotune(model, backbone.model, rows=args.rows, tuner=tuner, probe=probe)
+        decisions = autotune(model, backbone.model, rows=args.rows, tuner=tuner, probe=probe,
+                             per_call=True)
         print(f"{machine_key()} (kept in {tuner.path})")
         print(f"{'weights (dtype:OUTxIN:count:rows) / whole pass':52s} {'stock ms':>9s} "
               f"{'alternative':>13s} {'ratio':>6s}  choice")

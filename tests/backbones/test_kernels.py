@@ -349,30 +349,86 @@ def test_when_no_row_count_pays_nothing_is_rerouted(counted_streaming):
     assert probe.calls == [] and scope.rows is None
 
 
-def test_per_call_reroutes_only_inside_rerouted_blocks_of_allowed_row_counts(counted_streaming):
-    lin = nn.Linear(8, 8)
-    probe = Probe(lin, slow_rows={1})
+class RoutedProbe(Probe):
+    """A probe whose pass goes through ``routed`` (as exitwise's decoders do)."""
+
+    def __call__(self, rows: int) -> float:
+        self.calls.append(rows)
+        before = STREAMED[0]
+        x = torch.randn(rows, 8)
+        with torch.inference_mode():
+            K.routed(self.model, x)(x)
+        if STREAMED[0] == before:
+            return 1.0
+        return 2.0 if rows in self.slow_rows else 0.5
+
+
+def test_per_call_reroutes_routed_passes_of_allowed_rows_and_single_sites_at_any(
+        counted_streaming, tmp_path):
+    block = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    head = nn.Linear(8, 8)
+    probe = RoutedProbe(block, slow_rows={1})
     x1, x2 = torch.randn(1, 1, 8), torch.randn(1, 2, 8)
     with torch.inference_mode():
-        with K.rerouted(x2):  # no scope: nothing happens
-            lin(x2)
+        assert K.routed(block, x2) is block  # no scope: the module itself
+        with K.rerouted(x2):
+            head(x2)
         assert STREAMED[0] == 0
-        with few_row_kernels(lin, kernels="auto", tuner=FixedTuner(True), probe=probe,
-                             per_call=True) as scope:
+        tuner = FixedTuner(True, tmp_path / "kernels.json")
+        with few_row_kernels(block, head, kernels="auto", tuner=tuner, probe=probe,
+                             per_call=True, max_rows=2) as scope:
+            assert scope.rows == (2,)  # the routed one-row pass measured slower
             n = STREAMED[0]
-            lin(x2)  # outside a rerouted block: the stock kernel
-            with K.rerouted(x1):  # one row does not pay: stock, and no interception at all
-                lin(x1)
+            block(x2)
+            head(x1)  # called directly: the stock kernel, nothing intercepted
+            assert K.routed(block, x1) is block  # one row does not pay for a pass
             assert STREAMED[0] == n
-            with K.rerouted(x2):
-                got = lin(x2)
-                with K.rerouted(x2):  # nested: still rerouted, entered once
-                    lin(x2)
+            view = K.routed(block, x2)
+            assert view is not block and K.routed(block, x2) is view  # one view per scope
+            got = view(x2)
             assert STREAMED[0] == n + 2
-        with K.rerouted(x2):  # the scope is over
-            lin(x2)
-    assert STREAMED[0] == n + 2 and scope.streamed == 2
-    torch.testing.assert_close(got, F.linear(x2, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+            # a single-product site at one row: its shape alone decides
+            K.routed(head, x1, single=True)(x1)
+            with K.rerouted(x1):  # heads' code: intercepted, entered once when nested
+                head(x1)
+                with K.rerouted(x1):
+                    head(x1)
+            assert STREAMED[0] == n + 5
+        assert K.routed(block, x2) is block  # the scope is over
+    assert scope.streamed == 5
+    want = block(x2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    kept = json.loads((tmp_path / "kernels.json").read_text())["machines"][KT.machine_key()]
+    assert {k: v["stream"] for k, v in kept.items() if k.startswith("stack:")} == {
+        "stack:views:probe-model:r1": False, "stack:views:probe-model:r2": True}
+
+
+def test_a_view_shares_the_parameters_and_leaves_the_module_alone():
+    from exitwise.backbones.views import FewRowLinear, few_row_view
+
+    inner = nn.Linear(4, 3, bias=False)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(inner, nn.Tanh()), nn.LayerNorm(3))
+    before = [type(m) for m in model.modules()]
+    calls = []
+
+    def choose(x, w):
+        calls.append(tuple(w.shape))
+        return None  # stock
+
+    view = few_row_view(model, lambda lin: lin is inner, choose)
+    assert [type(m) for m in model.modules()] == before  # the original is untouched
+    seen = []
+    inner.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    assert view is not model and view[0] is model[0] and view[2] is model[2]
+    assert isinstance(view[1][0], FewRowLinear) and view[1][1] is model[1][1]
+    assert view[1][0].weight is inner.weight and view[1][0].bias is None
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(view(x), model(x), rtol=0, atol=0)
+    assert calls == [(3, 4)] and seen == [(2, 3), (2, 3)]  # the user's hook runs on the view
+    with torch.no_grad():
+        inner.weight.mul_(2)  # in-place changes show through
+    torch.testing.assert_close(view(x), model(x), rtol=0, atol=0)
+    assert few_row_view(model, lambda lin: False, choose) is model  # nothing scoped: itself
 
 
 def test_paired_times_alternate_and_shorten_long_measurements():

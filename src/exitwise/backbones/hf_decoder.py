@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import InputError, UnsupportedModelError
 from .base import Backbone, BackboneState, resolve_path
 from .decoder_layouts import DECODER_LAYOUTS, DecoderLayout, supported_decoder_types
-from .kernels import rerouted
+from .kernels import routed
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -209,9 +209,8 @@ class HFDecoderBackbone(Backbone):
         """
         if not 0 <= start <= end <= self.num_layers:
             raise InputError(f"layer range [{start}, {end}) is outside 0..{self.num_layers}")
-        with rerouted(hidden):  # few-row kernels, where this row count pays (kernels.py)
-            for i in range(start, end):
-                hidden = self.run_block(self.blocks[i], i, self.layer_types[i], hidden, ctx)
+        for i in range(start, end):
+            hidden = self.run_block(self.blocks[i], i, self.layer_types[i], hidden, ctx)
         return hidden
 
     def run_block(
@@ -220,6 +219,7 @@ class HFDecoderBackbone(Backbone):
     ) -> torch.Tensor:
         """Apply one decoder block (the model's own, or a copy owned by an exit head whose
         attention writes to cache layer ``cache_index``)."""
+        block = routed(block, hidden)  # few-row kernels, where this row count pays (kernels.py)
         mask = self._mask(hidden, ctx, cache_index, layer_type)
         use_cache = ctx.cache is not None
         if self.layout.positions == "rope":
@@ -243,8 +243,7 @@ class HFDecoderBackbone(Backbone):
     def lm_logits(self, hidden: torch.Tensor, lm_head: nn.Module | None = None) -> torch.Tensor:
         """Normed hidden (..., H) -> logits (..., V) through the shared LM head (or ``lm_head``),
         with the model's own output scaling / soft-capping."""
-        with rerouted(hidden):
-            logits = (lm_head or self.lm_head)(hidden)
+        logits = routed(lm_head or self.lm_head, hidden, single=True)(hidden)
         return self.postprocess_logits(logits)
 
     def postprocess_logits(self, logits: torch.Tensor) -> torch.Tensor:

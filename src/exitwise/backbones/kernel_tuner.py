@@ -92,7 +92,10 @@ def paired_times(
 class StackProbe(Protocol):
     """One forward pass of a whole model on ``rows`` new rows, timed: ``probe(rows)`` returns
     the seconds the pass took (set-up it needs, such as copying a cache, is not counted).
-    ``key`` names the model (architecture and shapes), so a verdict is reused only for it."""
+    ``key`` names the model (architecture and shapes), so a verdict is reused only for it.
+    For a ``per_call`` scope the pass is rerouted the way decoding reroutes it, through
+    :func:`~exitwise.backbones.kernels.routed` (a pass that never calls it is never rerouted
+    there, so its verdict is "stock")."""
 
     key: str
 
@@ -104,6 +107,13 @@ def shape_key(weights: Sequence[torch.Tensor], rows: int) -> str:
     w = weights[0]
     dtype = str(w.dtype).replace("torch.", "")
     return f"{dtype}:{w.shape[0]}x{w.shape[1]}:n{len(weights)}:r{rows}"
+
+
+def stack_key(probe: StackProbe, rows: int, views: bool = False) -> str:
+    """``stack:<probe.key>:r<rows>``: the key of one whole-pass verdict, rerouted by
+    interception; ``stack:views:...`` when rerouted through few-row views (the mechanisms
+    cost differently, so each has its own verdict)."""
+    return f"stack:{'views:' if views else ''}{probe.key}:r{rows}"
 
 
 class KernelTuner:
@@ -159,13 +169,16 @@ class KernelTuner:
         return known
 
     def check_stack(
-        self, probe: StackProbe, rows: int, routed: Callable[[], float]
+        self, probe: StackProbe, rows: int, routed: Callable[[], float],
+        stock: Callable[[], float] | None = None, views: bool = False,
     ) -> KernelDecision:
         """Whether rerouting pays for a whole forward pass of ``probe``'s model at ``rows``
-        rows: ``probe(rows)`` (stock) against ``routed()`` (the same pass rerouted), paired;
-        measured once per machine and kept like the per-shape choices."""
-        return self._kept_or_measured(f"stack:{probe.key}:r{rows}",
-                                      lambda: self._measure_stack(lambda: probe(rows), routed))
+        rows: ``stock()`` (default ``probe(rows)``) against ``routed()`` (the same pass
+        rerouted; ``views``: through few-row views), paired; measured once per machine and
+        kept like the per-shape choices."""
+        base = stock or (lambda: probe(rows))
+        return self._kept_or_measured(stack_key(probe, rows, views),
+                                      lambda: self._measure_stack(base, routed))
 
     def _kept_or_measured(self, key: str, measure: Callable[[], KernelDecision]) -> KernelDecision:
         """This machine's decision for ``key``, from memory or the file, else ``measure()``d

@@ -41,10 +41,18 @@ them twice as slow. So nothing here is chosen by a constant:
   measure again. The environment variable ``EXITWISE_KERNELS`` (``auto``/``stock``/
   ``streaming``/``packed``) overrides the default of :func:`resolve_kernels`.
 
-How the products are rerouted: :func:`few_row_kernels` enters a ``TorchFunctionMode`` that sees
-each ``F.linear`` call of the current thread and reroutes those whose weight belongs to the
-given modules. The user's modules, their classes and every global stay exactly as they were, a
-second thread is unaffected, and leaving the ``with`` block (also by an exception) ends it.
+How the products are rerouted, in two ways; in both the user's modules, their classes and
+every global stay exactly as they were, a second thread is unaffected, and leaving the
+``with`` block (also by an exception) ends it:
+
+- :func:`few_row_kernels` enters a ``TorchFunctionMode`` that sees each ``F.linear`` call of the
+  current thread and reroutes those whose weight belongs to the given modules. It works for any
+  code, but it intercepts every torch call, which costs a Python call per operation.
+- ``per_call=True`` (what exitwise's decoders use): only modules passed through :func:`routed`
+  are rerouted, through a few-row *view* (:mod:`.views`: a shallow copy whose linears choose
+  their kernel; nothing else is intercepted). Passes of decoder blocks are routed at the row
+  counts the whole-pass check kept; the LM head, a single product, wherever its shape measured
+  faster (measurements: ``docs/benchmarks/lm_kernels.md``).
 """
 
 from __future__ import annotations
@@ -69,9 +77,11 @@ from .kernel_tuner import (  # noqa: F401  (re-exported: the measuring half of t
     paired_choice,
     paired_times,
     shape_key,
+    stack_key,
 )
 from .packed import can_pack, packed_linear
 from .streaming import streaming_linear
+from .views import few_row_view
 
 KERNELS = ("auto", "stock", "streaming", "packed")
 DEFAULT_MAX_ROWS = 8
@@ -130,15 +140,14 @@ def _weight_groups(modules: Sequence[nn.Module | None]) -> dict[int, list[torch.
     return {id(w): group for group in by_shape.values() for w in group}
 
 
-class _FewRowMode(TorchFunctionMode):
-    """Reroutes the few-row ``F.linear`` calls on the scoped weights (see module doc)."""
+class _Decider:
+    """The kernel of each few-row product on the scoped weights, decided once per (shape
+    group, row count) in one scope and counted in its :class:`KernelScope`."""
 
     def __init__(
         self, groups: dict[int, list[torch.Tensor]], scope: KernelScope, max_rows: int,
-        tuner: KernelTuner, rows: frozenset[int] | None = None,
+        tuner: KernelTuner,
     ) -> None:
-        super().__init__()
-        self.rows = rows
         self.groups = groups
         self.scope = scope
         self.max_rows = max_rows
@@ -146,27 +155,22 @@ class _FewRowMode(TorchFunctionMode):
         # a kind forced by the caller ("streaming" / "packed"), else None: measured per shape
         self.always = scope.kernels if scope.kernels in ("streaming", "packed") else None
         self.memo: dict[tuple[int, int], tuple[Callable | None, dict[str, int], str]] = {}
-        self.entered = False  # per_call use: inside a rerouted() block now
 
-    def wants(self, rows: int) -> bool:
-        """Whether products of ``rows`` rows may be rerouted (then decided per shape)."""
-        return 1 <= rows <= self.max_rows and (self.rows is None or rows in self.rows)
+    def scoped(self, linear: nn.Linear) -> bool:
+        return id(linear.weight) in self.groups
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        kwargs = kwargs or {}
-        if func is not F.linear:
-            return func(*args, **kwargs)
-        x = args[0] if args else kwargs["input"]
-        w = args[1] if len(args) > 1 else kwargs.get("weight")
+    def kernel(self, x: object, w: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+        """The kernel for ``F.linear(x, w, ...)``, or None for the stock product (weights
+        outside the scope, autograd, other devices or dtypes, more than max_rows rows)."""
         group = self.groups.get(id(w))
         if (
             group is None or not isinstance(x, torch.Tensor) or x.device.type != "cpu"
             or x.dtype != w.dtype or x.dim() == 0 or torch.is_grad_enabled()
         ):
-            return func(*args, **kwargs)
+            return None
         rows = x.numel() // max(x.shape[-1], 1)
-        if not self.wants(rows):
-            return func(*args, **kwargs)
+        if not 1 <= rows <= self.max_rows:
+            return None
         # Decided once per (shape group, rows) in this scope: this runs for every product of
         # every step, so it must not format keys or take the tuner's lock each time.
         memo = self.memo.get((id(group), rows))
@@ -183,10 +187,54 @@ class _FewRowMode(TorchFunctionMode):
             memo = self.memo[(id(group), rows)] = (kernel, counts, which)
         kernel, counts, which = memo
         counts[which] = counts.get(which, 0) + 1
+        return kernel
+
+
+class _FewRowMode(TorchFunctionMode):
+    """Reroutes the few-row ``F.linear`` calls on the scoped weights (see module doc) of the
+    allowed row counts (None: all)."""
+
+    def __init__(self, decider: _Decider, rows: frozenset[int] | None = None) -> None:
+        super().__init__()
+        self.decider = decider
+        self.rows = rows
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func is not F.linear:
+            return func(*args, **kwargs)
+        x = args[0] if args else kwargs["input"]
+        w = args[1] if len(args) > 1 else kwargs.get("weight")
+        if self.rows is not None and isinstance(x, torch.Tensor) and _rows_of(x) not in self.rows:
+            return func(*args, **kwargs)
+        kernel = self.decider.kernel(x, w)
         if kernel is None:
             return func(*args, **kwargs)
         b = args[2] if len(args) > 2 else kwargs.get("bias")
         return kernel(x, w, b)
+
+
+class _Router:
+    """A per_call scope on one thread: which passes are rerouted, and their views."""
+
+    def __init__(self, decider: _Decider, allowed: frozenset[int] | None) -> None:
+        self.decider = decider
+        self.allowed = allowed  # row counts of rerouted passes (None: every count)
+        self.mode = _FewRowMode(decider)
+        self.entered = False  # inside a rerouted() block now
+        self.views: dict[int, tuple[nn.Module, nn.Module]] = {}  # id -> (module, its view)
+
+    def wants(self, rows: int, single: bool) -> bool:
+        if not 1 <= rows <= self.decider.max_rows:
+            return False
+        return single or self.allowed is None or rows in self.allowed
+
+    def view(self, module: nn.Module) -> nn.Module:
+        known = self.views.get(id(module))
+        if known is None or known[0] is not module:
+            d = self.decider
+            known = self.views[id(module)] = (module, few_row_view(module, d.scoped, d.kernel))
+        return known[1]
 
 
 @contextmanager
@@ -199,16 +247,18 @@ def few_row_kernels(
     per_call: bool = False,
 ) -> Iterator[KernelScope]:
     """Within the block, on this thread, few-row products (1..``max_rows`` rows, no autograd,
-    CPU) with the ``nn.Linear`` weights under ``modules`` use the streaming kernel when
-    ``kernels`` says so ("auto": where measured faster, and with ``probe`` only at the row
-    counts where a whole pass measured faster; see module doc). Nothing of the modules is
-    changed. Yields a :class:`KernelScope` that counts what ran.
+    CPU) with the ``nn.Linear`` weights under ``modules`` use the kernel ``kernels`` says
+    ("auto": where measured faster, and with ``probe`` only at the row counts where a whole
+    pass measured faster; see module doc). Nothing of the modules is changed. Yields a
+    :class:`KernelScope` that counts what ran.
 
-    per_call: reroute only inside :func:`rerouted` blocks whose row count is allowed, instead
-        of everywhere in the block. Rerouting intercepts every torch call (about 16% of a
-        SmolLM2 step at one row on one CPU), so code that knows its row counts (exitwise's
-        decoders: each pass of blocks, the LM head and the exit heads) pays it only where it
-        gains."""
+    per_call: instead of rerouting every product in the block (a ``TorchFunctionMode`` that
+        intercepts every torch call, a cost comparable to what the products gain),
+        reroute only the modules that code running in the block passes through
+        :func:`routed` (a view of the module whose linears choose their kernel; nothing else
+        is intercepted) and the code in :func:`rerouted` blocks. exitwise's decoders do:
+        each pass of blocks at the row counts where the whole pass measured faster, and the
+        LM head and exit heads (single-product sites) wherever their shape measured faster."""
     kernels = resolve_kernels(kernels)
     if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
         raise ConfigError(f"max_rows must be an int >= 1; got {max_rows!r}")
@@ -221,73 +271,113 @@ def few_row_kernels(
         if not tuner.any_stream(unique, max_rows):
             groups = {}  # every product stays stock: do not pay for rerouting at all
         elif probe is not None:
-            allowed = _rows_that_pay(groups, unique, max_rows, tuner, probe)
+            allowed = _rows_that_pay(groups, unique, max_rows, tuner, probe, per_call)
             scope.rows = tuple(sorted(allowed))
-            if not allowed:
-                groups = {}
+            if not allowed and not per_call:
+                groups = {}  # (per_call still reroutes single-product sites)
     if not groups:
         yield scope
         return
-    mode = _FewRowMode(groups, scope, max_rows, tuner, allowed)
+    decider = _Decider(groups, scope, max_rows, tuner)
     if not per_call:
-        with mode:
+        with _FewRowMode(decider, allowed):
             yield scope
         return
-    previous = getattr(_local, "router", None)
-    _local.router = mode
-    try:
+    with _installed(_Router(decider, allowed)):
         yield scope
+
+
+_local = threading.local()  # .router: the _Router of the per_call scope of this thread
+
+
+@contextmanager
+def _installed(router: _Router | None) -> Iterator[None]:
+    previous = getattr(_local, "router", None)
+    _local.router = router
+    try:
+        yield
     finally:
         _local.router = previous
 
 
-_local = threading.local()  # .router: the _FewRowMode of the per_call scope of this thread
+def _rows_of(x: torch.Tensor) -> int:
+    return x.numel() // max(x.shape[-1], 1)
+
+
+def routed(module: nn.Module, x: torch.Tensor, single: bool = False) -> nn.Module:
+    """Inside a ``few_row_kernels(..., per_call=True)`` scope of this thread: the few-row view
+    of ``module`` (:mod:`.views`; made once per scope) when ``x`` (..., in), the input of its
+    products, has a row count the scope reroutes, else ``module`` itself (also outside any
+    scope, at the cost of one lookup).
+
+    single: ``module`` is a single-product site (an LM head): its per-shape measurement *is*
+        the site's, so it is rerouted at every few-row count where its shape measured faster,
+        without the whole-pass check (which is about passes of many operations)."""
+    router = getattr(_local, "router", None)
+    if router is None or not router.wants(_rows_of(x), single):
+        return module
+    return router.view(module)
 
 
 @contextmanager
 def rerouted(x: torch.Tensor) -> Iterator[None]:
-    """Inside a ``few_row_kernels(..., per_call=True)`` scope of this thread: the products of
-    the block are rerouted when ``x`` (..., in), the input of the block's products, has a row
-    count the scope reroutes; elsewhere (and nested) it does nothing and costs one lookup."""
-    mode = getattr(_local, "router", None)
-    if mode is None or mode.entered or not mode.wants(x.numel() // max(x.shape[-1], 1)):
+    """Inside a ``few_row_kernels(..., per_call=True)`` scope of this thread: every product of
+    the block on scoped weights takes the kernel its shape measured faster when ``x``
+    (..., in), the input of the block's products, has 1..max_rows rows. For small code of a
+    few operations with modules that must not be copied (exit heads, which may keep state):
+    it intercepts every torch call inside. Elsewhere (and nested) it costs one lookup."""
+    router = getattr(_local, "router", None)
+    if router is None or router.entered or not router.wants(_rows_of(x), single=True):
         yield
         return
-    mode.entered = True
+    router.entered = True
     try:
-        with mode:
+        with router.mode:
             yield
     finally:
-        mode.entered = False
+        router.entered = False
 
 
 def _rows_that_pay(
     groups: dict[int, list[torch.Tensor]], unique: Sequence[Sequence[torch.Tensor]],
-    max_rows: int, tuner: KernelTuner, probe: StackProbe,
+    max_rows: int, tuner: KernelTuner, probe: StackProbe, views: bool,
 ) -> frozenset[int]:
     """The row counts 1..max_rows at which some shape streams *and* the probe's whole pass,
-    rerouted as decided per shape, is faster than stock (see :meth:`KernelTuner.check_stack`)."""
+    rerouted as decided per shape (through views, or by interception), is faster than stock
+    (see :meth:`KernelTuner.check_stack`)."""
     keep = set()
     for rows in range(1, max_rows + 1):
         if not any(tuner.decide(g, rows).stream for g in unique):
             continue
-        if tuner.check_stack(probe, rows, _routed(groups, tuner, probe, rows)).stream:
+        stock, rerouted_pass = _pass_pair(groups, tuner, probe, rows, views)
+        if tuner.check_stack(probe, rows, rerouted_pass, stock, views).stream:
             keep.add(rows)
     return frozenset(keep)
 
 
-def _routed(
-    groups: dict[int, list[torch.Tensor]], tuner: KernelTuner, probe: StackProbe, rows: int
-) -> Callable[[], float]:
-    """``probe(rows)`` with the products of ``rows`` rows rerouted as decided per shape."""
+def _pass_pair(
+    groups: dict[int, list[torch.Tensor]], tuner: KernelTuner, probe: StackProbe, rows: int,
+    views: bool,
+) -> tuple[Callable[[], float], Callable[[], float]]:
+    """``probe(rows)`` stock and rerouted, each in a scope of its own (the probe's products
+    must not count as the caller's). By interception: the whole pass or nothing. Through views
+    (as decoding runs it): a per_call scope whose single-product sites are rerouted in both,
+    so the pair differs only in the passes of blocks."""
 
-    def run() -> float:
-        # a scope of its own: the probe's products must not count as the caller's
-        trial = KernelScope(kernels="auto", weights=len(groups))
-        with _FewRowMode(groups, trial, rows, tuner, frozenset((rows,))):
-            return probe(rows)
+    def run(allowed: frozenset[int]) -> Callable[[], float]:
+        def timed() -> float:
+            decider = _Decider(groups, KernelScope("auto", len(groups)), rows, tuner)
+            if not views:
+                with _FewRowMode(decider, allowed):
+                    return probe(rows)
+            with _installed(_Router(decider, allowed)):
+                return probe(rows)
 
-    return run
+        return timed
+
+    if not views:
+        return (lambda: probe(rows)), run(frozenset((rows,)))
+    return run(frozenset()), run(frozenset((rows,)))
 
 
 def autotune(
@@ -295,12 +385,14 @@ def autotune(
     rows: Sequence[int] = (1, 2),
     tuner: KernelTuner | None = None,
     probe: StackProbe | None = None,
+    per_call: bool = False,
 ) -> dict[str, KernelDecision]:
     """Measure now (instead of at first use) the choice for every weight shape under
     ``modules`` at each row count, and with ``probe`` the whole-pass check at each of those
-    counts where some shape streams (keys ``stack:<probe.key>:r<rows>``); returns the
-    decisions by key. Already measured ones are reused (``tuner.clear()`` first to measure
-    again)."""
+    counts where some shape streams (keys :func:`stack_key`; ``per_call``: the check of
+    passes rerouted through views, as ``few_row_kernels(..., per_call=True)`` and exitwise's
+    decoders use); returns the decisions by key. Already measured ones are reused
+    (``tuner.clear()`` first to measure again)."""
     tuner = tuner or default_tuner()
     out: dict[str, KernelDecision] = {}
     by_weight = _weight_groups(modules)
@@ -313,6 +405,7 @@ def autotune(
     if probe is not None and rows:
         for r in rows:
             if any(out[shape_key(g, r)].stream for g in groups.values()):
-                routed = _routed(by_weight, tuner, probe, r)
-                out[f"stack:{probe.key}:r{r}"] = tuner.check_stack(probe, r, routed)
+                stock, rerouted_pass = _pass_pair(by_weight, tuner, probe, r, per_call)
+                out[stack_key(probe, r, per_call)] = tuner.check_stack(
+                    probe, r, rerouted_pass, stock, per_call)
     return out
