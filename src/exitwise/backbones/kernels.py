@@ -164,7 +164,7 @@ class _Decider:
         outside the scope, autograd, other devices or dtypes, more than max_rows rows)."""
         group = self.groups.get(id(w))
         if (
-            group is None or not isinstance(x, torch.Tensor) or x.device.type != "cpu"
+            group is None or not isinstance(x, torch.Tensor) or not x.is_cpu
             or x.dtype != w.dtype or x.dim() == 0 or torch.is_grad_enabled()
         ):
             return None
@@ -365,12 +365,16 @@ def _pass_pair(
     so the pair differs only in the passes of blocks."""
 
     def run(allowed: frozenset[int]) -> Callable[[], float]:
+        # one decider and router per arm, made here: a view is built at its first use, which
+        # must fall in the untimed warm-up pass as it falls once per generate call
+        decider = _Decider(groups, KernelScope("auto", len(groups)), rows, tuner)
+        router = _Router(decider, allowed)
+
         def timed() -> float:
-            decider = _Decider(groups, KernelScope("auto", len(groups)), rows, tuner)
             if not views:
                 with _FewRowMode(decider, allowed):
                     return probe(rows)
-            with _installed(_Router(decider, allowed)):
+            with _installed(router):
                 return probe(rows)
 
         return timed
