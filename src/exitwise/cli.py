@@ -221,7 +221,7 @@ def _add_lm_commands(sub: Any) -> None:
     g.add_argument("--json", action="store_true", help="print texts and stats as JSON")
     g.add_argument("--kernels", default=None, choices=["auto", "stock", "streaming", "packed"],
                    help="few-row products: auto (default, or $EXITWISE_KERNELS) = stock unless "
-                        "measured faster on this machine; stock; streaming")
+                        "measured faster on this machine; stock; streaming; packed")
 
     k = sub.add_parser("kernels", help="measure now which few-row kernels this machine should "
                                        "use for a model (else measured at first use)")

@@ -168,7 +168,7 @@ class _Decider:
             or x.dtype != w.dtype or x.dim() == 0 or torch.is_grad_enabled()
         ):
             return None
-        rows = x.numel() // max(x.shape[-1], 1)
+        rows = _rows_of(x)
         if not 1 <= rows <= self.max_rows:
             return None
         # Decided once per (shape group, rows) in this scope: this runs for every product of

@@ -7,12 +7,12 @@ way costs a Python call per operation, which can cost more than the products gai
 only at the products: :func:`few_row_view` returns a shallow copy of the module tree in which
 every scoped ``nn.Linear`` is a :class:`FewRowLinear` holding the *same* parameters, and every
 other module is the original or a shallow copy whose child table points at views. The user's
-modules, classes and globals are untouched; the view shares every parameter, buffer and hook
-(in-place changes show through) and lives as long as the caller keeps it.
+modules, classes and globals are untouched; the view shares every parameter, buffer and
+forward hook (in-place changes show through) and lives as long as the caller keeps it.
 
 A view must not be used to change state: an attribute set on a copied module during its
-forward stays on the copy. exitwise views only the backbone's own blocks and LM head, which
-keep no state between calls (the KV cache is passed in).
+forward stays on the copy. exitwise views only decoder blocks (the model's, or an exit head's
+copies of them) and LM heads, which keep no state between calls (the KV cache is passed in).
 """
 
 from __future__ import annotations
