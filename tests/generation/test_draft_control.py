@@ -154,19 +154,69 @@ def test_the_clock_overrules_the_model():
     assert c.choose(1) == 1
     # ... but drafting steps realized 1.5 tokens in 0.2 s (7.5/s) and plain ones 1 token in
     # 0.1 s (10/s): plain decoding, and then resting
-    for _ in range(3):
+    for _ in range(4):
         c.record_step(1, True, 3, 0.4)  # 2 rows: 3 tokens in all
         c.record_step(1, False, 1, 0.1)
-    d = 0.95  # the realized sums are discounted per step: both rates stay the same here
-    assert c.realized_rate(1, True) == pytest.approx(3 * (1 + d + d * d) / (0.4 * (1 + d + d * d)))
+    d = 0.95  # every step discounts both kinds alike: each kind's rate stays the same ...
+    assert c.realized_rate(1, True) == pytest.approx(7.5)
     assert c.realized_rate(1, False) == pytest.approx(10.0)
+    # ... while its weight is the discounted count of its steps (drafting: steps 1, 3, 5, 7)
+    assert c.realized[(1, True)][2] == pytest.approx(d**7 + d**5 + d**3 + d)  # 3.28
     c.begin_step()
     assert c.choose(1) == 0 and c.resting(1, ["exit"])
+    # the drafting evidence expires as plain steps go on (3.28 x 0.95^2 < 3): the model
+    # decides again
+    for _ in range(2):
+        c.record_step(1, False, 1, 0.1)
+    assert c.realized_rate(1, True) is None
+    for _ in range(15):  # the next step that chooses (explore_every is 0: every step)
+        c.begin_step()
+    assert c.choose(1) == 1 and not c.resting(1, ["exit"])
     # fewer than 3 steps of a kind: not trusted yet
     fresh = _timed({1: 0.1, 2: 0.1}, 0.001, [(1, 1)] * 20, max_len=1)
     fresh.record_step(1, True, 1, 1.0)
     fresh.record_step(1, False, 1, 0.1)
     assert fresh.realized_rate(1, True) is None and fresh.choose(1) == 1
+    # within the 5% margin the clock leaves the choice to the model
+    close = _timed({1: 0.1, 2: 0.1}, 0.001, [(1, 1)] * 20, max_len=1)
+    for _ in range(4):
+        close.record_step(1, True, 97, 10.0)  # 9.7/s against 10/s
+        close.record_step(1, False, 1, 0.1)
+    assert not close.clock_prefers_plain(1) and close.choose(1) == 1
+
+
+def test_only_a_clear_win_of_plain_decoding_rests():
+    # verify(1) = 0.1, verify(2) = 0.1, drafts 0.02 s: k = 1 costs 0.14 s for 1 + a tokens,
+    # k = 0 costs 0.12 s for 1 token (8.33/s); plain wins when a < 0.14 / 0.12 - 1 = 0.167,
+    # clearly (by 10%) when (1 + a) / 0.14 <= 8.33 / 1.1, i.e. a <= 0.061
+    def after(kept: int, reached: int) -> DraftLengthController:
+        c = _timed({1: 0.1, 2: 0.1}, 0.02, max_len=1)
+        c.reached["exit"], c.kept["exit"] = [float(reached)], [float(kept)]
+        c.begin_step()
+        return c
+
+    clear = after(0, 98)  # alpha = 1 / 100: k = 1 at 1.01 / 0.14 = 7.21/s
+    assert clear.choose(1) == 0 and clear.resting(1, ["exit"])
+    near = after(10, 98)  # alpha = 11 / 100: 1.11 / 0.14 = 7.93/s, within 10% of 8.33/s
+    assert near.choose(1) == 0 and not near.resting(1, ["exit"])
+
+
+def test_verification_is_kept_in_draft_passes_of_the_same_step():
+    # q = 1 timed in a fast phase (0.10 s, its draft pass 0.01 s), q = 2 in a phase twice
+    # as slow (0.24 s, pass 0.02 s): 10 and 12 passes, so verify(2) / verify(1) is 1.2
+    # (in seconds it would look 2.4), both at the current pass (the latest: window 1)
+    c = DraftLengthController(max_len=2, window=1)
+    c.record_costs(1, 1, 0.10, 0.01, 1)
+    c.record_costs(1, 2, 0.24, 0.04, 2)  # two passes in 0.04 s: 0.02 each
+    assert c.costs[1].ratio == pytest.approx({1: 10.0, 2: 12.0})
+    assert c.costs[1].verify == pytest.approx({1: 0.20, 2: 0.24})
+    # a faster pass again rescales both: the choice depends on the multiples alone
+    c.record_costs(1, 1, 0.05, 0.005, 1)
+    assert c.costs[1].verify == pytest.approx({1: 0.05, 2: 0.06})
+    # without draft passes (drafts known up front, no exit), seconds as timed
+    s = DraftLengthController(max_len=2, window=1)
+    s.record_costs(1, 3, 0.3, None, 0)
+    assert s.costs[1].verify == {3: 0.3} and not s.costs[1].ratio
 
 
 def test_plain_decoding_is_retimed_while_drafting_wins():

@@ -7,10 +7,17 @@ is no longer almost free), so ``draft_len="auto"`` decides per step instead, fro
 run itself has measured:
 
 - **cost**: the wall-clock time of one draft pass (blocks below the exit and the exit head,
-  per drafted position) and of verifying q = k + 1 positions, each the median of its latest
-  ``window`` timings per active batch size (a median, not a running mean: the first steps of
-  a run are cold and a shared machine has spikes, and one such timing must not decide the
-  next hundred steps); a verification length not yet timed is interpolated linearly between
+  per drafted position) and of verifying q = k + 1 positions, per active batch size. A
+  shared machine goes through slow and fast phases lasting seconds (the same one-row
+  verification measured 0.05 s and 0.08 s a few steps apart), and lengths are timed at
+  different moments (one-token drafts while drafting pays, plain steps while it does not),
+  so verification is kept as a multiple of the draft pass timed in the same step -- both
+  slow down together -- and its cost is that multiple times the current draft pass; the
+  choice between lengths then depends on the multiples alone. Each quantity is the median
+  of its latest ``window`` timings (a median, not a running mean: the first steps of a run
+  are cold and there are spikes, and one such timing must not decide the next hundred
+  steps). Without draft passes (drafts that need no pass below an exit) verification is
+  kept in seconds. A verification length not yet timed is interpolated linearly between
   the nearest timed ones (extrapolated along the last two beyond them);
 - **acceptance**: each source of drafts (the exit head, n-gram lookups) keeps, per draft
   position j, a discounted count of the rows that reached position j (every earlier draft
@@ -38,11 +45,15 @@ and a stale one would keep a losing draft length forever).
 The model above can be wrong where its parts are right (a step after a speculative one pays
 for the cache it left, rows of a batch accept differently), so the controller also keeps
 what was *realized*: per batch size, the tokens emitted and the wall-clock seconds of whole
-drafting steps and of whole plain steps (discounted sums). When drafting steps have
-realized fewer tokens per second than plain steps, plain decoding is chosen whatever the
-model says (and re-tried as above), so a configuration the model favours but the clock does
-not is dropped within a few steps. With n-gram and exit drafts together, a row uses its
-n-gram continuation only while n-gram drafts promise at least the exit's tokens per second
+drafting steps and of whole plain steps (sums discounted at every step of either kind, so
+the evidence of a kind not run lately expires). When drafting steps have realized clearly
+fewer tokens per second than plain steps (by more than 5%), plain decoding is chosen
+whatever the model says, so a configuration the model favours but the clock does not is
+dropped within a few steps; once that evidence has expired (a few tens of plain steps) the
+model decides again. Plain decoding that wins clearly (by ``explore_margin``) rests: the
+steps until the next exploring one are plain, without choosing or timing; after a close call
+the next step chooses again. With n-gram and exit drafts together, a row uses its n-gram
+continuation only while n-gram drafts promise at least the exit's tokens per second
 (:meth:`DraftLengthController.prefers`). The decoding strategies keep one controller per model
 and drafter (and thread count, kernels, device), so what one ``generate`` call measured carries
 over to the next: the calibration happens at first use.
@@ -78,9 +89,10 @@ class _Timings:
 class _Costs:
     """One active batch size's step costs (seconds): the medians of recent timings."""
 
-    window: int = 5
+    window: int = 16
     draft: float | None = None
     verify: dict[int, float] = field(default_factory=dict)  # q -> seconds
+    ratio: dict[int, float] = field(default_factory=dict)  # q -> verify(q) / one draft pass
     proposal: dict[str, float] = field(default_factory=dict)  # source -> seconds per draft
     timings: dict[Any, _Timings] = field(default_factory=dict)  # what -> recent timings
 
@@ -114,8 +126,9 @@ class _Costs:
 
 
 HISTORY = 1024  # chosen lengths kept per source (the latest)
-REALIZED_MIN = 3  # whole steps of a kind before their realized rate is trusted
-REALIZED_DISCOUNT = 0.95  # per step: the realized rates follow about the last 20 steps
+REALIZED_MIN = 3  # discounted whole steps of a kind before their realized rate is trusted
+CLOCK_MARGIN = 0.05  # the realized rates overrule the model only when this far apart
+REALIZED_DISCOUNT = 0.95  # per step of either kind: the evidence of about the last 20 steps
 
 
 class DraftLengthController:
@@ -130,7 +143,7 @@ class DraftLengthController:
     k drafts verify 1 + k * tree_width positions (token trees, :mod:`.token_tree`; 1: a chain).
     """
 
-    def __init__(self, max_len: int = 8, explore_every: int = 16, window: int = 5,
+    def __init__(self, max_len: int = 8, explore_every: int = 16, window: int = 16,
                  discount: float = 0.98, explore_margin: float = 0.1,
                  tree_width: int = 1) -> None:
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
@@ -225,10 +238,15 @@ class DraftLengthController:
                 cost = self.step_cost(rows, n, passes, source)
                 rates.append(self.expected_tokens(n, alphas) / max(cost or 0.0, 1e-12))
             k = max(range(self.max_len + 1), key=rates.__getitem__)
-            if k and self.clock_prefers_plain(rows):
+            clock = bool(k) and self.clock_prefers_plain(rows)
+            if clock:
                 k = 0  # the model favours drafting, the clock does not
             self.rates[source] = rates[k]
-            if k == 0:
+            # Rest (plain steps until the next exploring step) only when plain decoding won
+            # clearly; after a close call the next step chooses again, so that noise in the
+            # estimates cannot switch drafting off for explore_every steps at a time.
+            clear = clock or rates[0] >= (1 + self.explore_margin) * max(rates[1:])
+            if k == 0 and clear:
                 self._zero_since[(rows, source)] = self.steps  # plain decoding won
             else:
                 self._zero_since.pop((rows, source), None)
@@ -250,7 +268,7 @@ class DraftLengthController:
 
     def resting(self, rows: int, sources: Sequence[str]) -> bool:
         """True when, for every source, plain decoding (k = 0) won the last choice at this
-        batch size and this step is not one of the every-``explore_every`` steps that choose
+        batch size clearly (see :meth:`choose`) and this step is not one of the every-``explore_every`` steps that choose
         (and may try a neighbour): the decoder then runs a plain step without timing or
         choosing anything, so that when speculation does not pay it costs what plain decoding
         costs."""
@@ -260,16 +278,18 @@ class DraftLengthController:
 
     def realized_rate(self, rows: int, drafting: bool) -> float | None:
         """Tokens per second that whole steps (drafting or plain) realized at ``rows`` active
-        rows (discounted; None before ``REALIZED_MIN`` such steps)."""
+        rows (discounted; None while the discounted count of such steps is below
+        ``REALIZED_MIN``)."""
         r = self.realized.get((rows, drafting))
         if r is None or r[2] < REALIZED_MIN or r[1] <= 0:
             return None
         return r[0] / r[1]
 
     def clock_prefers_plain(self, rows: int) -> bool:
-        """True when drafting steps realized fewer tokens per second than plain ones."""
+        """True when drafting steps realized fewer tokens per second than plain ones, by more
+        than ``CLOCK_MARGIN`` (a closer race is left to the model: both sides are noisy)."""
         spec, plain = self.realized_rate(rows, True), self.realized_rate(rows, False)
-        return spec is not None and plain is not None and spec < plain
+        return spec is not None and plain is not None and spec < (1 - CLOCK_MARGIN) * plain
 
     def prefers(self, source: str, other: str) -> bool:
         """Whether ``source``'s last choice promised at least ``other``'s tokens per second
@@ -282,19 +302,43 @@ class DraftLengthController:
     def record_costs(self, rows: int, q: int, verify_s: float, draft_s: float | None,
                      draft_passes: int) -> None:
         """Timings of one step at ``rows`` active rows: verifying q positions took
-        ``verify_s``; ``draft_passes`` draft passes took ``draft_s`` in all."""
+        ``verify_s``; ``draft_passes`` draft passes took ``draft_s`` in all.
+
+        With a draft pass in the step, verifying is kept as a multiple of that same step's
+        pass (see the module docstring: a shared machine's slow phases slow both alike, so
+        lengths timed in different phases stay comparable), and every verification cost is
+        that multiple times the current draft pass; without one, in seconds."""
         c = self.costs.setdefault(rows, _Costs(self.window))
-        c.verify[q] = c.add(("verify", q), verify_s)
-        if draft_s is not None and draft_passes > 0:
-            c.draft = c.add("draft", draft_s / draft_passes)
+        per = draft_s / draft_passes if draft_s is not None and draft_passes > 0 else None
+        if per is not None and per > 0:
+            c.draft = c.add("draft", per)
+            c.ratio[q] = c.add(("ratio", q), verify_s / per)
+            c.verify = {n: r * c.draft for n, r in c.ratio.items()}
+        elif c.ratio and c.draft:  # a step without its own pass: in the current pass's units
+            c.ratio[q] = c.add(("ratio", q), verify_s / c.draft)
+            c.verify[q] = c.ratio[q] * c.draft
+        else:
+            c.verify[q] = c.add(("verify", q), verify_s)
 
     def record_step(self, rows: int, drafting: bool, tokens: int, seconds: float) -> None:
         """A whole step at ``rows`` active rows (drafting: k > 0 for some row) emitted
-        ``tokens`` tokens in all in ``seconds``."""
-        r = self.realized.setdefault((rows, drafting), [0.0, 0.0, 0])
-        r[0] = REALIZED_DISCOUNT * r[0] + tokens
-        r[1] = REALIZED_DISCOUNT * r[1] + seconds
-        r[2] += 1
+        ``tokens`` tokens in all in ``seconds``.
+
+        Every step discounts the evidence of *both* kinds at this batch size (a kind's rate,
+        tokens over seconds, is unchanged by it; only its weight shrinks): evidence of a kind
+        the decoder has stopped running expires, instead of vetoing it for as long as it is
+        not re-run -- a run of rejected drafts in a hard passage would otherwise keep
+        drafting off for the rest of the text."""
+        for kind in (True, False):
+            r = self.realized.get((rows, kind))
+            if r is not None:
+                r[0] *= REALIZED_DISCOUNT
+                r[1] *= REALIZED_DISCOUNT
+                r[2] *= REALIZED_DISCOUNT
+        r = self.realized.setdefault((rows, drafting), [0.0, 0.0, 0.0])
+        r[0] += tokens
+        r[1] += seconds
+        r[2] += 1.0
 
     def record_proposal(self, rows: int, source: str, seconds: float, drafts: int) -> None:
         """A proposer of ``source`` took ``seconds`` to propose up to ``drafts`` tokens per row
