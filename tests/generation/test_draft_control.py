@@ -213,6 +213,12 @@ def test_verification_is_kept_in_draft_passes_of_the_same_step():
     # a faster pass again rescales both: the choice depends on the multiples alone
     c.record_costs(1, 1, 0.05, 0.005, 1)
     assert c.costs[1].verify == pytest.approx({1: 0.05, 2: 0.06})
+    # a drafting step's passes include the exit head; the unit is its first pass's blocks
+    # alone (0.02 s), as in plain steps: 12 passes, not 0.24 / 0.03 = 8
+    h = DraftLengthController(max_len=2, window=1)
+    h.record_costs(1, 2, 0.24, 0.06, 2, unit_s=0.02)
+    assert h.costs[1].ratio == pytest.approx({2: 12.0}) and h.costs[1].draft == 0.03
+    assert h.step_cost(1, 1) == pytest.approx(2 * 0.03 + 0.24)
     # without draft passes (drafts known up front, no exit), seconds as timed
     s = DraftLengthController(max_len=2, window=1)
     s.record_costs(1, 3, 0.3, None, 0)

@@ -11,9 +11,9 @@ run itself has measured:
   shared machine goes through slow and fast phases lasting seconds (the same one-row
   verification measured 0.05 s and 0.08 s a few steps apart), and lengths are timed at
   different moments (one-token drafts while drafting pays, plain steps while it does not),
-  so verification is kept as a multiple of the draft pass timed in the same step -- both
-  slow down together -- and its cost is that multiple times the current draft pass; the
-  choice between lengths then depends on the multiples alone. Each quantity is the median
+  so verification is kept as a multiple of one pass of the blocks below the exit (one
+  position, no exit head) timed in the same step -- both slow down together -- and its cost
+  is that multiple times the current such pass. Each quantity is the median
   of its latest ``window`` timings (a median, not a running mean: the first steps of a run
   are cold and there are spikes, and one such timing must not decide the next hundred
   steps). Without draft passes (drafts that need no pass below an exit) verification is
@@ -300,23 +300,32 @@ class DraftLengthController:
 
     # -- measurements -------------------------------------------------------------------
     def record_costs(self, rows: int, q: int, verify_s: float, draft_s: float | None,
-                     draft_passes: int) -> None:
+                     draft_passes: int, unit_s: float | None = None) -> None:
         """Timings of one step at ``rows`` active rows: verifying q positions took
-        ``verify_s``; ``draft_passes`` draft passes took ``draft_s`` in all.
+        ``verify_s``; ``draft_passes`` draft passes took ``draft_s`` in all; ``unit_s``: one
+        pass of the blocks below the exit for one position, without the exit head, timed in
+        this step (default: ``draft_s / draft_passes``, right for plain steps, whose draft
+        phase is that pass alone).
 
-        With a draft pass in the step, verifying is kept as a multiple of that same step's
-        pass (see the module docstring: a shared machine's slow phases slow both alike, so
-        lengths timed in different phases stay comparable), and every verification cost is
-        that multiple times the current draft pass; without one, in seconds."""
+        With such a pass in the step, verifying is kept as a multiple of it (see the module
+        docstring: a shared machine's slow phases slow both alike, so lengths timed in
+        different phases stay comparable), and every verification cost is that multiple
+        times the current unit (the median of its latest timings); without one, in seconds.
+        The unit must not include the head: plain steps run none, so a unit with it would
+        make the lengths that draft look cheaper than plain steps by the head's share."""
         c = self.costs.setdefault(rows, _Costs(self.window))
         per = draft_s / draft_passes if draft_s is not None and draft_passes > 0 else None
-        if per is not None and per > 0:
+        if per is not None:
             c.draft = c.add("draft", per)
-            c.ratio[q] = c.add(("ratio", q), verify_s / per)
-            c.verify = {n: r * c.draft for n, r in c.ratio.items()}
-        elif c.ratio and c.draft:  # a step without its own pass: in the current pass's units
-            c.ratio[q] = c.add(("ratio", q), verify_s / c.draft)
-            c.verify[q] = c.ratio[q] * c.draft
+        unit = unit_s if unit_s is not None else per
+        if unit is not None and unit > 0:
+            current = c.add("unit", unit)
+            c.ratio[q] = c.add(("ratio", q), verify_s / unit)
+            c.verify = {n: r * current for n, r in c.ratio.items()}
+        elif c.ratio:  # a step without a pass: in the current unit
+            current = c.timings["unit"].value
+            c.ratio[q] = c.add(("ratio", q), verify_s / current)
+            c.verify[q] = c.ratio[q] * current
         else:
             c.verify[q] = c.add(("verify", q), verify_s)
 

@@ -226,7 +226,8 @@ def self_speculative_decode(
         else:
             states_l, fed, drafts, draft_probs, k, row_len, passes, siblings = (
                 _draft_sequentially(session, head, e, k, row_len, live, proposals, proposed,
-                                    temperature, draft_threshold, sampler, stats, tree_width))
+                                    temperature, draft_threshold, sampler, stats, tree_width,
+                                    timer))
             states = torch.cat(states_l, 1)
             sequential = passes * e
         timer.drafted()
@@ -315,7 +316,7 @@ def _draft_sequentially(
     session: DecodeSession, head: LMHead, e: int, k: int, row_len: torch.Tensor,
     live: torch.Tensor, proposals: list[list[int]], proposed: torch.Tensor,
     temperature: float, draft_threshold: float | None, sampler: SamplingConfig, stats: Any,
-    tree_width: int = 1,
+    tree_width: int = 1, timer: "_StepTimer | None" = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], int,
            torch.Tensor, int, torch.Tensor | None]:
     """The exit head's drafts, one pass of blocks [0, E) per position (see the module
@@ -323,7 +324,8 @@ def _draft_sequentially(
     ``tree_width`` > 1, the exit's next choices at each depth become sibling leaves, fed
     through [0, E) with the last pass (:mod:`.token_tree`).
     Returns (states per slot (A, n, H), fed chain tokens, drafts, draft probs (sampling), k,
-    row_len, passes, siblings (A, k, tree_width - 1) or None)."""
+    row_len, passes, siblings (A, k, tree_width - 1) or None). ``timer``: times the first
+    pass's blocks alone (the unit the controller keeps verification costs in)."""
     bb = session.backbone
     sampling = sampler.do_sample
     running = live.tolist()
@@ -344,7 +346,10 @@ def _draft_sequentially(
         else:
             new = tokens[:, None]
             ctx = session.context(j, 1)
+        t_pass = timer.now() if timer is not None and j == 0 else None
         hidden = bb.run_layers(bb.embed(new, ctx.positions), 0, e, ctx)
+        if t_pass is not None:
+            timer.unit = timer.now() - t_pass
         states.append(hidden)
         if j < k or head.uses_cache:  # keep a block adapter's cache aligned with blocks < E
             # (A, K) over the head's draft vocabulary (K = V without one); a conditioned exit
@@ -397,24 +402,28 @@ class _StepTimer:
                  since: float | None = None, excluded: float = 0.0) -> None:
         self.controller = controller
         self.cuda = device.type == "cuda"
-        self.t0 = self._now() if controller is not None else 0.0
+        self.t0 = self.now() if controller is not None else 0.0
         self.t1 = self.t0
         # set-up seconds before the draft phase (from ``since``, less ``excluded``: time
         # recorded elsewhere), added to the step's fixed (verify) cost
         self.setup = max(0.0, self.t0 - since - excluded) if since is not None else 0.0
+        # seconds of one pass of the blocks below the exit for one position of every row,
+        # without the exit head (None: the draft phase was that pass alone, as in plain steps)
+        self.unit: float | None = None
 
-    def _now(self) -> float:
+    def now(self) -> float:
         if self.cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
 
     def drafted(self) -> None:
         if self.controller is not None:
-            self.t1 = self._now()
+            self.t1 = self.now()
 
     def verified(self, rows: int, q: int, passes: int) -> None:
         if self.controller is None:
             return
-        t2 = self._now()
+        t2 = self.now()
         draft = self.t1 - self.t0 if passes else None  # no pass: nothing ran before verifying
-        self.controller.record_costs(rows, q, t2 - self.t1 + self.setup, draft, passes)
+        self.controller.record_costs(rows, q, t2 - self.t1 + self.setup, draft, passes,
+                                     unit_s=self.unit)
