@@ -87,12 +87,14 @@ class _Timings:
 
 @dataclass
 class _Costs:
-    """One active batch size's step costs (seconds): the medians of recent timings."""
+    """One active batch size's step costs (seconds, and verification also in units of a
+    draft pass): the medians of recent timings."""
 
     window: int = 16
     draft: float | None = None
     verify: dict[int, float] = field(default_factory=dict)  # q -> seconds
-    ratio: dict[int, float] = field(default_factory=dict)  # q -> verify(q) / one draft pass
+    # q -> verify(q) in units of one pass of the blocks below the exit (one position, no head)
+    ratio: dict[int, float] = field(default_factory=dict)
     proposal: dict[str, float] = field(default_factory=dict)  # source -> seconds per draft
     timings: dict[Any, _Timings] = field(default_factory=dict)  # what -> recent timings
 
@@ -268,10 +270,10 @@ class DraftLengthController:
 
     def resting(self, rows: int, sources: Sequence[str]) -> bool:
         """True when, for every source, plain decoding (k = 0) won the last choice at this
-        batch size clearly (see :meth:`choose`) and this step is not one of the every-``explore_every`` steps that choose
-        (and may try a neighbour): the decoder then runs a plain step without timing or
-        choosing anything, so that when speculation does not pay it costs what plain decoding
-        costs."""
+        batch size clearly (see :meth:`choose`) and this step is not one of the
+        every-``explore_every`` steps that choose (and may try a neighbour): the decoder then
+        runs a plain step without timing or choosing anything, so that when speculation does
+        not pay it costs what plain decoding costs."""
         if not sources or (self.explore_every and self.steps % self.explore_every == 0):
             return False
         return all((rows, source) in self._zero_since for source in sources)
