@@ -39,7 +39,9 @@ def test_cost_model_interpolates_and_extrapolates():
     assert c.costs[1].verify_cost(7) == pytest.approx(0.40)
     # T(k) = (k + 1) * t_draft + verify(k + 1) with t_draft = 0.02 per pass
     assert c.step_cost(1, 2, "per_token") == pytest.approx(3 * 0.02 + 0.20)
-    assert c.step_cost(1, 2, "one") == pytest.approx(0.02 + 0.20)
+    # drafts known up front: one pass of k + 1 = 3 positions below the exit, not yet timed,
+    # so the one-position pass (0.02 s) scaled as verification scales from 1 to 3 (x 2)
+    assert c.step_cost(1, 2, "one") == pytest.approx(0.02 * 2 + 0.20)
     assert c.step_cost(1, 2, "none") == pytest.approx(0.20)
     assert c.step_cost(4, 2) is None  # nothing timed at 4 rows yet
 
@@ -223,6 +225,28 @@ def test_verification_is_kept_in_draft_passes_of_the_same_step():
     s = DraftLengthController(max_len=2, window=1)
     s.record_costs(1, 3, 0.3, None, 0)
     assert s.costs[1].verify == {3: 0.3} and not s.costs[1].ratio
+
+
+def test_a_pass_of_several_positions_is_not_the_unit():
+    # a plain step: the one-position pass (0.01 s) is the unit, verifying 1 is 10 of them
+    c = DraftLengthController(max_len=4, window=1)
+    c.record_costs(1, 1, 0.10, 0.01, 1)
+    # drafts known up front: one pass of 3 positions (0.015 s) then verifying 3 (0.12 s);
+    # in the current unit that pass is 1.5 and verifying 12 (taking the 3-position pass as
+    # the unit would make it 0.12 / 0.015 = 8)
+    c.record_costs(1, 3, 0.12, 0.015, 1, positions=3)
+    assert c.costs[1].unit() == 0.01 and c.costs[1].passes == pytest.approx({3: 1.5})
+    assert c.costs[1].ratio == pytest.approx({1: 10.0, 3: 12.0})
+    assert c.costs[1].draft == 0.01  # not a per-position draft pass either
+    assert c.step_cost(1, 2, "one") == pytest.approx(0.015 + 0.12)
+    # k = 1: a pass of 2 halfway between 1 (the unit) and 1.5 units; verify(2) = 11 units
+    assert c.step_cost(1, 1, "one") == pytest.approx(0.0125 + 0.11)
+    # k = 3: along the line through them, 1.75 units; verify(4) = 13 units
+    assert c.step_cost(1, 3, "one") == pytest.approx(0.0175 + 0.13)
+    assert c.step_cost(1, 0, "one") == pytest.approx(0.01 + 0.10)  # a plain step
+    # a slower phase later rescales the pass too: it is kept in units
+    c.record_costs(1, 1, 0.20, 0.02, 1)
+    assert c.step_cost(1, 2, "one") == pytest.approx(0.03 + 0.24)
 
 
 def test_plain_decoding_is_retimed_while_drafting_wins():

@@ -12,6 +12,7 @@ from helpers.lmkit import DECODER_FAMILIES, EOS, PAD, left_padded, tiny_lm
 from exitwise.errors import ConfigError
 from exitwise.generation import (
     DecodeSession,
+    DraftLengthController,
     GenerationStats,
     NGramDrafter,
     NGramTables,
@@ -35,7 +36,10 @@ def test_tables_and_multi_level_lookup_by_hand():
     u = NGramTables(3, [5, 6, 7, 5, 6])
     # (5, 6) -> 7; then (6, 7) -> 5; then (7, 5) -> 6: each prediction extends the context
     assert u.propose(3) == [7, 5, 6]
-    assert u.propose(1) == [7]
+    assert u.propose(1) == [7] and u.match == 2  # found after the 2-token context (5, 6)
+    v = NGramTables(4, [5, 6, 7, 9, 6])
+    assert v.propose(2) == [7, 9] and v.match == 1  # only (6,) seen: a 1-token match
+    assert v.propose(0) == [] and v.match == 0
     u.update([8])  # (5, 6) -> 8 now (the latest continuation)
     assert u.next_token([5, 6]) == 8 and u.next_token([6]) == 8
 
@@ -120,3 +124,34 @@ def test_no_exit_head_needs_ngram_and_layer_zero():
     session = DecodeSession(bb, ids, mask, NEW, set(), PAD, stats)
     with pytest.raises(ConfigError, match="n-gram"):
         self_speculative_decode(session, None, 0, 3)
+
+
+def test_automatic_lengths_keep_ngram_acceptance_per_match_length():
+    """With draft_len="auto", n-gram drafts inform the acceptance of their match's level
+    ("ngram/2", "ngram/1" for order 3), never one pooled rate; only rows that drafted from a
+    level count there (at most the rows the drafter found at that level)."""
+    import exitwise as ew
+
+    class Logged(NGramDrafter):
+        def propose_rows(self, session, caps):
+            out = super().propose_rows(session, caps)
+            found.extend(n for n in self.row_levels if n is not None)
+            return out
+
+    found: list[str] = []
+    model = tiny_lm("llama")
+    bb = ew.wrap_backbone(model)
+    ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])
+    mask = torch.ones_like(ids)
+    stats = GenerationStats("self_speculative", bb.num_layers, drafted=[0], accepted=[0])
+    session = DecodeSession(bb, ids, mask, NEW, set(), PAD, stats)
+    controller = DraftLengthController(max_len=3, discount=1.0)
+    drafter = Logged(3)
+    assert drafter.levels == ["ngram/2", "ngram/1"]
+    self_speculative_decode(session, None, 0, 0, proposer=drafter, controller=controller)
+    assert found and "ngram" not in controller.reached
+    assert set(controller.reached) <= set(drafter.levels)
+    for level in drafter.levels:  # reached[0]: rows that drafted from that level
+        first = controller.reached.get(level, [0.0])[0]
+        assert 0 <= first <= found.count(level)
+    assert sum(controller.reached[n][0] for n in controller.reached) > 0

@@ -175,8 +175,9 @@ def test_controller_costs_the_tree_verification_width():
     # k = 1 verifies 1 + 1 * 3 = 4 slots; k = 2 verifies 7: extrapolated along q = 1 .. 4
     assert c.step_cost(1, 1) == pytest.approx(2 * 0.002 + 0.013)
     assert c.step_cost(1, 2) == pytest.approx(3 * 0.002 + 0.013 + 0.001 * 3)
-    # drafts known up front (one pass) get no siblings: a chain of k + 1
-    assert c.step_cost(1, 1, "one") == pytest.approx(0.002 + 0.010 + 0.001)
+    # drafts known up front (one pass of k + 1 positions, scaled as verification from 1 to
+    # 2: x 1.1 while untimed) get no siblings: a chain of k + 1
+    assert c.step_cost(1, 1, "one") == pytest.approx(0.002 * 1.1 + 0.010 + 0.001)
 
 
 def test_misuse_is_refused():

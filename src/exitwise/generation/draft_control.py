@@ -24,15 +24,18 @@ run itself has measured:
   kept) and of those whose j-th draft was kept too: alpha_j = kept_j / reached_j, from a
   Beta(1, 1) prior; a position never reached takes the deepest reached one's alpha. Positions
   differ (a feature-conditioned exit's first draft is kept far more often than its later
-  ones), so no single geometric rate is assumed.
+  ones), so no single geometric rate is assumed. A source may be finer than a drafter: the
+  decoder keeps n-gram drafts per length of the match behind them ("ngram/3" .. "ngram/1",
+  :class:`.ngram.NGramDrafter`), and chooses a length per such level.
 
 A row drafting k tokens then yields E[tokens] = 1 + a_1 + a_1 a_2 + ... + a_1 ... a_k per step
-(a_j = alpha_j), and the
-step costs T(k) = (k + 1) * t_draft + t_verify(k + 1) when the exit head drafts (the pending
-token and each draft pass through the blocks below the exit), one pass or none when the
-drafts are known up front (n-gram lookups); the controller picks the k in 0..max_len with the
-most tokens per second. k = 0 is plain greedy decoding through the same path, so when
-speculation does not pay the decoder falls back to it by measurement, never by a constant.
+(a_j = alpha_j), and the step costs T(k) = (k + 1) * t_draft + t_verify(k + 1) when the exit
+head drafts (the pending token and each draft pass through the blocks below the exit), one
+pass of the k + 1 positions below the exit (kept as its own multiple of the one-position
+pass: it costs more) or none when the drafts are known up front (n-gram lookups); the
+controller picks the k in 0..max_len with the most tokens per second. k = 0 is plain greedy
+decoding through the same path, so when speculation does not pay the decoder falls back to
+it by measurement, never by a constant.
 Until both a one-token draft and k = 0 are timed for the current batch size, it tries those
 two (one step each; longer drafts are costed along the line through them until tried); then
 every ``explore_every``-th step it tries a neighbour of the best k when that neighbour's
@@ -95,6 +98,9 @@ class _Costs:
     verify: dict[int, float] = field(default_factory=dict)  # q -> seconds
     # q -> verify(q) in units of one pass of the blocks below the exit (one position, no head)
     ratio: dict[int, float] = field(default_factory=dict)
+    # q > 1 -> one pass of q positions below the exit, in the same units (drafts known up
+    # front are fed through the blocks below the exit in one such pass)
+    passes: dict[int, float] = field(default_factory=dict)
     proposal: dict[str, float] = field(default_factory=dict)  # source -> seconds per draft
     timings: dict[Any, _Timings] = field(default_factory=dict)  # what -> recent timings
 
@@ -108,23 +114,51 @@ class _Costs:
     def verify_cost(self, q: int) -> float | None:
         """Seconds to verify q positions: timed, else interpolated linearly between the
         nearest timed lengths, else extrapolated along the last two (never decreasing)."""
-        if q in self.verify:
-            return self.verify[q]
-        known = sorted(self.verify)
-        if not known:
-            return None
-        below = [x for x in known if x < q]
-        above = [x for x in known if x > q]
-        if below and above:
-            lo, hi = below[-1], above[0]
-            w = (q - lo) / (hi - lo)
-            return (1 - w) * self.verify[lo] + w * self.verify[hi]
-        if len(known) < 2:
-            return self.verify[known[0]]
-        lo, hi = (known[-2], known[-1]) if below else (known[0], known[1])
-        slope = max(0.0, (self.verify[hi] - self.verify[lo]) / (hi - lo))
-        edge = hi if below else lo
-        return max(0.0, self.verify[edge] + slope * (q - edge))
+        return _along(self.verify, q)
+
+    def unit(self) -> float | None:
+        """Seconds of the current one-position pass of the blocks below the exit (None:
+        not timed yet)."""
+        t = self.timings.get("unit")
+        return t.value if t is not None else None
+
+    def pass_cost(self, q: int) -> float | None:
+        """Seconds of one pass of q positions through the blocks below the exit (drafts
+        known up front are fed that way). q = 1 is the unit; longer passes as timed (in
+        units, at the current unit), else along the line through the timed ones and the
+        unit; with none timed yet, the unit scaled as verification scales from 1 to q (the
+        same kind of blocks, above the exit instead of below)."""
+        unit = self.unit()
+        if unit is None:
+            return self.draft
+        if q <= 1:
+            return unit
+        if self.passes:
+            return unit * (_along({1: 1.0, **self.passes}, q) or 1.0)
+        v1, vq = self.verify_cost(1), self.verify_cost(q)
+        return unit * (vq / v1 if v1 and vq else 1.0)
+
+
+def _along(points: dict[int, float], q: int) -> float | None:
+    """points[q] if there, else linear between the nearest points around q, else along the
+    last two points beyond them (never decreasing); None without points."""
+    if q in points:
+        return points[q]
+    known = sorted(points)
+    if not known:
+        return None
+    below = [x for x in known if x < q]
+    above = [x for x in known if x > q]
+    if below and above:
+        lo, hi = below[-1], above[0]
+        w = (q - lo) / (hi - lo)
+        return (1 - w) * points[lo] + w * points[hi]
+    if len(known) < 2:
+        return points[known[0]]
+    lo, hi = (known[-2], known[-1]) if below else (known[0], known[1])
+    slope = max(0.0, (points[hi] - points[lo]) / (hi - lo))
+    edge = hi if below else lo
+    return max(0.0, points[edge] + slope * (q - edge))
 
 
 HISTORY = 1024  # chosen lengths kept per source (the latest)
@@ -212,7 +246,10 @@ class DraftLengthController:
                 return verify
             per = c.proposal.get(source)
             return None if per is None else k * per + verify
-        n = {"per_token": k + 1, "one": 1, "none": 0}[passes]
+        if passes == "one":  # one pass of the k + 1 positions below the exit
+            fed = c.pass_cost(k + 1)
+            return None if fed is None else fed + verify
+        n = {"per_token": k + 1, "none": 0}[passes]
         if n and c.draft is None:
             return None
         return n * (c.draft or 0.0) + verify
@@ -302,29 +339,45 @@ class DraftLengthController:
 
     # -- measurements -------------------------------------------------------------------
     def record_costs(self, rows: int, q: int, verify_s: float, draft_s: float | None,
-                     draft_passes: int, unit_s: float | None = None) -> None:
+                     draft_passes: int, unit_s: float | None = None,
+                     positions: int = 1) -> None:
         """Timings of one step at ``rows`` active rows: verifying q positions took
-        ``verify_s``; ``draft_passes`` draft passes took ``draft_s`` in all; ``unit_s``: one
-        pass of the blocks below the exit for one position, without the exit head, timed in
-        this step (default: ``draft_s / draft_passes``, right for plain steps, whose draft
-        phase is that pass alone).
+        ``verify_s``; ``draft_passes`` draft passes of ``positions`` positions each took
+        ``draft_s`` in all; ``unit_s``: one pass of the blocks below the exit for one
+        position, without the exit head, timed in this step (default: ``draft_s`` of a
+        step with one one-position pass, right for plain steps, whose draft phase is that
+        pass alone).
 
-        With such a pass in the step, verifying is kept as a multiple of it (see the module
+        With such a pass timed, verifying is kept as a multiple of it (see the module
         docstring: a shared machine's slow phases slow both alike, so lengths timed in
         different phases stay comparable), and every verification cost is that multiple
         times the current unit (the median of its latest timings); without one, in seconds.
         The unit must not include the head: plain steps run none, so a unit with it would
-        make the lengths that draft look cheaper than plain steps by the head's share."""
+        make the lengths that draft look cheaper than plain steps by the head's share.
+
+        A step whose drafts were known up front feeds them in one pass of ``positions`` =
+        k + 1 positions: that pass is no unit (it costs more than one position's) and no
+        per-position draft pass; it is kept as its own multiple of the current unit
+        (:meth:`_Costs.pass_cost`), so that long drafts of that kind are not costed as if
+        their pass were one position's."""
         c = self.costs.setdefault(rows, _Costs(self.window))
-        per = draft_s / draft_passes if draft_s is not None and draft_passes > 0 else None
-        if per is not None:
-            c.draft = c.add("draft", per)
-        unit = unit_s if unit_s is not None else per
+        timed = draft_s is not None and draft_passes > 0
+        if timed and positions > 1:
+            current = c.unit()
+            if current is not None and current > 0 and draft_s > 0:
+                c.passes[positions] = c.add(("pass", positions),
+                                            draft_s / draft_passes / current)
+            unit = None
+        else:
+            per = draft_s / draft_passes if timed else None
+            if per is not None:
+                c.draft = c.add("draft", per)
+            unit = unit_s if unit_s is not None else per
         if unit is not None and unit > 0:
             current = c.add("unit", unit)
             c.ratio[q] = c.add(("ratio", q), verify_s / unit)
             c.verify = {n: r * current for n, r in c.ratio.items()}
-        elif c.ratio:  # a step without a pass: in the current unit
+        elif c.ratio:  # a step without a unit pass: in the current unit
             current = c.timings["unit"].value
             c.ratio[q] = c.add(("ratio", q), verify_s / current)
             c.verify[q] = c.ratio[q] * current

@@ -63,6 +63,7 @@ class NGramTables:
         self.max_n = max_n
         self.text: list[int] = []
         self.tables: list[dict[tuple[int, ...], int]] = [{} for _ in range(max_n - 1)]
+        self.match = 0  # context length behind the last proposal's first token
         if tokens:
             self.update(tokens)
 
@@ -78,21 +79,30 @@ class NGramTables:
 
     def next_token(self, context: list[int]) -> int | None:
         """The token predicted after ``context`` by the longest order that has seen its tail."""
+        return self.lookup(context)[0]
+
+    def lookup(self, context: list[int]) -> tuple[int | None, int]:
+        """(the token predicted after ``context``, the length of the context that predicted
+        it: the longest seen tail; (None, 0) when no table has seen any)."""
         for c in range(min(len(self.tables), len(context)), 0, -1):
             hit = self.tables[c - 1].get(tuple(context[-c:]))
             if hit is not None:
-                return hit
-        return None
+                return hit, c
+        return None, 0
 
     def propose(self, k: int) -> list[int]:
         """Up to ``k`` tokens continuing the text, each predicted from the text plus the
-        tokens predicted before it; stops at the first context no table has seen."""
+        tokens predicted before it; stops at the first context no table has seen. Sets
+        ``match``: the context length that predicted the first token (0: none)."""
         context = self.text[-(self.max_n - 1):] if self.max_n > 1 else []
         out: list[int] = []
+        self.match = 0
         while len(out) < k:
-            nxt = self.next_token(context)
+            nxt, c = self.lookup(context)
             if nxt is None:
                 break
+            if not out:
+                self.match = c
             out.append(nxt)
             context = (context + [nxt])[-(self.max_n - 1):]
         return out
@@ -104,6 +114,13 @@ class NGramDrafter:
 
     The text of a row is its prompt's real tokens followed by every token it emitted (the
     pending token included, since it is the full model's own choice).
+
+    ``levels``: the names under which an automatic draft length keeps acceptance apart, one
+    per context length of the match behind a draft ("ngram/3" .. "ngram/1" for max_n = 4): a
+    continuation found after three matching tokens is kept far more often than one found
+    after a single token, so one pooled rate would draft too little after long matches and
+    too much after short ones. ``row_levels``: after :meth:`propose_rows`, each row's level
+    (None: no proposal).
     """
 
     source = "ngram"
@@ -114,6 +131,8 @@ class NGramDrafter:
         self.max_n = max_n
         self.rows: dict[int, NGramTables] = {}
         self._seen: dict[int, int] = {}
+        self.levels = [f"ngram/{c}" for c in range(max_n - 1, 0, -1)]
+        self.row_levels: list[str | None] = []
 
     def start(self, prompts: list[list[int]]) -> None:
         """Build the tables of each row (index = original row) from its prompt's tokens."""
@@ -136,6 +155,12 @@ class NGramDrafter:
         return self.rows[row].propose(k) if k > 0 else []
 
     def propose_rows(self, session: Any, caps: list[int]) -> list[list[int]]:
-        """Up to ``caps[i]`` tokens for each active row of ``session``."""
-        return [self.propose(r, session.generated[r], c) if c > 0 else []
-                for r, c in zip(session.rows.tolist(), caps)]
+        """Up to ``caps[i]`` tokens for each active row of ``session`` (sets
+        ``row_levels``)."""
+        out, levels = [], []
+        for r, c in zip(session.rows.tolist(), caps):
+            p = self.propose(r, session.generated[r], c) if c > 0 else []
+            out.append(p)
+            levels.append(f"ngram/{self.rows[r].match}" if p else None)
+        self.row_levels = levels
+        return out

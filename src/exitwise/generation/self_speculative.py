@@ -149,7 +149,10 @@ def self_speculative_decode(
     session.emit([[t] for t in first.tolist()])
     session.drop_finished()
 
-    sources = (["exit"] if head is not None else []) + ([proposer.source] if proposer else [])
+    # the proposer's acceptance is kept per level where it has levels (n-gram match lengths)
+    levels = list(getattr(proposer, "levels", None) or []) if controller is not None else []
+    proposer_sources = levels or ([proposer.source] if proposer is not None else [])
+    sources = (["exit"] if head is not None else []) + proposer_sources
     while session.unfinished:
         a = session.active
         running = session.running()
@@ -175,20 +178,32 @@ def self_speculative_decode(
         else:
             k_exit = draft_len
         proposals: list[list[int]] = [[] for _ in range(a)]
+        row_sources: list[str] = ["exit"] * a  # whose acceptance each row's drafts inform
         if proposer is not None:
             src = proposer.source
             passes_mode = proposer.passes if proposer.passes != "none" or not e else "one"
-            cap = (controller.choose(a, src, passes_mode) if controller is not None
-                   else proposal_len)
-            if controller is not None and head is not None and not controller.prefers(
-                    src, "exit"):
-                cap = 0  # the exit's drafts promise more tokens per second now
+            if controller is not None:
+                want = {n: controller.choose(a, n, passes_mode) for n in proposer_sources}
+                if head is not None:  # where the exit's drafts promise more tokens per
+                    # second, rows of that level draft with the exit instead
+                    want = {n: c if controller.prefers(n, "exit") else 0
+                            for n, c in want.items()}
+                cap = max(want.values())
+            else:
+                cap = proposal_len
             caps = [min(cap, int(b)) if alive else 0 for b, alive in zip(budget, running)]
             t_prop = time.perf_counter()
             proposals = proposer.propose_rows(session, caps)
             if controller is not None and proposer.passes == "per_draft" and max(caps):
                 t_proposal = time.perf_counter() - t_prop
                 controller.record_proposal(a, src, t_proposal, max(caps))
+            if levels:  # each row's draft cut to the length chosen for its match's level
+                named = proposer.row_levels
+                proposals = [p[:want[n]] if n is not None else p
+                             for p, n in zip(proposals, named)]
+                row_sources = [n if p else "exit" for p, n in zip(proposals, named)]
+            else:
+                row_sources = [src if p else "exit" for p in proposals]
         proposed = torch.tensor([bool(p) for p in proposals], dtype=torch.bool, device=device)
         row_len = torch.where(proposed,
                               torch.tensor([len(p) for p in proposals], device=device),
@@ -222,6 +237,7 @@ def self_speculative_decode(
                 v = bb.vocab_size
                 draft_probs = [torch.nn.functional.one_hot(t, v).float() for t in drafts]
             passes = 1 if e else 0
+            positions = k + 1  # the pass fed every position at once
             sequential = e
         else:
             states_l, fed, drafts, draft_probs, k, row_len, passes, siblings = (
@@ -229,6 +245,7 @@ def self_speculative_decode(
                                     temperature, draft_threshold, sampler, stats, tree_width,
                                     timer))
             states = torch.cat(states_l, 1)
+            positions = 1  # the first pass fed each row's pending token alone
             sequential = passes * e
         timer.drafted()
 
@@ -251,12 +268,15 @@ def self_speculative_decode(
             accepted, path, nxt, took = accept_greedy(
                 tree, drafted, siblings, target_logits.argmax(-1), row_len)
         if controller is not None:
-            other = proposer.source if proposer is not None else "ngram"
-            for source, rows_of in (("exit", ~proposed), (other, proposed)):
-                sel = rows_of & live & (row_len > 0)
-                if bool(sel.any()):
-                    controller.record_acceptance(source, accepted[sel].tolist(),
-                                                 row_len[sel].tolist())
+            outcomes: dict[str, tuple[list[int], list[int]]] = {}
+            for source, n, k_r, alive in zip(row_sources, accepted.tolist(), row_len.tolist(),
+                                             running):
+                if alive and k_r > 0:
+                    got, tried = outcomes.setdefault(source, ([], []))
+                    got.append(n)
+                    tried.append(k_r)
+            for source, (got, tried) in outcomes.items():
+                controller.record_acceptance(source, got, tried)
         # the final state at the slot that chose each row's next token (conditioned exits)
         rows_a = torch.arange(a, device=device)
         session.final_hidden = last_final[rows_a, path[rows_a, accepted]]
@@ -287,7 +307,7 @@ def self_speculative_decode(
         session.emit([kept_tokens[i, 1 : n + 1].tolist() + [t]
                       for i, (n, t) in enumerate(zip(n_list, nxt.tolist()))])
         session.drop_finished()
-        timer.verified(a, q, passes)  # the whole step: bookkeeping differs by k too
+        timer.verified(a, q, passes, positions)  # the whole step: bookkeeping differs by k
         if controller is not None:
             emitted = sum(n + 1 for n, alive in zip(n_list, running) if alive)
             controller.record_step(a, True, emitted, time.perf_counter() - t_top)
@@ -420,10 +440,10 @@ class _StepTimer:
         if self.controller is not None:
             self.t1 = self.now()
 
-    def verified(self, rows: int, q: int, passes: int) -> None:
+    def verified(self, rows: int, q: int, passes: int, positions: int = 1) -> None:
         if self.controller is None:
             return
         t2 = self.now()
         draft = self.t1 - self.t0 if passes else None  # no pass: nothing ran before verifying
         self.controller.record_costs(rows, q, t2 - self.t1 + self.setup, draft, passes,
-                                     unit_s=self.unit)
+                                     unit_s=self.unit, positions=positions)
