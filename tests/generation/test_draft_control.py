@@ -80,6 +80,31 @@ def test_choice_maximises_tokens_per_second():
     assert poor.choose(1) == 0
 
 
+def test_a_cold_first_timing_is_retimed_until_outvoted():
+    # the first one-token draft is timed cold (verifying 2 positions: 1.0 s, as when a shape's
+    # kernels are chosen during the step); warm, it takes 0.15 s; drafts are never kept
+    c = DraftLengthController(max_len=3, explore_every=4, window=16, discount=1.0)
+    c.begin_step()
+    assert c.choose(2) == 1
+    c.record_costs(2, 2, 1.0, 0.02, 2)
+    c.begin_step()
+    assert c.choose(2) == 0
+    c.record_costs(2, 1, 0.1, 0.01, 1)
+    c.record_acceptance("exit", [0] * 50, [1] * 50)
+    picks = []
+    for _ in range(36):
+        c.begin_step()
+        k = c.choose(2)
+        picks.append(k)
+        if k:  # the step that tries it times it again, warm now
+            c.record_costs(2, 2, 0.15, 0.02, 2)
+    # k = 1 is clearly worse, but timed fewer than 3 times it is tried at each exploring step
+    # (4, 8) until the median (0.15 s of 1.0, 0.15, 0.15) outvotes the cold timing; then
+    # only every 8 x explore_every = 32 steps
+    assert [i + 3 for i, k in enumerate(picks) if k] == [4, 8, 32]
+    assert c.costs[2].timed(2) == 4 and c.costs[2].verify[2] == pytest.approx(0.15)
+
+
 def test_explores_both_ends_first_then_neighbours():
     c = DraftLengthController(max_len=3, explore_every=4, window=1, discount=1.0)
     c.begin_step()

@@ -116,6 +116,11 @@ class _Costs:
         nearest timed lengths, else extrapolated along the last two (never decreasing)."""
         return _along(self.verify, q)
 
+    def timed(self, q: int) -> int:
+        """How many timings of verifying q positions the estimate holds (its window's)."""
+        return max((len(self.timings[w].samples) for w in (("ratio", q), ("verify", q))
+                    if w in self.timings), default=0)
+
     def unit(self) -> float | None:
         """Seconds of the current one-position pass of the blocks below the exit (None:
         not timed yet)."""
@@ -164,6 +169,7 @@ def _along(points: dict[int, float], q: int) -> float | None:
 HISTORY = 1024  # chosen lengths kept per source (the latest)
 REALIZED_MIN = 3  # discounted whole steps of a kind before their realized rate is trusted
 CLOCK_MARGIN = 0.05  # the realized rates overrule the model only when this far apart
+WARM = 3  # timings of a verification length before a cold first one is outvoted
 REALIZED_DISCOUNT = 0.95  # per step of either kind: the evidence of about the last 20 steps
 
 
@@ -296,7 +302,12 @@ class DraftLengthController:
                 # a neighbour of the best length, up and down in turn, when it is close
                 up = k == 0 or (k < self.max_len and self.steps % (2 * every))
                 near = k + 1 if up else k - 1
-                close = rates[near] >= (1 - self.explore_margin) * rates[k]
+                # a length timed fewer than WARM times (or window) is tried whatever its estimate:
+                # its first timing may be a cold one (first use of a shape, a kernel choice
+                # being timed), and a median outvotes such a timing only from three on
+                cold = c.timed(1 + near * (self.tree_width if passes == "per_token" else 1))
+                close = (rates[near] >= (1 - self.explore_margin) * rates[k]
+                         or (near > 0 and cold < min(WARM, self.window)))
                 if close or self.steps % (8 * every) == 0:
                     k = near
         history = self.history.setdefault(source, [])
