@@ -39,11 +39,12 @@ it by measurement, never by a constant.
 Until both a one-token draft and k = 0 are timed for the current batch size, it tries those
 two (one step each; longer drafts are costed along the line through them until tried); then
 every ``explore_every``-th step it tries a neighbour of the best k when that neighbour's
-estimate is within ``explore_margin`` of the best (else only every 8 x ``explore_every``
-steps), so the estimates follow the machine and the text as they drift without paying for
-trials that are clearly worse; while drafting wins, plain decoding itself is re-timed every
-8 x ``explore_every`` steps (its cost is the baseline every draft length is compared with,
-and a stale one would keep a losing draft length forever).
+estimate is within ``explore_margin`` of the best or it has been timed fewer than three
+times (a first timing may be cold: a shape's first use), else only every 8 x
+``explore_every`` steps, so the estimates follow the machine and the text as they drift
+without paying for trials that are clearly worse; while drafting wins, plain decoding itself
+is re-timed every 8 x ``explore_every`` steps (its cost is the baseline every draft length is
+compared with, and a stale one would keep a losing draft length forever).
 
 The model above can be wrong where its parts are right (a step after a speculative one pays
 for the cache it left, rows of a batch accept differently), so the controller also keeps
