@@ -140,7 +140,7 @@ class _Costs:
         if q <= 1:
             return unit
         if self.passes:
-            return unit * (_along({1: 1.0, **self.passes}, q) or 1.0)
+            return unit * (_along({1: 1.0, **self.passes}, q) or 1.0)  # never None here
         v1, vq = self.verify_cost(1), self.verify_cost(q)
         return unit * (vq / v1 if v1 and vq else 1.0)
 

@@ -131,8 +131,13 @@ class NGramDrafter:
         self.max_n = max_n
         self.rows: dict[int, NGramTables] = {}
         self._seen: dict[int, int] = {}
-        self.levels = [f"ngram/{c}" for c in range(max_n - 1, 0, -1)]
+        self.levels = [self.level(c) for c in range(max_n - 1, 0, -1)]
         self.row_levels: list[str | None] = []
+
+    @staticmethod
+    def level(match: int) -> str:
+        """The level of drafts found after a match of ``match`` context tokens."""
+        return f"ngram/{match}"
 
     def start(self, prompts: list[list[int]]) -> None:
         """Build the tables of each row (index = original row) from its prompt's tokens."""
@@ -161,6 +166,6 @@ class NGramDrafter:
         for r, c in zip(session.rows.tolist(), caps):
             p = self.propose(r, session.generated[r], c) if c > 0 else []
             out.append(p)
-            levels.append(f"ngram/{self.rows[r].match}" if p else None)
+            levels.append(self.level(self.rows[r].match) if p else None)
         self.row_levels = levels
         return out
