@@ -20,7 +20,10 @@ multi-level fallback); its code was not found, so this follows the text. Deviati
 choices stated: a context seen several times predicts the token that followed it *most
 recently* (the module adapts to the text as it goes); the default order is N = 4 (contexts of
 3, 2, 1 tokens) because the paper's own default could not be read here; drafting stops at the
-first context seen nowhere instead of padding the draft.
+first context seen nowhere instead of padding the draft. An addition of exitwise's, not the
+paper's: each proposal reports the length of the match behind it (``NGramDrafter.levels``), so
+that ``draft_len="auto"`` (:mod:`.draft_control`) keeps acceptance and chooses a length per
+match length.
 """
 
 from __future__ import annotations
