@@ -152,3 +152,42 @@ def test_blocks_take_the_cache_under_the_keyword_used(family):
     bb = ew.wrap_backbone(tiny_lm(family))
     assert cache_keyword() in ("cache", "past_key_values")
     assert cache_keyword() in inspect.signature(bb.blocks[0].forward).parameters
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("q", [1, 3])
+def test_decoding_masks_equal_transformers_own(lm, q):
+    """A decoding pass under SDPA takes exitwise's own mask (built from two tensors, see
+    ``_decode_sdpa_mask``); the mask a block gets must equal what transformers builds for
+    the same cache, holes (zeros inside the cache) and left padding included, for every
+    family (those that run eager attention, Gemma-2, keep transformers' own)."""
+    from transformers.masking_utils import create_causal_mask
+
+    from exitwise.backbones.hf_decoder import FULL, _decode_sdpa_mask, cache_keyword
+
+    family, model = lm
+    bb = ew.wrap_backbone(model)
+    sdpa = model.config._attn_implementation == "sdpa"
+    ids, mask = left_padded()
+    cache = bb.new_cache()
+    pos = prompt_positions(mask)
+    bb.run_layers(bb.embed(ids, pos), 0, bb.num_layers, DecodeContext(cache, pos, mask))
+    cached = ids.shape[1]
+    holes = mask.clone()
+    holes[0, -1] = 0  # a rejected draft's slot in row 0 only
+    for real in (mask, holes):
+        full = torch.cat([real, torch.ones(ids.shape[0], q, dtype=real.dtype)], 1)
+        hidden = torch.zeros(ids.shape[0], q, model.config.hidden_size)
+        new_pos = pos[:, -1:] + 1 + torch.arange(q)
+        theirs = create_causal_mask(
+            config=model.config, inputs_embeds=hidden, attention_mask=full,
+            position_ids=new_pos, layer_idx=0, allow_is_causal_skip=False,
+            **{cache_keyword(): cache})
+        ours = bb._mask(hidden, DecodeContext(cache, new_pos, full), 0, FULL)
+        assert isinstance(ours, torch.Tensor) and ours.dtype == theirs.dtype
+        assert torch.equal(ours, theirs.expand_as(ours))
+        if sdpa:
+            assert torch.equal(_decode_sdpa_mask(full, cached, q), ours)
+    # one new slot and no zeros at all: SDPA's own causal path, as transformers chooses
+    ones = torch.ones(ids.shape[0], cached + 1, dtype=torch.long)
+    assert _decode_sdpa_mask(ones, cached, 1) is None

@@ -169,7 +169,9 @@ def test_costs_are_medians_of_the_latest_timings():
     for t in (0.30, 0.31):  # the window follows a lasting change: median of (0.12, 0.3, 0.31)
         c.record_costs(1, 1, t, 0.04, 1)
     assert c.costs[1].verify[1] == pytest.approx(0.30)
-    assert c.costs[1].draft == pytest.approx(0.04)  # median of (0.02, 0.04, 0.04)
+    # these plain steps' passes below the exit (no head) time the unit, not a draft pass
+    assert c.costs[1].unit() == pytest.approx(0.04)  # median of (0.02, 0.04, 0.04)
+    assert c.costs[1].draft is None
     with pytest.raises(ConfigError, match="window"):
         DraftLengthController(window=0)
 
@@ -262,7 +264,7 @@ def test_a_pass_of_several_positions_is_not_the_unit():
     c.record_costs(1, 3, 0.12, 0.015, 1, positions=3)
     assert c.costs[1].unit() == 0.01 and c.costs[1].passes == pytest.approx({3: 1.5})
     assert c.costs[1].ratio == pytest.approx({1: 10.0, 3: 12.0})
-    assert c.costs[1].draft == 0.01  # not a per-position draft pass either
+    assert c.costs[1].draft is None  # not a per-position draft pass either
     assert c.step_cost(1, 2, "one") == pytest.approx(0.015 + 0.12)
     # k = 1: a pass of 2 halfway between 1 (the unit) and 1.5 units; verify(2) = 11 units
     assert c.step_cost(1, 1, "one") == pytest.approx(0.0125 + 0.11)
@@ -298,3 +300,20 @@ def test_a_shared_head_keeps_its_controller_across_calls():
                  strategy="self_speculative", exit_layer=1, draft_len="auto")
     keys = list(speculative._CONTROLLERS[model])
     assert len(keys) == 1 and keys[0][:2] == ("self_speculative", "shared")
+
+
+def test_a_plain_step_is_costed_without_the_exit_head():
+    # a plain step: its pass below the exit (0.01 s, no head) is the unit; verifying one
+    # position took 0.10 s = 10 units
+    c = DraftLengthController(max_len=2, window=1)
+    c.record_costs(1, 1, 0.10, 0.01, 1)
+    assert c.costs[1].draft is None and c.step_cost(1, 1) is None  # no draft pass timed
+    # a drafting step: 2 passes with the head took 0.06 s (0.03 each), the unit 0.02 s,
+    # verifying 2 positions 0.24 s = 12 units; verifying 1 is now 10 x 0.02 = 0.2 s
+    c.record_costs(1, 2, 0.24, 0.06, 2, unit_s=0.02)
+    assert c.costs[1].draft == pytest.approx(0.03)
+    # k = 0 runs the unit and verifies 1 (0.02 + 0.2), not a draft pass with the head
+    # (0.03 + 0.2, which made plain decoding look dearer than it is by the head's share)
+    assert c.step_cost(1, 0) == pytest.approx(0.22)
+    assert c.step_cost(1, 1) == pytest.approx(2 * 0.03 + 0.24)
+

@@ -297,3 +297,50 @@ def test_kangaroo_adapter_cache_equals_full_recomputation():
         torch.testing.assert_close(mine.keys[r][:, valid], theirs.keys[0], atol=ATOL, rtol=1e-4)
         torch.testing.assert_close(mine.values[r][:, valid], theirs.values[0], atol=ATOL,
                                    rtol=1e-4)
+
+
+def test_lead_by_hand():
+    from exitwise.generation.self_speculative import _lead
+
+    budget = torch.tensor([5, 2, 7, 0])
+    live = torch.tensor([True, True, True, False])
+    assert _lead(budget, live).tolist() == [2, 5, 0, 0]  # the most-behind row has 7 left
+
+
+@pytest.mark.parametrize("balanced", [True, False])
+def test_automatic_lengths_keep_the_rows_of_a_batch_together(balanced):
+    """With a controller (draft_len="auto") at batch > 1, a row ahead of the most-behind
+    row by l tokens drafts l fewer, so no row gets more than k tokens ahead (k: the step's
+    draft length); without one, rows drift apart. Both lossless."""
+    from exitwise.generation.draft_control import DraftLengthController
+
+    class Always4(DraftLengthController):  # drafts 4 at every step, never rests
+        def choose(self, rows, source="exit", passes="per_token"):
+            return 4
+
+        def resting(self, rows, sources):
+            return False
+
+    model = tiny_lm("llama")
+    bb = ew.wrap_backbone(model)
+    ids, mask = left_padded()
+    new = 40
+    ref = generate(model, ids, mask, max_new_tokens=new, eos_token_id=[], pad_token_id=PAD)
+    stats = GenerationStats("self_speculative", bb.num_layers, drafted=[0] * 3, accepted=[0] * 3)
+    session = DecodeSession(bb, ids, mask, new, set(), PAD, stats)
+    spread = []
+    emit = session.emit
+
+    def watched(tokens):
+        emit(tokens)
+        done = [len(session.generated[r]) for r in range(3)]
+        spread.append(max(done) - min(done))
+
+    session.emit = watched
+    out = self_speculative_decode(session, LMHead(32, VOCAB, backbone=bb).eval(), 1, 4,
+                                  controller=Always4() if balanced else None)
+    assert torch.equal(out, ref.sequences)
+    if balanced:
+        assert max(spread) <= 4
+    else:  # the same drafts unbalanced: some row ran further ahead (the check can fail)
+        assert max(spread) > 4

@@ -77,6 +77,25 @@ def prompt_positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0) * mask
 
 
+def _decode_sdpa_mask(attention_mask: torch.Tensor, cached: int, q: int
+                      ) -> torch.Tensor | None:
+    """The SDPA mask of a decoding pass: q new slots after ``cached`` ones, attention_mask
+    (B, cached + q) 1 real / 0 padding or hole. None (SDPA's own causal path) for one new
+    slot and no zeros, else (B, 1, q, cached + q) bool, True = attend: key slot j is seen by
+    query slot cached + i when j <= cached + i and slot j is real.
+
+    This is what transformers' ``create_causal_mask`` returns for SDPA on such a pass (a
+    test compares the two on every family); built here from two tensors because its
+    general path costs a few tenths of a millisecond per build on a CPU, which a tiny
+    model's step (about a millisecond) would feel, and a drafting step builds several."""
+    real = attention_mask.bool()
+    if q == 1 and bool(real.all()):
+        return None
+    slots = torch.arange(cached + q, device=real.device)
+    causal = slots[None, :] <= (slots[cached:, None])  # (q, cached + q)
+    return (causal[None] & real[:, None, :])[:, None]
+
+
 class HFDecoderBackbone(Backbone):
     """A Hugging Face ``...ForCausalLM`` as a stack of decoder blocks plus its LM head.
 
@@ -279,7 +298,9 @@ class HFDecoderBackbone(Backbone):
         """The block's attention mask in the format of the configured attention back-end.
 
         Built by transformers' own mask functions against cache layer ``cache_index`` (its
-        length gives the query offset), memoized per (type, slots already cached).
+        length gives the query offset), memoized per (type, slots already cached); a
+        decoding pass of a full-attention block under SDPA takes the equal
+        :func:`_decode_sdpa_mask` instead.
         """
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
@@ -295,6 +316,12 @@ class HFDecoderBackbone(Backbone):
         key = ("mask", sliding, cached, hidden.dtype)
         if key in ctx._memo:
             return ctx._memo[key]
+        q = hidden.shape[1]
+        if (cached and not sliding and ctx.tree is None
+                and getattr(self.config, "_attn_implementation", None) == "sdpa"):
+            mask = _decode_sdpa_mask(ctx.attention_mask, cached, q)
+            ctx._memo[key] = mask
+            return mask
         kwargs = dict(
             config=self.config,
             inputs_embeds=hidden,
@@ -307,7 +334,6 @@ class HFDecoderBackbone(Backbone):
         # sliding window by positions (holes make slot distance differ from token distance)
         # and a token tree's ancestors. Applied to HF's own mask directly: routing them
         # through its mask-function interface costs milliseconds per build on a CPU.
-        q = hidden.shape[1]
         keep = None
         if sliding and (ctx.slot_positions is not None or ctx.tree is not None):
             if ctx.slot_positions is None:

@@ -54,9 +54,11 @@ the evidence of a kind not run lately expires). When drafting steps have realize
 fewer tokens per second than plain steps (by more than 5%), plain decoding is chosen
 whatever the model says, so a configuration the model favours but the clock does not is
 dropped within a few steps; once that evidence has expired (a few tens of plain steps) the
-model decides again. Plain decoding that wins clearly (by ``explore_margin``) rests: the
-steps until the next exploring one are plain, without choosing or timing; after a close call
-the next step chooses again. With n-gram and exit drafts together, a row uses its n-gram
+model decides again. A plain step's pass below the exit runs no exit head, so it times the
+unit, never a draft pass, and k = 0 is costed as that unit plus verifying one position.
+Plain decoding that wins clearly (by ``explore_margin``) rests: the steps until the next
+exploring one are plain, without choosing or timing; after a close call the next step
+chooses again. With n-gram and exit drafts together, a row uses its n-gram
 continuation only while n-gram drafts promise at least the exit's tokens per second
 (:meth:`DraftLengthController.prefers`). The decoding strategies keep one controller per model
 and drafter (and thread count, kernels, device), so what one ``generate`` call measured carries
@@ -256,6 +258,8 @@ class DraftLengthController:
         if passes == "one":  # one pass of the k + 1 positions below the exit
             fed = c.pass_cost(k + 1)
             return None if fed is None else fed + verify
+        if passes == "per_token" and not k and c.unit() is not None:
+            return c.unit() + verify  # a plain step's pass below the exit runs no head
         n = {"per_token": k + 1, "none": 0}[passes]
         if n and c.draft is None:
             return None
@@ -382,8 +386,8 @@ class DraftLengthController:
             unit = None
         else:
             per = draft_s / draft_passes if timed else None
-            if per is not None:
-                c.draft = c.add("draft", per)
+            if per is not None and q > 1:  # a plain step's pass (q = 1) runs no exit head:
+                c.draft = c.add("draft", per)  # it times the unit, not a draft pass
             unit = unit_s if unit_s is not None else per
         if unit is not None and unit > 0:
             current = c.add("unit", unit)

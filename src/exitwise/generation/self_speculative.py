@@ -52,6 +52,16 @@ exit head at all (strategies ``anpd``, ``layer_skip``) E = 0 and verification ru
 block. With a ``controller`` (:mod:`.draft_control`, ``draft_len="auto"``) each step's lengths
 come from the run's own timed costs and acceptance; a step with nothing to draft is a plain
 decoding step (:func:`.greedy.plain_step`).
+
+**Balanced drafting** (with a controller, more than one running row; exitwise's addition, no
+paper does this): rows that accept differently drift apart, and when the first rows reach
+their budget the last ones finish in a tail of steps with fewer rows at nearly the cost of
+full ones (on a tiny model a one-row step costs what a four-row step does; the controller,
+which values each step by its own tokens per second, cannot see that cost coming). So a row
+that is ``l`` tokens ahead of the running row with the most left to emit drafts ``l`` fewer
+(at least 0): no row gets more than the step's draft length ahead, the most-behind row drafts
+as chosen, and the step's cost (set by its longest draft) is unchanged. Lossless like every
+per-row length; fixed draft lengths keep every row's length as asked.
 A feature-conditioned exit reads, for the first draft of a step, the final state that chose the
 pending token (``session.final_hidden``, kept from the prefill and from each verification).
 
@@ -167,20 +177,13 @@ def self_speculative_decode(
                 controller.record_step(a, False, sum(running), time.perf_counter() - t_top)
                 continue
         t_proposal = 0.0  # a draft model's passes, timed on their own
-        live = torch.tensor(running, dtype=torch.bool, device=device)
-        # Each row's k_r: at most its own budget (what it may still emit) minus the verified
-        # token; then the exit's (or the controller's) length or its n-gram draft's length.
-        budget = (session.remaining().to(device) - 1).clamp(min=0)
         if head is None:
             k_exit = 0
         elif controller is not None:
             k_exit = controller.choose(a, "exit", "per_token")
         else:
             k_exit = draft_len
-        proposals: list[list[int]] = [[] for _ in range(a)]
-        row_sources: list[str] = ["exit"] * a  # whose acceptance each row's drafts inform
         if proposer is not None:
-            src = proposer.source
             passes_mode = proposer.passes if proposer.passes != "none" or not e else "one"
             if controller is not None:
                 want = {n: controller.choose(a, n, passes_mode) for n in proposer_sources}
@@ -191,6 +194,25 @@ def self_speculative_decode(
                 cap = max(want.values())
             else:
                 cap = proposal_len
+        if controller is not None and not uses_cache and not k_exit and (
+                proposer is None or not cap):
+            # the controller chose plain decoding: a plain step, built as leanly as a
+            # resting one (on a small model the row tensors below cost a tenth of a step)
+            _plain_step(session, e, sampler, _StepTimer(controller, device))
+            controller.record_step(a, False, sum(running), time.perf_counter() - t_top)
+            continue
+        live = torch.tensor(running, dtype=torch.bool, device=device)
+        # Each row's k_r: at most its own budget (what it may still emit) minus the verified
+        # token; then the exit's (or the controller's) length or its n-gram draft's length.
+        budget = (session.remaining().to(device) - 1).clamp(min=0)
+        # Balanced drafting (automatic lengths, batch > 1): a row ahead of the most-behind
+        # row by `lead` tokens drafts `lead` fewer (see the module docstring).
+        lead = (_lead(budget, live) if controller is not None and sum(running) > 1
+                else None)
+        proposals: list[list[int]] = [[] for _ in range(a)]
+        row_sources: list[str] = ["exit"] * a  # whose acceptance each row's drafts inform
+        if proposer is not None:
+            src = proposer.source
             caps = [min(cap, int(b)) if alive else 0 for b, alive in zip(budget, running)]
             t_prop = time.perf_counter()
             proposals = proposer.propose_rows(session, caps)
@@ -209,6 +231,9 @@ def self_speculative_decode(
                               torch.tensor([len(p) for p in proposals], device=device),
                               budget.clamp(max=k_exit))
         row_len = torch.where(live, row_len, torch.zeros_like(row_len))
+        if lead is not None and bool(lead.any()):
+            row_len = (row_len - lead).clamp(min=0)
+            proposals = [p[:n] for p, n in zip(proposals, row_len.tolist())]
         k = int(row_len.max()) if a else 0
         if k == 0 and not uses_cache:  # nothing to draft: a plain decoding step, as lean
             # as a resting one, so it is timed from here (no choosing counted)
@@ -323,6 +348,13 @@ def _plain_step(session: DecodeSession, e: int, sampler: SamplingConfig,
     plain_step(session, sampler, e, timer.drafted)
     session.stats.step_draft_lengths.append(0)
     timer.verified(a, 1, 1 if e else 0)
+
+
+def _lead(budget: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """(A,) how many tokens each running row is ahead of the running row with the most left
+    to emit (0 for that row and for rows not running); budget, live: (A,)."""
+    behind = int(budget[live].max())
+    return torch.where(live, (behind - budget).clamp(min=0), torch.zeros_like(budget))
 
 
 def _padded(pending: torch.Tensor, proposals: list[list[int]], k: int) -> torch.Tensor:
