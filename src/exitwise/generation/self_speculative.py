@@ -173,8 +173,7 @@ def self_speculative_decode(
         if controller is not None:
             controller.begin_step()
             if not uses_cache and controller.resting(a, sources):  # plain decoding wins
-                _plain_step(session, e, sampler, _StepTimer(None, device))
-                controller.record_step(a, False, sum(running), time.perf_counter() - t_top)
+                _plain_step(session, e, sampler, controller, t_top, timed=False)
                 continue
         t_proposal = 0.0  # a draft model's passes, timed on their own
         if head is None:
@@ -198,8 +197,7 @@ def self_speculative_decode(
                 proposer is None or not cap):
             # the controller chose plain decoding: a plain step, built as leanly as a
             # resting one (on a small model the row tensors below cost a tenth of a step)
-            _plain_step(session, e, sampler, _StepTimer(controller, device))
-            controller.record_step(a, False, sum(running), time.perf_counter() - t_top)
+            _plain_step(session, e, sampler, controller, t_top)
             continue
         live = torch.tensor(running, dtype=torch.bool, device=device)
         # Each row's k_r: at most its own budget (what it may still emit) minus the verified
@@ -237,9 +235,7 @@ def self_speculative_decode(
         k = int(row_len.max()) if a else 0
         if k == 0 and not uses_cache:  # nothing to draft: a plain decoding step, as lean
             # as a resting one, so it is timed from here (no choosing counted)
-            _plain_step(session, e, sampler, _StepTimer(controller, device))
-            if controller is not None:
-                controller.record_step(a, False, sum(running), time.perf_counter() - t_top)
+            _plain_step(session, e, sampler, controller, t_top)
             continue
         # A drafting step also pays for choosing its lengths and building its rows (a fixed
         # amount per step that a resting plain step does not pay): counted with verifying.
@@ -340,14 +336,20 @@ def self_speculative_decode(
 
 
 def _plain_step(session: DecodeSession, e: int, sampler: SamplingConfig,
-                timer: "_StepTimer") -> None:
-    """A step with k = 0: :func:`.greedy.plain_step`, the blocks below the exit timed as the
-    draft pass and the rest (bookkeeping included) as verifying one position, so that the
-    controller sees the same costs as on the drafting path."""
-    a = session.active
+                controller: DraftLengthController | None, since: float,
+                timed: bool = True) -> None:
+    """A step with k = 0: :func:`.greedy.plain_step`. With ``timed``, the blocks below the
+    exit are timed as the draft pass and the rest (bookkeeping included) as verifying one
+    position, so that the controller sees the same costs as on the drafting path (a resting
+    step times nothing); the whole step, from ``since`` (perf_counter when it began, its
+    choosing included), is recorded as a realized plain step."""
+    a, emitted = session.active, sum(session.running())
+    timer = _StepTimer(controller if timed else None, session.pending.device)
     plain_step(session, sampler, e, timer.drafted)
     session.stats.step_draft_lengths.append(0)
     timer.verified(a, 1, 1 if e else 0)
+    if controller is not None:
+        controller.record_step(a, False, emitted, time.perf_counter() - since)
 
 
 def _lead(budget: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
