@@ -11,8 +11,14 @@ self-speculative decoding through the untuned shared head at layer 1 with ``draf
 and ANPD with ``draft_len="auto"``. Random models accept few drafts, so speculation rarely pays
 here: what is measured is whether the automatic choice falls back to plain decoding without
 costing more than noise. Medians of ``--repeats`` runs; ``never_slower`` is true when every
-automatic configuration is at least (1 - tolerance) x the baseline's tokens/s. Writes
-benchmarks/results/lm_never_slower.json.
+automatic configuration is at least (1 - tolerance) x the baseline's tokens/s.
+
+The noise is measured, not assumed: the baseline also runs a second time as its own arm
+(``greedy_stock_again``, the same code on the same prompts), so its ratio to the baseline is
+what timing alone does to a ratio here (an A/A comparison). ``noise`` is the largest such
+deviation from 1 over all models and batch sizes, and ``never_slower_beyond_noise`` is true
+when every automatic configuration is at least (1 - max(tolerance, noise)) x the baseline.
+Writes benchmarks/results/lm_never_slower.json.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from exitwise.machine import machine_info  # noqa: E402
 TOLERANCE = 0.05  # tiny models: a step is ~a millisecond, so timing noise is large
 METHODS = {
     "greedy_stock": {"strategy": "greedy", "kernels": "stock"},
+    "greedy_stock_again": {"strategy": "greedy", "kernels": "stock"},  # A/A: the noise
     "greedy_default": {"strategy": "greedy"},
     "self_spec_auto": {"strategy": "self_speculative", "exit_layer": 1, "draft_len": "auto"},
     "anpd_auto": {"strategy": "anpd", "draft_len": "auto"},
@@ -108,6 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{fam}: slowest automatic configuration {worst:.3f}x greedy on stock kernels")
     ratios = [families[f][bs][m]["vs_greedy_stock"] for f in families for bs in families[f]
               for m in AUTO]
+    noise = max(abs(1 - families[f][bs]["greedy_stock_again"]["vs_greedy_stock"])
+                for f in families for bs in families[f])
     report = {
         "command": "python benchmarks/lm_never_slower.py " + " ".join(sys.argv[1:]),
         "machine": machine_info(), "threads": args.threads, "layers": args.layers,
@@ -116,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
         "summary": {
             "tolerance": TOLERANCE, "never_slower": all(r >= 1 - TOLERANCE for r in ratios),
             "slowest_auto_vs_greedy_stock": min(ratios),
+            "noise": noise,
+            "never_slower_beyond_noise": all(r >= 1 - max(TOLERANCE, noise) for r in ratios),
             "all_identical": all(v["identical_to_greedy"] for f in families.values()
                                  for row in f.values() for v in row.values()),
         },

@@ -278,8 +278,12 @@ def test_a_pass_of_several_positions_is_not_the_unit():
 
 def test_plain_decoding_is_retimed_while_drafting_wins():
     # longer drafts win (k = 4 here, see the first test) and plain decoding is still tried
-    # at the steps that are explore_every past a multiple of 8 x explore_every (2, 18): its
-    # cost is the baseline
+    # from the steps that are explore_every past a multiple of 8 x explore_every (2, 18), for
+    # PLAIN_BURST steps in a row: its cost is the baseline
+    from exitwise.generation.draft_control import PLAIN_BURST
+
+    # the fewest steps whose discounted count (1 + 0.95 + 0.95^2 + ...) reaches 3: 3.71 at 4
+    assert PLAIN_BURST == 4
     c = DraftLengthController(max_len=4, explore_every=2, window=1, discount=1.0)
     c.record_costs(1, 1, 0.1, 0.01, 1)
     c.record_costs(1, 5, 0.1, 0.01, 1)
@@ -288,7 +292,33 @@ def test_plain_decoding_is_retimed_while_drafting_wins():
     for _ in range(20):
         c.begin_step()
         picks.append(c.choose(1))
-    assert [i + 1 for i, k in enumerate(picks) if k == 0] == [2, 18]
+    assert [i + 1 for i, k in enumerate(picks) if k == 0] == [2, 3, 4, 5, 18, 19, 20]
+
+
+def test_a_plain_re_timing_lets_the_clock_decide():
+    # the model favours one-token drafts; drafting steps realize 7.5 tokens/s. One plain step
+    # every 8 x explore_every never counted (its weight expired); a re-timing's PLAIN_BURST
+    # plain steps at 10 tokens/s do, and the clock then chooses plain decoding
+    c = _timed({1: 0.1, 2: 0.1}, 0.001, [(1, 1)] * 20, max_len=1)
+    c.explore_every = 3  # the re-timing begins at step 3 (3 past a multiple of 24)
+    for _ in range(20):
+        c.record_step(1, True, 3, 0.4)
+    picks = []
+    for _ in range(7):
+        c.begin_step()
+        k = c.choose(1)
+        picks.append(k)
+        c.record_step(1, bool(k), 3 if k else 1, 0.4 if k else 0.1)
+        if c.steps == 6:  # the re-timing's last step: its rate now counts
+            assert c.realized_rate(1, False) == pytest.approx(10.0)
+    assert picks == [1, 1, 0, 0, 0, 0, 0]  # steps 3-6: re-timing; 7: the clock's choice
+    c.begin_step()
+    assert c.resting(1, ["exit"])  # plain decoding won clearly: step 8 rests
+    # without the re-timing (a controller that never explores) the clock never decides
+    never = _timed({1: 0.1, 2: 0.1}, 0.001, [(1, 1)] * 20, max_len=1)
+    for _ in range(20):
+        never.record_step(1, True, 3, 0.4)
+    assert all(never.choose(1) == 1 for _ in range(7))
 
 
 def test_a_shared_head_keeps_its_controller_across_calls():

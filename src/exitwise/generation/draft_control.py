@@ -44,7 +44,9 @@ times (a first timing may be cold: a shape's first use), else only every 8 x
 ``explore_every`` steps, so the estimates follow the machine and the text as they drift
 without paying for trials that are clearly worse; while drafting wins, plain decoding itself
 is re-timed every 8 x ``explore_every`` steps (its cost is the baseline every draft length is
-compared with, and a stale one would keep a losing draft length forever).
+compared with, and a stale one would keep a losing draft length forever), for ``PLAIN_BURST``
+steps in a row: enough of them for their realized rate to count (below), which one plain step
+every 8 x ``explore_every`` never is (its evidence expires long before the next one).
 
 The model above can be wrong where its parts are right (a step after a speculative one pays
 for the cache it left, rows of a batch accept differently), so the controller also keeps
@@ -176,6 +178,18 @@ WARM = 3  # timings of a verification length before a cold first one is outvoted
 REALIZED_DISCOUNT = 0.95  # per step of either kind: the evidence of about the last 20 steps
 
 
+def _steps_to_count(minimum: float, discount: float) -> int:
+    """The fewest consecutive steps of a kind whose discounted count reaches ``minimum``."""
+    n, weight = 0, 0.0
+    while weight < minimum:
+        weight = weight * discount + 1.0
+        n += 1
+    return n
+
+
+PLAIN_BURST = _steps_to_count(REALIZED_MIN, REALIZED_DISCOUNT)  # 4 with the values above
+
+
 class DraftLengthController:
     """Chooses each step's draft length; see the module docstring.
 
@@ -215,6 +229,8 @@ class DraftLengthController:
         self._zero_since: dict[tuple[int, str], int] = {}
         # (rows, drafting?) -> [discounted tokens, discounted seconds, steps] of whole steps
         self.realized: dict[tuple[int, bool], list[float]] = {}
+        # rows -> the first step after the current re-timing of plain decoding (PLAIN_BURST)
+        self._plain_until: dict[int, int] = {}
 
     # -- estimates ----------------------------------------------------------------------
     def alphas(self, source: str, k: int) -> list[float]:
@@ -276,6 +292,8 @@ class DraftLengthController:
         c = self.costs.get(rows)
         longer = c is not None and any(q > 1 for q in c.verify)
         self.rates.pop(source, None)
+        if self._plain_until.get(rows, 0) > self.steps:  # plain decoding being re-timed
+            return self._chosen(source, 0)
         if (c is None or not longer or 1 not in c.verify
                 or self.step_cost(rows, 1, passes, source) is None):
             # Time a one-token draft first, then k = 0 (plain decoding); longer drafts are
@@ -301,8 +319,11 @@ class DraftLengthController:
             else:
                 self._zero_since.pop((rows, source), None)
             every = self.explore_every
-            if every and k > 1 and self.steps % (8 * every) == every:
-                k = 0  # re-time plain decoding, the baseline (k = 1 re-times it as a neighbour)
+            if every and k > 0 and self.steps % (8 * every) == every:
+                # re-time plain decoding, the baseline, for long enough that the clock can
+                # compare its realized rate with drafting's (clock_prefers_plain)
+                self._plain_until[rows] = self.steps + PLAIN_BURST
+                k = 0
             elif every and self.steps % every == 0:
                 # a neighbour of the best length, up and down in turn, when it is close
                 up = k == 0 or (k < self.max_len and self.steps % (2 * every))
@@ -315,6 +336,10 @@ class DraftLengthController:
                          or (near > 0 and cold < min(WARM, self.window)))
                 if close or self.steps % (8 * every) == 0:
                     k = near
+        return self._chosen(source, k)
+
+    def _chosen(self, source: str, k: int) -> int:
+        """Record ``source``'s chosen length k (for inspection) and return it."""
         history = self.history.setdefault(source, [])
         history.append(k)
         if len(history) > 2 * HISTORY:  # a controller lives as long as its model: stay bounded
