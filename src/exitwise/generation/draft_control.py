@@ -231,6 +231,9 @@ class DraftLengthController:
         self.realized: dict[tuple[int, bool], list[float]] = {}
         # rows -> the first step after the current re-timing of plain decoding (PLAIN_BURST)
         self._plain_until: dict[int, int] = {}
+        # timings recorded so far, and the step costs computed at that count (_step_costs)
+        self._timings_seen = 0
+        self._cost_cache: dict[tuple, tuple[int, list[float | None]]] = {}
 
     # -- estimates ----------------------------------------------------------------------
     def alphas(self, source: str, k: int) -> list[float]:
@@ -281,6 +284,17 @@ class DraftLengthController:
             return None
         return n * (c.draft or 0.0) + verify
 
+    def _step_costs(self, rows: int, passes: str, source: str) -> list[float | None]:
+        """[step_cost(rows, k, passes, source) for k in 0..max_len], computed once per set
+        of timings: the sources of one step (the exit, each n-gram level) share them."""
+        key = (rows, passes, source if passes == "per_draft" else None)
+        known = self._cost_cache.get(key)
+        if known is None or known[0] != self._timings_seen:
+            known = (self._timings_seen,
+                     [self.step_cost(rows, n, passes, source) for n in range(self.max_len + 1)])
+            self._cost_cache[key] = known
+        return known[1]
+
     # -- decisions ----------------------------------------------------------------------
     def begin_step(self) -> None:
         """Count a decoding step (exploration is scheduled by steps)."""
@@ -301,10 +315,8 @@ class DraftLengthController:
             k = 0 if longer and 1 not in c.verify else 1
         else:
             alphas = self.alphas(source, self.max_len)
-            rates = []
-            for n in range(self.max_len + 1):
-                cost = self.step_cost(rows, n, passes, source)
-                rates.append(self.expected_tokens(n, alphas) / max(cost or 0.0, 1e-12))
+            rates = [self.expected_tokens(n, alphas) / max(cost or 0.0, 1e-12)
+                     for n, cost in enumerate(self._step_costs(rows, passes, source))]
             k = max(range(self.max_len + 1), key=rates.__getitem__)
             clock = bool(k) and self.clock_prefers_plain(rows)
             if clock:
@@ -401,6 +413,7 @@ class DraftLengthController:
         per-position draft pass; it is kept as its own multiple of the current unit
         (:meth:`_Costs.pass_cost`), so that long drafts of that kind are not costed as if
         their pass were one position's."""
+        self._timings_seen += 1
         c = self.costs.setdefault(rows, _Costs(self.window))
         timed = draft_s is not None and draft_passes > 0
         if timed and positions > 1:
@@ -448,6 +461,7 @@ class DraftLengthController:
     def record_proposal(self, rows: int, source: str, seconds: float, drafts: int) -> None:
         """A proposer of ``source`` took ``seconds`` to propose up to ``drafts`` tokens per row
         at ``rows`` active rows."""
+        self._timings_seen += 1
         c = self.costs.setdefault(rows, _Costs(self.window))
         c.proposal[source] = c.add(("proposal", source), seconds / max(drafts, 1))
 

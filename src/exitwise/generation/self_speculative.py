@@ -182,15 +182,27 @@ def self_speculative_decode(
             k_exit = controller.choose(a, "exit", "per_token")
         else:
             k_exit = draft_len
+        looked: list[list[int]] | None = None  # n-gram continuations, looked up first
         if proposer is not None:
             passes_mode = proposer.passes if proposer.passes != "none" or not e else "one"
-            if controller is not None:
+            if controller is not None and levels:
+                # Lookups cost next to nothing: look first (up to the longest length), then
+                # choose lengths only for the levels some row found a continuation at (on a
+                # small model choosing for every level costs a tenth of a step).
+                left = session.remaining().tolist()
+                looked = proposer.propose_rows(
+                    session, [min(controller.max_len, n - 1) if alive else 0
+                              for n, alive in zip(left, running)])
+                present = dict.fromkeys(n for n in proposer.row_levels if n is not None)
+                want = {n: controller.choose(a, n, passes_mode) for n in present}
+            elif controller is not None:
                 want = {n: controller.choose(a, n, passes_mode) for n in proposer_sources}
+            if controller is not None:
                 if head is not None:  # where the exit's drafts promise more tokens per
                     # second, rows of that level draft with the exit instead
                     want = {n: c if controller.prefers(n, "exit") else 0
                             for n, c in want.items()}
-                cap = max(want.values())
+                cap = max(want.values(), default=0)
             else:
                 cap = proposal_len
         if controller is not None and not uses_cache and not k_exit and (
@@ -213,7 +225,7 @@ def self_speculative_decode(
             src = proposer.source
             caps = [min(cap, int(b)) if alive else 0 for b, alive in zip(budget, running)]
             t_prop = time.perf_counter()
-            proposals = proposer.propose_rows(session, caps)
+            proposals = looked if looked is not None else proposer.propose_rows(session, caps)
             if controller is not None and proposer.passes == "per_draft" and max(caps):
                 t_proposal = time.perf_counter() - t_prop
                 controller.record_proposal(a, src, t_proposal, max(caps))
