@@ -347,3 +347,15 @@ def test_a_plain_step_is_costed_without_the_exit_head():
     assert c.step_cost(1, 0) == pytest.approx(0.22)
     assert c.step_cost(1, 1) == pytest.approx(2 * 0.03 + 0.24)
 
+
+
+def test_step_costs_are_computed_once_per_set_of_timings():
+    c = _timed({1: 0.1, 2: 0.1}, 0.01, max_len=2)
+    first = c._step_costs(1, "per_token", "exit")
+    assert first == [c.step_cost(1, k) for k in range(3)]
+    # the sources of one step (the exit, each n-gram level) share one computation ...
+    assert c._step_costs(1, "per_token", "ngram/3") is first
+    # ... until a new timing: verifying 2 positions now took 0.3 s (30 units of 0.01 s)
+    c.record_costs(1, 2, 0.3, 0.01, 1)
+    again = c._step_costs(1, "per_token", "exit")
+    assert again[1] == pytest.approx(2 * 0.01 + 0.3) and first[1] == pytest.approx(0.12)

@@ -155,3 +155,34 @@ def test_automatic_lengths_keep_ngram_acceptance_per_match_length():
         first = controller.reached.get(level, [0.0])[0]
         assert 0 <= first <= found.count(level)
     assert sum(controller.reached[n][0] for n in controller.reached) > 0
+
+
+def test_lengths_are_chosen_only_for_the_levels_found():
+    """With draft_len="auto", continuations are looked up first and a length is chosen for
+    exactly the levels some row found one at (no choosing for levels nobody has)."""
+    import exitwise as ew
+
+    chosen: dict[int, set[str]] = {}
+    found: dict[int, set[str]] = {}
+
+    class Counting(DraftLengthController):
+        def choose(self, rows, source="exit", passes="per_token"):
+            chosen.setdefault(self.steps, set()).add(source)
+            return super().choose(rows, source, passes)
+
+    class Logged(NGramDrafter):
+        def propose_rows(self, session, caps):
+            out = super().propose_rows(session, caps)
+            found[controller.steps] = {n for n in self.row_levels if n is not None}
+            return out
+
+    model = tiny_lm("llama")
+    bb = ew.wrap_backbone(model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.cat([torch.tensor([[5, 6, 7, 8] * 3]), torch.randint(3, 100, (2, 12), generator=g)])
+    stats = GenerationStats("anpd", bb.num_layers, drafted=[0] * 3, accepted=[0] * 3)
+    session = DecodeSession(bb, ids, torch.ones_like(ids), NEW, set(), PAD, stats)
+    controller = Counting(max_len=3)
+    self_speculative_decode(session, None, 0, 0, proposer=Logged(3), controller=controller)
+    assert any(found.values()) and not all(found.values())  # steps with and without
+    assert all(chosen.get(step, set()) == levels for step, levels in found.items())
