@@ -223,12 +223,15 @@ def self_speculative_decode(
         row_sources: list[str] = ["exit"] * a  # whose acceptance each row's drafts inform
         if proposer is not None:
             src = proposer.source
-            caps = [min(cap, int(b)) if alive else 0 for b, alive in zip(budget, running)]
-            t_prop = time.perf_counter()
-            proposals = looked if looked is not None else proposer.propose_rows(session, caps)
-            if controller is not None and proposer.passes == "per_draft" and max(caps):
-                t_proposal = time.perf_counter() - t_prop
-                controller.record_proposal(a, src, t_proposal, max(caps))
+            if looked is not None:  # already looked up, within each row's budget
+                proposals = looked
+            else:
+                caps = [min(cap, int(b)) if alive else 0 for b, alive in zip(budget, running)]
+                t_prop = time.perf_counter()
+                proposals = proposer.propose_rows(session, caps)
+                if controller is not None and proposer.passes == "per_draft" and max(caps):
+                    t_proposal = time.perf_counter() - t_prop
+                    controller.record_proposal(a, src, t_proposal, max(caps))
             if levels:  # each row's draft cut to the length chosen for its match's level
                 named = proposer.row_levels
                 proposals = [p[:want[n]] if n is not None else p
