@@ -232,8 +232,10 @@ def merge_stats(parts: list[dict]) -> dict[str, float]:
         "sibling_share": siblings / accepted if accepted else 0.0,
         "ngram_acceptance_rate": (sum(p.get("ngram_accepted", 0) for p in parts)
                                   / ngram_drafted if ngram_drafted else None),
+        # a layer-skipping draft model's sub-layers count as half a block each
         "layer_applications_per_token": (
-            sum(p["layer_applications"] for p in parts) / max(decoded, 1)),
+            sum(p["layer_applications"] + p.get("draft_sublayer_applications", 0) / 2
+                for p in parts) / max(decoded, 1)),
         "sequential_layers_per_token": sum(p["sequential_layers"] for p in parts) / max(
             rows_decoded, 1),
     }

@@ -1,18 +1,21 @@
-"""Self-drafting by skipping blocks, on SmolLM2-135M-Instruct: Draft & Verify (skipped set
-searched offline) and SWIFT (searched on the fly), against greedy decoding.
+"""Self-drafting by skipping sub-layers, on SmolLM2-135M-Instruct: Draft & Verify (skipped set
+searched offline) and SWIFT (searched on the fly), against greedy decoding; each with the
+papers' attention / MLP sub-layers as the unit of skipping and with whole blocks.
 
     python benchmarks/lm_layer_skip.py --threads 2                 # 3 search + 8 timed prompts
     python benchmarks/lm_layer_skip.py --threads 2 --prompts 20    # the lm_speed prompt set
 
-1. Draft & Verify's offline step (``search_skip_layers``) on the model's own greedy answers to
-   --search-prompts calibration prompts (never benchmark prompts): greedy forward selection,
-   every step's set with its teacher-forced agreement and modelled speed-up;
+1. Draft & Verify's offline step (``search_skip_layers``, sub-layers and whole blocks) on the
+   model's own greedy answers to --search-prompts calibration prompts (never benchmark
+   prompts): greedy forward selection, every step's set with its teacher-forced agreement,
+   the share of the pass's weights it keeps and its modelled speed-up;
 2. timed at batch 1, interleaved per prompt (chat template, --max-new-tokens each): HF greedy,
-   exitwise greedy, ``layer_skip`` with the searched set (or, when no set is modelled to pay,
-   the one-block set with the best agreement, so that the cost of trying it is measured), and
-   ``swift`` with its defaults (its search starts on the first prompt and goes on across them);
-   tokens/s, speed-up vs HF greedy, acceptance, exact match, block applications per token;
-   SWIFT's search state at the end.
+   exitwise greedy, ``layer_skip`` with each searched set (or, when no set is modelled to pay,
+   the first set of the search, the candidate with the best agreement, so that the cost of
+   trying it is measured), and ``swift`` with its defaults and with whole blocks (each search
+   starts on the first prompt and goes on across them); tokens/s, speed-up vs HF greedy,
+   acceptance, exact match, block applications per token (a draft model's sub-layers count
+   half a block each); SWIFT's search states at the end.
 
 Writes benchmarks/results/lm_layer_skip.json.
 """
@@ -33,6 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from lm_bench import entry_of, exitwise_method, hf_method, time_methods  # noqa: E402
 
 from exitwise.generation import search_skip_layers, swift_search  # noqa: E402
+from exitwise.generation.layer_skip import skip_spec  # noqa: E402
 from exitwise.lm.prompts import BENCH_PROMPTS, CALIBRATION_PROMPTS  # noqa: E402
 from exitwise.machine import machine_info  # noqa: E402
 from exitwise.recipes.lm import encode_prompts, format_prompts, load_lm  # noqa: E402
@@ -59,27 +63,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     eos = {int(tok.eos_token_id)} if tok.eos_token_id is not None else set()
     pad = int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
 
-    t0 = time.time()
     cal = list(CALIBRATION_PROMPTS)[: args.search_prompts]
     ids, mask = encode_prompts(tok, format_prompts(tok, cal), "cpu")
-    found = search_skip_layers(lm, ids, mask, max_new_tokens=args.search_tokens, patience=3)
-    search_seconds = time.time() - t0
-    history = found.history
-    if found.skip:
-        skip, skip_note = found.skip, "the searched set"
-    else:
-        skip = history[0]["skip"]
-        skip_note = ("no set is modelled to pay; the one-block set with the best agreement, "
-                     "timed to measure what trying it costs")
-    print(f"[search] {search_seconds:.0f} s: {skip_note}: skip {skip}")
+    searches: dict[str, dict[str, Any]] = {}
+    for unit, sublayers in (("sublayers", True), ("blocks", False)):
+        t0 = time.time()
+        found = search_skip_layers(lm, ids, mask, max_new_tokens=args.search_tokens, patience=3,
+                                   sublayers=sublayers)
+        seconds = time.time() - t0
+        if found.skip:
+            skip, note = found.skip, "the searched set"
+        else:
+            skip = found.history[0]["skip"]
+            note = ("no set is modelled to pay; the search's first set (the candidate with "
+                    "the best agreement), timed to measure what trying it costs")
+        print(f"[search {unit}] {seconds:.0f} s: {note}: skip {skip}")
+        searches[unit] = {"seconds": seconds, "chosen": found.skip, "timed_skip": skip,
+                          "timed_skip_note": note, "history": found.history}
 
     common = dict(max_new_tokens=args.max_new_tokens, eos=eos, pad=pad)
     methods = [
         hf_method(lm, "hf_greedy", **common),
         exitwise_method(lm, "exitwise_greedy", "exitwise_greedy", **common),
-        exitwise_method(lm, "layer_skip", "self_spec", strategy="layer_skip", skip=skip,
-                        draft_len="auto", **common),
+        exitwise_method(lm, "layer_skip", "self_spec", strategy="layer_skip",
+                        skip=searches["sublayers"]["timed_skip"], draft_len="auto", **common),
+        exitwise_method(lm, "layer_skip_blocks", "self_spec", strategy="layer_skip",
+                        skip=searches["blocks"]["timed_skip"], draft_len="auto", **common),
         exitwise_method(lm, "swift", "self_spec", strategy="swift", draft_len="auto", **common),
+        exitwise_method(lm, "swift_blocks", "self_spec", strategy="swift", sublayers=False,
+                        draft_len="auto", **common),
     ]
     prompts = list(BENCH_PROMPTS)[: args.prompts]
     chunks = [encode_prompts(tok, format_prompts(tok, [p]), "cpu") for p in prompts]
@@ -90,7 +102,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = entries["hf_greedy"]["tokens_per_s"]
     for e in entries.values():
         e["speedup_vs_hf_greedy"] = e["tokens_per_s"] / base
-    state = swift_search(lm)
+
+    def swift_state(**options: Any) -> dict[str, Any]:
+        state = swift_search(lm, **options)
+        return {"opt_iter": state.opt_iter, "best_score": state.best_score,
+                "skip": skip_spec(state.skip), "active": state.active,
+                "stopped_by": state.stopped_by, "scores": [s for _, s in state.observed]}
+
     report = {
         "benchmark": "lm_layer_skip",
         "command": "python benchmarks/lm_layer_skip.py " + " ".join(argv or sys.argv[1:]),
@@ -99,13 +117,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
                   "repeats": args.repeats, "search_prompts": len(cal),
                   "search_tokens": args.search_tokens},
-        "draft_and_verify_search": {"seconds": search_seconds, "chosen": found.skip,
-                                    "timed_skip": skip, "timed_skip_note": skip_note,
-                                    "history": history},
-        "swift_search_after": {"opt_iter": state.opt_iter, "best_score": state.best_score,
-                               "skip": state.skip, "active": state.active,
-                               "stopped_by": state.stopped_by,
-                               "scores": [s for _, s in state.observed]},
+        "draft_and_verify_search": searches["sublayers"],
+        "draft_and_verify_search_blocks": searches["blocks"],
+        "swift_search_after": swift_state(),
+        "swift_search_after_blocks": swift_state(sublayers=False),
         "methods": entries,
     }
     out = Path(args.out)

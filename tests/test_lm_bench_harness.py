@@ -166,3 +166,6 @@ def test_merged_stats_carry_sibling_and_ngram_shares_computed_by_hand():
     assert got["sequential_layers_per_token"] == pytest.approx(80 / 8)
     assert merge_stats([dict(parts[1], ngram_drafted=0, total_accepted=0, total_drafted=0)])[
         "ngram_acceptance_rate"] is None
+    # a layer-skipping draft model's 24 sub-layer applications are 12 blocks' work
+    drafted = merge_stats([dict(parts[1], draft_sublayer_applications=24)])
+    assert drafted["layer_applications_per_token"] == pytest.approx((40 + 12) / 4)

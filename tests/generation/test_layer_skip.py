@@ -1,12 +1,13 @@
 """Draft & Verify's layer-skipping drafts (``exitwise.generation.layer_skip``): the drafts are
-the model-minus-blocks' greedy tokens, the cache is left as found, decoding is lossless for
-every decoder family (batch 1 and a padded 3), the offline search by hand on its objective."""
+the model-minus-sub-layers' greedy tokens, the cache is left as found, decoding is lossless for
+every decoder family (batch 1 and a padded 3) with whole blocks and single sub-layers
+skipped, the skip-set forms, the cost share by hand, the offline search on its objective."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers.lmkit import DECODER_FAMILIES, EOS, PAD, left_padded, tiny_lm
+from helpers.lmkit import DECODER_FAMILIES, EOS, PAD, VOCAB, left_padded, tiny_lm
 
 import exitwise as ew
 from exitwise.errors import ConfigError
@@ -17,7 +18,14 @@ from exitwise.generation import (
     generate,
     search_skip_layers,
 )
-from exitwise.generation.layer_skip import estimated_speedup
+from exitwise.generation.layer_skip import (
+    _agreement,
+    check_skip,
+    estimated_speedup,
+    kept_share,
+    skip_plan,
+    skip_spec,
+)
 
 
 @pytest.fixture(scope="module", params=DECODER_FAMILIES)
@@ -32,7 +40,8 @@ def test_layer_skip_drafting_is_lossless(lm, batch):
         ids, mask = ids[:1], mask[:1]
     ref = generate(lm, ids, mask, max_new_tokens=14, eos_token_id=EOS, pad_token_id=PAD,
                    kernels="stock")
-    for skip, draft_len in (([2], 3), ([1, 3], 2), ([2, 3], "auto")):
+    for skip, draft_len in (([2], 3), ([1, 3], 2), ([2, 3], "auto"), ({"attn": [1, 2]}, 3),
+                            ({"mlp": [3]}, 2), ([(1, "attn"), (3, "mlp"), 2], "auto")):
         out = generate(lm, ids, mask, strategy="layer_skip", skip=skip, draft_len=draft_len,
                        max_new_tokens=14, eos_token_id=EOS, pad_token_id=PAD)
         assert torch.equal(out.sequences, ref.sequences), (skip, draft_len)
@@ -76,20 +85,121 @@ def test_estimated_speedup_by_hand():
     assert estimated_speedup(0.0, 0.25) == 1.0  # never kept: plain decoding
 
 
-def test_search_keeps_the_best_set_by_its_objective():
+def test_skipping_identity_sub_layers_drafts_exactly_the_greedy_tokens():
+    """Block 1's attention and block 3's MLP made identities (output projections zeroed):
+    skipping exactly those sub-layers drafts the full model's greedy tokens, and the cache
+    (block 1's attention never written while drafting, others written and rolled back) is
+    left as found; skipping block 1's MLP instead changes the drafts."""
+    model = tiny_lm("llama", layers=5)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        model.model.layers[3].mlp.down_proj.weight.zero_()
+    bb = ew.wrap_backbone(model)
+    ids = torch.tensor([[5, 17, 42, 8]])
+    greedy = generate(model, ids, max_new_tokens=6, eos_token_id=[], kernels="stock")
+    stats = GenerationStats("layer_skip", bb.num_layers, drafted=[0], accepted=[0])
+    session = DecodeSession(bb, ids, torch.ones_like(ids), 8, set(), PAD, stats)
+    first = session.prefill().argmax(-1)
+    session.pending = first
+    session.emit([[int(first)]])
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in session.cache.layers]
+    drafter = LayerSkipDrafter({"attn": [1], "mlp": [3]}, bb.num_layers)
+    assert drafter.attends == [0, 2, 3, 4]
+    (drafts,) = drafter.propose_rows(session, [5])
+    # 5 passes of 1 row through 10 - 2 sub-layers, counted as the draft model's work
+    assert session.stats.draft_sublayer_applications == 5 * 8
+    for layer, (k, v) in zip(session.cache.layers, before):
+        assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+    assert [int(first)] + drafts == greedy.sequences[0, 4:].tolist()
+    # the same through the drafter's plan, without a cache: exactly the full stack's state,
+    # while skipping block 1's MLP (not an identity) changes it
+    state = bb.start(input_ids=ids, attention_mask=torch.ones_like(ids))
+    ctx = state.shared["ctx"]
+    full = bb.run_layers(state.hidden, 0, 5, ctx)
+    assert torch.equal(drafter.run(bb, state.hidden, ctx), full)
+    other = LayerSkipDrafter({"mlp": [1, 3]}, bb.num_layers)
+    assert not torch.allclose(other.run(bb, state.hidden, ctx), full)
+
+
+def test_skip_sets_in_every_form():
+    both = [(2, "attn"), (2, "mlp")]
+    assert check_skip([2], 5) == both
+    assert check_skip([(2, "mlp"), [2, "attn"]], 5) == both  # pairs, also as JSON lists
+    assert check_skip({"attn": [3, 1], "mlp": [1]}, 5) == [(1, "attn"), (1, "mlp"), (3, "attn")]
+    assert skip_spec(check_skip({"attn": [3, 1], "mlp": [1]}, 5)) == {"attn": [1, 3], "mlp": [1]}
+    # runs of whole kept blocks in one call, a block with one part alone, a gone block nowhere
+    assert skip_plan(check_skip([(1, "attn"), 2], 5), 5) == [
+        (0, 1, None), (1, 2, "mlp"), (3, 5, None)]
+    for bad, match in (([(2, "ffn")], "part"), ({"ffn": [2]}, "keys"), ("2", "list"),
+                       ([(0, "attn")], "1..3"), ({"attn": []}, "at least one")):
+        with pytest.raises(ConfigError, match=match):
+            check_skip(bad, 5)
+
+
+def test_kept_share_by_hand():
+    """tiny Llama: hidden 32, 4 heads of 8, 2 key/value heads, MLP 64 wide, no biases."""
+    bb = ew.wrap_backbone(tiny_lm("llama", layers=5))
+    attn = 32 * 32 + 2 * (32 * 16) + 32 * 32 + 32  # q, k, v, o, input norm
+    mlp = 3 * 32 * 64 + 32  # gate, up, down, post-attention norm
+    head = VOCAB * 32
+    total = head + 5 * (attn + mlp)
+    assert bb.part_sizes() == [(attn, mlp)] * 5
+    assert kept_share(bb, check_skip({"attn": [1, 2], "mlp": [3]}, 5)) == pytest.approx(
+        (total - 2 * attn - mlp) / total)
+
+
+@pytest.mark.parametrize("sublayers", [True, False])
+def test_search_keeps_the_best_set_by_its_objective(sublayers):
     model = tiny_lm("qwen2", layers=6)
+    bb = ew.wrap_backbone(model)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 100, (3, 6), generator=g)
-    found = search_skip_layers(model, ids, max_new_tokens=10, patience=3)
-    assert found.history and all(1 <= i <= 4 for i in found.skip)
+    found = search_skip_layers(model, ids, max_new_tokens=10, patience=3, sublayers=sublayers,
+                               progress=False)
+    skipped = check_skip(found.skip, 6)
+    assert found.history and all(1 <= b <= 4 for b, _ in skipped)
     best = max(found.history, key=lambda h: h["estimated_speedup"])
     # the best set of the search (here a damped model: skipping pays), scored as stated
     assert found.skip and found.skip == best["skip"]
-    kept = (6 - len(found.skip)) / 6
-    assert found.estimated_speedup == pytest.approx(estimated_speedup(found.agreement, kept))
-    # each step adds one block to the previous set
-    for a, b in zip(found.history, found.history[1:]):
-        assert set(a["skip"]) < set(b["skip"]) and len(b["skip"]) == len(a["skip"]) + 1
+    assert found.kept_share == pytest.approx(kept_share(bb, skipped))
+    assert found.estimated_speedup == pytest.approx(
+        estimated_speedup(found.agreement, found.kept_share))
+    # the stopping rule: patience (3) additions in a row whose optimistic bound (agreement
+    # with every candidate skipped) cannot beat the best so far, or every candidate gone
+    floor = kept_share(bb, check_skip([1, 2, 3, 4], 6))
+    best_so_far, worse = 1.0, 0
+    for h in found.history:
+        assert worse < 3
+        assert h["optimistic_speedup"] == pytest.approx(estimated_speedup(h["agreement"], floor))
+        best_so_far = max(best_so_far, h["estimated_speedup"])
+        worse = worse + 1 if h["optimistic_speedup"] <= best_so_far else 0
+    assert worse == 3 or len(found.history) == (8 if sublayers else 4)
+    # each step adds one candidate (a sub-layer, or a whole block) to the previous set
+    sets = [set(check_skip(h["skip"], 6)) for h in found.history]
+    for a, b in zip(sets, sets[1:]):
+        assert a < b and len(b) == len(a) + (1 if sublayers else 2)
+    if not sublayers:
+        assert all(len(s) % 2 == 0 and skip_spec(sorted(s))["attn"] == skip_spec(sorted(s))["mlp"]
+                   for s in sets)
+    # the first addition: the least agreement lost per share of the pass saved (ties: the
+    # larger saving, then the first candidate)
+    units = ([[(b, p)] for p in ("attn", "mlp") for b in range(1, 5)] if sublayers
+             else [[(b, "attn"), (b, "mlp")] for b in range(1, 5)])
+    out = generate(model, ids, max_new_tokens=10, eos_token_id=[])
+    seqs = out.sequences
+    targets = torch.full_like(seqs, -1)
+    targets[:, 5:-1] = seqs[:, 6:]
+    full = _agreement(bb, seqs, torch.ones_like(seqs), targets, [])
+    assert full == 1.0  # teacher-forced, the full model predicts its own greedy tokens
+    keys = []
+    for i, u in enumerate(units):
+        saved = 1.0 - kept_share(bb, u)
+        keys.append(((full - _agreement(bb, seqs, torch.ones_like(seqs), targets, u)) / saved,
+                     -saved, i))
+    first = units[min(keys)[2]]
+    assert sets[0] == set(first)
+    assert found.history[0]["agreement"] == _agreement(bb, seqs, torch.ones_like(seqs), targets,
+                                                       first)
 
 
 def test_bad_skip_sets_are_refused():

@@ -25,6 +25,7 @@ from exitwise.generation import (
     swift_search,
 )
 from exitwise.generation import swift as swift_mod
+from exitwise.generation.layer_skip import check_skip
 from exitwise.generation.swift import SwiftDrafter, bayes_suggest, gp_posterior, window_matchness
 
 
@@ -49,7 +50,7 @@ def test_swift_is_lossless_while_it_searches(lm, batch):
         assert torch.equal(out.sequences, ref.sequences), draft_len
     search = swift_search(lm, context_window=3, seed=seed)
     assert search.opt_iter > 0 and search.observed  # the search really ran
-    assert search.skip != [1, 3]  # the first scored candidate replaced the initial set
+    assert search.skip != check_skip([1, 3], 6)  # the first candidate scored replaced it
     assert out.stats.total_drafted > 0
 
 
@@ -75,22 +76,28 @@ def _decoded_session(model, ids, mask, steps):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_matchness_equals_scoring_on_a_prompt_only_cache(family):
+@pytest.mark.parametrize("skip", [[2, 3], {"attn": [2, 4], "mlp": [3]}])
+def test_matchness_equals_scoring_on_a_prompt_only_cache(family, skip):
     """The score read off a session mid-decoding (generated slots masked out) equals scoring
-    the window on a fresh cache holding only the prompt, row by row; the cache is unchanged."""
+    the window on a fresh cache holding only the prompt, row by row, one kept sub-layer at a
+    time; the cache is unchanged."""
     model = tiny_lm(family, layers=6)
     ids, mask = left_padded(lengths=(6, 3, 5))
-    window, skip = 4, [2, 3]
+    window = 4
+    gone = set(check_skip(skip, 6))
     bb, session = _decoded_session(model, ids, mask, steps=window + 3)
     drafter = SwiftDrafter(SwiftSearch(bb.num_layers, context_window=window))
     drafter.set_skip(skip)
     before = [(layer.keys.clone(), layer.values.clone()) for layer in session.cache.layers]
+    counted = session.stats.draft_sublayer_applications
     got = window_matchness(session, drafter, window)
+    # 3 rows x (window + 1) positions through the 12 - |skip| kept sub-layers
+    assert session.stats.draft_sublayer_applications - counted == 3 * (window + 1) * (
+        12 - len(gone))
     for layer, (k, v) in zip(session.cache.layers, before):
         assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
 
     hits = total = 0
-    keep = [i for i in range(bb.num_layers) if i not in skip]
     for r in range(ids.shape[0]):
         m = mask[r : r + 1]
         p_ids = ids[r : r + 1]
@@ -103,8 +110,10 @@ def test_matchness_equals_scoring_on_a_prompt_only_cache(family):
         full_mask = torch.cat([m, torch.ones(1, window + 1, dtype=m.dtype)], 1)
         ctx = DecodeContext(cache, new_pos, full_mask, torch.cat([pos, new_pos], 1))
         hidden = bb.embed(gen, new_pos)
-        for i in keep:  # one block at a time: an independent path through the kept blocks
-            hidden = bb.run_layers(hidden, i, i + 1, ctx)
+        for i in range(bb.num_layers):  # an independent path through the kept sub-layers
+            for part in ("attn", "mlp"):
+                if (i, part) not in gone:
+                    hidden = bb.run_part(i, part, hidden, ctx)
         pred = bb.lm_logits(bb.final_norm(hidden[:, :-1])).argmax(-1)[0]
         hits += int((pred == gen[0, 1:]).sum())
         total += window
@@ -114,14 +123,21 @@ def test_matchness_equals_scoring_on_a_prompt_only_cache(family):
 
 
 def test_keep_and_stop_rules_by_hand():
+    # whole blocks: both sub-layers of int(8 * 0.45) = 3 of blocks 1..8
+    s = SwiftSearch(10, bayes=False, sublayers=False)
+    assert s.skip == check_skip([1, 3, 5, 7], 10) and s.set_size == 3
+    cand = s.candidate()
+    assert len(cand) == 6 and {b for b, _ in cand} == {b for b, p in cand if p == "mlp"}
+    # sub-layers (the default): int(16 * 0.45) = 7 of the 16 sub-layers of blocks 1..8
     s = SwiftSearch(10, max_tolerance_iter=2, bayes=False)
-    assert s.skip == [1, 3, 5, 7] and s.set_size == 3  # int(8 * 0.45)
+    assert s.skip == check_skip([1, 3, 5, 7], 10) and s.set_size == 7
+    assert len(s.candidates) == 16
     scores = iter([0.5, 0.4, 0.6, 0.6, 0.1, 0.2])
     seen = []
 
     def score_of(cand):
         seen.append(cand)
-        assert len(cand) == 3 and all(1 <= b <= 8 for b in cand) and cand == sorted(set(cand))
+        assert len(cand) == 7 and cand == check_skip(cand, 10)  # distinct, sorted, in 1..8
         return next(scores)
 
     assert s.iterate(score_of) and s.skip == seen[0] and s.best_score == 0.5
@@ -192,6 +208,19 @@ def test_bayes_suggest_follows_the_scores():
     assert set(got) == {6, 7, 8}
 
 
+def test_bayes_suggest_over_sub_layers():
+    """Units are sub-layers (1-tuples); scores reward skipping the MLPs of blocks 6..8, and a
+    set counts a unit only when it holds all of it."""
+    rng = random.Random(0)
+    units = [((b, p),) for p in ("attn", "mlp") for b in range(1, 9)]
+    observed = []
+    for _ in range(60):
+        cand = sorted(sub for unit in rng.sample(units, 3) for sub in unit)
+        observed.append((cand, sum(b >= 6 and p == "mlp" for b, p in cand) / 3))
+    got = bayes_suggest(observed, units, 3, random.Random(1))
+    assert got == [((6, "mlp"),), ((7, "mlp"),), ((8, "mlp"),)]
+
+
 def test_search_persists_across_calls():
     model = tiny_lm("llama", layers=6)
     ids, mask = left_padded()
@@ -212,6 +241,8 @@ def test_clear_errors():
         get_decoding_strategy("swift", skip_ratio=1.5)
     with pytest.raises(ConfigError, match="context_window"):
         get_decoding_strategy("swift", context_window=0)
+    with pytest.raises(ConfigError, match="sublayers"):
+        get_decoding_strategy("swift", sublayers="yes")
     with pytest.raises(ConfigError, match="at least 3 blocks"):
         generate(tiny_lm("llama", layers=2), torch.tensor([[5, 6]]), strategy="swift",
                  max_new_tokens=2, eos_token_id=[])

@@ -30,6 +30,8 @@ from .decoder_layouts import DECODER_LAYOUTS, DecoderLayout, supported_decoder_t
 from .kernels import routed
 
 FULL, SLIDING = "full_attention", "sliding_attention"
+#: a block's two sub-layers, in the order a block runs them (:meth:`HFDecoderBackbone.run_part`)
+PARTS = ("attn", "mlp")
 
 
 @dataclass
@@ -254,6 +256,46 @@ class HFDecoderBackbone(Backbone):
             out = block(hidden, attention_mask=mask, use_cache=use_cache,
                         **{self.cache_kw: ctx.cache})
         return out[0] if isinstance(out, tuple) else out
+
+    def run_part(self, i: int, part: str, hidden: torch.Tensor, ctx: DecodeContext
+                 ) -> torch.Tensor:
+        """One sub-layer of block ``i``: ``part`` "attn" (which appends the q new keys/values
+        to cache layer i when ``ctx.cache`` is set) or "mlp". hidden (B, q, H) -> (B, q, H):
+        hidden + scale * post(part(pre(hidden))), the block's own arithmetic, so running
+        "attn" then "mlp" equals :meth:`run_block` (self-drafts leave some out)."""
+        if part not in PARTS:
+            raise InputError(f"a block's part is one of {PARTS}; got {part!r}")
+        block = routed(self.blocks[i], hidden)
+        lay = self.layout
+        pre, post = lay.attn_norms if part == "attn" else lay.mlp_norms
+        x = getattr(block, pre)(hidden) if pre else hidden
+        if part == "attn":
+            kwargs: dict[str, Any] = {
+                "attention_mask": self._mask(hidden, ctx, i, self.layer_types[i]),
+                "use_cache": ctx.cache is not None, self.cache_kw: ctx.cache}
+            if lay.positions == "rope":
+                kwargs.update(position_ids=ctx.positions,
+                              position_embeddings=self._rope(hidden, ctx, self.layer_types[i]))
+            out = getattr(block, lay.attn)(x, **kwargs)[0]
+        else:
+            out = getattr(block, lay.mlp)(x)
+        if post:
+            out = getattr(block, post)(out)
+        if lay.residual_scale:
+            out = out * getattr(block, lay.residual_scale)
+        return hidden + out
+
+    def part_sizes(self) -> list[tuple[int, int]]:
+        """(attention, feed-forward) parameter counts of every block (norms included): the
+        weights a decoding pass reads, which set its cost on a CPU."""
+        lay = self.layout
+
+        def size(block: nn.Module, names: tuple[str | None, ...]) -> int:
+            return sum(p.numel() for n in names if n
+                       for p in getattr(block, n).parameters())
+
+        return [(size(b, (lay.attn, *lay.attn_norms)), size(b, (lay.mlp, *lay.mlp_norms)))
+                for b in self.blocks]
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's final norm: (..., H) -> (..., H)."""

@@ -1,24 +1,33 @@
-"""Drafting with the model itself minus some of its blocks (Draft & Verify; SWIFT).
+"""Drafting with the model itself minus some of its sub-layers (Draft & Verify; SWIFT).
 
 Draft & Verify (Zhang et al., ACL 2024, "Draft & Verify: Lossless Large Language Model
 Acceleration via Self-Speculative Decoding") drafts with the same LLM skipping a set of its
-intermediate layers, chosen offline by Bayesian optimisation, and verifies the drafts with the
-whole model; SWIFT (Xia et al., 2024) chooses the skipped set on the fly during decoding. No
-extra head, no training.
+intermediate attention and MLP sub-layers, chosen offline by Bayesian optimisation, and
+verifies the drafts with the whole model; SWIFT (Xia et al., 2024) chooses the skipped set on
+the fly during decoding. No extra head, no training.
+
+A skip set names sub-layers: ``(block, "attn")`` or ``(block, "mlp")``, block in 1..L-2 (the
+reference's two sets, ``attn_skip_layer_id_set`` and ``mlp_skip_layer_id_set``; the first and
+last blocks are always kept). Users may write it as block indices (both sub-layers of each),
+as such pairs, or as ``{"attn": [...], "mlp": [...]}`` (:func:`check_skip`). A skipped
+sub-layer adds nothing to the residual stream (the block's other sub-layer still runs,
+:meth:`~exitwise.backbones.HFDecoderBackbone.run_part`).
 
 :class:`LayerSkipDrafter` is a :class:`~.ngram.Proposer`: for each step it runs the pending
-token and then its own drafts through the kept blocks only (each kept block appends its
-keys/values to the shared cache, so later drafts attend to earlier ones), reads the next token
-with the final norm and the LM head, and afterwards removes what it appended from every kept
-block's cache, so verification (every block, all k + 1 positions at once) writes them anew.
-Drafts are the draft model's argmax; with sampling they count as point masses, which keeps
-speculative sampling exact.
+token and then its own drafts through the kept sub-layers only (each kept attention appends
+its keys/values to the shared cache, so later drafts attend to earlier ones; a block whose
+attention is skipped is never read while drafting), reads the next token with the final
+norm and the LM head, and afterwards removes what it appended, so verification (every block,
+all k + 1 positions at once) writes them anew. Drafts are the draft model's argmax; with
+sampling they count as point masses, which keeps speculative sampling exact.
 
 :func:`search_skip_layers` chooses the skipped set offline on the model's own greedy text:
-greedy forward selection (repeatedly add the block whose removal keeps the draft model's next
-token equal to the full model's most often), each candidate set scored by the tokens per unit
-of time it would give (:func:`estimated_speedup`: acceptance from the measured agreement,
-cost from the share of blocks kept, verification counted as one full pass).
+greedy forward selection (repeatedly add the sub-layer whose removal loses the least agreement
+of the draft model's next token with the full model's per share of the pass it saves, until
+even skipping everything left for free could not beat the best set), each candidate set scored by the tokens per unit of time
+it would give (:func:`estimated_speedup`: acceptance from the measured
+agreement, cost from the share of the pass's weights the draft still reads, :func:`kept_share`:
+LM head included, verification counted as one full pass).
 
 Reference read: the authors' code (dilab-zju/self-speculative-decoding): ``searching.py``
 (``LayerSkippingSearching``: Bayesian optimisation over 2L binary choices, skip each layer's
@@ -27,57 +36,129 @@ on a few prompts) and ``decoding.py`` (``exact_self_speculative_generate``: draf
 ``max_step_draft=8`` tokens, a draft stops when its top-1 probability falls below
 ``th_stop_draft`` (0.8), adapted after each step from the acceptance; the draft's keys/values
 are discarded, verification recomputes the drafted positions in every layer). Deviations:
-whole blocks are skipped (not attention and MLP separately); greedy forward selection with a
-modelled objective instead of Bayesian optimisation on timed decoding; the first and last
-blocks are always kept; the draft length comes from the measured-cost controller
-(:mod:`.draft_control`, ``draft_len="auto"``, at most 8 as in the reference) or is fixed,
-instead of the adaptive confidence threshold. SWIFT's on-the-fly search is :mod:`.swift`.
+greedy forward selection with a modelled objective instead of Bayesian optimisation on timed
+decoding (``sublayers=False`` searches whole blocks instead); the first and last blocks are
+always kept; the draft length comes from the measured-cost controller (:mod:`.draft_control`,
+``draft_len="auto"``, at most 8 as in the reference) or is fixed, instead of the adaptive
+confidence threshold. SWIFT's on-the-fly search is :mod:`.swift`.
 Shapes: A active rows, V vocabulary.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from numbers import Integral
+from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..backbones.hf_decoder import PARTS
 from ..errors import ConfigError
 
+#: one sub-layer: (block index, "attn" | "mlp")
+SubLayer = tuple[int, str]
 
-def check_skip(skip: Sequence[int], num_layers: int) -> list[int]:
-    """Sorted distinct block indices in 1..L-2 (the first and last blocks are always kept)."""
-    out = sorted({int(i) for i in skip})
-    bad = [i for i in out if not 1 <= i <= num_layers - 2]
+
+def check_skip(skip: Any, num_layers: int) -> list[SubLayer]:
+    """The sub-layers ``skip`` names, sorted and distinct, blocks in 1..L-2 (the first and the
+    last block are always kept). skip: block indices (both sub-layers of each), (block, part)
+    pairs, or a mapping {"attn": blocks, "mlp": blocks}; any mix of the first two."""
+    items: list[Any]
+    if isinstance(skip, Mapping):
+        unknown = sorted(set(skip) - set(PARTS))
+        if unknown:
+            raise ConfigError(f"a skip mapping has the keys {PARTS}; got {unknown}")
+        items = [(b, part) for part in PARTS for b in skip.get(part, ())]
+    elif isinstance(skip, (str, bytes)) or not isinstance(skip, Sequence):
+        raise ConfigError("skip is a list of blocks, of (block, part) pairs, or "
+                          f"{{'attn': [...], 'mlp': [...]}}; got {skip!r}")
+    else:
+        items = list(skip)
+    out: set[SubLayer] = set()
+    for item in items:
+        if isinstance(item, Integral) and not isinstance(item, bool):
+            out.update((int(item), part) for part in PARTS)
+        elif isinstance(item, Sequence) and len(item) == 2 and item[1] in PARTS:
+            out.add((int(item[0]), str(item[1])))
+        else:
+            raise ConfigError(f"a skip entry is a block index or a (block, part) pair with part "
+                              f"in {PARTS}; got {item!r}")
+    bad = sorted({b for b, _ in out if not 1 <= b <= num_layers - 2})
     if bad:
         raise ConfigError(f"skipped blocks must be in 1..{num_layers - 2} (the first and the last "
                           f"block are kept); got {bad}")
     if not out:
-        raise ConfigError("skip at least one block (an empty set drafts with the full model)")
-    return out
+        raise ConfigError("skip at least one sub-layer (an empty set drafts with the full model)")
+    return sorted(out)
+
+
+def skip_spec(skip: Sequence[SubLayer]) -> dict[str, list[int]]:
+    """A skip set as the reference writes it: {"attn": blocks, "mlp": blocks} (JSON-ready)."""
+    return {part: sorted(b for b, p in skip if p == part) for part in PARTS}
+
+
+def skip_plan(skip: Sequence[SubLayer], num_layers: int) -> list[tuple[int, int, str | None]]:
+    """How to run the draft model: (start, end, None) for a run of whole kept blocks
+    [start, end) (one ``run_layers`` call), (i, i + 1, part) for block i with only ``part``."""
+    gone = set(skip)
+    plan: list[tuple[int, int, str | None]] = []
+    for i in range(num_layers):
+        kept = [p for p in PARTS if (i, p) not in gone]
+        if len(kept) == len(PARTS):
+            if plan and plan[-1][2] is None and plan[-1][1] == i:
+                plan[-1] = (plan[-1][0], i + 1, None)
+            else:
+                plan.append((i, i + 1, None))
+        elif kept:
+            plan.append((i, i + 1, kept[0]))
+    return plan
+
+
+def run_plan(backbone: Any, plan: Sequence[tuple[int, int, str | None]], hidden: torch.Tensor,
+             ctx: Any) -> torch.Tensor:
+    """hidden (B, q, H) through the kept sub-layers of ``plan`` (:func:`skip_plan`)."""
+    for start, end, part in plan:
+        if part is None:
+            hidden = backbone.run_layers(hidden, start, end, ctx)
+        else:
+            hidden = backbone.run_part(start, part, hidden, ctx)
+    return hidden
+
+
+def kept_share(backbone: Any, skip: Sequence[SubLayer]) -> float:
+    """The share of a decoding pass's weights a draft without ``skip`` still reads: the kept
+    sub-layers' parameters plus the LM head's, over all blocks' plus the LM head's (on a CPU
+    a one-token pass costs about what reading its weights costs)."""
+    sizes = backbone.part_sizes()
+    head = sum(p.numel() for p in backbone.lm_head.parameters())
+    total = head + sum(a + m for a, m in sizes)
+    gone = sum(sizes[b][PARTS.index(p)] for b, p in set(skip))
+    return (total - gone) / total
 
 
 class LayerSkipDrafter:
-    """Proposes drafts from the model with blocks ``skip`` left out (see the module docstring)."""
+    """Proposes drafts from the model with sub-layers ``skip`` left out (see the module
+    docstring)."""
 
     source = "layer_skip"
     passes = "per_draft"
 
-    def __init__(self, skip: Sequence[int], num_layers: int) -> None:
+    def __init__(self, skip: Any, num_layers: int) -> None:
         self.num_layers = num_layers
         self.set_skip(skip)
 
-    def set_skip(self, skip: Sequence[int]) -> None:
-        """Draft without blocks ``skip`` from now on (SWIFT changes the set while decoding)."""
+    def set_skip(self, skip: Any) -> None:
+        """Draft without sub-layers ``skip`` from now on (SWIFT changes the set while
+        decoding)."""
         self.skip = check_skip(skip, self.num_layers)
-        self.keep = [i for i in range(self.num_layers) if i not in set(self.skip)]
-        # runs of consecutive kept blocks [start, end): one run_layers call each
-        self.runs: list[tuple[int, int]] = []
-        for i in self.keep:
-            if self.runs and self.runs[-1][1] == i:
-                self.runs[-1] = (self.runs[-1][0], i + 1)
-            else:
-                self.runs.append((i, i + 1))
+        self.plan = skip_plan(self.skip, self.num_layers)
+        # the blocks whose attention runs: their cache layers get the drafts' keys/values
+        self.attends = [i for i in range(self.num_layers) if (i, "attn") not in set(self.skip)]
+        self.sublayers_run = len(PARTS) * self.num_layers - len(self.skip)
+
+    def run(self, backbone: Any, hidden: torch.Tensor, ctx: Any) -> torch.Tensor:
+        """hidden (A, q, H) through the draft model's kept sub-layers."""
+        return run_plan(backbone, self.plan, hidden, ctx)
 
     def start(self, prompts: list[list[int]]) -> None:
         """Nothing to prepare: the draft model is the model itself."""
@@ -96,12 +177,11 @@ class LayerSkipDrafter:
         drafts: list[list[int]] = []
         for j in range(k):
             ctx = session.context(j, 1)
-            hidden = bb.embed(tokens[:, None], ctx.positions)
-            for start, end in self.runs:
-                hidden = bb.run_layers(hidden, start, end, ctx)
+            hidden = self.run(bb, bb.embed(tokens[:, None], ctx.positions), ctx)
             tokens = bb.lm_logits(bb.final_norm(hidden[:, -1])).argmax(-1)
             drafts.append(tokens.tolist())
-        for i in self.keep:  # verification recomputes these positions in every block
+            session.stats.draft_sublayer_applications += len(caps) * self.sublayers_run
+        for i in self.attends:  # verification recomputes these positions in every block
             session.cache.layers[i].crop(-k)
         return [[drafts[j][r] for j in range(c)] for r, c in enumerate(caps)]
 
@@ -119,24 +199,27 @@ def estimated_speedup(agreement: float, kept_share: float, max_len: int = 8) -> 
 
 @dataclass
 class SkipSearch:
-    """What :func:`search_skip_layers` found: the chosen ``skip`` set, its agreement with the
-    full model's greedy next token and modelled speed-up, and each step of the search."""
+    """What :func:`search_skip_layers` found: the chosen ``skip`` set ({"attn": blocks,
+    "mlp": blocks}; empty when no set is modelled to pay), its agreement with the full model's
+    greedy next token, its :func:`kept_share` and modelled speed-up, and each step of the
+    search (the same fields)."""
 
-    skip: list[int]
+    skip: dict[str, list[int]]
     agreement: float
     estimated_speedup: float
+    kept_share: float = 1.0
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
 @torch.inference_mode()
 def _agreement(backbone: Any, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor,
-               skip: set[int]) -> float:
-    """Share of target positions where the model without blocks ``skip`` predicts the target
-    (teacher-forced over the whole text at once). ids, mask, targets: (B, T); -1 = no target."""
+               skip: Sequence[SubLayer]) -> float:
+    """Share of target positions where the model without sub-layers ``skip`` predicts the
+    target (teacher-forced over the whole text at once). ids, mask, targets: (B, T); -1 = no
+    target."""
     state = backbone.start(input_ids=ids, attention_mask=mask)
-    for i in range(backbone.num_layers):
-        if i not in skip:
-            state = backbone.step(i, state)
+    state.hidden = run_plan(backbone, skip_plan(skip, backbone.num_layers), state.hidden,
+                            state.shared["ctx"])
     hidden, _ = backbone.features(state)
     pred = backbone.lm_logits(backbone.final_norm(hidden)).argmax(-1)
     real = targets >= 0
@@ -146,15 +229,24 @@ def _agreement(backbone: Any, ids: torch.Tensor, mask: torch.Tensor, targets: to
 def search_skip_layers(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
     max_new_tokens: int = 32, max_skip: int | None = None, patience: int = 2,
+    sublayers: bool = True, progress: bool = True,
 ) -> SkipSearch:
-    """Choose the blocks to skip for :class:`LayerSkipDrafter` (Draft & Verify's offline step,
-    by greedy forward selection; see the module docstring).
+    """Choose the sub-layers to skip for :class:`LayerSkipDrafter` (Draft & Verify's offline
+    step, by greedy forward selection; see the module docstring).
 
     input_ids, attention_mask: (B, T) prompts; the model's own greedy continuations of
-    ``max_new_tokens`` are the text the drafts must match. max_skip: most blocks to skip
-    (default L - 2). patience: stop after this many additions that do not improve the
-    modelled speed-up. Returns the best set seen.
+    ``max_new_tokens`` are the text the drafts must match. max_skip: most candidates to skip
+    (default all). patience: stop after this many additions in a row whose agreement could not
+    beat the best modelled speed-up so far even if every remaining candidate were skipped for
+    free (``estimated_speedup(agreement, share with all candidates skipped)``: an optimistic
+    bound, as agreement rarely rises when more is skipped; the first few additions of a deep
+    model cannot pay by themselves, so "no improvement" would stop too early). sublayers:
+    candidates are the attention and the MLP of each block 1..L-2 apart (the reference's
+    2(L-2) choices), else whole blocks. progress: a progress bar over the additions. Returns
+    the best set seen.
     """
+    from tqdm.auto import tqdm
+
     from ..backbones import decoder_of
     from .api import generate
 
@@ -163,6 +255,8 @@ def search_skip_layers(
     if num_layers < 3:
         raise ConfigError("skipping needs a model of at least 3 blocks (the first and the last "
                           "are always kept)")
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+        raise ConfigError(f"patience must be an int >= 1; got {patience!r}")
     out = generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                    eos_token_id=[])
     seqs = out.sequences
@@ -172,24 +266,42 @@ def search_skip_layers(
         mask[:, :t] = attention_mask
     targets = torch.full_like(seqs, -1)
     targets[:, t - 1:-1] = seqs[:, t:]  # position p predicts the token at p + 1 (the answer)
-    candidates = list(range(1, num_layers - 1))
+    blocks = range(1, num_layers - 1)
+    candidates: list[tuple[SubLayer, ...]] = (
+        [((b, part),) for part in PARTS for b in blocks] if sublayers
+        else [tuple((b, part) for part in PARTS) for b in blocks])
     limit = len(candidates) if max_skip is None else min(max_skip, len(candidates))
-    chosen: set[int] = set()
-    best = SkipSearch([], 1.0, 1.0)
+    floor = kept_share(backbone, [sub for c in candidates for sub in c])
+    chosen: list[SubLayer] = []
+    best = SkipSearch({}, 1.0, 1.0)
     history: list[dict[str, Any]] = []
     worse = 0
-    while len(chosen) < limit and worse < patience:
-        scored = [(_agreement(backbone, seqs, mask, targets, chosen | {i}), i)
-                  for i in candidates if i not in chosen]
-        agreement, layer = max(scored)
-        chosen.add(layer)
-        kept = (num_layers - len(chosen)) / num_layers
-        speed = estimated_speedup(agreement, kept)
-        history.append({"skip": sorted(chosen), "agreement": agreement,
-                        "estimated_speedup": speed})
-        if speed > best.estimated_speedup:
-            best, worse = SkipSearch(sorted(chosen), agreement, speed), 0
-        else:
-            worse += 1
+    bar = tqdm(total=limit, desc="search_skip_layers", disable=not progress, leave=False)
+    try:
+        agreement = _agreement(backbone, seqs, mask, targets, [])
+        share = 1.0
+        while len(history) < limit and worse < patience:
+            left = [c for c in candidates if c[0] not in chosen]
+            scored = []
+            for i, c in enumerate(left):
+                a_c = _agreement(backbone, seqs, mask, targets, chosen + list(c))
+                saved = share - kept_share(backbone, chosen + list(c))
+                # agreement lost per share of the pass saved; ties: the larger saving, then
+                # the first candidate
+                scored.append(((agreement - a_c) / saved, -saved, i, a_c))
+            _, _, pick, agreement = min(scored)
+            chosen.extend(left[pick])
+            share = kept_share(backbone, chosen)
+            speed = estimated_speedup(agreement, share)
+            bound = estimated_speedup(agreement, floor)
+            history.append({"skip": skip_spec(chosen), "agreement": agreement,
+                            "kept_share": share, "estimated_speedup": speed,
+                            "optimistic_speedup": bound})
+            bar.update(1)
+            if speed > best.estimated_speedup:
+                best = SkipSearch(skip_spec(chosen), agreement, speed, share)
+            worse = worse + 1 if bound <= best.estimated_speedup else 0
+    finally:
+        bar.close()
     best.history = history
     return best

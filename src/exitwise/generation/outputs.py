@@ -23,6 +23,9 @@ class GenerationStats:
         new positions at once (a latency proxy on hardware where a block's cost barely grows
         with a few more positions).
     head_applications:  exit-head evaluations (row x position) for drafts.
+    draft_sublayer_applications: attention or MLP sub-layers applied by a layer-skipping draft
+        model (:mod:`.layer_skip`, :mod:`.swift`; row x position, SWIFT's scoring passes
+        included; a whole block is two), work not counted in ``layer_applications``.
     kernels:            the ``kernels`` setting the call ran with ("auto", "stock", ...).
     streamed_products:  few-row products that took the streaming kernel (0: all stock).
     ngram_drafted / ngram_accepted: of the drafted / accepted tokens, those that came from
@@ -43,6 +46,7 @@ class GenerationStats:
     layer_applications: int = 0
     sequential_layers: int = 0
     head_applications: int = 0
+    draft_sublayer_applications: int = 0
     prefill_layer_applications: int = 0
     kernels: str | None = None
     streamed_products: int = 0

@@ -227,15 +227,16 @@ class ANPD(DecodingStrategy):
 @register_decoding_strategy("layer_skip")
 @dataclass
 class LayerSkip(DecodingStrategy):
-    """Draft & Verify: draft with the model itself minus blocks ``skip`` (e.g. from
-    :func:`~.layer_skip.search_skip_layers`), verify with every block; no head, no training
-    (:mod:`.layer_skip`).
+    """Draft & Verify: draft with the model itself minus sub-layers ``skip`` (e.g. the
+    ``skip`` of :func:`~.layer_skip.search_skip_layers`), verify with every block; no head, no
+    training (:mod:`.layer_skip`).
 
-    skip: block indices in 1..L-2 (required). draft_len: tokens per draft (>= 1), or "auto"
+    skip (required): blocks in 1..L-2 (both sub-layers of each), (block, "attn" | "mlp")
+    pairs, or {"attn": blocks, "mlp": blocks}. draft_len: tokens per draft (>= 1), or "auto"
     (chosen per step from measured costs and acceptance, at most ``max_draft_len``).
     """
 
-    skip: list[int] | None = None
+    skip: Any = None
     draft_len: int | str = "auto"
     max_draft_len: int = 8
 
@@ -245,8 +246,8 @@ class LayerSkip(DecodingStrategy):
 
     def validate(self, backbone: HFDecoderBackbone, model: Any) -> None:
         if self.skip is None:
-            raise ConfigError("layer_skip needs skip=[blocks to leave out of the draft] (choose "
-                              "them with exitwise.generation.search_skip_layers)")
+            raise ConfigError("layer_skip needs skip=[blocks or sub-layers to leave out of the "
+                              "draft] (choose them with exitwise.generation.search_skip_layers)")
         check_skip(self.skip, backbone.num_layers)
 
     def decode(self, inputs: DecodeInputs) -> GenerateOutput:
@@ -259,7 +260,8 @@ class LayerSkip(DecodingStrategy):
 # generate calls, as the reference's statistics go on across the prompts of a task
 _SWIFT_SEARCHES: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 _SWIFT_OPTIONS = ("skip_ratio", "context_window", "opt_interval", "bayes_interval",
-                  "max_opt_iter", "max_tolerance_iter", "max_score", "bayes", "seed")
+                  "max_opt_iter", "max_tolerance_iter", "max_score", "bayes", "sublayers",
+                  "seed")
 # the search's defaults (the reference's), one place for the strategy and swift_search
 _SWIFT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SwiftSearch)
                    if f.name in _SWIFT_OPTIONS}
@@ -285,16 +287,19 @@ def swift_search(model: Any, **options: Any) -> SwiftSearch:
 @register_decoding_strategy("swift")
 @dataclass
 class Swift(DecodingStrategy):
-    """SWIFT: draft with the model itself minus blocks chosen on the fly while decoding
+    """SWIFT: draft with the model itself minus sub-layers chosen on the fly while decoding
     (:mod:`.swift`), verify with every block; no head, no training, no offline search.
 
-    skip_ratio: share of the L - 2 middle blocks a candidate set skips (0.45).
+    skip_ratio: share of the 2 (L - 2) sub-layers of the middle blocks (or, with
+    ``sublayers=False``, of the L - 2 middle blocks) a candidate set skips (0.45).
     context_window: generated tokens a candidate is scored on (32; the search starts once a
     row has generated more). opt_interval: a search iteration every this many decoding
     steps (1). bayes_interval: every this many iterations the candidate comes from Bayesian
-    optimisation instead of a random draw (25; ``bayes=False``: random only). max_opt_iter,
-    max_tolerance_iter, max_score: stop the search after this many iterations (1000), this
-    many in a row without improvement (300), or once a matchness exceeds this (0.95).
+    optimisation instead of a random draw (25; ``bayes=False``: random only). sublayers:
+    candidates are attention and MLP sub-layers apart (True, as the reference) or whole
+    blocks. max_opt_iter, max_tolerance_iter, max_score: stop the search after this many
+    iterations (1000), this many in a row without improvement (300), or once a matchness
+    exceeds this (0.95).
     search_seed: the search's random draws (``seed`` is the sampling seed every strategy
     shares). The search persists per model and options across calls
     (:func:`swift_search`). draft_len: tokens per draft (>= 1) or "auto" (chosen per step from
@@ -309,6 +314,7 @@ class Swift(DecodingStrategy):
     max_tolerance_iter: int = _SWIFT_DEFAULTS["max_tolerance_iter"]
     max_score: float = _SWIFT_DEFAULTS["max_score"]
     bayes: bool = _SWIFT_DEFAULTS["bayes"]
+    sublayers: bool = _SWIFT_DEFAULTS["sublayers"]
     search_seed: int = _SWIFT_DEFAULTS["seed"]
     draft_len: int | str = "auto"
     max_draft_len: int = 8

@@ -11,14 +11,16 @@ decoding's (or, sampling, its distribution) whatever set is in use.
 The search (:class:`SwiftSearch`, one object kept per model so that it continues across
 ``generate`` calls, as the reference keeps its statistics across the prompts of a task):
 
-- the drafter starts by skipping every other block (1, 3, 5, ..., never the first or last);
+- the candidates are the attention and the MLP sub-layers of blocks 1..L-2 (never the first
+  or last block), 2 (L - 2) of them; the drafter starts by skipping both sub-layers of every
+  other block (1, 3, 5, ...), as the reference;
 - once a row has generated more than ``context_window + 1`` tokens, every ``opt_interval``-th
   decoding step (speculative or, when the controller rests, plain) runs one iteration: a
-  candidate set of ``int((L - 2) * skip_ratio)`` blocks, drawn at random, or every
+  candidate set of ``int(2 (L - 2) * skip_ratio)`` sub-layers, drawn at random, or every
   ``bayes_interval``-th iteration suggested by Bayesian optimisation (:func:`bayes_suggest`:
   a Gaussian process over the sets scored so far, UCB acquisition);
 - the candidate's *matchness* (:func:`window_matchness`): the first ``context_window + 1``
-  generated tokens are fed at once, teacher-forced, through the kept blocks only, attending
+  generated tokens are fed at once, teacher-forced, through the kept sub-layers only, attending
   to the full model's keys/values of the prompt; the share of the ``context_window`` next-token
   predictions equal to the generated tokens;
 - the candidate becomes the drafter's set if it scores above the best so far; the search stops
@@ -33,10 +35,10 @@ bayes_interval 25, max_opt_iter 1000, max_tolerance_iter 300, max_score 0.95,
 context_window 32; ``BayesianOptimization`` with ``alpha=1e-2`` and a UCB utility, kappa 2.5).
 The defaults here are the reference's. Deviations:
 
-- whole blocks are skipped, not attention and MLP sub-layers separately (the reference edits
-  its Llama modelling code to skip either; here every decoder family runs its own blocks
-  unchanged), so a candidate holds ``int((L - 2) * skip_ratio)`` blocks instead of
-  ``int(2 (L - 2) * skip_ratio)`` sub-layers;
+- the reference edits its Llama modelling code to skip either sub-layer; here every decoder
+  family's sub-layers run as its own block runs them
+  (:meth:`~exitwise.backbones.HFDecoderBackbone.run_part`), and ``sublayers=False`` searches
+  whole blocks instead (``int((L - 2) * skip_ratio)`` of them);
 - the draft length comes from the measured-cost controller (:mod:`.draft_control`,
   ``draft_len="auto"``) instead of SWIFT's confidence-aware drafting with top-k candidate
   trees;
@@ -58,13 +60,13 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
-from ..backbones.hf_decoder import DecodeContext
+from ..backbones.hf_decoder import PARTS, DecodeContext
 from ..errors import ConfigError
-from .layer_skip import LayerSkipDrafter
+from .layer_skip import LayerSkipDrafter, SubLayer, check_skip
 
 # bayes_opt's defaults, as the reference uses them
 _UCB_KAPPA = 2.5
@@ -77,9 +79,11 @@ _LENGTH_SCALES = tuple(10 ** (k / 4) for k in range(-4, 9))  # 0.1 .. 100
 class SwiftSearch:
     """State of SWIFT's on-the-fly search for one model (see the module docstring).
 
-    skip: the set the drafter uses now; best_score: its matchness (0 before the first
-    iteration, so the first candidate scored replaces the initial every-other-block set);
-    observed: every (set, matchness) scored; active: False once a stopping rule fired.
+    skip: the set the drafter uses now, (block, part) pairs (:mod:`.layer_skip`); best_score:
+    its matchness (0 before the first iteration, so the first candidate scored replaces the
+    initial every-other-block set); observed: every (set, matchness) scored; active: False
+    once a stopping rule fired. sublayers: candidates are sub-layers (the reference), else
+    whole blocks.
     """
 
     num_layers: int
@@ -91,15 +95,16 @@ class SwiftSearch:
     max_tolerance_iter: int = 300
     max_score: float = 0.95
     bayes: bool = True
+    sublayers: bool = True
     seed: int = 0
-    skip: list[int] = field(default_factory=list)
+    skip: list[SubLayer] = field(default_factory=list)
     best_score: float = 0.0
     opt_iter: int = 0
     tolerance_iter: int = 0
     steps: int = 0
     active: bool = True
     stopped_by: str | None = None
-    observed: list[tuple[list[int], float]] = field(default_factory=list)
+    observed: list[tuple[list[SubLayer], float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.num_layers < 3:
@@ -112,21 +117,29 @@ class SwiftSearch:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1; got {value!r}")
+        if not isinstance(self.sublayers, bool):
+            raise ConfigError(f"sublayers must be True or False; got {self.sublayers!r}")
         if not 0.0 < float(self.max_score) <= 1.0:
             raise ConfigError(f"max_score must be in (0, 1]; got {self.max_score!r}")
-        if not self.skip:
-            self.skip = list(range(1, self.num_layers - 1, 2))  # every other block
+        self.skip = check_skip(self.skip or list(range(1, self.num_layers - 1, 2)),
+                               self.num_layers)  # default: every other block, both parts
         self._rng = random.Random(self.seed)
+        blocks = range(1, self.num_layers - 1)
+        # a candidate unit: one sub-layer, or a whole block (both of its sub-layers)
+        self._units: list[tuple[SubLayer, ...]] = (
+            [((b, p),) for p in PARTS for b in blocks] if self.sublayers
+            else [tuple((b, p) for p in PARTS) for b in blocks])
 
     @property
-    def candidates(self) -> list[int]:
-        """The blocks that may be skipped: 1 .. L - 2."""
-        return list(range(1, self.num_layers - 1))
+    def candidates(self) -> list[tuple[SubLayer, ...]]:
+        """What may be skipped: each sub-layer of blocks 1 .. L - 2 (the attention ones first,
+        as the reference's coordinates), or each of those blocks whole."""
+        return list(self._units)
 
     @property
     def set_size(self) -> int:
-        """Blocks in a candidate set: int((L - 2) * skip_ratio), at least 1."""
-        return max(1, int((self.num_layers - 2) * self.skip_ratio))
+        """Units in a candidate set: int(units * skip_ratio), at least 1."""
+        return max(1, int(len(self._units) * self.skip_ratio))
 
     def due(self) -> bool:
         """Whether this decoding step runs an iteration (counts the steps it is asked)."""
@@ -135,15 +148,17 @@ class SwiftSearch:
         self.steps += 1
         return (self.steps - 1) % self.opt_interval == 0
 
-    def candidate(self) -> list[int]:
+    def candidate(self) -> list[SubLayer]:
         """The next set to score: Bayesian every ``bayes_interval``-th iteration (once two sets
         were scored), else drawn uniformly."""
         if self.bayes and (self.opt_iter + 1) % self.bayes_interval == 0 and \
                 len(self.observed) >= 2:
-            return bayes_suggest(self.observed, self.candidates, self.set_size, self._rng)
-        return sorted(self._rng.sample(self.candidates, self.set_size))
+            units = bayes_suggest(self.observed, self._units, self.set_size, self._rng)
+        else:
+            units = self._rng.sample(self._units, self.set_size)
+        return sorted(sub for unit in units for sub in unit)
 
-    def iterate(self, score_of: Callable[[list[int]], float | None]) -> bool:
+    def iterate(self, score_of: Callable[[list[SubLayer]], float | None]) -> bool:
         """One iteration: score a candidate with ``score_of`` (None: nothing to score yet, no
         iteration) and keep it if it beats the best so far. Returns whether ``skip`` changed."""
         cand = self.candidate()
@@ -190,32 +205,35 @@ def gp_posterior(x: torch.Tensor, y: torch.Tensor, query: torch.Tensor, length: 
     return mean, var.sqrt(), loglik
 
 
-def bayes_suggest(observed: list[tuple[list[int], float]], blocks: list[int], size: int,
-                  rng: random.Random) -> list[int]:
+def bayes_suggest(observed: list[tuple[list[Any], float]], units: Sequence[Any], size: int,
+                  rng: random.Random) -> list[Any]:
     """Bayesian optimisation's next set: fit a GP to the scored sets (each a 0/1 vector over
-    ``blocks``; scores normalised to mean 0, std 1), take the point of [0, 1]^d with the
-    highest UCB (mean + 2.5 std) among random ones, and skip its ``size`` largest
-    coordinates (the reference's ``layer_bayes_search``)."""
-    index = {b: i for i, b in enumerate(blocks)}
-    x = torch.zeros(len(observed), len(blocks), dtype=torch.float64)
+    ``units``, a unit set to 1 when every element of it was skipped (a unit is a tuple of
+    set elements, or an element itself); scores normalised to mean 0, std 1), take the point
+    of [0, 1]^d with the highest UCB (mean + 2.5 std) among random ones, and return the units
+    of its ``size`` largest coordinates (the reference's ``layer_bayes_search``)."""
+    x = torch.zeros(len(observed), len(units), dtype=torch.float64)
     for row, (skip, _) in enumerate(observed):
-        x[row, [index[b] for b in skip]] = 1.0
+        gone = set(skip)
+        for col, unit in enumerate(units):
+            members = unit if isinstance(unit, tuple) else (unit,)
+            x[row, col] = float(all(m in gone for m in members))
     y = torch.tensor([s for _, s in observed], dtype=torch.float64)
     y = (y - y.mean()) / (y.std() if len(y) > 1 and float(y.std()) > 0 else 1.0)
     gen = torch.Generator().manual_seed(rng.randrange(2 ** 31))
-    query = torch.rand(_WARMUP_POINTS, len(blocks), generator=gen, dtype=torch.float64)
+    query = torch.rand(_WARMUP_POINTS, len(units), generator=gen, dtype=torch.float64)
     length = max(_LENGTH_SCALES, key=lambda ls: gp_posterior(x, y, x[:1], ls)[2])
     mean, std, _ = gp_posterior(x, y, query, length)
     best = query[int(torch.argmax(mean + _UCB_KAPPA * std))]
     top = torch.argsort(best, descending=True)[:size]
-    return sorted(blocks[int(i)] for i in top)
+    return [units[int(i)] for i in sorted(int(i) for i in top)]
 
 
 @torch.inference_mode()
 def window_matchness(session: Any, drafter: LayerSkipDrafter, window: int) -> float | None:
     """SWIFT's score of ``drafter``'s current set on ``session``: over the rows that have
     generated more than ``window + 1`` tokens, the share of positions j < W where the model
-    without the skipped blocks, fed the generated tokens 0..j after the prompt (the full
+    without the skipped sub-layers, fed the generated tokens 0..j after the prompt (the full
     model's prompt keys/values; the generated slots of the cache masked out), predicts
     generated token j + 1. None when no row has generated enough. The cache is left as found.
     """
@@ -236,10 +254,9 @@ def window_matchness(session: Any, drafter: LayerSkipDrafter, window: int) -> fl
                       torch.ones(a, w, dtype=prompt_mask.dtype, device=device)], 1)
     slot_pos = torch.cat([session.slot_pos, positions], 1)
     ctx = DecodeContext(session.cache, positions, mask, slot_pos)
-    hidden = bb.embed(ids, positions)
-    for start, end in drafter.runs:
-        hidden = bb.run_layers(hidden, start, end, ctx)
-    for i in drafter.keep:  # the scoring pass's slots go again
+    hidden = drafter.run(bb, bb.embed(ids, positions), ctx)
+    session.stats.draft_sublayer_applications += a * w * drafter.sublayers_run
+    for i in drafter.attends:  # the scoring pass's slots go again
         session.cache.layers[i].crop(-w)
     pred = bb.lm_logits(bb.final_norm(hidden[:, :-1])).argmax(-1)  # (A, W)
     keep = torch.tensor(ready, device=device)
@@ -267,7 +284,7 @@ class SwiftDrafter(LayerSkipDrafter):
             return
         current = list(self.skip)
 
-        def score_of(cand: list[int]) -> float | None:
+        def score_of(cand: list[SubLayer]) -> float | None:
             self.set_skip(cand)
             try:
                 return window_matchness(session, self, search.context_window)
