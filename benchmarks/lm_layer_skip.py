@@ -11,11 +11,11 @@ papers' attention / MLP sub-layers as the unit of skipping and with whole blocks
    the share of the pass's weights it keeps and its modelled speed-up;
 2. timed at batch 1, interleaved per prompt (chat template, --max-new-tokens each): HF greedy,
    exitwise greedy, ``layer_skip`` with each searched set (or, when no set is modelled to pay,
-   the first set of the search, the candidate with the best agreement, so that the cost of
-   trying it is measured), and ``swift`` with its defaults and with whole blocks (each search
-   starts on the first prompt and goes on across them); tokens/s, speed-up vs HF greedy,
-   acceptance, exact match, block applications per token (a draft model's sub-layers count
-   half a block each); SWIFT's search states at the end.
+   the first set of the search, so that the cost of trying it is measured), and ``swift``
+   with its defaults and with whole blocks (each search starts on the first prompt and goes
+   on across them); tokens/s, speed-up vs HF greedy, acceptance, exact match, block
+   applications per token (a draft model's sub-layers count half a block each); SWIFT's
+   search states at the end.
 
 Writes benchmarks/results/lm_layer_skip.json.
 """
@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             skip, note = found.skip, "the searched set"
         else:
             skip = found.history[0]["skip"]
-            note = ("no set is modelled to pay; the search's first set (the candidate with "
-                    "the best agreement), timed to measure what trying it costs")
+            note = ("no set is modelled to pay; the search's first set (the candidate that "
+                    "loses the least agreement per share of the pass saved), timed to measure "
+                    "what trying it costs")
         print(f"[search {unit}] {seconds:.0f} s: {note}: skip {skip}")
         searches[unit] = {"seconds": seconds, "chosen": found.skip, "timed_skip": skip,
                           "timed_skip_note": note, "history": found.history}
