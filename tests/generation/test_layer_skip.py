@@ -49,6 +49,21 @@ def test_layer_skip_drafting_is_lossless(lm, batch):
     assert out.stats.total_drafted > 0
 
 
+def _after_first_token(model, new_tokens):
+    """A one-row session right after prefill (the first token emitted and pending), the
+    model's greedy continuation of ``new_tokens`` and a copy of the cache as it stands."""
+    bb = ew.wrap_backbone(model)
+    ids = torch.tensor([[5, 17, 42, 8]])
+    greedy = generate(model, ids, max_new_tokens=new_tokens, eos_token_id=[], kernels="stock")
+    stats = GenerationStats("layer_skip", bb.num_layers, drafted=[0], accepted=[0])
+    session = DecodeSession(bb, ids, torch.ones_like(ids), 8, set(), PAD, stats)
+    first = session.prefill().argmax(-1)
+    session.pending = first
+    session.emit([[int(first)]])
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in session.cache.layers]
+    return bb, ids, greedy, session, first, before
+
+
 def test_skipping_identity_blocks_drafts_exactly_the_greedy_tokens():
     """Blocks 1 and 3 made identities (their output projections zeroed): the model without
     them is the model itself, so every draft must be the full model's greedy token -- which
@@ -60,15 +75,7 @@ def test_skipping_identity_blocks_drafts_exactly_the_greedy_tokens():
             layer = model.model.layers[i]
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
-    bb = ew.wrap_backbone(model)
-    ids = torch.tensor([[5, 17, 42, 8]])
-    greedy = generate(model, ids, max_new_tokens=5, eos_token_id=[], kernels="stock")
-    stats = GenerationStats("layer_skip", bb.num_layers, drafted=[0], accepted=[0])
-    session = DecodeSession(bb, ids, torch.ones_like(ids), 8, set(), PAD, stats)
-    first = session.prefill().argmax(-1)
-    session.pending = first
-    session.emit([[int(first)]])
-    before = [(layer.keys.clone(), layer.values.clone()) for layer in session.cache.layers]
+    bb, ids, greedy, session, first, before = _after_first_token(model, 5)
     (drafts,) = LayerSkipDrafter([1, 3], bb.num_layers).propose_rows(session, [4])
     for layer, (k, v) in zip(session.cache.layers, before):  # nothing left behind
         assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
@@ -94,15 +101,7 @@ def test_skipping_identity_sub_layers_drafts_exactly_the_greedy_tokens():
     with torch.no_grad():
         model.model.layers[1].self_attn.o_proj.weight.zero_()
         model.model.layers[3].mlp.down_proj.weight.zero_()
-    bb = ew.wrap_backbone(model)
-    ids = torch.tensor([[5, 17, 42, 8]])
-    greedy = generate(model, ids, max_new_tokens=6, eos_token_id=[], kernels="stock")
-    stats = GenerationStats("layer_skip", bb.num_layers, drafted=[0], accepted=[0])
-    session = DecodeSession(bb, ids, torch.ones_like(ids), 8, set(), PAD, stats)
-    first = session.prefill().argmax(-1)
-    session.pending = first
-    session.emit([[int(first)]])
-    before = [(layer.keys.clone(), layer.values.clone()) for layer in session.cache.layers]
+    bb, ids, greedy, session, first, before = _after_first_token(model, 6)
     drafter = LayerSkipDrafter({"attn": [1], "mlp": [3]}, bb.num_layers)
     assert drafter.attends == [0, 2, 3, 4]
     (drafts,) = drafter.propose_rows(session, [5])
