@@ -24,10 +24,10 @@ sampling they count as point masses, which keeps speculative sampling exact.
 :func:`search_skip_layers` chooses the skipped set offline on the model's own greedy text:
 greedy forward selection (repeatedly add the sub-layer whose removal loses the least agreement
 of the draft model's next token with the full model's per share of the pass it saves, until
-even skipping everything left for free could not beat the best set), each candidate set scored by the tokens per unit of time
-it would give (:func:`estimated_speedup`: acceptance from the measured
-agreement, cost from the share of the pass's weights the draft still reads, :func:`kept_share`:
-LM head included, verification counted as one full pass).
+even skipping everything left for free could not beat the best set), each candidate set scored
+by the tokens per unit of time it would give (:func:`estimated_speedup`: acceptance from the
+measured agreement, cost from the share of the pass's weights the draft still reads,
+:func:`kept_share`: LM head included, verification counted as one full pass).
 
 Reference read: the authors' code (dilab-zju/self-speculative-decoding): ``searching.py``
 (``LayerSkippingSearching``: Bayesian optimisation over 2L binary choices, skip each layer's
@@ -125,12 +125,18 @@ def run_plan(backbone: Any, plan: Sequence[tuple[int, int, str | None]], hidden:
     return hidden
 
 
-def kept_share(backbone: Any, skip: Sequence[SubLayer]) -> float:
+def pass_weights(backbone: Any) -> tuple[int, list[tuple[int, int]]]:
+    """(LM head parameters, each block's (attention, MLP) parameters): what a pass reads."""
+    return (sum(p.numel() for p in backbone.lm_head.parameters()), backbone.part_sizes())
+
+
+def kept_share(backbone: Any, skip: Sequence[SubLayer],
+               weights: tuple[int, list[tuple[int, int]]] | None = None) -> float:
     """The share of a decoding pass's weights a draft without ``skip`` still reads: the kept
     sub-layers' parameters plus the LM head's, over all blocks' plus the LM head's (on a CPU
-    a one-token pass costs about what reading its weights costs)."""
-    sizes = backbone.part_sizes()
-    head = sum(p.numel() for p in backbone.lm_head.parameters())
+    a one-token pass costs about what reading its weights costs). weights: the backbone's
+    :func:`pass_weights`, when already counted (a search asks thousands of times)."""
+    head, sizes = weights or pass_weights(backbone)
     total = head + sum(a + m for a, m in sizes)
     gone = sum(sizes[b][PARTS.index(p)] for b, p in set(skip))
     return (total - gone) / total
@@ -153,7 +159,8 @@ class LayerSkipDrafter:
         self.skip = check_skip(skip, self.num_layers)
         self.plan = skip_plan(self.skip, self.num_layers)
         # the blocks whose attention runs: their cache layers get the drafts' keys/values
-        self.attends = [i for i in range(self.num_layers) if (i, "attn") not in set(self.skip)]
+        gone = set(self.skip)
+        self.attends = [i for i in range(self.num_layers) if (i, "attn") not in gone]
         self.sublayers_run = len(PARTS) * self.num_layers - len(self.skip)
 
     def run(self, backbone: Any, hidden: torch.Tensor, ctx: Any) -> torch.Tensor:
@@ -271,7 +278,8 @@ def search_skip_layers(
         [((b, part),) for part in PARTS for b in blocks] if sublayers
         else [tuple((b, part) for part in PARTS) for b in blocks])
     limit = len(candidates) if max_skip is None else min(max_skip, len(candidates))
-    floor = kept_share(backbone, [sub for c in candidates for sub in c])
+    weights = pass_weights(backbone)
+    floor = kept_share(backbone, [sub for c in candidates for sub in c], weights)
     chosen: list[SubLayer] = []
     best = SkipSearch({}, 1.0, 1.0)
     history: list[dict[str, Any]] = []
@@ -285,13 +293,13 @@ def search_skip_layers(
             scored = []
             for i, c in enumerate(left):
                 a_c = _agreement(backbone, seqs, mask, targets, chosen + list(c))
-                saved = share - kept_share(backbone, chosen + list(c))
+                saved = share - kept_share(backbone, chosen + list(c), weights)
                 # agreement lost per share of the pass saved; ties: the larger saving, then
                 # the first candidate
                 scored.append(((agreement - a_c) / saved, -saved, i, a_c))
             _, _, pick, agreement = min(scored)
             chosen.extend(left[pick])
-            share = kept_share(backbone, chosen)
+            share = kept_share(backbone, chosen, weights)
             speed = estimated_speedup(agreement, share)
             bound = estimated_speedup(agreement, floor)
             history.append({"skip": skip_spec(chosen), "agreement": agreement,
