@@ -23,6 +23,7 @@ from .sampling import (
 )
 from .self_speculative import self_speculative_decode
 from .session import DecodeSession
+from .skip_bayes import TimedSkipSearch, bayes_search_skip_layers
 from .speculative import ANPD, LayerSkip, SelfSpeculative, Swift, swift_search
 from .stopping import StopStrings, StreamingSession
 from .swift import SwiftDrafter, SwiftSearch
@@ -52,6 +53,8 @@ __all__ = [
     "LayerSkipDrafter",
     "SkipSearch",
     "search_skip_layers",
+    "TimedSkipSearch",
+    "bayes_search_skip_layers",
     "Greedy",
     "SelfSpeculative",
     "Swift",

@@ -37,7 +37,8 @@ on a few prompts) and ``decoding.py`` (``exact_self_speculative_generate``: draf
 ``th_stop_draft`` (0.8), adapted after each step from the acceptance; the draft's keys/values
 are discarded, verification recomputes the drafted positions in every layer). Deviations:
 greedy forward selection with a modelled objective instead of Bayesian optimisation on timed
-decoding (``sublayers=False`` searches whole blocks instead); the first and last blocks are
+decoding (``sublayers=False`` searches whole blocks instead; the paper's Bayesian search is
+:func:`~.skip_bayes.bayes_search_skip_layers`); the first and last blocks are
 always kept; the draft length comes from the measured-cost controller (:mod:`.draft_control`,
 ``draft_len="auto"``, at most 8 as in the reference) or is fixed, instead of the adaptive
 confidence threshold. SWIFT's on-the-fly search is :mod:`.swift`.
@@ -95,6 +96,15 @@ def check_skip(skip: Any, num_layers: int) -> list[SubLayer]:
 def skip_spec(skip: Sequence[SubLayer]) -> dict[str, list[int]]:
     """A skip set as the reference writes it: {"attn": blocks, "mlp": blocks} (JSON-ready)."""
     return {part: sorted(b for b, p in skip if p == part) for part in PARTS}
+
+
+def skip_units(num_layers: int, sublayers: bool = True) -> list[tuple[SubLayer, ...]]:
+    """The units a search skips or keeps: each attention and each MLP of blocks 1..L-2 (all
+    attentions first, then all MLPs), or with ``sublayers=False`` each such block whole."""
+    blocks = range(1, num_layers - 1)
+    if sublayers:
+        return [((b, part),) for part in PARTS for b in blocks]
+    return [tuple((b, part) for part in PARTS) for b in blocks]
 
 
 def skip_plan(skip: Sequence[SubLayer], num_layers: int) -> list[tuple[int, int, str | None]]:
@@ -273,10 +283,7 @@ def search_skip_layers(
         mask[:, :t] = attention_mask
     targets = torch.full_like(seqs, -1)
     targets[:, t - 1:-1] = seqs[:, t:]  # position p predicts the token at p + 1 (the answer)
-    blocks = range(1, num_layers - 1)
-    candidates: list[tuple[SubLayer, ...]] = (
-        [((b, part),) for part in PARTS for b in blocks] if sublayers
-        else [tuple((b, part) for part in PARTS) for b in blocks])
+    candidates = skip_units(num_layers, sublayers)
     limit = len(candidates) if max_skip is None else min(max_skip, len(candidates))
     weights = pass_weights(backbone)
     floor = kept_share(backbone, [sub for c in candidates for sub in c], weights)

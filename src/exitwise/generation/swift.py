@@ -57,7 +57,6 @@ Shapes: A active rows, W = ``context_window``.
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -66,13 +65,12 @@ import torch
 
 from ..backbones.hf_decoder import PARTS, DecodeContext
 from ..errors import ConfigError
+from .gaussian_process import WARMUP_POINTS, gp_posterior, ucb_argmax
 from .layer_skip import LayerSkipDrafter, SubLayer, check_skip
 
-# bayes_opt's defaults, as the reference uses them
-_UCB_KAPPA = 2.5
-_GP_NOISE = 1e-2
-_WARMUP_POINTS = 10_000
-_LENGTH_SCALES = tuple(10 ** (k / 4) for k in range(-4, 9))  # 0.1 .. 100
+__all__ = ["SwiftDrafter", "SwiftSearch", "bayes_suggest", "gp_posterior", "window_matchness"]
+
+_UCB_KAPPA = 2.5  # the reference's UtilityFunction(kind="ucb", kappa=2.5)
 
 
 @dataclass
@@ -182,29 +180,6 @@ class SwiftSearch:
         return changed
 
 
-def _matern52(a: torch.Tensor, b: torch.Tensor, length: float) -> torch.Tensor:
-    """Matern 5/2 kernel between rows of a (n, d) and b (m, d) -> (n, m)."""
-    r = torch.cdist(a, b) * (math.sqrt(5.0) / length)
-    return (1.0 + r + r * r / 3.0) * torch.exp(-r)
-
-
-def gp_posterior(x: torch.Tensor, y: torch.Tensor, query: torch.Tensor, length: float,
-                 noise: float = _GP_NOISE) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Gaussian-process regression with a Matern 5/2 kernel (unit signal variance) and
-    ``noise`` added to the diagonal; x (n, d), y (n,) already normalised, query (m, d).
-    Returns (mean (m,), std (m,), log marginal likelihood)."""
-    k = _matern52(x, x, length) + noise * torch.eye(len(x), dtype=x.dtype)
-    chol = torch.linalg.cholesky(k)
-    alpha = torch.cholesky_solve(y[:, None], chol)[:, 0]
-    ks = _matern52(query, x, length)  # (m, n)
-    mean = ks @ alpha
-    v = torch.cholesky_solve(ks.T, chol)  # (n, m)
-    var = (1.0 - (ks * v.T).sum(1)).clamp(min=1e-12)
-    loglik = float(-0.5 * y @ alpha - torch.log(torch.diagonal(chol)).sum()
-                   - 0.5 * len(x) * math.log(2 * math.pi))
-    return mean, var.sqrt(), loglik
-
-
 def bayes_suggest(observed: list[tuple[list[Any], float]], units: Sequence[Any], size: int,
                   rng: random.Random) -> list[Any]:
     """Bayesian optimisation's next set: fit a GP to the scored sets (each a 0/1 vector over
@@ -219,12 +194,9 @@ def bayes_suggest(observed: list[tuple[list[Any], float]], units: Sequence[Any],
             members = unit if isinstance(unit, tuple) else (unit,)
             x[row, col] = float(all(m in gone for m in members))
     y = torch.tensor([s for _, s in observed], dtype=torch.float64)
-    y = (y - y.mean()) / (y.std() if len(y) > 1 and float(y.std()) > 0 else 1.0)
     gen = torch.Generator().manual_seed(rng.randrange(2 ** 31))
-    query = torch.rand(_WARMUP_POINTS, len(units), generator=gen, dtype=torch.float64)
-    length = max(_LENGTH_SCALES, key=lambda ls: gp_posterior(x, y, x[:1], ls)[2])
-    mean, std, _ = gp_posterior(x, y, query, length)
-    best = query[int(torch.argmax(mean + _UCB_KAPPA * std))]
+    query = torch.rand(WARMUP_POINTS, len(units), generator=gen, dtype=torch.float64)
+    best = query[ucb_argmax(x, y, query, _UCB_KAPPA)]
     top = torch.argsort(best, descending=True)[:size]
     return [units[int(i)] for i in sorted(int(i) for i in top)]
 
