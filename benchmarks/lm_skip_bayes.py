@@ -12,7 +12,10 @@ own timings, its confirmation against greedy, and the chosen set timed on benchm
 2. timed at batch 1, interleaved per prompt (chat template, --max-new-tokens each): HF greedy,
    exitwise greedy and ``layer_skip`` with the search's fastest set (whether or not the
    confirmation found it pays, so that what it costs is measured); tokens/s, speed-up vs HF
-   greedy, acceptance, exact match, block applications per token.
+   greedy, acceptance, exact match, block applications per token. The set is timed as the
+   search scored it (--draft-len, --draft-threshold; default the reference's drafts of at
+   most 8 stopped by its adaptive confidence threshold) and with exitwise's automatic
+   lengths (``draft_len="auto"``, no threshold).
 
 Writes benchmarks/results/lm_skip_bayes.json.
 """
@@ -47,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--n-iter", type=int, default=48)
     ap.add_argument("--confirm", type=int, default=3)
     ap.add_argument("--sublayers", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--draft-len", default="8", help="an int or 'auto'")
+    ap.add_argument("--draft-threshold", default="auto",
+                    help="'auto', a probability, or 'none'")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=1)
@@ -71,11 +77,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     checkpoint = work / ("search.json" if args.sublayers else "search_blocks.json")
     if args.fresh:
         checkpoint.unlink(missing_ok=True)
+    draft_len: int | str = "auto" if args.draft_len == "auto" else int(args.draft_len)
+    threshold: float | str | None = (None if args.draft_threshold == "none" else
+                                     args.draft_threshold if args.draft_threshold == "auto"
+                                     else float(args.draft_threshold))
     t0 = time.time()
     found = bayes_search_skip_layers(
         lm, ids, mask, max_new_tokens=args.search_tokens, n_iter=args.n_iter,
-        sublayers=args.sublayers, confirm=args.confirm, checkpoint=checkpoint,
-        eos_token_id=sorted(eos) or None, pad_token_id=pad)
+        sublayers=args.sublayers, draft_len=draft_len, draft_threshold=threshold,
+        confirm=args.confirm, checkpoint=checkpoint, eos_token_id=sorted(eos) or None,
+        pad_token_id=pad)
     seconds = time.time() - t0
     print(f"[search] {seconds:.0f} s (this run): fastest {found.fastest}, "
           f"{found.speedup_vs_greedy:.2f}x greedy in the confirmation")
@@ -85,6 +96,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         hf_method(lm, "hf_greedy", **common),
         exitwise_method(lm, "exitwise_greedy", "exitwise_greedy", **common),
         exitwise_method(lm, "layer_skip_bayes", "self_spec", strategy="layer_skip",
+                        skip=found.fastest, draft_len=draft_len, draft_threshold=threshold,
+                        **common),
+        exitwise_method(lm, "layer_skip_bayes_auto", "self_spec", strategy="layer_skip",
                         skip=found.fastest, draft_len="auto", **common),
     ]
     prompts = list(BENCH_PROMPTS)[: args.prompts]
@@ -106,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
                   "repeats": args.repeats, "search_prompts": len(cal),
                   "search_tokens": args.search_tokens, "n_iter": args.n_iter,
-                  "sublayers": args.sublayers, "confirm": args.confirm},
+                  "sublayers": args.sublayers, "confirm": args.confirm,
+                  "draft_len": draft_len, "draft_threshold": threshold},
         "search": {
             "seconds_this_run": seconds,
             "seconds_decoding": sum(e["seconds"] for e in found.history),

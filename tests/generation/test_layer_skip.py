@@ -19,8 +19,10 @@ from exitwise.generation import (
     search_skip_layers,
 )
 from exitwise.generation.layer_skip import (
+    DraftThreshold,
     _agreement,
     check_skip,
+    draft_threshold,
     estimated_speedup,
     kept_share,
     skip_plan,
@@ -40,11 +42,15 @@ def test_layer_skip_drafting_is_lossless(lm, batch):
         ids, mask = ids[:1], mask[:1]
     ref = generate(lm, ids, mask, max_new_tokens=14, eos_token_id=EOS, pad_token_id=PAD,
                    kernels="stock")
-    for skip, draft_len in (([2], 3), ([1, 3], 2), ([2, 3], "auto"), ({"attn": [1, 2]}, 3),
-                            ({"mlp": [3]}, 2), ([(1, "attn"), (3, "mlp"), 2], "auto")):
+    for skip, draft_len, threshold in (
+            ([2], 3, None), ([1, 3], 2, None), ([2, 3], "auto", None),
+            ({"attn": [1, 2]}, 3, None), ({"mlp": [3]}, 2, None),
+            ([(1, "attn"), (3, "mlp"), 2], "auto", None),
+            ([2], 8, "auto"), ({"attn": [1, 3]}, "auto", 0.02)):  # stopped by confidence
         out = generate(lm, ids, mask, strategy="layer_skip", skip=skip, draft_len=draft_len,
-                       max_new_tokens=14, eos_token_id=EOS, pad_token_id=PAD)
-        assert torch.equal(out.sequences, ref.sequences), (skip, draft_len)
+                       draft_threshold=threshold, max_new_tokens=14, eos_token_id=EOS,
+                       pad_token_id=PAD)
+        assert torch.equal(out.sequences, ref.sequences), (skip, draft_len, threshold)
         assert out.stats.head_applications == 0 and out.stats.ngram_drafted == 0
     assert out.stats.total_drafted > 0
 
@@ -209,3 +215,59 @@ def test_bad_skip_sets_are_refused():
             generate(model, ids, strategy="layer_skip", skip=skip)
     with pytest.raises(ConfigError, match="skip="):
         generate(model, ids, strategy="layer_skip")
+
+
+def test_draft_threshold_update_by_hand():
+    # Draft & Verify's rule: m <- 0.5 m + 0.5 kept/drafted; up 0.01 while m < 0.9, kept at
+    # the longest draft, else down 0.01; value <- 0.9 value + 0.1 new
+    th = DraftThreshold()
+    th.update(1, 2, 8)  # m = 0.25 -> new 0.81 -> 0.72 + 0.081
+    assert th.matchness == pytest.approx(0.25) and th.value == pytest.approx(0.801)
+    th.update(8, 8, 8)  # m = 0.625, still below 0.9 -> new 0.811
+    assert th.matchness == pytest.approx(0.625) and th.value == pytest.approx(0.802)
+    th = DraftThreshold(0.5, matchness=1.0)
+    th.update(3, 3, 8)  # m = 1 >= 0.9, shorter than the longest -> new 0.49
+    assert th.value == pytest.approx(0.499)
+    th.update(8, 8, 8)  # m = 1, the longest draft -> unchanged
+    assert th.value == pytest.approx(0.499)
+    fixed = DraftThreshold(0.6, adaptive=False)
+    fixed.update(0, 4, 8)
+    assert fixed.value == 0.6 and fixed.matchness == 0.0
+    assert draft_threshold(None) is None
+    assert draft_threshold("auto") == DraftThreshold(0.8)
+    assert draft_threshold(0.3) == DraftThreshold(0.3, adaptive=False)
+    for bad in ("always", 1.5, True):
+        with pytest.raises(ConfigError):
+            draft_threshold(bad)
+    with pytest.raises(ConfigError, match="draft_threshold"):
+        generate(tiny_lm("llama", layers=5), torch.tensor([[5, 6]]), strategy="layer_skip",
+                 skip=[2], draft_threshold="sometimes")
+
+
+def test_draft_stops_after_its_first_unsure_token():
+    """With identity blocks skipped the draft model is the full model: its drafts are the
+    greedy tokens and their probabilities the full model's, read from one forward pass; a
+    threshold between two of them stops the draft after the first token below it."""
+    model = tiny_lm("llama", layers=5)
+    with torch.no_grad():
+        for i in (1, 3):
+            model.model.layers[i].self_attn.o_proj.weight.zero_()
+            model.model.layers[i].mlp.down_proj.weight.zero_()
+    bb, ids, greedy, session, first, before = _after_first_token(model, 6)
+    seq = greedy.sequences  # prompt (4), the first token, then the 5 drafts' tokens
+    with torch.no_grad():
+        probs = model(seq).logits.softmax(-1).amax(-1)[0]
+    conf = probs[4:9].tolist()  # draft j (1..5) is predicted at position 3 + j
+    low = sorted(conf)
+    t = (low[1] + low[2]) / 2  # two drafts below it
+    stop = next(j + 1 for j, p in enumerate(conf) if p < t)
+    drafter = LayerSkipDrafter([1, 3], bb.num_layers, DraftThreshold(t, adaptive=False))
+    (drafts,) = drafter.propose_rows(session, [5])
+    assert drafts == seq[0, 5:5 + stop].tolist()  # the unsure token itself is proposed
+    assert session.stats.draft_sublayer_applications == stop * drafter.sublayers_run
+    for layer, (k, v) in zip(session.cache.layers, before):  # rolled back what it ran
+        assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+    adaptive = LayerSkipDrafter([1, 3], bb.num_layers, DraftThreshold())
+    adaptive.propose_rows(session, [5])
+    adaptive.observe([2], [3])  # m = 1/3 < 0.9 -> up
+    assert adaptive.longest == 5 and adaptive.threshold.value == pytest.approx(0.801)

@@ -39,9 +39,11 @@ are discarded, verification recomputes the drafted positions in every layer). De
 greedy forward selection with a modelled objective instead of Bayesian optimisation on timed
 decoding (``sublayers=False`` searches whole blocks instead; the paper's Bayesian search is
 :func:`~.skip_bayes.bayes_search_skip_layers`); the first and last blocks are
-always kept; the draft length comes from the measured-cost controller (:mod:`.draft_control`,
-``draft_len="auto"``, at most 8 as in the reference) or is fixed, instead of the adaptive
-confidence threshold. SWIFT's on-the-fly search is :mod:`.swift`.
+always kept; by default the draft length comes from the measured-cost controller
+(:mod:`.draft_control`, ``draft_len="auto"``, at most 8 as in the reference) or is fixed;
+the reference's adaptive draft exiting is ``draft_len=8, draft_threshold="auto"``
+(:class:`DraftThreshold`; with a batch, each row stops on its own draft's confidence and the
+threshold is updated once per row outcome). SWIFT's on-the-fly search is :mod:`.swift`.
 Shapes: A active rows, V vocabulary.
 """
 
@@ -152,15 +154,70 @@ def kept_share(backbone: Any, skip: Sequence[SubLayer],
     return (total - gone) / total
 
 
+@dataclass
+class DraftThreshold:
+    """Draft & Verify's draft-exiting rule (``decoding.py``, ``exact_self_speculative_generate``
+    with ``th_stop_draft=0.8, auto_th_stop_draft=True, auto_parameters=[1, 0.5, 0.9, 1e-2,
+    0.9]``): a row stops drafting after a draft token whose probability under the draft model
+    is below ``value`` (that token is still proposed); with ``adaptive``, after each verified
+    step the smoothed share of drafts kept, m <- beta1 m + (1 - beta1) accepted / drafted,
+    moves the threshold: up by ``step`` while m < ``target`` (drafts are rejected too often),
+    kept when the draft reached its longest length, else down by ``step``, the move smoothed,
+    value <- beta2 value + (1 - beta2) new. One update per row outcome, in row order (the
+    reference decodes one row)."""
+
+    value: float = 0.8
+    adaptive: bool = True
+    beta1: float = 0.5
+    target: float = 0.9
+    step: float = 1e-2
+    beta2: float = 0.9
+    matchness: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.value, bool) or not 0.0 <= float(self.value) <= 1.0:
+            raise ConfigError(f"a draft threshold is a probability in [0, 1]; got {self.value!r}")
+
+    def update(self, accepted: int, drafted: int, max_len: int) -> None:
+        """One row's verified step: ``accepted`` of ``drafted`` drafts kept, of at most
+        ``max_len``."""
+        if not self.adaptive or drafted <= 0:
+            return
+        self.matchness = self.beta1 * self.matchness + (1 - self.beta1) * accepted / drafted
+        if self.matchness < self.target:
+            new = self.value + self.step
+        elif drafted == max_len:
+            new = self.value
+        else:
+            new = self.value - self.step
+        self.value = self.beta2 * self.value + (1 - self.beta2) * new
+
+
+def draft_threshold(value: Any) -> DraftThreshold | None:
+    """A strategy's ``draft_threshold`` option: None (lengths from ``draft_len`` alone),
+    "auto" (Draft & Verify's adaptive rule from 0.8) or a fixed probability."""
+    if value is None:
+        return None
+    if value == "auto":
+        return DraftThreshold()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"draft_threshold is None, 'auto' or a probability; got {value!r}")
+    return DraftThreshold(float(value), adaptive=False)
+
+
 class LayerSkipDrafter:
     """Proposes drafts from the model with sub-layers ``skip`` left out (see the module
-    docstring)."""
+    docstring); with a ``threshold`` (:class:`DraftThreshold`) a row's draft also stops at its
+    first token whose draft probability is below it."""
 
     source = "layer_skip"
     passes = "per_draft"
 
-    def __init__(self, skip: Any, num_layers: int) -> None:
+    def __init__(self, skip: Any, num_layers: int,
+                 threshold: DraftThreshold | None = None) -> None:
         self.num_layers = num_layers
+        self.threshold = threshold
+        self.longest = 0  # the caps' maximum at the last proposal (the threshold's max_len)
         self.set_skip(skip)
 
     def set_skip(self, skip: Any) -> None:
@@ -185,22 +242,40 @@ class LayerSkipDrafter:
 
     @torch.inference_mode()
     def propose_rows(self, session: Any, caps: list[int]) -> list[list[int]]:
-        """Up to ``caps[i]`` greedy draft tokens per active row; the cache is left as found."""
+        """Up to ``caps[i]`` greedy draft tokens per active row (fewer where the threshold
+        stops a row); the cache is left as found."""
         k = max(caps, default=0)
+        self.longest = k
         if k <= 0:
             return [[] for _ in caps]
         bb = session.backbone
         tokens = session.pending
         drafts: list[list[int]] = []
+        lengths = list(caps)
+        ran = 0
         for j in range(k):
             ctx = session.context(j, 1)
             hidden = self.run(bb, bb.embed(tokens[:, None], ctx.positions), ctx)
-            tokens = bb.lm_logits(bb.final_norm(hidden[:, -1])).argmax(-1)
+            logits = bb.lm_logits(bb.final_norm(hidden[:, -1]))
+            tokens = logits.argmax(-1)
             drafts.append(tokens.tolist())
+            ran += 1
             session.stats.draft_sublayer_applications += len(caps) * self.sublayers_run
+            if self.threshold is not None:  # a row stops after an unsure draft token
+                sure = (logits.softmax(-1).amax(-1) >= self.threshold.value).tolist()
+                lengths = [j + 1 if c > j and not ok else c for c, ok in zip(lengths, sure)]
+                if all(c <= j + 1 for c in lengths):
+                    break
         for i in self.attends:  # verification recomputes these positions in every block
-            session.cache.layers[i].crop(-k)
-        return [[drafts[j][r] for j in range(c)] for r, c in enumerate(caps)]
+            session.cache.layers[i].crop(-ran)
+        return [[drafts[j][r] for j in range(c)] for r, c in enumerate(lengths)]
+
+    def observe(self, accepted: list[int], drafted: list[int]) -> None:
+        """A verified step's outcome for the rows this drafter proposed for: per row, drafts
+        kept and drafts proposed (updates an adaptive threshold)."""
+        if self.threshold is not None:
+            for n, k in zip(accepted, drafted):
+                self.threshold.update(n, k, self.longest)
 
 
 def estimated_speedup(agreement: float, kept_share: float, max_len: int = 8) -> float:

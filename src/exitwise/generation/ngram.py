@@ -53,6 +53,10 @@ class Proposer(Protocol):
         """Per active row of ``session``, up to ``caps[i]`` draft tokens (may be fewer)."""
         ...
 
+    # Optional: ``observe(accepted, drafted)``, called after each verified step with, per row
+    # this proposer drafted for, the drafts kept and proposed (a layer-skipping draft's
+    # adaptive confidence threshold, :class:`~.layer_skip.DraftThreshold`).
+
 
 class NGramTables:
     """Tables of orders ``max_n`` .. 2 over one growing text.

@@ -313,6 +313,13 @@ def self_speculative_decode(
                     tried.append(k_r)
             for source, (got, tried) in outcomes.items():
                 controller.record_acceptance(source, got, tried)
+        observe = getattr(proposer, "observe", None)  # e.g. an adaptive draft threshold
+        if observe is not None:
+            mine = [(n, k_r) for n, k_r, alive, by_proposal in zip(
+                accepted.tolist(), row_len.tolist(), running, proposed.tolist())
+                if alive and by_proposal and k_r > 0]
+            if mine:
+                observe([n for n, _ in mine], [k_r for _, k_r in mine])
         # the final state at the slot that chose each row's next token (conditioned exits)
         rows_a = torch.arange(a, device=device)
         session.final_hidden = last_final[rows_a, path[rows_a, accepted]]

@@ -45,8 +45,12 @@ generate`` with 32 new tokens; ``BayesianOptimization(random_state=1)`` with
   good sparse set;
 - the tokens counted are the tokens decoded (an answer that ends early counts what it
   produced), not ``max_new_tokens`` per prompt;
-- the draft length comes from exitwise's measured-cost controller (``draft_len``, "auto" by
-  default) instead of the reference's adaptive confidence threshold (see :mod:`.layer_skip`);
+- evaluations decode as the reference does by default: drafts of at most 8, each row's
+  draft stopped on its confidence by the reference's adaptive threshold (``draft_len=8``,
+  ``draft_threshold="auto"``, :class:`~.layer_skip.DraftThreshold`). exitwise's usual
+  ``draft_len="auto"`` would make a poor objective: its controller falls back to plain
+  decoding wherever drafting does not pay, so most sets would score about greedy's speed
+  and the search would fit timing noise;
 - the plain-greedy baseline, the confirmation and ``checkpoint`` (every evaluation written to
   a JSON file; a search started on an existing one goes on from it) are additions.
 
@@ -193,9 +197,10 @@ def _save(path: Path, meta: dict[str, Any], evaluations: list[dict[str, Any]]) -
 def bayes_search_skip_layers(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
     max_new_tokens: int = 32, n_iter: int = 48, init_points: int = 0,
-    probes: Sequence[Any] | None = None, sublayers: bool = True, draft_len: int | str = "auto",
-    confirm: int = 3, seed: int = 1, checkpoint: str | Path | None = None,
-    progress: bool = True, timer: Callable[[], float] = time.perf_counter,
+    probes: Sequence[Any] | None = None, sublayers: bool = True, draft_len: int | str = 8,
+    draft_threshold: float | str | None = "auto", confirm: int = 3, seed: int = 1,
+    checkpoint: str | Path | None = None, progress: bool = True,
+    timer: Callable[[], float] = time.perf_counter,
     **generate_options: Any,
 ) -> TimedSkipSearch:
     """Choose the sub-layers a ``layer_skip`` draft leaves out by Bayesian optimisation of the
@@ -206,7 +211,9 @@ def bayes_search_skip_layers(
     n_iter: points chosen by Bayesian optimisation; init_points: uniform random points before
     them; probes: skip sets scored first (any form ``layer_skip`` accepts; default
     :func:`default_probes`). sublayers: one variable per attention and MLP sub-layer (the
-    reference) or per block. draft_len: ``layer_skip``'s draft length. confirm: interleaved
+    reference) or per block. draft_len, draft_threshold: how ``layer_skip`` drafts while a
+    set is scored and confirmed (default: the reference's adaptive draft exiting). confirm:
+    interleaved
     repetitions timing the fastest set against plain greedy decoding (>= 1). seed: the random
     source of the search. checkpoint: a JSON file to which every evaluation is written; when
     it exists the search goes on from it (it must come from the same kind of search).
@@ -233,11 +240,13 @@ def bayes_search_skip_layers(
     if not schedule:
         raise ConfigError("nothing to search: give probes, init_points or n_iter")
     meta = {"num_layers": num_layers, "sublayers": sublayers, "max_new_tokens": max_new_tokens,
-            "prompts": [r[0].tolist() for r in rows], "draft_len": draft_len}
+            "prompts": [r[0].tolist() for r in rows], "draft_len": draft_len,
+            "draft_threshold": draft_threshold}
     path = Path(checkpoint) if checkpoint is not None else None
     evaluations = _load(path, meta) if path is not None and path.exists() else []
     common = dict(max_new_tokens=max_new_tokens, **generate_options)
-    spec_options = dict(strategy="layer_skip", draft_len=draft_len, **common)
+    spec_options = dict(strategy="layer_skip", draft_len=draft_len,
+                        draft_threshold=draft_threshold, **common)
 
     # The first generate call may calibrate kernels; keep that out of every timing.
     time_decoding(model, rows[:1], timer, **common)

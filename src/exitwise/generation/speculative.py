@@ -21,7 +21,7 @@ from ..backbones.hf_decoder import HFDecoderBackbone
 from ..errors import ConfigError
 from ..heads.lm import LMHead
 from .draft_control import DraftLengthController
-from .layer_skip import LayerSkipDrafter, check_skip
+from .layer_skip import LayerSkipDrafter, check_skip, draft_threshold
 from .ngram import NGramDrafter
 from .outputs import GenerateOutput
 from .self_speculative import self_speculative_decode
@@ -234,15 +234,21 @@ class LayerSkip(DecodingStrategy):
     skip (required): blocks in 1..L-2 (both sub-layers of each), (block, "attn" | "mlp")
     pairs, or {"attn": blocks, "mlp": blocks}. draft_len: tokens per draft (>= 1), or "auto"
     (chosen per step from measured costs and acceptance, at most ``max_draft_len``).
+    draft_threshold: None, a probability (a row's draft also stops after a token the draft
+    model is less sure of), or "auto" (that threshold adapted as Draft & Verify's reference,
+    from 0.8; :class:`~.layer_skip.DraftThreshold`); the reference's own setting is
+    ``draft_len=8, draft_threshold="auto"``.
     """
 
     skip: Any = None
     draft_len: int | str = "auto"
     max_draft_len: int = 8
+    draft_threshold: float | str | None = None
 
     def __post_init__(self) -> None:
         _check_draft_len(self.draft_len)
         _check_draft_len(self.max_draft_len, "max_draft_len", auto=False)
+        draft_threshold(self.draft_threshold)
 
     def validate(self, backbone: HFDecoderBackbone, model: Any) -> None:
         if self.skip is None:
@@ -252,8 +258,10 @@ class LayerSkip(DecodingStrategy):
 
     def decode(self, inputs: DecodeInputs) -> GenerateOutput:
         assert self.skip is not None
-        drafter = LayerSkipDrafter(self.skip, inputs.backbone.num_layers)
-        return _decode_with_proposer(self, inputs, drafter, ("layer_skip", tuple(drafter.skip)))
+        drafter = LayerSkipDrafter(self.skip, inputs.backbone.num_layers,
+                                   draft_threshold(self.draft_threshold))
+        return _decode_with_proposer(self, inputs, drafter, ("layer_skip", tuple(drafter.skip),
+                                                             self.draft_threshold))
 
 
 # model (the HF module) -> {search options: SwiftSearch}: SWIFT's search goes on across
@@ -303,7 +311,8 @@ class Swift(DecodingStrategy):
     search_seed: the search's random draws (``seed`` is the sampling seed every strategy
     shares). The search persists per model and options across calls
     (:func:`swift_search`). draft_len: tokens per draft (>= 1) or "auto" (chosen per step from
-    measured costs and acceptance, at most ``max_draft_len``).
+    measured costs and acceptance, at most ``max_draft_len``). draft_threshold: as
+    ``layer_skip``'s (a row's draft also stops after an unsure token; "auto" adapts it).
     """
 
     skip_ratio: float = _SWIFT_DEFAULTS["skip_ratio"]
@@ -318,10 +327,12 @@ class Swift(DecodingStrategy):
     search_seed: int = _SWIFT_DEFAULTS["seed"]
     draft_len: int | str = "auto"
     max_draft_len: int = 8
+    draft_threshold: float | str | None = None
 
     def __post_init__(self) -> None:
         _check_draft_len(self.draft_len)
         _check_draft_len(self.max_draft_len, "max_draft_len", auto=False)
+        draft_threshold(self.draft_threshold)
         SwiftSearch(3, **self._search_options())  # validates the options
 
     def _search_options(self) -> dict[str, Any]:
@@ -333,5 +344,6 @@ class Swift(DecodingStrategy):
 
     def decode(self, inputs: DecodeInputs) -> GenerateOutput:
         search = swift_search(inputs.backbone, **self._search_options())
-        drafter = SwiftDrafter(search)
-        return _decode_with_proposer(self, inputs, drafter, ("swift", id(search)))
+        drafter = SwiftDrafter(search, draft_threshold(self.draft_threshold))
+        return _decode_with_proposer(self, inputs, drafter,
+                                     ("swift", id(search), self.draft_threshold))

@@ -40,8 +40,9 @@ The defaults here are the reference's. Deviations:
   (:meth:`~exitwise.backbones.HFDecoderBackbone.run_part`), and ``sublayers=False`` searches
   whole blocks instead (``int((L - 2) * skip_ratio)`` of them);
 - the draft length comes from the measured-cost controller (:mod:`.draft_control`,
-  ``draft_len="auto"``) instead of SWIFT's confidence-aware drafting with top-k candidate
-  trees;
+  ``draft_len="auto"``), or a row's draft stops on its confidence by Draft & Verify's rule
+  (``draft_threshold``, :class:`~.layer_skip.DraftThreshold`), instead of SWIFT's
+  confidence-aware drafting with top-k candidate trees (not built);
 - the Gaussian process (Matern 5/2 kernel as ``bayes_opt``'s default, its length scale chosen
   by marginal likelihood on a grid instead of L-BFGS restarts) is maximised over 10,000 random
   points (``bayes_opt``'s warm-up) without the L-BFGS refinement, and it learns the 0/1 sets
@@ -66,7 +67,7 @@ import torch
 from ..backbones.hf_decoder import PARTS, DecodeContext
 from ..errors import ConfigError
 from .gaussian_process import WARMUP_POINTS, gp_posterior, ucb_argmax
-from .layer_skip import LayerSkipDrafter, SubLayer, check_skip
+from .layer_skip import DraftThreshold, LayerSkipDrafter, SubLayer, check_skip
 
 __all__ = ["SwiftDrafter", "SwiftSearch", "bayes_suggest", "gp_posterior", "window_matchness"]
 
@@ -241,9 +242,9 @@ class SwiftDrafter(LayerSkipDrafter):
     before each decoding step (:meth:`prepare`, outside the measured drafting time), one
     search iteration when it is due."""
 
-    def __init__(self, search: SwiftSearch) -> None:
+    def __init__(self, search: SwiftSearch, threshold: DraftThreshold | None = None) -> None:
         self.search = search
-        super().__init__(search.skip, search.num_layers)
+        super().__init__(search.skip, search.num_layers, threshold)
 
     def prepare(self, session: Any) -> None:
         search = self.search
