@@ -272,6 +272,24 @@ def time_methods(methods: list[Method], chunks: list[tuple[torch.Tensor, torch.T
     return out
 
 
+def time_on_prompts(model: Any, tokenizer: Any, methods: list[Method], prompts: Sequence[str],
+                    repeats: int, eos: set[int]) -> dict[str, dict[str, Any]]:
+    """Each method at batch 1 on ``prompts`` (chat template), interleaved per prompt: the
+    report entry of each (first method: the reference, "hf_greedy"), with its
+    ``speedup_vs_hf_greedy``; the entries are printed."""
+    chunks = [encode_prompts(tokenizer, format_prompts(tokenizer, [p]), "cpu") for p in prompts]
+    timed = time_methods(methods, chunks, repeats, eos)
+    ref = timed["hf_greedy"]
+    num_layers = model.config.num_hidden_layers
+    entries = {m.name: entry_of(m, timed[m.name], ref, num_layers) for m in methods}
+    base = entries["hf_greedy"]["tokens_per_s"]
+    for name, e in entries.items():
+        e["speedup_vs_hf_greedy"] = e["tokens_per_s"] / base
+        print(f"{name:22s} {e['tokens_per_s']:7.2f} tok/s  {e['speedup_vs_hf_greedy']:.2f}x HF "
+              f"greedy  exact {e['exact_match']:.2f}  acceptance {e.get('acceptance_rate')}")
+    return entries
+
+
 def entry_of(m: Method, rec: dict[str, Any], ref: dict[str, Any], num_layers: int) -> dict:
     """The report entry of one method from its timings and tokens."""
     med = statistics.median(rec["seconds"])

@@ -33,7 +33,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from lm_bench import entry_of, exitwise_method, hf_method, time_methods  # noqa: E402
+from lm_bench import exitwise_method, hf_method, time_on_prompts  # noqa: E402
 
 from exitwise.generation import search_skip_layers, swift_search  # noqa: E402
 from exitwise.generation.layer_skip import skip_spec  # noqa: E402
@@ -95,14 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         draft_len="auto", **common),
     ]
     prompts = list(BENCH_PROMPTS)[: args.prompts]
-    chunks = [encode_prompts(tok, format_prompts(tok, [p]), "cpu") for p in prompts]
-    timed = time_methods(methods, chunks, args.repeats, eos)
-    ref = timed["hf_greedy"]
-    num_layers = lm.config.num_hidden_layers
-    entries = {m.name: entry_of(m, timed[m.name], ref, num_layers) for m in methods}
-    base = entries["hf_greedy"]["tokens_per_s"]
-    for e in entries.values():
-        e["speedup_vs_hf_greedy"] = e["tokens_per_s"] / base
+    entries = time_on_prompts(lm, tok, methods, prompts, args.repeats, eos)
 
     def swift_state(**options: Any) -> dict[str, Any]:
         state = swift_search(lm, **options)
@@ -127,9 +120,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    for name, e in entries.items():
-        print(f"{name:16s} {e['tokens_per_s']:7.2f} tok/s  {e['speedup_vs_hf_greedy']:.2f}x HF "
-              f"greedy  exact {e['exact_match']:.2f}  acceptance {e.get('acceptance_rate')}")
     print(f"[done] {out}")
     return report
 
