@@ -205,3 +205,5 @@ def test_errors(lm):
         bayes_search_skip_layers(lm, PROMPTS, MASK[:, :2])
     with pytest.raises(ConfigError, match="blocks"):
         bayes_search_skip_layers(lm, PROMPTS, probes=[[0]])
+    with pytest.raises(ConfigError, match="at least 3 blocks"):
+        bayes_search_skip_layers(tiny_lm("llama", layers=2), PROMPTS)

@@ -313,13 +313,6 @@ def self_speculative_decode(
                     tried.append(k_r)
             for source, (got, tried) in outcomes.items():
                 controller.record_acceptance(source, got, tried)
-        observe = getattr(proposer, "observe", None)  # e.g. an adaptive draft threshold
-        if observe is not None:
-            mine = [(n, k_r) for n, k_r, alive, by_proposal in zip(
-                accepted.tolist(), row_len.tolist(), running, proposed.tolist())
-                if alive and by_proposal and k_r > 0]
-            if mine:
-                observe([n for n, _ in mine], [k_r for _, k_r in mine])
         # the final state at the slot that chose each row's next token (conditioned exits)
         rows_a = torch.arange(a, device=device)
         session.final_hidden = last_final[rows_a, path[rows_a, accepted]]
@@ -339,14 +332,20 @@ def self_speculative_decode(
         stats.sequential_layers += sequential + (num_layers - e)
         rows = session.rows.tolist()
         n_list = accepted.tolist()
+        mine: tuple[list[int], list[int]] = ([], [])  # the proposer's rows: kept, drafted
         for r, n, k_r, alive, by_proposal in zip(rows, n_list, row_len.tolist(), running,
                                                proposed.tolist()):
             if alive:
                 stats.drafted[r] += k_r
                 stats.accepted[r] += n
+                if by_proposal and k_r:
+                    mine[0].append(n)
+                    mine[1].append(k_r)
                 if by_proposal and proposer.source == "ngram":
                     stats.ngram_drafted += k_r
                     stats.ngram_accepted += n
+        if mine[0] and hasattr(proposer, "observe"):  # e.g. an adaptive draft threshold
+            proposer.observe(*mine)
         session.emit([kept_tokens[i, 1 : n + 1].tolist() + [t]
                       for i, (n, t) in enumerate(zip(n_list, nxt.tolist()))])
         session.drop_finished()

@@ -226,6 +226,9 @@ def bayes_search_skip_layers(
 
     backbone, _ = decoder_of(model, "bayes_search_skip_layers")
     num_layers = backbone.num_layers
+    if num_layers < 3:
+        raise ConfigError("skipping needs a model of at least 3 blocks (the first and the last "
+                          "are always kept)")
     for name, value, low in (("max_new_tokens", max_new_tokens, 1), ("n_iter", n_iter, 0),
                              ("init_points", init_points, 0), ("confirm", confirm, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
