@@ -18,6 +18,7 @@ from exitwise.generation import (
     generate,
     search_skip_layers,
 )
+from exitwise.generation.token_tree import confidence_widths
 from exitwise.generation.layer_skip import (
     DraftThreshold,
     _agreement,
@@ -47,11 +48,13 @@ def test_layer_skip_drafting_is_lossless(lm, batch):
             ({"attn": [1, 2]}, 3, None), ({"mlp": [3]}, 2, None),
             ([(1, "attn"), (3, "mlp"), 2], "auto", None),
             ([2], 8, "auto"), ({"attn": [1, 3]}, "auto", 0.02)):  # stopped by confidence
-        out = generate(lm, ids, mask, strategy="layer_skip", skip=skip, draft_len=draft_len,
-                       draft_threshold=threshold, max_new_tokens=14, eos_token_id=EOS,
-                       pad_token_id=PAD)
-        assert torch.equal(out.sequences, ref.sequences), (skip, draft_len, threshold)
-        assert out.stats.head_applications == 0 and out.stats.ngram_drafted == 0
+        for tree in (1, 3, "confidence"):  # chains, token trees of the draft's choices
+            out = generate(lm, ids, mask, strategy="layer_skip", skip=skip,
+                           draft_len=draft_len, draft_threshold=threshold, tree_width=tree,
+                           max_new_tokens=14, eos_token_id=EOS, pad_token_id=PAD)
+            assert torch.equal(out.sequences, ref.sequences), (skip, draft_len, threshold, tree)
+            assert out.stats.head_applications == 0 and out.stats.ngram_drafted == 0
+            assert tree != 1 or out.stats.sibling_accepted == 0
     assert out.stats.total_drafted > 0
 
 
@@ -271,3 +274,43 @@ def test_draft_stops_after_its_first_unsure_token():
     adaptive.propose_rows(session, [5])
     adaptive.observe([2], [3])  # m = 1/3 < 0.9 -> up
     assert adaptive.longest == 5 and adaptive.threshold.value == pytest.approx(0.801)
+
+
+def test_draft_trees_take_the_draft_models_next_choices():
+    """With identity blocks skipped the draft model is the full model, so its logits at each
+    draft are read from one forward pass: a fixed tree's siblings are the next choices after
+    each draft (best first), and SWIFT's widths are confidence_widths of the drafts' top-1
+    probabilities (greedy counts; sampling counts when the drafter samples)."""
+    model = tiny_lm("llama", layers=5)
+    with torch.no_grad():
+        for i in (1, 3):
+            model.model.layers[i].self_attn.o_proj.weight.zero_()
+            model.model.layers[i].mlp.down_proj.weight.zero_()
+    bb, ids, greedy, session, first, before = _after_first_token(model, 5)
+    seq = greedy.sequences
+    with torch.no_grad():
+        logits = model(seq).logits[0, 4:8]  # what drafts 1..4 are chosen from
+    top = logits.topk(4).indices  # the draft itself first (no ties here)
+    assert top[:, 0].tolist() == seq[0, 5:9].tolist()
+    fixed = LayerSkipDrafter([1, 3], bb.num_layers, tree=3)
+    (drafts,) = fixed.propose_rows(session, [4])
+    assert drafts == seq[0, 5:9].tolist() and fixed.tree_widths == (3, 3, 3, 3)
+    assert fixed.tree_siblings[0].tolist() == top[:, 1:3].tolist()
+    conf = logits.softmax(-1).amax(-1).tolist()
+    swift = LayerSkipDrafter([1, 3], bb.num_layers, tree="confidence")
+    swift.propose_rows(session, [4])
+    assert swift.tree_widths == confidence_widths(conf)
+    assert swift.tree_siblings.shape == (1, 4, max(confidence_widths(conf)) - 1)
+    sampled = LayerSkipDrafter([1, 3], bb.num_layers, tree="confidence", sampling=True)
+    sampled.propose_rows(session, [4])
+    assert sampled.tree_widths == confidence_widths(conf, sampling=True)
+    chain = LayerSkipDrafter([1, 3], bb.num_layers)
+    chain.propose_rows(session, [4])
+    assert chain.tree_siblings is None and chain.tree_widths is None
+    for layer, (k, v) in zip(session.cache.layers, before):  # nothing left behind
+        assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+    for bad in (0, "wide", 2.5, True):
+        with pytest.raises(ConfigError, match="tree_width"):
+            LayerSkipDrafter([1], bb.num_layers, tree=bad)
+    with pytest.raises(ConfigError, match="tree_width"):
+        generate(model, ids, strategy="swift", tree_width="sometimes")

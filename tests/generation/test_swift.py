@@ -43,11 +43,12 @@ def test_swift_is_lossless_while_it_searches(lm, batch):
                    kernels="stock")
     # a window of 3 tokens: the search starts after 4 generated tokens and runs every step
     seed = int(batch == "single")
-    for draft_len, threshold in ((2, None), ("auto", None), (4, "auto")):
+    for draft_len, threshold, tree in ((2, None, 1), ("auto", None, 1), (4, "auto", 1),
+                                       (3, None, "confidence"), ("auto", None, "confidence")):
         out = generate(lm, ids, mask, strategy="swift", draft_len=draft_len, context_window=3,
                        search_seed=seed, max_new_tokens=16, eos_token_id=EOS,
-                       pad_token_id=PAD, draft_threshold=threshold)
-        assert torch.equal(out.sequences, ref.sequences), (draft_len, threshold)
+                       pad_token_id=PAD, draft_threshold=threshold, tree_width=tree)
+        assert torch.equal(out.sequences, ref.sequences), (draft_len, threshold, tree)
     search = swift_search(lm, context_window=3, seed=seed)
     assert search.opt_iter > 0 and search.observed  # the search really ran
     assert search.skip != check_skip([1, 3], 6)  # the first candidate scored replaced it

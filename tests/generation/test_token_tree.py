@@ -22,7 +22,7 @@ from exitwise.generation import (
     self_speculative_decode,
 )
 from exitwise.generation.draft_control import DraftLengthController
-from exitwise.generation.token_tree import accept_sampled, sibling_tokens
+from exitwise.generation.token_tree import accept_sampled, confidence_widths, sibling_tokens
 from exitwise.heads.lm import LMHead
 
 NEW = 14
@@ -40,6 +40,66 @@ def test_chain_tree_layout_by_hand():
     assert anc[4].nonzero()[:, 0].tolist() == [0, 4]  # x1's sibling: d0 and itself
     assert anc[5].nonzero()[:, 0].tolist() == [0, 1, 5]  # x2's sibling hangs under x1
     assert ChainTree(3, 1).size == 4 and ChainTree(3, 1).depths().tolist() == [0, 1, 2, 3]
+
+
+def test_tree_with_widths_per_depth_by_hand():
+    t = ChainTree(k=3, width=(3, 1, 2))
+    assert t.size == 7 and t.max_width == 3 and t.widths == (3, 1, 2)
+    # slots: d0, x1, x2, x3, then x1's two siblings, none for x2, x3's one
+    assert t.depths().tolist() == [0, 1, 2, 3, 1, 1, 3]
+    assert t.parents() == [-1, 0, 1, 2, 0, 0, 2]
+    assert (t.sibling_slot(1, 0), t.sibling_slot(1, 1), t.sibling_slot(3, 0)) == (4, 5, 6)
+    assert t.sibling_slot(torch.tensor([1, 3]), torch.tensor([1, 0])).tolist() == [5, 6]
+    assert t.sibling_mask().tolist() == [[True, True], [False, False], [True, False]]
+    padded = torch.tensor([[[41, 42], [0, 0], [43, 0]]])
+    assert t.flat_siblings(padded).tolist() == [[41, 42, 43]]
+    assert t.ancestors()[6].nonzero()[:, 0].tolist() == [0, 1, 2, 6]  # under x2
+    # a uniform width written per depth is the same tree
+    assert ChainTree(2, (3, 3)).depths().tolist() == ChainTree(2, 3).depths().tolist()
+    assert ChainTree(2, (3, 3)).sibling_slot(2, 1) == ChainTree(2, 3).sibling_slot(2, 1)
+    with pytest.raises(ConfigError, match="3 widths"):
+        ChainTree(3, (2, 2))
+
+
+def test_confidence_widths_follow_swifts_rule_by_hand():
+    """The reference's get_choices_list: strictly above 0.95 / 0.8 / 0.5 -> 3 / 5 / 8, else
+    10 candidates (greedy); 1 / 3 / 5 / 10 when sampling."""
+    probs = [0.99, 0.95, 0.9, 0.8, 0.6, 0.5, 0.2]
+    assert confidence_widths(probs) == (3, 5, 5, 8, 8, 10, 10)
+    assert confidence_widths(probs, sampling=True) == (1, 3, 3, 5, 5, 10, 10)
+    assert confidence_widths([]) == ()
+
+
+def test_padding_past_a_depths_width_is_never_taken():
+    """Depth 1 has no siblings (width 1), depth 2 one (width 2); padding entries that equal
+    the full model's choice are not slots: greedy never takes them, sampling never tries
+    them (the law after rejection stays the residual's)."""
+    tree = ChainTree(k=2, width=(1, 2))  # slots: d0, x1, x2, sib(x2)
+    drafted = torch.tensor([[10, 11], [10, 11]])
+    siblings = torch.tensor([[[20], [21]], [[20], [21]]])  # depth 1's [20] is padding
+    target = torch.tensor([[20, 99, 98, 97],  # x1 wrong; the padding holds the right token
+                           [10, 21, 98, 32]])  # x1 kept, x2 wrong, its real sibling right
+    accepted, path, nxt, took = accept_greedy(tree, drafted, siblings, target,
+                                              torch.tensor([2, 2]))
+    assert accepted.tolist() == [0, 2] and took.tolist() == [False, True]
+    assert nxt.tolist() == [20, 32] and path[1].tolist() == [0, 1, 3]
+    # sampling: draft x1 = 0 (point mass), p = (.1, .5, .3, .1); depth 1 has one real
+    # sibling (1) and a padding entry (2; depth 2 is wider): x1 kept .1, sibling 1
+    # .9 * 5/9 = .5, then the residual without token 1: token 2 .3, token 3 .1, both drawn,
+    # never "taken"
+    n = 100_000
+    two = ChainTree(2, (2, 3))  # slots: d0, x1, x2, sib(x1), sib(x2) x 2
+    p0, eye = torch.tensor([0.1, 0.5, 0.3, 0.1]), torch.eye(4)
+    p = torch.stack([p0, eye[0], eye[0], eye[1], eye[0], eye[0]])[None].expand(n, 6, 4)
+    q = eye[0].expand(n, 2, 4)
+    padded = torch.tensor([[[1, 2], [1, 2]]]).expand(n, 2, 2)
+    g = torch.Generator().manual_seed(1)
+    accepted, path, nxt, took = accept_sampled(two, torch.zeros(n, 2, dtype=torch.long), q,
+                                               padded, p, torch.ones(n, dtype=torch.long), g)
+    assert (path[took, 1] == 3).all()  # only the real sibling's slot
+    tok = torch.where(took, torch.ones_like(nxt), torch.where(accepted == 1, 0, nxt))
+    freq = torch.bincount(tok, minlength=4).float() / n
+    torch.testing.assert_close(freq, p0, atol=0.006, rtol=0)
 
 
 def test_sibling_tokens_skip_the_chosen_draft():
@@ -80,15 +140,17 @@ def lm(request):
     return tiny_lm(request.param)
 
 
-def test_tree_mask_equals_sequential_verification(lm):
+@pytest.mark.parametrize("width", [3, (2, 1, 4)], ids=["uniform", "per_depth"])
+def test_tree_mask_equals_sequential_verification(lm, width):
     """Each node's logits from one tree-masked pass == the model's own forward over the prompt
-    followed by that node's root-to-node path (padded rows; prompts past the windows)."""
+    followed by that node's root-to-node path (padded rows; prompts past the windows), for a
+    uniform width and for widths per depth (SWIFT's trees)."""
     bb = ew.wrap_backbone(lm)
     ids, mask = left_padded((12, 9, 11), seed=5)
     stats = GenerationStats("tree", bb.num_layers)
     session = DecodeSession(bb, ids, mask, 4, set(), PAD, stats)
     first = session.prefill().argmax(-1)
-    tree = ChainTree(k=3, width=3)
+    tree = ChainTree(k=3, width=width)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(3, VOCAB, (3, tree.size), generator=g)
     tokens[:, 0] = first
@@ -178,6 +240,20 @@ def test_controller_costs_the_tree_verification_width():
     # drafts known up front (one pass of k + 1 positions, scaled as verification from 1 to
     # 2: x 1.1 while untimed) get no siblings: a chain of k + 1
     assert c.step_cost(1, 1, "one") == pytest.approx(0.002 * 1.1 + 0.010 + 0.001)
+
+
+def test_controller_follows_the_measured_positions_of_varying_trees():
+    """A draft model's trees (passes "per_draft") cost 1 + k * tree_width positions; a tree
+    step of k drafts and q positions moves tree_width by 0.1 of ((q - 1) / k - tree_width);
+    drafts fed in one pass (n-grams) stay chains."""
+    c = DraftLengthController(max_len=4, tree_width=5)
+    assert c.verified_positions(2, "per_draft") == 11 and c.verified_positions(2, "one") == 3
+    c.record_tree(2, 7)  # 3 positions per draft: 5 + 0.1 * (3 - 5) = 4.8
+    assert c.tree_width == pytest.approx(4.8)
+    assert c.verified_positions(2, "per_draft") == 1 + round(9.6)
+    fixed = DraftLengthController(tree_width=3)
+    fixed.record_tree(4, 13)  # a fixed width stays exactly where it is
+    assert fixed.tree_width == 3.0
 
 
 def test_misuse_is_refused():

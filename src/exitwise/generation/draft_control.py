@@ -187,6 +187,7 @@ def _steps_to_count(minimum: float, discount: float) -> int:
     return n
 
 
+TREE_SMOOTHING = 0.9  # how much of the positions-per-draft estimate survives a tree step
 PLAIN_BURST = _steps_to_count(REALIZED_MIN, REALIZED_DISCOUNT)  # 4 with the values above
 
 
@@ -199,12 +200,15 @@ class DraftLengthController:
     acceptance counts survive each update (forgetting lets the estimate follow the text).
     explore_margin: a neighbour estimated within this
     fraction of the best rate is tried every ``explore_every`` steps. tree_width: steps with
-    k drafts verify 1 + k * tree_width positions (token trees, :mod:`.token_tree`; 1: a chain).
+    k drafts (of the exit head, or of a draft model: "per_token" and "per_draft" passes) verify
+    1 + k * tree_width positions (token trees, :mod:`.token_tree`; 1: a chain); where the
+    widths vary (SWIFT's trees) it is the prior, and each tree step moves it toward the
+    positions per draft that step verified (:meth:`record_tree`).
     """
 
     def __init__(self, max_len: int = 8, explore_every: int = 16, window: int = 16,
                  discount: float = 0.98, explore_margin: float = 0.1,
-                 tree_width: int = 1) -> None:
+                 tree_width: float = 1) -> None:
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
             raise ConfigError(f"the longest automatic draft must be an int >= 1; got {max_len!r}")
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
@@ -212,7 +216,7 @@ class DraftLengthController:
         if not 0.0 < discount <= 1.0:
             raise ConfigError("discount must lie in (0, 1]")
         self.max_len = max_len
-        self.tree_width = tree_width
+        self.tree_width = float(tree_width)
         self.explore_every = explore_every
         self.explore_margin = explore_margin
         self.window = window
@@ -266,7 +270,7 @@ class DraftLengthController:
         c = self.costs.get(rows)
         if c is None:
             return None
-        verify = c.verify_cost(1 + k * (self.tree_width if passes == "per_token" else 1))
+        verify = c.verify_cost(self.verified_positions(k, passes))
         if verify is None:
             return None
         if passes == "per_draft":
@@ -284,13 +288,25 @@ class DraftLengthController:
             return None
         return n * (c.draft or 0.0) + verify
 
+    def verified_positions(self, k: int, passes: str) -> int:
+        """Positions a step with k drafts verifies: 1 + k, or with token trees (drafts of
+        the exit head or of a draft model) 1 + k * tree_width, rounded."""
+        width = self.tree_width if passes in ("per_token", "per_draft") else 1.0
+        return 1 + round(k * width)
+
+    def record_tree(self, k: int, q: int) -> None:
+        """A tree step verified q positions for k >= 1 drafts: move ``tree_width`` toward
+        (q - 1) / k (smoothed by TREE_SMOOTHING; a fixed width stays where it is)."""
+        self.tree_width += (1.0 - TREE_SMOOTHING) * ((q - 1) / k - self.tree_width)
+
     def _step_costs(self, rows: int, passes: str, source: str) -> list[float | None]:
         """[step_cost(rows, k, passes, source) for k in 0..max_len], computed once per set
         of timings: the sources of one step (the exit, each n-gram level) share them."""
         key = (rows, passes, source if passes == "per_draft" else None)
         known = self._cost_cache.get(key)
-        if known is None or known[0] != self._timings_seen:
-            known = (self._timings_seen,
+        stamp = (self._timings_seen, self.tree_width)
+        if known is None or known[0] != stamp:
+            known = (stamp,
                      [self.step_cost(rows, n, passes, source) for n in range(self.max_len + 1)])
             self._cost_cache[key] = known
         return known[1]
@@ -343,7 +359,7 @@ class DraftLengthController:
                 # a length timed fewer than WARM times (or window) is tried whatever its estimate:
                 # its first timing may be a cold one (first use of a shape, a kernel choice
                 # being timed), and a median outvotes such a timing only from three on
-                cold = c.timed(1 + near * (self.tree_width if passes == "per_token" else 1))
+                cold = c.timed(self.verified_positions(near, passes))
                 close = (rates[near] >= (1 - self.explore_margin) * rates[k]
                          or (near > 0 and cold < min(WARM, self.window)))
                 if close or self.steps % (8 * every) == 0:

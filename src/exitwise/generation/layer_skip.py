@@ -43,7 +43,8 @@ always kept; by default the draft length comes from the measured-cost controller
 (:mod:`.draft_control`, ``draft_len="auto"``, at most 8 as in the reference) or is fixed;
 the reference's adaptive draft exiting is ``draft_len=8, draft_threshold="auto"``
 (:class:`DraftThreshold`; with a batch, each row stops on its own draft's confidence and the
-threshold is updated once per row outcome). SWIFT's on-the-fly search is :mod:`.swift`.
+threshold is updated once per row outcome). SWIFT's on-the-fly search is :mod:`.swift`;
+its token trees of the draft model's next choices (``tree``) are :mod:`.token_tree`'s.
 Shapes: A active rows, V vocabulary.
 """
 
@@ -57,6 +58,7 @@ import torch
 
 from ..backbones.hf_decoder import PARTS
 from ..errors import ConfigError
+from .token_tree import CONFIDENCE_WIDTHS, confidence_widths, sibling_tokens
 
 #: one sub-layer: (block index, "attn" | "mlp")
 SubLayer = tuple[int, str]
@@ -205,20 +207,51 @@ def draft_threshold(value: Any) -> DraftThreshold | None:
     return DraftThreshold(float(value), adaptive=False)
 
 
+def check_tree(value: Any) -> int | str:
+    """A drafter's ``tree`` option: an int >= 1 (1: a chain) or "confidence"; else a
+    ConfigError."""
+    if value == "confidence":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"tree_width must be an int >= 1 (1: no tree) or 'confidence' "
+                          f"(SWIFT's widths from the draft's confidence); got {value!r}")
+    return value
+
+
 class LayerSkipDrafter:
     """Proposes drafts from the model with sub-layers ``skip`` left out (see the module
     docstring); with a ``threshold`` (:class:`DraftThreshold`) a row's draft also stops at its
-    first token whose draft probability is below it."""
+    first token whose draft probability is below it. ``tree``: 1 (a chain), an int W > 1 (each
+    draft's next W - 1 choices of the draft model are verified as sibling leaves of a token
+    tree, :mod:`.token_tree`), or "confidence" (SWIFT's dynamic verification: per depth, as
+    many candidates as :func:`~.token_tree.confidence_widths` gives the draft's top-1
+    probability there; ``sampling`` selects the sampling counts). After a proposal with a
+    tree, ``tree_siblings`` (A, n, max width - 1) and ``tree_widths`` (n widths) describe the
+    tree of its n depths (both None for a chain)."""
 
     source = "layer_skip"
     passes = "per_draft"
 
     def __init__(self, skip: Any, num_layers: int,
-                 threshold: DraftThreshold | None = None) -> None:
+                 threshold: DraftThreshold | None = None, tree: int | str = 1,
+                 sampling: bool = False) -> None:
         self.num_layers = num_layers
         self.threshold = threshold
+        self.tree = check_tree(tree)
+        self.sampling = sampling
         self.longest = 0  # the caps' maximum at the last proposal (the threshold's max_len)
+        self.tree_siblings: torch.Tensor | None = None
+        self.tree_widths: tuple[int, ...] | None = None
         self.set_skip(skip)
+
+    @property
+    def nominal_width(self) -> float:
+        """Verified positions per draft before any tree is seen (the controller's prior): the
+        fixed width, or for "confidence" the middle of its counts."""
+        if self.tree == "confidence":
+            counts = CONFIDENCE_WIDTHS[self.sampling]
+            return float(counts[len(counts) // 2])
+        return float(self.tree)
 
     def set_skip(self, skip: Any) -> None:
         """Draft without sub-layers ``skip`` from now on (SWIFT changes the set while
@@ -246,6 +279,7 @@ class LayerSkipDrafter:
         stops a row); the cache is left as found."""
         k = max(caps, default=0)
         self.longest = k
+        self.tree_siblings = self.tree_widths = None
         if k <= 0:
             return [[] for _ in caps]
         bb = session.backbone
@@ -253,6 +287,9 @@ class LayerSkipDrafter:
         drafts: list[list[int]] = []
         lengths = list(caps)
         ran = 0
+        tops: list[torch.Tensor] = []  # (A, most candidates) per depth, token trees only
+        sure_of: list[list[float]] = []  # (A,) top-1 probabilities per depth
+        most = self._most_candidates()
         for j in range(k):
             ctx = session.context(j, 1)
             hidden = self.run(bb, bb.embed(tokens[:, None], ctx.positions), ctx)
@@ -261,14 +298,44 @@ class LayerSkipDrafter:
             drafts.append(tokens.tolist())
             ran += 1
             session.stats.draft_sublayer_applications += len(caps) * self.sublayers_run
+            if self.threshold is not None or self.tree == "confidence":
+                top1 = logits.float().softmax(-1).amax(-1)
+                sure_of.append(top1.tolist())
+            if most > 1:
+                tops.append(sibling_tokens(logits.topk(min(most, logits.shape[-1])).indices,
+                                           tokens, most - 1))
             if self.threshold is not None:  # a row stops after an unsure draft token
-                sure = (logits.softmax(-1).amax(-1) >= self.threshold.value).tolist()
+                sure = [p >= self.threshold.value for p in sure_of[-1]]
                 lengths = [j + 1 if c > j and not ok else c for c, ok in zip(lengths, sure)]
                 if all(c <= j + 1 for c in lengths):
                     break
         for i in self.attends:  # verification recomputes these positions in every block
             session.cache.layers[i].crop(-ran)
+        if most > 1:
+            self._set_tree(tops, sure_of, lengths)
         return [[drafts[j][r] for j in range(c)] for r, c in enumerate(lengths)]
+
+    def _most_candidates(self) -> int:
+        """The most candidates a depth of this drafter's trees can have."""
+        if self.tree == "confidence":
+            return max(CONFIDENCE_WIDTHS[self.sampling])
+        return int(self.tree)
+
+    def _set_tree(self, tops: list[torch.Tensor], sure_of: list[list[float]],
+                  lengths: list[int]) -> None:
+        """The step's tree: per depth j, the width (fixed, or the largest count SWIFT's rule
+        gives the rows still drafting there: at batch 1 the reference's), and the siblings
+        (the draft model's next choices after the chain's own, best first)."""
+        if self.tree == "confidence":
+            widths = []
+            for j, probs in enumerate(sure_of):
+                here = [p for p, c in zip(probs, lengths) if c > j] or probs
+                widths.append(max(confidence_widths(here, self.sampling)))
+        else:
+            widths = [int(self.tree)] * len(tops)
+        most = max(widths)
+        self.tree_widths = tuple(widths)
+        self.tree_siblings = torch.stack(tops, 1)[:, :, : most - 1]
 
     def observe(self, accepted: list[int], drafted: list[int]) -> None:
         """A verified step's outcome for the rows this drafter proposed for: per row, drafts

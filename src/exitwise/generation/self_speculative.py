@@ -70,7 +70,9 @@ exit's next choices as sibling leaves, fed through blocks [0, E) with the step's
 pass and verified in the same call under a tree attention mask; acceptance may end on a
 sibling, whose slot then moves into place in every cache layer. Greedy keeps the path greedy
 would take; sampling tries the rejected draft's siblings against the residual law
-(:func:`.token_tree.accept_sampled`), still lossless.
+(:func:`.token_tree.accept_sampled`), still lossless. A draft model (a ``proposer`` that
+leaves ``tree_siblings`` and ``tree_widths`` after proposing, e.g. SWIFT's) brings its own
+tree: its siblings are embedded with the chain and verified the same way.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ from .greedy import plain_step
 from .ngram import Proposer
 from .sampling import SamplingConfig, draw
 from .session import DecodeSession
+from .step_timer import StepTimer
 from .token_tree import (
     ChainTree,
     accept_greedy,
@@ -254,13 +257,22 @@ def self_speculative_decode(
             continue
         # A drafting step also pays for choosing its lengths and building its rows (a fixed
         # amount per step that a resting plain step does not pay): counted with verifying.
-        timer = _StepTimer(controller, device, since=t_top, excluded=t_proposal)
+        timer = StepTimer(controller, device, since=t_top, excluded=t_proposal)
 
+        tree: ChainTree | None = None
         if head is None or not bool((live & ~proposed & (row_len > 0)).any()):
             # Every draft is known up front: one pass over the k + 1 tokens below the exit.
             fed_all = _padded(session.pending, proposals, k)
-            ctx = session.context(0, k + 1)
-            hidden = bb.embed(fed_all, ctx.positions)
+            proposed_tree = getattr(proposer, "tree_siblings", None) if head is None else None
+            if proposed_tree is not None:  # a draft model's tree (SWIFT's, :mod:`.token_tree`)
+                tree = ChainTree(k, proposer.tree_widths[:k])
+                siblings = proposed_tree[:, :k, : tree.max_width - 1]
+                ctx = session.context(0, tree.size, tree)
+                fed_all_tree = torch.cat([fed_all, tree.flat_siblings(siblings)], 1)
+                hidden = bb.embed(fed_all_tree, ctx.positions)
+            else:
+                ctx = session.context(0, k + 1)
+                hidden = bb.embed(fed_all, ctx.positions)
             if e:
                 hidden = bb.run_layers(hidden, 0, e, ctx)
                 if uses_cache:
@@ -268,7 +280,9 @@ def self_speculative_decode(
                         head.draft_logits(hidden, ctx)
                     stats.head_applications += sum(running) * (k + 1)
             states, fed = hidden, list(fed_all.unbind(1))
-            drafts, draft_probs, siblings = fed[1:], [], None
+            drafts, draft_probs = fed[1:], []
+            if tree is None:
+                siblings = None
             if sampling and k:
                 v = bb.vocab_size
                 draft_probs = [torch.nn.functional.one_hot(t, v).float() for t in drafts]
@@ -285,10 +299,13 @@ def self_speculative_decode(
             sequential = passes * e
         timer.drafted()
 
-        tree = ChainTree(k, tree_width if siblings is not None else 1)
+        if tree is None:
+            tree = ChainTree(k, tree_width if siblings is not None else 1)
         q = tree.size
         if siblings is not None:
-            fed = fed + list(siblings.flatten(1).unbind(1))
+            fed = fed + list(tree.flat_siblings(siblings).unbind(1))
+            if controller is not None and k:
+                controller.record_tree(k, q)
         ctx = session.context(0, q, tree if siblings is not None else None)
         hidden = bb.run_layers(states, e, num_layers, ctx)
         target_logits = bb.lm_logits(bb.final_norm(hidden))  # (A, k+1, V)
@@ -365,7 +382,7 @@ def _plain_step(session: DecodeSession, e: int, sampler: SamplingConfig,
     step times nothing); the whole step, from ``since`` (perf_counter when it began, its
     choosing included), is recorded as a realized plain step."""
     a, emitted = session.active, sum(session.running())
-    timer = _StepTimer(controller if timed else None, session.pending.device)
+    timer = StepTimer(controller if timed else None, session.pending.device)
     plain_step(session, sampler, e, timer.drafted)
     session.stats.step_draft_lengths.append(0)
     timer.verified(a, 1, 1 if e else 0)
@@ -391,7 +408,7 @@ def _draft_sequentially(
     session: DecodeSession, head: LMHead, e: int, k: int, row_len: torch.Tensor,
     live: torch.Tensor, proposals: list[list[int]], proposed: torch.Tensor,
     temperature: float, draft_threshold: float | None, sampler: SamplingConfig, stats: Any,
-    tree_width: int = 1, timer: "_StepTimer | None" = None,
+    tree_width: int = 1, timer: "StepTimer | None" = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], int,
            torch.Tensor, int, torch.Tensor | None]:
     """The exit head's drafts, one pass of blocks [0, E) per position (see the module
@@ -468,37 +485,3 @@ def _draft_sequentially(
             k = j  # one last pass below feeds x_j through blocks < E
     tree_leaves = torch.stack(siblings, 1) if siblings else None
     return states, fed, drafts, draft_probs, k, row_len, j + 1, tree_leaves
-
-
-class _StepTimer:
-    """Wall-clock of a step's draft and verify phases, handed to the controller (if any)."""
-
-    def __init__(self, controller: DraftLengthController | None, device: torch.device,
-                 since: float | None = None, excluded: float = 0.0) -> None:
-        self.controller = controller
-        self.cuda = device.type == "cuda"
-        self.t0 = self.now() if controller is not None else 0.0
-        self.t1 = self.t0
-        # set-up seconds before the draft phase (from ``since``, less ``excluded``: time
-        # recorded elsewhere), added to the step's fixed (verify) cost
-        self.setup = max(0.0, self.t0 - since - excluded) if since is not None else 0.0
-        # seconds of one pass of the blocks below the exit for one position of every row,
-        # without the exit head (None: the draft phase was that pass alone, as in plain steps)
-        self.unit: float | None = None
-
-    def now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def drafted(self) -> None:
-        if self.controller is not None:
-            self.t1 = self.now()
-
-    def verified(self, rows: int, q: int, passes: int, positions: int = 1) -> None:
-        if self.controller is None:
-            return
-        t2 = self.now()
-        draft = self.t1 - self.t0 if passes else None  # no pass: nothing ran before verifying
-        self.controller.record_costs(rows, q, t2 - self.t1 + self.setup, draft, passes,
-                                     unit_s=self.unit, positions=positions)

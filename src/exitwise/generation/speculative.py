@@ -21,7 +21,7 @@ from ..backbones.hf_decoder import HFDecoderBackbone
 from ..errors import ConfigError
 from ..heads.lm import LMHead
 from .draft_control import DraftLengthController
-from .layer_skip import LayerSkipDrafter, check_skip, draft_threshold
+from .layer_skip import LayerSkipDrafter, check_skip, check_tree, draft_threshold
 from .ngram import NGramDrafter
 from .outputs import GenerateOutput
 from .self_speculative import self_speculative_decode
@@ -78,9 +78,11 @@ def _decode_with_proposer(strategy: Any, inputs: DecodeInputs, proposer: Any,
     draft_len, max_len = strategy.draft_len, strategy.max_draft_len
     fixed = draft_len if isinstance(draft_len, int) else max_len
     stats = stats_for(inputs, strategy.registered_name, exit_layer=0, draft_len=fixed)
+    # a draft model's token trees: the controller's prior positions per draft (then measured)
+    width = proposer.nominal_width if getattr(proposer, "tree", 1) != 1 else 1
     sequences = self_speculative_decode(
         session_for(inputs, stats), None, 0, fixed, sampler=inputs.sampler, proposer=proposer,
-        proposal_len=fixed, controller=_controller(draft_len, max_len, inputs, key))
+        proposal_len=fixed, controller=_controller(draft_len, max_len, inputs, key, width))
     return GenerateOutput(sequences=sequences, stats=stats)
 
 
@@ -91,7 +93,7 @@ _CONTROLLERS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary
 
 
 def _controller(draft_len: int | str, max_draft_len: int, inputs: DecodeInputs,
-                key: tuple, tree_width: int = 1) -> DraftLengthController | None:
+                key: tuple, tree_width: float = 1) -> DraftLengthController | None:
     """The model's automatic draft-length controller for ``key`` (None unless "auto")."""
     if draft_len != "auto":
         return None
@@ -237,18 +239,23 @@ class LayerSkip(DecodingStrategy):
     draft_threshold: None, a probability (a row's draft also stops after a token the draft
     model is less sure of), or "auto" (that threshold adapted as Draft & Verify's reference,
     from 0.8; :class:`~.layer_skip.DraftThreshold`); the reference's own setting is
-    ``draft_len=8, draft_threshold="auto"``.
+    ``draft_len=8, draft_threshold="auto"``. tree_width: 1 (chains), W > 1 (each draft's
+    next W - 1 choices of the draft model verified as sibling leaves of a token tree), or
+    "confidence" (SWIFT's trees: per depth, more candidates the less sure the draft is;
+    :func:`~.token_tree.confidence_widths`).
     """
 
     skip: Any = None
     draft_len: int | str = "auto"
     max_draft_len: int = 8
     draft_threshold: float | str | None = None
+    tree_width: int | str = 1
 
     def __post_init__(self) -> None:
         _check_draft_len(self.draft_len)
         _check_draft_len(self.max_draft_len, "max_draft_len", auto=False)
         draft_threshold(self.draft_threshold)
+        check_tree(self.tree_width)
 
     def validate(self, backbone: HFDecoderBackbone, model: Any) -> None:
         if self.skip is None:
@@ -259,9 +266,11 @@ class LayerSkip(DecodingStrategy):
     def decode(self, inputs: DecodeInputs) -> GenerateOutput:
         assert self.skip is not None
         drafter = LayerSkipDrafter(self.skip, inputs.backbone.num_layers,
-                                   draft_threshold(self.draft_threshold))
+                                   draft_threshold(self.draft_threshold), self.tree_width,
+                                   inputs.sampler.do_sample)
         return _decode_with_proposer(self, inputs, drafter, ("layer_skip", tuple(drafter.skip),
-                                                             self.draft_threshold))
+                                                             self.draft_threshold,
+                                                             self.tree_width))
 
 
 # model (the HF module) -> {search options: SwiftSearch}: SWIFT's search goes on across
@@ -311,8 +320,9 @@ class Swift(DecodingStrategy):
     search_seed: the search's random draws (``seed`` is the sampling seed every strategy
     shares). The search persists per model and options across calls
     (:func:`swift_search`). draft_len: tokens per draft (>= 1) or "auto" (chosen per step from
-    measured costs and acceptance, at most ``max_draft_len``). draft_threshold: as
-    ``layer_skip``'s (a row's draft also stops after an unsure token; "auto" adapts it).
+    measured costs and acceptance, at most ``max_draft_len``). draft_threshold, tree_width:
+    as ``layer_skip``'s (a row's draft also stops after an unsure token, "auto" adapts it;
+    token trees of the draft's next choices, "confidence" for SWIFT's dynamic verification).
     """
 
     skip_ratio: float = _SWIFT_DEFAULTS["skip_ratio"]
@@ -328,11 +338,13 @@ class Swift(DecodingStrategy):
     draft_len: int | str = "auto"
     max_draft_len: int = 8
     draft_threshold: float | str | None = None
+    tree_width: int | str = 1
 
     def __post_init__(self) -> None:
         _check_draft_len(self.draft_len)
         _check_draft_len(self.max_draft_len, "max_draft_len", auto=False)
         draft_threshold(self.draft_threshold)
+        check_tree(self.tree_width)
         SwiftSearch(3, **self._search_options())  # validates the options
 
     def _search_options(self) -> dict[str, Any]:
@@ -344,6 +356,8 @@ class Swift(DecodingStrategy):
 
     def decode(self, inputs: DecodeInputs) -> GenerateOutput:
         search = swift_search(inputs.backbone, **self._search_options())
-        drafter = SwiftDrafter(search, draft_threshold(self.draft_threshold))
+        drafter = SwiftDrafter(search, draft_threshold(self.draft_threshold), self.tree_width,
+                               inputs.sampler.do_sample)
         return _decode_with_proposer(self, inputs, drafter,
-                                     ("swift", id(search), self.draft_threshold))
+                                     ("swift", id(search), self.draft_threshold,
+                                      self.tree_width))

@@ -39,10 +39,14 @@ The defaults here are the reference's. Deviations:
   family's sub-layers run as its own block runs them
   (:meth:`~exitwise.backbones.HFDecoderBackbone.run_part`), and ``sublayers=False`` searches
   whole blocks instead (``int((L - 2) * skip_ratio)`` of them);
-- the draft length comes from the measured-cost controller (:mod:`.draft_control`,
-  ``draft_len="auto"``), or a row's draft stops on its confidence by Draft & Verify's rule
-  (``draft_threshold``, :class:`~.layer_skip.DraftThreshold`), instead of SWIFT's
-  confidence-aware drafting with top-k candidate trees (not built);
+- SWIFT's confidence-aware inference (Sec. 4.2) is built as options, not defaults: its
+  early-stopped drafting is ``draft_len=25, draft_threshold=0.8`` (a fixed threshold; "auto"
+  adapts it as Draft & Verify does) and its dynamic verification is
+  ``tree_width="confidence"`` (token trees of the draft's next choices, the reference's
+  widths per depth; :mod:`.token_tree` states its deviations); by default the draft length
+  comes from the measured-cost controller (:mod:`.draft_control`, ``draft_len="auto"``) and
+  drafts are chains: measured on a CPU (``benchmarks/lm_swift_trees.py``), the trees raised
+  acceptance but their wider verification cost as much or more than they gave;
 - the Gaussian process (Matern 5/2 kernel as ``bayes_opt``'s default, its length scale chosen
   by marginal likelihood on a grid instead of L-BFGS restarts) is maximised over 10,000 random
   points (``bayes_opt``'s warm-up) without the L-BFGS refinement, and it learns the 0/1 sets
@@ -242,9 +246,10 @@ class SwiftDrafter(LayerSkipDrafter):
     before each decoding step (:meth:`prepare`, outside the measured drafting time), one
     search iteration when it is due."""
 
-    def __init__(self, search: SwiftSearch, threshold: DraftThreshold | None = None) -> None:
+    def __init__(self, search: SwiftSearch, threshold: DraftThreshold | None = None,
+                 tree: int | str = 1, sampling: bool = False) -> None:
         self.search = search
-        super().__init__(search.skip, search.num_layers, threshold)
+        super().__init__(search.skip, search.num_layers, threshold, tree, sampling)
 
     def prepare(self, session: Any) -> None:
         search = self.search

@@ -26,6 +26,22 @@ plus its siblings, since sub-trees under a sibling would need draft passes of th
 (Sequoia); and the accepted path's keys/values are moved into place per row of a ragged batch
 (Medusa decodes one sequence).
 
+**A draft model's trees** (SWIFT's "dynamic verification", Xia et al., 2024, Sec. 4.2; the
+reference's ``get_choices_list``, ``generate_swift_buffers``, ``swift_draft`` with
+``TOPK = 10``): a draft model that is the LLM minus some sub-layers (:mod:`.layer_skip`,
+:mod:`.swift`) computes its full next-token distribution at every draft, so each draft's next
+choices can be siblings too, and the tree has the same shape -- the chain plus leaves at each
+depth (the reference's choices ``[0] * d + [i]``) -- with a width per depth
+(``ChainTree(k, (w_1, ..., w_k))``): :func:`confidence_widths` gives the reference's counts,
+more candidates where the draft's top-1 probability is lower. Siblings are fed at
+verification with the chain (the draft model needs no pass over them). Deviations: with a
+batch, one tree shape serves the step, so a depth's width is the largest count among the rows
+drafting there (at batch 1 the reference's); rows keep their own siblings; sampled trees use
+the draft's top choices after its own (the reference draws its candidates from the draft's
+law without replacement) -- both are fixed before any acceptance coin, so the walk below is
+exact either way. A padded siblings tensor (A, k, max width - 1) carries entries past a
+depth's width that are not slots: acceptance never takes or tries them.
+
 **Acceptance** (:func:`accept_greedy`), exactly greedy's choice: follow the chain while
 x_(d+1) equals the full model's argmax after x_d (capped at the row's own draft length); at
 the first mismatch, if a sibling at that depth equals the full model's argmax, accept it too
@@ -79,32 +95,77 @@ def check_tree_width(value: object) -> int:
 @dataclass(frozen=True)
 class ChainTree:
     """The tree of one step: a chain of ``k`` drafts after the pending token, each draft with
-    ``width - 1`` sibling leaves. Slots: 0 the pending token d0, 1..k the chain, then the
-    siblings depth by depth (depth d's s-th sibling at ``sibling_slot(d, s)``)."""
+    sibling leaves: ``width - 1`` at every depth, or, with ``width`` a tuple of k ints,
+    ``width[d - 1] - 1`` at depth d (SWIFT's trees, :func:`confidence_widths`). Slots: 0 the
+    pending token d0, 1..k the chain, then the siblings depth by depth (depth d's s-th sibling
+    at ``sibling_slot(d, s)``)."""
 
     k: int
-    width: int
+    width: int | tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.width, tuple) and len(self.width) != self.k:
+            raise ConfigError(f"a tree of {self.k} depths needs {self.k} widths; "
+                              f"got {self.width!r}")
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Candidates at each depth 1..k (the chain's draft and its siblings)."""
+        return self.width if isinstance(self.width, tuple) else (self.width,) * self.k
+
+    @property
+    def max_width(self) -> int:
+        """The most candidates at any depth (1: a plain chain)."""
+        return max(self.widths, default=1)
 
     @property
     def size(self) -> int:
-        """Slots of the step: 1 + k * width."""
-        return 1 + self.k * self.width
+        """Slots of the step: 1 + the sum of the widths (1 + k * width)."""
+        return 1 + sum(self.widths)
+
+    def _offsets(self) -> tuple[int, ...]:
+        """Siblings before depth d's (index d - 1), in slot order."""
+        out, total = [], 0
+        for w in self.widths:
+            out.append(total)
+            total += w - 1
+        return tuple(out)
 
     def sibling_slot(self, depth: int | torch.Tensor, s: int | torch.Tensor) -> torch.Tensor | int:
         """Slot of the ``s``-th sibling (0-based) at ``depth`` (1..k)."""
-        return self.k + 1 + (depth - 1) * (self.width - 1) + s
+        if isinstance(self.width, int):
+            return self.k + 1 + (depth - 1) * (self.width - 1) + s
+        offsets = self._offsets()
+        if isinstance(depth, torch.Tensor):
+            before = torch.tensor(offsets or (0,), device=depth.device)[depth - 1]
+        else:
+            before = offsets[depth - 1]
+        return self.k + 1 + before + s
+
+    def sibling_mask(self, device: torch.device | None = None) -> torch.Tensor:
+        """(k, max_width - 1) bool: which entries of a padded siblings tensor are slots."""
+        cols = torch.arange(self.max_width - 1, device=device)
+        return cols[None, :] < torch.tensor(self.widths, device=device).reshape(-1, 1) - 1
+
+    def flat_siblings(self, siblings: torch.Tensor) -> torch.Tensor:
+        """(A, size - k - 1) the sibling tokens in slot order, from the padded (A, k,
+        max_width - 1) tensor (entries past a depth's width are dropped)."""
+        if isinstance(self.width, int):
+            return siblings.flatten(1)
+        return siblings[:, self.sibling_mask(siblings.device)]
 
     def depths(self, device: torch.device | None = None) -> torch.Tensor:
         """(size,) depth of each slot (its position past the pending token)."""
         chain = torch.arange(self.k + 1, device=device)
-        sib = torch.arange(1, self.k + 1, device=device).repeat_interleave(self.width - 1)
+        sib = torch.arange(1, self.k + 1, device=device).repeat_interleave(
+            torch.tensor(self.widths, dtype=torch.long, device=device) - 1)
         return torch.cat([chain, sib])
 
     def parents(self) -> list[int]:
         """Parent slot of each slot (-1 for the root)."""
         out = [-1] + list(range(self.k))
-        for d in range(1, self.k + 1):
-            out += [d - 1] * (self.width - 1)
+        for d, w in enumerate(self.widths, start=1):
+            out += [d - 1] * (w - 1)
         return out
 
     def ancestors(self, device: torch.device | None = None) -> torch.Tensor:
@@ -121,6 +182,26 @@ class ChainTree:
         """(depths, ancestors) on ``device``, built once per shape and device (a decoding
         step asks for them twice, at every step)."""
         return _layout(self, None if device is None else torch.device(device))
+
+
+# SWIFT's candidates per depth by the draft's top-1 probability there (the reference's
+# get_choices_list): above 0.95, 0.8, 0.5, else; greedy and sampling
+CONFIDENCE_LEVELS = (0.95, 0.8, 0.5)
+CONFIDENCE_WIDTHS = {False: (3, 5, 8, 10), True: (1, 3, 5, 10)}
+
+
+def confidence_widths(top1: list[float], sampling: bool = False) -> tuple[int, ...]:
+    """Candidates at each depth of a SWIFT tree (Xia et al., 2024, Sec. 4.2 "dynamic
+    verification"; the reference's ``get_choices_list``): a depth whose draft had top-1
+    probability p gets 3 candidates if p > 0.95, 5 if p > 0.8, 8 if p > 0.5, else 10 (greedy;
+    sampling 1, 3, 5, 10): the less sure the draft, the more of its alternatives are
+    verified."""
+    counts = CONFIDENCE_WIDTHS[bool(sampling)]
+    out = []
+    for p in top1:
+        level = next((i for i, t in enumerate(CONFIDENCE_LEVELS) if p > t), len(CONFIDENCE_LEVELS))
+        out.append(counts[level])
+    return tuple(out)
 
 
 @lru_cache(maxsize=64)
@@ -146,9 +227,9 @@ def accept_greedy(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Greedy acceptance over a :class:`ChainTree` (see the module docstring).
 
-    drafted: (A, k) chain tokens x1..xk. siblings: (A, k, width - 1) sibling tokens per depth
-    (None when width is 1). target: (A, size) the full model's argmax after each slot.
-    row_len: (A,) each row's own draft length (acceptance stops there).
+    drafted: (A, k) chain tokens x1..xk. siblings: (A, k, max_width - 1) sibling tokens per
+    depth, padded past a depth's width (None for a chain). target: (A, size) the full model's
+    argmax after each slot. row_len: (A,) each row's own draft length (acceptance stops there).
     Returns (accepted (A,) drafts kept, path (A, best + 1) the slots of each row's kept tokens
     d0, ... in order (entries past a row's own path are unused), next token (A,), took_sibling
     (A,) bool).
@@ -163,11 +244,12 @@ def accept_greedy(
         chain = torch.zeros(a, dtype=torch.long, device=device)
     took = torch.zeros(a, dtype=torch.bool, device=device)
     last = chain.clone()  # slot whose argmax is the next token
-    if siblings is not None and k and tree.width > 1:
+    if siblings is not None and k and tree.max_width > 1:
         want = target[rows, chain]  # the full model's choice after the last kept chain node
         depth = (chain + 1).clamp(max=k)  # siblings of the first rejected chain draft
-        cand = siblings[rows, depth - 1]  # (A, width - 1)
-        hit = (cand == want[:, None]) & (chain < row_len)[:, None]
+        cand = siblings[rows, depth - 1]  # (A, max_width - 1)
+        real = tree.sibling_mask(device)[depth - 1]  # padding past a depth's width: no slot
+        hit = (cand == want[:, None]) & real & (chain < row_len)[:, None]
         took = hit.any(1)
         slot = tree.sibling_slot(depth, hit.long().argmax(1))
         last = torch.where(took, slot, chain)
@@ -199,8 +281,9 @@ def accept_sampled(
     """Speculative rejection sampling over a :class:`ChainTree` (see the module docstring).
 
     drafted: (A, k) chain tokens, drafted[:, d] ~ q[:, d]. q: (A, k, V) their draft laws.
-    siblings: (A, k, width - 1) or None. p: (A, size, V) the full model's processed law after
-    every slot. row_len: (A,) each row's own draft length.
+    siblings: (A, k, max_width - 1) or None (padded as for :func:`accept_greedy`).
+    p: (A, size, V) the full model's processed law after every slot. row_len: (A,) each
+    row's own draft length.
     Returns what :func:`accept_greedy` returns (accepted, path, next token, took_sibling)."""
     a, k = drafted.shape
     device = drafted.device
@@ -216,23 +299,25 @@ def accept_sampled(
     took = torch.zeros(a, dtype=torch.bool, device=device)
     last = accepted.clone()
     rejected = (accepted < row_len).nonzero()[:, 0]
-    if siblings is not None and tree.width > 1 and k and rejected.numel():
+    if siblings is not None and tree.max_width > 1 and k and rejected.numel():
         n = accepted[rejected]  # index of the rejected draft; its siblings sit at depth n + 1
         res = residual_distribution(p[rejected, n], q[rejected, n])  # (R, V)
-        cand = siblings[rejected, n]  # (R, width - 1)
+        cand = siblings[rejected, n]  # (R, max_width - 1)
+        real = tree.sibling_mask(device)[n]  # (R, max_width - 1): padding is never tried
         hit = torch.zeros(rejected.numel(), dtype=torch.bool, device=device)
         which = torch.zeros_like(n)
         for j in range(cand.shape[1]):
             tok = cand[:, j : j + 1]
             prob = res.gather(1, tok)[:, 0]
-            keep = ~hit & (uniform((len(n),), res, generator) < prob)
+            keep = ~hit & real[:, j] & (uniform((len(n),), res, generator) < prob)
             which = torch.where(keep, j, which)
             hit |= keep
             # the residual of r against the point mass on s_j: r without s_j, renormalised
-            # (a row whose r had all its mass on s_j kept s_j; it keeps its r, never drawn)
+            # (a row whose r had all its mass on s_j kept s_j; it keeps its r, never drawn;
+            # a padding entry was not tried, so r keeps its mass)
             rest = res.scatter(1, tok, 0.0)
             mass = rest.sum(1, keepdim=True)
-            res = torch.where(mass > 0, rest / mass.clamp_min(1e-30), res)
+            res = torch.where((mass > 0) & real[:, j : j + 1], rest / mass.clamp_min(1e-30), res)
         slot = tree.sibling_slot(n + 1, which)
         from_sibling = draw(p[rejected, slot], generator)
         from_rest = draw(res, generator)
