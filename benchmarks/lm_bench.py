@@ -290,6 +290,15 @@ def time_on_prompts(model: Any, tokenizer: Any, methods: list[Method], prompts: 
     return entries
 
 
+def write_report(report: dict[str, Any], out: str | Path) -> dict[str, Any]:
+    """Write ``report`` as JSON to ``out`` (folders made as needed); return it."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    print(f"[done] {path}")
+    return report
+
+
 def entry_of(m: Method, rec: dict[str, Any], ref: dict[str, Any], num_layers: int) -> dict:
     """The report entry of one method from its timings and tokens."""
     med = statistics.median(rec["seconds"])

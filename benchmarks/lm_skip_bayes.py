@@ -23,7 +23,6 @@ Writes benchmarks/results/lm_skip_bayes.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from lm_bench import exitwise_method, hf_method, time_on_prompts  # noqa: E402
+from lm_bench import (  # noqa: E402
+    exitwise_method,
+    hf_method,
+    time_on_prompts,
+    write_report,
+)
 
 from exitwise.generation import bayes_search_skip_layers  # noqa: E402
 from exitwise.lm.prompts import BENCH_PROMPTS, CALIBRATION_PROMPTS  # noqa: E402
@@ -130,11 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "methods": entries,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"[done] {out}")
-    return report
+    return write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from lm_bench import exitwise_method, hf_method, time_on_prompts  # noqa: E402
+from lm_bench import (  # noqa: E402
+    exitwise_method,
+    hf_method,
+    time_on_prompts,
+    write_report,
+)
 
 from exitwise.errors import ConfigError  # noqa: E402
 from exitwise.lm.prompts import BENCH_PROMPTS  # noqa: E402
@@ -108,11 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   "skip_source": "--skip" if args.skip else str(BAYES.relative_to(ROOT))},
         "methods": entries,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"[done] {out}")
-    return report
+    return write_report(report, args.out)
 
 
 if __name__ == "__main__":
