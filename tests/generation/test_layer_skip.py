@@ -58,6 +58,17 @@ def test_layer_skip_drafting_is_lossless(lm, batch):
     assert out.stats.total_drafted > 0
 
 
+def _with_identity_blocks(*blocks: int):
+    """A tiny 5-block Llama whose ``blocks`` add nothing to the residual stream (attention
+    and MLP output projections zeroed): the model without them is the model itself."""
+    model = tiny_lm("llama", layers=5)
+    with torch.no_grad():
+        for i in blocks:
+            model.model.layers[i].self_attn.o_proj.weight.zero_()
+            model.model.layers[i].mlp.down_proj.weight.zero_()
+    return model
+
+
 def _after_first_token(model, new_tokens):
     """A one-row session right after prefill (the first token emitted and pending), the
     model's greedy continuation of ``new_tokens`` and a copy of the cache as it stands."""
@@ -78,12 +89,7 @@ def test_skipping_identity_blocks_drafts_exactly_the_greedy_tokens():
     them is the model itself, so every draft must be the full model's greedy token -- which
     checks the drafting through the kept blocks' cache and its roll-back; the cache is left
     exactly as found."""
-    model = tiny_lm("llama", layers=5)
-    with torch.no_grad():
-        for i in (1, 3):
-            layer = model.model.layers[i]
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
+    model = _with_identity_blocks(1, 3)
     bb, ids, greedy, session, first, before = _after_first_token(model, 5)
     (drafts,) = LayerSkipDrafter([1, 3], bb.num_layers).propose_rows(session, [4])
     for layer, (k, v) in zip(session.cache.layers, before):  # nothing left behind
@@ -251,11 +257,7 @@ def test_draft_stops_after_its_first_unsure_token():
     """With identity blocks skipped the draft model is the full model: its drafts are the
     greedy tokens and their probabilities the full model's, read from one forward pass; a
     threshold between two of them stops the draft after the first token below it."""
-    model = tiny_lm("llama", layers=5)
-    with torch.no_grad():
-        for i in (1, 3):
-            model.model.layers[i].self_attn.o_proj.weight.zero_()
-            model.model.layers[i].mlp.down_proj.weight.zero_()
+    model = _with_identity_blocks(1, 3)
     bb, ids, greedy, session, first, before = _after_first_token(model, 6)
     seq = greedy.sequences  # prompt (4), the first token, then the 5 drafts' tokens
     with torch.no_grad():
@@ -281,11 +283,7 @@ def test_draft_trees_take_the_draft_models_next_choices():
     draft are read from one forward pass: a fixed tree's siblings are the next choices after
     each draft (best first), and SWIFT's widths are confidence_widths of the drafts' top-1
     probabilities (greedy counts; sampling counts when the drafter samples)."""
-    model = tiny_lm("llama", layers=5)
-    with torch.no_grad():
-        for i in (1, 3):
-            model.model.layers[i].self_attn.o_proj.weight.zero_()
-            model.model.layers[i].mlp.down_proj.weight.zero_()
+    model = _with_identity_blocks(1, 3)
     bb, ids, greedy, session, first, before = _after_first_token(model, 5)
     seq = greedy.sequences
     with torch.no_grad():

@@ -111,6 +111,12 @@ def skip_units(num_layers: int, sublayers: bool = True) -> list[tuple[SubLayer, 
     return [tuple((b, part) for part in PARTS) for b in blocks]
 
 
+def skip_point(skip: Sequence[SubLayer], units: Sequence[tuple[SubLayer, ...]]) -> list[float]:
+    """The 0/1 point of a set: 1.0 for each unit all of whose sub-layers ``skip`` names."""
+    gone = set(skip)
+    return [float(all(sub in gone for sub in unit)) for unit in units]
+
+
 def skip_plan(skip: Sequence[SubLayer], num_layers: int) -> list[tuple[int, int, str | None]]:
     """How to run the draft model: (start, end, None) for a run of whole kept blocks
     [start, end) (one ``run_layers`` call), (i, i + 1, part) for block i with only ``part``."""

@@ -55,7 +55,9 @@ class Proposer(Protocol):
 
     # Optional: ``observe(accepted, drafted)``, called after each verified step with, per row
     # this proposer drafted for, the drafts kept and proposed (a layer-skipping draft's
-    # adaptive confidence threshold, :class:`~.layer_skip.DraftThreshold`).
+    # adaptive confidence threshold, :class:`~.layer_skip.DraftThreshold`); and
+    # ``tree_siblings`` / ``tree_widths``, left by ``propose_rows`` when the drafts come with
+    # sibling leaves of a token tree (a draft model's next choices, :mod:`.token_tree`).
 
 
 class NGramTables:

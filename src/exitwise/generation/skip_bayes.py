@@ -74,7 +74,7 @@ import torch
 
 from ..errors import ConfigError
 from .gaussian_process import WARMUP_POINTS, ucb_argmax
-from .layer_skip import SubLayer, check_skip, skip_spec, skip_units
+from .layer_skip import SubLayer, check_skip, skip_point, skip_spec, skip_units
 
 UCB_KAPPA = 2.576  # bayes_opt's default upper-confidence-bound kappa
 NEIGHBOURS = 1_000  # neighbours of the best point added to the acquisition's random points
@@ -107,12 +107,6 @@ def point_skip(x: Sequence[float], units: Sequence[tuple[SubLayer, ...]]) -> lis
     if len(x) != len(units):
         raise ConfigError(f"a point has one coordinate per unit ({len(units)}); got {len(x)}")
     return sorted(sub for v, unit in zip(x, units) if v > 0.5 for sub in unit)
-
-
-def skip_point(skip: Sequence[SubLayer], units: Sequence[tuple[SubLayer, ...]]) -> list[float]:
-    """The 0/1 point of a set: 1.0 for each unit all of whose sub-layers ``skip`` names."""
-    gone = set(skip)
-    return [float(all(sub in gone for sub in unit)) for unit in units]
 
 
 def default_probes(num_layers: int) -> list[list[int]]:

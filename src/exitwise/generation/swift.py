@@ -68,10 +68,17 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..backbones.hf_decoder import PARTS, DecodeContext
+from ..backbones.hf_decoder import DecodeContext
 from ..errors import ConfigError
 from .gaussian_process import WARMUP_POINTS, gp_posterior, ucb_argmax
-from .layer_skip import DraftThreshold, LayerSkipDrafter, SubLayer, check_skip
+from .layer_skip import (
+    DraftThreshold,
+    LayerSkipDrafter,
+    SubLayer,
+    check_skip,
+    skip_point,
+    skip_units,
+)
 
 __all__ = ["SwiftDrafter", "SwiftSearch", "bayes_suggest", "gp_posterior", "window_matchness"]
 
@@ -127,11 +134,8 @@ class SwiftSearch:
         self.skip = check_skip(self.skip or list(range(1, self.num_layers - 1, 2)),
                                self.num_layers)  # default: every other block, both parts
         self._rng = random.Random(self.seed)
-        blocks = range(1, self.num_layers - 1)
         # a candidate unit: one sub-layer, or a whole block (both of its sub-layers)
-        self._units: list[tuple[SubLayer, ...]] = (
-            [((b, p),) for p in PARTS for b in blocks] if self.sublayers
-            else [tuple((b, p) for p in PARTS) for b in blocks])
+        self._units = skip_units(self.num_layers, self.sublayers)
 
     @property
     def candidates(self) -> list[tuple[SubLayer, ...]]:
@@ -192,12 +196,8 @@ def bayes_suggest(observed: list[tuple[list[Any], float]], units: Sequence[Any],
     set elements, or an element itself); scores normalised to mean 0, std 1), take the point
     of [0, 1]^d with the highest UCB (mean + 2.5 std) among random ones, and return the units
     of its ``size`` largest coordinates (the reference's ``layer_bayes_search``)."""
-    x = torch.zeros(len(observed), len(units), dtype=torch.float64)
-    for row, (skip, _) in enumerate(observed):
-        gone = set(skip)
-        for col, unit in enumerate(units):
-            members = unit if isinstance(unit, tuple) else (unit,)
-            x[row, col] = float(all(m in gone for m in members))
+    as_tuples = [unit if isinstance(unit, tuple) else (unit,) for unit in units]
+    x = torch.tensor([skip_point(skip, as_tuples) for skip, _ in observed], dtype=torch.float64)
     y = torch.tensor([s for _, s in observed], dtype=torch.float64)
     gen = torch.Generator().manual_seed(rng.randrange(2 ** 31))
     query = torch.rand(WARMUP_POINTS, len(units), generator=gen, dtype=torch.float64)
