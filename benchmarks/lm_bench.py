@@ -290,6 +290,30 @@ def time_on_prompts(model: Any, tokenizer: Any, methods: list[Method], prompts: 
     return entries
 
 
+def batch1_parser(doc: str | None, out: Path) -> argparse.ArgumentParser:
+    """An argument parser with the options the batch-1 drafting benchmarks share: --model
+    (SmolLM2-135M-Instruct), --prompts (8), --max-new-tokens (128), --repeats (1), --threads
+    (2) and --out (default ``out``); each benchmark adds its own."""
+    ap = argparse.ArgumentParser(description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(out))
+    return ap
+
+
+def load_timed_lm(name: str, threads: int) -> tuple[Any, Any, set[int], int]:
+    """(model, tokenizer, eos ids, pad id) of ``name``, with torch set to ``threads``."""
+    torch.set_num_threads(threads)
+    lm, tok = load_lm(name)
+    eos = {int(tok.eos_token_id)} if tok.eos_token_id is not None else set()
+    pad = int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    return lm, tok, eos, pad
+
+
 def write_report(report: dict[str, Any], out: str | Path) -> dict[str, Any]:
     """Write ``report`` as JSON to ``out`` (folders made as needed); return it."""
     path = Path(out)

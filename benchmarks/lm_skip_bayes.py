@@ -28,13 +28,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from lm_bench import (  # noqa: E402
+    batch1_parser,
     exitwise_method,
     hf_method,
+    load_timed_lm,
     time_on_prompts,
     write_report,
 )
@@ -42,13 +42,11 @@ from lm_bench import (  # noqa: E402
 from exitwise.generation import bayes_search_skip_layers  # noqa: E402
 from exitwise.lm.prompts import BENCH_PROMPTS, CALIBRATION_PROMPTS  # noqa: E402
 from exitwise.machine import machine_info  # noqa: E402
-from exitwise.recipes.lm import encode_prompts, format_prompts, load_lm  # noqa: E402
+from exitwise.recipes.lm import encode_prompts, format_prompts  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    ap = batch1_parser(__doc__, ROOT / "benchmarks/results/lm_skip_bayes.json")
     ap.add_argument("--search-prompts", type=int, default=3)
     ap.add_argument("--search-tokens", type=int, default=32)
     ap.add_argument("--n-iter", type=int, default=48)
@@ -57,22 +55,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--draft-len", default="8", help="an int or 'auto'")
     ap.add_argument("--draft-threshold", default="auto",
                     help="'auto', a probability, or 'none'")
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default=str(ROOT / "benchmarks/work/lm_skip_bayes"))
     ap.add_argument("--fresh", action="store_true", help="discard the search's checkpoint")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/lm_skip_bayes.json"))
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    lm, tok = load_lm(args.model)
-    eos = {int(tok.eos_token_id)} if tok.eos_token_id is not None else set()
-    pad = int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    lm, tok, eos, pad = load_timed_lm(args.model, args.threads)
 
     cal = list(CALIBRATION_PROMPTS)[: args.search_prompts]
     ids, mask = encode_prompts(tok, format_prompts(tok, cal), "cpu")

@@ -30,13 +30,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from lm_bench import (  # noqa: E402
+    batch1_parser,
     exitwise_method,
     hf_method,
+    load_timed_lm,
     time_on_prompts,
     write_report,
 )
@@ -44,22 +44,14 @@ from lm_bench import (  # noqa: E402
 from exitwise.errors import ConfigError  # noqa: E402
 from exitwise.lm.prompts import BENCH_PROMPTS  # noqa: E402
 from exitwise.machine import machine_info  # noqa: E402
-from exitwise.recipes.lm import load_lm  # noqa: E402
 
 BAYES = ROOT / "benchmarks/results/lm_skip_bayes.json"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    ap = batch1_parser(__doc__, ROOT / "benchmarks/results/lm_swift_trees.json")
     ap.add_argument("--skip", default=None, help="a skip set as JSON (default: lm_skip_bayes's "
                     "fastest set)")
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/lm_swift_trees.json"))
     return ap.parse_args(argv)
 
 
@@ -74,10 +66,7 @@ def skip_set(given: str | None) -> Any:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    lm, tok = load_lm(args.model)
-    eos = {int(tok.eos_token_id)} if tok.eos_token_id is not None else set()
-    pad = int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    lm, tok, eos, pad = load_timed_lm(args.model, args.threads)
     skip = skip_set(args.skip)
     common = dict(max_new_tokens=args.max_new_tokens, eos=eos, pad=pad)
 
