@@ -153,7 +153,8 @@ def parse_drafters(specs: Sequence[str]) -> dict[str, dict[str, Any]]:
     ``swift`` / ``swift:D``: SWIFT, the model minus blocks it chooses while decoding (no exit),
     draft length D or "auto" (its search goes on across the prompts and repetitions).
     A suffix ``/wW`` on an exit drafter verifies token trees of width W (each draft with the
-    exit's next W - 1 choices as sibling leaves), e.g. ``auto@2/w3``.
+    exit's next W - 1 choices as sibling leaves), e.g. ``auto@2/w3``; ``/wc``: SWIFT's widths
+    per depth from the exit's top-1 probability (``tree_width="confidence"``).
     """
     out: dict[str, dict[str, Any]] = {}
     for spec in specs:
@@ -178,10 +179,10 @@ def parse_drafters(specs: Sequence[str]) -> dict[str, dict[str, Any]]:
             else:
                 raise ValueError
             if width:
-                out[spec]["tree_width"] = int(width)
+                out[spec]["tree_width"] = "confidence" if width == "c" else int(width)
         except ValueError:
             raise ConfigError(f"bad drafter {spec!r}; write anpd, anpd:D, swift, swift:D, auto@E, "
-                              "ngram@E:D, ngram@E:auto or fixed@E:D, optionally with /wW"
+                              "ngram@E:D, ngram@E:auto or fixed@E:D, optionally with /wW or /wc"
                               ) from None
     return out
 
@@ -559,7 +560,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="configs to time again on stock nn.Linear kernels")
     p.add_argument("--drafters", default="",
                    help="named lossless drafters (anpd, anpd:D, auto@E, ngram@E:D, ngram@E:auto, "
-                        "fixed@E:D; /wW: token trees of width W)")
+                        "fixed@E:D; /wW: token trees of width W; /wc: SWIFT's widths)")
     p.add_argument("--no-chat", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="also write the report to this JSON file")

@@ -143,6 +143,7 @@ def test_drafter_specs():
     assert got["ngram@2:auto/w2"] == {"strategy": "self_speculative", "exit_layer": 2,
                                       "draft_len": "auto", "ngram": 4, "tree_width": 2}
     assert got["fixed@4:1"] == {"strategy": "self_speculative", "exit_layer": 4, "draft_len": 1}
+    assert parse_drafters(["ngram@2:1/wc"])["ngram@2:1/wc"]["tree_width"] == "confidence"
     for bad in ("tree@2", "auto@x", "anpd/w2", "fixed@2:1/wx", "swift/w2", "swift:x"):
         with pytest.raises(ConfigError, match="bad drafter"):
             parse_drafters([bad])

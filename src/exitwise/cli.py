@@ -120,6 +120,10 @@ def _draft_len(value: str) -> int | str:
     return value if value == "auto" else int(value)
 
 
+def _tree_width(value: str) -> int | str:
+    return value if value == "confidence" else int(value)
+
+
 def _delta(value: str) -> float | None:
     if value.strip().lower() in ("none", "off", ""):
         return None
@@ -206,9 +210,10 @@ def _add_lm_commands(sub: Any) -> None:
                         "(0: off; default: the shipped drafter's, else off)")
     g.add_argument("--draft-threshold", type=float, default=None,
                    help="self_speculative: stop a draft once its top-1 probability is below")
-    g.add_argument("--tree-width", type=int, default=None,
+    g.add_argument("--tree-width", type=_tree_width, default=None,
                    help="self_speculative: verify token trees, each draft with the exit's "
-                        "next TREE_WIDTH - 1 choices as siblings (default 1)")
+                        "next TREE_WIDTH - 1 choices as siblings, or 'confidence' (SWIFT's "
+                        "count per depth from the exit's top-1 probability; default 1)")
     g.add_argument("--kv", default="skip", choices=["skip", "propagate", "recompute"],
                    help="early_exit: keys/values of skipped layers (skip = computed later, "
                         "in parallel with the next token)")

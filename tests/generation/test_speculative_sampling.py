@@ -201,6 +201,9 @@ DRAFTERS = {
     "swift": dict(strategy="swift", context_window=1, draft_len=2),
     # a token tree: the rejected draft's siblings tried against the residual law
     "tree": dict(strategy="self_speculative", exit_layer=1, draft_len=3, tree_width=3),
+    # the exit's siblings by SWIFT's rule on the exit's own confidence
+    "tree_confidence": dict(strategy="self_speculative", exit_layer=1, draft_len=3,
+                            tree_width="confidence"),
     # the draft model's next choices as siblings: SWIFT's widths (1 candidate where the draft
     # is sure, so padded depths), and a fixed width
     "swift_tree": dict(strategy="swift", context_window=1, draft_len=3, tree_width="confidence"),
@@ -220,7 +223,7 @@ def test_first_tokens_follow_the_full_models_processed_law(lm, strategy):
     if strategy in ("anpd", "exit+ngram"):
         s = out.stats
         assert 0 < s.ngram_accepted < s.ngram_drafted  # n-gram drafts kept and rejected
-    if strategy in ("tree", "swift_tree", "layer_skip_tree"):
+    if strategy in ("tree", "tree_confidence", "swift_tree", "layer_skip_tree"):
         assert out.stats.sibling_accepted > 0
     if strategy == "self_speculative":
         s = out.stats

@@ -22,7 +22,15 @@ from exitwise.generation import (
     self_speculative_decode,
 )
 from exitwise.generation.draft_control import DraftLengthController
-from exitwise.generation.token_tree import accept_sampled, confidence_widths, sibling_tokens
+from exitwise.generation.exit_drafts import draft_sequentially
+from exitwise.generation.sampling import SamplingConfig
+from exitwise.generation.token_tree import (
+    accept_sampled,
+    confidence_widths,
+    nominal_width,
+    sibling_tokens,
+    step_widths,
+)
 from exitwise.heads.lm import LMHead
 
 NEW = 14
@@ -68,6 +76,17 @@ def test_confidence_widths_follow_swifts_rule_by_hand():
     assert confidence_widths(probs) == (3, 5, 5, 8, 8, 10, 10)
     assert confidence_widths(probs, sampling=True) == (1, 3, 3, 5, 5, 10, 10)
     assert confidence_widths([]) == ()
+
+
+def test_step_widths_take_the_largest_count_among_rows_still_drafting():
+    # depth 1: both rows draft (0.99 -> 3, 0.6 -> 8): 8; depth 2: only row 0 (lengths 2, 1)
+    # drafts there (0.85 -> 5; row 1's 0.1 would give 10 but is past its draft): 5
+    assert step_widths([[0.99, 0.6], [0.85, 0.1]], [2, 1]) == (8, 5)
+    assert step_widths([[0.99, 0.6], [0.85, 0.1]], [2, 1], sampling=True) == (5, 3)
+    # no row drafts at a depth: all rows count (the depth is never verified anyway)
+    assert step_widths([[0.99, 0.97]], [0, 0]) == (3,)
+    assert nominal_width("confidence") == 8.0 and nominal_width("confidence", True) == 5.0
+    assert nominal_width(3) == 3.0
 
 
 def test_padding_past_a_depths_width_is_never_taken():
@@ -178,7 +197,8 @@ def test_tree_decoding_equals_greedy(lm, kind):
         ids, mask = ids[:1], mask[:1]
     opts = dict(max_new_tokens=NEW, eos_token_id=EOS, pad_token_id=PAD)
     greedy = generate(lm, ids, mask, kernels="stock", **opts)
-    for exit_layer, draft_len, width in [(1, 1, 2), (1, 4, 3), (2, 3, 4), (3, 2, 2)]:
+    for exit_layer, draft_len, width in [(1, 1, 2), (1, 4, 3), (2, 3, 4), (3, 2, 2),
+                                         (1, 3, "confidence"), (2, 2, "confidence")]:
         out = generate(lm, ids, mask, strategy="self_speculative", exit_layer=exit_layer,
                        draft_len=draft_len, tree_width=width, **opts)
         assert torch.equal(out.sequences, greedy.sequences), (exit_layer, draft_len, width)
@@ -225,9 +245,49 @@ def test_tree_with_ngrams_and_automatic_length_is_lossless():
     greedy = generate(model, ids, mask, kernels="stock", **opts)
     for extra in (dict(draft_len=2, ngram=3), dict(draft_len="auto"),
                   dict(draft_len="auto", ngram=3)):
-        out = generate(model, ids, mask, strategy="self_speculative", exit_layer=2,
-                       tree_width=2, **extra, **opts)
-        assert torch.equal(out.sequences, greedy.sequences), extra
+        for width in (2, "confidence"):
+            out = generate(model, ids, mask, strategy="self_speculative", exit_layer=2,
+                           tree_width=width, **extra, **opts)
+            assert torch.equal(out.sequences, greedy.sequences), (extra, width)
+
+
+@pytest.mark.parametrize("sampling", [False, True])
+def test_exit_confidence_trees_follow_the_exits_own_top1(sampling):
+    """An exit head's "confidence" trees: each depth's width is confidence_widths of the
+    exit's top-1 probability there, read here from an independent forward (the HF model's
+    hidden state after E blocks at each fed chain token, then the head); the siblings are the
+    exit's next choices after its draft, best first."""
+    model = tiny_lm("llama", seed=4)
+    bb = ew.wrap_backbone(model)
+    ids = torch.tensor([[5, 9, 13, 21, 34, 55, 8]])
+    mask = torch.ones_like(ids)
+    stats = GenerationStats("self_speculative", bb.num_layers, drafted=[0], accepted=[0])
+    session = DecodeSession(bb, ids, mask, NEW, set(), PAD, stats)
+    head = LMHead(bb.hidden_size, bb.vocab_size, backbone=bb).eval()
+    e, k, temperature = 1, 4, 0.01  # a sharp exit: confident and unsure depths both occur
+    session.pending = session.prefill(split=e).argmax(-1)
+    sampler = SamplingConfig(True, generator=torch.Generator().manual_seed(0)) if sampling \
+        else SamplingConfig()
+    with torch.inference_mode():
+        out = draft_sequentially(session, head, e, k, torch.tensor([k]), torch.tensor([True]),
+                                 [[]], torch.tensor([False]), temperature, None, sampler,
+                                 stats, tree_width="confidence")
+    drafts, siblings, tree = out[2], out[7], out[8]
+    chain = [int(session.pending[0])] + [int(t[0]) for t in drafts]
+    with torch.no_grad():
+        hidden = model(input_ids=torch.tensor([ids[0].tolist() + chain[:-1]]),
+                       output_hidden_states=True).hidden_states[e][:, -k:]
+        logits = head.token_logits(hidden)[0].float() / temperature  # (k, V)
+    probs = sampler.probs(logits) if sampling else logits.softmax(-1)
+    widths = confidence_widths(probs.amax(-1).tolist(), sampling)
+    assert len(set(widths)) > 1  # the rule really varies here
+    assert tree.widths == widths and siblings.shape == (1, k, max(widths) - 1)
+    for d in range(k):
+        order = logits[d].argsort(descending=True).tolist()
+        want = [t for t in order if t != chain[d + 1]][: widths[d] - 1]
+        assert siblings[0, d, : widths[d] - 1].tolist() == want
+        if not sampling:
+            assert chain[d + 1] == order[0]  # greedy drafts are the exit's argmax
 
 
 def test_controller_costs_the_tree_verification_width():
@@ -259,7 +319,7 @@ def test_controller_follows_the_measured_positions_of_varying_trees():
 def test_misuse_is_refused():
     model = tiny_lm("llama")
     ids = torch.tensor([[3, 4, 5, 6]])
-    for bad in (0, True, 1.5):
+    for bad in (0, True, 1.5, "wide"):
         with pytest.raises(ConfigError, match="tree_width"):
             generate(model, ids, strategy="self_speculative", exit_layer=1, tree_width=bad)
     config = ew.ExitConfig(layers=[2], head="lm", num_labels=VOCAB,

@@ -49,6 +49,10 @@ def test_tune_then_generate(tiny_lm_dir, tmp_path, capsys):
     assert spec["texts"] == runs["greedy"]["texts"] and len(spec["texts"]) == 2
     assert spec["stats"]["exit_layer"] == 2 and spec["stats"]["total_drafted"] > 0
     assert all(1 <= n <= 12 for n in spec["new_tokens"])
+    # token trees sized by the exit's confidence, from the command line: greedy's text too
+    assert main(["generate", str(out), *prompts, "--strategy", "self_speculative",
+                 "--tree-width", "confidence", "--max-new-tokens", "12", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["texts"] == runs["greedy"]["texts"]
 
     # CALM-style early exit with the tuned exit: an impossible threshold never exits -> greedy
     assert main(["generate", str(out), *prompts, "--strategy", "early_exit", "--policy",

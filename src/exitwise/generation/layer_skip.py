@@ -58,7 +58,13 @@ import torch
 
 from ..backbones.hf_decoder import PARTS
 from ..errors import ConfigError
-from .token_tree import CONFIDENCE_WIDTHS, confidence_widths, sibling_tokens
+from .token_tree import (
+    check_tree_width,
+    most_candidates,
+    nominal_width,
+    sibling_tokens,
+    step_widths,
+)
 
 #: one sub-layer: (block index, "attn" | "mlp")
 SubLayer = tuple[int, str]
@@ -213,17 +219,6 @@ def draft_threshold(value: Any) -> DraftThreshold | None:
     return DraftThreshold(float(value), adaptive=False)
 
 
-def check_tree(value: Any) -> int | str:
-    """A drafter's ``tree`` option: an int >= 1 (1: a chain) or "confidence"; else a
-    ConfigError."""
-    if value == "confidence":
-        return value
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"tree_width must be an int >= 1 (1: no tree) or 'confidence' "
-                          f"(SWIFT's widths from the draft's confidence); got {value!r}")
-    return value
-
-
 class LayerSkipDrafter:
     """Proposes drafts from the model with sub-layers ``skip`` left out (see the module
     docstring); with a ``threshold`` (:class:`DraftThreshold`) a row's draft also stops at its
@@ -243,7 +238,7 @@ class LayerSkipDrafter:
                  sampling: bool = False) -> None:
         self.num_layers = num_layers
         self.threshold = threshold
-        self.tree = check_tree(tree)
+        self.tree = check_tree_width(tree)
         self.sampling = sampling
         self.longest = 0  # the caps' maximum at the last proposal (the threshold's max_len)
         self.tree_siblings: torch.Tensor | None = None
@@ -252,12 +247,8 @@ class LayerSkipDrafter:
 
     @property
     def nominal_width(self) -> float:
-        """Verified positions per draft before any tree is seen (the controller's prior): the
-        fixed width, or for "confidence" the middle of its counts."""
-        if self.tree == "confidence":
-            counts = CONFIDENCE_WIDTHS[self.sampling]
-            return float(counts[len(counts) // 2])
-        return float(self.tree)
+        """Verified positions per draft before any tree is seen (the controller's prior)."""
+        return nominal_width(self.tree, self.sampling)
 
     def set_skip(self, skip: Any) -> None:
         """Draft without sub-layers ``skip`` from now on (SWIFT changes the set while
@@ -295,7 +286,7 @@ class LayerSkipDrafter:
         ran = 0
         tops: list[torch.Tensor] = []  # (A, most candidates) per depth, token trees only
         sure_of: list[list[float]] = []  # (A,) top-1 probabilities per depth
-        most = self._most_candidates()
+        most = most_candidates(self.tree, self.sampling)
         for j in range(k):
             ctx = session.context(j, 1)
             hidden = self.run(bb, bb.embed(tokens[:, None], ctx.positions), ctx)
@@ -321,22 +312,13 @@ class LayerSkipDrafter:
             self._set_tree(tops, sure_of, lengths)
         return [[drafts[j][r] for j in range(c)] for r, c in enumerate(lengths)]
 
-    def _most_candidates(self) -> int:
-        """The most candidates a depth of this drafter's trees can have."""
-        if self.tree == "confidence":
-            return max(CONFIDENCE_WIDTHS[self.sampling])
-        return int(self.tree)
-
     def _set_tree(self, tops: list[torch.Tensor], sure_of: list[list[float]],
                   lengths: list[int]) -> None:
         """The step's tree: per depth j, the width (fixed, or the largest count SWIFT's rule
         gives the rows still drafting there: at batch 1 the reference's), and the siblings
         (the draft model's next choices after the chain's own, best first)."""
         if self.tree == "confidence":
-            widths = []
-            for j, probs in enumerate(sure_of):
-                here = [p for p, c in zip(probs, lengths) if c > j] or probs
-                widths.append(max(confidence_widths(here, self.sampling)))
+            widths = list(step_widths(sure_of, lengths, self.sampling))
         else:
             widths = [int(self.tree)] * len(tops)
         most = max(widths)

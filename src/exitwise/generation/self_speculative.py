@@ -67,7 +67,10 @@ pending token (``session.final_hidden``, kept from the prefill and from each ver
 
 **Token trees** (``tree_width`` > 1, :mod:`.token_tree`): each draft also gets the
 exit's next choices as sibling leaves, fed through blocks [0, E) with the step's last draft
-pass and verified in the same call under a tree attention mask; acceptance may end on a
+pass and verified in the same call under a tree attention mask; with ``"confidence"`` a depth
+gets as many candidates as SWIFT's rule gives the exit's top-1 probability there (the
+reference's ``get_choices_list`` applied to an exit head, not a draft model; the step's
+shape takes the largest count among the rows drafting at that depth); acceptance may end on a
 sibling, whose slot then moves into place in every cache layer. Greedy keeps the path greedy
 would take; sampling tries the rejected draft's siblings against the residual law
 (:func:`.token_tree.accept_sampled`), still lossless. A draft model (a ``proposer`` that
@@ -78,7 +81,6 @@ tree: its siblings are embedded with the chain and verified the same way.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import torch
 
@@ -88,16 +90,11 @@ from ..heads.lm import LMHead
 from .draft_control import DraftLengthController
 from .greedy import plain_step
 from .ngram import Proposer
-from .sampling import SamplingConfig, draw
+from .sampling import SamplingConfig
 from .session import DecodeSession
 from .step_timer import StepTimer
-from .token_tree import (
-    ChainTree,
-    accept_greedy,
-    accept_sampled,
-    check_tree_width,
-    sibling_tokens,
-)
+from .exit_drafts import draft_sequentially
+from .token_tree import ChainTree, accept_greedy, accept_sampled, check_tree_width
 
 
 @torch.inference_mode()
@@ -112,7 +109,7 @@ def self_speculative_decode(
     proposer: Proposer | None = None,
     proposal_len: int | None = None,
     controller: DraftLengthController | None = None,
-    tree_width: int = 1,
+    tree_width: int | str = 1,
 ) -> torch.Tensor:
     """Run ``session`` to the end drafting with ``head`` after ``exit_layer`` blocks and/or
     with n-gram lookups.
@@ -131,7 +128,9 @@ def self_speculative_decode(
     controller: chooses each step's draft lengths from measured costs and acceptance
         (``draft_len`` and ``proposal_len`` are then ignored; :mod:`.draft_control`).
     tree_width: > 1 verifies a token tree: each draft also has the exit's next
-        ``tree_width - 1`` choices as sibling leaves (:mod:`.token_tree`).
+        ``tree_width - 1`` choices as sibling leaves (:mod:`.token_tree`); "confidence":
+        SWIFT's count per depth from the exit's top-1 probability there
+        (:func:`.token_tree.confidence_widths`).
     Returns the sequences (B, T + N).
     """
     sampler = sampler or SamplingConfig()
@@ -144,7 +143,7 @@ def self_speculative_decode(
                           "(n-gram drafts or a layer-skipping draft)")
     proposal_len = draft_len if proposal_len is None else proposal_len
     check_tree_width(tree_width)
-    if tree_width > 1:
+    if tree_width != 1:
         if head is None or head.uses_cache:
             raise ConfigError("token trees take their siblings from an exit head without a "
                               "cache of its own (no block adapter); tree_width must be 1 here")
@@ -290,8 +289,8 @@ def self_speculative_decode(
             positions = k + 1  # the pass fed every position at once
             sequential = e
         else:
-            states_l, fed, drafts, draft_probs, k, row_len, passes, siblings = (
-                _draft_sequentially(session, head, e, k, row_len, live, proposals, proposed,
+            states_l, fed, drafts, draft_probs, k, row_len, passes, siblings, tree = (
+                draft_sequentially(session, head, e, k, row_len, live, proposals, proposed,
                                     temperature, draft_threshold, sampler, stats, tree_width,
                                     timer))
             states = torch.cat(states_l, 1)
@@ -300,7 +299,7 @@ def self_speculative_decode(
         timer.drafted()
 
         if tree is None:
-            tree = ChainTree(k, tree_width if siblings is not None else 1)
+            tree = ChainTree(k, 1)
         q = tree.size
         if siblings is not None:
             fed = fed + list(tree.flat_siblings(siblings).unbind(1))
@@ -402,86 +401,3 @@ def _padded(pending: torch.Tensor, proposals: list[list[int]], k: int) -> torch.
     (padding slots are never kept: the row's k_r stops before them)."""
     rows = [[t] + p + [t] * (k - len(p)) for t, p in zip(pending.tolist(), proposals)]
     return torch.tensor(rows, dtype=torch.long, device=pending.device)
-
-
-def _draft_sequentially(
-    session: DecodeSession, head: LMHead, e: int, k: int, row_len: torch.Tensor,
-    live: torch.Tensor, proposals: list[list[int]], proposed: torch.Tensor,
-    temperature: float, draft_threshold: float | None, sampler: SamplingConfig, stats: Any,
-    tree_width: int = 1, timer: "StepTimer | None" = None,
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], int,
-           torch.Tensor, int, torch.Tensor | None]:
-    """The exit head's drafts, one pass of blocks [0, E) per position (see the module
-    docstring); a row with an n-gram proposal feeds that instead of the head's token. With
-    ``tree_width`` > 1, the exit's next choices at each depth become sibling leaves, fed
-    through [0, E) with the last pass (:mod:`.token_tree`).
-    Returns (states per slot (A, n, H), fed chain tokens, drafts, draft probs (sampling), k,
-    row_len, passes, siblings (A, k, tree_width - 1) or None). ``timer``: times the first
-    pass's blocks alone (the unit the controller keeps verification costs in)."""
-    bb = session.backbone
-    sampling = sampler.do_sample
-    running = live.tolist()
-    tokens = session.pending
-    fed = [tokens]
-    states: list[torch.Tensor] = []
-    drafts: list[torch.Tensor] = []
-    draft_probs: list[torch.Tensor] = []  # q_j (A, V), sampling only
-    siblings: list[torch.Tensor] = []  # (A, tree_width - 1) per depth, token trees only
-    proposal_rows = proposed.nonzero()[:, 0].tolist()
-    drafting = live & (row_len > 0)  # rows still drafting
-    exit_rows = ~proposed
-    j = 0
-    while True:
-        if j == k and siblings:  # the last pass also feeds every sibling leaf
-            new = torch.cat([tokens[:, None], torch.stack(siblings, 1).flatten(1)], 1)
-            ctx = session.context(k, new.shape[1], ChainTree(k, tree_width))
-        else:
-            new = tokens[:, None]
-            ctx = session.context(j, 1)
-        t_pass = timer.now() if timer is not None and j == 0 else None
-        hidden = bb.run_layers(bb.embed(new, ctx.positions), 0, e, ctx)
-        if t_pass is not None:
-            timer.unit = timer.now() - t_pass
-        states.append(hidden)
-        if j < k or head.uses_cache:  # keep a block adapter's cache aligned with blocks < E
-            # (A, K) over the head's draft vocabulary (K = V without one); a conditioned exit
-            # reads the final state that chose the pending token (first draft only)
-            cond = session.final_hidden[:, None] if (
-                j == 0 and head.conditioned and session.final_hidden is not None) else None
-            with rerouted(hidden):  # few-row kernels where this row count pays
-                logits = head.draft_logits(hidden, ctx, cond)[:, -1]
-            stats.head_applications += sum(running)
-        if j == k:
-            break
-        if sampling:
-            q_j = sampler.probs(head.expand_logits(logits).float() / temperature)
-            tokens = draw(q_j, sampler.generator)
-        else:
-            tokens = head.compact_argmax(logits)
-        here = [i for i in proposal_rows if j < len(proposals[i])]
-        if here:  # n-gram rows feed their own proposal (a point mass as q)
-            tokens = tokens.clone()
-            if sampling:
-                q_j = q_j.clone()
-            for i in here:
-                tokens[i] = proposals[i][j]
-                if sampling:
-                    q_j[i] = 0.0
-                    q_j[i, proposals[i][j]] = 1.0
-        if sampling:
-            draft_probs.append(q_j)
-        if tree_width > 1:
-            siblings.append(sibling_tokens(head.compact_topk(logits, tree_width), tokens,
-                                           tree_width - 1))
-        drafts.append(tokens)
-        fed.append(tokens)
-        j += 1
-        if draft_threshold is not None:
-            conf = torch.softmax(logits.float() / temperature, -1).amax(-1)
-            stop = drafting & exit_rows & (conf < draft_threshold)
-            row_len = torch.where(stop, torch.full_like(row_len, j), row_len)
-        drafting = drafting & (j < row_len)
-        if j < k and not bool(drafting.any()):
-            k = j  # one last pass below feeds x_j through blocks < E
-    tree_leaves = torch.stack(siblings, 1) if siblings else None
-    return states, fed, drafts, draft_probs, k, row_len, j + 1, tree_leaves

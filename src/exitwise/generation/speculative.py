@@ -21,12 +21,12 @@ from ..backbones.hf_decoder import HFDecoderBackbone
 from ..errors import ConfigError
 from ..heads.lm import LMHead
 from .draft_control import DraftLengthController
-from .layer_skip import LayerSkipDrafter, check_skip, check_tree, draft_threshold
+from .layer_skip import LayerSkipDrafter, check_skip, draft_threshold
 from .ngram import NGramDrafter
 from .outputs import GenerateOutput
 from .self_speculative import self_speculative_decode
 from .swift import SwiftDrafter, SwiftSearch
-from .token_tree import check_tree_width
+from .token_tree import check_tree_width, nominal_width
 from .strategies import (
     DecodeInputs,
     DecodingStrategy,
@@ -133,7 +133,8 @@ class SelfSpeculative(DecodingStrategy):
     continuation drafts it instead of the exit's tokens, up to ``ngram_len`` tokens (default:
     ``draft_len``). tree_width: > 1 also verifies, at every draft, the exit's next
     ``tree_width - 1`` choices as sibling leaves of a token tree in the same pass
-    (:mod:`.token_tree`; greedy or sampled, both lossless).
+    (:mod:`.token_tree`; greedy or sampled, both lossless); "confidence": SWIFT's widths per
+    depth from the exit's top-1 probability there (:func:`.token_tree.confidence_widths`).
     """
 
     exit_layer: int | None = None
@@ -142,7 +143,7 @@ class SelfSpeculative(DecodingStrategy):
     ngram: int | None = None
     ngram_len: int | None = None
     max_draft_len: int = 8
-    tree_width: int = 1
+    tree_width: int | str = 1
 
     def __post_init__(self) -> None:
         check_tree_width(self.tree_width)
@@ -197,8 +198,8 @@ class SelfSpeculative(DecodingStrategy):
             proposal_len=self.ngram_len, tree_width=self.tree_width,
             controller=_controller(draft_len, self.max_draft_len, inputs,
                                    ("self_speculative", _head_key(model, inputs.backbone, head),
-                                    exit_layer, ngram or 0),
-                                   self.tree_width))
+                                    exit_layer, ngram or 0, self.tree_width),
+                                   nominal_width(self.tree_width, inputs.sampler.do_sample)))
         return GenerateOutput(sequences=sequences, stats=stats)
 
 
@@ -255,7 +256,7 @@ class LayerSkip(DecodingStrategy):
         _check_draft_len(self.draft_len)
         _check_draft_len(self.max_draft_len, "max_draft_len", auto=False)
         draft_threshold(self.draft_threshold)
-        check_tree(self.tree_width)
+        check_tree_width(self.tree_width)
 
     def validate(self, backbone: HFDecoderBackbone, model: Any) -> None:
         if self.skip is None:
@@ -344,7 +345,7 @@ class Swift(DecodingStrategy):
         _check_draft_len(self.draft_len)
         _check_draft_len(self.max_draft_len, "max_draft_len", auto=False)
         draft_threshold(self.draft_threshold)
-        check_tree(self.tree_width)
+        check_tree_width(self.tree_width)
         SwiftSearch(3, **self._search_options())  # validates the options
 
     def _search_options(self) -> dict[str, Any]:

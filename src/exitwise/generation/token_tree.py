@@ -33,7 +33,9 @@ reference's ``get_choices_list``, ``generate_swift_buffers``, ``swift_draft`` wi
 choices can be siblings too, and the tree has the same shape -- the chain plus leaves at each
 depth (the reference's choices ``[0] * d + [i]``) -- with a width per depth
 (``ChainTree(k, (w_1, ..., w_k))``): :func:`confidence_widths` gives the reference's counts,
-more candidates where the draft's top-1 probability is lower. Siblings are fed at
+more candidates where the draft's top-1 probability is lower. An exit head takes the same
+rule (``self_speculative(tree_width="confidence")``) on its own top-1 probability, a use the
+paper does not make (its drafts come from the skipping model). Siblings are fed at
 verification with the chain (the draft model needs no pass over them). Deviations: with a
 batch, one tree shape serves the step, so a depth's width is the largest count among the rows
 drafting there (at batch 1 the reference's); rows keep their own siblings; sampled trees use
@@ -85,10 +87,15 @@ from ..errors import ConfigError
 from .sampling import draw, residual_distribution, speculative_accept, uniform
 
 
-def check_tree_width(value: object) -> int:
-    """``value`` as a tree width (an int >= 1; 1 is a plain chain); else a ConfigError."""
+def check_tree_width(value: object) -> int | str:
+    """``value`` as a tree width: an int >= 1 (1 is a plain chain) or "confidence" (SWIFT's
+    widths per depth from the draft's top-1 probability, :func:`confidence_widths`); else a
+    ConfigError."""
+    if isinstance(value, str) and value == "confidence":
+        return value
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"tree_width must be an int >= 1 (1: no tree); got {value!r}")
+        raise ConfigError(f"tree_width must be an int >= 1 (1: no tree) or 'confidence' "
+                          f"(SWIFT's widths from the draft's confidence); got {value!r}")
     return value
 
 
@@ -202,6 +209,35 @@ def confidence_widths(top1: list[float], sampling: bool = False) -> tuple[int, .
         level = next((i for i, t in enumerate(CONFIDENCE_LEVELS) if p > t), len(CONFIDENCE_LEVELS))
         out.append(counts[level])
     return tuple(out)
+
+
+def most_candidates(tree_width: int | str, sampling: bool = False) -> int:
+    """The most candidates a depth can have under ``tree_width`` (int or "confidence")."""
+    if tree_width == "confidence":
+        return max(CONFIDENCE_WIDTHS[bool(sampling)])
+    return int(tree_width)
+
+
+def nominal_width(tree_width: int | str, sampling: bool = False) -> float:
+    """Verified positions per draft before any tree is seen (a draft-length controller's
+    prior, :mod:`.draft_control`): the fixed width, or for "confidence" the middle count."""
+    if tree_width == "confidence":
+        counts = CONFIDENCE_WIDTHS[bool(sampling)]
+        return float(counts[len(counts) // 2])
+    return float(tree_width)
+
+
+def step_widths(top1: list[list[float]], lengths: list[int],
+                sampling: bool = False) -> tuple[int, ...]:
+    """SWIFT's widths for one step of a batch: per depth j (``top1[j]``: each row's top-1
+    draft probability there), the largest :func:`confidence_widths` count among the rows
+    still drafting at j (``lengths[r] > j``; all rows when none is: the depth is then never
+    verified anyway). One tree shape serves the batch; at batch 1 this is the reference's."""
+    widths = []
+    for j, probs in enumerate(top1):
+        here = [p for p, c in zip(probs, lengths) if c > j] or probs
+        widths.append(max(confidence_widths(here, sampling)))
+    return tuple(widths)
 
 
 @lru_cache(maxsize=64)

@@ -346,7 +346,7 @@ def run_generate(
     draft_threshold: float | None = None,
     kernels: str | None = None,
     ngram: int | None = None,
-    tree_width: int | None = None,
+    tree_width: int | str | None = None,
 ) -> dict[str, Any]:
     """Generate continuations of ``prompts``; returns {"texts": [...], "stats": {...}}.
 
