@@ -1,8 +1,8 @@
 """Ship a tuned draft exit with the package (``src/exitwise/assets/drafters/NAME/``).
 
-    python benchmarks/ship_drafter.py benchmarks/work/lm_speed/smollm2-e2-mlp-v4096-a1200x6-cond \
+    python benchmarks/ship_drafter.py benchmarks/work/lm_speed/smollm2-e2-mlp-v4096-a2400x6-cond \
         --name smollm2-135m-instruct --draft-len auto --ngram 4 \
-        --bench benchmarks/results/lm_speed.json
+        --bench benchmarks/results/lm_drafter_data.json --bench-method big_ngram_auto
 
 Reads a folder written by ``benchmarks/lm_speed.py`` (or ``exitwise tune-lm``): its tuned exit
 heads over the base model. Writes the heads as the library saves them (``exit_config.json``,
@@ -30,11 +30,15 @@ from exitwise.recipes.lm import load_lm  # noqa: E402
 
 
 def bench_figures(path: Path, method: str) -> dict:
-    """The benchmark's entries for ``method`` at every batch size, and its command."""
+    """The benchmark's entries for ``method`` at every batch size, and its command (a report of
+    ``lm_speed.py`` or, batch 1 only, of ``lm_drafter_data.py``)."""
     report = json.loads(path.read_text())
     out = {"file": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
            "command": report.get("command"), "method": method, "per_batch_size": {}}
-    for bs, entries in report.get("batch_sizes", {}).items():
+    sizes = report.get("batch_sizes", {})
+    if report.get("benchmark") == "lm_drafter_data":  # batch 1, its own method names
+        sizes = {"1": report["timed"]["methods"]}
+    for bs, entries in sizes.items():
         e = entries.get(method)
         if e is None:
             continue

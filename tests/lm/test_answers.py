@@ -166,3 +166,22 @@ def test_answer_cache_is_reused_extended_and_keyed(tmp_path):
     assert more[4:] == fresh[4:]
     other = generate_answers(model, ps[:2], max_new_tokens=4, cache=cache, progress=False)
     assert other[0] != (ps[0], [7, 7, 7])  # another budget: the cache does not apply
+
+
+def test_agreement_on_answers_equals_an_independent_count():
+    """Agreement = the share of answer tokens (never prompt tokens) that the exit's argmax at
+    the previous position equals, counted here from the model's own hidden states."""
+    model = answer_model(layers=(1,)).eval()
+    answers = generate_answers(model, prompts(6, seed=2), max_new_tokens=5, progress=False)
+    hits = total = 0
+    for p, a in answers:
+        ids = torch.tensor([p + a])
+        with torch.no_grad():
+            hidden = model.backbone.model(input_ids=ids, output_hidden_states=True
+                                          ).hidden_states[1]
+            drafts = model.heads[0].token_logits(hidden)[0].argmax(-1)
+        for t, token in enumerate(a):
+            hits += int(drafts[len(p) - 1 + t]) == token
+            total += 1
+    got = ew.lm.agreement_on_answers(model, answers, batch_size=4, progress=False)
+    assert got == {1: pytest.approx(hits / total)} and 0 < hits < total

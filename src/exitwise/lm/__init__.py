@@ -12,6 +12,7 @@ model's own greedy answers), ``prompts`` (chat prompts from local text), ``draft
 from __future__ import annotations
 
 from .answers import generate_answers
+from .objectives.answers import agreement_on_answers
 from .objectives import (
     OBJECTIVES,
     AnswersConfig,
@@ -37,6 +38,7 @@ __all__ = [
     "LayerSkipConfig",
     "ObjectiveConfig",
     "TuningResult",
+    "agreement_on_answers",
     "generate_answers",
     "get_objective",
     "register_objective",

@@ -89,7 +89,8 @@ def exit_features(model: Any, ks: list[int], answers: Sequence[Answer], batch_si
     return feats
 
 
-def stack_features(feats: list[torch.Tensor], index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_features(feats: list[torch.Tensor],
+                   index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded hidden (B, T, H) and mask (B, T) of the answers ``index``."""
     t = max(feats[i].shape[0] for i in index)
     hidden = torch.zeros(len(index), t, feats[index[0]].shape[1], dtype=feats[index[0]].dtype)
@@ -123,6 +124,52 @@ def previous_final(final: torch.Tensor, drop: float = 0.0,
         keep = torch.rand(cond.shape[:2], generator=generator) >= drop
         cond = cond * keep[..., None].to(cond.dtype)
     return cond
+
+
+@torch.no_grad()
+def answer_agreement(model: Any, ks: list[int], feats: list[list[torch.Tensor]],
+                     final: list[torch.Tensor] | None, answers: Sequence[Answer],
+                     index: list[int], batch_size: int = 16) -> list[float]:
+    """Per exit ``ks[j]`` (features ``feats[j]``, :func:`exit_features`): the share of the
+    answer tokens of answers ``index`` that its top draft equals -- the expected acceptance
+    of one-token drafts. ``final``: the final layer's features, read by feature-conditioned
+    exits (the state at the previous position)."""
+    device = model.backbone.lm_head.weight.device
+    hits, total = [0] * len(ks), 0
+    for s in range(0, len(index), batch_size):
+        part = index[s : s + batch_size]
+        tgt = answer_targets(answers, part, max(feats[0][i].shape[0] for i in part))
+        real = tgt >= 0
+        total += int(real.sum())
+        for j, k in enumerate(ks):
+            head = model.heads[k]
+            hidden, mask = stack_features(feats[j], part)
+            cond = None
+            if getattr(head, "conditioned", False):
+                if final is None:
+                    raise ConfigError("a feature-conditioned exit needs the final features")
+                cond = previous_final(stack_features(final, part)[0]).to(device)
+            top = head.compact_argmax(
+                head_logits(head, hidden.to(device), mask.to(device), cond)).cpu()
+            hits[j] += int((top[real] == tgt[real]).sum())
+    return [h / max(total, 1) for h in hits]
+
+
+def agreement_on_answers(model: Any, answers: Sequence[Answer], batch_size: int = 16,
+                         progress: bool = True) -> dict[int, float]:
+    """{exit depth: :func:`answer_agreement` on all of ``answers``} for a model's tuned
+    ``lm`` exits (features computed here, up to the deepest exit, or every layer when an
+    exit is feature-conditioned); e.g. two drafters compared on the same held-out answers."""
+    ks = tuned_exits(model)
+    answers = check_answers(answers, model.backbone.vocab_size)
+    conditioned = any(getattr(model.heads[k], "conditioned", False) for k in ks)
+    last = len(model.exit_layers) - 1
+    feats = exit_features(model, ks + [last] if conditioned else ks, answers, batch_size,
+                          progress)
+    final = feats.pop() if conditioned else None
+    got = answer_agreement(model, ks, feats, final, answers, list(range(len(answers))),
+                           batch_size)
+    return {int(model.exit_layers[k]): a for k, a in zip(ks, got)}
 
 
 # -- the config ----------------------------------------------------------------------------
@@ -215,22 +262,9 @@ class AnswersConfig(ObjectiveConfig):
             total = torch.stack(losses).mean()
             return total, {str(d): float(v.detach()) for d, v in zip(depths, losses)}
 
-        @torch.no_grad()
         def evaluate() -> dict[str, float]:
-            hits, total = [0] * len(ks), 0
-            for s in range(0, len(eval_idx), bs):
-                part = eval_idx[s : s + bs]
-                tgt = answer_targets(answers, part, max(feats[0][i].shape[0] for i in part))
-                real = tgt >= 0
-                total += int(real.sum())
-                for j, k in enumerate(ks):
-                    head = model.heads[k]
-                    hidden, mask = stack_features(feats[j], part)
-                    cond = condition_of(j, part, 0.0, 0)
-                    top = head.compact_argmax(
-                        head_logits(head, hidden.to(device), mask.to(device), cond)).cpu()
-                    hits[j] += int((top[real] == tgt[real]).sum())
-            return {str(d): h / max(total, 1) for d, h in zip(depths, hits)}
+            got = answer_agreement(model, ks, feats, final, answers, eval_idx, bs)
+            return {str(d): a for d, a in zip(depths, got)}
 
         def train_mode() -> None:
             for k in ks:
