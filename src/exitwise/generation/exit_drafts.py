@@ -28,7 +28,7 @@ def draft_sequentially(
     session: DecodeSession, head: LMHead, e: int, k: int, row_len: torch.Tensor,
     live: torch.Tensor, proposals: list[list[int]], proposed: torch.Tensor,
     temperature: float, draft_threshold: float | None, sampler: SamplingConfig, stats: Any,
-    tree_width: int | str = 1, timer: "StepTimer | None" = None,
+    tree_width: int | str = 1, timer: StepTimer | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], int,
            torch.Tensor, int, torch.Tensor | None, ChainTree | None]:
     """The exit head's drafts, one pass of blocks [0, E) per position (see the module

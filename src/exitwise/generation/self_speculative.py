@@ -88,12 +88,12 @@ from ..backbones.kernels import rerouted
 from ..errors import ConfigError
 from ..heads.lm import LMHead
 from .draft_control import DraftLengthController
+from .exit_drafts import draft_sequentially
 from .greedy import plain_step
 from .ngram import Proposer
 from .sampling import SamplingConfig
 from .session import DecodeSession
 from .step_timer import StepTimer
-from .exit_drafts import draft_sequentially
 from .token_tree import ChainTree, accept_greedy, accept_sampled, check_tree_width
 
 
@@ -143,10 +143,9 @@ def self_speculative_decode(
                           "(n-gram drafts or a layer-skipping draft)")
     proposal_len = draft_len if proposal_len is None else proposal_len
     check_tree_width(tree_width)
-    if tree_width != 1:
-        if head is None or head.uses_cache:
-            raise ConfigError("token trees take their siblings from an exit head without a "
-                              "cache of its own (no block adapter); tree_width must be 1 here")
+    if tree_width != 1 and (head is None or head.uses_cache):
+        raise ConfigError("token trees take their siblings from an exit head without a "
+                          "cache of its own (no block adapter); tree_width must be 1 here")
 
     def fill_head_cache(hidden, ctx):  # a block adapter attends over the prompt too
         head.token_logits(hidden, ctx)
