@@ -135,20 +135,22 @@ def answer_agreement(model: Any, ks: list[int], feats: list[list[torch.Tensor]],
     of one-token drafts. ``final``: the final layer's features, read by feature-conditioned
     exits (the state at the previous position)."""
     device = model.backbone.lm_head.weight.device
+    conditioned = [bool(getattr(model.heads[k], "conditioned", False)) for k in ks]
+    if any(conditioned) and final is None:
+        raise ConfigError("a feature-conditioned exit needs the final features")
     hits, total = [0] * len(ks), 0
     for s in range(0, len(index), batch_size):
         part = index[s : s + batch_size]
         tgt = answer_targets(answers, part, max(feats[0][i].shape[0] for i in part))
         real = tgt >= 0
         total += int(real.sum())
+        # what conditioned exits read, once per batch whatever their number
+        prev = previous_final(stack_features(final, part)[0]).to(device) if any(
+            conditioned) else None
         for j, k in enumerate(ks):
             head = model.heads[k]
             hidden, mask = stack_features(feats[j], part)
-            cond = None
-            if getattr(head, "conditioned", False):
-                if final is None:
-                    raise ConfigError("a feature-conditioned exit needs the final features")
-                cond = previous_final(stack_features(final, part)[0]).to(device)
+            cond = prev if conditioned[j] else None
             top = head.compact_argmax(
                 head_logits(head, hidden.to(device), mask.to(device), cond)).cpu()
             hits[j] += int((top[real] == tgt[real]).sum())
