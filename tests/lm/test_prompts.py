@@ -15,6 +15,7 @@ from exitwise.lm.prompts import (
     TASK_TEMPLATES,
     TOPIC_TEMPLATES,
     corpus_chat_prompts,
+    nested_chat_prompts,
 )
 
 # every prompt the fixture below allows: requests over the titled topics (everyday + the one
@@ -92,3 +93,32 @@ def test_too_many_or_bad_requests_are_refused(data_dir, tmp_path):
 def test_a_minimum_accepts_all_that_can_be_made(data_dir):
     got = corpus_chat_prompts(TOTAL + 50, data_dir=data_dir, minimum=10)
     assert len(got) == TOTAL
+
+
+def test_nested_prompts_only_ever_append(data_dir):
+    pool = 40
+    first = nested_chat_prompts(pool, seed=2, data_dir=data_dir, pool=pool)
+    # up to the pool: the pool's draw, as tuning always drew it (earlier caches still match)
+    assert first == corpus_chat_prompts(pool, seed=2, data_dir=data_dir)
+    assert nested_chat_prompts(25, seed=2, data_dir=data_dir, pool=pool) == first[:25]
+    big = nested_chat_prompts(150, seed=2, data_dir=data_dir, pool=pool)
+    assert len(big) == len(set(big)) == 150
+    # every smaller request is a prefix, past the pool too (a plain draw of 150 is not)
+    for m in (41, 79, 80, 81, 149):
+        assert nested_chat_prompts(m, seed=2, data_dir=data_dir, pool=pool) == big[:m]
+    assert corpus_chat_prompts(150, seed=2, data_dir=data_dir)[:pool] != first
+    # the second tier is the draw of 2 * pool minus the first tier, in that draw's order
+    tier = [p for p in corpus_chat_prompts(2 * pool, seed=2, data_dir=data_dir)
+            if p not in set(first)]
+    assert big[pool : 2 * pool] == tier
+    banned = big[100]
+    assert banned not in nested_chat_prompts(150, seed=2, data_dir=data_dir, pool=pool,
+                                             exclude=[banned])
+
+
+def test_nested_prompts_refuse_more_than_the_files_hold(data_dir):
+    assert len(nested_chat_prompts(TOTAL, data_dir=data_dir, pool=100)) == TOTAL
+    with pytest.raises(DataError, match=f"only {TOTAL} distinct"):
+        nested_chat_prompts(TOTAL + 1, data_dir=data_dir, pool=100)
+    with pytest.raises(DataError, match="positive"):
+        nested_chat_prompts(5, data_dir=data_dir, pool=0)

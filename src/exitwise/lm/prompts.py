@@ -252,6 +252,46 @@ def corpus_chat_prompts(
     return picked
 
 
+def nested_chat_prompts(
+    n: int,
+    seed: int = 0,
+    data_dir: str | Path | None = None,
+    exclude: Iterable[str] = (),
+    pool: int = 2400,
+) -> list[str]:
+    """``n`` distinct user turns such that asking for more only ever appends: the first ``m``
+    of a draw of ``n`` are the draw of ``m`` for every ``m < n``, so a larger tuning run reuses
+    a smaller one's cached answers and its held-out prompts can be told apart.
+
+    The first ``pool`` prompts are :func:`corpus_chat_prompts` of ``pool`` (as tuning always
+    drew them, so earlier caches still match). Past it, draws of ``2 * pool``, ``4 * pool``, ...
+    each append, in their own shuffled order, the prompts not taken before. (A larger draw takes
+    a longer prefix of every shuffled source, so it holds the smaller draw's prompts; the
+    de-duplication is what keeps the order nested.) Raises ``DataError`` if the files cannot
+    supply ``n``.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise DataError(f"n must be a positive int; got {n!r}")
+    if not isinstance(pool, int) or isinstance(pool, bool) or pool < 1:
+        raise DataError(f"pool must be a positive int; got {pool!r}")
+    exclude = tuple(exclude)
+    size = pool
+    picked = corpus_chat_prompts(size, seed, data_dir, exclude, minimum=min(n, size))
+    seen = set(picked)
+    while len(picked) < n:
+        size *= 2
+        more = [p for p in corpus_chat_prompts(size, seed, data_dir, exclude, minimum=1)
+                if p not in seen]
+        if not more:
+            raise DataError(
+                f"only {len(picked)} distinct prompts could be built (asked for {n}); point "
+                "data_dir at a folder with lm/wikitext2-*.txt, sst2/train.tsv, "
+                "lm/tinyshakespeare.txt")
+        seen.update(more)
+        picked += more
+    return picked[:n]
+
+
 # Fixed, varied user turns (chat-formatted before use).
 BENCH_PROMPTS: tuple[str, ...] = (
     "Explain why the sky is blue in simple terms.",

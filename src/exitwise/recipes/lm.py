@@ -26,7 +26,7 @@ from ..errors import CheckpointError, ConfigError, DataError
 from ..generation import DECODING_STRATEGIES, generate
 from ..lm import generate_answers, get_objective, tune_exits
 from ..lm.data import DEFAULT_PROMPTS, cut_at_eos, self_generated_sequences
-from ..lm.prompts import BENCH_PROMPTS, CALIBRATION_PROMPTS, corpus_chat_prompts
+from ..lm.prompts import BENCH_PROMPTS, CALIBRATION_PROMPTS, nested_chat_prompts
 from ..model import MultiExitModel, attach_exits
 from .smollm import load_causal_lm
 
@@ -272,12 +272,12 @@ def _answers(
 ) -> list[tuple[list[int], list[int]]]:
     """Corpus prompts -> the model's greedy answers (cached in ``out/greedy_answers.json``)."""
     if prompts is None:
-        # The first N of one fixed-size draw: a larger N extends a smaller one's prompts, so
-        # the cached answers of an earlier run are reused.
+        # Nested draws: a larger N extends a smaller one's prompts, so the cached answers of
+        # an earlier run are reused (at any N, not only up to the pool).
         seed = int(job.options.get("seed", 0))
-        prompts = corpus_chat_prompts(
-            max(job.answers, ANSWER_PROMPT_POOL), seed=seed, data_dir=job.data_dir,
-            exclude=(*BENCH_PROMPTS, *CALIBRATION_PROMPTS), minimum=job.answers,
+        prompts = nested_chat_prompts(
+            job.answers, seed=seed, data_dir=job.data_dir,
+            exclude=(*BENCH_PROMPTS, *CALIBRATION_PROMPTS), pool=ANSWER_PROMPT_POOL,
         )
     texts = format_prompts(tokenizer, list(prompts)[: job.answers])
     prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
