@@ -7,15 +7,24 @@ different numbers of answers, compared on the same held-out answers none of them
 ``--big``: a folder of ``exitwise tune-lm --objective answers`` (its ``greedy_answers.json``
 and tuned exit). The held-out answers are that run's own held-out split (seeded, the tuning
 objective's ``eval_fraction``) minus its first ``--small-answers`` answers: a run on fewer
-answers with the same seed drew those same leading prompts (``exitwise.recipes.lm``: the
-first N of one fixed-size draw), so the smaller drafter never saw what is left either. The
+answers with the same seed drew those same leading prompts (``exitwise.recipes.lm`` draws
+them with ``nested_chat_prompts``: a larger N only appends), so the smaller drafter never saw
+what is left either. The
 smaller drafter is ``--small``, another tuned folder, or by default the one shipped with the
 package for the model at the time of the run (the recorded run compared the 1,200-answer exit
 shipped until then with the 2,400-answer one shipped since; to repeat it now, tune the former
 with ``benchmarks/lm_speed.py --tune-only --answers 1200`` and the options in its
-``drafter.json`` history, and pass that folder as ``--small``). Reports each drafter's agreement (the share of held-out answer tokens
-its one-token draft equals: the expected acceptance of drafts of one) and the answers each
-was tuned on -> ``benchmarks/results/lm_drafter_data.json``.
+``drafter.json`` history, and pass that folder as ``--small``). Reports each drafter's
+agreement (the share of held-out answer tokens its one-token draft equals: the expected
+acceptance of drafts of one) and the answers each was tuned on ->
+``benchmarks/results/lm_drafter_data.json``.
+
+Then, on the benchmark prompts themselves (all of them unless ``--acceptance-prompts``), each
+drafter's exit alone (no n-grams) drafts one token per step, greedy: the share of those drafts
+the full model accepted is agreement on the benchmark's own answers (exact counts, no timing;
+held-out agreement is measured on corpus prompts, which the benchmark prompts are not), and
+the same agreement measured as held-out agreement is, teacher-forced on the full model's
+greedy answers to those prompts (``bench_agreement``).
 
 Then (unless ``--no-timing``; this part needs a quiet machine) both drafters decode the
 benchmark prompts at batch 1, interleaved per prompt with HF greedy and exitwise greedy
@@ -45,11 +54,11 @@ from lm_bench import (  # noqa: E402
 
 import exitwise as ew  # noqa: E402
 from exitwise.generation.shipped import find_drafter, with_shipped_drafter  # noqa: E402
-from exitwise.lm import agreement_on_answers  # noqa: E402
+from exitwise.lm import agreement_on_answers, generate_answers  # noqa: E402
 from exitwise.lm.data import split_holdout  # noqa: E402
 from exitwise.lm.prompts import BENCH_PROMPTS  # noqa: E402
 from exitwise.machine import machine_info  # noqa: E402
-from exitwise.recipes.lm import ANSWERS_NAME, load_lm  # noqa: E402
+from exitwise.recipes.lm import ANSWERS_NAME, encode_prompts, format_prompts, load_lm  # noqa: E402
 
 
 def held_out(folder: Path, skip_first: int) -> tuple[list, dict]:
@@ -63,6 +72,22 @@ def held_out(folder: Path, skip_first: int) -> tuple[list, dict]:
     return [answers[i] for i in held if i >= skip_first], report
 
 
+def exit_acceptance(model, tokenizer, prompts: list[str], max_new_tokens: int,
+                    eos: set[int], pad: int) -> dict:
+    """Exit-only drafts of one, greedy, batch 1, on each prompt: summed drafted / accepted."""
+    drafted = accepted = 0
+    for p in prompts:
+        ids, mask = encode_prompts(tokenizer, format_prompts(tokenizer, [p]))
+        out = ew.generate(model, ids, mask,
+                          strategy="self_speculative", exit_layer=int(model.exit_layers[0]),
+                          draft_len=1, ngram=0, max_new_tokens=max_new_tokens,
+                          eos_token_id=sorted(eos), pad_token_id=pad)
+        drafted += sum(out.stats.drafted)
+        accepted += sum(out.stats.accepted)
+    return {"prompts": len(prompts), "drafted": drafted, "accepted": accepted,
+            "rate": accepted / max(drafted, 1)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = batch1_parser(__doc__, ROOT / "benchmarks/results/lm_drafter_data.json")
     ap.add_argument("--big", required=True, help="tune-lm folder tuned on more answers")
@@ -70,7 +95,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="tune-lm folder tuned on fewer (default: the shipped drafter)")
     ap.add_argument("--small-answers", type=int, required=True,
                     help="how many answers the smaller drafter was tuned on")
-    ap.add_argument("--no-timing", action="store_true", help="agreement only")
+    ap.add_argument("--acceptance-prompts", type=int, default=len(BENCH_PROMPTS),
+                    help="benchmark prompts for exit-only acceptance (0: skip)")
+    ap.add_argument("--no-timing", action="store_true", help="no timing")
     args = ap.parse_args(argv)
     big = Path(args.big)
     answers, big_report = held_out(big, args.small_answers)
@@ -91,6 +118,13 @@ def main(argv: list[str] | None = None) -> dict:
         small, small_name = with_shipped_drafter(backbone, found), "shipped"
     tuned, _ = load_lm(str(big))
     rows = {}
+    bench_answers = None
+    if args.acceptance_prompts:
+        texts = format_prompts(tok, list(BENCH_PROMPTS)[: args.acceptance_prompts])
+        bench_answers = generate_answers(
+            ew.wrap_backbone(lm), [tok(t, add_special_tokens=False)["input_ids"] for t in texts],
+            max_new_tokens=args.max_new_tokens, batch_size=8, eos_token_id=sorted(eos),
+            pad_token_id=pad)
     drafters = {"small": (small_name, small, args.small_answers),
                 "big": (str(big), tuned.eval(),
                         big_report["num_train"] + big_report["num_eval"])}
@@ -98,6 +132,13 @@ def main(argv: list[str] | None = None) -> dict:
         got = agreement_on_answers(model.eval(), answers)
         rows[key] = {"drafter": name, "answers": n, "agreement": got}
         print(f"[agreement] {name} ({n} answers): {got}")
+        if args.acceptance_prompts:
+            rows[key]["exit_acceptance"] = exit_acceptance(
+                model, tok, list(BENCH_PROMPTS)[: args.acceptance_prompts],
+                args.max_new_tokens, eos, pad)
+            print(f"[exit acceptance] {name}: {rows[key]['exit_acceptance']}")
+            rows[key]["bench_agreement"] = agreement_on_answers(model, bench_answers)
+            print(f"[bench agreement] {name}: {rows[key]['bench_agreement']}")
     timed = None
     if not args.no_timing:
         common = dict(max_new_tokens=args.max_new_tokens, eos=eos, pad=pad)
@@ -121,6 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine_info(),
         "held_out": {"answers": len(answers), "answer_tokens": tokens,
                      "from": str(big), "past_first": args.small_answers},
+        "benchmark_prompts": None if bench_answers is None else {
+            "prompts": len(bench_answers),
+            "answer_tokens": sum(len(a) for _, a in bench_answers)},
         "drafters": rows,
         "timed": timed,
     }
