@@ -7,24 +7,23 @@ different numbers of answers, compared on the same held-out answers none of them
 ``--big``: a folder of ``exitwise tune-lm --objective answers`` (its ``greedy_answers.json``
 and tuned exit). The held-out answers are that run's own held-out split (seeded, the tuning
 objective's ``eval_fraction``) minus its first ``--small-answers`` answers: a run on fewer
-answers with the same seed drew those same leading prompts (``exitwise.recipes.lm`` draws
-them with ``nested_chat_prompts``: a larger N only appends), so the smaller drafter never saw
-what is left either. The
-smaller drafter is ``--small``, another tuned folder, or by default the one shipped with the
-package for the model at the time of the run (the recorded run compared the 1,200-answer exit
-shipped until then with the 2,400-answer one shipped since; to repeat it now, tune the former
-with ``benchmarks/lm_speed.py --tune-only --answers 1200`` and the options in its
-``drafter.json`` history, and pass that folder as ``--small``). Reports each drafter's
+answers with the same seed drew those same leading prompts (``exitwise.recipes.lm`` draws them
+with ``nested_chat_prompts``: a larger N only appends), so the smaller drafter never saw what
+is left either. The smaller drafter is ``--small``, another tuned folder, or by default the one
+shipped with the package for the model at the time of the run (the recorded run compared the
+1,200-answer exit shipped until then with the 2,400-answer one shipped since; to repeat it now,
+tune the former with ``benchmarks/lm_speed.py --tune-only --answers 1200`` and the options in
+its ``drafter.json`` history, and pass that folder as ``--small``). Reports each drafter's
 agreement (the share of held-out answer tokens its one-token draft equals: the expected
 acceptance of drafts of one) and the answers each was tuned on ->
 ``benchmarks/results/lm_drafter_data.json``.
 
-Then, on the benchmark prompts themselves (all of them unless ``--acceptance-prompts``), each
-drafter's exit alone (no n-grams) drafts one token per step, greedy: the share of those drafts
-the full model accepted is agreement on the benchmark's own answers (exact counts, no timing;
-held-out agreement is measured on corpus prompts, which the benchmark prompts are not), and
-the same agreement measured as held-out agreement is, teacher-forced on the full model's
-greedy answers to those prompts (``bench_agreement``).
+Held-out agreement comes from corpus prompts, which the benchmark prompts are not. So, on the
+benchmark prompts themselves (all of them unless ``--acceptance-prompts``), each drafter's
+exit alone (no n-grams) drafts one token per step, greedy, and the report gives the share of
+those drafts the full model accepted (``exit_acceptance``: exact counts, no timing) and the
+exit's agreement teacher-forced on the full model's greedy answers to the same prompts,
+measured as held-out agreement is (``bench_agreement``).
 
 Then (unless ``--no-timing``; this part needs a quiet machine) both drafters decode the
 benchmark prompts at batch 1, interleaved per prompt with HF greedy and exitwise greedy

@@ -2,8 +2,8 @@
 
 A frozen-backbone exit learns to predict what the full model will say; the more varied the
 answers it sees, the better it drafts on prompts it has never seen. A few dozen hand-written
-prompts are far too few, so :func:`corpus_chat_prompts` builds hundreds to thousands of user turns by pairing request
-templates with topics and sentences from public text files:
+prompts are far too few, so :func:`corpus_chat_prompts` builds hundreds to thousands of user
+turns by pairing request templates with topics and sentences from public text files:
 
 - WikiText-2 article titles and section headings (``= Title =`` / ``= = Heading = =`` lines);
 - SST-2 sentences (``label<TAB>sentence`` TSV);
@@ -18,17 +18,18 @@ tuned on a mix dominated by them agreed well with the full model on that mix and
 on chat answers (measured in ``benchmarks/lm_speed.py``; docs/benchmarks/lm_speed.md).
 
 By default the files are looked for in :func:`exitwise.paths.data_root` (``$EXITWISE_DATA``,
-else ``../shared/data``); ``data_dir`` points elsewhere. Prompts equal to any of ``exclude`` (e.g. benchmark and
-calibration prompts) are dropped, so tuning never sees an evaluation prompt. The result is a
-pure function of (files, n, seed).
+else ``../shared/data``); ``data_dir`` points elsewhere. Prompts equal to any of ``exclude``
+(e.g. benchmark and calibration prompts) are dropped, so tuning never sees an evaluation
+prompt. The result is a pure function of (files, n, seed). :func:`nested_chat_prompts` draws
+so that asking for more only appends (what tuning uses, so larger runs reuse cached answers).
 """
 
 from __future__ import annotations
 
 import random
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from ..errors import DataError
 from ..paths import data_root

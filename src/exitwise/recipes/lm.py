@@ -14,9 +14,10 @@ reloaded from ``base_model`` in ``lm_recipe.json``), the tokenizer, the tuning c
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
