@@ -20,14 +20,17 @@ def attach(model, adapter: str = "kangaroo"):
     return ew.attach_exits(model, config).eval()
 
 
-def reference(bb, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """h + attention(norm_1(h)) computed by a copy of the last block whose feed-forward output
-    is forced to zero by a hook, then the final norm and LM head: (B, T, H) -> (B, T, V)."""
+def reference(bb, head, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """h + attention(norm_1(h)) computed by a copy of the last block holding the adapter's
+    weights, its feed-forward output forced to zero by a hook, then the adapter's own norm
+    and the shared LM head: (B, T, H) -> (B, T, V)."""
     block = copy.deepcopy(bb.blocks[bb.num_layers - 1])
+    missing = block.load_state_dict(head.block.state_dict(), strict=False).missing_keys
+    assert missing and all(".mlp." in f".{k}" for k in missing)  # only the feed-forward
     block.mlp.register_forward_hook(lambda _m, _a, out: torch.zeros_like(out))
     ctx = DecodeContext(None, prompt_positions(mask), mask)
     out = bb.run_block(block, bb.num_layers - 1, bb.layer_types[-1], hidden, ctx)
-    return bb.lm_logits(bb.final_norm(out))
+    return bb.lm_logits(head.norm(out))
 
 
 @pytest.mark.parametrize("family", DECODER_FAMILIES)
@@ -45,7 +48,7 @@ def test_attention_only_adapter_for_every_family(family):
     torch.manual_seed(0)
     hidden = torch.randn(ids.shape[0], ids.shape[1], bb.hidden_size)
     ctx = DecodeContext(None, prompt_positions(mask), mask)
-    torch.testing.assert_close(head.token_logits(hidden, ctx), reference(bb, hidden, mask),
+    torch.testing.assert_close(head.token_logits(hidden, ctx), reference(bb, head, hidden, mask),
                                atol=1e-5, rtol=1e-5)
 
 
@@ -55,13 +58,35 @@ def test_the_feed_forward_is_really_gone():
     kangaroo, block = attach(model).heads[0], attach(model, "block").heads[0]
     hidden = torch.randn(2, 5, 32)
     assert not torch.allclose(kangaroo.token_logits(hidden), block.token_logits(hidden))
-    # Llama: zeroing the copied block's down projection gives the same output as Kangaroo's
+    # Llama: the block adapter with Kangaroo's attention and its down projection zeroed gives
+    # Kangaroo's output (the tiny model's final norm is at identity, as Kangaroo's own)
     with torch.no_grad():
+        block.block.load_state_dict(kangaroo.block.state_dict(), strict=False)
         block.block.mlp.down_proj.weight.zero_()
     torch.testing.assert_close(kangaroo.token_logits(hidden), block.token_logits(hidden))
     # the cost counts projections without the MLP
     mask = torch.ones(2, 5, dtype=torch.long)
     assert bool((kangaroo.head_flops(mask, 2) < block.head_flops(mask, 2)).all())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
+def test_the_adapter_starts_fresh_as_in_the_reference(family):
+    """Kangaroo's adapter is a new layer: its projections are drawn by the model's own
+    initializer (normal(0, initializer_range)), its norms start at identity -- not copied
+    from the last block."""
+    model = tiny_lm(family)
+    head, bb = attach(model).heads[0], ew.wrap_backbone(model)
+    last = dict(bb.blocks[bb.num_layers - 1].named_parameters())
+    std = model.config.initializer_range
+    projections = 0
+    for name, p in head.block.named_parameters():
+        if p.dim() == 2:  # a projection: fresh, of the initializer's spread
+            projections += 1
+            assert not torch.equal(p, last[name]), name
+            assert 0.6 * std < float(p.detach().std()) < 1.4 * std, name
+    assert projections >= 2
+    identity = 0.0 if family == "gemma2" else 1.0  # Gemma norms scale by (1 + w)
+    assert torch.equal(head.norm.weight.detach(), torch.full_like(head.norm.weight, identity))
 
 
 def test_trainable_pieces_get_gradients_and_save_back(tmp_path):

@@ -56,6 +56,26 @@ def test_conditioned_head_starts_as_unconditioned():
             head_kwargs={"adapter": "block", "conditioned": True}))
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_no_condition_is_the_dropped_condition_of_training(family):
+    """Training zeroes a dropped condition; decoding passes none for later drafts. Both must
+    be the same function: h + fuse(final_norm(0)), i.e. the fuse's bias (+ fuse(beta) for a
+    LayerNorm with bias beta, as GPT-2's)."""
+    _, model = conditioned_model(family)
+    head = model.heads[0]
+    with torch.no_grad():
+        head.fuse.bias.copy_(torch.linspace(-1.0, 1.0, head.fuse.bias.numel()))
+    bb = model.backbone
+    h = torch.randn(2, 3, 32)
+    none = head.compact_logits(h)
+    zero = head.compact_logits(h, None, torch.zeros(2, 3, 32))
+    torch.testing.assert_close(none, zero)
+    shift = head.fuse(bb.final_norm(torch.zeros(32)))  # by hand: what a zero state adds
+    manual = bb.lm_logits(bb.final_norm(head.mlp(h + shift)))
+    torch.testing.assert_close(none, manual)
+    assert not torch.allclose(none, bb.lm_logits(bb.final_norm(head.mlp(h))))
+
+
 def test_decoding_feeds_the_final_state_of_the_previous_position():
     lm, model = conditioned_model()
     head = model.heads[0]

@@ -17,11 +17,15 @@ costs no new parameters. Optional trainable pieces:
   decoder block whose feed-forward (``block.mlp``) is replaced by a map to zero, so the block's
   own forward (and thus every supported family) computes ``h + attn(norm_1(h))`` exactly. Like
   ``block`` it keeps its own keys/values in cache layer ``num_layers`` during generation.
-  Deviations: the reference starts the adapter from random weights (attention) and ones (norms)
-  and trains it against the full model's distribution; here it starts from the last block's
-  attention and the final norm (a warm start, like ``block``). A norm that only fed the
-  removed feed-forward (Llama's ``post_attention_layernorm``, GPT-2's ``ln_2``) stays in the
-  copy but no longer affects the output (it gets no gradient);
+  As in the reference, the adapter starts fresh: the copy's weights and its own norm are
+  re-initialized by the model's own ``_init_weights`` (projections normal(0,
+  ``initializer_range``), norms at identity). A warm start from the last block's attention
+  (this module's first version) tuned to far worse drafts from a shallow exit in a
+  measurement here (docs/benchmarks/lm_speed.md, "Draft heads that attend over the context").
+  Deviation: the reference trains against the full model's distribution; here the objective
+  is the caller's (e.g. the model's own answers). A norm that only fed the removed
+  feed-forward (Llama's ``post_attention_layernorm``, GPT-2's ``ln_2``) stays in the copy but
+  no longer affects the output (it gets no gradient);
 - ``untied=True``:     an own copy of the LM head.
 - ``conditioned=True``: a *feature-conditioned* draft exit (the idea of EAGLE and Medusa,
   brought to early exit): the exit also reads the full model's final hidden state g at the
@@ -32,8 +36,11 @@ costs no new parameters. Optional trainable pieces:
   model's own answers (:mod:`exitwise.lm.objectives.answers`) with the condition dropped
   (zeroed) for a share of the positions, so the head also drafts without one: deeper drafts
   (x2, x3, ...) and early-exit decoding have no final state of the previous position yet, and
-  pass none. Deviation from EAGLE: no feature-level autoregression (EAGLE predicts the next
-  final feature and chains on it); only the first draft of a step is conditioned.
+  pass none. No condition means exactly what a dropped one meant in training: a zero state,
+  so ``h + fuse(final_norm(0))`` (the fuse's bias, plus the norm's bias where it has one);
+  the head drafts the same function it was trained as. Deviation from EAGLE: no
+  feature-level autoregression (EAGLE predicts the next final feature and chains on it);
+  only the first draft of a step is conditioned.
 
 ``draft_vocab=K`` restricts the exit's read-out to K token ids (a persistent ``vocab_ids``
 buffer, chosen from data by :func:`exitwise.lm.draft_vocab.choose_draft_vocab`): the
@@ -201,6 +208,10 @@ class LMHead(ExitHead):
                         f"{type(self.block).__name__} has none"
                     )
                 self.block.mlp = ZeroFeedForward()
+                fresh = backbone.model._init_weights  # the reference's fresh adapter
+                with torch.no_grad():
+                    for module in [*self.block.modules(), *self.norm.modules()]:
+                        fresh(module)
             self.cache_index = backbone.num_layers
             self.layer_type = backbone.layer_types[-1]
             for module in self.block.modules():  # its keys/values go to an extra cache layer
@@ -353,8 +364,10 @@ class LMHead(ExitHead):
         """Dropout, the condition (``conditioned`` heads) and the trainable adapter (mlp /
         block / kangaroo): (B, q, H) -> (B, q, H)."""
         hidden = self.dropout(hidden)
-        if self.fuse is not None and condition is not None:
+        if self.fuse is not None:
             norm = self._backbone.final_norm if self._backbone is not None else self.norm
+            if condition is None:  # as a dropped condition in training: a zero state (H,)
+                condition = hidden.new_zeros(hidden.shape[-1])
             hidden = hidden + self.fuse(norm(condition.to(hidden.dtype)))
         if self.mlp is not None:
             hidden = self.mlp(hidden)
