@@ -1,0 +1,59 @@
+"""The draft-head comparison (``benchmarks/lm_draft_heads.py``) on a tiny chat LM: every
+variant tuned on the same cached answers and reported, the old warm start reproduced exactly,
+finished variants skipped on a rerun, and a clear error for too few answers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from benchmarks.lm_draft_heads import main, warm_start
+
+import exitwise as ew
+from exitwise.recipes.lm import ANSWERS_NAME, load_lm
+
+
+def test_warm_start_is_the_last_blocks_attention_and_the_final_norm(tiny_lm_dir):
+    lm, _ = load_lm(str(tiny_lm_dir))
+    vocab = lm.config.vocab_size
+    model = ew.attach_exits(lm, ew.ExitConfig(layers=[1], head="lm", num_labels=vocab,
+                                              head_kwargs={"adapter": "kangaroo"},
+                                              final_head_kwargs={}))
+    head, bb = model.heads[0], model.backbone
+    last = bb.blocks[bb.num_layers - 1].state_dict()
+    assert not torch.equal(head.block.state_dict()["self_attn.q_proj.weight"],
+                           last["self_attn.q_proj.weight"])  # fresh by default
+    warm_start(head, bb)
+    for name, value in head.block.state_dict().items():
+        assert torch.equal(value, last[name]), name
+    assert torch.equal(head.norm.weight, bb.norm.weight)
+
+
+def test_variants_tuned_reported_and_resumed(tiny_lm_dir, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    items = [[torch.randint(3, 60, (6,), generator=g).tolist(),
+              torch.randint(3, 60, (10,), generator=g).tolist()] for _ in range(24)]
+    folder = tmp_path / "tuned"
+    folder.mkdir()
+    (folder / ANSWERS_NAME).write_text(json.dumps({"key": "test", "items": items}))
+    out = tmp_path / "heads.json"
+    args = ["--answers-from", str(folder), "--answers", "24", "--model", str(tiny_lm_dir),
+            "--exit-layer", "1", "--draft-vocab", "32", "--epochs", "1", "--threads", "1",
+            "--variants", "mlp,kangaroo_warm", "--out", str(out), "--work", str(tmp_path / "w")]
+    report = main(args)
+    assert set(report["variants"]) == {"mlp", "kangaroo_warm"}
+    assert report["benchmark_prompts"] == 24 and report["benchmark_answer_tokens"] > 0
+    for row in report["variants"].values():
+        assert 0.0 <= row["held_out_agreement"] <= 1.0
+        assert 0.0 <= row["bench_agreement"] <= 1.0
+        assert row["trainable_parameters"] > 0
+    assert report["variants"]["kangaroo_warm"]["warm_start"] is True
+    saved = json.loads(out.read_text())
+    assert saved["variants"] == report["variants"]
+    again = main(args)  # finished variants are read back, not tuned again
+    assert again["variants"] == report["variants"]
+    with pytest.raises(SystemExit, match="holds 24 answers"):
+        main([*args[:2], "--answers", "25", *args[4:]])
+    with pytest.raises(SystemExit, match="unknown variants"):
+        main([*args[:-4], "--variants", "eagle", "--out", str(out)])
