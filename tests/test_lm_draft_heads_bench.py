@@ -24,13 +24,15 @@ def test_warm_start_is_the_last_blocks_attention_and_the_final_norm(tiny_lm_dir)
     last = bb.blocks[bb.num_layers - 1].state_dict()
     assert not torch.equal(head.block.state_dict()["self_attn.q_proj.weight"],
                            last["self_attn.q_proj.weight"])  # fresh by default
+    with torch.no_grad():  # a final norm away from identity, so copying it shows
+        bb.norm.weight.mul_(1.5)
     warm_start(head, bb)
     for name, value in head.block.state_dict().items():
         assert torch.equal(value, last[name]), name
     assert torch.equal(head.norm.weight, bb.norm.weight)
 
 
-def test_variants_tuned_reported_and_resumed(tiny_lm_dir, tmp_path):
+def test_variants_tuned_reported_and_resumed(tiny_lm_dir, tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(0)
     items = [[torch.randint(3, 60, (6,), generator=g).tolist(),
               torch.randint(3, 60, (10,), generator=g).tolist()] for _ in range(24)]
@@ -51,6 +53,10 @@ def test_variants_tuned_reported_and_resumed(tiny_lm_dir, tmp_path):
     assert report["variants"]["kangaroo_warm"]["warm_start"] is True
     saved = json.loads(out.read_text())
     assert saved["variants"] == report["variants"]
+    def no_tuning(*_a, **_k):
+        raise AssertionError("a finished variant was tuned again")
+
+    monkeypatch.setattr(ew, "tune_exits", no_tuning)
     again = main(args)  # finished variants are read back, not tuned again
     assert again["variants"] == report["variants"]
     with pytest.raises(SystemExit, match="holds 24 answers"):
