@@ -25,7 +25,8 @@ draft equals the answer's: the expected acceptance of drafts of one, measured as
 objective measures it), the same teacher-forced agreement on the full model's greedy answers
 to the benchmark prompts (``BENCH_PROMPTS``, 128 tokens), trainable parameters and tuning
 seconds. No timing of decoding: this compares what the heads draft, not how fast.
-Resumable: each finished variant is written to the report at once and skipped on a rerun;
+Resumable: each finished variant is written to the report at once and skipped on a rerun
+(a report whose variants were tuned with other settings is refused, not mixed);
 tuning checkpoints go to ``--work`` (default ``benchmarks/work/lm_draft_heads/``).
 -> ``benchmarks/results/lm_draft_heads.json``.
 """
@@ -92,11 +93,13 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     report = json.loads(out.read_text()) if out.is_file() else {}
+    settings = {"model": args.model, "exit_layer": args.exit_layer,
+                "draft_vocab": args.draft_vocab, "epochs": args.epochs, "batch_size": 16,
+                "answers": args.answers}
+    differ = {k: (report[k], v) for k, v in settings.items() if k in report and report[k] != v}
     report.update({
         "command": "python benchmarks/lm_draft_heads.py " + " ".join(sys.argv[1:]),
-        "machine": machine_info(), "threads": args.threads, "model": args.model,
-        "exit_layer": args.exit_layer, "draft_vocab": args.draft_vocab,
-        "epochs": args.epochs, "batch_size": 16, "answers": args.answers,
+        "machine": machine_info(), "threads": args.threads, **settings,
     })
     variants = report.setdefault("variants", {})
 
@@ -104,6 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
     if len(items) < args.answers:
         raise SystemExit(f"{args.answers_from} holds {len(items)} answers, not {args.answers}")
     answers = [(list(map(int, p)), list(map(int, a))) for p, a in items[: args.answers]]
+    if report.get("variants") and differ:  # a resumed report holds one setting only
+        raise SystemExit(f"{out} holds variants tuned with other settings {differ} "
+                         "(recorded, asked); give another --out")
     lm, tok = load_lm(args.model)
     lm.eval()
     eos = [int(tok.eos_token_id)]

@@ -59,6 +59,8 @@ def test_variants_tuned_reported_and_resumed(tiny_lm_dir, tmp_path, monkeypatch)
     monkeypatch.setattr(ew, "tune_exits", no_tuning)
     again = main(args)  # finished variants are read back, not tuned again
     assert again["variants"] == report["variants"]
+    with pytest.raises(SystemExit, match="other settings"):  # no mixing of settings
+        main([*args[:10], "--epochs", "2", *args[12:]])
     with pytest.raises(SystemExit, match="holds 24 answers"):
         main([*args[:2], "--answers", "25", *args[4:]])
     with pytest.raises(SystemExit, match="unknown variants"):

@@ -76,6 +76,27 @@ def test_no_condition_is_the_dropped_condition_of_training(family):
     assert not torch.allclose(none, bb.lm_logits(bb.final_norm(head.mlp(h))))
 
 
+@torch.no_grad()
+def test_drafting_keeps_the_absent_shift_until_the_weights_change():
+    """Without grad (drafting) fuse(final_norm(0)) is computed once per weight version: the
+    same logits as computed afresh, and a changed fuse is picked up."""
+    _, model = conditioned_model()
+    head, bb = model.heads[0], model.backbone
+    h = torch.randn(1, 1, 32)
+
+    def by_hand():
+        return bb.lm_logits(bb.final_norm(head.mlp(h + head.fuse(bb.final_norm(torch.zeros(32))))))
+
+    head.fuse.bias.fill_(0.5)
+    torch.testing.assert_close(head.compact_logits(h), by_hand())
+    first = head._absent_cache[1]
+    head.compact_logits(h)
+    assert head._absent_cache[1] is first  # reused, not recomputed
+    head.fuse.bias.fill_(-0.5)  # an in-place update (as an optimizer step) is seen
+    torch.testing.assert_close(head.compact_logits(h), by_hand())
+    assert head._absent_cache[1] is not first
+
+
 def test_decoding_feeds_the_final_state_of_the_previous_position():
     lm, model = conditioned_model()
     head = model.heads[0]

@@ -17,13 +17,16 @@ costs no new parameters. Optional trainable pieces:
   decoder block whose feed-forward (``block.mlp``) is replaced by a map to zero, so the block's
   own forward (and thus every supported family) computes ``h + attn(norm_1(h))`` exactly. Like
   ``block`` it keeps its own keys/values in cache layer ``num_layers`` during generation.
-  As in the reference, the adapter starts fresh: the copy's weights and its own norm are
-  re-initialized by the model's own ``_init_weights`` (projections normal(0,
-  ``initializer_range``), norms at identity). A warm start from the last block's attention
-  (this module's first version) tuned to far worse drafts from a shallow exit in a
-  measurement here (docs/benchmarks/lm_speed.md, "Draft heads that attend over the context").
-  Deviation: the reference trains against the full model's distribution; here the objective
-  is the caller's (e.g. the model's own answers). A norm that only fed the removed
+  As in the reference (``train.py`` builds ``AdapterModel(config)`` fresh), the adapter starts
+  new: the copy's weights and its own norm are re-initialized, norms at identity. A warm start
+  from the last block's attention (this module's first version) tuned to far worse drafts
+  from a shallow exit in a measurement here (docs/benchmarks/lm_speed.md, "Draft heads that
+  attend over the context"). Deviations: the reference's adapter is a plain ``nn.Module``, so
+  its projections get PyTorch's default ``nn.Linear`` draw (uniform, std 1/sqrt(3 H)); here
+  the model's own ``_init_weights`` draws them (normal(0, ``initializer_range``), a similar
+  scale), because it covers every family (GPT-2's ``Conv1D``, Gemma's ``1 + w`` norms). The
+  reference trains against the full model's distribution (soft cross-entropy); here the
+  objective is the caller's (e.g. the model's own answers). A norm that only fed the removed
   feed-forward (Llama's ``post_attention_layernorm``, GPT-2's ``ln_2``) stays in the copy but
   no longer affects the output (it gets no gradient);
 - ``untied=True``:     an own copy of the LM head.
@@ -151,6 +154,7 @@ class LMHead(ExitHead):
             self.register_buffer("vocab_ids", torch.arange(draft_vocab, dtype=torch.long))
         self._subset_cache: tuple[Any, torch.Tensor] | None = None
         self._transposed_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._absent_cache: tuple[Any, torch.Tensor] | None = None
         if adapter not in ADAPTERS:
             raise ConfigError(
                 f"lm head adapter must be one of {', '.join(ADAPTERS)}; got {adapter!r}"
@@ -359,16 +363,35 @@ class LMHead(ExitHead):
         out = self._transform(hidden, ctx)
         return self._vocab_logits(last_real(out, mask).unsqueeze(1))[:, 0]
 
+    def _condition_norm(self, condition: torch.Tensor) -> torch.Tensor:
+        norm = self._backbone.final_norm if self._backbone is not None else self.norm
+        return norm(condition)
+
+    def _absent_shift(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(H,) what a missing condition adds: ``fuse(norm(0))``, as for a dropped condition in
+        training. A constant of the weights, so drafting (no grad) computes it once per
+        weight version instead of at every later draft."""
+        if torch.is_grad_enabled():
+            return self.fuse(self._condition_norm(hidden.new_zeros(hidden.shape[-1])))
+        params = [*self.fuse.parameters(),
+                  *(self._backbone.norm if self._backbone is not None else self.norm).parameters()]
+        key = (hidden.dtype, hidden.device, *((id(q), q._version) for q in params))
+        cached = self._absent_cache
+        if cached is None or cached[0] != key:
+            shift = self.fuse(self._condition_norm(hidden.new_zeros(hidden.shape[-1])))
+            cached = self._absent_cache = (key, shift)
+        return cached[1]
+
     def _transform(self, hidden: torch.Tensor, ctx: Any,
                    condition: torch.Tensor | None = None) -> torch.Tensor:
         """Dropout, the condition (``conditioned`` heads) and the trainable adapter (mlp /
         block / kangaroo): (B, q, H) -> (B, q, H)."""
         hidden = self.dropout(hidden)
         if self.fuse is not None:
-            norm = self._backbone.final_norm if self._backbone is not None else self.norm
-            if condition is None:  # as a dropped condition in training: a zero state (H,)
-                condition = hidden.new_zeros(hidden.shape[-1])
-            hidden = hidden + self.fuse(norm(condition.to(hidden.dtype)))
+            if condition is None:
+                hidden = hidden + self._absent_shift(hidden)
+            else:
+                hidden = hidden + self.fuse(self._condition_norm(condition.to(hidden.dtype)))
         if self.mlp is not None:
             hidden = self.mlp(hidden)
         if self.block is not None:
