@@ -124,6 +124,19 @@ def _tree_width(value: str) -> int | str:
     return value if value == "confidence" else int(value)
 
 
+def _token_policy(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``generate``'s early-exit policy: calm_softmax at 0.9 unless --policy / --threshold say
+    otherwise; None for other strategies unless one of them is given (then refused there)."""
+    if args.strategy != "early_exit" and args.policy is None and args.threshold is None:
+        return None
+    return {"name": args.policy or "calm_softmax",
+            "threshold": 0.9 if args.threshold is None else args.threshold}
+
+
+def _draft_threshold(value: str) -> float | str:
+    return value if value == "auto" else float(value)
+
+
 def _delta(value: str) -> float | None:
     if value.strip().lower() in ("none", "off", ""):
         return None
@@ -147,6 +160,25 @@ def _key_values(items: list[str]) -> dict[str, Any]:
 
 def _ints(value: str) -> list[int]:
     return [int(v) for v in value.split(",")]
+
+
+def _skip(value: str) -> list[Any]:
+    """"3,4,5:mlp,6:attn" -> [3, 4, (5, "mlp"), (6, "attn")]: blocks (both sub-layers) or
+    block:part pairs, the forms ``strategy="layer_skip"`` takes (checked there)."""
+    out: list[Any] = []
+    for item in value.split(","):
+        block, _, part = item.strip().partition(":")
+        if not block.strip().isdigit() or part not in ("", "attn", "mlp"):
+            raise argparse.ArgumentTypeError(
+                f"--skip takes blocks and block:attn / block:mlp pairs, e.g. 3,4,5:mlp; "
+                f"got {item!r}")
+        out.append((int(block), part) if part else int(block))
+    return out
+
+
+#: the decoding strategies ``exitwise generate`` offers: every registered one (a test keeps
+#: this list equal to the registry, which the parser does not import: torch loads slowly)
+GENERATE_STRATEGIES = ("greedy", "self_speculative", "anpd", "layer_skip", "swift", "early_exit")
 
 
 def _add_lm_commands(sub: Any) -> None:
@@ -198,29 +230,42 @@ def _add_lm_commands(sub: Any) -> None:
     g = sub.add_parser("generate", help="generate text (greedy / self-speculative / early exit)")
     g.add_argument("model", help="a tune-lm folder, 'smollm2', a local folder or a hub id")
     g.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-    g.add_argument("--strategy", default="self_speculative",
-                   choices=["greedy", "self_speculative", "early_exit"])
+    g.add_argument("--strategy", default="self_speculative", choices=GENERATE_STRATEGIES,
+                   help="self_speculative (default: a tuned or shipped exit drafts); anpd, "
+                        "layer_skip, swift: training-free drafts (n-grams of the text, the "
+                        "model minus --skip, sub-layers skipped as SWIFT finds them); "
+                        "early_exit: CALM-style, not lossless")
     g.add_argument("--exit-layer", type=int, default=None,
                    help="default: the tuned exit, or the drafter shipped for the model")
     g.add_argument("--draft-len", type=_draft_len, default=None,
                    help="an int, or 'auto' (chosen per step from measured costs); default: "
-                        "the shipped drafter's, else 4")
+                        "self_speculative: the shipped drafter's, else 4; anpd, layer_skip, "
+                        "swift: auto")
     g.add_argument("--ngram", type=int, default=None,
                    help="self_speculative: also draft from the text's n-grams up to this order "
-                        "(0: off; default: the shipped drafter's, else off)")
-    g.add_argument("--draft-threshold", type=float, default=None,
-                   help="self_speculative: stop a draft once its top-1 probability is below")
+                        "(0: off; default: the shipped drafter's, else off); anpd: the "
+                        "largest order (default 4)")
+    g.add_argument("--skip", type=_skip, default=None,
+                   help="layer_skip (required there): what the draft leaves out, blocks or "
+                        "block:attn / block:mlp, e.g. 3,4,5:mlp (blocks 1..L-2)")
+    g.add_argument("--draft-threshold", type=_draft_threshold, default=None,
+                   help="self_speculative, layer_skip, swift: stop a draft once its top-1 "
+                        "probability is below this; layer_skip, swift: or 'auto' (adapted "
+                        "as Draft & Verify does)")
     g.add_argument("--tree-width", type=_tree_width, default=None,
-                   help="self_speculative: verify token trees, each draft with the exit's "
-                        "next TREE_WIDTH - 1 choices as siblings, or 'confidence' (SWIFT's "
-                        "count per depth from the exit's top-1 probability; default 1)")
-    g.add_argument("--kv", default="skip", choices=["skip", "propagate", "recompute"],
-                   help="early_exit: keys/values of skipped layers (skip = computed later, "
-                        "in parallel with the next token)")
+                   help="self_speculative, layer_skip, swift: verify token trees, each "
+                        "draft with the draft's next TREE_WIDTH - 1 choices as siblings, or "
+                        "'confidence' (SWIFT's count per depth from the draft's top-1 "
+                        "probability; default 1)")
+    g.add_argument("--kv", default=None, choices=["skip", "propagate", "recompute"],
+                   help="early_exit: keys/values of skipped layers (default skip = computed "
+                        "later, in parallel with the next token)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
-    g.add_argument("--policy", default="calm_softmax", help="early_exit: token exit policy")
-    g.add_argument("--threshold", type=float, default=0.9, help="early_exit: policy threshold")
+    g.add_argument("--policy", default=None,
+                   help="early_exit: token exit policy (default calm_softmax)")
+    g.add_argument("--threshold", type=float, default=None,
+                   help="early_exit: policy threshold (default 0.9)")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--json", action="store_true", help="print texts and stats as JSON")
@@ -263,9 +308,9 @@ def _run_lm(args: argparse.Namespace) -> int:
             args.model, args.prompt, strategy=args.strategy, exit_layer=args.exit_layer,
             draft_len=args.draft_len, max_new_tokens=args.max_new_tokens,
             chat=False if args.no_chat else None, do_sample=args.sample, seed=args.seed,
-            policy={"name": args.policy, "threshold": args.threshold}, kv=args.kv,
+            policy=_token_policy(args), kv=args.kv,
             draft_threshold=args.draft_threshold, kernels=args.kernels, ngram=args.ngram,
-            tree_width=args.tree_width,
+            tree_width=args.tree_width, skip=args.skip,
         )
         if args.json:
             print(json.dumps(out, indent=2, default=_json_default))

@@ -252,3 +252,37 @@ def test_kernels_command_measures_keeps_and_is_used_by_generate(tiny_lm_dir, cap
             assert streamed <= any(d.stream for d in default_tuner().decisions().values())
         else:
             assert streamed == (kernels == "streaming")
+
+
+def test_generate_offers_every_registered_decoding_strategy():
+    from exitwise.cli import GENERATE_STRATEGIES
+    from exitwise.generation.strategies import DECODING_STRATEGIES
+
+    assert sorted(GENERATE_STRATEGIES) == sorted(DECODING_STRATEGIES.names())
+
+
+def test_training_free_strategies_from_the_command_line(tiny_lm_dir, capsys):
+    """anpd, layer_skip (--skip) and swift on a plain model with no exit: greedy's text."""
+    prompts = ["--prompt", "what is the sky", "--prompt", "a poem on the sea"]
+    common = [str(tiny_lm_dir), *prompts, "--max-new-tokens", "12", "--json"]
+    assert main(["generate", *common, "--strategy", "greedy"]) == 0
+    greedy = json.loads(capsys.readouterr().out)["texts"]
+    runs = {
+        "anpd": ["--ngram", "3", "--draft-len", "2"],
+        "layer_skip": ["--skip", "1,2:mlp", "--draft-threshold", "auto"],
+        "swift": ["--tree-width", "2"],
+    }
+    for strategy, extra in runs.items():
+        assert main(["generate", *common, "--strategy", strategy, *extra]) == 0, strategy
+        out = json.loads(capsys.readouterr().out)
+        assert out["stats"]["strategy"] == strategy
+        assert out["texts"] == greedy, strategy
+    # layer_skip without --skip says what it needs; a malformed --skip is refused by the parser
+    assert main(["generate", *common, "--strategy", "layer_skip"]) == 2
+    assert "--skip" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", *common, "--strategy", "layer_skip", "--skip", "2:ffn"])
+    assert "block:attn" in capsys.readouterr().err
+    # an option of another strategy is refused, naming it
+    assert main(["generate", *common, "--strategy", "swift", "--ngram", "3"]) == 2
+    assert "ngram" in capsys.readouterr().err

@@ -261,7 +261,8 @@ class LayerSkip(DecodingStrategy):
     def validate(self, backbone: HFDecoderBackbone, model: Any) -> None:
         if self.skip is None:
             raise ConfigError("layer_skip needs skip=[blocks or sub-layers to leave out of the "
-                              "draft] (choose them with exitwise.generation.search_skip_layers)")
+                              "draft] (`exitwise generate --skip`; choose them with "
+                              "exitwise.generation.search_skip_layers)")
         check_skip(self.skip, backbone.num_layers)
 
     def decode(self, inputs: DecodeInputs) -> GenerateOutput:

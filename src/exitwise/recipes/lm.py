@@ -24,7 +24,7 @@ import torch
 from ..backbones.special_tokens import eos_and_pad, eos_ids
 from ..config import ExitConfig
 from ..errors import CheckpointError, ConfigError, DataError
-from ..generation import DECODING_STRATEGIES, generate
+from ..generation import generate
 from ..lm import generate_answers, get_objective, tune_exits
 from ..lm.data import DEFAULT_PROMPTS, cut_at_eos, self_generated_sequences
 from ..lm.prompts import BENCH_PROMPTS, CALIBRATION_PROMPTS, nested_chat_prompts
@@ -343,17 +343,19 @@ def run_generate(
     seed: int | None = None,
     policy: Any = None,
     print_fn: Any = None,
-    kv: str = "skip",
+    kv: str | None = None,
     draft_threshold: float | None = None,
     kernels: str | None = None,
     ngram: int | None = None,
     tree_width: int | str | None = None,
+    skip: Any = None,
 ) -> dict[str, Any]:
     """Generate continuations of ``prompts``; returns {"texts": [...], "stats": {...}}.
 
     ``model_or_dir``: a tuned folder, a model name/path, or an already loaded model (then give
     ``tokenizer``). ``exit_layer`` defaults to the model's shallowest tuned exit, or for a
-    plain model to the drafter shipped for it (``generate`` resolves both).
+    plain model to the drafter shipped for it (``generate`` resolves both). ``skip``: what
+    ``strategy="layer_skip"`` drafts without (blocks or (block, part) pairs).
     ``policy``: the token-level exit policy of ``strategy="early_exit"`` (object, name or dict).
     """
     if isinstance(model_or_dir, (str, Path)):
@@ -365,15 +367,16 @@ def run_generate(
     texts = format_prompts(tokenizer, prompts, chat)
     device = hf_model(model).get_output_embeddings().weight.device
     ids, mask = encode_prompts(tokenizer, texts, device)
-    # The command line sets every strategy's options; pass the chosen strategy its own only
-    # (generate refuses the others').
+    if strategy == "early_exit" and kv is None:
+        kv = "skip"  # skipped layers' keys/values computed later, with the next token
+    # Options left None count as not given; one given that the strategy does not have is
+    # refused by generate, naming the strategy it belongs to (never silently dropped).
     given = {"exit_layer": exit_layer, "draft_len": draft_len,
              "draft_threshold": draft_threshold, "policy": policy, "kv": kv, "ngram": ngram,
-             "tree_width": tree_width}
-    names = DECODING_STRATEGIES.get(strategy).option_names()
-    own = {k: v for k, v in given.items() if k in names}
+             "tree_width": tree_width, "skip": skip}
     out = generate(model, ids, mask, strategy=strategy, max_new_tokens=max_new_tokens,
-                   do_sample=do_sample, seed=seed, tokenizer=tokenizer, kernels=kernels, **own)
+                   do_sample=do_sample, seed=seed, tokenizer=tokenizer, kernels=kernels,
+                   **given)
     eos = eos_ids(hf_model(model), tokenizer)
     new = new_token_lists(out.sequences, ids.shape[1], eos)
     decoded = [tokenizer.decode(t, skip_special_tokens=True) for t in new]
