@@ -27,6 +27,7 @@ from torch import nn
 from ..errors import InputError, UnsupportedModelError
 from .base import Backbone, BackboneState, resolve_path
 from .decoder_layouts import DECODER_LAYOUTS, DecoderLayout, supported_decoder_types
+from .gqa_attention import gqa_view, grouped
 from .kernels import routed
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -171,6 +172,9 @@ class HFDecoderBackbone(Backbone):
         self.max_positions: int | None = (
             int(config.max_position_embeddings) if layout.positions == "learned" else None
         )
+        # id(block) -> (block, the block to run for several new tokens under a mask on a CPU:
+        # its GQA view, :mod:`.gqa_attention`, or itself); per wrapper, so per generate call
+        self._gqa_views: dict[int, tuple[nn.Module, nn.Module]] = {}
 
     def _layer_types(self) -> list[str]:
         """Per block: full or sliding-window attention, as the model's own forward decides."""
@@ -242,6 +246,8 @@ class HFDecoderBackbone(Backbone):
         attention writes to cache layer ``cache_index``)."""
         block = routed(block, hidden)  # few-row kernels, where this row count pays (kernels.py)
         mask = self._mask(hidden, ctx, cache_index, layer_type)
+        if mask is not None and hidden.shape[1] > 1 and hidden.device.type == "cpu":
+            block = self._attention_view(block)  # no copies of the cached keys/values
         use_cache = ctx.cache is not None
         if self.layout.positions == "rope":
             out = block(
@@ -257,6 +263,16 @@ class HFDecoderBackbone(Backbone):
                         **{self.cache_kw: ctx.cache})
         return out[0] if isinstance(out, tuple) else out
 
+    def _attention_view(self, block: nn.Module) -> nn.Module:
+        """The block to run for several new tokens under a mask on a CPU: its GQA view when
+        its attention has key/value groups under SDPA (made once per block), else itself."""
+        known = self._gqa_views.get(id(block))
+        if known is None or known[0] is not block:
+            attn = self.layout.attn
+            view = gqa_view(block, attn) if grouped(block, attn) else block
+            known = self._gqa_views[id(block)] = (block, view)
+        return known[1]
+
     def run_part(self, i: int, part: str, hidden: torch.Tensor, ctx: DecodeContext
                  ) -> torch.Tensor:
         """One sub-layer of block ``i``: ``part`` "attn" (which appends the q new keys/values
@@ -270,8 +286,11 @@ class HFDecoderBackbone(Backbone):
         pre, post = lay.attn_norms if part == "attn" else lay.mlp_norms
         x = getattr(block, pre)(hidden) if pre else hidden
         if part == "attn":
+            mask = self._mask(hidden, ctx, i, self.layer_types[i])
+            if mask is not None and hidden.shape[1] > 1 and hidden.device.type == "cpu":
+                block = self._attention_view(block)
             kwargs: dict[str, Any] = {
-                "attention_mask": self._mask(hidden, ctx, i, self.layer_types[i]),
+                "attention_mask": mask,
                 "use_cache": ctx.cache is not None, self.cache_kw: ctx.cache}
             if lay.positions == "rope":
                 kwargs.update(position_ids=ctx.positions,
