@@ -227,7 +227,8 @@ def _add_lm_commands(sub: Any) -> None:
     t.add_argument("--out", required=True, help="folder to write (a rerun resumes)")
     t.add_argument("--no-resume", action="store_true")
 
-    g = sub.add_parser("generate", help="generate text (greedy / self-speculative / early exit)")
+    g = sub.add_parser("generate", help="generate text (greedy, self-speculative, training-free "
+                                        "drafts, early exit)")
     g.add_argument("model", help="a tune-lm folder, 'smollm2', a local folder or a hub id")
     g.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     g.add_argument("--strategy", default="self_speculative", choices=GENERATE_STRATEGIES,
