@@ -6,7 +6,7 @@ without copies: with one query position it folds the query heads onto their key/
 A pass of *several* new tokens under a mask -- verifying drafts, a padded prompt -- takes its
 other branch instead, ``repeat_kv``: every block copies its whole cached keys and values once
 per query head of a group before attending. That copy grows with the context; on SmolLM2
-(9 query heads on 3 key/value heads) it is most of the attention's cost in a verification
+(9 query heads on 3 key/value heads) it is a large share of the attention in a verification
 pass. PyTorch's SDPA takes the groups itself (``enable_gqa=True``); transformers leaves that
 off whenever a mask is given because CUDA kernels then fall back to a slow path, which does
 not hold on a CPU, where the result is also bit for bit the same (a test checks it).
