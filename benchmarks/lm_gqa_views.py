@@ -52,7 +52,7 @@ def views(on: bool):
     if on:
         yield
         return
-    HFDecoderBackbone._attention_view = lambda self, block: block
+    HFDecoderBackbone._attention_view = lambda self, block, hidden, mask: block
     try:
         yield
     finally:

@@ -68,8 +68,9 @@ def test_a_view_shares_the_blocks_parameters_and_reads_the_live_config():
     model = tiny_lm("llama", layers=3)
     bb = ew.wrap_backbone(model)
     block = bb.blocks[1]
-    view = bb._attention_view(block)
-    assert view is not block and bb._attention_view(block) is view  # made once
+    hidden, mask = torch.zeros(1, 3, bb.hidden_size), torch.ones(1, 1, 3, 3, dtype=torch.bool)
+    view = bb._attention_view(block, hidden, mask)
+    assert view is not block and bb._attention_view(block, hidden, mask) is view  # made once
     assert view.self_attn is not block.self_attn
     assert all(a is b for a, b in zip(view.parameters(), block.parameters()))
     assert view.self_attn.config._attn_implementation == ATTENTION

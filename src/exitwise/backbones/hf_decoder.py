@@ -246,8 +246,8 @@ class HFDecoderBackbone(Backbone):
         attention writes to cache layer ``cache_index``)."""
         block = routed(block, hidden)  # few-row kernels, where this row count pays (kernels.py)
         mask = self._mask(hidden, ctx, cache_index, layer_type)
-        if mask is not None and hidden.shape[1] > 1 and hidden.device.type == "cpu":
-            block = self._attention_view(block)  # no copies of the cached keys/values
+        if mask is not None:  # (plain one-token steps have none: nothing to look up)
+            block = self._attention_view(block, hidden, mask)  # no copies of the cached k/v
         use_cache = ctx.cache is not None
         if self.layout.positions == "rope":
             out = block(
@@ -263,9 +263,12 @@ class HFDecoderBackbone(Backbone):
                         **{self.cache_kw: ctx.cache})
         return out[0] if isinstance(out, tuple) else out
 
-    def _attention_view(self, block: nn.Module) -> nn.Module:
-        """The block to run for several new tokens under a mask on a CPU: its GQA view when
-        its attention has key/value groups under SDPA (made once per block), else itself."""
+    def _attention_view(self, block: nn.Module, hidden: torch.Tensor, mask: Any) -> nn.Module:
+        """The block to run on hidden (B, q, H) under ``mask``: for several new tokens under a
+        mask on a CPU its GQA view when its attention has key/value groups under SDPA (made
+        once per block), else the block itself."""
+        if mask is None or hidden.shape[1] == 1 or hidden.device.type != "cpu":
+            return block
         known = self._gqa_views.get(id(block))
         if known is None or known[0] is not block:
             attn = self.layout.attn
@@ -287,8 +290,7 @@ class HFDecoderBackbone(Backbone):
         x = getattr(block, pre)(hidden) if pre else hidden
         if part == "attn":
             mask = self._mask(hidden, ctx, i, self.layer_types[i])
-            if mask is not None and hidden.shape[1] > 1 and hidden.device.type == "cpu":
-                block = self._attention_view(block)
+            block = self._attention_view(block, hidden, mask)
             kwargs: dict[str, Any] = {
                 "attention_mask": mask,
                 "use_cache": ctx.cache is not None, self.cache_kw: ctx.cache}
