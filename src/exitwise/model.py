@@ -548,7 +548,14 @@ def attach_exits(backbone: nn.Module | Backbone, config: ExitConfig | None = Non
     model = MultiExitModel(wrap_backbone(backbone), config)
     # Fresh heads follow the backbone's mode: an HF model from from_pretrained is in eval mode,
     # and early exit on it must not run the heads' dropout. Training recipes call .train().
-    return model.train(bool(getattr(backbone, "training", True)))
+    # Only the new modules are set: a part of the user's model kept in the other mode (a
+    # frozen BatchNorm in eval mode) stays as it was.
+    mode = bool(getattr(backbone, "training", True))
+    users = {id(m) for m in backbone.modules()} if isinstance(backbone, nn.Module) else set()
+    for m in model.modules():
+        if id(m) not in users:
+            m.training = mode
+    return model
 
 
 __all__ = ["MultiExitModel", "attach_exits", "ExitHead", "get_policy"]

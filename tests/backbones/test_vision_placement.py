@@ -89,3 +89,31 @@ def test_flops_spec_needs_a_backbone_and_an_example():
     encoder = ew.wrap_backbone(tiny_encoder("bert"))
     with pytest.raises(ConfigError, match="example="):
         layers_at_flops_fractions(encoder, (0.5,))
+
+
+def test_placing_exits_by_flops_leaves_a_train_mode_model_unchanged():
+    # timm and torchvision hand out models in train mode; the example pass that measures the
+    # FLOPs must not fold a blank image into their BatchNorm statistics (nor change modes)
+    net = tiny_vision("tv-resnet")
+    net.train()
+    net.layer1.eval()  # a part the user keeps in eval mode stays so
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    modes = {name: m.training for name, m in net.named_modules()}
+    model = ew.attach_exits(net, ew.ExitConfig(layers="flops:0.3,0.6", head="sdn",
+                                               num_labels=3))
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert {name: m.training for name, m in net.named_modules()} == modes
+    assert len(model.exit_layers) >= 2
+
+
+def test_sequential_backbone_places_exits_by_flops_from_its_example():
+    blocks = [nn.Linear(4, 64), nn.Linear(64, 4), nn.Linear(4, 4)]
+    with pytest.raises(ConfigError, match="example="):
+        ew.attach_exits(SequentialBackbone(blocks), ew.ExitConfig(
+            layers="flops:0.45,0.95", head="linear", num_labels=2))
+    seq = SequentialBackbone(blocks, example=torch.randn(5, 4))
+    # FLOPs 512, 512, 32 (of 1056), as above: 45% in block 1, 95% in block 2
+    model = ew.attach_exits(seq, ew.ExitConfig(layers="flops:0.45,0.95", head="linear",
+                                               num_labels=2))
+    assert model.exit_layers == [1, 2, 3]
+    assert seq.example_input(3).shape == (3, 4)

@@ -176,3 +176,26 @@ def test_results_do_not_depend_on_row_order(bert_model):
     shuffled = bert_model.early_exit(policy, **{k: v[perm] for k, v in batch.items()})
     assert torch.equal(shuffled.exit_index, res.exit_index[perm])
     torch.testing.assert_close(shuffled.logits, res.logits[perm], atol=1e-5, rtol=0)
+
+
+def test_early_exit_runs_a_train_mode_model_in_eval_mode_and_restores_it():
+    # after train() the model is in train mode: early exit still answers as the evaluated
+    # model does (no dropout, BatchNorm on running statistics, none of them updated), and
+    # every module's own mode comes back
+    from helpers.vision import SIZE, tiny_vision
+
+    pytest.importorskip("timm")
+    net = tiny_vision("tv-resnet")
+    model = ew.attach_exits(net, ew.ExitConfig(layers=[2, 4], head="sdn", num_labels=3))
+    x = torch.randn(3, 3, SIZE, SIZE)
+    policy = ew.get_policy("confidence", threshold=0.5)
+    model.eval()
+    want = model.early_exit(policy, pixel_values=x)
+    model.train()
+    model.heads[0].eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = model.early_exit(policy, pixel_values=x)
+    assert torch.equal(got.logits, want.logits) and torch.equal(got.exit_index, want.exit_index)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert {name: m.training for name, m in model.named_modules()} == modes

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..modes import eval_mode
 from . import wrap_backbone
 from .base import Backbone
 
@@ -64,7 +65,9 @@ def cumulative_flops(backbone: Backbone, example: Any = None) -> torch.Tensor:
                 "example=<one input batch> to place exits by FLOPs"
             )
         example = maker()
-    with torch.no_grad():
+    # eval mode: a BatchNorm in train mode would fold the blank example into its running
+    # statistics, changing the user's model by merely placing exits
+    with torch.no_grad(), eval_mode(backbone):
         if isinstance(example, dict):
             state = backbone.start(**example)
         else:

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import ConfigError, InputError
+from ..modes import eval_mode
 from .base import Backbone, BackboneState, OwnClassifier
 
 
@@ -47,6 +48,7 @@ class SequentialBackbone(Backbone):
         self.num_layers = len(blocks)
         self._dims: list[int] | None = None
         self._flops: list[float] | None = None
+        self._example: torch.Tensor | None = None
         self._stem_flops = 0.0
         if example is not None:
             self.profile(example)
@@ -55,21 +57,32 @@ class SequentialBackbone(Backbone):
     def profile(self, example: torch.Tensor) -> None:
         """Run one row through, recording each block's output width and FLOPs."""
         x = example[:1]
-        was_training = self.training
-        self.eval()
+        with eval_mode(self):
+            self._dims, self._flops, self._stem_flops = self._measure(x)
+        self._example = x.detach().clone()  # what placing exits by FLOPs runs again
+
+    def example_input(self, batch_size: int = 1) -> torch.Tensor:
+        """The profiled example row, repeated to (batch_size, ...); ConfigError before one
+        was given (``example=`` or a first batch)."""
+        if self._example is None:
+            raise ConfigError(
+                "this SequentialBackbone has not seen an input yet: build it with "
+                "example=<one input batch> to place exits by FLOPs")
+        return self._example.expand(batch_size, *self._example.shape[1:]).clone()
+
+    def _measure(self, x: torch.Tensor) -> tuple[list[int], list[float], float]:
         dims, flops = [], []
         counter = FlopCounterMode(display=False)
         with counter:
             x = self.stem(x) if self.stem is not None else x
-        self._stem_flops = float(counter.get_total_flops())
+        stem_flops = float(counter.get_total_flops())
         for block in self.blocks:
             counter = FlopCounterMode(display=False)
             with counter:
                 x = block(x)
             flops.append(float(counter.get_total_flops()))
             dims.append(int(x.shape[1]) if x.dim() > 1 else 1)
-        self._dims, self._flops = dims, flops
-        self.train(was_training)
+        return dims, flops, stem_flops
 
     def own_classifier(self) -> OwnClassifier | None:
         """The ``classifier`` given, applied to the last block's output; None without one."""

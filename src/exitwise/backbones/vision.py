@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import InputError, UnsupportedModelError
+from ..modes import eval_mode
 from .base import Backbone, BackboneState, OwnClassifier, hf_label_names, resolve_path
 from .vision_layouts import VisionLayout, find_vision_layout, supported_vision_models
 
@@ -231,29 +232,29 @@ class VisionBackbone(Backbone):
         weight = self._conv[0].weight
         device = like.device if like is not None else weight.device
         x = torch.zeros(1, self.in_channels, *size, dtype=weight.dtype, device=device)
-        modes = [(m, m.training) for m in self.net.modules()]
-        self.net.eval()  # no BatchNorm statistics updates, no dropout
-        try:
-            counter = FlopCounterMode(display=False)
-            with counter:
-                x = run_calls(self._stem, x)
-            stem, flops, widths = float(counter.get_total_flops()), [], []
-            for i, unit in enumerate(self._units):
-                counter = FlopCounterMode(display=False)
-                with counter:
-                    x = run_calls(unit, x)
-                    if i == self.num_layers - 1:
-                        x = self._neck_forward(x)
-                flops.append(float(counter.get_total_flops()))
-                tokens = self.layout.tokens and x.dim() == 3  # (B, T, H); else (B, C, ...)
-                widths.append(int(x.shape[-1] if tokens else x.shape[1]))
+        try:  # eval mode: no BatchNorm statistics updates, no dropout
+            with eval_mode(self.net):
+                return self._measure(size, x)
         except (RuntimeError, ValueError, AssertionError, IndexError) as err:
             raise InputError(
                 f"{type(self.net).__name__} cannot take {size[0]}x{size[1]} images: {err}"
             ) from None
-        finally:
-            for m, mode in modes:
-                m.training = mode
+
+    def _measure(self, size: Size, x: torch.Tensor) -> _Profile:
+        """One blank image through the stem and each block, under FLOP counters."""
+        counter = FlopCounterMode(display=False)
+        with counter:
+            x = run_calls(self._stem, x)
+        stem, flops, widths = float(counter.get_total_flops()), [], []
+        for i, unit in enumerate(self._units):
+            counter = FlopCounterMode(display=False)
+            with counter:
+                x = run_calls(unit, x)
+                if i == self.num_layers - 1:
+                    x = self._neck_forward(x)
+            flops.append(float(counter.get_total_flops()))
+            tokens = self.layout.tokens and x.dim() == 3  # (B, T, H); else (B, C, ...)
+            widths.append(int(x.shape[-1] if tokens else x.shape[1]))
         profile = _Profile(stem, flops, widths)
         self._profiles[size] = profile
         return profile

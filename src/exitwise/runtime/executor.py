@@ -11,6 +11,11 @@ A model with a skip gate (:mod:`exitwise.heads.skip_gate`) runs each block only 
 its gate lets in (``model.block_step``); a row that skipped the block an exit sits on is not
 offered that exit (its decision there is masked), and its FLOPs count only the blocks it ran
 plus the gates.
+
+Inference runs in eval mode: a model still in train mode after training (``train`` returns it
+so) is switched for the call and its modules' modes restored afterwards, so dropout stays off
+and a BatchNorm neither normalizes with the batch nor updates its running statistics, exactly
+as :func:`exitwise.analysis.collect_exit_logits` (what replay reads) runs it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError
+from ..modes import eval_mode
 from ..outputs import EarlyExitResult
 from ..policies.base import ExitPolicy
 from .flops import exit_cost_table, padded
@@ -30,7 +36,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..model import MultiExitModel
 
 
-@torch.inference_mode()
 def run_early_exit(
     model: "MultiExitModel",
     policy: ExitPolicy,
@@ -46,6 +51,21 @@ def run_early_exit(
     profile: record wall-clock per block (adds a timer call per block).
     count_flops: fill ``flops`` (cheap; off only for the tightest timing loops).
     """
+    if model.training:  # see the module docstring: inference is in eval mode
+        with eval_mode(model):
+            return _run_early_exit(model, policy, labels, profile, count_flops, **inputs)
+    return _run_early_exit(model, policy, labels, profile, count_flops, **inputs)
+
+
+@torch.inference_mode()
+def _run_early_exit(
+    model: "MultiExitModel",
+    policy: ExitPolicy,
+    labels: torch.Tensor | None,
+    profile: bool,
+    count_flops: bool,
+    **inputs: Any,
+) -> EarlyExitResult:
     if policy.needs_labels and labels is None:
         raise InputError(f"policy {policy.registered_name!r} needs labels")
     policy.check_task(model.task)
