@@ -258,6 +258,35 @@ def test_boosted_heads_fit_the_residual_of_the_detached_ensemble():
     assert model.heads[0].base.classifier.weight.grad.abs().sum() > 0
 
 
+def test_boosted_keeps_a_native_final_exit_out_of_the_sum():
+    # a network with its own classifier keeps it as the final exit (head "native"): it
+    # predicts alone, so the cascade heads before it still count as additive (no warning)
+    # and its loss term is its own cross-entropy, not one with the prior added again
+    import warnings
+
+    from exitwise.heads.native import NativeHead
+
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Conv2d(1 if i == 0 else 6, 6, 3, padding=1), nn.ReLU())
+              for i in range(3)]
+    own = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+    backbone = ew.SequentialBackbone(blocks, example=torch.randn(1, 1, 8, 8), classifier=own)
+    model = ew.attach_exits(backbone, ew.ExitConfig(
+        layers="all", head="cascade", dropout=0.0,
+        head_kwargs={"base": "linear", "combine": "additive", "reweight": 0.5})).train()
+    assert isinstance(model.heads[-1], NativeHead)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (stage,) = get_strategy("boosted", gradient_rescaling=False).stages(model)
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    out = model(pixel_values=x)
+    expected = sum(nn.functional.cross_entropy(z, y) for z in out.logits)
+    torch.testing.assert_close(stage.loss(out, y), expected)
+    with pytest.raises(ConfigError, match="reweight"):  # the heads' 0.5, not the native's
+        get_strategy("boosted", reweight=1.0).stages(model)
+    assert len(get_strategy("boosted", reweight=0.5).stages(model)) == 1
+
+
 # -- meta-learning -------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["l2w", "meta_gf"])
 def test_meta_recipes_update_their_meta_parameters(name, tmp_path):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..heads.native import NativeHead
 from ..outputs import ExitOutputs
 from ..registry import Registry
 
@@ -162,6 +163,16 @@ def head_parameters(
     """Parameters of the heads at exit indices ``exits`` (all heads when None)."""
     indices = range(model.num_exits) if exits is None else exits
     return [p for k in indices for p in model.heads[k].parameters()]
+
+
+def later_exits(model: MultiExitModel) -> list[nn.Module]:
+    """The heads after the first that a recipe links to the exits before them (cascades,
+    boosting, inline collaboration): all of them, except a final exit that is the network's
+    own classifier (head ``native``), which predicts alone."""
+    later = list(model.heads[1:])
+    if later and isinstance(later[-1], NativeHead):
+        later.pop()
+    return later
 
 
 def exit_cross_entropy(outputs: ExitOutputs, labels: torch.Tensor, k: int) -> torch.Tensor:

@@ -18,6 +18,9 @@ inference too (the reference's ``DynamicNet.forward``): build the model with
   (:func:`~exitwise.training.base.gradient_equilibrium_scales`).
 - With other heads the strategy forms the sums in the loss only (``reweight`` option, default 1)
   and warns, since each exit then predicts its residual alone at inference.
+- A final exit that is the model's own classifier (head ``native``, kept when the network has
+  one) is not part of the sum: it predicts alone at inference, so its term is its own
+  cross-entropy (r = 0) and the other exits decide whether the heads are additive.
 
 Deviations: the reference reweights the training prior with ``r_{k-1}`` and the inference sum
 with ``r_k`` (``forward_all`` vs ``forward``), which only agree for a constant ``r``; here both
@@ -42,6 +45,7 @@ from .base import (
     backbone_parameters,
     gradient_equilibrium_scales,
     head_parameters,
+    later_exits,
     register_strategy,
 )
 
@@ -50,10 +54,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def is_additive(model: MultiExitModel) -> bool:
-    """True when every exit after the first outputs ``f_k + r_k F_{k-1}.detach()`` itself."""
+    """True when every exit after the first (:func:`~.base.later_exits`: a native final
+    exit predicts alone) outputs ``f_k + r_k F_{k-1}.detach()`` itself."""
     return all(
         getattr(h, "combine", None) == "additive" and getattr(h, "detach_previous", False)
-        for h in model.heads[1:]
+        for h in later_exits(model)
     )
 
 
@@ -103,11 +108,14 @@ class BoostedStrategy(TrainingStrategy):
         if model.num_exits < 2:
             raise ConfigError("boosted needs at least one exit besides the final one")
         additive = is_additive(model)
+        boosted = later_exits(model)
+        native_final = len(boosted) < model.num_exits - 1  # predicts alone: r = 0
         if additive:
-            reweights = [1.0] + [float(h.reweight) for h in model.heads[1:]]
-            if self.reweight is not None and any(r != self.reweight for r in reweights[1:]):
+            own = [float(h.reweight) for h in boosted]
+            reweights = [1.0] + own + [0.0] * native_final
+            if self.reweight is not None and any(r != self.reweight for r in own):
                 raise ConfigError(
-                    f"the additive heads reweight the previous prediction by {reweights[1:]}; "
+                    f"the additive heads reweight the previous prediction by {own}; "
                     f"reweight={self.reweight} would train another model than the one that "
                     "runs: set it on the heads (head_kwargs={'combine': 'additive', "
                     "'reweight': r})"
@@ -121,7 +129,7 @@ class BoostedStrategy(TrainingStrategy):
                 stacklevel=3,
             )
             r = 1.0 if self.reweight is None else self.reweight
-            reweights = [r] * model.num_exits
+            reweights = [r] * (model.num_exits - native_final) + [0.0] * native_final
         forward = (
             {"grad_scales": gradient_equilibrium_scales(model.num_exits)}
             if self.gradient_rescaling

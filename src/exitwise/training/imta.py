@@ -53,6 +53,7 @@ from .base import (
     check_distillation_options,
     exit_cross_entropy,
     gradient_equilibrium_scales,
+    later_exits,
     register_strategy,
     weighted_exit_loss,
 )
@@ -148,7 +149,7 @@ class IMTAStrategy(TrainingStrategy):
     def build_stages(self, model: MultiExitModel) -> list[Stage]:
         if model.num_exits < 2:
             raise ConfigError("imta needs at least one exit besides the final one")
-        later = model.heads[1:]
+        later = later_exits(model)  # a native final exit predicts alone
         if not all(uses_previous_logits(h) for h in later):
             warnings.warn(
                 "imta: inline subnetwork collaboration needs cascade heads (head='cascade', "
