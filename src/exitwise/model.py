@@ -516,23 +516,26 @@ def _keep_own_classifier(backbone: Backbone, config: ExitConfig, depths: list[in
     """``config`` with the final exit set to the backbone's own classifier (head ``native``)
     when the model has one and the user named no final head (as ``final_head`` or as an
     entry of a per-exit ``head`` that covers the final exit) and asked for no other number of
-    classes; its number of outputs and class names fill ``num_labels`` / ``label_names``."""
+    classes. Its number of outputs and class names fill ``num_labels`` / ``label_names`` when
+    they are not given, also when the user's own final head replaces it (the task stays the
+    network's)."""
     own = backbone.own_classifier()
-    if own is None or config.final_head is not None or config.head_name == "lm":
+    if own is None or config.head_name == "lm":
         return config
-    if config.num_labels is not None and config.num_labels != own.num_labels:
-        return config  # another number of classes: a new classifier (a fresh final head)
-    head = config.head
-    if (isinstance(head, list) and len(head) == len(depths)) or (
-        isinstance(head, dict) and depths[-1] in head
-    ):
-        return config  # the user chose the final exit's head
-    changes: dict[str, Any] = {"final_head": "native", "final_head_kwargs": {}}
-    if config.num_labels is None:
+    changes: dict[str, Any] = {}
+    if config.num_labels is None:  # the task is the own classifier's, whichever final head
         changes["num_labels"] = own.num_labels
         if config.label_names is None and own.label_names:
             changes["label_names"] = list(own.label_names)
-    return replace(config, **changes)
+    elif config.num_labels != own.num_labels:
+        return config  # another number of classes: a new classifier (a fresh final head)
+    head = config.head
+    chosen = config.final_head is not None or (
+        isinstance(head, list) and len(head) == len(depths)) or (
+        isinstance(head, dict) and depths[-1] in head)
+    if not chosen:  # else the user chose the final exit's head
+        changes.update(final_head="native", final_head_kwargs={})
+    return replace(config, **changes) if changes else config
 
 
 def attach_exits(backbone: nn.Module | Backbone, config: ExitConfig | None = None, **kwargs: Any) -> MultiExitModel:

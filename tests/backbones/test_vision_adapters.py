@@ -186,3 +186,20 @@ def test_unknown_models_and_models_without_blocks():
     del resnet.layer4  # a layout path the model does not have
     with pytest.raises(UnsupportedModelError, match="layer4"):
         VisionBackbone(resnet)
+
+
+def test_distilled_deit_says_its_two_classifiers_cannot_be_kept():
+    # timm's distilled DeiT averages a class-token head and a distillation-token head: no
+    # classifier over one pre-logits vector reproduces that, so attach_exits says so instead
+    # of silently making a fresh 2-class final exit; reset, it is a headless backbone
+    import timm
+
+    torch.manual_seed(0)
+    net = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=5,
+                            img_size=SIZE, patch_size=8, depth=2).eval()
+    with pytest.raises(UnsupportedModelError, match="reset_classifier"):
+        ew.attach_exits(net, layers="all", head="linear")
+    net.reset_classifier(0)
+    model = ew.attach_exits(net, layers="all", head="linear", num_labels=5).eval()
+    assert type(model.heads[-1]).registered_name == "linear"
+    assert model.early_exit(ew.get_policy("never"), pixel_values=images(2)).logits.shape == (2, 5)

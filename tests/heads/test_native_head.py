@@ -63,6 +63,10 @@ def test_own_classifier_choices_an_explicit_head_or_another_class_count_replace_
     assert type(other.heads[-1]).registered_name == "mean" and other.num_labels == 5
     listed = ew.attach_exits(raw, layers=[2, 4], head=["mean", "pooler"])
     assert type(listed.heads[-1]).registered_name == "pooler"
+    # a head of the user's own choosing still serves the network's task: its 3 named classes
+    for model in (fresh, listed, ew.attach_exits(raw, layers=[2, 4], head={2: "mean", 4: "linear"})):
+        assert model.num_labels == 3 and model.config.label_names == LABELS
+        assert model.heads[-1](torch.randn(2, 5, 32), None).shape[-1] == 3
     with pytest.raises(ConfigError, match="has none"):
         ew.attach_exits(tiny_encoder("bert"), layers="all", head="mean", final_head="native")
 

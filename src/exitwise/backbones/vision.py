@@ -318,6 +318,15 @@ class VisionBackbone(Backbone):
             module = resolve_path(self.net, kind[5:])
         else:  # pragma: no cover - table error
             module = None
+        if isinstance(module, tuple):  # timm's distilled models: (head, head_dist)
+            if any(isinstance(m, nn.Linear) for part in module for m in part.modules()):
+                raise UnsupportedModelError(
+                    f"{type(self.net).__name__} classifies with two heads on two tokens (class "
+                    "and distillation) and averages them; exitwise keeps one own classifier "
+                    "over the pre-logits features, which cannot reproduce that. Remove them "
+                    "with net.reset_classifier(0) and give the final exit's head and "
+                    "num_labels, or use the model without distillation")
+            return None  # reset: no classifier of its own
         linears = [m for m in module.modules() if isinstance(m, nn.Linear)] if isinstance(
             module, nn.Module) else []
         if not linears:  # nn.Identity (num_classes=0) or nothing: no classifier of its own
