@@ -19,6 +19,7 @@ from exitwise.calibration import (
     store_calibration,
 )
 from exitwise.errors import ConfigError, InputError
+from exitwise.policies.entropy import prediction_entropy
 
 
 def sigmoid(x: float) -> float:
@@ -211,3 +212,23 @@ def test_store_calibration_and_run_it_for_real(tmp_path) -> None:
     offline = replay(loaded.calibrated_policy(), cache, loaded.temperatures)
     assert torch.equal(torch.cat([r.exit_index for r in live]), offline.exit_index)
     assert torch.equal(torch.cat([r.flops for r in live]), offline.costs)
+
+
+@pytest.mark.parametrize("name", ["confidence", "entropy"])
+def test_many_classes_the_grid_reaches_confident_low_probability_exits(name) -> None:
+    # 100 classes, every exit right with a top probability near 0.35 (entropy near 2.5
+    # nats): the grids once stopped at 0.5 / 1 nat and so never let a row leave early
+    g = torch.Generator().manual_seed(0)
+    n, c = 300, 100
+    labels = torch.randint(0, c, (n,), generator=g)
+    logits = torch.randn(n, 3, c, generator=g) * 0.5
+    logits[torch.arange(n), :, labels] += 4.0
+    top = torch.softmax(logits[:, 0], -1).amax(-1)
+    assert float(top.median()) < 0.5
+    assert float(prediction_entropy(logits[:, 0]).median()) > 1.0
+    cost = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64).expand(n, 3)
+    cache = ExitLogitsCache(logits, labels, cost, torch.full((n,), 3.0, dtype=torch.float64),
+                            [1, 2, 3])
+    result = search_accuracy_drop(name, cache, max_drop_points=1.0)
+    assert result.heldout["flops_speedup"] == pytest.approx(3.0)  # all leave at the first exit
+    assert search_budget(name, cache, budget=0.5).met_target

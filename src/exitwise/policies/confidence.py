@@ -21,4 +21,8 @@ class ConfidencePolicy(ExitPolicy):
         return confidence >= self.value, state
 
     def grid(self, num_exits: int) -> list[float]:
-        return [round(0.5 + 0.005 * i, 4) for i in range(100)] + [0.9975, 0.999, 0.9999, 1.0]
+        # Fine from 0.5 up (two classes never go below it); coarser from 0.05, where a top
+        # probability of a many-class model (1/C at the least) can still mean "right".
+        return ([round(0.05 + 0.025 * i, 4) for i in range(18)]
+                + [round(0.5 + 0.005 * i, 4) for i in range(100)]
+                + [0.9975, 0.999, 0.9999, 1.0])

@@ -26,5 +26,8 @@ class EntropyPolicy(ExitPolicy):
         return prediction_entropy(logits) <= self.value, state
 
     def grid(self, num_exits: int) -> list[float]:
-        # DeeBERT sweeps raw entropy; spread the grid geometrically over 1e-4 .. 1.0 nats.
-        return [0.0] + [round(10 ** (-4 + 4 * i / 99), 6) for i in range(100)]
+        # DeeBERT sweeps raw entropy; spread the grid geometrically over 1e-4 .. 1.0 nats, and
+        # on to 7.9 nats: entropy reaches log C (6.9 for 1,000 classes), so a confident
+        # many-class prediction can sit above 1 nat.
+        return ([0.0] + [round(10 ** (-4 + 4 * i / 99), 6) for i in range(100)]
+                + [round(10 ** (i / 20), 4) for i in range(1, 19)])
