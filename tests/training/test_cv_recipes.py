@@ -289,6 +289,24 @@ def test_boosted_keeps_a_native_final_exit_out_of_the_sum():
 
 # -- meta-learning -------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["l2w", "meta_gf"])
+def test_meta_recipes_drop_an_epochs_single_row_last_batch(name, tmp_path):
+    # 9 rows in batches of 4 leave one row at the end of the epoch: two halves cannot be cut
+    # from it, so train() drops that batch unless told otherwise, and then says how to fix it
+    from exitwise.errors import InputError
+
+    model = cnn()
+    result = train(model, image_items(9), strategy=name, output_dir=tmp_path / "a",
+                   num_train_epochs=1, save_final=False, strategy_options=RECIPE_OPTIONS.get(
+                       name), **{**FAST, "per_device_train_batch_size": 4})
+    assert result.stages[-1].global_step == 2
+    with pytest.raises(InputError, match="dataloader_drop_last"):
+        train(cnn(), image_items(9), strategy=name, output_dir=tmp_path / "b",
+              num_train_epochs=1, save_final=False, dataloader_drop_last=False,
+              strategy_options=RECIPE_OPTIONS.get(name),
+              **{**FAST, "per_device_train_batch_size": 4})
+
+
+@pytest.mark.parametrize("name", ["l2w", "meta_gf"])
 def test_meta_recipes_update_their_meta_parameters(name, tmp_path):
     model = cnn()
     recipe = get_strategy(name, **RECIPE_OPTIONS.get(name, {}))

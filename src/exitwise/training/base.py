@@ -107,6 +107,9 @@ class TrainingStrategy:
     # Tasks the strategy's losses mean something for (distillation between class distributions
     # does not apply to a regression output); the training loop refuses the others.
     tasks: tuple[str, ...] = ("classification",)
+    # The fewest rows a training batch may have (meta-learning recipes cut each batch in two
+    # halves); the loop drops a shorter last batch of an epoch instead of failing on it.
+    min_batch_rows: int = 1
 
     def __init__(self, stage_args: Sequence[dict[str, Any]] | None = None) -> None:
         self.stage_args = [dict(a) for a in stage_args] if stage_args is not None else None

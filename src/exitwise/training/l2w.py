@@ -197,6 +197,7 @@ class L2WStep:
 @register_strategy("l2w")
 class L2WStrategy(TrainingStrategy):
     tunes_backbone = True
+    min_batch_rows = 2  # each step cuts the batch in two halves (meta.halves)
 
     def __init__(
         self,

@@ -174,6 +174,7 @@ class LeeBERTStep:
 @register_strategy("leebert")
 class LeeBERTStrategy(TrainingStrategy):
     tunes_backbone = True
+    min_batch_rows = 2  # each step cuts the batch in two halves (meta.halves)
     tasks = ("classification",)  # distillation between class distributions
 
     def __init__(

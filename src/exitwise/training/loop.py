@@ -98,6 +98,23 @@ def _training_arguments(
         raise ConfigError(f"bad training arguments: {err}") from None
 
 
+def _drop_short_last_batch(strategy: TrainingStrategy, stages: list[Stage], dataset: Any,
+                           output_dir: str | Path, user_args: dict[str, Any]) -> None:
+    """A strategy that needs ``min_batch_rows`` rows per batch (the meta-learning recipes cut
+    each batch in two halves) would fail on an epoch's last batch when the dataset's size
+    leaves fewer; such stages drop that batch (``dataloader_drop_last``), unless the user
+    chose the setting."""
+    need = strategy.min_batch_rows
+    if need <= 1 or "dataloader_drop_last" in user_args or not hasattr(dataset, "__len__"):
+        return
+    for stage in stages:
+        if "dataloader_drop_last" in stage.args:
+            continue
+        batch = _training_arguments(stage, Path(output_dir), user_args).train_batch_size
+        if 0 < len(dataset) % batch < need:
+            stage.args = {**stage.args, "dataloader_drop_last": True}
+
+
 def _check_args(user_args: dict[str, Any]) -> None:
     unknown = sorted(set(user_args) - _ARG_FIELDS)
     if unknown:
@@ -246,6 +263,7 @@ def train(
             f"(num_labels={model.num_labels}). Use one of: {', '.join(usable)}"
         )
     stages = chosen.stages(model)
+    _drop_short_last_batch(chosen, stages, train_dataset, output_dir, training_args)
     _check_dataset_labels(train_dataset, model.num_labels, "training")
     if eval_dataset is not None:
         _check_dataset_labels(eval_dataset, model.num_labels, "evaluation")

@@ -61,7 +61,11 @@ def halves(
     ``[(inputs_1, labels_1), (inputs_2, labels_2)]``."""
     b = int(labels.shape[0])
     if b < 2:
-        raise InputError("meta-learning strategies need batches of at least 2 rows (two halves)")
+        raise InputError(
+            "meta-learning strategies need batches of at least 2 rows (two halves); with "
+            "dataloader_drop_last=False the last batch of an epoch may be shorter: drop it "
+            "(dataloader_drop_last=True, what train() chooses when the setting is not given) "
+            "or choose a batch size that leaves no single row")
     cut = (b + 1) // 2
 
     def part(sl: slice) -> dict[str, Any]:

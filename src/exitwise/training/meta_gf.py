@@ -196,6 +196,7 @@ class MetaGFStep:
 @register_strategy("meta_gf")
 class MetaGFStrategy(TrainingStrategy):
     tunes_backbone = True
+    min_batch_rows = 2  # each step cuts the batch in two halves (meta.halves)
 
     def __init__(
         self,
