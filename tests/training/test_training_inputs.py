@@ -9,7 +9,7 @@ import torch
 from helpers.trainkit import FAST, tiny_model, token_items
 from torch.utils.data import IterableDataset
 
-from exitwise.errors import ConfigError, InputError
+from exitwise.errors import ConfigError, DataError, InputError
 from exitwise.training import (
     PaddingCollator,
     evaluate_exits,
@@ -171,3 +171,27 @@ def test_periodic_evaluation_logs_per_exit_accuracy(tmp_path):
     best = load_file(str(Path(state["best_model_checkpoint"]) / "model.safetensors"))
     own = result.model.state_dict()
     assert all(torch.equal(t, own[n]) for n, t in best.items())
+
+
+def test_image_label_pairs_train_as_torchvision_datasets_give_them(tmp_path):
+    # a torchvision dataset yields (image, label) pairs: read as pixel_values and labels, as
+    # the logit cache reads such batches; a label out of range is still caught up front
+    import exitwise as ew
+    from torch import nn
+
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Conv2d(c, 4, 3, padding=1), nn.ReLU()) for c in (1, 4)]
+    model = ew.attach_exits(ew.SequentialBackbone(blocks, example=torch.randn(1, 1, 6, 6)),
+                            ew.ExitConfig(layers="all", head="sdn", num_labels=3))
+    pairs = [(torch.randn(1, 6, 6), i % 3) for i in range(8)]
+    batch = PaddingCollator()(pairs[:4])
+    assert set(batch) == {"pixel_values", "labels"} and batch["pixel_values"].shape == (4, 1, 6, 6)
+    assert batch["labels"].tolist() == [0, 1, 2, 0]
+    result = train(model, pairs, strategy="joint", output_dir=tmp_path / "ok", max_steps=2,
+                   save_final=False, **FAST)
+    assert result.stages[-1].global_step == 2
+    with pytest.raises(InputError, match="label"):
+        train(model, pairs + [(torch.randn(1, 6, 6), 7)], strategy="joint",
+              output_dir=tmp_path / "bad", max_steps=1, save_final=False, **FAST)
+    with pytest.raises(DataError, match="pairs"):
+        PaddingCollator()(["just a string"])

@@ -3,12 +3,14 @@
 Items are dicts such as ``{"input_ids": [...], "attention_mask": [...], "labels": 1}`` (lists
 or 1-D tensors, varying lengths). The batch pads every sequence key to the longest row
 (right padding) and stacks scalars, giving input_ids (B, T), attention_mask (B, T),
-token_type_ids (B, T) when present, labels (B,).
+token_type_ids (B, T) when present, labels (B,). An ``(image, label)`` pair, what a
+torchvision dataset yields, is read as ``{"pixel_values": image, "labels": label}`` (as
+:func:`exitwise.runtime.online.split_batch` reads such batches for caches and streams).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,6 +18,18 @@ import torch
 from ..errors import DataError
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+def as_example(item: Any) -> Mapping[str, Any]:
+    """One dataset item as a dict: dicts as they are, ``(inputs, label)`` pairs as
+    ``{"pixel_values": inputs, "labels": label}``."""
+    if isinstance(item, Mapping):  # dicts, HF BatchEncoding
+        return item
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        return {"pixel_values": item[0], "labels": item[1]}
+    raise DataError(
+        f"cannot read a training example of type {type(item).__name__}: give dicts (e.g. "
+        "{'input_ids': [...], 'labels': 1}) or (image, label) pairs")
 
 
 class PaddingCollator:
@@ -27,6 +41,7 @@ class PaddingCollator:
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not items:
             raise DataError("cannot collate an empty list of examples")
+        items = [as_example(it) for it in items]
         keys = list(items[0].keys())
         batch: dict[str, torch.Tensor] = {}
         for key in keys:

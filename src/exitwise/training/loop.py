@@ -24,7 +24,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..checkpoint import STAGE_WEIGHTS, load_model_weights, read_progress, write_progress
 from ..errors import ConfigError, DataError, InputError
 from .base import STRATEGIES, Stage, TrainingStrategy, get_strategy
-from .collate import default_collator
+from .collate import as_example, default_collator
 from .evaluate import ExitEvaluation, evaluate_exit_scores, format_exit_table
 from .trainer import ExitTrainer
 
@@ -141,9 +141,7 @@ def _check_dataset_labels(dataset: Any, num_labels: int, name: str) -> None:
     elif len(dataset) <= 100_000:
         column = []
         for i in range(len(dataset)):
-            item = dataset[i]
-            if not isinstance(item, dict):
-                return
+            item = as_example(dataset[i])
             column.append(item.get("labels", item.get("label")))
     if column is None:
         return
