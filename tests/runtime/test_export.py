@@ -178,20 +178,23 @@ def test_unsupported_backbone_is_a_clear_error(tmp_path):
         export_segments(model, tmp_path, torch.zeros(1, 4))
 
 
-@pytest.mark.parametrize("family, head", [("timm-resnet", "sdn"), ("timm-vit", "vit_layer")])
-def test_vision_backbones_export(tmp_path, family, head):
+@pytest.mark.parametrize("family, head, size", [
+    ("timm-resnet", "sdn", 32), ("timm-vit", "vit_layer", 32),
+    ("timm-resnet", "sdn", 56),  # maps of 14 x 14 and 7 x 7: not multiples of the 4 x 4 pool
+])
+def test_vision_backbones_export(tmp_path, family, head, size):
     """timm CNN (feature maps) and ViT (tokens with a mask): segments equal eager."""
     pytest.importorskip("timm")
     from helpers.vision import tiny_vision
 
     from exitwise.backbones import VisionBackbone
 
-    backbone = VisionBackbone(tiny_vision(family), image_size=32)
+    backbone = VisionBackbone(tiny_vision(family), image_size=size)
     n = backbone.num_layers
-    model = ew.attach_exits(backbone, ew.ExitConfig(layers=[n // 2, n], head=head,
+    model = ew.attach_exits(backbone, ew.ExitConfig(layers=[1, n // 2, n], head=head,
                                                    num_labels=10, dropout=0.0)).eval()
-    export_segments(model, tmp_path, torch.randn(2, 3, 32, 32))
-    x = torch.randn(5, 3, 32, 32)
+    export_segments(model, tmp_path, torch.randn(2, 3, size, size))
+    x = torch.randn(5, 3, size, size)
     with torch.inference_mode():
         eager = model(pixel_values=x).stacked()
     torch.testing.assert_close(OnnxExitRunner(tmp_path).all_exits(x), eager, atol=ATOL,
@@ -204,3 +207,16 @@ def test_missing_onnxruntime_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes ``import`` fail
     with pytest.raises(ImportError, match=r"exitwise\[export\]"):
         OnnxExitRunner(tmp_path)
+
+
+def test_sdn_export_windows_equal_adaptive_pooling():
+    # what an exported sdn head computes: PyTorch's adaptive windows, one slice per cell
+    import torch.nn.functional as F
+
+    from exitwise.heads.sdn import _window_pools
+
+    for h, w in [(14, 14), (7, 9), (8, 8), (3, 5), (1, 1)]:
+        x = torch.randn(2, 3, h, w)
+        peak, mean = _window_pools(x, 4)
+        assert torch.equal(peak, F.adaptive_max_pool2d(x, 4))
+        torch.testing.assert_close(mean, F.adaptive_avg_pool2d(x, 4))

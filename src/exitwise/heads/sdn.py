@@ -12,7 +12,8 @@ has no dropout (the ``dropout`` option every head takes is accepted and not appl
 
 Deviations: SDN pools with a fixed kernel (input size / 4) and skips pooling on maps smaller
 than 4x4; here adaptive pooling gives an s x s map from any size. Other inputs, so the head
-works after any backbone: token sequences (B, T, H) are max- and mean-pooled over their real
+works after any backbone (exported to ONNX too, from the same windows computed one by one:
+:func:`_window_pools`): token sequences (B, T, H) are max- and mean-pooled over their real
 tokens (``mask``), flat features (B, H) are used as they are; the pooled (B, C) vector then
 fills all s*s positions, so one linear layer serves every input kind.
 """
@@ -25,6 +26,31 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import ExitHead, register_head
+
+
+def _exporting() -> bool:
+    """True while torch.export (the ONNX exporter's tracer) or the legacy exporter runs."""
+    return bool(torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export())
+
+
+def _window_pools(hidden: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adaptive max and average pooling of (B, C, H, W) to (B, C, s, s) from the windows
+    PyTorch's adaptive pooling uses (rows floor(i H / s) .. ceil((i + 1) H / s), the same for
+    columns), one slice per output cell: the exporter has no ONNX function for adaptive max
+    pooling when H or W is not a multiple of s (a 14 x 14 map of a 224-pixel image). The
+    spatial size is fixed in an exported graph (only the batch is dynamic), so the windows
+    are plain integers there."""
+    h, w = int(hidden.shape[-2]), int(hidden.shape[-1])
+    rows = [(i * h // s, -(-(i + 1) * h // s)) for i in range(s)]
+    cols = [(j * w // s, -(-(j + 1) * w // s)) for j in range(s)]
+    peaks, means = [], []
+    for r0, r1 in rows:
+        for c0, c1 in cols:
+            cell = hidden[:, :, r0:r1, c0:c1]
+            peaks.append(cell.amax((-2, -1)))
+            means.append(cell.mean((-2, -1)))
+    shape = (hidden.shape[0], hidden.shape[1], s, s)
+    return (torch.stack(peaks, -1).reshape(shape), torch.stack(means, -1).reshape(shape))
 
 
 @register_head("sdn")
@@ -49,8 +75,11 @@ class SDNHead(ExitHead):
         """(B, C * s * s): the mixed max/avg pooled features the linear layer reads."""
         s = self.pool_size
         if hidden.dim() == 4:
-            peak = F.adaptive_max_pool2d(hidden, s)
-            mean = F.adaptive_avg_pool2d(hidden, s)
+            if _exporting():
+                peak, mean = _window_pools(hidden, s)
+            else:
+                peak = F.adaptive_max_pool2d(hidden, s)
+                mean = F.adaptive_avg_pool2d(hidden, s)
         elif hidden.dim() == 3:
             if mask is None:
                 peak, mean = hidden.amax(1), hidden.mean(1)
