@@ -360,11 +360,14 @@ class MultiExitModel(nn.Module):
     def calibrated_policy(self, name: str | None = None) -> ExitPolicy:
         """The policy calibration stored (``name`` or the default one)."""
         policies = self.calibration.get("policies", {})
+        hint = (f" (to run the {name!r} rule with a threshold of your own, pass a policy "
+                f"object: ew.get_policy({name!r}, ...))" if name else "")
         if not policies:
-            raise InputError("this model has no calibrated policy; run calibration first")
+            raise InputError("this model has no calibrated policy; run calibration first" + hint)
         key = name or self.calibration.get("default") or next(iter(policies))
         if key not in policies:
-            raise InputError(f"no calibrated policy {key!r}; have: {', '.join(policies)}")
+            raise InputError(
+                f"no calibrated policy {key!r}; have: {', '.join(policies)}" + hint)
         return policy_from_dict(policies[key]["policy"])
 
     # -- persistence ------------------------------------------------------------------------
