@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from exitwise.cli import main
 
@@ -286,3 +287,39 @@ def test_training_free_strategies_from_the_command_line(tiny_lm_dir, capsys):
     # an option of another strategy is refused, naming it
     assert main(["generate", *common, "--strategy", "swift", "--ngram", "3"]) == 2
     assert "ngram" in capsys.readouterr().err
+
+
+def test_a_tuned_decoder_is_what_generate_runs_and_the_base_path_is_kept_absolute(
+        tiny_lm_dir, tmp_path, capsys, monkeypatch):
+    # layerskip tunes the decoder itself: the folder's saved decoder, not the base model, is
+    # what `generate FOLDER` must run; a relative --model is recorded absolute, so the folder
+    # loads from anywhere; the same command and --seed give the same exits
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from exitwise.recipes.lm import RECIPE_NAME, load_lm
+
+    shutil.copytree(tiny_lm_dir, tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    runs = []
+    for name in ("a", "b"):
+        args = ["tune-lm", "--model", "base", "--objective", "layerskip", "--exit-layer", "2",
+                "--steps", "6", "--lr", "5e-2", "--batch-size", "4", "--seq-len", "16",
+                "--generations", "1", "--gen-tokens", "8", "--seed", "3", "--out", name]
+        assert main(args) == 0
+        runs.append(tmp_path / name)
+    capsys.readouterr()
+    first, second = (load_file(str(r / "exit_heads.safetensors")) for r in runs)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    recipe = json.loads((runs[0] / RECIPE_NAME).read_text())
+    assert recipe["base_model"] == str((tmp_path / "base").resolve())
+    assert json.loads((runs[0] / "exit_config.json").read_text())["backbone_saved"]
+    tuned, _ = load_lm(str(runs[0]))
+    base, _ = load_lm(str(tmp_path / "base"))
+    lm = tuned.backbone.model
+    saved = type(lm).from_pretrained(str(runs[0] / "backbone"))
+    assert all(torch.equal(a, b) for a, b in zip(lm.state_dict().values(),
+                                                 saved.state_dict().values()))
+    assert any(not torch.equal(a, b) for a, b in zip(lm.state_dict().values(),
+                                                     base.state_dict().values()))

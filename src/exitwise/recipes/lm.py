@@ -28,7 +28,7 @@ from ..generation import generate
 from ..lm import generate_answers, get_objective, tune_exits
 from ..lm.data import DEFAULT_PROMPTS, cut_at_eos, self_generated_sequences
 from ..lm.prompts import BENCH_PROMPTS, CALIBRATION_PROMPTS, nested_chat_prompts
-from ..model import MultiExitModel, attach_exits
+from ..model import BACKBONE_DIR, MultiExitModel, attach_exits
 from .smollm import load_causal_lm
 
 RECIPE_NAME = "lm_recipe.json"
@@ -226,6 +226,8 @@ def run_tune_lm(
                      **({"conditioned": True} if job.conditioned else {})},
         final_head_kwargs={},
     )
+    # the fresh heads' draw follows --seed, so the same command gives the same exits
+    torch.manual_seed(int(job.options.get("seed", 0)))
     model = attach_exits(lm, exit_config).to(device)
     out = Path(job.out_dir)
     reused = None
@@ -236,7 +238,9 @@ def run_tune_lm(
     result = tune_exits(model, data, config, tokenizer=tokenizer, output_dir=out, resume=resume)
     model.save_pretrained(out)
     tokenizer.save_pretrained(str(out))
-    recipe = {"base_model": job.model, "job": asdict(job)}
+    # a local folder is recorded absolute, so the tuned folder loads from any directory
+    base_model = str(Path(job.model).resolve()) if Path(job.model).is_dir() else job.model
+    recipe = {"base_model": base_model, "job": asdict(job)}
     (out / RECIPE_NAME).write_text(json.dumps(recipe, indent=2))
     report = {
         "objective": result.objective, "config": result.config, "metric": result.metric,
@@ -300,26 +304,38 @@ def is_tuned_dir(path: str | Path) -> bool:
 
 def load_lm(name_or_dir: str, print_fn: Any = None) -> tuple[Any, Any]:
     """(model, tokenizer). A folder written by :func:`run_tune_lm` gives a ``MultiExitModel``
-    with its tuned exits over the reloaded base model; anything else (``smollm2``, a local
+    with its tuned exits over the reloaded base model (over the folder's own saved decoder
+    when the objective tuned it); anything else (``smollm2``, a local
     HF checkpoint, a hub id) gives the plain causal LM."""
     if not is_tuned_dir(name_or_dir):
         return load_causal_lm(name_or_dir, print_fn=print_fn)
     folder = Path(name_or_dir)
     recipe = folder / RECIPE_NAME
+    meta = json.loads((folder / "exit_config.json").read_text())
     if recipe.is_file():
         base = json.loads(recipe.read_text())["base_model"]
     else:  # saved by the library directly: the name recorded with the backbone
-        meta = json.loads((folder / "exit_config.json").read_text())
         base = meta["backbone"].get("name_or_path")
-    if not base:
-        raise CheckpointError(f"{folder} does not record its base model")
-    lm, tokenizer = load_causal_lm(base, print_fn=print_fn)
-    if (folder / "tokenizer_config.json").is_file():
+    own_tokenizer = (folder / "tokenizer_config.json").is_file()
+    tuned = folder / BACKBONE_DIR
+    if meta.get("backbone_saved") and (tuned / "config.json").is_file() and own_tokenizer:
+        # the objective tuned the decoder itself (layerskip, free): the exits belong to its
+        # saved weights, not to the base model's
+        from transformers import AutoModelForCausalLM
+
+        lm = AutoModelForCausalLM.from_pretrained(str(tuned), dtype=torch.float32).eval()
+        tokenizer = None
+    else:
+        if not base:
+            raise CheckpointError(f"{folder} does not record its base model")
+        lm, tokenizer = load_causal_lm(base, print_fn=print_fn)
+    if own_tokenizer:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
     return MultiExitModel.from_pretrained(folder, backbone=lm), tokenizer
 
 
