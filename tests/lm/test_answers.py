@@ -168,6 +168,33 @@ def test_answer_cache_is_reused_extended_and_keyed(tmp_path):
     assert other[0] != (ps[0], [7, 7, 7])  # another budget: the cache does not apply
 
 
+def test_answer_cache_is_keyed_by_the_weights_and_plain_models_are_accepted(tmp_path):
+    # another model of the same architecture (other weights) must not get the first one's
+    # answers back; a plain Hugging Face causal LM answers as its wrapped backbone does
+    import json
+
+    ps = prompts(4)
+    cache = tmp_path / "answers.json"
+    a = answer_model(seed=0)
+    generate_answers(a, ps, max_new_tokens=5, cache=cache, progress=False)
+    data = json.loads(cache.read_text())
+    data["items"][0][1] = [7, 7, 7]
+    cache.write_text(json.dumps(data))
+    b = answer_model(seed=1)
+    got = generate_answers(b, ps, max_new_tokens=5, cache=cache, progress=False)
+    assert got == generate_answers(b, ps, max_new_tokens=5, progress=False)
+    assert got[0] != (ps[0], [7, 7, 7])
+    plain = generate_answers(b.backbone.model, ps, max_new_tokens=5, progress=False)
+    assert plain == got
+    # a cache written before keys held the weights' checksum still matches on the rest
+    data = json.loads(cache.read_text())
+    data["key"].pop("weights")
+    data["items"][0][1] = [7, 7, 7]
+    cache.write_text(json.dumps(data))
+    assert generate_answers(b, ps, max_new_tokens=5, cache=cache, progress=False)[0] == (
+        ps[0], [7, 7, 7])
+
+
 def test_agreement_on_answers_equals_an_independent_count():
     """Agreement = the share of answer tokens (never prompt tokens) that the exit's argmax at
     the previous position equals, counted here from the model's own hidden states."""

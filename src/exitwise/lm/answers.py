@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..backbones import wrap_backbone
 from ..backbones.special_tokens import eos_and_pad
 from ..checkpoint import read_json, write_json_atomic
 from ..errors import DataError
@@ -47,10 +48,27 @@ def check_answers(answers: Sequence[Any], vocab_size: int) -> list[Answer]:
 ANSWERS_CACHE_VERSION = 1
 
 
+def weights_checksum(module: torch.nn.Module) -> str:
+    """A cheap summary of a model's weights (every parameter's strided float64 sum, 12
+    significant digits): two models of one architecture with other weights (another
+    checkpoint, a decoder tuned in memory) get different cache keys."""
+    total = 0.0
+    for n, p in enumerate(module.parameters()):
+        flat = p.detach().reshape(-1)
+        total += (n + 1) * float(flat[:: max(1, flat.numel() // 4096)].double().sum())
+    return f"{total:.12g}"
+
+
 def _read_answer_cache(path: Path | None, key: dict[str, Any]) -> list[Answer]:
-    """Answers cached at ``path`` for the same key (model, budget), in prompt order."""
+    """Answers cached at ``path`` for the same key (model, its weights, budget), in prompt
+    order. A cache written before the key held the weights' checksum matches on the rest."""
     cached = read_json(path) if path is not None else None
-    if not cached or cached.get("key") != key:
+    have = cached.get("key") if cached else None
+    if not isinstance(have, dict):
+        return []
+    if "weights" not in have:
+        key = {k: v for k, v in key.items() if k != "weights"}
+    if have != key:
         return []
     return [(list(map(int, p)), list(map(int, a))) for p, a in cached["items"]]
 
@@ -64,11 +82,13 @@ def generate_answers(
     """The model's greedy answer to each prompt (token-id lists), batched, EOS included.
 
     cache: a JSON file; answers already there for the same leading prompts (and the same
-        model and ``max_new_tokens``) are reused, and the file is rewritten atomically after
+        model, weights and ``max_new_tokens``) are reused, and the file is rewritten atomically after
         every batch, so an interrupted run loses at most one batch and a longer prompt list
         extends a shorter one.
     """
     backbone = model.backbone if hasattr(model, "backbone") else model
+    if not hasattr(backbone, "describe"):  # a plain Hugging Face causal LM
+        backbone = wrap_backbone(backbone)
     device = backbone.lm_head.weight.device
     eos, pad = eos_and_pad(backbone, eos_token_id, pad_token_id)
     prompts = [list(map(int, p)) for p in prompts]
@@ -77,6 +97,8 @@ def generate_answers(
     path = Path(cache) if cache is not None else None
     key = {"version": ANSWERS_CACHE_VERSION, "model": backbone.describe(),
            "max_new_tokens": max_new_tokens, "eos": sorted(eos)}
+    if path is not None:
+        key["weights"] = weights_checksum(backbone)
     out: list[Answer] = []
     for (p, a), want in zip(_read_answer_cache(path, key), prompts):
         if p != want:
