@@ -44,6 +44,9 @@ def test_bad_options(llama):
         generate(llama, ids, mask, strategy="self_speculative", exit_layer=2, draft_len=0)
     with pytest.raises(ConfigError, match="draft_threshold"):
         generate(llama, ids, mask, strategy="self_speculative", exit_layer=2, draft_threshold=2)
+    with pytest.raises(ConfigError, match="layer_skip and swift"):  # not a raw ValueError
+        generate(llama, ids, mask, strategy="self_speculative", exit_layer=2,
+                 draft_threshold="auto")
     with pytest.raises(ConfigError, match="kernels"):
         generate(llama, ids, mask, kernels="fast")
 

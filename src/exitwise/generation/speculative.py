@@ -154,9 +154,14 @@ class SelfSpeculative(DecodingStrategy):
             _check_draft_len(self.ngram_len, "ngram_len", auto=False)
         if self.ngram:
             NGramDrafter(self.ngram)  # validates the order
-        if self.draft_threshold is not None and not 0.0 <= float(self.draft_threshold) <= 1.0:
-            raise ConfigError(f"draft_threshold must be a probability in [0, 1]; "
-                              f"got {self.draft_threshold!r}")
+        if self.draft_threshold is not None:
+            value = self.draft_threshold
+            if isinstance(value, str) or not isinstance(value, (int, float)) or isinstance(
+                    value, bool) or not 0.0 <= float(value) <= 1.0:
+                extra = (" ('auto', Draft & Verify's adaptive threshold, is an option of the "
+                         "layer_skip and swift strategies)" if value == "auto" else "")
+                raise ConfigError(f"draft_threshold must be a probability in [0, 1]; "
+                                  f"got {value!r}{extra}")
 
     def validate(self, backbone: HFDecoderBackbone, model: Any) -> None:
         last = backbone.num_layers - 1
