@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--columns", default=None,
                    help="text[,second text],label columns by header name or 1-based position, "
                         "for files exitwise cannot read by itself (e.g. 8,9,10 for a "
-                        "header-less STS-B)")
+                        "header-less STS-B); for a file with a header give names: positions "
+                        "skip a first row only when its label field is a label column's name "
+                        "or a name above numeric labels")
     t.add_argument("--split", default="train",
                    help="the split to train on (its held-out slice calibrates); e.g. dev for "
                         "a folder with only dev and test files")

@@ -106,12 +106,38 @@ def test_headerless_file_needs_columns_and_reads_them(tmp_path):
     with_header = tmp_path / "h.tsv"
     with_header.write_text("id\ttext\tlabel\n1\tfine\t1\n")
     assert read_table(with_header, columns="2,3").texts == ["fine"]
+    # a header that names the label column otherwise: a name above numeric labels
+    custom = tmp_path / "c.csv"
+    custom.write_text("id,body,verdict\n1,fine,1\n2,bad,0\n")
+    ex = read_table(custom, columns="2,3")
+    assert ex.texts == ["fine", "bad"] and ex.labels == [1, 0]
     by_name = read_table(with_header, columns=["text", "label"])
     assert by_name.texts == ["fine"] and by_name.columns.startswith("text='text'")
     for bad, match in (("1", "give the text"), ("0,1", "count from 1"), ("text,2", "not both"),
                        ("9,1", "do not exist")):
         with pytest.raises(DataError, match=match):
             read_table(path, columns=bad)
+
+
+def test_empty_labels_a_byte_order_mark_and_a_missing_line_are_handled(tmp_path):
+    # an empty label is refused with its line (it once became a class ""); Excel's "CSV
+    # UTF-8" byte-order mark is not part of the header
+    path = tmp_path / "t.tsv"
+    path.write_text("sentence\tlabel\ngood\tpos\nbad\tneg\nmeh\t\nok\tpos\n")
+    with pytest.raises(DataError, match=r"t\.tsv:4: the label is empty"):
+        read_table(path)
+    excel = tmp_path / "excel.csv"
+    excel.write_bytes(b'\xef\xbb\xbfsentence,label\r\n"good, fun",1\r\nbad film,0\r\n')
+    ex = read_table(excel)
+    assert ex.texts == ["good, fun", "bad film"] and ex.labels == [1, 0]
+    assert read_table(excel, columns="sentence,label").labels == [1, 0]
+    # parallel line files: a label line lost in the middle is refused, not shifted
+    (tmp_path / "s1.train").write_text("".join(f"film {i}\n" for i in range(5)))
+    (tmp_path / "labels.train").write_text("pos\nneg\npos\nneg\n\n")
+    with pytest.raises(DataError, match="s1.train has 5 lines"):
+        read_parallel(tmp_path, "train")
+    (tmp_path / "labels.train").write_text("pos\nneg\npos\nneg\npos\n\n\n")
+    assert read_parallel(tmp_path, "train").labels == [1, 0, 1, 0, 1]
 
 
 def test_parallel_files_as_snli_ships_them(tmp_path):

@@ -111,9 +111,12 @@ def _find_columns(names: list[str]) -> tuple[int | None, int | None, int | None]
 
 
 def resolve_columns(
-    first_row: list[str], path: Path, columns: list[str | int] | None
+    first_row: list[str], path: Path, columns: list[str | int] | None,
+    later_labels: Sequence[str] = (),
 ) -> TableColumns:
-    """Find the columns from the header (or ``columns``); DataError says what to give."""
+    """Find the columns from the header (or ``columns``); DataError says what to give.
+    ``later_labels``: the label fields of the rows after the first, which tell a header
+    given to column positions by its kind (a name above numbers)."""
     low = [c.strip().lower() for c in first_row]
     if columns and isinstance(columns[0], int):  # positions: a header-less file, mostly
         idx = [int(c) - 1 for c in columns]
@@ -121,8 +124,13 @@ def resolve_columns(
         if bad:
             raise DataError(f"{path}: columns {bad} do not exist; the file has {len(first_row)}")
         # GLUE test files and hand-made ones may still carry a header: a first row whose
-        # label field is a label column's name is one.
-        header = low[idx[-1]] in LABEL_COLUMNS
+        # label field is a label column's name is one, and so is a first row whose label
+        # field is no number above labels that all are (numeric classes or targets)
+        first = first_row[idx[-1]].strip()
+        numbers = [v.strip() for v in later_labels]
+        header = low[idx[-1]] in LABEL_COLUMNS or (
+            bool(numbers) and not _is_number(first)
+            and all(_is_number(v) for v in numbers))
         return TableColumns(idx[0], idx[-1], idx[1] if len(idx) == 3 else None,
                             names=list(first_row), header=header)
     if columns:
@@ -153,7 +161,8 @@ def read_rows(path: Path) -> list[list[str]]:
     quoting = csv.QUOTE_MINIMAL if is_csv else csv.QUOTE_NONE
     rows: list[list[str]] = []
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which is no header text
+        with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f, delimiter="," if is_csv else "\t", quoting=quoting)
             for row in reader:
                 if row and any(c.strip() for c in row):
@@ -164,6 +173,10 @@ def read_rows(path: Path) -> list[list[str]]:
     except csv.Error as err:
         raise DataError(f"{path}: unreadable {'CSV' if is_csv else 'TSV'} ({err})") from None
     return rows
+
+
+def _is_number(value: str) -> bool:
+    return bool(_INT.match(value) or _FLOAT.match(value))
 
 
 def parse_labels(
@@ -179,6 +192,9 @@ def parse_labels(
     """
     values = [v.strip() for v in raw]
     loc = list(where) or [""] * len(values)
+    empty = next((i for i, v in enumerate(values) if not v), None)
+    if empty is not None:  # else "" would become a class of its own
+        raise DataError(f"{loc[empty]}: the label is empty; fill it in or drop the row")
     if task not in (None, CLASSIFICATION, REGRESSION):
         raise DataError(f"task must be {CLASSIFICATION!r} or {REGRESSION!r}; got {task!r}")
     numeric = all(_INT.match(v) or _FLOAT.match(v) for v in values)

@@ -109,7 +109,11 @@ def read_table(
     rows = read_rows(path)
     if not rows:
         raise DataError(f"{path} is empty")
-    cols = resolve_columns(rows[0][:-1], path, parse_columns_spec(columns))
+    spec = parse_columns_spec(columns)
+    later: list[str] = []
+    if spec and isinstance(spec[0], int) and 0 < spec[-1] <= len(rows[0]) - 1:
+        later = [r[spec[-1] - 1] for r in rows[1:] if len(r) == len(rows[0])]
+    cols = resolve_columns(rows[0][:-1], path, spec, later)
     texts, pairs, raw, where = split_fields(rows, path, cols)
     if not texts:
         raise DataError(f"{path} has a header but no rows")
@@ -130,17 +134,23 @@ def read_parallel(
 
     def lines(p: Path) -> list[str]:
         try:
-            return p.read_text(encoding="utf-8").splitlines()
+            return p.read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM is no text
         except UnicodeDecodeError as err:
             raise DataError(f"{p} is not UTF-8 text ({err.reason})") from None
 
     first = lines(files["s1"])
     second = lines(files["s2"]) if files["s2"].is_file() else None
     raw = lines(files["labels"])
-    # A trailing blank line is the file's end, not an example.
-    while raw and not raw[-1].strip():
-        raw.pop()
-    first, second = first[: len(raw)], None if second is None else second[: len(raw)]
+
+    def trimmed(got: list[str]) -> list[str]:
+        # trailing blank lines are the file's end, not examples; a line missing in the middle
+        # is not forgiven (the labels after it would land on the wrong sentences)
+        while got and not got[-1].strip():
+            got = got[:-1]
+        return got
+
+    raw, first = trimmed(raw), trimmed(first)
+    second = None if second is None else trimmed(second)
     for name, got in (("s1", first), ("s2", second)):
         if got is not None and len(got) != len(raw):
             raise DataError(
