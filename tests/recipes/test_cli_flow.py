@@ -81,6 +81,39 @@ def test_train_calibrate_evaluate_bench(tiny_model_dir, tiny_data_dir, tmp_path,
             assert entry["speedup"] > 0 and 0.0 <= entry["accuracy"] <= 1.0
 
 
+def test_reruns_resume_only_the_same_job_and_are_reproducible(
+        tiny_model_dir, tiny_data_dir, tmp_path, capsys, monkeypatch):
+    # the same command twice gives the same model (--seed seeds the fresh heads too); a
+    # rerun into the folder with other data or options is refused (it once reused the old
+    # run and recorded the new options), --no-resume starts over; a relative --data is
+    # recorded absolute, so later commands run from any directory
+    import shutil
+
+    from safetensors.torch import load_file
+
+    shutil.copytree(tiny_data_dir, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    common = ["--model", str(tiny_model_dir), "--data", "data", "--max-steps", "4",
+              "--batch-size", "16", "--lr", "5e-3", "--holdout", "60"]
+    for out in ("a", "b"):
+        assert main(["train", "--out", out, *common]) == 0
+    a, b = (load_file(f"{out}/exit_heads.safetensors") for out in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    job = json.loads((tmp_path / "a" / "exitwise_job.json").read_text())
+    assert job["data"] == str((tmp_path / "data").resolve())
+    assert main(["train", "--out", "a", *common]) == 0  # the same job: resumes (done)
+    capsys.readouterr()
+    other = [*common[:4], "--max-steps", "6", *common[6:]]
+    assert main(["train", "--out", "a", *other]) == 2
+    assert "max_steps: 4 -> 6" in capsys.readouterr().err
+    assert json.loads((tmp_path / "a" / "exitwise_job.json").read_text())["max_steps"] == 4
+    assert main(["train", "--out", "a", *other, "--no-resume"]) == 0
+    assert json.loads((tmp_path / "a" / "exitwise_job.json").read_text())["max_steps"] == 6
+    monkeypatch.chdir(tmp_path.parent)
+    assert main(["calibrate", str(tmp_path / "a"), "--max-drop", "5", "--policies", "entropy",
+                 "--delta", "none"]) == 0
+
+
 def test_missing_data_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
     code = main(["train", "--out", str(tmp_path / "m"), "--model", str(tiny_model_dir),
                  "--data", str(tmp_path / "nowhere.tsv"), "--max-steps", "1"])

@@ -145,6 +145,8 @@ def run_train(job: TrainJob, resume: bool = True, progress: bool = True,
 
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if job.data is not None and Path(job.data).exists():  # later commands run from anywhere
+        job.data = str(Path(job.data).resolve())
     path = resolve_model(job.model)
     tokenizer = load_tokenizer(path)
     train_ex, held_ex, every = split_train(job)
@@ -169,11 +171,14 @@ def run_train(job: TrainJob, resume: bool = True, progress: bool = True,
     job.head = head
     if job.truncate is not None:
         truncate_encoder(backbone, job.truncate)
+    torch.manual_seed(job.seed)  # the fresh heads' draw: the same command, the same model
     model = attach_exits(backbone, ExitConfig(
         layers=job.layers, head=head, num_labels=every.num_labels,
         label_names=every.label_names,
     ))
     job.max_length = max_length(job, every)
+    if resume:
+        _check_same_job(out, job)
     (out / JOB_FILE).write_text(json.dumps(asdict(job), indent=2))
     train_ds = TokenizedDataset(train_ex, tokenizer, max_length=job.max_length)
     # The per-exit table printed at the end is measured on the held-out slice (no decision
@@ -195,7 +200,8 @@ def run_train(job: TrainJob, resume: bool = True, progress: bool = True,
     result = train(
         model, train_ds, held_ds, strategy=job.strategy, strategy_options=strategy_options,
         output_dir=str(out / "checkpoints"), data_collator=make_collator(tokenizer),
-        resume=resume, save_final=False, save_steps=200, save_total_limit=1, **args,
+        resume=resume, overwrite=not resume, save_final=False, save_steps=200,
+        save_total_limit=1, **args,
     )
     model.eval()
     model.save_pretrained(out, save_backbone=True)
@@ -208,6 +214,26 @@ def run_train(job: TrainJob, resume: bool = True, progress: bool = True,
             "dead_exits": [model.exit_layers[k] for k in ev.dead], "head": head,
         }, indent=2))
     return model
+
+
+def _check_same_job(out: Path, job: TrainJob) -> None:
+    """Resuming continues the run ``out`` holds, so it must be the same job: other data or
+    options would be recorded for a model trained on the old ones."""
+    saved_file = out / JOB_FILE
+    if not saved_file.is_file() or not (out / "checkpoints").exists():
+        return
+    saved = json.loads(saved_file.read_text())
+    new = asdict(job)
+    if saved.get("data") and new.get("data") and Path(saved["data"]).exists() and (
+            Path(saved["data"]).resolve() == Path(new["data"]).resolve()):
+        saved["data"] = new["data"]  # one place, once written relative
+    differ = {k: (saved[k], new[k]) for k in new if k in saved and saved[k] != new[k]}
+    if differ:
+        listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in differ.items())
+        raise ConfigError(
+            f"{out} holds a training run with other settings ({listed}); resuming would "
+            "keep that run. Start over with --no-resume (the Python API: resume=False), or "
+            "give another --out")
 
 
 def load_job(model_dir: str | Path) -> TrainJob:
