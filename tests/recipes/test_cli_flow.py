@@ -114,6 +114,25 @@ def test_reruns_resume_only_the_same_job_and_are_reproducible(
                  "--delta", "none"]) == 0
 
 
+def test_evaluating_on_the_training_rows_is_refused(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                   capsys):
+    # a single file serves every split, and "validation" reads dev.tsv: both were once scored
+    # as if they were unseen rows
+    out = tmp_path / "m"
+    assert main(["train", "--out", str(out), "--model", str(tiny_model_dir), "--data",
+                 str(tiny_data_dir / "train.tsv"), "--max-steps", "2", "--holdout", "60"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out)]) == 2
+    assert "the rows of" in capsys.readouterr().err
+    out = tmp_path / "v"
+    assert main(["train", "--out", str(out), "--model", str(tiny_model_dir), "--data",
+                 str(tiny_data_dir) + "/", "--split", "validation", "--max-steps", "2",
+                 "--holdout", "30"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--data", str(tiny_data_dir)]) == 2
+    assert "dev.tsv" in capsys.readouterr().err
+
+
 def test_missing_data_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
     code = main(["train", "--out", str(tmp_path / "m"), "--model", str(tiny_model_dir),
                  "--data", str(tmp_path / "nowhere.tsv"), "--max-steps", "1"])

@@ -8,6 +8,7 @@ from .text import (
     make_collator,
     read_parallel,
     read_table,
+    split_location,
     train_holdout_split,
 )
 from .vision import (
@@ -33,5 +34,6 @@ __all__ = [
     "make_collator",
     "read_idx",
     "read_table",
+    "split_location",
     "train_holdout_split",
 ]

@@ -176,6 +176,25 @@ _PARALLEL_SPLITS = {"train": ("train",), "dev": ("dev", "valid", "validation"),
                     "validation": ("dev", "valid", "validation"), "test": ("test",)}
 
 
+def split_location(source: str | Path, split: str) -> str:
+    """Where :func:`load_examples` reads ``split`` of ``source`` from, without reading it: the
+    resolved file (a single file serves every split), the resolved ``s1.<split>`` of line
+    files, or ``name[split]`` of a Hugging Face dataset. Two (source, split) pairs with one
+    location are the same rows."""
+    p = Path(source)
+    if p.is_file():
+        return str(p.resolve())
+    if p.is_dir():
+        for name in _SPLIT_FILES.get(split, (f"{split}.tsv",)):
+            if (p / name).is_file():
+                return str((p / name).resolve())
+        for name in _PARALLEL_SPLITS.get(split, (split,)):
+            if (p / f"s1.{name}").is_file() and (p / f"labels.{name}").is_file():
+                return str((p / f"s1.{name}").resolve())
+        return f"{p.resolve()}[{split}]"
+    return f"{source}[{'validation' if split == 'dev' else split}]"
+
+
 def load_examples(
     source: str | Path,
     split: str = "train",

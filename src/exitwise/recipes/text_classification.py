@@ -35,7 +35,14 @@ from ..calibration import (
     store_calibration,
 )
 from ..config import ExitConfig
-from ..data import TextExamples, TokenizedDataset, load_examples, make_collator, train_holdout_split
+from ..data import (
+    TextExamples,
+    TokenizedDataset,
+    load_examples,
+    make_collator,
+    split_location,
+    train_holdout_split,
+)
 from ..errors import ConfigError, DataError
 from ..machine import machine_info
 from ..model import MultiExitModel, attach_exits
@@ -341,11 +348,14 @@ def eval_examples(model: MultiExitModel, model_dir: str | Path, data: str | None
     if split is None:
         split = "test" if job.train_split == "dev" else "dev"
     source, trained_on = default_sst2(data or job.data), default_sst2(job.data)
-    if source == trained_on and split == job.train_split:
+    where = split_location(source, split)
+    if where == split_location(trained_on, job.train_split):
         # the held-out slice of this split calibrated the thresholds and the rest trained the
-        # model: a score on it would flatter both
-        raise DataError(f"this model was trained on split {split!r} of {trained_on}; "
-                        "evaluate on another split (e.g. --split test)")
+        # model: a score on it would flatter both (a single file serves every split, and
+        # "dev" and "validation" name one file)
+        raise DataError(f"this model was trained on split {job.train_split!r} of "
+                        f"{trained_on}, the rows of {where}; evaluate on other rows (e.g. "
+                        "--split test, or --data another file)")
     examples = load_examples(source, split, columns=job.columns,
                              label_names=model.config.label_names, task=job.task)
     if limit is not None and limit < len(examples):
