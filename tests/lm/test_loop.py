@@ -117,3 +117,49 @@ def test_every_objective_trains_and_resumes_exactly(name, tmp_path, monkeypatch)
     other = get_objective(name, **dict(options, seed=1))
     with pytest.raises(ew.CheckpointError, match="seed"):
         ew.tune_exits(_model(), data, other, output_dir=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("cut", ["before_commit", "during_commit"])
+def test_an_interrupted_checkpoint_write_resumes_exactly(cut, tmp_path, monkeypatch):
+    # an interruption while the files of step 4's checkpoint are written: before the commit
+    # the step-2 checkpoint stays whole; after it, the commit is finished on the next read.
+    # Either way the resumed run ends as an uninterrupted one (files written in place once
+    # left weights of step 4 beside the state of step 2)
+    config = get_objective("ce", steps=6, save_every=2, batch_size=4, lr=1e-2)
+    data = _data("ce")
+    full = _model()
+    r0 = ew.tune_exits(full, data, config, progress=False)
+    real_json, real_replace = loop.write_json_atomic, loop.os.replace
+    armed = {"on": False, "renamed": 0}
+
+    def json_cut(path, data, indent=2):
+        if data.get("step") == 4 and cut == "before_commit":
+            raise KeyboardInterrupt
+        real_json(path, data, indent)
+        armed["on"] = data.get("step") == 4
+
+    def replace_cut(src, dst):
+        if armed["on"] and str(src).endswith(loop.PENDING):
+            armed["renamed"] += 1
+            if armed["renamed"] == 2:  # the weights moved, the optimizer and state not yet
+                raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(loop, "write_json_atomic", json_cut)
+    monkeypatch.setattr(loop.os, "replace", replace_cut)
+    with pytest.raises(KeyboardInterrupt):
+        ew.tune_exits(_model(), data, config, output_dir=tmp_path, progress=False)
+    monkeypatch.undo()
+    folder = tmp_path / "ce"
+    pending = sorted(p.name for p in folder.iterdir() if p.name.endswith(loop.PENDING))
+    assert pending == (["optimizer.safetensors.pending", "weights.safetensors.pending"]
+                       if cut == "before_commit" else  # no pending state: dropped when read
+                       ["optimizer.safetensors.pending", "state.json.pending"])
+    resumed = _model()
+    r1 = ew.tune_exits(resumed, data, config, output_dir=tmp_path, progress=False)
+    assert r1.start_step == (2 if cut == "before_commit" else 4)
+    assert r1.loss_history == r0.loss_history
+    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "optimizer.safetensors", "state.json", "weights.safetensors"]

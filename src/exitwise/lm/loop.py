@@ -13,14 +13,16 @@ and a held-out evaluation. :func:`run_task` does the rest for all of them alike:
 - ``folder/`` receives ``weights.safetensors`` (the task module, aliases stored once),
   ``optimizer.safetensors`` (the optimizer's tensors and the random state) and ``state.json``
   (step, histories, the evaluation before training, the optimizer's other values and the
-  run's settings) every ``save_every`` steps and at the end, ``state.json`` last so that it
-  marks a complete checkpoint. A rerun with the same settings continues from it and ends
+  run's settings) every ``save_every`` steps and at the end, committed as one
+  (:func:`save_checkpoint`: written in full under pending names, then renamed, the state
+  last), so an interruption at any moment leaves one whole checkpoint. A rerun with the same settings continues from it and ends
   with the weights an uninterrupted run would have; other settings are refused.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -143,20 +145,46 @@ def only_training(root: nn.Module, params: list[nn.Parameter]) -> Iterator[None]
 
 
 # -- checkpoints ---------------------------------------------------------------------------
+PENDING = ".pending"  # a checkpoint's files while they are written, before the commit
+
+
 def save_checkpoint(folder: Path, task: Task, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any]) -> None:
+    """Write the three files as one commit: each first in full under a pending name, the state
+    last, then each renamed over its old version. An interruption before the pending state
+    exists leaves the previous checkpoint whole (the pending files are dropped when it is next
+    read); after it, the commit is finished when it is next read (:func:`settle_checkpoint`).
+    Writing the files in place, state last, could leave weights of one step beside the state
+    of an earlier one, and a resume would silently mix them."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(unique_state_dict(task.module), str(folder / WEIGHTS_NAME),
+    settle_checkpoint(folder)
+    save_file(unique_state_dict(task.module), str(folder / (WEIGHTS_NAME + PENDING)),
               metadata={"format": "pt"})
     device = next(iter(task.params)).device if task.params else None
     tensors, rest = optimizer_state(optimizer, device)
-    save_file(tensors, str(folder / OPTIM_NAME), metadata={"format": "pt"})
-    write_json_atomic(folder / STATE_NAME, dict(state, optimizer=rest), indent=1)
+    save_file(tensors, str(folder / (OPTIM_NAME + PENDING)), metadata={"format": "pt"})
+    write_json_atomic(folder / (STATE_NAME + PENDING), dict(state, optimizer=rest), indent=1)
+    settle_checkpoint(folder)
+
+
+def settle_checkpoint(folder: Path) -> None:
+    """Finish or drop a commit an interruption cut short (see :func:`save_checkpoint`): with
+    the pending state written, every pending file is complete and replaces its old version
+    (the state last); without it, the pending files are incomplete and are removed."""
+    if (folder / (STATE_NAME + PENDING)).is_file():
+        for name in (WEIGHTS_NAME, OPTIM_NAME, STATE_NAME):
+            if (folder / (name + PENDING)).is_file():
+                os.replace(folder / (name + PENDING), folder / name)
+    else:
+        for name in (WEIGHTS_NAME, OPTIM_NAME):
+            (folder / (name + PENDING)).unlink(missing_ok=True)
 
 
 def load_checkpoint(folder: Path, task: Task,
                     optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
     """The saved state (weights and optimizer loaded), or None without a complete one."""
+    if folder.is_dir():
+        settle_checkpoint(folder)
     state = read_json(folder / STATE_NAME)
     if state is None:
         return None
