@@ -45,7 +45,11 @@ class GenerationConfig:
     do_sample: draw tokens from the full model's *processed* distribution (temperature, then
         top-k, then top-p) instead of the argmax (strategies that support it).
     temperature (> 0), top_k (None / 0: off), top_p ((0, 1], None: off): the processing.
-    seed: reproducible draws (a ``generator`` given to ``generate`` wins).
+    seed: reproducible draws (a ``generator`` given to ``generate`` wins). With
+        ``draft_len="auto"`` (the default of several strategies) the draft lengths follow
+        wall-clock measurements, and with them how many numbers each step draws: the sampled
+        texts then differ between runs, while their distribution stays the target model's.
+        Give a fixed ``draft_len`` for texts that repeat.
     stop_strings: stop a row once its text ends with one of these (needs the tokenizer).
     kernels: how the CPU computes few-row products (:mod:`exitwise.backbones.kernels`):
         "auto" (default, or ``$EXITWISE_KERNELS``), "stock" or "streaming".
