@@ -48,11 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "when the checkpoint's pooler was trained)")
     t.add_argument("--strategy", default="joint")
     t.add_argument("--weights", default="uniform", help="joint weights: uniform or depth")
-    t.add_argument("--epochs", type=float, default=None,
+    t.add_argument("--epochs", type=_positive_float, default=None,
                    help="default: 1, or up to 3 on a small file (about 300 steps)")
     t.add_argument("--max-steps", type=int, default=-1)
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--lr", type=float, default=5e-5)
+    t.add_argument("--batch-size", type=_positive_int, default=32)
+    t.add_argument("--lr", type=_positive_float, default=5e-5)
     t.add_argument("--max-train", type=int, default=None)
     t.add_argument("--holdout", type=int, default=None,
                    help="train rows kept for calibration (default: 2000, or a quarter of a "
@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", default=None)
     b.add_argument("--split", default=None,
                    help="default: dev, or test for a model trained on dev")
-    b.add_argument("--batch-sizes", default="1,32")
-    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--batch-sizes", type=_positive_ints, default=[1, 32])
+    b.add_argument("--repeats", type=_positive_int, default=5)
     b.add_argument("--limit", type=int, default=None)
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--out", default=None,
@@ -161,7 +161,38 @@ def _key_values(items: list[str]) -> dict[str, Any]:
 
 
 def _ints(value: str) -> list[int]:
-    return [int(v) for v in value.split(",")]
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected whole numbers separated by commas, e.g. 1,32; got {value!r}") from None
+
+
+def _positive_ints(value: str) -> list[int]:
+    out = _ints(value)
+    if any(v < 1 for v in out):
+        raise argparse.ArgumentTypeError(f"expected numbers >= 1; got {value!r}")
+    return out
+
+
+def _positive_int(value: str) -> int:
+    try:
+        out = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number; got {value!r}") from None
+    if out < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1; got {value!r}")
+    return out
+
+
+def _positive_float(value: str) -> float:
+    try:
+        out = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number; got {value!r}") from None
+    if not out > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0; got {value!r}")
+    return out
 
 
 def _skip(value: str) -> list[Any]:
@@ -408,7 +439,7 @@ def _run(args: argparse.Namespace) -> int:
 
         report = tc.run_bench(
             args.model_dir, data=args.data, split=args.split,
-            batch_sizes=tuple(int(x) for x in args.batch_sizes.split(",")),
+            batch_sizes=tuple(args.batch_sizes),
             repeats=args.repeats, limit=args.limit, threads=args.threads,
         )
         out = Path(args.out) if args.out else Path(args.model_dir) / f"bench-{report['split']}.json"

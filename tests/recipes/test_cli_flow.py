@@ -166,3 +166,14 @@ def test_strategy_options_reach_the_strategy_and_cats_calibrates_by_conformal(
     entry = report["policies"]["cats@drop20"]
     assert entry["target"]["kind"] == "consistency" and entry["target"]["epsilon"] == 0.2
     assert 0.0 <= entry["heldout"]["consistency"] <= 1.0
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--out", "x", "--batch-size", "0"], ["train", "--out", "x", "--lr", "-1"],
+    ["train", "--out", "x", "--epochs", "0"], ["bench", "x", "--repeats", "0"],
+    ["bench", "x", "--batch-sizes", "4,x"], ["bench", "x", "--batch-sizes", "0,4"],
+])
+def test_bad_numbers_are_usage_errors_not_tracebacks(argv, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    assert err.value.code == 2 and "expected" in capsys.readouterr().err
