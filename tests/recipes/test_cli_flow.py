@@ -177,3 +177,26 @@ def test_bad_numbers_are_usage_errors_not_tracebacks(argv, capsys):
     with pytest.raises(SystemExit) as err:
         main(argv)
     assert err.value.code == 2 and "expected" in capsys.readouterr().err
+
+
+def test_calibration_keys_per_risk_early_policy_checks_and_notes(tiny_model_dir, tiny_data_dir,
+                                                                 tmp_path, capsys):
+    import warnings
+
+    out = tmp_path / "m"
+    assert main(["train", "--out", str(out), "--model", str(tiny_model_dir), "--data",
+                 str(tiny_data_dir), "--max-steps", "2", "--holdout", "60"]) == 0
+    for risk in ("drop", "disagreement"):
+        assert main(["calibrate", str(out), "--max-drop", "5", "--policies", "entropy",
+                     "--delta", "none", "--risk", risk]) == 0
+    calib = json.loads((out / "exit_config.json").read_text())["calibration"]["policies"]
+    assert {"entropy@drop5", "entropy@disagree5"} <= set(calib)  # neither overwrote the other
+    capsys.readouterr()
+    # a policy reading a learned exit score the model does not have: refused up front
+    assert main(["calibrate", str(out), "--policies", "lte", "--delta", "none"]) == 2
+    assert "exit scorer" in capsys.readouterr().err
+    # a budget no setting meets: a note in the report, not a Python warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["calibrate", str(out), "--budget", "0.01", "--policies", "entropy"]) == 0
+    assert "note: entropy@budget0.01" in capsys.readouterr().out

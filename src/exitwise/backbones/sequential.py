@@ -97,8 +97,9 @@ class SequentialBackbone(Backbone):
     def feature_dim(self, layer: int) -> int:
         if self._dims is None:
             raise ConfigError(
-                "SequentialBackbone needs an example input to know each block's width: "
-                "pass example=<one input batch> when you build it"
+                "a sequential network needs an example input to know each block's width: "
+                "wrap it as exitwise.SequentialBackbone(blocks, example=<one input batch>) "
+                "and attach the exits to that"
             )
         return self._dims[layer - 1]
 

@@ -129,7 +129,7 @@ def certify_candidates(
             f"delta={delta}: even a setting that never differs from full depth gets a bound "
             f"of {100 * (1 - (delta / 2 if risk == 'drop' else delta) ** (1 / n)):.2f} points. "
             f"Hold out at least {need} rows, relax the target or delta, or use delta=None "
-            "(no guarantee)"
+            "(--delta none on the command line; no guarantee)"
         )
     values = list(policy.grid(cache.num_exits))
     direction = getattr(policy, "safer_when", None)

@@ -52,7 +52,7 @@ class GenerationConfig:
         Give a fixed ``draft_len`` for texts that repeat.
     stop_strings: stop a row once its text ends with one of these (needs the tokenizer).
     kernels: how the CPU computes few-row products (:mod:`exitwise.backbones.kernels`):
-        "auto" (default, or ``$EXITWISE_KERNELS``), "stock" or "streaming".
+        "auto" (default, or ``$EXITWISE_KERNELS``), "stock", "streaming" or "packed".
     """
 
     max_new_tokens: int = 32

@@ -10,6 +10,7 @@ class names, and regression targets (one output, MSE, Pearson's r) all take the 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -265,7 +266,12 @@ def policies_for(model: MultiExitModel, names: tuple[str, ...] | None) -> list[s
     """The policies to calibrate: ``names``, or the defaults that apply to the model's task."""
     if names:
         for n in names:
-            get_policy(n).check_task(model.task)
+            policy = get_policy(n)
+            policy.check_task(model.task)
+            if policy.uses_scores and model.scorer is None:
+                raise ConfigError(
+                    f"policy {n!r} reads a learned exit score, but this model has no exit "
+                    "scorer (train it with a strategy that fits one, e.g. berxit)")
         return list(names)
     return [n for n in DEFAULT_POLICIES if model.task in POLICIES.get(n).tasks]
 
@@ -302,6 +308,7 @@ def run_calibrate(
     if holdout is not None:
         job.holdout = holdout
     model, tokenizer = load_trained(model_dir)
+    names = policies_for(model, policies)  # a policy that cannot apply fails before caching
     _, held, _ = split_train(job, label_names=model.config.label_names)
     cache = collect_exit_logits(
         model, _loader(held, tokenizer, 64, max_length(job, held)), progress=progress
@@ -318,26 +325,38 @@ def run_calibrate(
         "heldout_rows": len(held), "temperatures": temps.tolist(), "task": model.task,
         "delta": delta if budget is None else None, "notes": notes, "policies": {},
     }
-    for name in policies_for(model, policies):
+    kind = "drop" if risk == "drop" else "disagree"  # one key per risk: none overwritten
+    for name in names:
         policy = get_policy(name)
-        if max_drop_points is not None:
-            if name == "cats":
-                # CATs' own calibration: conformal consistency with the full model at
-                # 1 - target (an inconsistency rate bounds the accuracy drop)
-                result = calibrate_cats(cache, epsilon=max_drop_points / 100.0, delta=delta,
-                                        temperatures=temps)
-            else:
-                result = search_accuracy_drop(policy, cache, temps,
-                                              max_drop_points=max_drop_points, delta=delta,
-                                              risk=risk)
-            key = f"{name}@drop{max_drop_points:g}{suffix}"
-        else:
-            result = search_budget(policy, cache, temps, budget=budget)
-            key = f"{name}@budget{budget:g}{suffix}"
+        # what the searches warn about (a target missed) is a note of the report, printed
+        # with it, not a Python warning with a source line
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result, key = _calibrate_one(name, policy, cache, temps, max_drop_points, budget,
+                                         delta, risk, kind, suffix)
+        notes.extend(f"{key}: {w.message}" for w in caught)
         store_calibration(model, key, result)
         report["policies"][key] = model.calibration["policies"][key]
     model.save_pretrained(model_dir)
     return report
+
+
+def _calibrate_one(name: str, policy: Any, cache: Any, temps: torch.Tensor,
+                   max_drop_points: float | None, budget: float | None, delta: float | None,
+                   risk: str, kind: str, suffix: str) -> tuple[Any, str]:
+    """One policy's calibration result and the key it is stored under."""
+    if max_drop_points is None:
+        return (search_budget(policy, cache, temps, budget=budget),
+                f"{name}@budget{budget:g}{suffix}")
+    if name == "cats":
+        # CATs' own calibration: conformal consistency with the full model at 1 - target
+        # (an inconsistency rate bounds the accuracy drop)
+        result = calibrate_cats(cache, epsilon=max_drop_points / 100.0, delta=delta,
+                                temperatures=temps)
+    else:
+        result = search_accuracy_drop(policy, cache, temps, max_drop_points=max_drop_points,
+                                      delta=delta, risk=risk)
+    return result, f"{name}@{kind}{max_drop_points:g}{suffix}"
 
 
 def eval_examples(model: MultiExitModel, model_dir: str | Path, data: str | None,

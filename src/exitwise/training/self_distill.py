@@ -14,8 +14,9 @@ feature-distillation version (the ``adaptation_layers`` variant with
 - ``F_k`` is what exit k's classifier layer reads (its pooled "bottleneck" feature), ``A_k`` a
   learned linear adaptation layer (``nn.Linear(D_k, D_final)``, the reference's
   ``adaptation_layers``), so the heads need not share widths. The adaptation layers train with
-  the strategy; they live on the model as ``model.self_distill_adapters`` for the duration of
-  training (they are in the stage checkpoints, not in ``save_pretrained``'s heads).
+  the strategy; they live on the model as the submodule ``model.self_distill_adapters`` from
+  the first stage on and stay there afterwards (so stage checkpoints and a resume hold them;
+  ``save_pretrained`` writes only the heads, and inference never reads them).
 - ``||.||`` is ``torch.dist``: the L2 (Frobenius) norm of the whole (B, D) difference, not
   squared and not averaged, as in the reference.
 - The deepest exit's logits and feature are detached (the teacher only gives targets).
