@@ -207,3 +207,31 @@ def test_hugging_face_datasets_with_pairs_classlabels_regression_and_no_gold():
     reg = datasets.Dataset.from_dict({"sentence1": ["a"], "sentence2": ["b"], "label": [3.2]})
     got = examples_from_hf(reg, "stsb")
     assert got.task == "regression" and math.isclose(got.labels[0], 3.2) and got.is_pair
+
+
+def test_json_lines_files_read_as_tables(tmp_path):
+    # one object per line: its keys are the header, so the usual column names apply;
+    # numbers stay numbers (regression), null labels are refused like empty ones
+    (tmp_path / "train.jsonl").write_text(
+        '{"premise": "A man plays.", "hypothesis": "Someone plays.", "label": "entailment"}\n'
+        '\n{"premise": "A dog runs.", "hypothesis": "A cat sleeps.", "label": "contradiction"}\n')
+    ex = load_examples(tmp_path, "train")
+    assert ex.is_pair and ex.texts == ["A man plays.", "A dog runs."]
+    assert ex.label_names == ["contradiction", "entailment"] and ex.labels == [1, 0]
+    reg = tmp_path / "r.jsonl"
+    reg.write_text('{"text": "fine", "score": 4.5}\n{"text": "bad", "score": 0.25}\n')
+    ex = read_table(reg)
+    assert ex.task == "regression" and ex.labels == [4.5, 0.25]
+    assert read_table(reg, columns="text,score").texts == ["fine", "bad"]
+    with pytest.raises(DataError, match="by name"):
+        read_table(reg, columns="1,2")
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"text": "fine", "label": 1}\n{"text": "bad"}\n')
+    with pytest.raises(DataError, match=r"b\.jsonl:2: the object has no \['label'\]"):
+        read_table(bad)
+    bad.write_text('{"text": "fine", "label": 1}\n{"text": "bad", "label": null}\n')
+    with pytest.raises(DataError, match="label is empty"):
+        read_table(bad)
+    bad.write_text('{"text": "fine", "label": 1}\nnot json\n')
+    with pytest.raises(DataError, match=r"b\.jsonl:2: not a JSON object"):
+        read_table(bad)

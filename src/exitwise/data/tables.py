@@ -1,4 +1,5 @@
-"""Reading labelled text from TSV/CSV files as they come: GLUE's, SentEval's, the user's own.
+"""Reading labelled text from TSV/CSV (and JSON Lines) files as they come: GLUE's, SentEval's,
+the user's own.
 
 A table names (or, without a header, is told by ``columns``) one text column, optionally a
 second one for sentence pairs, and one label column. Every GLUE task's original files are read
@@ -9,6 +10,9 @@ as they are: their headers differ per task (SST-2 ``sentence``/``label``; MRPC `
 header-less STS-B copy need ``columns``. Which columns were used is always reported
 (:attr:`TableColumns.describe`); a text column is never dropped silently.
 
+A JSON Lines file (``.jsonl``, one object per line) is a table whose header is its first
+object's keys, so the same column names apply.
+
 Labels (:func:`parse_labels`): integers stay integers (class ids); numbers with a decimal point
 or an exponent make a regression target; anything else is a class name, mapped to ids as
 Hugging Face does (``label2id``), sorted unless the names are given (e.g. by a trained model).
@@ -17,6 +21,7 @@ Hugging Face does (``label2id``), sorted unless the names are given (e.g. by a t
 from __future__ import annotations
 
 import csv
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,8 +158,49 @@ def resolve_columns(
     return TableColumns(text, label, pair, names=list(first_row))
 
 
+JSON_LINES = (".jsonl", ".ndjson")
+
+
+def read_json_lines(path: Path) -> list[list[str]]:
+    """A JSON Lines file (one object per line) as :func:`read_rows` gives a table: the first
+    object's keys as the header, then each object's values in that order (strings as they
+    are, numbers and booleans as JSON writes them, null as an empty field), blank lines
+    skipped; each row ends with its line number."""
+    rows: list[list[str]] = []
+    keys: list[str] | None = None
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{n}: not a JSON object ({err.msg})") from None
+        if not isinstance(item, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object, got {type(item).__name__}")
+        if keys is None:
+            keys = [str(k) for k in item]
+            rows.append([*keys, "0"])
+        missing = [k for k in keys if k not in item]
+        if missing:
+            raise DataError(f"{path}:{n}: the object has no {missing} (the first one has)")
+        rows.append([_field(item[k]) for k in keys] + [str(n)])
+    return rows
+
+
+def _field(value: Any) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def read_rows(path: Path) -> list[list[str]]:
-    """All rows of a TSV (or CSV) file, header included, blank lines skipped."""
+    """All rows of a TSV (or CSV, or JSON Lines) file, header included, blank lines skipped."""
+    if path.suffix.lower() in JSON_LINES:
+        return read_json_lines(path)
     is_csv = path.suffix.lower() == ".csv"
     # GLUE TSVs contain bare quote characters inside sentences, so TSV is read without quoting;
     # CSV needs standard quoting, or any text with a comma in it would split into two fields.

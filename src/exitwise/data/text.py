@@ -2,8 +2,9 @@
 
 ``load_examples(source, split)`` reads
 
-- a TSV/CSV file (or a folder holding ``train.tsv`` / ``dev.tsv`` ...), GLUE's original files
-  included, single sentences or pairs (:mod:`exitwise.data.tables`);
+- a TSV/CSV or JSON Lines file (or a folder holding ``train.tsv`` / ``dev.tsv`` /
+  ``train.jsonl`` ...), GLUE's original files included, single sentences or pairs
+  (:mod:`exitwise.data.tables`);
 - a folder of parallel line files, SentEval style: ``s1.<split>``, ``s2.<split>`` (optional)
   and ``labels.<split>``, one example per line (SNLI as shipped in ``../shared/data/snli``);
 - a Hugging Face dataset id such as ``glue/sst2``, ``glue/mnli`` or ``stanfordnlp/snli``
@@ -25,6 +26,7 @@ import torch
 from ..errors import DataError
 from .tables import (
     CLASSIFICATION,
+    JSON_LINES,
     LABEL_COLUMNS,
     PAIR_COLUMNS,
     REGRESSION,
@@ -101,8 +103,9 @@ def read_table(
     label_names: Sequence[str] | None = None,
     task: str | None = None,
 ) -> TextExamples:
-    """Read a TSV (or CSV) file; see :mod:`exitwise.data.tables` for the columns it finds and
-    ``columns`` (names, or 1-based positions for a header-less file: text, [pair,] label)."""
+    """Read a TSV (or CSV, or JSON Lines) file; see :mod:`exitwise.data.tables` for the columns
+    it finds and ``columns`` (names, or 1-based positions for a header-less file: text,
+    [pair,] label)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
@@ -110,6 +113,9 @@ def read_table(
     if not rows:
         raise DataError(f"{path} is empty")
     spec = parse_columns_spec(columns)
+    if spec and isinstance(spec[0], int) and path.suffix.lower() in JSON_LINES:
+        raise DataError(f"{path}: a JSON Lines file names its fields; give --columns by "
+                        f"name (its fields: {', '.join(rows[0][:-1])})")
     later: list[str] = []
     if spec and isinstance(spec[0], int) and 0 < spec[-1] <= len(rows[0]) - 1:
         later = [r[spec[-1] - 1] for r in rows[1:] if len(r) == len(rows[0])]
@@ -166,11 +172,12 @@ def read_parallel(
 
 
 _SPLIT_FILES = {
-    "train": ("train.tsv", "train.csv"),
-    "dev": ("dev.tsv", "validation.tsv", "dev.csv", "validation.csv", "dev_matched.tsv"),
+    "train": ("train.tsv", "train.csv", "train.jsonl"),
+    "dev": ("dev.tsv", "validation.tsv", "dev.csv", "validation.csv", "dev_matched.tsv",
+            "dev.jsonl", "validation.jsonl"),
     "validation": ("dev.tsv", "validation.tsv", "dev.csv", "validation.csv",
-                   "dev_matched.tsv"),
-    "test": ("test.tsv", "test.csv"),
+                   "dev_matched.tsv", "dev.jsonl", "validation.jsonl"),
+    "test": ("test.tsv", "test.csv", "test.jsonl"),
 }
 _PARALLEL_SPLITS = {"train": ("train",), "dev": ("dev", "valid", "validation"),
                     "validation": ("dev", "valid", "validation"), "test": ("test",)}
@@ -225,7 +232,8 @@ def load_examples(
             f"{', '.join(_SPLIT_FILES.get(split, (f'{split}.tsv',)))}, or s1/s2/labels."
             f"{'/'.join(_PARALLEL_SPLITS.get(split, (split,)))})"
         )
-    if str(source).startswith((".", "/")) or Path(str(source)).suffix in (".tsv", ".csv"):
+    if str(source).startswith((".", "/")) or Path(str(source)).suffix in (
+            ".tsv", ".csv", *JSON_LINES):
         raise DataError(f"data path {source} does not exist")
     return _load_hf(str(source), split, columns, label_names, task)
 
