@@ -235,3 +235,13 @@ def test_json_lines_files_read_as_tables(tmp_path):
     bad.write_text('{"text": "fine", "label": 1}\nnot json\n')
     with pytest.raises(DataError, match=r"b\.jsonl:2: not a JSON object"):
         read_table(bad)
+
+
+def test_class_ids_without_rows_are_noted(tmp_path):
+    path = tmp_path / "t.tsv"
+    path.write_text("sentence\tlabel\ngood\t2\nbad\t1\nfine\t2\n")
+    ex = read_table(path)
+    assert ex.labels == [2, 1, 2] and any("class ids [0] have no rows" in n for n in ex.notes)
+    assert len(ex.subset([0, 1]).notes) == len(ex.notes)  # not repeated by a subset
+    path.write_text("sentence\tlabel\ngood\t1\nbad\t0\n")
+    assert read_table(path).notes == []

@@ -64,6 +64,14 @@ class TextExamples:
             raise DataError(f"{len(self.texts)} texts but {len(self.labels)} labels")
         if self.text_pairs is not None and len(self.text_pairs) != len(self.texts):
             raise DataError(f"{len(self.texts)} texts but {len(self.text_pairs)} second texts")
+        if self.task == CLASSIFICATION and self.labels and not self.label_names:
+            # ids are classes 0..max: ids counted from 1 leave a class no row can teach
+            unused = sorted(set(range(max(self.labels) + 1)) - set(self.labels))
+            note = (f"class ids {unused[:10]}{'...' if len(unused) > 10 else ''} have no rows "
+                    f"(the classes are 0..{max(self.labels)}); ids counted from 1 make an "
+                    "extra class 0: relabel the file from 0")
+            if unused and note not in self.notes:
+                self.notes.append(note)
 
     def __len__(self) -> int:
         return len(self.texts)
