@@ -82,9 +82,9 @@ def generate_answers(
     """The model's greedy answer to each prompt (token-id lists), batched, EOS included.
 
     cache: a JSON file; answers already there for the same leading prompts (and the same
-        model, weights and ``max_new_tokens``) are reused, and the file is rewritten atomically after
-        every batch, so an interrupted run loses at most one batch and a longer prompt list
-        extends a shorter one.
+        model, weights and ``max_new_tokens``) are reused, and the file is rewritten
+        atomically after every batch, so an interrupted run loses at most one batch and a
+        longer prompt list extends a shorter one.
     """
     backbone = model.backbone if hasattr(model, "backbone") else model
     if not hasattr(backbone, "describe"):  # a plain Hugging Face causal LM

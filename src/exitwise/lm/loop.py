@@ -15,8 +15,9 @@ and a held-out evaluation. :func:`run_task` does the rest for all of them alike:
   (step, histories, the evaluation before training, the optimizer's other values and the
   run's settings) every ``save_every`` steps and at the end, committed as one
   (:func:`save_checkpoint`: written in full under pending names, then renamed, the state
-  last), so an interruption at any moment leaves one whole checkpoint. A rerun with the same settings continues from it and ends
-  with the weights an uninterrupted run would have; other settings are refused.
+  last), so an interruption at any moment leaves one whole checkpoint. A rerun with the same
+  settings continues from it and ends with the weights an uninterrupted run would have; other
+  settings are refused.
 """
 
 from __future__ import annotations
