@@ -64,7 +64,8 @@ def test_own_classifier_choices_an_explicit_head_or_another_class_count_replace_
     listed = ew.attach_exits(raw, layers=[2, 4], head=["mean", "pooler"])
     assert type(listed.heads[-1]).registered_name == "pooler"
     # a head of the user's own choosing still serves the network's task: its 3 named classes
-    for model in (fresh, listed, ew.attach_exits(raw, layers=[2, 4], head={2: "mean", 4: "linear"})):
+    mapped = ew.attach_exits(raw, layers=[2, 4], head={2: "mean", 4: "linear"})
+    for model in (fresh, listed, mapped):
         assert model.num_labels == 3 and model.config.label_names == LABELS
         assert model.heads[-1](torch.randn(2, 5, 32), None).shape[-1] == 3
     with pytest.raises(ConfigError, match="has none"):
