@@ -175,24 +175,21 @@ def _positive_ints(value: str) -> list[int]:
     return out
 
 
-def _positive_int(value: str) -> int:
-    try:
-        out = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number; got {value!r}") from None
-    if out < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1; got {value!r}")
-    return out
+def _positive(kind: type) -> Any:
+    """An argparse type: a number of ``kind`` (int or float) above 0."""
+    def parse(value: str) -> Any:
+        try:
+            out = kind(value)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}; got {value!r}") from None
+        if not out > 0:
+            raise argparse.ArgumentTypeError(f"expected a number > 0; got {value!r}")
+        return out
+    return parse
 
 
-def _positive_float(value: str) -> float:
-    try:
-        out = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number; got {value!r}") from None
-    if not out > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0; got {value!r}")
-    return out
+_positive_int, _positive_float = _positive(int), _positive(float)
 
 
 def _skip(value: str) -> list[Any]:
