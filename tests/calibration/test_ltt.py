@@ -100,3 +100,9 @@ def test_early_exit_losses_on_tiny_lm():
     )
     assert losses[1.0] == [0.0] * 4  # never exits: identical to greedy
     assert len(losses[0.0]) == 4 and max(losses[0.0]) > 0.0  # always exits at layer 1
+    # early exit's own options reach early exit only, not the greedy reference
+    deeper = early_exit_losses(
+        model, ids, mask, "calm_saturation", [1.0, 0.0], max_new_tokens=6,
+        policy_params={"tau": 0.0}, eos_token_id=EOS, exit_layers=[3],
+    )
+    assert deeper[1.0] == [0.0] * 4 and len(deeper[0.0]) == 4

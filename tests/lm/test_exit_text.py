@@ -262,3 +262,21 @@ def test_clear_errors():
             tune_exits(model, texts, steps=bad)
     with pytest.raises(ew.ConfigError, match="lr"):
         tune_exits(model, texts, steps=2, lr=0)
+
+
+def test_a_batch_with_no_target_in_the_draft_vocabulary_is_a_no_op_step():
+    # a 5-token draft vocabulary and one short text per step: some steps have no target the
+    # exit can draft; their loss is a zero that keeps the graph (it once failed at backward)
+    g = torch.Generator().manual_seed(0)
+    texts = [torch.randint(3, VOCAB, (4,), generator=g).tolist() for _ in range(30)]
+    model = ew.attach_exits(tiny_lm("llama", damp=1.0), ew.ExitConfig(
+        layers=[2], head="lm", num_labels=VOCAB, final_head_kwargs={},
+        head_kwargs={"adapter": "mlp", "draft_vocab": 5}))
+    result = ew.tune_exits(model, texts, ExitCEConfig(steps=20, batch_size=1, seq_len=4),
+                           progress=False)
+    assert result.steps == 20 and 0.0 in result.loss_history
+    logits = torch.randn(1, 3, 5, requires_grad=True)
+    loss = exit_text_losses([logits], torch.randn(1, 3, VOCAB), torch.tensor([[7, 8, 9]]),
+                            torch.ones(1, 3, dtype=torch.long), 0.0, 1.0,
+                            [torch.arange(5)])
+    assert loss.tolist() == [0.0] and loss.requires_grad

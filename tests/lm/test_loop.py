@@ -117,6 +117,14 @@ def test_every_objective_trains_and_resumes_exactly(name, tmp_path, monkeypatch)
     other = get_objective(name, **dict(options, seed=1))
     with pytest.raises(ew.CheckpointError, match="seed"):
         ew.tune_exits(_model(), data, other, output_dir=tmp_path, progress=False)
+    # another held-out share or other data would change which rows trained mid-run
+    fraction = 0.5 if name != "calm" else 0.4
+    other = get_objective(name, **dict(options, eval_fraction=fraction))
+    with pytest.raises(ew.CheckpointError, match="eval_fraction"):
+        ew.tune_exits(_model(), data, other, output_dir=tmp_path, progress=False)
+    changed = [list(reversed(x)) if name != "answers" else x[::-1] for x in data]
+    with pytest.raises(ew.CheckpointError, match="data"):
+        ew.tune_exits(_model(), changed, config, output_dir=tmp_path, progress=False)
 
 
 @pytest.mark.parametrize("cut", ["before_commit", "during_commit"])

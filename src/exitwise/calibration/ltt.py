@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import ConfigError, InputError
-from ..generation import generate
+from ..generation import DECODING_STRATEGIES, generate
 from ..policies import get_policy
 
 METHODS = ("hoeffding", "hoeffding_bentkus")
@@ -228,7 +228,12 @@ def early_exit_losses(
     base = get_policy(policy, **dict(policy_params or {}))
     common = dict(max_new_tokens=max_new_tokens, **generate_kwargs)
     t = input_ids.shape[1]
-    ref = _generated(generate(model, input_ids, attention_mask, strategy="greedy", **common), t)
+    # the reference is plain greedy decoding: early exit's own options (exit_layers ...)
+    # are not its to take
+    own = DECODING_STRATEGIES.get("early_exit").option_names()
+    plain = {k: v for k, v in common.items()
+             if k not in own or k in DECODING_STRATEGIES.get("greedy").option_names()}
+    ref = _generated(generate(model, input_ids, attention_mask, strategy="greedy", **plain), t)
     out: dict[float, list[float]] = {}
     for lam in thresholds:
         got = generate(

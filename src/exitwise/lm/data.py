@@ -15,6 +15,7 @@ distill):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -125,6 +126,15 @@ def split_holdout(
     perm = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed + 7)).tolist()
     held = set(perm[:n_eval])
     return [s for i, s in enumerate(seqs) if i not in held], [seqs[i] for i in sorted(held)]
+
+
+def data_digest(seqs: Sequence[Any]) -> str:
+    """A short hash of training data (token-id lists, or (prompt, answer) pairs): a resumed
+    run must see the data its checkpoint was trained on."""
+    h = hashlib.sha1(usedforsecurity=False)
+    h.update(json.dumps([list(map(list, s)) if s and isinstance(s[0], (list, tuple)) else
+                         list(s) for s in seqs]).encode())
+    return h.hexdigest()[:16]
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -190,7 +190,9 @@ def load_checkpoint(folder: Path, task: Task,
     if state is None:
         return None
     saved = {k: v for k, v in state.get("settings", {}).items() if k != "steps"}
-    wanted = {k: v for k, v in task.settings.items() if k != "steps"}
+    # a setting the checkpoint does not record (written before it was recorded) is not held
+    # against it; every recorded one must match
+    wanted = {k: v for k, v in task.settings.items() if k != "steps" and k in saved}
     if saved != wanted:
         diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
         raise CheckpointError(

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ...backbones.hf_decoder import DecodeContext, prompt_positions
 from ...errors import ConfigError
 from ..answers import Answer, answer_token_ranking, check_answers
-from ..data import derived_seed, pad_batch, split_holdout
+from ..data import data_digest, derived_seed, pad_batch, split_holdout
 from ..exits import tuned_exits, vocab_positions
 from ..loop import Task
 from .base import ObjectiveConfig, Prepared, is_number, register_objective
@@ -280,7 +280,8 @@ class AnswersConfig(ObjectiveConfig):
                       "model": backbone.describe(), "batch_size": bs, "seed": self.seed,
                       "num_answers": len(answers),
                       **({"conditioned": conditioned} if any(conditioned) else {}),
-                      "eval_fraction": float(self.eval_fraction)},
+                      "eval_fraction": float(self.eval_fraction),
+                      "data": data_digest(answers)},
         )
         return Prepared(task=task, steps=steps, metric="agreement", num_train=len(train_idx),
                         num_eval=len(eval_idx), extras={"self_generated": True})

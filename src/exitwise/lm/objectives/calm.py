@@ -43,7 +43,14 @@ from ...backbones.special_tokens import eos_and_pad
 from ...errors import ConfigError, DataError
 from ...generation.exit_points import resolve_exit_points
 from ...policies.calm_learned import KINDS, CalmExitClassifier
-from ..data import derived_seed, pad_batch, self_generated_sequences, split_holdout, tokenize_texts
+from ..data import (
+    data_digest,
+    derived_seed,
+    pad_batch,
+    self_generated_sequences,
+    split_holdout,
+    tokenize_texts,
+)
 from ..loop import Task
 from .base import ObjectiveConfig, Prepared, is_pos_int, register_objective
 
@@ -246,7 +253,8 @@ class CalmConfig(ObjectiveConfig):
                       "exit_layers": depths, "kind": self.kind, "mlp_hidden": self.mlp_hidden,
                       "batch_size": self.batch_size, "seq_len": self.seq_len,
                       "max_tokens": self.max_tokens, "seed": self.seed,
-                      "num_sequences": len(seqs)},
+                      "num_sequences": len(seqs), "eval_fraction": float(self.eval_fraction),
+                      "data": data_digest(seqs)},
         )
         return Prepared(task=task, steps=self.steps, metric="bce", num_train=n,
                         num_eval=int(held[depths[0]][0].shape[0]),

@@ -43,7 +43,13 @@ from torch import nn
 
 from ...backbones.special_tokens import eos_and_pad
 from ...errors import ConfigError
-from ..data import batch_at_step, self_generated_sequences, split_holdout, tokenize_texts
+from ..data import (
+    batch_at_step,
+    data_digest,
+    self_generated_sequences,
+    split_holdout,
+    tokenize_texts,
+)
 from ..draft_vocab import set_draft_vocabularies
 from ..exits import (
     exit_and_final_logits,
@@ -106,8 +112,9 @@ def exit_text_losses(
             total = total + kl_weight * exit_kl(logits, final, mask, sub)
         if ce_weight:
             ce = exit_ce(logits, ids, mask, vocab_positions(sub, vocab))
-            if ce is not None:
-                total = total + ce_weight * ce
+            # no target inside the draft vocabulary in this batch: a zero that keeps the
+            # graph, so the step is a no-op and not an error at backward()
+            total = total + (ce_weight * ce if ce is not None else logits.float().sum() * 0.0)
         out.append(total)
     return torch.stack(out)
 
@@ -206,7 +213,8 @@ def _build_text_exits(cfg: ExitCEConfig, model: Any, data: Any, tokenizer: Any,
         settings={"objective": cfg.registered_name, "exit_layers": depths,
                   "model": backbone.describe(), "kl_weight": cfg.kl_weight,
                   "ce_weight": cfg.ce_weight, "batch_size": cfg.batch_size,
-                  "seq_len": cfg.seq_len, "seed": cfg.seed, "num_sequences": len(seqs)},
+                  "seq_len": cfg.seq_len, "seed": cfg.seed, "num_sequences": len(seqs),
+                  "eval_fraction": float(cfg.eval_fraction), "data": data_digest(seqs)},
     )
     return Prepared(task=task, steps=cfg.steps, metric="agreement", num_train=len(train),
                     num_eval=len(held), extras={"self_generated": data is None,

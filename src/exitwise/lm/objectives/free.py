@@ -57,7 +57,7 @@ from ...backbones import decoder_of
 from ...backbones.special_tokens import eos_and_pad
 from ...errors import ConfigError
 from ...heads.lm import LMHead
-from ..data import batch_at_step, pad_batch, split_holdout, tokenize_texts
+from ..data import batch_at_step, data_digest, pad_batch, split_holdout, tokenize_texts
 from ..loop import Task
 from .base import ObjectiveConfig, Prepared, is_number, is_pos_int, register_objective
 from .layerskip import next_token_ce
@@ -259,7 +259,8 @@ class FreeConfig(ObjectiveConfig):
             settings={"objective": self.registered_name, "model": backbone.describe(),
                       "num_layers": L, "shallow_layer": shallow, "kd": self.kd,
                       "kd_alpha": float(self.kd_alpha), "batch_size": self.batch_size,
-                      "seq_len": self.seq_len, "seed": self.seed, "num_sequences": len(seqs)},
+                      "seq_len": self.seq_len, "seed": self.seed, "num_sequences": len(seqs),
+                      "eval_fraction": float(self.eval_fraction), "data": data_digest(seqs)},
         )
         return Prepared(task=task, steps=self.steps, metric="agreement", num_train=len(train),
                         num_eval=len(held), finish=finish)

@@ -38,7 +38,14 @@ import torch.nn.functional as F
 from ...backbones import DecodeContext, decoder_of
 from ...backbones.special_tokens import eos_and_pad
 from ...errors import ConfigError
-from ..data import batch_at_step, derived_seed, pad_batch, split_holdout, tokenize_texts
+from ..data import (
+    batch_at_step,
+    data_digest,
+    derived_seed,
+    pad_batch,
+    split_holdout,
+    tokenize_texts,
+)
 from ..loop import Task
 from .base import ObjectiveConfig, Prepared, is_number, is_pos_int, register_objective
 
@@ -253,7 +260,8 @@ class LayerSkipConfig(ObjectiveConfig):
                       "early_exit_scale": float(self.early_exit_scale),
                       "curriculum": self.curriculum, "rotation_interval": self.rotation_interval,
                       "batch_size": self.batch_size, "seq_len": self.seq_len, "seed": self.seed,
-                      "num_sequences": len(seqs)},
+                      "num_sequences": len(seqs), "eval_fraction": float(self.eval_fraction),
+                      "data": data_digest(seqs)},
         )
         return Prepared(task=task, steps=self.steps, metric="agreement", num_train=len(train),
                         num_eval=len(held), extras={"dropout_rates": rates.tolist()},
