@@ -21,6 +21,7 @@ from .backbones import Backbone, HFEncoderBackbone, wrap_backbone
 from .backbones.base import BackboneState, reference_output
 from .config import ExitConfig
 from .errors import CheckpointError, ConfigError, InputError
+from .modes import eval_mode
 from .heads import (
     HEADS,
     ExitHead,
@@ -345,9 +346,16 @@ class MultiExitModel(nn.Module):
             self, policy, labels=labels, profile=profile, count_flops=count_flops, **inputs
         )
 
-    @torch.inference_mode()
     def full_depth(self, **inputs: Any) -> torch.Tensor:
-        """The plain model: the backbone's own forward + the final head, (B, C) raw logits."""
+        """The plain model: the backbone's own forward + the final head, (B, C) raw logits;
+        in eval mode, as early exit runs (a model in train mode is switched for the call)."""
+        if self.training:
+            with eval_mode(self):
+                return self._full_depth(**inputs)
+        return self._full_depth(**inputs)
+
+    @torch.inference_mode()
+    def _full_depth(self, **inputs: Any) -> torch.Tensor:
         inputs.pop("labels", None)
         if uses_previous_logits(self.heads[-1]) or uses_past_states(self.heads[-1]):
             # A cascade (past-future) final head needs every earlier exit's logits (states):

@@ -16,14 +16,24 @@ from contextlib import contextmanager
 from torch import nn
 
 
+def saved_modes(module: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Every submodule of ``module`` with its own ``training`` flag, for :func:`restore_modes`."""
+    return [(m, m.training) for m in module.modules()]
+
+
+def restore_modes(saved: list[tuple[nn.Module, bool]]) -> None:
+    """Put back the flags :func:`saved_modes` recorded, module by module."""
+    for m, mode in saved:
+        m.training = mode
+
+
 @contextmanager
 def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     """Within the block every submodule of ``module`` is in eval mode; afterwards (also after
     an exception) each one's own ``training`` flag is what it was before."""
-    saved = [(m, m.training) for m in module.modules()]
+    saved = saved_modes(module)
     module.eval()
     try:
         yield module
     finally:
-        for m, mode in saved:
-            m.training = mode
+        restore_modes(saved)

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import DataError, InputError
+from ..modes import restore_modes, saved_modes
 from ..policies.ztw import ZTWPolicy, ztw_ensemble
 from ..runtime.flops import exit_cost_table, full_depth_cost
 from ..runtime.online import split_batch
@@ -303,7 +304,7 @@ def collect_exit_logits(
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
     device = torch.device(device)
-    was_training = model.training
+    before_modes = saved_modes(model)
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "costs": [], "full": [],
                                             "scores": [], "skipped": []}
@@ -326,7 +327,7 @@ def collect_exit_logits(
                 if skipped is not None:
                     parts["skipped"].append(skipped)
     finally:
-        model.train(was_training)
+        restore_modes(before_modes)
     if not parts["logits"]:
         raise InputError("the dataloader yielded no batches")
     return ExitLogitsCache(

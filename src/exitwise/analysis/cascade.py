@@ -25,6 +25,7 @@ import torch
 
 from ..cascade import ModelCascade
 from ..errors import InputError
+from ..modes import restore_modes, saved_modes
 from ..runtime.cascade import PolicySpec, cascade_policy
 from ..runtime.flops import full_depth_cost
 from ..runtime.online import split_batch
@@ -53,7 +54,7 @@ def collect_cascade_logits(
         param = next(cascade.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
     device = torch.device(device)
-    modes = [m.training for m in cascade.members]
+    modes = saved_modes(cascade)
     cascade.eval()
     parts: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "costs": [], "full": []}
     try:
@@ -75,8 +76,7 @@ def collect_cascade_logits(
                 parts["costs"].append(member_costs.cumsum(dim=1))
                 parts["full"].append(member_costs[:, -1])
     finally:
-        for member, mode in zip(cascade.members, modes):
-            member.train(mode)
+        restore_modes(modes)
     if not parts["logits"]:
         raise InputError("the dataloader yielded no batches")
     return ExitLogitsCache(

@@ -58,6 +58,9 @@ def replay_stream(
     """
     cache.check()
     check_stream_task(cache.task, selector, cache.num_exits)
+    if cache.skipped is not None:  # as run_stream: rows cannot all stop at a skipped exit
+        raise InputError("a cache of a model with a skip gate cannot be streamed: a row that "
+                         "skipped the chosen exit's block cannot stop there")
     temps = temperature_list(temperatures, cache.num_exits)
     n = cache.num_examples
     rows = list(range(n)) if order is None else [int(i) for i in order]

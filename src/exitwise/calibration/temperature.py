@@ -84,10 +84,15 @@ def fit_temperatures(
 def apply_temperatures(
     model: "MultiExitModel", temperatures: torch.Tensor | Sequence[float]
 ) -> None:
-    """Copy (E,) temperatures into ``model.temperatures`` (used by the runtime executor)."""
+    """Copy (E,) temperatures into ``model.temperatures`` (used by the runtime executor),
+    kept in float32 also in a half-precision model (a bf16 copy would round them). A
+    regression model's output is a value, not logits: only temperatures of 1 apply to it."""
     temps = torch.tensor(temperature_list(temperatures, model.num_exits), dtype=torch.float32)
+    if model.task == "regression" and bool((temps != 1.0).any()):
+        raise ConfigError("a regression model predicts a value, which has no temperature "
+                          f"to scale; got temperatures {temps.tolist()}")
     with torch.no_grad():
-        model.temperatures.copy_(temps.to(model.temperatures.device))
+        model.temperatures = temps.to(model.temperatures.device)
 
 
 def expected_calibration_error(

@@ -47,7 +47,8 @@ class CATsScorer(ExitScorer):
     def logit(self, k: int, feature: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """(B,) the pre-sigmoid score (what the BCE loss reads, for numerical safety)."""
         x = torch.cat([feature.float(), confidence_features(logits)], dim=-1)
-        return self.mlps[k](x).squeeze(-1)
+        dtype = next(self.mlps[k].parameters()).dtype  # a half-precision model's own
+        return self.mlps[k](x.to(dtype)).float().squeeze(-1)
 
     def forward(self, k: int, feature: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logit(k, feature, logits))

@@ -45,7 +45,8 @@ class DACTScorer(ExitScorer):
             nn.init.constant_(unit.bias, float(init_bias))
 
     def forward(self, k: int, feature: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.units[k](feature.float())).squeeze(-1)
+        x = feature.to(self.units[k].weight.dtype)  # a half-precision model's own precision
+        return torch.sigmoid(self.units[k](x).float()).squeeze(-1)
 
     def scorer_flops(self, k: int, batch_size: int) -> torch.Tensor:
         return torch.full((batch_size,), 2.0 * self.feature_dims[k], dtype=torch.float64)

@@ -33,7 +33,9 @@ class LTEScorer(ExitScorer):
         self.linear = nn.Linear(self.feature_dims[0], 1)
 
     def forward(self, k: int, feature: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.linear(feature.float())).squeeze(-1)
+        # in the layer's own precision (a half-precision model), the score in float32
+        x = feature.to(self.linear.weight.dtype)
+        return torch.sigmoid(self.linear(x).float()).squeeze(-1)
 
     def scorer_flops(self, k: int, batch_size: int) -> torch.Tensor:
         return torch.full((batch_size,), 2.0 * self.feature_dims[0], dtype=torch.float64)

@@ -38,12 +38,14 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import ConfigError, InputError
+from ..modes import eval_mode
 from ..outputs import EarlyExitResult
 from ..policies.base import ExitPolicy, get_policy
 from .flops import full_depth_cost, padded
@@ -151,7 +153,6 @@ def take_rows(inputs: dict[str, Any], rows: torch.Tensor, batch_size: int) -> di
     return out
 
 
-@torch.inference_mode()
 def run_cascade(
     members: Sequence[MultiExitModel],
     policy: ExitPolicy,
@@ -168,7 +169,26 @@ def run_cascade(
     count_flops: fill ``flops`` / ``executed_flops`` (runs each member's embedding once more
         for the row lengths; off for timing loops).
     profile: record wall-clock per member (synchronizing the GPU).
+
+    Members run in eval mode (each switched for the call when in train mode, its modules'
+    modes restored after), as the single-model executor and the logits cache run them.
     """
+    with ExitStack() as stack:
+        for member in members:
+            if member.training:
+                stack.enter_context(eval_mode(member))
+        return _run_cascade(members, policy, labels, count_flops, profile, **inputs)
+
+
+@torch.inference_mode()
+def _run_cascade(
+    members: Sequence[MultiExitModel],
+    policy: ExitPolicy,
+    labels: torch.Tensor | None,
+    count_flops: bool,
+    profile: bool,
+    **inputs: Any,
+) -> CascadeResult:
     inputs.pop("labels", None)
     if not members:
         raise ConfigError("a model cascade needs at least one member")

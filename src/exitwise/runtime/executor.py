@@ -132,8 +132,8 @@ def _run_early_exit(
                 executed += float(heads[k].head_flops(full_mask, logits.shape[0]).sum())
                 if model.scorer is not None and scored:
                     executed += float(model.scorer.scorer_flops(k, logits.shape[0]).sum())
-            if temps[k] != 1.0:
-                logits = logits / temps[k]
+            if temps[k] != 1.0:  # in float32, as replay scales the cached copy
+                logits = logits.float() / temps[k]
             policy.check_logits(logits)
             if out_logits is None:
                 out_logits = torch.empty(b, logits.shape[-1], dtype=logits.dtype, device=device)

@@ -39,6 +39,7 @@ from ..backbones.base import BackboneState
 from ..backbones.sequential import SequentialBackbone
 from ..backbones.vision import VisionBackbone, run_calls
 from ..errors import InputError, UnsupportedModelError
+from ..modes import restore_modes, saved_modes
 from ..heads import uses_previous_logits
 from ..policies.base import ExitPolicy
 
@@ -208,7 +209,7 @@ def export_segments(
     segments = segments_of(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    was_training = model.training
+    before_modes = saved_modes(model)
     model.eval()  # before anything runs: no BatchNorm statistics updates, no dropout
     try:
         # validates the input (channels, image size) eagerly
@@ -216,7 +217,7 @@ def export_segments(
         with _one_torchlib_registry():
             entries = _export_all(segments, example, out, opset)
     finally:
-        model.train(was_training)
+        restore_modes(before_modes)
     manifest = {
         "format": FORMAT,
         "version": 1,

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from ..errors import ConfigError, InputError
+from ..modes import restore_modes, saved_modes
 from ..policies.base import PolicyState
 from ..policies.static import StaticPolicy
 from .executor import run_early_exit
@@ -186,8 +187,9 @@ class _ObservedStatic(StaticPolicy):
 
 def split_batch(batch: Any) -> tuple[dict[str, Any], torch.Tensor | None]:
     """A batch -> (backbone inputs, labels or None): dicts (HF collators; labels under
-    ``labels`` or ``label``, removed), ``(inputs, labels)`` pairs (torchvision loaders) or bare
-    tensors (vision). The one reader of batches for streams, caches and cascades."""
+    ``labels`` or ``label``, removed), ``(inputs, labels)`` pairs (torchvision loaders;
+    inputs a tensor of images or a dict of backbone inputs) or bare tensors (vision). The one
+    reader of batches for streams, caches and cascades."""
     if isinstance(batch, Mapping):
         inputs = dict(batch)
         labels = inputs.pop("labels", None)
@@ -195,6 +197,8 @@ def split_batch(batch: Any) -> tuple[dict[str, Any], torch.Tensor | None]:
             labels = inputs.pop("label", None)
         return inputs, labels
     if isinstance(batch, (list, tuple)) and len(batch) == 2:
+        if isinstance(batch[0], Mapping):  # (a dict of backbone inputs, labels): text
+            return dict(batch[0]), batch[1]
         return {"pixel_values": batch[0]}, batch[1]
     if isinstance(batch, torch.Tensor):
         return {"pixel_values": batch}, None
@@ -231,12 +235,17 @@ def run_stream(
     The model runs in eval mode and is put back as it was.
     """
     check_stream_task(model.task, selector, model.num_exits)
+    if model.gate is not None:  # a row that skipped the chosen exit's block cannot stop there
+        raise InputError(
+            "online exit choice stops every row of a batch at the chosen exit; a model with a "
+            "skip gate lets rows skip that exit's block, so it cannot stream (detach the gate "
+            "or choose exits per row with a policy)")
     if device is None:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
     device = torch.device(device)
     result = StreamResult()
-    was_training = model.training
+    before_modes = saved_modes(model)
     model.eval()
     try:
         for batch in batches:
@@ -258,7 +267,7 @@ def run_stream(
                 labels=report_labels(labels, rows), flops=out.flops.detach().cpu().double(),
             ))
     finally:
-        model.train(was_training)
+        restore_modes(before_modes)
     result.selector_state = selector.state_dict()
     return result
 

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import ConfigError, InputError
+from ..modes import restore_modes, saved_modes
 from ..heads.class_means import ClassMeansHead
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -127,7 +128,7 @@ def fit_class_means(
     sums = [torch.zeros(num_classes, h.in_features, dtype=torch.float64, device=device)
             for h in heads]
     counts = torch.zeros(num_classes, dtype=torch.long, device=device)
-    was_training = model.training
+    before_modes = saved_modes(model)
     model.eval()
     try:
         # Pass 1: per-class sums of the pooled features (the input of each head's distance
@@ -173,7 +174,7 @@ def fit_class_means(
             scale = (d / rows).clamp_min(torch.finfo(torch.float32).tiny)
             head.classifier.scales.copy_(scale.where(d > 0, torch.ones_like(scale)))
     finally:
-        model.train(was_training)
+        restore_modes(before_modes)
     return ClassMeansFit(exits=exits, class_counts=counts.cpu().tolist(), num_rows=rows)
 
 

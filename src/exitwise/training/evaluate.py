@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..analysis.scores import REGRESSION, regression_report
 from ..errors import DataError, InputError
+from ..modes import restore_modes, saved_modes
 from .collate import default_collator
 
 # An exit "beats the baseline" when it is at least this far above it (half a point).
@@ -58,7 +59,7 @@ def evaluate_exit_scores(
     collate = data_collator or default_collator(model)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     device = next(model.parameters()).device
-    was_training = model.training
+    before_modes = saved_modes(model)
     model.eval()
     regression = getattr(model, "task", None) == REGRESSION
     preds: list[torch.Tensor] = []
@@ -74,7 +75,7 @@ def evaluate_exit_scores(
             preds.append((logits[..., 0] if regression else logits.argmax(-1)).cpu())
             gold.append(labels.cpu())
     finally:
-        model.train(was_training)
+        restore_modes(before_modes)
     if not preds:
         raise DataError("the evaluation dataset yielded no examples")
     p, y = torch.cat(preds), torch.cat(gold)  # (N, K), (N,)
