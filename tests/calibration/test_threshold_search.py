@@ -232,3 +232,91 @@ def test_many_classes_the_grid_reaches_confident_low_probability_exits(name) -> 
     result = search_accuracy_drop(name, cache, max_drop_points=1.0)
     assert result.heldout["flops_speedup"] == pytest.approx(3.0)  # all leave at the first exit
     assert search_budget(name, cache, budget=0.5).met_target
+
+
+def _plain_cache(logits: torch.Tensor, labels: torch.Tensor) -> ExitLogitsCache:
+    n, e = logits.shape[:2]
+    costs = torch.arange(1, e + 1, dtype=torch.float64).expand(n, e)
+    return ExitLogitsCache(logits, labels, costs, torch.full((n,), float(e),
+                                                             dtype=torch.float64),
+                           list(range(1, e + 1)))
+
+
+def test_an_undefined_score_never_wins_a_budget() -> None:
+    # regression: exit 1 predicts a constant, so its Pearson r is undefined (NaN); the
+    # budget once picked it over exit 2, which fits too with r near 1
+    y = torch.linspace(0, 5, 50)
+    pred = torch.stack([torch.full((50,), 2.5), y + 0.3 * torch.sin(7 * y), y], 1)
+    cache = _plain_cache(pred.unsqueeze(-1), y)
+    result = search_budget("static", cache, budget=0.7)
+    assert result.param == 1 and result.heldout["score"] > 0.9
+
+
+def test_disagreement_without_delta_is_the_observed_disagreement() -> None:
+    # with delta=None the risk is observed, not certified; it once fell back to the accuracy
+    # drop whatever risk said (and took any name)
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (1000,), generator=g)
+    logits = torch.randn(1000, 3, 3, generator=g)
+    for k, s in enumerate([1.0, 2.0, 3.0]):
+        logits[torch.arange(1000), k, y] += s
+    cache = _plain_cache(logits, y)
+    result = search_accuracy_drop("confidence", cache, max_drop=0.02, risk="disagreement")
+    final = cache.logits[:, -1].argmax(-1)
+    got = replay(result.policy, cache).predictions
+    assert float((got != final).double().mean()) <= 0.02
+    assert result.target["risk"] == "disagreement"
+    with pytest.raises(ConfigError, match="risk"):
+        search_accuracy_drop("confidence", cache, max_drop=0.02, risk="no-such-risk")
+
+
+def test_bonferroni_refuses_a_slice_too_small_at_its_own_level() -> None:
+    # a policy with no safer direction tests each setting at delta / m: 200 rows can never
+    # certify 2 points there, so it is refused up front, not after every setting failed
+    from exitwise.calibration import CalibrationRefused
+
+    y = torch.randint(0, 2, (200,), generator=torch.Generator().manual_seed(0))
+    logits = torch.zeros(200, 3, 2)
+    logits[torch.arange(200), :, y] = 3.0
+    policy = ew.get_policy("window", threshold=0.5, width=0.1, tune="threshold")
+    assert policy.safer_when is None
+    with pytest.raises(CalibrationRefused, match="bonferroni"):
+        search_accuracy_drop(policy, _plain_cache(logits, y), max_drop=0.02, delta=0.1)
+
+
+def test_regression_caches_are_refused_by_right_wrong_measures_and_labels_are_checked():
+    from exitwise.analysis import per_exit_accuracy
+
+    y = torch.linspace(0, 1, 10)
+    with pytest.raises(InputError, match="Pearson"):
+        per_exit_accuracy(_plain_cache(torch.randn(10, 2, 1), y))
+    labels = torch.tensor([0, 1, 5, 1])
+    with pytest.raises(InputError, match=r"class ids in \[0, 3\)"):
+        replay(ew.get_policy("never"), _plain_cache(torch.randn(4, 2, 3), labels))
+
+
+def test_fits_on_a_gated_cache_never_count_a_row_at_an_exit_it_skipped():
+    # half the rows skipped the first exit's block (a skip gate): replay never offers them
+    # that exit, so E2CM's fitted points and MSDNet's thresholds must not count them there
+    from exitwise.calibration.budget import fit_budget_policy
+    from exitwise.calibration.e2cm import fit_e2cm_policy
+
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    y = torch.randint(0, 3, (n,), generator=g)
+    logits = torch.randn(n, 3, 3, generator=g)
+    for k, s in enumerate([2.0, 2.5, 4.0]):
+        logits[torch.arange(n), k, y] += s
+    skipped = torch.zeros(n, 3, dtype=torch.bool)
+    skipped[: n // 2, 0] = True
+    costs = torch.tensor([[1.0, 2.0, 3.0]] * n, dtype=torch.float64)
+    cache = ExitLogitsCache(logits, y, costs, torch.full((n,), 3.0, dtype=torch.float64),
+                            [1, 2, 3], skipped=skipped)
+    for point in fit_e2cm_policy(cache, candidates=[[0.5, 0.5]]).points:
+        assert point["cost"] == pytest.approx(point["heldout"]["relative_compute"])
+        assert point["accuracy"] == pytest.approx(point["heldout"]["accuracy"])
+    point = fit_budget_policy(cache, [0.7]).points[0]
+    fractions = point["heldout"]["exit_fractions"]
+    assert fractions[0] <= 0.5 + 1e-9  # only the rows offered exit 1 can leave there
+    assert fractions[0] == pytest.approx(point["target_fractions"][0], abs=0.01) or (
+        fractions[0] == pytest.approx(0.5))

@@ -132,6 +132,12 @@ class ExitLogitsCache:
             raise InputError(f"the cache has NaN or inf logits in {bad} rows; the model is broken")
         if not bool(torch.isfinite(self.costs).all() and torch.isfinite(self.full_cost).all()):
             raise InputError("the cache has NaN or inf costs")
+        if self.task != REGRESSION and self.num_examples:  # -1 marks an unknown label
+            low, high = int(self.labels.min()), int(self.labels.max())
+            if low < -1 or high >= self.num_classes:
+                raise InputError(
+                    f"labels must be class ids in [0, {self.num_classes}) or -1 (unknown); "
+                    f"the cache has {low if low < -1 else high}")
         if need_labels:
             missing = int((~self.labeled).sum())
             if missing:

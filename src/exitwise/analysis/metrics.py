@@ -20,11 +20,17 @@ import torch
 from ..errors import InputError
 from .cache import ExitLogitsCache
 from .replay import ReplayResult
+from .scores import REGRESSION
 
 
 def _labeled(cache: ExitLogitsCache) -> tuple[torch.Tensor, torch.Tensor]:
     """(correct (M, E) bool, labels (M,)) for the M labeled rows; raises if there are none."""
     cache.check()
+    if cache.task == REGRESSION:  # argmax of one output would count every row wrong
+        raise InputError(
+            "right/wrong per exit (accuracy, overthinking, selective classification) is a "
+            "classification measure; for a regression cache read each exit's Pearson r from "
+            "exitwise.analysis.static_points(cache) or replay(...).score")
     mask = cache.labeled
     if not bool(mask.any()):
         raise InputError("the cache has no labeled rows; accuracy needs labels")

@@ -80,7 +80,9 @@ def top_probabilities(
     cache: ExitLogitsCache, temperatures: torch.Tensor | Sequence[float] | None = None
 ) -> torch.Tensor:
     """(N, E) float32 top softmax probability of every exit, computed exactly as the policy
-    does at run time (same temperature division, same float32 softmax)."""
+    does at run time (same temperature division, same float32 softmax); -inf where a row
+    skipped the exit's block (a skip gate): it is never offered that exit, so no threshold
+    may count it as leaving there."""
     temps = temperature_list(temperatures, cache.num_exits)
     cols = []
     for k, t in enumerate(temps):
@@ -88,7 +90,10 @@ def top_probabilities(
         if t != 1.0:
             logits = logits / t
         cols.append(torch.softmax(logits.float(), dim=-1).amax(-1))
-    return torch.stack(cols, dim=1)
+    top = torch.stack(cols, dim=1)
+    if cache.skipped is not None:
+        top = top.masked_fill(cache.skipped.to(torch.bool), float("-inf"))
+    return top
 
 
 def thresholds_for_fractions(top: torch.Tensor, fractions: torch.Tensor) -> list[float | None]:
@@ -100,6 +105,7 @@ def thresholds_for_fractions(top: torch.Tensor, fractions: torch.Tensor) -> list
     for k in range(num_exits - 1):
         want = int(math.floor(n * float(fractions[k]) + 1e-9))
         remaining = top[~left, k]
+        remaining = remaining[remaining > float("-inf")]  # rows offered this exit at all
         if want <= 0 or remaining.numel() == 0:
             out.append(None)
             continue

@@ -121,16 +121,6 @@ def certify_candidates(
             "a certified threshold needs a per-row 0/1 loss; Pearson's r of a regression "
             "model is not one: calibrate regression models without delta (delta=None)"
         )
-    n = cache.num_examples
-    need = minimum_rows(target, delta, risk)
-    if n < need:
-        raise CalibrationRefused(
-            f"{n} held-out rows are too few to certify a drop of {100 * target:.2f} points at "
-            f"delta={delta}: even a setting that never differs from full depth gets a bound "
-            f"of {100 * (1 - (delta / 2 if risk == 'drop' else delta) ** (1 / n)):.2f} points. "
-            f"Hold out at least {need} rows, relax the target or delta, or use delta=None "
-            "(--delta none on the command line; no guarantee)"
-        )
     values = list(policy.grid(cache.num_exits))
     direction = getattr(policy, "safer_when", None)
     if direction in ("higher", "lower"):
@@ -138,6 +128,17 @@ def certify_candidates(
         method, level = "fixed-sequence", float(delta)
     else:
         method, level = "bonferroni", float(delta) / max(len(values), 1)
+    n = cache.num_examples
+    need = minimum_rows(target, level, risk)  # at the level each setting is tested at
+    if n < need:
+        alpha = level / 2 if risk == "drop" else level
+        raise CalibrationRefused(
+            f"{n} held-out rows are too few to certify a drop of {100 * target:.2f} points at "
+            f"delta={delta} ({method}): even a setting that never differs from full depth "
+            f"gets a bound of {100 * (1 - alpha ** (1 / n)):.2f} points. Hold out at least "
+            f"{need} rows, relax the target or delta, or use delta=None (--delta none on the "
+            "command line; no guarantee)"
+        )
     final_pred = predictions_of(cache.logits[:, -1])
     final_right = final_pred == cache.labels
     certified = []

@@ -133,6 +133,9 @@ def calibration_report(
 ) -> list[dict[str, Any]]:
     """Per exit: NLL and ECE before (T = 1) and after scaling by ``temperatures``."""
     cache.check(need_labels=True)
+    if cache.task == "regression":
+        raise ConfigError("NLL and ECE measure class probabilities; a regression cache has "
+                          "none (and no temperatures)")
     temps = temperature_list(temperatures, cache.num_exits)
     report = []
     for k, t in enumerate(temps):

@@ -14,7 +14,9 @@ For a regression model (one output) "accuracy" is Pearson's r throughout, and a 
 point is 0.01 of r.
 
 Among settings with identical results (a plateau of thresholds) the middle one is taken, so
-that small shifts between held-out and test data move it least.
+that small shifts between held-out and test data move it least; a certified search takes the
+fastest certified setting instead (fixed-sequence testing stops at the first one it cannot
+certify, so a plateau's far side may not be reached).
 
 The cache MUST be held-out data: a slice of the training data the model did not train on.
 Never calibrate on the split you report results on; these functions take no evaluation split
@@ -35,10 +37,11 @@ import torch
 from ..analysis.cache import ExitLogitsCache
 from ..analysis.curves import as_policy
 from ..analysis.replay import ReplayResult, replay, summarize
+from ..analysis.scores import REGRESSION, predictions_of
 from ..errors import ConfigError
 from ..policies.base import ExitPolicy
 from ..temperatures import temperature_list
-from .certify import certify_candidates
+from .certify import RISKS, certify_candidates
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..model import MultiExitModel
@@ -114,8 +117,12 @@ def _pick(
     qualifying = [item for item in sweep if ok(item[1])]
     if not qualifying:
         return None
-    best = max(score(r) for _, r in qualifying)
-    ties = [item for item in qualifying if score(item[1]) == best]
+
+    def key(r: ReplayResult) -> tuple[float, ...]:  # an undefined score (NaN) never wins
+        return tuple(float("-inf") if math.isnan(x) else x for x in score(r))
+
+    best = max(key(r) for _, r in qualifying)
+    ties = [item for item in qualifying if key(item[1]) == best]
     return ties[len(ties) // 2]
 
 
@@ -204,6 +211,8 @@ def search_accuracy_drop(
     """
     if (max_drop is None) == (max_drop_points is None):
         raise ConfigError("give exactly one of max_drop (fraction) or max_drop_points (points)")
+    if risk not in RISKS:
+        raise ConfigError(f"risk must be one of {', '.join(RISKS)}; got {risk!r}")
     if max_drop is not None:
         drop, given = _number(max_drop), f"max_drop={max_drop!r}"
     else:
@@ -219,13 +228,26 @@ def search_accuracy_drop(
     if delta is not None:
         return _certified(policy, cache, temps, full, drop, float(delta), risk, target)
     sweep = _sweep(policy, cache, temps)
+    if risk == "disagreement":  # observed share of rows whose answer differs from full depth
+        if cache.task == REGRESSION:
+            raise ConfigError("disagreement with the final exit is a classification risk; "
+                              "a regression model is calibrated on its Pearson drop")
+        final = predictions_of(cache.logits[:, -1])
+        target = {**target, "risk": risk}
+
+        def ok(r: ReplayResult) -> bool:
+            return float((r.predictions != final).double().mean()) <= drop + _EPS
+        what = "agrees with full depth on all but"
+    else:
+        def ok(r: ReplayResult) -> bool:
+            return r.score >= full - drop - _EPS
+        what = "keeps accuracy within"
     chosen, met = _choose(
-        sweep,
-        ok=lambda r: r.score >= full - drop - _EPS,
+        sweep, ok=ok,
         score=lambda r: (r.flops_speedup, r.score),
         fallback=lambda r: (r.score, r.flops_speedup),
-        miss=f"{policy.registered_name}: no setting keeps accuracy within {100 * drop:.2f} "
-        "points of full depth on the held-out cache; returning the most accurate one",
+        miss=f"{policy.registered_name}: no setting {what} {100 * drop:.2f} points of full "
+        "depth on the held-out cache; returning the most accurate one",
     )
     return _result(chosen, target, full, met, temps, sweep)
 
