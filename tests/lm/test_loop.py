@@ -51,6 +51,9 @@ def test_configs_check_themselves_and_refuse_foreign_options():
         cls()  # the defaults are valid
     with pytest.raises(ew.ConfigError, match="lr"):
         get_objective("kl", lr=-1.0)
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ew.ConfigError, match="ce_weight"):
+            get_objective("kl", ce_weight=bad)
     with pytest.raises(ew.ConfigError, match="no option p_max"):
         get_objective("answers", p_max=0.1)
     with pytest.raises(ew.ConfigError, match="unknown objective"):

@@ -59,7 +59,7 @@ from ..exits import (
     vocab_positions,
 )
 from ..loop import Task
-from .base import ObjectiveConfig, Prepared, is_pos_int, register_objective
+from .base import ObjectiveConfig, Prepared, is_number, is_pos_int, register_objective
 
 
 # -- the losses (pure) ---------------------------------------------------------------------
@@ -167,9 +167,8 @@ class ExitKLConfig(ExitCEConfig):
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.ce_weight, bool) or not isinstance(self.ce_weight, (int, float)) or (
-                self.ce_weight < 0):
-            raise ConfigError(f"ce_weight must be a number >= 0; got {self.ce_weight!r}")
+        if not is_number(self.ce_weight) or self.ce_weight < 0:  # NaN and inf refused too
+            raise ConfigError(f"ce_weight must be a finite number >= 0; got {self.ce_weight!r}")
 
 
 def _build_text_exits(cfg: ExitCEConfig, model: Any, data: Any, tokenizer: Any,
