@@ -94,8 +94,8 @@ def tokenize_texts(
     if isinstance(texts, str):
         texts = [texts]
     if texts is None or len(texts) == 0:
-        raise DataError("texts is empty: give at least one training text (or texts=None to "
-                        "self-generate)")
+        raise DataError("no training texts: give at least one (the ce, kl and calm objectives "
+                        "also self-generate them from data=None; layerskip and free need text)")
     out: list[list[int]] = []
     for n, item in enumerate(texts):
         if isinstance(item, str):
