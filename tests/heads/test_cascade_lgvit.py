@@ -185,6 +185,32 @@ def test_lgvit_vit_tokens_are_read_as_the_patch_grid(name):
         torch.testing.assert_close(head(tokens[:, 1:]), head(grid))
 
 
+@pytest.mark.parametrize("name", ["lgvit_local", "lgvit_global"])
+def test_lgvit_heads_on_a_vit_read_its_tokens_as_the_grid_despite_the_mask(name):
+    # the vision adapter gives ViT tokens an all-ones mask; the heads once took any mask for
+    # text and convolved a line of 17 tokens (the CLS token as a patch) instead of a 4 x 4 grid
+    pytest.importorskip("timm")
+    from helpers.vision import SIZE, images, tiny_vision
+
+    from exitwise.backbones import VisionBackbone
+
+    model = ew.attach_exits(VisionBackbone(tiny_vision("timm-vit"), image_size=SIZE),
+                            ew.ExitConfig(layers=[2, 4], head=name, num_labels=3,
+                                          dropout=0.0)).eval()
+    head = model.heads[0]
+    assert head.patch_tokens
+    state = model.backbone.start(pixel_values=images(2))
+    state = model.block_step(0, state)[0]
+    state = model.block_step(1, state)[0]
+    hidden, mask = model.backbone.features(state)
+    assert mask is not None and bool(mask.all()) and hidden.shape[1] == 17  # CLS + 4 x 4
+    with torch.no_grad():
+        torch.testing.assert_close(head(hidden, mask), head(hidden, None))
+    # on text (a mask with padding) the same head reads a line
+    text_head = ew.build_head(name, hidden.shape[-1], 3, dropout=0.0).eval()
+    assert not text_head.patch_tokens
+
+
 def test_lgvit_local_mixes_neighbouring_patches_only():
     torch.manual_seed(0)
     head = ew.build_head("lgvit_local", 8, 3, dropout=0.0).eval()

@@ -24,10 +24,11 @@ mean of the tokens (the reference adds the CLS embedding to the pooled patches).
 per-token features LGViT's self-distillation compares (``exitwise.training.lgvit``).
 
 Which tokens form a grid: feature maps (B, C, H, W) are the grid. Tokens (B, T, H) without a
-mask form an n x n grid when T - 1 (one prefix token, ViT's [CLS]) or T is a square; other
-token sequences, and every sequence with a mask (padded batches), are a 1 x T line, so the
-convolution and the window mean run along the sequence over real tokens only. Flat features
-(B, H) are a single patch.
+mask, or from a ViT (the head learns that from the backbone at attach time; the vision adapter
+gives ViT tokens an all-ones mask), form an n x n grid when T - 1 (one prefix token, ViT's
+[CLS]) or T is a square; other token sequences, and text with a mask (padded batches), are a
+1 x T line, so the convolution and the window mean run along the sequence over real tokens
+only. Flat features (B, H) are a single patch.
 """
 
 from __future__ import annotations
@@ -44,9 +45,13 @@ from .vit_layer import default_num_heads
 
 
 def token_grid(
-    hidden: torch.Tensor, mask: torch.Tensor | None
+    hidden: torch.Tensor, mask: torch.Tensor | None, patches: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(grid (B, H, h, w), real (B, 1, h, w) float, prefix tokens (B, P, H) or None)."""
+    """(grid (B, H, h, w), real (B, 1, h, w) float, prefix tokens (B, P, H) or None).
+
+    Tokens (B, T, H) are a square patch grid after 0 or 1 prefix tokens when there is no
+    mask, or when ``patches`` says they come from a ViT (whose mask is all ones: every image
+    has every patch); otherwise, text-like, a line of T cells with the mask's padding."""
     if hidden.dim() == 4:
         b, _, h, w = hidden.shape
         return hidden, hidden.new_ones(b, 1, h, w), None
@@ -57,14 +62,15 @@ def token_grid(
             f"LGViT heads read (B, T, H), (B, C, H, W) or (B, H); got {tuple(hidden.shape)}"
         )
     b, t, width = hidden.shape
-    if mask is None:
+    if mask is None or patches:
         for prefix in (1, 0):
             side = math.isqrt(t - prefix) if t > prefix else 0
             if side > 0 and side * side == t - prefix:
                 patches = hidden[:, prefix:].transpose(1, 2).reshape(b, width, side, side)
                 pre = hidden[:, :prefix] if prefix else None
                 return patches, hidden.new_ones(b, 1, side, side), pre
-        real = hidden.new_ones(b, 1, 1, t)
+        real = hidden.new_ones(b, 1, 1, t) if mask is None else mask.to(hidden.dtype)[
+            :, None, None, :]
     else:
         real = mask.to(hidden.dtype)[:, None, None, :]
     return hidden.transpose(1, 2).unsqueeze(2) * real, real, None
@@ -75,8 +81,26 @@ def masked_mean(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     return (x * real).flatten(2).sum(-1) / real.flatten(2).sum(-1).clamp_min(1.0)
 
 
+def is_patch_backbone(backbone: nn.Module) -> bool:
+    """True for a vision backbone whose features are ViT tokens (a patch grid, all real)."""
+    layout = getattr(backbone, "layout", None)
+    return getattr(backbone, "family", None) == "vision" and bool(getattr(layout, "tokens", 0))
+
+
+class _GridHead(ExitHead):
+    """An LGViT head: it reads tokens as the 2-D patch grid they come from (see
+    :func:`token_grid`); whether they are ViT patches is learnt from the backbone."""
+
+    def __init__(self, in_features: int, num_labels: int, dropout: float) -> None:
+        super().__init__(in_features, num_labels, dropout)
+        self.patch_tokens = False
+
+    def init_from_backbone(self, backbone: nn.Module) -> None:
+        self.patch_tokens = is_patch_backbone(backbone)
+
+
 @register_head("lgvit_local")
-class LGViTLocalHead(ExitHead):
+class LGViTLocalHead(_GridHead):
     def __init__(
         self,
         in_features: int,
@@ -104,7 +128,7 @@ class LGViTLocalHead(ExitHead):
 
     def _mixed(self, hidden: torch.Tensor, mask: torch.Tensor | None):
         """(the locally mixed grid (B, H, h, w) before the final norm, real (B, 1, h, w))."""
-        grid, real, _ = token_grid(hidden, mask)
+        grid, real, _ = token_grid(hidden, mask, self.patch_tokens)
         x = self.norm_in(grid.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) * real
         # Padding cells are zeroed before every convolution, so a padded row sees exactly the
         # zeros it would see at its own border when run alone.
@@ -140,7 +164,7 @@ class LGViTLocalHead(ExitHead):
 
 
 @register_head("lgvit_global")
-class LGViTGlobalHead(ExitHead):
+class LGViTGlobalHead(_GridHead):
     def __init__(
         self,
         in_features: int,
@@ -176,7 +200,7 @@ class LGViTGlobalHead(ExitHead):
     def _attended(self, hidden: torch.Tensor, mask: torch.Tensor | None):
         """(tokens after attention (B, P + N, H) before the final norm, keep (B, P + N) bool,
         P = number of prefix tokens)."""
-        grid, real, prefix = token_grid(hidden, mask)
+        grid, real, prefix = token_grid(hidden, mask, self.patch_tokens)
         x, keep = self.aggregate(grid, real)
         num_prefix = 0
         if prefix is not None:
@@ -219,6 +243,7 @@ class LGViTGlobalHead(ExitHead):
             if mask is not None
             else torch.ones(batch_size, dtype=torch.float64)
         )
-        m = torch.ceil(n / (self.reduction if mask is not None else self.reduction**2))
+        grid = mask is None or self.patch_tokens  # windows of r x r cells, else of r on a line
+        m = torch.ceil(n / (self.reduction**2 if grid else self.reduction))
         per_token = self.linear_flops(self.qkv, self.proj)
         return m * per_token + m * m * 4.0 * self.in_features + self.linear_flops(self.classifier)

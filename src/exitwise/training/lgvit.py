@@ -175,7 +175,9 @@ class LGViTDistillStep:
         self, core: nn.Module, tokens: dict[int, tuple[torch.Tensor, torch.Tensor]],
         final_tokens: torch.Tensor, final_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        grid, real, _ = token_grid(final_tokens, final_mask)
+        # the last block's tokens laid out as the heads lay out theirs (a ViT's patch grid)
+        patches = any(getattr(core.heads[k], "patch_tokens", False) for k in tokens)
+        grid, real, _ = token_grid(final_tokens, final_mask, patches)
         total = final_tokens.new_zeros((), dtype=torch.float32)
         for kind in (LGViTLocalHead, LGViTGlobalHead):
             group = [k for k in sorted(tokens) if isinstance(core.heads[k], kind)]
