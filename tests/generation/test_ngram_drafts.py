@@ -186,3 +186,22 @@ def test_lengths_are_chosen_only_for_the_levels_found():
     self_speculative_decode(session, None, 0, 0, proposer=Logged(3), controller=controller)
     assert any(found.values()) and not all(found.values())  # steps with and without
     assert all(chosen.get(step, set()) == levels for step, levels in found.items())
+
+
+def test_accepted_counts_only_drafts_a_row_emitted():
+    # a prompt that ends in a loop, so n-gram drafts of 6 are accepted whole; an EOS inside an
+    # accepted draft ends the row there, and the drafts after it are not counted as accepted
+    # (they were confirmed but never emitted): each step emits its accepted drafts and, unless
+    # the row ended inside them, one token of the full model's own
+    model = tiny_lm("llama")
+    seed = torch.tensor([[11, 45, 77, 23]])
+    ids = generate(model, seed, None, max_new_tokens=30, eos_token_id=[]).sequences
+    free = generate(model, ids, None, strategy="anpd", ngram=3, draft_len=6,
+                    max_new_tokens=12, eos_token_id=[])
+    tokens = free.sequences[0, ids.shape[1]:].tolist()
+    assert free.stats.accepted[0] > 0
+    for eos in tokens[1:6]:
+        out = generate(model, ids, None, strategy="anpd", ngram=3, draft_len=6,
+                       max_new_tokens=12, eos_token_id=eos)
+        s = out.stats
+        assert s.decoded_tokens - s.iterations <= s.accepted[0] <= s.decoded_tokens

@@ -15,7 +15,8 @@ class GenerationStats:
 
     new_tokens:  per row, tokens generated (EOS included, padding excluded).
     drafted:     per row, draft tokens proposed (speculative strategies only).
-    accepted:    per row, draft tokens the full model confirmed.
+    accepted:    per row, draft tokens the full model confirmed and the row emitted (none past
+                 its EOS, a stop string or its token budget).
     iterations:  decoding steps (greedy: one per token; self-speculative: draft + verify).
     layer_applications: sum over rows and token positions of blocks applied after prefill
         (a measure of compute; rejected drafts count as waste).

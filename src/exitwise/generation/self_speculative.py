@@ -347,22 +347,25 @@ def self_speculative_decode(
         stats.sequential_layers += sequential + (num_layers - e)
         rows = session.rows.tolist()
         n_list = accepted.tolist()
+        before = [len(session.generated[r]) for r in rows]
+        session.emit([kept_tokens[i, 1 : n + 1].tolist() + [t]
+                      for i, (n, t) in enumerate(zip(n_list, nxt.tolist()))])
         mine: tuple[list[int], list[int]] = ([], [])  # the proposer's rows: kept, drafted
-        for r, n, k_r, alive, by_proposal in zip(rows, n_list, row_len.tolist(), running,
-                                               proposed.tolist()):
+        for r, n, k_r, alive, by_proposal, had in zip(rows, n_list, row_len.tolist(), running,
+                                                      proposed.tolist(), before):
             if alive:
+                # accepted drafts a row emitted: none past its EOS, stop string or budget
+                kept = min(n, len(session.generated[r]) - had)
                 stats.drafted[r] += k_r
-                stats.accepted[r] += n
+                stats.accepted[r] += kept
                 if by_proposal and k_r:
                     mine[0].append(n)
                     mine[1].append(k_r)
                 if by_proposal and proposer.source == "ngram":
                     stats.ngram_drafted += k_r
-                    stats.ngram_accepted += n
+                    stats.ngram_accepted += kept
         if mine[0] and hasattr(proposer, "observe"):  # e.g. an adaptive draft threshold
             proposer.observe(*mine)
-        session.emit([kept_tokens[i, 1 : n + 1].tolist() + [t]
-                      for i, (n, t) in enumerate(zip(n_list, nxt.tolist()))])
         session.drop_finished()
         timer.verified(a, q, passes, positions)  # the whole step: bookkeeping differs by k
         if controller is not None:
