@@ -94,8 +94,9 @@ def tokenize_texts(
     if isinstance(texts, str):
         texts = [texts]
     if texts is None or len(texts) == 0:
-        raise DataError("no training texts: give at least one (the ce, kl and calm objectives "
-                        "also self-generate them from data=None; layerskip and free need text)")
+        raise DataError("the training texts are empty: give at least one (the ce, kl and calm "
+                        "objectives also self-generate them from data=None; layerskip and free "
+                        "need text)")
     out: list[list[int]] = []
     for n, item in enumerate(texts):
         if isinstance(item, str):
