@@ -168,13 +168,6 @@ def _ints(value: str) -> list[int]:
             f"expected whole numbers separated by commas, e.g. 1,32; got {value!r}") from None
 
 
-def _positive_ints(value: str) -> list[int]:
-    out = _ints(value)
-    if any(v < 1 for v in out):
-        raise argparse.ArgumentTypeError(f"expected numbers >= 1; got {value!r}")
-    return out
-
-
 def _positive(kind: type) -> Any:
     """An argparse type: a number of ``kind`` (int or float) above 0."""
     def parse(value: str) -> Any:
@@ -190,6 +183,11 @@ def _positive(kind: type) -> Any:
 
 
 _positive_int, _positive_float = _positive(int), _positive(float)
+
+
+def _positive_ints(value: str) -> list[int]:
+    """"1,32" -> [1, 32], each a whole number above 0."""
+    return [_positive_int(v) for v in value.split(",")]
 
 
 def _skip(value: str) -> list[Any]:

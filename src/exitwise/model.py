@@ -21,7 +21,7 @@ from .backbones import Backbone, HFEncoderBackbone, wrap_backbone
 from .backbones.base import BackboneState, reference_output
 from .config import ExitConfig
 from .errors import CheckpointError, ConfigError, InputError
-from .modes import eval_mode
+from .modes import for_inference
 from .heads import (
     HEADS,
     ExitHead,
@@ -349,10 +349,8 @@ class MultiExitModel(nn.Module):
     def full_depth(self, **inputs: Any) -> torch.Tensor:
         """The plain model: the backbone's own forward + the final head, (B, C) raw logits;
         in eval mode, as early exit runs (a model in train mode is switched for the call)."""
-        if self.training:
-            with eval_mode(self):
-                return self._full_depth(**inputs)
-        return self._full_depth(**inputs)
+        with for_inference(self):
+            return self._full_depth(**inputs)
 
     @torch.inference_mode()
     def _full_depth(self, **inputs: Any) -> torch.Tensor:

@@ -11,29 +11,27 @@ training model). So each module's own flag is recorded and put back.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
 
 from torch import nn
-
-
-def saved_modes(module: nn.Module) -> list[tuple[nn.Module, bool]]:
-    """Every submodule of ``module`` with its own ``training`` flag, for :func:`restore_modes`."""
-    return [(m, m.training) for m in module.modules()]
-
-
-def restore_modes(saved: list[tuple[nn.Module, bool]]) -> None:
-    """Put back the flags :func:`saved_modes` recorded, module by module."""
-    for m, mode in saved:
-        m.training = mode
 
 
 @contextmanager
 def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     """Within the block every submodule of ``module`` is in eval mode; afterwards (also after
     an exception) each one's own ``training`` flag is what it was before."""
-    saved = saved_modes(module)
+    saved = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
         yield module
     finally:
-        restore_modes(saved)
+        for m, mode in saved:
+            m.training = mode
+
+
+def for_inference(module: nn.Module) -> AbstractContextManager[Any]:
+    """:func:`eval_mode` for a module in train mode (as training leaves it); nothing for one
+    already in eval mode, the usual case of a timed inference call, which then pays no walk
+    over its modules."""
+    return eval_mode(module) if module.training else nullcontext()

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import DataError, InputError
-from ..modes import restore_modes, saved_modes
+from ..modes import eval_mode
 from ..policies.ztw import ZTWPolicy, ztw_ensemble
 from ..runtime.flops import exit_cost_table, full_depth_cost
 from ..runtime.online import split_batch
@@ -310,11 +310,9 @@ def collect_exit_logits(
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
     device = torch.device(device)
-    before_modes = saved_modes(model)
-    model.eval()
     parts: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "costs": [], "full": [],
                                             "scores": [], "skipped": []}
-    try:
+    with eval_mode(model):
         total = len(dataloader) if hasattr(dataloader, "__len__") else None  # type: ignore
         from tqdm.auto import tqdm
 
@@ -332,8 +330,6 @@ def collect_exit_logits(
                     parts["scores"].append(scores.cpu())
                 if skipped is not None:
                     parts["skipped"].append(skipped)
-    finally:
-        restore_modes(before_modes)
     if not parts["logits"]:
         raise InputError("the dataloader yielded no batches")
     return ExitLogitsCache(

@@ -25,7 +25,7 @@ import torch
 
 from ..cascade import ModelCascade
 from ..errors import InputError
-from ..modes import restore_modes, saved_modes
+from ..modes import eval_mode
 from ..runtime.cascade import PolicySpec, cascade_policy
 from ..runtime.flops import full_depth_cost
 from ..runtime.online import split_batch
@@ -54,10 +54,8 @@ def collect_cascade_logits(
         param = next(cascade.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
     device = torch.device(device)
-    modes = saved_modes(cascade)
-    cascade.eval()
     parts: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "costs": [], "full": []}
-    try:
+    with eval_mode(cascade):
         with torch.inference_mode():
             for batch in dataloader:
                 inputs, labels = _inputs_and_labels(batch)
@@ -75,8 +73,6 @@ def collect_cascade_logits(
                 parts["labels"].append(labels)
                 parts["costs"].append(member_costs.cumsum(dim=1))
                 parts["full"].append(member_costs[:, -1])
-    finally:
-        restore_modes(modes)
     if not parts["logits"]:
         raise InputError("the dataloader yielded no batches")
     return ExitLogitsCache(

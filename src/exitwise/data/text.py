@@ -200,14 +200,24 @@ def split_location(source: str | Path, split: str) -> str:
     if p.is_file():
         return str(p.resolve())
     if p.is_dir():
-        for name in _SPLIT_FILES.get(split, (f"{split}.tsv",)):
-            if (p / name).is_file():
-                return str((p / name).resolve())
-        for name in _PARALLEL_SPLITS.get(split, (split,)):
-            if (p / f"s1.{name}").is_file() and (p / f"labels.{name}").is_file():
-                return str((p / f"s1.{name}").resolve())
-        return f"{p.resolve()}[{split}]"
+        found = _split_in_folder(p, split)
+        if found is None:
+            return f"{p.resolve()}[{split}]"
+        kind, name = found
+        return str((p / (name if kind == "table" else f"s1.{name}")).resolve())
     return f"{source}[{'validation' if split == 'dev' else split}]"
+
+
+def _split_in_folder(folder: Path, split: str) -> tuple[str, str] | None:
+    """Which file of ``folder`` holds ``split``: ("table", file name) or ("lines", the
+    suffix of SentEval line files), or None."""
+    for name in _SPLIT_FILES.get(split, (f"{split}.tsv",)):
+        if (folder / name).is_file():
+            return "table", name
+    for name in _PARALLEL_SPLITS.get(split, (split,)):
+        if (folder / f"s1.{name}").is_file() and (folder / f"labels.{name}").is_file():
+            return "lines", name
+    return None
 
 
 def load_examples(
@@ -229,12 +239,12 @@ def load_examples(
     if p.is_file():
         return read_table(p, columns, label_names, task)
     if p.is_dir():
-        for name in _SPLIT_FILES.get(split, (f"{split}.tsv",)):
-            if (p / name).is_file():
+        found = _split_in_folder(p, split)
+        if found is not None:
+            kind, name = found
+            if kind == "table":
                 return read_table(p / name, columns, label_names, task)
-        for name in _PARALLEL_SPLITS.get(split, (split,)):
-            if (p / f"s1.{name}").is_file() and (p / f"labels.{name}").is_file():
-                return read_parallel(p, name, label_names, task)
+            return read_parallel(p, name, label_names, task)
         raise DataError(
             f"{p} has no file for split {split!r} (looked for "
             f"{', '.join(_SPLIT_FILES.get(split, (f'{split}.tsv',)))}, or s1/s2/labels."

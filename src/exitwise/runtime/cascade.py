@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import ConfigError, InputError
-from ..modes import eval_mode
+from ..modes import for_inference
 from ..outputs import EarlyExitResult
 from ..policies.base import ExitPolicy, get_policy
 from .flops import full_depth_cost, padded
@@ -175,8 +175,7 @@ def run_cascade(
     """
     with ExitStack() as stack:
         for member in members:
-            if member.training:
-                stack.enter_context(eval_mode(member))
+            stack.enter_context(for_inference(member))
         return _run_cascade(members, policy, labels, count_flops, profile, **inputs)
 
 

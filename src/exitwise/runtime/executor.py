@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError
-from ..modes import eval_mode
+from ..modes import for_inference
 from ..outputs import EarlyExitResult
 from ..policies.base import ExitPolicy
 from .flops import exit_cost_table, padded
@@ -51,10 +51,8 @@ def run_early_exit(
     profile: record wall-clock per block (adds a timer call per block).
     count_flops: fill ``flops`` (cheap; off only for the tightest timing loops).
     """
-    if model.training:  # see the module docstring: inference is in eval mode
-        with eval_mode(model):
-            return _run_early_exit(model, policy, labels, profile, count_flops, **inputs)
-    return _run_early_exit(model, policy, labels, profile, count_flops, **inputs)
+    with for_inference(model):  # see the module docstring: inference is in eval mode
+        return _run_early_exit(model, policy, labels, profile, count_flops, **inputs)
 
 
 @torch.inference_mode()

@@ -39,8 +39,8 @@ from ..backbones.base import BackboneState
 from ..backbones.sequential import SequentialBackbone
 from ..backbones.vision import VisionBackbone, run_calls
 from ..errors import InputError, UnsupportedModelError
-from ..modes import restore_modes, saved_modes
 from ..heads import uses_previous_logits
+from ..modes import eval_mode
 from ..policies.base import ExitPolicy
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -209,15 +209,11 @@ def export_segments(
     segments = segments_of(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    before_modes = saved_modes(model)
-    model.eval()  # before anything runs: no BatchNorm statistics updates, no dropout
-    try:
+    with eval_mode(model):  # before anything runs: no BatchNorm statistics updates, no dropout
         # validates the input (channels, image size) eagerly
         model.backbone.start(pixel_values=example)
         with _one_torchlib_registry():
             entries = _export_all(segments, example, out, opset)
-    finally:
-        restore_modes(before_modes)
     manifest = {
         "format": FORMAT,
         "version": 1,

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from ..errors import ConfigError, InputError
-from ..modes import restore_modes, saved_modes
+from ..modes import eval_mode
 from ..policies.base import PolicyState
 from ..policies.static import StaticPolicy
 from .executor import run_early_exit
@@ -245,9 +245,7 @@ def run_stream(
         device = param.device if param is not None else torch.device("cpu")
     device = torch.device(device)
     result = StreamResult()
-    before_modes = saved_modes(model)
-    model.eval()
-    try:
+    with eval_mode(model):
         for batch in batches:
             inputs, labels = split_batch(batch)
             inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
@@ -266,8 +264,6 @@ def run_stream(
                 reward=float(rewards.mean()), predictions=preds[:, arm].clone(),
                 labels=report_labels(labels, rows), flops=out.flops.detach().cpu().double(),
             ))
-    finally:
-        restore_modes(before_modes)
     result.selector_state = selector.state_dict()
     return result
 

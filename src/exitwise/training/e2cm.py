@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import ConfigError, InputError
-from ..modes import restore_modes, saved_modes
+from ..modes import eval_mode
 from ..heads.class_means import ClassMeansHead
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -128,9 +128,7 @@ def fit_class_means(
     sums = [torch.zeros(num_classes, h.in_features, dtype=torch.float64, device=device)
             for h in heads]
     counts = torch.zeros(num_classes, dtype=torch.long, device=device)
-    before_modes = saved_modes(model)
-    model.eval()
-    try:
+    with eval_mode(model):
         # Pass 1: per-class sums of the pooled features (the input of each head's distance
         # layer, reported by return_features).
         rows = 0
@@ -173,8 +171,6 @@ def fit_class_means(
             # a class mean every row sits on (one row in all) has no spread: keep scale 1
             scale = (d / rows).clamp_min(torch.finfo(torch.float32).tiny)
             head.classifier.scales.copy_(scale.where(d > 0, torch.ones_like(scale)))
-    finally:
-        restore_modes(before_modes)
     return ClassMeansFit(exits=exits, class_counts=counts.cpu().tolist(), num_rows=rows)
 
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..analysis.scores import REGRESSION, regression_report
 from ..errors import DataError, InputError
-from ..modes import restore_modes, saved_modes
+from ..modes import eval_mode
 from .collate import default_collator
 
 # An exit "beats the baseline" when it is at least this far above it (half a point).
@@ -59,12 +59,10 @@ def evaluate_exit_scores(
     collate = data_collator or default_collator(model)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     device = next(model.parameters()).device
-    before_modes = saved_modes(model)
-    model.eval()
     regression = getattr(model, "task", None) == REGRESSION
     preds: list[torch.Tensor] = []
     gold: list[torch.Tensor] = []
-    try:
+    with eval_mode(model):
         for batch in tqdm(loader, desc="evaluating exits", disable=not progress, leave=False):
             labels = batch.pop("labels", batch.pop("label", None))
             if labels is None:
@@ -74,8 +72,6 @@ def evaluate_exit_scores(
             logits = model(**batch).stacked()  # (B, K, C)
             preds.append((logits[..., 0] if regression else logits.argmax(-1)).cpu())
             gold.append(labels.cpu())
-    finally:
-        restore_modes(before_modes)
     if not preds:
         raise DataError("the evaluation dataset yielded no examples")
     p, y = torch.cat(preds), torch.cat(gold)  # (N, K), (N,)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from ...backbones import decoder_of
 from ...backbones.special_tokens import eos_and_pad
 from ...errors import ConfigError, DataError
-from ...modes import restore_modes, saved_modes
+from ...modes import eval_mode
 from ...generation.exit_points import resolve_exit_points
 from ...policies.calm_learned import KINDS, CalmExitClassifier
 from ..data import (
@@ -201,15 +201,11 @@ class CalmConfig(ObjectiveConfig):
             raise DataError("need at least 2 sequences (one is held out to measure the "
                             "classifier)")
         train_seqs, eval_seqs = split_holdout(seqs, float(self.eval_fraction), self.seed)
-        before_modes = saved_modes(backbone)
-        backbone.eval()  # frozen teacher: no dropout in the states or labels
-        try:
+        with eval_mode(backbone):  # frozen teacher: no dropout in the states or labels
             train = collect_consistency_data(backbone, points, train_seqs, pad_id,
                                              max_tokens=self.max_tokens)
             held = collect_consistency_data(backbone, points, eval_seqs, pad_id,
                                             max_tokens=self.max_tokens)
-        finally:
-            restore_modes(before_modes)
         device = backbone.lm_head.weight.device
         clf = CalmExitClassifier(backbone.hidden_size, depths, self.kind, self.mlp_hidden,
                                  model=backbone.describe())
