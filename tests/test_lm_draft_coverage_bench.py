@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import torch
-from benchmarks.lm_draft_coverage import main
 
 import exitwise as ew
+from benchmarks.lm_draft_coverage import main
 from exitwise.lm import agreement_on_answers
 from exitwise.recipes.lm import load_lm
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 from benchmarks.lm_gqa_views import _VIEW, main, views
-
 from exitwise.backbones.hf_decoder import HFDecoderBackbone
 
 

@@ -21,7 +21,6 @@ from .backbones import Backbone, HFEncoderBackbone, wrap_backbone
 from .backbones.base import BackboneState, reference_output
 from .config import ExitConfig
 from .errors import CheckpointError, ConfigError, InputError
-from .modes import for_inference
 from .heads import (
     HEADS,
     ExitHead,
@@ -36,6 +35,7 @@ from .heads import (
     uses_past_states,
     uses_previous_logits,
 )
+from .modes import for_inference
 from .outputs import EarlyExitResult, ExitOutputs
 from .policies.base import ExitPolicy, get_policy, policy_from_dict
 from .runtime import run_early_exit

@@ -176,8 +176,9 @@ def test_periodic_evaluation_logs_per_exit_accuracy(tmp_path):
 def test_image_label_pairs_train_as_torchvision_datasets_give_them(tmp_path):
     # a torchvision dataset yields (image, label) pairs: read as pixel_values and labels, as
     # the logit cache reads such batches; a label out of range is still caught up front
-    import exitwise as ew
     from torch import nn
+
+    import exitwise as ew
 
     torch.manual_seed(0)
     blocks = [nn.Sequential(nn.Conv2d(c, 4, 3, padding=1), nn.ReLU()) for c in (1, 4)]

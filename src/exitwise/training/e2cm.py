@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import ConfigError, InputError
-from ..modes import eval_mode
 from ..heads.class_means import ClassMeansHead
+from ..modes import eval_mode
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..model import MultiExitModel
