@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+from ..backbones.base import hf_label_names
+from ..data.text import TextExamples
 from ..errors import DataError
 from ..paths import data_root
 
@@ -49,6 +53,62 @@ def default_head(path: str, backbone: Any = None) -> tuple[str, str]:
     if backbone is not None and _has_trained_pooler(path, backbone):
         return "pooler", "the checkpoint has a trained pooler"
     return "mean", "the checkpoint has no trained pooler"
+
+
+@dataclass(frozen=True)
+class TaskClassifier:
+    """What becomes of the classifier of a ``*ForSequenceClassification`` checkpoint.
+
+    keep: load the task model, so that its classifier is the final exit (head ``native``).
+    num_labels / label_names: its outputs and class names by id (None: ``LABEL_i``).
+    note: one line for the user saying which and why.
+    """
+
+    keep: bool
+    num_labels: int
+    label_names: list[str] | None
+    note: str
+
+
+def task_classifier(path: str, examples: TextExamples) -> TaskClassifier | None:
+    """The plan for the classifier a checkpoint carries, or None when it carries none.
+
+    Its classifier is kept only where the data's labels mean its outputs: class names equal
+    to its ``id2label`` names as a set (ids then follow the checkpoint's order); class ids
+    (the Hugging Face convention: an id is a row of the classifier) below its number of
+    classes; regression targets for a one-output head. Otherwise the classifier would be
+    trained against labels that mean other classes, so the final exit is a fresh head (as
+    loading the bare encoder always gave) and the note says why.
+    """
+    cfg = _read_json(path, "config.json")
+    if not isinstance(cfg, dict):
+        return None
+    archs = cfg.get("architectures") or []
+    if not any(str(a).endswith("ForSequenceClassification") for a in archs):
+        return None
+    id2label = cfg.get("id2label") or {}
+    n = int(cfg.get("num_labels") or len(id2label) or 2)
+    names = hf_label_names(SimpleNamespace(id2label=id2label), n)
+    own = (f"{n} classes: " + ", ".join(f"{i}={c}" for i, c in enumerate(names))
+           if names else f"{n} unnamed classes" if n > 1 else "one output")
+    fresh = f"the checkpoint's classifier ({own}) is not used: {{}}; the final exit is a fresh head"
+    if examples.task == "regression":
+        if n == 1:
+            return TaskClassifier(True, 1, None, "the checkpoint's regression head is kept as "
+                                  "the final exit")
+        return TaskClassifier(False, n, names, fresh.format("the data is regression"))
+    if n == 1:
+        return TaskClassifier(False, n, None, fresh.format("it is a regression head"))
+    kept = f"the checkpoint's classifier ({own}) is kept as the final exit"
+    if examples.label_names:
+        if names and set(names) == set(examples.label_names):
+            return TaskClassifier(True, n, names, kept + "; the data's class names take its ids")
+        return TaskClassifier(False, n, names, fresh.format(
+            f"its classes are not the data's {examples.label_names}"))
+    top = max(examples.labels, default=-1)
+    if top < n:
+        return TaskClassifier(True, n, names, kept + "; the data's class ids are read as its ids")
+    return TaskClassifier(False, n, names, fresh.format(f"the data has class id {top}"))
 
 
 def _read_json(path: str, name: str) -> Any:

@@ -26,7 +26,7 @@ from ..analysis import (
     save_curves_json,
 )
 from ..analysis.scores import regression_report, score
-from ..backbones.hf_encoder import truncate_encoder
+from ..backbones.hf_encoder import base_model_of, truncate_encoder
 from ..calibration import (
     apply_temperatures,
     calibrate_cats,
@@ -52,7 +52,7 @@ from ..runtime import full_depth_cost
 from ..runtime.timing import measure_speedups
 from ..training import train
 from ..training.evaluate import LIVE_MARGIN
-from .sources import default_head, default_sst2, resolve_model
+from .sources import default_head, default_sst2, resolve_model, task_classifier
 
 JOB_FILE = "exitwise_job.json"
 TRAIN_REPORT = "train_report.json"
@@ -147,9 +147,12 @@ def max_length(job: TrainJob, examples: TextExamples) -> int:
 def run_train(job: TrainJob, resume: bool = True, progress: bool = True,
               print_fn: Print = print) -> MultiExitModel:
     """Fine-tune a multi-exit model and save it (with its tokenizer) to ``job.out_dir``;
-    prints what it read, the head it chose and the per-exit table (dead exits flagged)."""
-    from transformers import AutoModel
+    prints what it read, the head it chose and the per-exit table (dead exits flagged).
 
+    A ``*ForSequenceClassification`` checkpoint keeps its classifier as the final exit when
+    the data's labels mean its outputs (:func:`sources.task_classifier`), else its encoder
+    gets a fresh final head; the printed note says which."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
 
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,18 +174,27 @@ def run_train(job: TrainJob, resume: bool = True, progress: bool = True,
             f"num_labels={job.num_labels} but the data has {every.num_labels} "
             f"{'outputs' if every.task == 'regression' else 'classes'}"
         )
-    backbone = AutoModel.from_pretrained(path)
+    own = task_classifier(path, every)
+    if own is not None:
+        print_fn(f"model: {own.note}")
+    num_labels, label_names = every.num_labels, every.label_names
+    if own is not None and own.keep:
+        if own.label_names and own.label_names != every.label_names:  # its ids, its order
+            train_ex, held_ex, every = split_train(job, own.label_names)
+        num_labels, label_names = own.num_labels, own.label_names or every.label_names
+        backbone = AutoModelForSequenceClassification.from_pretrained(path)
+    else:
+        backbone = AutoModel.from_pretrained(path)
     head = job.head
     if head is None:
-        head, why = default_head(path, backbone)
+        head, why = default_head(path, base_model_of(backbone))
         print_fn(f"exit head: {head} ({why}; --head to choose another)")
     job.head = head
     if job.truncate is not None:
         truncate_encoder(backbone, job.truncate)
     torch.manual_seed(job.seed)  # the fresh heads' draw: the same command, the same model
     model = attach_exits(backbone, ExitConfig(
-        layers=job.layers, head=head, num_labels=every.num_labels,
-        label_names=every.label_names,
+        layers=job.layers, head=head, num_labels=num_labels, label_names=label_names,
     ))
     job.max_length = max_length(job, every)
     if resume:
