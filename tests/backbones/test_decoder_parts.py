@@ -70,3 +70,13 @@ def test_part_sizes_count_every_parameter_of_the_block():
         for (attn, mlp), block in zip(sizes, bb.blocks):
             assert attn > 0 and mlp > 0
             assert attn + mlp == sum(p.numel() for p in block.parameters())
+
+
+def test_a_misspelt_input_is_refused_not_ignored():
+    # attention_masks (sic) once decoded a left-padded batch as if unpadded
+    model = ew.attach_exits(tiny_lm("llama", layers=3), layers=[1], head="lm")
+    ids, mask = left_padded()
+    with pytest.raises(InputError, match=r"unexpected inputs \['attention_masks'\]"):
+        model(input_ids=ids, attention_masks=mask)
+    with pytest.raises(InputError, match=r"unexpected inputs \['mask'\]"):
+        model.backbone.check_inputs(input_ids=ids, mask=mask)

@@ -189,3 +189,16 @@ def test_single_row_and_unpadded_batch():
     b = model.full_depth(input_ids=ids, attention_mask=torch.ones_like(ids))
     torch.testing.assert_close(a, b)
     assert model.exit_layers == [2, 4]
+
+
+def test_a_misspelt_input_is_refused_not_ignored():
+    # attention_masks (sic) once ran every row unmasked: padded rows changed silently
+    from exitwise.errors import InputError
+
+    model = ew.attach_exits(tiny_encoder("bert"), layers=[2], num_labels=2).eval()
+    batch = padded_batch((6, 3), seed=1)
+    typo = {"input_ids": batch["input_ids"], "attention_masks": batch["attention_mask"]}
+    for call in (model.full_depth, model, lambda **b: model.early_exit(
+            ew.get_policy("never"), **b)):
+        with pytest.raises(InputError, match=r"unexpected inputs \['attention_masks'\]"):
+            call(**typo)

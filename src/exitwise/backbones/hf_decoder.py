@@ -33,6 +33,8 @@ from .kernels import routed
 FULL, SLIDING = "full_attention", "sliding_attention"
 #: a block's two sub-layers, in the order a block runs them (:meth:`HFDecoderBackbone.run_part`)
 PARTS = ("attn", "mlp")
+# What a batch may hold (Hugging Face's names); anything else is refused, not ignored.
+DECODER_INPUTS = frozenset({"input_ids", "attention_mask", "position_ids"})
 
 
 @dataclass
@@ -432,6 +434,10 @@ class HFDecoderBackbone(Backbone):
     # -- the Backbone contract (whole sequences, no cache) ----------------------------------
     def check_inputs(self, **inputs: Any) -> torch.Tensor:
         """Validate a token batch; return its attention mask (B, T) (all ones if absent)."""
+        extra = sorted(set(inputs) - DECODER_INPUTS)
+        if extra:  # a misspelt attention_mask would otherwise run every row unmasked
+            raise InputError(f"unexpected inputs {extra} for a decoder: it takes "
+                             f"{', '.join(sorted(DECODER_INPUTS))}")
         ids = inputs.get("input_ids")
         if ids is None:
             raise InputError("give input_ids (B, T)")

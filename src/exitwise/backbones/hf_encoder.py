@@ -18,6 +18,11 @@ from .base import Backbone, BackboneState, OwnClassifier, hf_label_names, resolv
 from .encoder_layouts import ENCODER_LAYOUTS, EncoderLayout, supported_encoder_types
 
 
+# What a batch may hold (Hugging Face's names); anything else is refused, not ignored.
+ENCODER_INPUTS = frozenset(
+    {"input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds"})
+
+
 def base_model_of(model: nn.Module) -> nn.Module:
     """The bare encoder inside a task model (``BertForSequenceClassification.bert``)."""
     base = getattr(model, "base_model", model)
@@ -143,6 +148,10 @@ class HFEncoderBackbone(Backbone):
         Shared by ``start`` and ``reference`` so that both paths reject the same bad input
         with an InputError instead of an index error deep inside the embeddings.
         """
+        extra = sorted(set(inputs) - ENCODER_INPUTS)
+        if extra:  # a misspelt attention_mask would otherwise run every row unmasked
+            raise InputError(f"unexpected inputs {extra} for a text encoder: it takes "
+                             f"{', '.join(sorted(ENCODER_INPUTS))}")
         input_ids = inputs.get("input_ids")
         embeds = inputs.get("inputs_embeds")
         if input_ids is None and embeds is None:
