@@ -106,6 +106,46 @@ def test_save_with_backbone_reloads_without_argument(family, tmp_path):
     assert torch.equal(model.full_depth(**batch), loaded.full_depth(**batch))
 
 
+@pytest.mark.parametrize("family", [*ENCODER_FAMILIES, "llama", "task"])
+def test_a_fine_tuned_backbone_loads_into_the_instance_given(family, tmp_path):
+    # from_pretrained(dir, backbone=fresh instance) once kept the fresh weights and dropped
+    # the fine-tuned ones the folder holds (and marked them tuned, so a re-save lied)
+    from helpers.lmkit import tiny_lm
+
+    def fresh():
+        if family == "llama":
+            return tiny_lm("llama", layers=3)
+        if family == "task":
+            torch.manual_seed(0)
+            return tf.BertForSequenceClassification(tf.BertConfig(
+                vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=64, max_position_embeddings=64, num_labels=3)).eval()
+        return tiny_encoder(family)
+
+    options = {"head": "lm"} if family == "llama" else {
+        "num_labels": None if family == "task" else 2}
+    model = ew.attach_exits(fresh(), layers=[1], **options).eval()
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # the "fine-tuning"
+    model.backbone_tuned = True
+    model.save_pretrained(tmp_path)
+    loaded = ew.MultiExitModel.from_pretrained(tmp_path, backbone=fresh())
+    if family == "llama":
+        batch = {"input_ids": torch.randint(0, 50, (2, 5))}
+    else:
+        batch = padded_batch(pad_id=PAD_ID.get(family, 0))
+    with torch.no_grad():
+        for x, y in zip(model(**batch).logits, loaded(**batch).logits):
+            assert torch.equal(x, y)
+    if family == "task":  # the same encoder without the classifier the folder holds
+        bare = tf.BertModel(tf.BertConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=64))
+        with pytest.raises(CheckpointError, match="does not fit the fine-tuned one"):
+            ew.MultiExitModel.from_pretrained(tmp_path, backbone=bare)
+
+
 def test_backbone_tuned_flag_saves_backbone(tmp_path):
     model = calibrated_model("bert")
     model.backbone_tuned = True

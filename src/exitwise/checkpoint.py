@@ -161,3 +161,35 @@ def read_progress(output_dir: str | Path) -> dict[str, Any] | None:
 
 def write_progress(output_dir: str | Path, progress: dict[str, Any]) -> None:
     write_json_atomic(Path(output_dir) / PROGRESS_NAME, progress)
+
+
+def load_saved_hf_weights(module: nn.Module, folder: Path) -> None:
+    """Load the weights ``save_pretrained`` wrote to ``folder`` into ``module`` (the same
+    architecture, built elsewhere: a user's own instance given to ``from_pretrained``).
+
+    Keys must match: a weight of the file that the module lacks, or a weight of the module
+    that the file lacks, is a CheckpointError. Tied weights (an LM head sharing the
+    embeddings), which ``save_pretrained`` writes once, are the only absences allowed.
+    """
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder} holds no .safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    own = module.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    loaded = {own[k].data_ptr() for k in state if k in own}
+    missing = sorted(k for k in set(own) - set(state) if own[k].data_ptr() not in loaded)
+    if unexpected or missing:
+        raise CheckpointError(
+            f"the backbone given does not fit the fine-tuned one saved in {folder}: "
+            f"{len(missing)} weights missing from the file (e.g. {missing[:3]}), "
+            f"{len(unexpected)} weights the model lacks (e.g. {unexpected[:3]}); "
+            "load without backbone= to use the saved copy"
+        )
+    bad = [k for k in state if own[k].shape != state[k].shape]
+    if bad:
+        raise CheckpointError(f"the backbone given does not fit the fine-tuned one saved in "
+                              f"{folder}: shapes differ at {bad[:3]}")
+    module.load_state_dict(state, strict=False)

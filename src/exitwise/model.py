@@ -17,8 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .backbones import Backbone, HFEncoderBackbone, wrap_backbone
+from .backbones import Backbone, wrap_backbone
 from .backbones.base import BackboneState, reference_output
+from .checkpoint import load_saved_hf_weights
 from .config import ExitConfig
 from .errors import CheckpointError, ConfigError, InputError
 from .heads import (
@@ -445,6 +446,7 @@ class MultiExitModel(nn.Module):
         """Load exit heads (and the backbone: the saved copy, the one given, or the original
         name/hub id recorded at save time). Fails clearly if the shapes do not fit."""
         src = Path(load_dir)
+        given = backbone is not None
         cfg_path = src / CONFIG_NAME
         if not cfg_path.is_file():
             raise CheckpointError(f"{cfg_path} not found: not an exitwise model directory")
@@ -469,10 +471,15 @@ class MultiExitModel(nn.Module):
                 raise CheckpointError("no saved backbone and no backbone name recorded; pass backbone=...")
             backbone = loader.from_pretrained(where, **backbone_kwargs)
         adapter = wrap_backbone(backbone)
-        if meta.get("backbone_saved") and not isinstance(adapter, HFEncoderBackbone):
-            weights = src / BACKBONE_WEIGHTS
-            if weights.is_file():
-                adapter.load_state_dict(load_file(str(weights)))
+        if meta.get("backbone_saved") and given:  # the fine-tuned weights, into the one given
+            hf_model = getattr(adapter, "task_model", None) or getattr(adapter, "model", None)
+            if (src / BACKBONE_DIR).is_dir() and isinstance(hf_model, nn.Module):
+                load_saved_hf_weights(hf_model, src / BACKBONE_DIR)
+            elif (src / BACKBONE_WEIGHTS).is_file():
+                adapter.load_state_dict(load_file(str(src / BACKBONE_WEIGHTS)))
+            else:
+                raise CheckpointError(f"{src} records a fine-tuned backbone but holds no "
+                                      f"{BACKBONE_DIR}/ or {BACKBONE_WEIGHTS}")
         have = adapter.describe()
         for key in ("family", "model_type", "num_layers", "hidden_size"):
             if key in saved and saved[key] != have.get(key):
