@@ -183,6 +183,12 @@ def test_nan_logits_raise_input_error_via_runtime(policy, tiny_model):
         ("patience_confidence", {"threshold": 1.5}),
         ("patience_confidence", {"patience": 0}),
         ("static", {"exit": -1}),
+        # not numbers: once accepted, then a TypeError inside torch (or True meaning 1)
+        ("confidence", {"threshold": "0.9"}),
+        ("confidence", {"threshold": None}),
+        ("fastbert", {"speed": "0.3"}),
+        ("patience", {"patience": True}),
+        ("static", {"exit": 1.5}),
     ],
 )
 def test_out_of_range_parameters(name, params):

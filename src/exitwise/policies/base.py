@@ -12,6 +12,7 @@ that calibration searches over with :meth:`grid` and sets with :meth:`with_param
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, ClassVar
 
 import torch
@@ -50,8 +51,14 @@ class ExitPolicy:
 
     def __init__(self, **params: Any) -> None:
         self.params = dict(params)
-        value = params.get(self.param)
-        if value is not None:
+        if self.param in params:
+            value = params[self.param]
+            # "0.9", None or True would pass here and fail deep inside torch at the first
+            # comparison (or, as True, mean 1)
+            if value is None or isinstance(value, (bool, str)) or not isinstance(
+                    value, numbers.Real):
+                raise ConfigError(f"{self.registered_name}: {self.param} must be a number; "
+                                  f"got {value!r}")
             self._check_range(self.param, value, self.param_range)
 
     # -- helpers -----------------------------------------------------------------------------

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
+from ..errors import ConfigError
 from .base import ExitPolicy, register_policy
 
 
@@ -15,7 +18,11 @@ class StaticPolicy(ExitPolicy):
     param_range = (0, 10_000)
 
     def __init__(self, exit: int = 0) -> None:
+        if isinstance(exit, float) and exit.is_integer():
+            exit = int(exit)
         super().__init__(exit=exit)
+        if not isinstance(exit, numbers.Integral):  # 1.5 once meant exit 1
+            raise ConfigError(f"static: exit must be an integer exit index; got {exit!r}")
 
     def decide(self, exit_index, num_exits, logits, state, labels=None):
         hit = exit_index >= int(self.value)
