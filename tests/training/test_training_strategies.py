@@ -10,6 +10,9 @@ import pytest
 import torch
 from helpers.trainkit import FAST, StageRecorder, tiny_model, token_items
 
+from exitwise.errors import ConfigError
+from exitwise.heads.base import build_head
+from exitwise.policies import get_policy
 from exitwise.training import STRATEGIES, PaddingCollator, get_strategy, train
 
 # The heads each recipe is meant for (ExitConfig keywords); the others get pooler heads.
@@ -119,3 +122,27 @@ def test_exits_only_keeps_backbone_frozen_and_trains_every_head():
     names = stage.trainable_names(model)
     assert not any(n.startswith("backbone.") for n in names)
     assert {n.split(".")[1] for n in names} == {str(k) for k in range(model.num_exits)}
+
+
+@pytest.mark.parametrize("make", [
+    lambda: get_strategy("ztw", train_backbone="false"),
+    lambda: get_strategy("cats", finetune="no"),
+    lambda: get_strategy("copycat_sl_vit", pretrain_exits="false"),
+    lambda: get_strategy("boosted", gradient_rescaling="false"),
+    lambda: get_strategy("imta", gradient_equilibrium="false"),
+    lambda: get_strategy("smartbert", hard_weight="false"),
+    lambda: build_head("lm", 8, 16, conditioned="no"),
+    lambda: build_head("cascade", 8, 3, detach_previous="no"),
+    lambda: get_policy("window", ensemble="yes"),
+], ids=["ztw", "cats", "copycat", "boosted", "imta", "smartbert", "lm", "cascade", "window"])
+def test_a_switch_takes_a_boolean_not_a_string(make):
+    # bool("false") is True: ztw once tuned the backbone when told train_backbone="false"
+    with pytest.raises(ConfigError, match="must be True or False; got"):
+        make()
+
+
+@pytest.mark.parametrize("hidden", [0, -3, 2.5])
+def test_cats_scorer_width_is_a_positive_int(hidden):
+    # 0 once trained a constant scorer; -3 failed inside torch
+    with pytest.raises(ConfigError, match="hidden"):
+        get_strategy("cats", hidden=hidden)

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, InputError
+from ..options import flag
 from .base import HEADS, ExitHead, classifier_layer, register_head
 
 COMBINES = ("linear", "isc", "additive")
@@ -80,7 +81,8 @@ class CascadeHead(ExitHead):
             raise ConfigError("reweight is BoostNet's prediction reweighting: combine='additive'")
         if isc_features is not None and combine != "isc":
             raise ConfigError("isc_features sizes IMTA's collaboration layer: combine='isc'")
-        self.base_name, self.combine, self.detach_previous = base, combine, bool(detach_previous)
+        self.base_name, self.combine = base, combine
+        self.detach_previous = flag("cascade head", "detach_previous", detach_previous)
         self.reweight = float(reweight)
         try:
             self.base = HEADS.get(base)(

@@ -75,6 +75,7 @@ from torch import nn
 
 from ..backbones.hf_decoder import DecodeContext, prompt_positions
 from ..errors import ConfigError
+from ..options import flag
 from .base import ExitHead, register_head
 
 ADAPTERS = ("none", "norm", "mlp", "block", "kangaroo")
@@ -130,7 +131,7 @@ class LMHead(ExitHead):
         backbone: nn.Module | None = None,
     ) -> None:
         super().__init__(in_features, num_labels, dropout)
-        self.conditioned = bool(conditioned)
+        self.conditioned = flag("lm head", "conditioned", conditioned)
         self.fuse: nn.Linear | None = None
         if self.conditioned:
             if adapter in ("block", "kangaroo"):
@@ -160,7 +161,7 @@ class LMHead(ExitHead):
                 f"lm head adapter must be one of {', '.join(ADAPTERS)}; got {adapter!r}"
             )
         self.adapter = adapter
-        self.untied = bool(untied)
+        self.untied = flag("lm head", "untied", untied)
         width = mlp_hidden or 2 * in_features
         self.mlp = ResidualMLP(in_features, width) if adapter == "mlp" else None
         self.block: nn.Module | None = None

@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, InputError
+from ..options import flag
 from .base import POOLINGS, ExitHead, register_head
 
 INIT_STD = 0.02  # BERT's initializer_range, with which the reference initialises every layer
@@ -100,7 +101,7 @@ class PastFutureHead(ExitHead):
                 f"num_exits={num_exits}"
             )
         self.exit_index, self.num_exits = exit_index, num_exits
-        self.detach_past = bool(detach_past)
+        self.detach_past = flag("past_future head", "detach_past", detach_past)
         d, c = in_features, num_labels
         self.dense = nn.Linear(d, d)  # the per-exit pooler: s_k = tanh(dense(pool(h)))
         self.feature_layer = _StateTap(d)

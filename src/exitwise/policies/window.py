@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..options import flag
 from .base import ExitPolicy, PolicyState, register_policy
 
 MEASURES = ("entropy", "max_prob")
@@ -122,7 +123,8 @@ class WindowPolicy(ExitPolicy):
         # A wider window, a lower ``low`` or a higher ``high`` pass more rows on; moving the
         # operating threshold is not monotone in that sense.
         self.safer_when = {"width": "higher", "low": "lower", "high": "higher"}.get(tune)
-        super().__init__(**params, measure=measure, ensemble=bool(ensemble), tune=tune)
+        super().__init__(**params, measure=measure, ensemble=flag("window", "ensemble", ensemble),
+                         tune=tune)
 
     # -- the window ---------------------------------------------------------------------------
     @property

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..options import flag
 from ..outputs import ExitOutputs
 from .base import (
     Stage,
@@ -101,7 +102,7 @@ class BoostedStrategy(TrainingStrategy):
         super().__init__(stage_args)
         if reweight is not None and not float(reweight) >= 0:
             raise ConfigError(f"reweight must be >= 0, got {reweight}")
-        self.gradient_rescaling = bool(gradient_rescaling)
+        self.gradient_rescaling = flag("boosted", "gradient_rescaling", gradient_rescaling)
         self.reweight = None if reweight is None else float(reweight)
 
     def build_stages(self, model: MultiExitModel) -> list[Stage]:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..options import flag
 from ..outputs import ExitOutputs
 from .base import (
     Stage,
@@ -61,8 +62,11 @@ class CATsStrategy(TrainingStrategy):
     def __init__(self, finetune: bool = True, hidden: int = 64,
                  stage_args: Sequence[dict[str, Any]] | None = None) -> None:
         super().__init__(stage_args)
-        self.finetune = bool(finetune)
-        self.hidden = int(hidden)
+        self.finetune = flag("cats", "finetune", finetune)
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+            raise ConfigError(f"cats: hidden (the scorer's width) must be an int >= 1; "
+                              f"got {hidden!r}")  # 0 once trained a constant scorer
+        self.hidden = hidden
         self.tunes_backbone = self.finetune
 
     def build_stages(self, model: MultiExitModel) -> list[Stage]:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..options import flag
 from ..outputs import ExitOutputs
 from .base import Stage, TrainingStrategy, head_parameters, register_strategy, weighted_exit_loss
 
@@ -65,7 +66,8 @@ class CopycatSLViTStrategy(TrainingStrategy):
         super().__init__(stage_args)
         if targets not in TARGETS:
             raise ConfigError(f"targets must be one of {TARGETS}, got {targets!r}")
-        self.targets, self.pretrain_exits = targets, bool(pretrain_exits)
+        self.targets = targets
+        self.pretrain_exits = flag("copycat_sl_vit", "pretrain_exits", pretrain_exits)
 
     def build_stages(self, model: MultiExitModel) -> list[Stage]:
         n = model.num_exits - 1

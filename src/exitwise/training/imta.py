@@ -45,6 +45,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..heads import classifier_layer, uses_previous_logits
+from ..options import flag
 from ..outputs import ExitOutputs
 from .base import (
     Stage,
@@ -143,7 +144,8 @@ class IMTAStrategy(TrainingStrategy):
         if kl_reduction not in KL_REDUCTIONS:
             raise ConfigError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {kl_reduction!r}")
         self.alpha, self.temperature = float(alpha), float(temperature)
-        self.gradient_equilibrium = bool(gradient_equilibrium)
+        self.gradient_equilibrium = flag("imta", "gradient_equilibrium",
+                                         gradient_equilibrium)
         self.kl_reduction = kl_reduction
 
     def build_stages(self, model: MultiExitModel) -> list[Stage]:

@@ -73,6 +73,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..heads import uses_past_states, uses_previous_logits
+from ..options import flag
 from ..outputs import ExitOutputs
 from .base import (
     Stage,
@@ -313,7 +314,8 @@ class SmartBERTStrategy(TrainingStrategy):
         self.lam, self.eta1, self.eta2 = float(lam), float(eta1), float(eta2)
         self.t1, self.t2 = float(t1), float(t2)
         self.skip_threshold = float(skip_threshold)
-        self.hard_weight, self.soft_fraction = bool(hard_weight), float(soft_fraction)
+        self.hard_weight = flag("smartbert", "hard_weight", hard_weight)
+        self.soft_fraction = float(soft_fraction)
 
     def options(self) -> dict[str, Any]:
         return {"lam": self.lam, "eta1": self.eta1, "eta2": self.eta2, "t1": self.t1,

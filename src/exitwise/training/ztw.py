@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..heads import GeometricEnsemble, uses_previous_logits
+from ..options import flag
 from ..outputs import ExitOutputs
 from .base import (
     Stage,
@@ -85,7 +86,7 @@ class ZTWStrategy(TrainingStrategy):
         stage_args: Sequence[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(stage_args)
-        self.train_backbone = bool(train_backbone)
+        self.train_backbone = flag("ztw", "train_backbone", train_backbone)
         self.tunes_backbone = self.train_backbone
         if ensemble_learning_rate is not None and not float(ensemble_learning_rate) > 0:
             raise ConfigError(f"ensemble_learning_rate must be > 0, got {ensemble_learning_rate}")
