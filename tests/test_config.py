@@ -57,7 +57,7 @@ def test_bad_layer_specs(bad, match):
         ExitConfig(layers=bad).resolve_layers(4)
 
 
-@pytest.mark.parametrize("bad", [0, -1, "2", 2.0])
+@pytest.mark.parametrize("bad", [0, -1, "2", 2.0, True])
 def test_num_labels_must_be_positive_int(bad):
     with pytest.raises(ConfigError, match="num_labels"):
         ExitConfig(num_labels=bad)
@@ -108,3 +108,22 @@ def test_per_exit_heads_must_cover_every_exit(head, match):
 def test_bad_head_specs(head):
     with pytest.raises(ConfigError, match="head"):
         ExitConfig(head=head)
+
+
+@pytest.mark.parametrize("cfg, match", [
+    (ExitConfig(head="mlp", head_kwargs={2: {"hidden_features": 4}}), r"depths \[2\]"),
+    (ExitConfig(head="mlp", head_kwargs={3: {}, 7: {}}), r"depths \[7\]"),
+    (ExitConfig(head={1: "mlp", 2: "mlp", 3: "linear", 4: "mean"}), r"depths \[2\]"),
+    (ExitConfig(head="mlp", head_kwargs=[{}, {}]), "2 option dicts for 3 exits"),
+])
+def test_per_depth_entries_must_name_exits(cfg, match):
+    # entries for depths with no exit (a typo, exits placed elsewhere) were dropped silently
+    # and the exits got default options
+    with pytest.raises(ConfigError, match=match):
+        cfg.check_depths([1, 3, 4])
+
+
+def test_per_depth_entries_that_name_exits_pass():
+    ExitConfig(head={1: "mlp", 3: "linear", 4: "mean"}, head_kwargs={3: {}}).check_depths([1, 3, 4])
+    ExitConfig(head="mlp", head_kwargs=[{}, {}], final_head="linear").check_depths([1, 3, 4])
+    ExitConfig(head="mlp", head_kwargs={"hidden_features": 4}).check_depths([1, 3, 4])

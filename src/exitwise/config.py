@@ -50,7 +50,8 @@ class ExitConfig:
 
     def __post_init__(self) -> None:
         if self.num_labels is not None and (
-            not isinstance(self.num_labels, int) or self.num_labels < 1
+            not isinstance(self.num_labels, int) or isinstance(self.num_labels, bool)
+            or self.num_labels < 1
         ):
             raise ConfigError(f"num_labels must be a positive int, got {self.num_labels!r}")
         if isinstance(self.layers, tuple):
@@ -93,6 +94,24 @@ class ExitConfig:
         if isinstance(self.head, str):
             return self.head
         return self.head[0] if isinstance(self.head, list) else self.head[min(self.head)]
+
+    def check_depths(self, depths: list[int]) -> None:
+        """Per-depth ``head`` / ``head_kwargs`` entries must name exits: an entry for a depth
+        without one (a typo, or exits placed elsewhere) would be dropped silently. A
+        ``head_kwargs`` list one short leaves the final exit to ``final_head`` options."""
+        for name, value in (("head", self.head), ("head_kwargs", self.head_kwargs)):
+            per_depth = isinstance(value, dict) and (name == "head" or _is_per_depth(value))
+            extra = sorted(set(value) - set(depths)) if per_depth else []
+            if extra:
+                raise ConfigError(f"{name} has entries for depths {extra}, which carry no exit; "
+                                  f"the exits are at {depths}")
+        kw = self.head_kwargs
+        if (isinstance(kw, list) and len(kw) == len(depths) - 1 and self.final_head is None
+                and self.final_head_kwargs is None):
+            raise ConfigError(
+                f"head_kwargs lists {len(kw)} option dicts for {len(depths)} exits: give one "
+                "per exit (or one per exit but the final one, with final_head or "
+                "final_head_kwargs)")
 
     def head_for(self, k: int, depths: list[int]) -> tuple[str, dict[str, Any]]:
         """(head name, head options) of exit ``k`` among the exits at ``depths`` (the last is

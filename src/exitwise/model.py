@@ -92,6 +92,7 @@ class MultiExitModel(nn.Module):
         self.backbone = backbone
         self.config = config
         self.exit_layers: list[int] = exit_layers
+        config.check_depths(exit_layers)
         heads = []
         for k, depth in enumerate(self.exit_layers):
             name, options = config.head_for(k, self.exit_layers)
