@@ -336,3 +336,19 @@ def test_heterogeneous_exits_build_save_and_load(tmp_path):
     loaded = ew.MultiExitModel.from_pretrained(tmp_path, backbone=model.backbone.model)
     assert [type(h).registered_name for h in loaded.heads] == names
     assert_same_heads(model, loaded)
+
+
+@pytest.mark.parametrize("head", ["linear", "mean", "pooler", "mlp", "fastbert", "smartbert"])
+def test_fresh_heads_follow_the_backbone_precision(head):
+    # heads were built float32 beside a bf16 backbone: the first forward failed in a matmul
+    backbone = bert().to(torch.bfloat16)
+    model = ew.attach_exits(backbone, layers="all", head=head, num_labels=3).eval()
+    assert all(p.dtype == torch.bfloat16 for p in model.heads.parameters())
+    assert model.temperatures.dtype == torch.float32
+    ids = torch.randint(5, VOCAB, (2, 6))
+    with torch.no_grad():
+        every = model(input_ids=ids).logits
+        res = model.early_exit(ew.get_policy("never"), input_ids=ids)
+        full = model.full_depth(input_ids=ids)  # the HF forward's own rounding in bf16
+    assert every[-1].dtype == torch.bfloat16 and torch.equal(res.logits, every[-1])
+    torch.testing.assert_close(full, every[-1], atol=2e-2, rtol=2e-2)

@@ -111,7 +111,13 @@ class MultiExitModel(nn.Module):
                 f"such exit; this backbone's exits have widths {sorted(widths)}"
             )
         self.heads: nn.ModuleList = nn.ModuleList(heads)
-        self.register_buffer("temperatures", torch.ones(len(heads)))
+        # Fresh heads live where the backbone does, in its precision (a bf16 model's features
+        # would not multiply float32 weights); temperatures stay float32 (see temperatures.py).
+        ref = next((p for p in backbone.parameters() if p.is_floating_point()), None)
+        if ref is not None:
+            self.heads.to(device=ref.device, dtype=ref.dtype)
+        self.register_buffer("temperatures", torch.ones(
+            len(heads), device=None if ref is None else ref.device))
         self.exit_lookup: dict[int, int] = {d: k for k, d in enumerate(self.exit_layers)}
         self.calibration: dict[str, Any] = {}
         self.backbone_tuned = False
