@@ -23,17 +23,19 @@ LABELS = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 1, 0])
 
 
 @functools.lru_cache(maxsize=None)
-def _model_and_cache(family: str, scored: bool = False):
-    """A tiny encoder with exits (and, ``scored``, a randomly initialised learned exit
-    scorer, for the policies that read one) and the cache of its exit logits."""
+def _model_and_cache(family: str, scorer: str | None = None):
+    """A tiny encoder with exits (and a randomly initialised learned exit ``scorer``, for
+    the policies that read one) and the cache of its exit logits."""
     model = ew.attach_exits(
         tiny_encoder(family), ew.ExitConfig(layers="all", head="pooler", num_labels=2, dropout=0.0)
     )
-    if scored:
+    if scorer is not None:
         torch.manual_seed(1)
-        model.attach_scorer("lte")
+        model.attach_scorer(scorer)
         with torch.no_grad():  # spread the scores over (0, 1) so thresholds split the rows
-            model.scorer.linear.weight.mul_(20.0)
+            for m in model.scorer.modules():
+                if isinstance(m, torch.nn.Linear) and m.out_features == 1:
+                    m.weight.mul_(20.0)
     model.eval()
     batch = padded_batch(lengths=LENGTHS, pad_id=model.backbone.config.pad_token_id)
     cache = collect_exit_logits(model, [dict(batch, labels=LABELS)], progress=False)
@@ -74,7 +76,7 @@ def _pick_policy(name: str, cache: ExitLogitsCache, temps: torch.Tensor) -> ew.E
 @pytest.mark.parametrize("policy_name", ew.POLICIES.names())
 @pytest.mark.parametrize("family", ENCODER_FAMILIES)
 def test_replay_equals_runtime(family: str, policy_name: str) -> None:
-    model, batch, cache = _model_and_cache(family, ew.POLICIES.get(policy_name).uses_scores)
+    model, batch, cache = _model_and_cache(family, ew.POLICIES.get(policy_name).scorer)
     policy = _pick_policy(policy_name, cache, model.temperatures)
     labels = LABELS if policy.needs_labels else None
     live = model.early_exit(policy, labels=labels, **batch)

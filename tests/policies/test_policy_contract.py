@@ -132,20 +132,38 @@ def plain_model():
     return ew.attach_exits(backbone, layers="all", head="linear", num_labels=C).eval()
 
 
-@pytest.fixture(scope="module")
-def scored_model():
+def scored_model(scorer: str) -> ew.MultiExitModel:
     """The same kind of model with a learned exit scorer, for policies that read one."""
     torch.manual_seed(0)
     blocks = [nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(NUM_EXITS)]
     backbone = ew.SequentialBackbone(blocks, example=torch.randn(1, 6))
     model = ew.attach_exits(backbone, layers="all", head="linear", num_labels=C)
-    model.attach_scorer("lte")
+    model.attach_scorer(scorer)
     return model.eval()
 
 
 @pytest.fixture
-def tiny_model(policy, plain_model, scored_model):
-    return scored_model if policy.uses_scores else plain_model
+def tiny_model(policy, plain_model):
+    return scored_model(policy.scorer) if policy.uses_scores else plain_model
+
+
+@pytest.mark.parametrize("name", [n for n in ew.POLICIES.names() if make(n).uses_scores])
+def test_a_policy_reads_only_its_own_scorer(name):
+    # lte, cats and dact once ran on each other's scores (a certainty read as a consistency)
+    policy = make(name)
+    from exitwise.analysis import collect_exit_logits, replay
+
+    for other in {"lte", "cats", "dact"} - {policy.scorer}:
+        model, x = scored_model(other), torch.randn(B, 6)
+        with pytest.raises(InputError, match=f"come from the {other!r} scorer"):
+            model.early_exit(policy, pixel_values=x)
+        batch = ({"pixel_values": x}, torch.zeros(B, dtype=torch.long))
+        cache = collect_exit_logits(model, [batch], progress=False)
+        assert cache.meta["scorer"] == other
+        with pytest.raises(InputError, match=f"come from the {other!r} scorer"):
+            replay(policy, cache)
+    with pytest.raises(InputError, match=f"the {policy.scorer_strategy!r} strategy"):
+        policy.check_scorer(None, present=False)
 
 
 def test_runs_in_the_executor(policy, tiny_model):

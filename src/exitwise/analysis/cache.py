@@ -338,7 +338,9 @@ def collect_exit_logits(
         costs=torch.cat(parts["costs"]),
         full_cost=torch.cat(parts["full"]),
         exit_layers=list(model.exit_layers),
-        meta=dict(meta or {}),
+        # which scorer the scores come from, so that a policy reading another's is refused
+        meta={**({"scorer": model.scorer.registered_name} if parts["scores"] else {}),
+              **(meta or {})},
         scores=torch.cat(parts["scores"]) if parts["scores"] else None,
         skipped=torch.cat(parts["skipped"]) if parts["skipped"] else None,
     )

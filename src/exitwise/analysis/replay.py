@@ -86,9 +86,7 @@ def replay(
     """
     cache.check(need_labels=policy.needs_labels)
     policy.check_task(cache.task)
-    if policy.uses_scores and cache.scores is None:
-        raise InputError(f"policy {policy.registered_name!r} reads learned exit scores, but "
-                         "this cache has none (collect it from a model with an exit scorer)")
+    policy.check_scorer(cache.meta.get("scorer"), cache.scores is not None)
     n, num_exits = cache.num_examples, cache.num_exits
     temps = temperature_list(temperatures, num_exits)
 

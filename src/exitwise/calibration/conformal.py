@@ -83,9 +83,10 @@ def calibrate_cats(cache: ExitLogitsCache, epsilon: float, delta: float | None =
     ``1 - epsilon`` (with probability ``1 - delta``; ``delta=None``: on average), from a
     held-out cache of a model with the ``cats`` exit scorer. ``heldout`` reports the
     consistency, exits and speed-up observed on the cache itself."""
-    if cache.scores is None:
+    if cache.scores is None or cache.meta.get("scorer", "cats") != "cats":
         raise InputError("CATs calibration needs the meta consistency scores: collect the "
-                         "cache from a model with the cats exit scorer")
+                         "cache from a model with the cats exit scorer (this cache's scores: "
+                         f"{cache.meta.get('scorer') if cache.scores is not None else None})")
     if cache.task != "classification":
         raise ConfigError("CATs calibrates consistency of predicted classes; this cache is "
                           f"a {cache.task} model's")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .scorer import ExitScorer, register_scorer
 
 
@@ -37,6 +38,8 @@ def confidence_features(logits: torch.Tensor) -> torch.Tensor:
 @register_scorer("cats")
 class CATsScorer(ExitScorer):
     def __init__(self, feature_dims: list[int], num_labels: int, hidden: int = 64) -> None:
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+            raise ConfigError(f"cats scorer: hidden must be an int >= 1; got {hidden!r}")
         super().__init__(feature_dims, num_labels, hidden=int(hidden))
         self.hidden = int(hidden)
         self.mlps = nn.ModuleList(

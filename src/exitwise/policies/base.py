@@ -48,6 +48,11 @@ class ExitPolicy:
     # :mod:`exitwise.heads.scorer`): the executor and the replay then pass ``scores=`` (B,)
     # to :meth:`decide`; the others never receive it.
     uses_scores: ClassVar[bool] = False
+    # Which exit scorer those scores must come from (its registered name), and the training
+    # strategy that fits it: another scorer's scores mean something else (a certainty, a
+    # consistency, a halting probability).
+    scorer: ClassVar[str | None] = None
+    scorer_strategy: ClassVar[str | None] = None
 
     def __init__(self, **params: Any) -> None:
         self.params = dict(params)
@@ -62,6 +67,21 @@ class ExitPolicy:
             self._check_range(self.param, value, self.param_range)
 
     # -- helpers -----------------------------------------------------------------------------
+    def check_scorer(self, name: str | None, present: bool = True) -> None:
+        """For a policy that reads learned scores: ``present`` (the model or cache has
+        scores) and ``name`` (their scorer; None: not recorded, as in older caches) must be
+        the ones it reads."""
+        if not self.uses_scores:
+            return
+        fit = f"train it with the {self.scorer_strategy!r} strategy, which fits that scorer"
+        if not present:
+            raise InputError(f"policy {self.registered_name!r} reads the {self.scorer!r} exit "
+                             f"scorer's scores, but there are none: {fit}")
+        if name is not None and name != self.scorer:
+            raise InputError(f"policy {self.registered_name!r} reads the {self.scorer!r} exit "
+                             f"scorer's scores, but these come from the {name!r} scorer: {fit}, "
+                             f"or use the policy that reads {name!r}")
+
     @property
     def value(self) -> Any:
         return self.params.get(self.param)

@@ -20,6 +20,8 @@ class CATsPolicy(ExitPolicy):
     safer_when = "higher"
     param_range = (0.0, 1.0)
     uses_scores: ClassVar[bool] = True
+    scorer: ClassVar[str | None] = "cats"
+    scorer_strategy: ClassVar[str | None] = "cats"
 
     def __init__(self, threshold: float = 0.95) -> None:
         super().__init__(threshold=threshold)

@@ -90,6 +90,8 @@ class DACTPolicy(ExitPolicy):
     # The gap is below 1 (a probability minus non-negative terms): margin 1 never halts early.
     param_range = (-math.inf, 1.0)
     uses_scores: ClassVar[bool] = True
+    scorer: ClassVar[str | None] = "dact"
+    scorer_strategy: ClassVar[str | None] = "dact"
 
     def __init__(self, margin: float = 0.0) -> None:
         super().__init__(margin=margin)

@@ -29,6 +29,8 @@ class LTEPolicy(ExitPolicy):
     param_range = (0.0, 1.0)
     tasks = ("classification", "regression")
     uses_scores: ClassVar[bool] = True
+    scorer: ClassVar[str | None] = "lte"
+    scorer_strategy: ClassVar[str | None] = "berxit"
 
     def __init__(self, threshold: float = 0.9) -> None:
         super().__init__(threshold=threshold)

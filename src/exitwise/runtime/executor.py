@@ -68,11 +68,7 @@ def _run_early_exit(
         raise InputError(f"policy {policy.registered_name!r} needs labels")
     policy.check_task(model.task)
     scored = policy.uses_scores
-    if scored and model.scorer is None:
-        raise InputError(
-            f"policy {policy.registered_name!r} reads a learned exit score, but this model has "
-            "no exit scorer (train it with a strategy that fits one, e.g. berxit)"
-        )
+    policy.check_scorer(getattr(model.scorer, "registered_name", None), model.scorer is not None)
     backbone = model.backbone
     heads = model.heads
     temps = model.temperature_list()
