@@ -352,3 +352,13 @@ def test_fresh_heads_follow_the_backbone_precision(head):
         full = model.full_depth(input_ids=ids)  # the HF forward's own rounding in bf16
     assert every[-1].dtype == torch.bfloat16 and torch.equal(res.logits, every[-1])
     torch.testing.assert_close(full, every[-1], atol=2e-2, rtol=2e-2)
+
+
+def test_early_exit_refuses_what_is_not_a_policy():
+    # a dict or a policy class failed with an AttributeError deep in the executor
+    model = ew.attach_exits(bert(), layers=[2], num_labels=2).eval()
+    ids = torch.randint(5, VOCAB, (2, 6))
+    with pytest.raises(ConfigError, match="policy_from_dict"):
+        model.early_exit({"name": "entropy", "threshold": 0.3}, input_ids=ids)
+    with pytest.raises(ConfigError, match="got type"):
+        model.early_exit(type(ew.get_policy("entropy")), input_ids=ids)

@@ -350,6 +350,12 @@ class MultiExitModel(nn.Module):
         """
         if policy is None or isinstance(policy, str):
             policy = self.calibrated_policy(policy)
+        elif not isinstance(policy, ExitPolicy):
+            raise ConfigError(
+                f"policy must be an ExitPolicy (ew.get_policy('entropy', threshold=0.3)), the "
+                f"name of a calibrated one, or None; got {type(policy).__name__}"
+                + (": build it with exitwise.policies.policy_from_dict" if isinstance(policy, dict)
+                   else ""))
         return run_early_exit(
             self, policy, labels=labels, profile=profile, count_flops=count_flops, **inputs
         )

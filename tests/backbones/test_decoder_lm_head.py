@@ -128,6 +128,10 @@ def test_bad_lm_head_requests(llama):
         ew.attach_exits(llama, ew.ExitConfig(layers=[2], head="lm", num_labels=7))
     with pytest.raises(ConfigError, match="adapter"):
         ew.build_head("lm", 32, VOCAB, adapter="lora")
+    with pytest.raises(ConfigError, match="mlp_hidden sizes the 'mlp' adapter"):
+        ew.build_head("lm", 32, VOCAB, adapter="none", mlp_hidden=64)  # was ignored
+    with pytest.raises(ConfigError, match="mlp_hidden"):
+        ew.build_head("lm", 32, VOCAB, adapter="mlp", mlp_hidden=0)
     from conftest import tiny_encoder
 
     with pytest.raises(ConfigError, match="decoder backbone"):

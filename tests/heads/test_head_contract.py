@@ -148,3 +148,14 @@ def test_bad_head_requests():
         ew.build_head("linear", H, C, dropout=-0.1)
     with pytest.raises(ConfigError, match="num_labels"):
         ew.build_head("linear", H, 0)
+
+
+@pytest.mark.parametrize("name, options, match", [
+    ("mlp", {"hidden_features": 0}, "hidden_features"),  # 0 once meant the input width
+    ("mlp", {"hidden_features": -3}, "hidden_features"),
+    ("fastbert", {"width": 30, "num_heads": 4}, "multiple of num_heads"),
+    ("fastbert", {"width": 0}, "width"),
+])
+def test_head_sizes_are_checked_before_torch_sees_them(name, options, match):
+    with pytest.raises(ConfigError, match=match):
+        ew.build_head(name, H, C, **options)

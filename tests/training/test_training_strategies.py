@@ -146,3 +146,18 @@ def test_cats_scorer_width_is_a_positive_int(hidden):
     # 0 once trained a constant scorer; -3 failed inside torch
     with pytest.raises(ConfigError, match="hidden"):
         get_strategy("cats", hidden=hidden)
+
+
+def test_romebert_names_its_own_weight():
+    with pytest.raises(ConfigError, match="gamma must be in"):
+        get_strategy("romebert", gamma=2)
+
+
+def test_class_names_as_labels_are_a_clear_error(tmp_path):
+    # int('positive') once failed inside the label scan with a bare ValueError
+    from exitwise.errors import DataError
+
+    model = tiny_model()
+    data = [{**item, "labels": "positive"} for item in token_items(4)]
+    with pytest.raises(DataError, match="class ids 0..1; got 'positive'"):
+        train(model, data, strategy="joint", output_dir=str(tmp_path), **FAST)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .base import ExitHead, register_head
 
 
@@ -28,6 +29,12 @@ class FastBERTHead(ExitHead):
     def __init__(self, in_features: int, num_labels: int, dropout: float = 0.1,
                  width: int = 128, num_heads: int = 2) -> None:
         super().__init__(in_features, num_labels, dropout)
+        for name, value in (("width", width), ("num_heads", num_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"fastbert head: {name} must be an int >= 1; got {value!r}")
+        if width % num_heads:
+            raise ConfigError(f"fastbert head: width {width} must be a multiple of num_heads "
+                              f"{num_heads} (each attention head takes width / num_heads)")
         self.width = width
         self.proj = nn.Linear(in_features, width)
         self.attention = nn.MultiheadAttention(width, num_heads, dropout=dropout,

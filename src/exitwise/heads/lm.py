@@ -162,6 +162,10 @@ class LMHead(ExitHead):
             )
         self.adapter = adapter
         self.untied = flag("lm head", "untied", untied)
+        if mlp_hidden is not None and (adapter != "mlp" or isinstance(mlp_hidden, bool)
+                                       or not isinstance(mlp_hidden, int) or mlp_hidden < 1):
+            raise ConfigError(f"lm head: mlp_hidden sizes the 'mlp' adapter and must be an int "
+                              f">= 1; got {mlp_hidden!r} with adapter {adapter!r}")
         width = mlp_hidden or 2 * in_features
         self.mlp = ResidualMLP(in_features, width) if adapter == "mlp" else None
         self.block: nn.Module | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .base import ExitHead, register_head
 
 
@@ -18,6 +19,11 @@ class MLPHead(ExitHead):
         hidden_features: int | None = None,
     ) -> None:
         super().__init__(in_features, num_labels, dropout)
+        if hidden_features is not None and (
+                isinstance(hidden_features, bool) or not isinstance(hidden_features, int)
+                or hidden_features < 1):  # 0 once meant the input width
+            raise ConfigError(f"mlp head: hidden_features must be an int >= 1 or None (the "
+                              f"input width); got {hidden_features!r}")
         width = hidden_features or in_features
         self.fc1 = nn.Linear(in_features, width)
         self.act = nn.GELU()

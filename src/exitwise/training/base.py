@@ -251,10 +251,12 @@ def gradient_equilibrium_scales(num_exits: int) -> list[tuple[float, float]]:
     return [(1.0 / (k_total - k), (k_total - k - 1) / (k_total - k)) for k in range(k_total)]
 
 
-def check_distillation_options(alpha: float, temperature: float) -> tuple[float, float]:
-    """Validate the (alpha in [0, 1], temperature > 0) of a distillation strategy."""
+def check_distillation_options(alpha: float, temperature: float, name: str = "alpha"
+                               ) -> tuple[float, float]:
+    """Validate the (alpha in [0, 1], temperature > 0) of a distillation strategy; ``name``:
+    what the strategy calls its weight (RomeBERT's gamma)."""
     if not 0.0 <= float(alpha) <= 1.0:
-        raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
+        raise ConfigError(f"{name} must be in [0, 1], got {alpha}")
     if not float(temperature) > 0:
         raise ConfigError(f"temperature must be > 0, got {temperature}")
     return float(alpha), float(temperature)

@@ -157,7 +157,16 @@ def _check_dataset_labels(dataset: Any, num_labels: int, name: str) -> None:
             f"the {name} dataset has fractional labels but the model has {num_labels} classes; "
             "a regression model needs num_labels=1"
         )
-    values = torch.as_tensor([int(v) for v in column])
+    ids = []
+    for v in column:
+        try:
+            ids.append(int(v))
+        except (TypeError, ValueError):  # a class name: int() would fail inside the collator
+            raise DataError(
+                f"the {name} dataset's labels must be class ids 0..{num_labels - 1}; got "
+                f"{v!r}: map class names to ids (exitwise.data.load_examples does, and sets "
+                "label_names)") from None
+    values = torch.as_tensor(ids)
     bad = values[(values < 0) | (values >= num_labels)]
     if bad.numel():
         raise InputError(

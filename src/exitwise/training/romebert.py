@@ -173,7 +173,8 @@ class RomeBERTStrategy(TrainingStrategy):
         stage_args: Sequence[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(stage_args)
-        self.gamma, self.temperature = check_distillation_options(gamma, temperature)
+        self.gamma, self.temperature = check_distillation_options(gamma, temperature,
+                                                                     name="gamma")
         if projection not in PROJECTIONS:
             raise ConfigError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
         if kl_reduction not in KL_REDUCTIONS:
