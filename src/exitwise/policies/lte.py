@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
-
 from ..errors import InputError
 from .base import ExitPolicy, register_policy
 
