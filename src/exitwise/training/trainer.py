@@ -11,6 +11,10 @@ What changes from the stock Trainer:
 - The MultiExitModel is a plain ``nn.Module`` with aliased tensors; checkpoints are written as
   one ``model.safetensors`` with one name per tensor and read back strictly (no pickled model).
   Optimizer, scheduler and RNG states are the Trainer's own files, which makes resuming exact.
+- ``group_by_length`` batches come from a sampler whose shuffle is a function of (seed,
+  epoch): the stock one draws it from the global RNG when an epoch starts, which a resume in
+  the middle of an epoch does before restoring that RNG, so the resumed epoch saw other
+  batches (some rows twice, others never).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from ..checkpoint import STAGE_WEIGHTS, load_model_weights, save_model_weights
 from ..errors import CheckpointError, InputError
@@ -53,6 +58,22 @@ def _freeze_frozen_norm_statistics(model: torch.nn.Module) -> None:
                 module.eval()
 
 
+class EpochSeededLengthSampler(LengthGroupedSampler):
+    """Transformers' length-grouped order, shuffled by a generator seeded with (seed, epoch)
+    (the Trainer calls :meth:`set_epoch` at each epoch, a resumed run included)."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
+
+
 class ExitTrainer(Trainer):
     """A Trainer for one :class:`~exitwise.training.base.Stage` of a strategy."""
 
@@ -64,6 +85,13 @@ class ExitTrainer(Trainer):
         # MultiExitModel.forward takes **inputs; the Trainer would read that as "accepts
         # num_items_in_batch" and feed it to the model. The stage computes its own mean loss.
         self.model_accepts_loss_kwargs = False
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is LengthGroupedSampler:
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return EpochSeededLengthSampler(sampler.batch_size, sampler.lengths, seed)
+        return sampler
 
     def compute_loss(
         self,
