@@ -141,3 +141,51 @@ def test_checkpoints_are_safetensors_and_reload_exactly(tmp_path):
     load_model_weights(other, ckpt / "model.safetensors")
     for (n, a), b in zip(model.state_dict().items(), other.state_dict().values()):
         assert torch.equal(a, b), n
+
+
+def test_resume_with_other_settings_or_data_is_refused(tmp_path):
+    # a finished stage was skipped and the new settings ignored, without a word
+    items = token_items(16, seed=3)
+    args = {**ARGS, "max_steps": 1}
+    train(tiny_model(), items, strategy="joint", output_dir=tmp_path, **args)
+    with pytest.raises(ConfigError, match=r"learning_rate: 0.002 -> 0.01"):
+        train(tiny_model(), items, strategy="joint", output_dir=tmp_path, resume=True,
+              **{**args, "learning_rate": 1e-2})
+    with pytest.raises(ConfigError, match="train digest"):
+        train(tiny_model(), token_items(16, seed=4), strategy="joint", output_dir=tmp_path,
+              resume=True, **args)
+    # how a run is saved or logged is not a different run
+    train(tiny_model(), items, strategy="joint", output_dir=tmp_path, resume=True,
+          **{**args, "save_steps": 3, "logging_strategy": "steps"})
+
+
+def test_a_checkpoint_cut_short_is_passed_over(tmp_path):
+    # a kill while the Trainer wrote checkpoint-8 (trainer_state.json comes last) made every
+    # rerun fail on the missing file; the last complete checkpoint is used instead
+    items = token_items(48, seed=1)
+    reference = tiny_model()
+    train(reference, items, strategy="joint", output_dir=tmp_path / "full", **ARGS)
+    with pytest.raises(Interrupt):
+        train(tiny_model(), items, strategy="joint", output_dir=tmp_path / "cut",
+              callbacks=[CrashAfterSave("stage-1", N)], **{**ARGS, "save_total_limit": 2})
+    stage = tmp_path / "cut" / "stage-1"
+    (stage / f"checkpoint-{N}" / "trainer_state.json").unlink()
+    fresh = tiny_model()
+    result = train(fresh, items, strategy="joint", output_dir=tmp_path / "cut", resume=True,
+                   **ARGS)
+    assert result.stages[0].resumed_from.endswith(f"checkpoint-{N // 2}")
+    _assert_same_weights(snapshot(fresh), snapshot(reference))
+
+
+def test_an_interrupted_overwrite_leaves_no_stale_marker(tmp_path):
+    # the marker of the old run (stage-1 completed) survived the overwrite's deletion of
+    # stage-1, and every later resume failed on the missing stage weights
+    items = token_items(48, seed=1)
+    train(tiny_model(), items, strategy="joint", output_dir=tmp_path, **ARGS)
+    with pytest.raises(Interrupt):
+        train(tiny_model(), items, strategy="joint", output_dir=tmp_path, overwrite=True,
+              callbacks=[CrashAfterSave("stage-1", N // 2)], **ARGS)
+    progress = json.loads((tmp_path / PROGRESS_NAME).read_text())
+    assert progress["completed"] == []
+    result = train(tiny_model(), items, strategy="joint", output_dir=tmp_path, resume=True, **ARGS)
+    assert result.stages[0].resumed_from.endswith(f"checkpoint-{N // 2}")

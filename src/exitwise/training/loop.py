@@ -11,7 +11,6 @@ rather than restarts.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,16 +18,15 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
-from ..checkpoint import STAGE_WEIGHTS, load_model_weights, read_progress, write_progress
+from ..checkpoint import STAGE_WEIGHTS, load_model_weights, write_progress
 from ..errors import ConfigError, DataError, InputError
 from .base import STRATEGIES, Stage, TrainingStrategy, get_strategy
 from .collate import as_example, default_collator
 from .evaluate import ExitEvaluation, evaluate_exit_scores, format_exit_table
+from .run_folder import FINAL_DIR, last_complete_checkpoint, prepare_output_dir, run_settings
 from .trainer import ExitTrainer
 
-FINAL_DIR = "final"
 _ARG_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
 _DEFAULT_ARGS: dict[str, Any] = {"report_to": "none"}
 _FORCED_ARGS: dict[str, Any] = {"remove_unused_columns": False, "label_names": ["labels"]}
@@ -186,35 +184,6 @@ def _set_trainable(model: torch.nn.Module, stage: Stage) -> int:
     return count
 
 
-def _prepare_output_dir(
-    out: Path, strategy: TrainingStrategy, stages: list[Stage], resume: bool, overwrite: bool
-) -> list[str]:
-    """Completed stage names (when resuming); clears or refuses a used folder otherwise."""
-    description = strategy.describe()
-    progress = read_progress(out)
-    used = progress is not None or any((out / s.name).exists() for s in stages)
-    if overwrite and used:
-        for s in stages:
-            shutil.rmtree(out / s.name, ignore_errors=True)
-        shutil.rmtree(out / FINAL_DIR, ignore_errors=True)
-        progress, used = None, False
-    if not resume:
-        if used:
-            raise ConfigError(
-                f"{out} already holds a training run; pass resume=True to continue it or "
-                "overwrite=True to start over"
-            )
-        return []
-    if progress is None:
-        return []
-    if progress.get("strategy") != description:
-        raise ConfigError(
-            f"{out} holds a run of strategy {progress.get('strategy')}, not {description}; "
-            "resume with the same strategy or use another output_dir"
-        )
-    return list(progress.get("completed", []))
-
-
 def train(
     model: Any,
     train_dataset: Any,
@@ -279,10 +248,15 @@ def train(
 
     # Every rank reads the folder before the main one writes to it.
     probe = _training_arguments(stages[0], out, training_args)
+    settings = run_settings(training_args, train_dataset)
     with probe.main_process_first(desc="check run folder"):
-        completed = _prepare_output_dir(
-            out, chosen, stages, resume, overwrite and probe.should_save
+        completed = prepare_output_dir(
+            out, chosen, stages, resume, overwrite and probe.should_save, settings
         )
+    if probe.should_save:  # the settings are on record before the first checkpoint
+        out.mkdir(parents=True, exist_ok=True)
+        write_progress(out, {"strategy": chosen.describe(), "completed": completed,
+                             "settings": settings})
     result = TrainResult(model=model, strategy=chosen.registered_name, output_dir=out)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
@@ -309,7 +283,8 @@ def train(
             completed.append(stage.name)
             args = _training_arguments(stage, out, training_args)
             if args.should_save:
-                write_progress(out, {"strategy": chosen.describe(), "completed": completed})
+                write_progress(out, {"strategy": chosen.describe(), "completed": completed,
+                                     "settings": settings})
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
@@ -345,7 +320,7 @@ def _run_stage(
     args = _training_arguments(stage, out, user_args)
     count = _set_trainable(model, stage)
     stage_dir = Path(args.output_dir)
-    checkpoint = get_last_checkpoint(str(stage_dir)) if (resume and stage_dir.is_dir()) else None
+    checkpoint = last_complete_checkpoint(stage_dir) if resume else None
     trainer = ExitTrainer(
         model=model,
         args=args,
