@@ -9,6 +9,7 @@ pickled.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from torch import nn
 
 from .backbones import Backbone, wrap_backbone
 from .backbones.base import BackboneState, reference_output
-from .checkpoint import load_saved_hf_weights
+from .checkpoint import load_saved_hf_weights, write_json_atomic
 from .config import ExitConfig
 from .errors import CheckpointError, ConfigError, InputError
 from .heads import (
@@ -418,22 +419,7 @@ class MultiExitModel(nn.Module):
         out = Path(save_dir)
         out.mkdir(parents=True, exist_ok=True)
         save_backbone = self.backbone_tuned if save_backbone is None else save_backbone
-        tensors = {
-            f"heads.{k}": v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()
-        }
-        tensors["temperatures"] = self.temperatures.detach().cpu().contiguous()
-        if self.ensemble is not None:
-            tensors.update(
-                {f"ensemble.{k}": v.detach().contiguous().cpu()
-                 for k, v in self.ensemble.state_dict().items()}
-            )
-        if self.scorer is not None:
-            tensors.update({f"scorer.{k}": v.detach().contiguous().cpu()
-                            for k, v in self.scorer.state_dict().items()})
-        if self.gate is not None:
-            tensors.update({f"gate.{k}": v.detach().contiguous().cpu()
-                            for k, v in self.gate.state_dict().items()})
-        save_file(tensors, str(out / HEADS_NAME), metadata={"format": "exitwise"})
+        self._write_heads(out)
         if save_backbone:
             # A task model (BertForSequenceClassification ...) is saved whole, so that its
             # classifier comes back with it as the native final exit.
@@ -446,8 +432,36 @@ class MultiExitModel(nn.Module):
                     k: v.detach().contiguous().cpu() for k, v in self.backbone.state_dict().items()
                 }
                 save_file(state, str(out / BACKBONE_WEIGHTS))
-        (out / CONFIG_NAME).write_text(json.dumps(self._meta(bool(save_backbone)), indent=2))
+        write_json_atomic(out / CONFIG_NAME, self._meta(bool(save_backbone)))  # last: "done"
         return out
+
+    def save_calibration(self, save_dir: str | Path) -> Path:
+        """Rewrite what calibration changes in a saved model folder, the heads file (the
+        temperatures live there) and exit_config.json, each under a temporary name and then
+        renamed; the saved backbone is left as it is (rewriting it in place could tear it)."""
+        out = Path(save_dir)
+        cfg = out / CONFIG_NAME
+        if not cfg.is_file():
+            raise CheckpointError(f"{cfg} not found: save the model first (save_pretrained)")
+        backbone_saved = bool(json.loads(cfg.read_text()).get("backbone_saved"))
+        self._write_heads(out)
+        write_json_atomic(cfg, self._meta(backbone_saved))
+        return out
+
+    def _write_heads(self, out: Path) -> None:
+        """exit_heads.safetensors: heads, temperatures, ensemble, scorer, gate (atomically)."""
+        tensors = {
+            f"heads.{k}": v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()
+        }
+        tensors["temperatures"] = self.temperatures.detach().cpu().contiguous()
+        for name, part in (("ensemble", self.ensemble), ("scorer", self.scorer),
+                           ("gate", self.gate)):
+            if part is not None:
+                tensors.update({f"{name}.{k}": v.detach().contiguous().cpu()
+                                for k, v in part.state_dict().items()})
+        tmp = out / (HEADS_NAME + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "exitwise"})
+        os.replace(tmp, out / HEADS_NAME)
 
     @classmethod
     def from_pretrained(

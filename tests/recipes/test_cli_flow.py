@@ -200,3 +200,35 @@ def test_calibration_keys_per_risk_early_policy_checks_and_notes(tiny_model_dir,
         warnings.simplefilter("error")
         assert main(["calibrate", str(out), "--budget", "0.01", "--policies", "entropy"]) == 0
     assert "note: entropy@budget0.01" in capsys.readouterr().out
+
+
+def test_starting_over_and_calibrating_leave_no_stale_or_torn_model(
+        tiny_model_dir, tiny_data_dir, tmp_path, capsys, monkeypatch):
+    import exitwise.recipes.text_classification as tc
+
+    out = tmp_path / "m"
+    common = ["--model", str(tiny_model_dir), "--data", str(tiny_data_dir), "--max-steps", "2",
+              "--batch-size", "16", "--holdout", "60"]
+    assert main(["train", "--out", str(out), *common]) == 0
+    # the same folder spelt another way is the same job (it was refused as other settings)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--out", "m", *common]) == 0
+    # calibrate rewrites the heads and the config only: the fine-tuned backbone, rewritten
+    # in place before, could be torn by a kill
+    backbone = next((out / "backbone").glob("*.safetensors"))
+    stamp = backbone.stat().st_mtime_ns
+    assert main(["calibrate", str(out), "--max-drop", "5", "--policies", "entropy",
+                 "--delta", "none"]) == 0
+    assert backbone.stat().st_mtime_ns == stamp
+    # --no-resume cut short: the old model no longer stands beside the new job's settings
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tc, "train", killed)
+    with pytest.raises(KeyboardInterrupt):
+        tc.run_train(tc.TrainJob(out_dir=str(out), model=str(tiny_model_dir),
+                                 data=str(tiny_data_dir), max_steps=2, batch_size=16,
+                                 holdout=60, seed=1), resume=False, print_fn=lambda *a: None)
+    capsys.readouterr()
+    assert main(["calibrate", str(out), "--policies", "entropy", "--delta", "none"]) != 0
+    assert "not an exitwise model directory" in capsys.readouterr().err

@@ -35,6 +35,7 @@ from ..calibration import (
     search_budget,
     store_calibration,
 )
+from ..checkpoint import write_json_atomic
 from ..config import ExitConfig
 from ..data import (
     TextExamples,
@@ -46,7 +47,14 @@ from ..data import (
 )
 from ..errors import ConfigError, DataError
 from ..machine import machine_info
-from ..model import MultiExitModel, attach_exits
+from ..model import (
+    BACKBONE_DIR,
+    BACKBONE_WEIGHTS,
+    CONFIG_NAME,
+    HEADS_NAME,
+    MultiExitModel,
+    attach_exits,
+)
 from ..policies import POLICIES, get_policy
 from ..runtime import full_depth_cost
 from ..runtime.timing import measure_speedups
@@ -199,7 +207,9 @@ def run_train(job: TrainJob, resume: bool = True, progress: bool = True,
     job.max_length = max_length(job, every)
     if resume:
         _check_same_job(out, job)
-    (out / JOB_FILE).write_text(json.dumps(asdict(job), indent=2))
+    else:  # starting over: the old model must not stand beside the new job until it is done
+        _remove_model_files(out)
+    write_json_atomic(out / JOB_FILE, asdict(job))
     train_ds = TokenizedDataset(train_ex, tokenizer, max_length=job.max_length)
     # The per-exit table printed at the end is measured on the held-out slice (no decision
     # is tuned on it here; calibration uses it later).
@@ -224,8 +234,8 @@ def run_train(job: TrainJob, resume: bool = True, progress: bool = True,
         save_total_limit=1, **args,
     )
     model.eval()
+    tokenizer.save_pretrained(out)  # first: exit_config.json, written last, marks a model
     model.save_pretrained(out, save_backbone=True)
-    tokenizer.save_pretrained(out)
     ev = result.evaluation
     if ev is not None:
         (out / TRAIN_REPORT).write_text(json.dumps({
@@ -234,6 +244,17 @@ def run_train(job: TrainJob, resume: bool = True, progress: bool = True,
             "dead_exits": [model.exit_layers[k] for k in ev.dead], "head": head,
         }, indent=2))
     return model
+
+
+def _remove_model_files(out: Path) -> None:
+    """Delete a finished run's model and reports from ``out`` (a run started over): commands
+    that read the folder then refuse it until the new model is saved, instead of using the
+    old one under the new job's settings."""
+    import shutil
+
+    for name in (CONFIG_NAME, HEADS_NAME, BACKBONE_WEIGHTS, TRAIN_REPORT):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / BACKBONE_DIR, ignore_errors=True)
 
 
 def _check_same_job(out: Path, job: TrainJob) -> None:
@@ -247,7 +268,9 @@ def _check_same_job(out: Path, job: TrainJob) -> None:
     if saved.get("data") and new.get("data") and Path(saved["data"]).exists() and (
             Path(saved["data"]).resolve() == Path(new["data"]).resolve()):
         saved["data"] = new["data"]  # one place, once written relative
-    differ = {k: (saved[k], new[k]) for k in new if k in saved and saved[k] != new[k]}
+    # out_dir names this folder, however it was spelt (relative, absolute)
+    differ = {k: (saved[k], new[k]) for k in new
+              if k in saved and saved[k] != new[k] and k != "out_dir"}
     if differ:
         listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in differ.items())
         raise ConfigError(
@@ -349,7 +372,7 @@ def run_calibrate(
         notes.extend(f"{key}: {w.message}" for w in caught)
         store_calibration(model, key, result)
         report["policies"][key] = model.calibration["policies"][key]
-    model.save_pretrained(model_dir)
+    model.save_calibration(model_dir)  # the fine-tuned backbone stays as it is
     return report
 
 
