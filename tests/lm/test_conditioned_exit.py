@@ -164,6 +164,12 @@ def test_tuning_trains_the_fuse_and_saves_it(tmp_path):
     again = ew.MultiExitModel.from_pretrained(tmp_path / "saved", backbone=tiny_lm("llama"))
     assert again.heads[0].conditioned
     torch.testing.assert_close(again.heads[0].fuse.weight, head.fuse.weight)
+    # the finished run is not continued with another condition dropout (it was, silently)
+    _, other = conditioned_model(scale=0.0)
+    with pytest.raises(ew.CheckpointError, match="condition_dropout"):
+        ew.tune_exits(other, answers, AnswersConfig(epochs=2, lr=3e-3, batch_size=8,
+                                                    eval_fraction=0.25, condition_dropout=0.9),
+                      output_dir=tmp_path / "run", progress=False)
 
 
 def test_conditioned_needs_the_answers_objective(tmp_path):

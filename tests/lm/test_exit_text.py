@@ -190,6 +190,11 @@ def test_self_generation_builds_data_and_reuses_its_cache(tmp_path, monkeypatch)
     again = tune_exits(lm_model("llama", "norm", layers=(2,)), None, tok, **opts)
     assert again.extras["reused_generation_cache"]
     assert again.loss_history == first.loss_history
+    monkeypatch.undo()
+    changed = lm_model("llama", "norm", layers=(2,))  # other weights: its own continuations
+    with torch.no_grad():
+        next(changed.backbone.parameters()).add_(0.01)
+    assert not tune_exits(changed, None, tok, **opts).extras["reused_generation_cache"]
     # token-id prompts need no tokenizer; a different key regenerates
     monkeypatch.undo()
     ids = tune_exits(
@@ -224,6 +229,13 @@ def test_resume_continues_and_matches_an_uninterrupted_run(tmp_path):
     for k in (0, 1):
         a, b = head_params(full_model, k), head_params(resumed_model, k)
         assert all(torch.equal(a[n], b[n]) for n in a)
+    # a base model with other weights at the same place is refused (its exits were tuned
+    # for the old weights); the check reads the weights as given, before any checkpoint
+    other = lm_model("gpt2", "mlp")
+    with torch.no_grad():
+        next(other.backbone.parameters()).add_(0.01)
+    with pytest.raises(ew.CheckpointError, match="weights"):
+        tune_exits(other, texts, steps=12, output_dir=tmp_path / "b", **opts)
     # a checkpoint of other exits is refused
     with pytest.raises(ew.CheckpointError, match="exit_layers"):
         tune_exits(lm_model("gpt2", "mlp", layers=(2,)), texts, steps=12,

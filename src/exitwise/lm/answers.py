@@ -22,7 +22,7 @@ from ..backbones.special_tokens import eos_and_pad
 from ..checkpoint import read_json, write_json_atomic
 from ..errors import DataError
 from ..generation import generate
-from .data import cut_at_eos, left_pad
+from .data import cut_at_eos, left_pad, weights_checksum
 
 Answer = tuple[list[int], list[int]]  # (prompt ids, the model's greedy answer ids)
 
@@ -46,17 +46,6 @@ def check_answers(answers: Sequence[Any], vocab_size: int) -> list[Answer]:
 
 
 ANSWERS_CACHE_VERSION = 1
-
-
-def weights_checksum(module: torch.nn.Module) -> str:
-    """A cheap summary of a model's weights (every parameter's strided float64 sum, 12
-    significant digits): two models of one architecture with other weights (another
-    checkpoint, a decoder tuned in memory) get different cache keys."""
-    total = 0.0
-    for n, p in enumerate(module.parameters()):
-        flat = p.detach().reshape(-1)
-        total += (n + 1) * float(flat[:: max(1, flat.numel() // 4096)].double().sum())
-    return f"{total:.12g}"
 
 
 def _read_answer_cache(path: Path | None, key: dict[str, Any]) -> list[Answer]:

@@ -239,6 +239,17 @@ def generate_sequences(
     return out
 
 
+def weights_checksum(module: torch.nn.Module) -> str:
+    """A cheap summary of a model's weights (every parameter's strided float64 sum, 12
+    significant digits): two models of one architecture with other weights (another
+    checkpoint, a decoder tuned in memory) get different cache keys."""
+    total = 0.0
+    for n, p in enumerate(module.parameters()):
+        flat = p.detach().reshape(-1)
+        total += (n + 1) * float(flat[:: max(1, flat.numel() // 4096)].double().sum())
+    return f"{total:.12g}"
+
+
 def self_generated_sequences(
     model: Any, tokenizer: Any, prompts: Sequence[Any] | None, num_generations: int,
     gen_tokens: int, seed: int, pad_id: int, eos: set[int], output_dir: str | Path | None,
@@ -250,6 +261,7 @@ def self_generated_sequences(
     key = {
         "prompts": prompt_ids, "num_generations": num_generations, "gen_tokens": gen_tokens,
         "seed": seed, "model": model.backbone.describe(),
+        "weights": weights_checksum(model.backbone),  # the same path may hold other weights
     }
     path = Path(output_dir) / SELF_GEN_CACHE if output_dir is not None else None
     if path is not None and path.is_file():
@@ -257,7 +269,10 @@ def self_generated_sequences(
             cached = json.loads(path.read_text())
         except json.JSONDecodeError:
             cached = None
-        if cached and cached.get("key") == key:
+        have = cached.get("key") if isinstance(cached, dict) else None
+        if isinstance(have, dict) and "weights" not in have:  # written before it was keyed
+            have = {**have, "weights": key["weights"]}
+        if cached and have == key:
             return [list(map(int, s)) for s in cached["sequences"]], True
     seqs = generate_sequences(model, prompt_ids, num_generations, gen_tokens, seed, pad_id, eos)
     if path is not None:

@@ -11,7 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import ConfigError
+from .data import weights_checksum
 from .loop import run_task
 from .objectives import OBJECTIVES, ObjectiveConfig, TuningResult, get_objective
 
@@ -49,7 +52,12 @@ def tune_exits(
             f"got {type(config).__name__}"
         )
     out = Path(output_dir) if output_dir is not None else None
+    # the base weights as given (before a checkpoint's are loaded): a rerun at the same path
+    # with other weights must not continue the old run's exits
+    backbone = getattr(model, "backbone", None)  # (build refuses a model without one)
+    base_weights = weights_checksum(backbone) if isinstance(backbone, torch.nn.Module) else None
     prepared = config.build(model, data, tokenizer, out, progress)
+    prepared.task.settings = {**prepared.task.settings, "weights": base_weights}
     folder = out / config.registered_name if out is not None else None
     state = run_task(prepared.task, config.loop_settings(prepared.steps), folder, resume,
                      progress, desc=config.registered_name)

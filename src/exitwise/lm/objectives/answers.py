@@ -279,7 +279,9 @@ class AnswersConfig(ObjectiveConfig):
             settings={"objective": self.registered_name, "exit_layers": depths,
                       "model": backbone.describe(), "batch_size": bs, "seed": self.seed,
                       "num_answers": len(answers),
-                      **({"conditioned": conditioned} if any(conditioned) else {}),
+                      **({"conditioned": conditioned,
+                          "condition_dropout": float(self.condition_dropout)}
+                         if any(conditioned) else {}),
                       "eval_fraction": float(self.eval_fraction),
                       "data": data_digest(answers)},
         )
