@@ -23,8 +23,10 @@ the methods that differ only in their exit rule):
    (interleaved repetitions, medians, fixed threads).
 
 Every step writes its part under ``--work`` and is skipped on a re-run, so the arena runs in
-parts (``--tasks``, ``--methods``). The report (``benchmarks/results/nlp_methods.json``, one
-Pareto plot per task next to it) is rebuilt from whatever parts exist.
+parts (``--tasks``, ``--methods``); a work folder trained with other options is refused, and
+timings made with other threads, repeats or rows are redone. The report
+(``benchmarks/results/nlp_methods.json``, one Pareto plot per task next to it) is rebuilt from
+whatever parts exist.
 """
 
 from __future__ import annotations
@@ -218,6 +220,38 @@ def task_specs(args) -> dict[str, TaskSpec]:
     }
 
 
+# -- what the cached parts were made with ------------------------------------------------------
+TRAIN_OPTIONS = ("train_rows", "holdout", "stsb_holdout", "epochs", "lr")
+TIMING_OPTIONS = ("threads", "repeats", "bs1_rows", "bs32_rows")
+
+
+def check_work_options(args, task_dir: Path) -> None:
+    """Every trained part under ``task_dir`` was made with the options recorded there
+    (``options.json``, written on first use): a rerun with other training options would
+    otherwise report the old parts' numbers under the new options, so it is refused."""
+    wanted = {k: getattr(args, k) for k in TRAIN_OPTIONS}
+    path = task_dir / "options.json"
+    if path.is_file():
+        have = json.loads(path.read_text())
+        differ = [f"{k}: {have.get(k)!r} -> {v!r}" for k, v in wanted.items() if have.get(k) != v]
+        if differ:
+            raise SystemExit(f"{task_dir} holds parts trained with other options "
+                             f"({'; '.join(differ)}): give another --work, or delete it")
+        return
+    task_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(wanted, indent=2))
+
+
+def timing_options(args) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in TIMING_OPTIONS}
+
+
+def timing_is_current(args, done: Path) -> bool:
+    """A timing part is reused only when made with the same threads, repeats and rows (one
+    written before it recorded them is redone)."""
+    return done.is_file() and json.loads(done.read_text()).get("options") == timing_options(args)
+
+
 # -- steps -------------------------------------------------------------------------------------
 def train_recipe(args, spec: TaskSpec, name: str, recipe: Recipe, out: Path) -> dict[str, Any]:
     done = out / "train.json"
@@ -353,7 +387,7 @@ def time_settings(args, spec: TaskSpec, out: Path) -> dict[str, Any]:
     model, tok, examples, length = eval_rows(spec, out)
     keys = sorted(model.calibration.get("policies", {}))
     done = out / "timing.json"
-    if done.is_file():
+    if timing_is_current(args, done):
         report = json.loads(done.read_text())
         if sorted(report["settings"]) == keys:
             return report
@@ -367,7 +401,7 @@ def time_settings(args, spec: TaskSpec, out: Path) -> dict[str, Any]:
         alias[key] = unique.setdefault(sig, key)
     chosen = {k: model.calibrated_policy(k) for k in set(alias.values())}
     report: dict[str, Any] = {"threads": args.threads, "repeats": args.repeats, "settings": {},
-                              "rows": {}}
+                              "rows": {}, "options": timing_options(args)}
     print(f"[time] {spec.name}/{out.name}: {len(chosen)} settings", flush=True)
     for bs, limit in ((1, args.bs1_rows), (32, args.bs32_rows)):
         rows = examples.subset(range(min(len(examples), limit)))
@@ -454,14 +488,15 @@ def run_cascadebert(args, spec: TaskSpec) -> None:
                 "certified_bound_points": res.heldout.get("certified_bound_points"),
             }
         done.write_text(json.dumps(ev, indent=2))
-    if args.skip_timing or (out / "timing.json").is_file():
+    if args.skip_timing or timing_is_current(args, out / "timing.json"):
         return
     cascade.set_temperatures(torch.tensor(ev["temperatures"]))
     torch.set_num_threads(args.threads)
     examples, _, _ = tc.eval_examples(full, full_dir, None, spec.eval_split, None)
     chosen = {k: v["policy"]["threshold"] for k, v in ev["settings"].items()}
     report: dict[str, Any] = {"threads": args.threads, "repeats": args.repeats, "settings": {},
-                              "rows": {}, "baseline": "the full member at full depth"}
+                              "rows": {}, "baseline": "the full member at full depth",
+                              "options": timing_options(args)}
     for bs, limit in ((1, args.bs1_rows), (32, args.bs32_rows)):
         rows = examples.subset(range(min(len(examples), limit)))
         batches = tc.tokenized_batches(rows, tok, bs, tc.max_length(job, rows))
@@ -814,6 +849,7 @@ def main() -> int:
     if not args.report_only:
         for t in chosen_tasks:
             spec = specs[t]
+            check_work_options(args, Path(args.work) / t)
             by_recipe: dict[str, list[str]] = {}
             for m in methods:
                 recipe = RECIPES[METHODS[m].recipe]
