@@ -385,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exitwise: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("exitwise: interrupted; run the same command again to resume", file=sys.stderr)
+        print("exitwise: interrupted; run the same command again to continue from what it "
+              "last saved (train: a checkpoint every 200 steps)", file=sys.stderr)
         return 130
 
 
