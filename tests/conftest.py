@@ -37,6 +37,8 @@ def tiny_encoder(family: str, seed: int = 0):
         model = tf.RobertaModel(tf.RobertaConfig(**{**bert_like, "pad_token_id": 1}))
     elif family == "xlm-roberta":
         model = tf.XLMRobertaModel(tf.XLMRobertaConfig(**{**bert_like, "pad_token_id": 1}))
+    elif family == "camembert":
+        model = tf.CamembertModel(tf.CamembertConfig(**{**bert_like, "pad_token_id": 1}))
     elif family == "electra":
         model = tf.ElectraModel(tf.ElectraConfig(embedding_size=16, **bert_like))
     elif family == "albert":
@@ -64,7 +66,8 @@ def tiny_encoder(family: str, seed: int = 0):
 
 
 ENCODER_FAMILIES = [
-    "bert", "roberta", "xlm-roberta", "electra", "albert", "distilbert", "deberta-v2",
+    "bert", "roberta", "xlm-roberta", "camembert", "electra", "albert", "distilbert",
+    "deberta-v2",
 ]
 
 

@@ -19,7 +19,7 @@ from exitwise.errors import (
     UnsupportedModelError,
 )
 
-PAD_ID = {"roberta": 1, "xlm-roberta": 1}
+PAD_ID = {"roberta": 1, "xlm-roberta": 1, "camembert": 1}
 CALIBRATION = {
     "default": "entropy",
     "policies": {

@@ -16,7 +16,7 @@ import exitwise as ew
 from exitwise.policies.entropy import prediction_entropy
 
 LENGTHS = (7, 4, 9, 5, 2)
-PAD_ID = {"roberta": 1, "xlm-roberta": 1}  # RoBERTa-family tokenizers pad with id 1
+PAD_ID = {"roberta": 1, "xlm-roberta": 1, "camembert": 1}  # RoBERTa-family tokenizers pad with id 1
 ATOL = 1e-5
 
 

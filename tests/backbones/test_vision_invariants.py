@@ -175,3 +175,35 @@ def test_heads_saved_for_one_family_do_not_load_into_another(tmp_path):
         ew.MultiExitModel.from_pretrained(
             tmp_path, backbone=VisionBackbone(tiny_vision("tv-resnet"), image_size=SIZE)
         )
+
+
+def test_a_bare_hf_vit_gets_a_fresh_final_head_and_keeps_the_invariants(tmp_path):
+    # ViTModel (no classifier) was claimed but never built: the final exit is a fresh head
+    # on the [CLS] state of the model's own forward
+    import transformers as tf
+
+    torch.manual_seed(0)
+    raw = tf.ViTModel(tf.ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                   intermediate_size=64, image_size=SIZE, patch_size=8),
+                      add_pooling_layer=False).eval()
+    model = ew.attach_exits(raw, ew.ExitConfig(layers="all", head="linear", num_labels=CLASSES,
+                                               dropout=0.0)).eval()
+    assert type(model.heads[-1]).registered_name == "linear"
+    x = images()
+    with torch.no_grad():
+        own = model.heads[-1](raw(pixel_values=x).last_hidden_state[:, :1])
+        for h in model.heads[:-1]:
+            h.classifier.weight.mul_(20.0)
+        first = model(pixel_values=x).logits[0]
+    never = model.early_exit(ew.get_policy("never"), pixel_values=x)
+    torch.testing.assert_close(never.logits, own, atol=ATOL, rtol=1e-5)
+    policy = ew.get_policy("entropy", threshold=split_threshold(prediction_entropy(first)))
+    res = model.early_exit(policy, pixel_values=x)
+    assert len(set(res.exit_index.tolist())) >= 2
+    for r in range(len(x)):
+        alone = model.early_exit(policy, pixel_values=x[r : r + 1])
+        assert int(alone.exit_index) == int(res.exit_index[r])
+        torch.testing.assert_close(alone.logits[0], res.logits[r], atol=ATOL, rtol=1e-5)
+    model.save_pretrained(tmp_path)
+    loaded = ew.MultiExitModel.from_pretrained(tmp_path, backbone=raw)
+    assert torch.equal(loaded.early_exit(policy, pixel_values=x).logits, res.logits)

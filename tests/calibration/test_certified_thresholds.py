@@ -113,3 +113,24 @@ def test_regression_caches_are_refused_with_advice():
                             torch.ones(n, 2), torch.ones(n), [1, 2])
     with pytest.raises(ConfigError, match="delta=None"):
         certify_candidates(ew.get_policy("patience"), cache, [1.0, 1.0], 0.01, 0.1)
+
+
+def test_fixed_sequence_never_certifies_past_a_failed_setting():
+    """Exit 0 is 0.97-confident and wrong on 10% of rows, 0.6-confident and right on the
+    rest (where the final exit is wrong): settings below 0.6 look *better* than full depth,
+    but the safer ones between fail first, so testing must stop there and certify none of
+    them (a sweep that went on past the failure certified 0.5)."""
+    n = 3000
+    labels = torch.zeros(n, dtype=torch.long)
+    logits = torch.zeros(n, 2, 2)
+    sure = torch.arange(n) < 300
+    logits[sure, 0, 1] = math.log(0.97 / 0.03)
+    logits[sure, 1, 0] = 5.0
+    logits[~sure, 0, 0] = math.log(0.6 / 0.4)
+    logits[~sure, 1, 1] = 5.0
+    cache = ExitLogitsCache(logits, labels, torch.tensor([[1.0, 2.0]]).expand(n, 2),
+                            torch.full((n,), 2.0), [1, 2])
+    certified, _ = certify_candidates(ew.get_policy("confidence"), cache, [1.0, 1.0],
+                                      target=0.01, delta=0.1)
+    values = [p.value for p, *_ in certified]
+    assert values and min(values) > 0.97

@@ -126,6 +126,30 @@ def test_recompute_cache_equals_full_recomputation(llama, kv):
         assert mismatched > 0  # propagated K/V are approximations, so the check has teeth
 
 
+def test_propagate_writes_the_exit_state_into_deeper_layers(llama):
+    """CALM's propagation: a token that left at depth 1 gives every deeper layer the K/V of
+    its frozen depth-1 state, v = v_proj(norm_l(h_1)); a bug writing them from zeros passed
+    the mismatch check above."""
+    bb = ew.wrap_backbone(llama)
+    ids = torch.tensor([[5, 17, 42, 8, 9]])
+    stats = EarlyExitStats("early_exit", bb.num_layers, drafted=[0], accepted=[0])
+    session = DecodeSession(bb, ids, torch.ones_like(ids), 5, set(), PAD, stats,
+                            keep_finished=True)
+    early_exit_decode(session, resolve_exit_points(llama, bb, [1, 2]),
+                      get_policy("static", exit=0), "propagate")
+    assert all(d == 1 for d in stats.token_depths[0])
+    tokens = session.slot_tokens[0][session.mask[0].bool()]
+    with torch.no_grad():
+        h1 = llama(input_ids=tokens[None], output_hidden_states=True).hidden_states[1][0]
+        generated = slice(ids.shape[1], tokens.numel())
+        for layer_index in range(1, bb.num_layers):
+            layer = llama.model.layers[layer_index]
+            want = layer.self_attn.v_proj(layer.input_layernorm(h1))  # (S, kv * head_dim)
+            got = session.cache.layers[layer_index].values[0]  # (kv, S, head_dim)
+            got = got.transpose(0, 1).reshape(got.shape[1], -1)
+            torch.testing.assert_close(got[generated], want[generated], atol=1e-5, rtol=1e-4)
+
+
 def test_calm_threshold_formula():
     t = torch.tensor([0.0, 5.0, 10.0])
     got = decayed_threshold(0.8, t, 10.0, 4.0)

@@ -9,6 +9,7 @@ import torch
 from helpers.lmkit import EOS, PAD, REQUIRED_FAMILIES, hf_greedy, left_padded, tiny_lm
 
 from exitwise.generation import generate
+from exitwise.policies import get_policy
 
 NEW = 10
 
@@ -54,6 +55,40 @@ def test_an_exception_inside_generate_leaves_the_model_alone_and_ends_the_rerout
     lin = model.model.layers[0].mlp.up_proj
     with torch.inference_mode():  # no rerouting left behind: the stock product, bit for bit
         assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+
+
+STRATEGY_RUNS = {
+    "self_speculative": dict(strategy="self_speculative", exit_layer=1, draft_len=3),
+    "tree": dict(strategy="self_speculative", exit_layer=1, draft_len=3, tree_width=3),
+    "layer_skip": dict(strategy="layer_skip", skip={"attn": [1], "mlp": [2]}, draft_len=2),
+    "swift": dict(strategy="swift", context_window=2, draft_len=2),
+    "early_exit": dict(strategy="early_exit", exit_layers=[1, 2], kv="skip",
+                       policy=get_policy("calm_softmax", threshold=0.01)),
+    "sampling": dict(strategy="self_speculative", exit_layer=1, draft_len=2, do_sample=True,
+                     seed=0),
+}
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+@pytest.mark.parametrize("run", sorted(STRATEGY_RUNS))
+def test_every_strategy_leaves_the_model_alone_even_when_it_fails(family, run):
+    # checked for greedy only before: drafting, trees, skipping and early exit reroute
+    # blocks and attention too
+    model = tiny_lm(family)
+    before = snapshot(model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    ids, mask = left_padded()
+    generate(model, ids, mask, max_new_tokens=8, eos_token_id=EOS, pad_token_id=PAD,
+             **STRATEGY_RUNS[run])
+    assert snapshot(model) == before
+
+    def boom(row, tokens):
+        raise RuntimeError("callback failed")
+
+    with pytest.raises(RuntimeError, match="callback failed"):
+        generate(model, ids, mask, max_new_tokens=8, callback=boom, **STRATEGY_RUNS[run])
+    assert snapshot(model) == before
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
 
 
 def test_two_threads_decode_the_same_model_at_once():

@@ -17,7 +17,7 @@ import exitwise as ew
 from exitwise.backbones import SequentialBackbone
 from exitwise.errors import ConfigError
 
-PAD_ID = {"roberta": 1, "xlm-roberta": 1}
+PAD_ID = {"roberta": 1, "xlm-roberta": 1, "camembert": 1}
 LABELS = ["negative", "neutral", "positive"]
 
 

@@ -93,7 +93,9 @@ def test_total_loss_by_hand():
     ce_d = (ce([0.0, 3.0], 1) + ce([1.0, 1.0], 0)) / 2
     states = _states([2.0, 0.0, 3.0, 2.5])
     parts = free_losses(shallow, deep, states, ids, mask, 2, "last", 0.5)
-    kd = float(layer_kd_loss(states, 2, mask, "last").detach())
+    # "last" on these states (test_layer_kd_terms_by_hand): (2.5 - 0)^2 on the two tokens
+    # there, and the third token is real here with equal states (100) at both depths
+    kd = (6.25 + 6.25 + 0.0) / 3
     assert float(parts["ce_shallow"]) == pytest.approx(ce_s)
     assert float(parts["ce_deep"]) == pytest.approx(ce_d)
     assert float(parts["total"].detach()) == pytest.approx((2 * ce_s + 4 * ce_d) / 6 + 0.5 * kd)

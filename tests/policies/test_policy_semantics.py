@@ -187,3 +187,14 @@ def test_oracle_in_the_real_runtime():
         expected = int(hits[0]) if len(hits) else model.num_exits - 1
         assert int(res.exit_index[r]) == expected
     assert len(set(res.exit_index.tolist())) >= 2
+
+
+def test_entropy_threshold_is_inclusive():
+    # a row whose entropy equals the threshold exits (entropy <= threshold)
+    logits = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+    h = float(prediction_entropy(logits[1:])[0])
+    done, _ = ew.get_policy("entropy", threshold=h).decide(0, 3, logits, {})
+    assert done.tolist() == [False, True]
+    one_hot, _ = ew.get_policy("entropy", threshold=0.0).decide(
+        0, 3, torch.tensor([[200.0, 0.0]]), {})
+    assert one_hot.tolist() == [True]

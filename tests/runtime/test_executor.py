@@ -11,7 +11,7 @@ import exitwise as ew
 from exitwise.runtime import exit_cost_table, full_depth_cost
 
 LENGTHS = (9, 3, 6, 4, 2)
-PAD_ID = {"roberta": 1, "xlm-roberta": 1}
+PAD_ID = {"roberta": 1, "xlm-roberta": 1, "camembert": 1}
 
 
 def make_model(family: str = "bert", layers="all") -> ew.MultiExitModel:

@@ -258,3 +258,11 @@ def test_a_gate_that_never_skips_changes_nothing_but_the_cost():
     assert torch.equal(gated.logits, plain.logits)
     torch.testing.assert_close(gated.logits, reference, atol=1e-5, rtol=1e-4)
     assert bool((gated.flops > plain.flops).all())  # the gates' own work
+
+
+def test_executed_flops_count_only_the_blocks_rows_ran():
+    # the executor's executed FLOPs once counted the work of rows that skipped a block
+    model = gated_model()
+    res = model.early_exit(ew.get_policy("never"), **padded_batch((6,) * 6, seed=3))
+    assert min(res.rows_per_layer) < 6  # some rows skipped blocks
+    assert res.executed_flops == pytest.approx(float(res.flops.sum()))

@@ -140,7 +140,7 @@ def test_romebert_end_to_end(tmp_path):
 
 
 def test_misuse_raises_config_errors(tmp_path):
-    for bad, match in [({"gamma": 1.5}, "alpha"), ({"temperature": 0}, "temperature"),
+    for bad, match in [({"gamma": 1.5}, "gamma must be in"), ({"temperature": 0}, "temperature"),
                        ({"projection": "both"}, "projection"),
                        ({"kl_reduction": "sum"}, "kl_reduction")]:
         with pytest.raises(ew.ConfigError, match=match):
