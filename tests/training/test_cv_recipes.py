@@ -356,7 +356,15 @@ def test_self_distill_hints_go_through_adaptation_layers():
     f0, f2 = out.features[0], out.features[2]
     expected = 0.03 * ((f0 @ a.weight.T + a.bias - f2) ** 2).sum().sqrt()  # Frobenius norm
     torch.testing.assert_close(diff, expected)
-    # the teacher (deepest exit) gets no gradient from the hints
+    # the teacher (deepest exit) gets its gradient from its own cross-entropy only: the
+    # students' soft targets are detached (a missing detach showed only as float residue in
+    # the check below, which subtracts two losses sharing the distillation terms)
+    w = model.heads[2].classifier.weight
+    (byot,) = torch.autograd.grad(no_hint.loss(out, y), w, retain_graph=True)
+    (own,) = torch.autograd.grad(torch.nn.functional.cross_entropy(out.logits[2], y), w,
+                                 retain_graph=True)
+    torch.testing.assert_close(byot, own, atol=1e-7, rtol=0)
+    # ... and none from the hints
     model.zero_grad()
     (stage.loss(out, y) - no_hint.loss(out, y)).backward()
     assert not model.heads[2].classifier.weight.grad.any()
