@@ -196,3 +196,74 @@ def test_image_label_pairs_train_as_torchvision_datasets_give_them(tmp_path):
               output_dir=tmp_path / "bad", max_steps=1, save_final=False, **FAST)
     with pytest.raises(DataError, match="pairs"):
         PaddingCollator()(["just a string"])
+
+
+def _tiny_cnn(head: str = "sdn", **head_kwargs):
+    from torch import nn
+
+    import exitwise as ew
+
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Conv2d(c, 4, 3, padding=1), nn.ReLU()) for c in (1, 4, 4)]
+    return ew.attach_exits(ew.SequentialBackbone(blocks, example=torch.randn(1, 1, 6, 6)),
+                           ew.ExitConfig(layers="all", head=head, num_labels=3,
+                                         head_kwargs=head_kwargs))
+
+
+class _Folder(torch.utils.data.Dataset):
+    """Like torchvision's ImageFolder: ``targets`` beside items that cost a decode each."""
+
+    def __init__(self, n: int, bad: int | None = None) -> None:
+        self.targets = [i % 3 for i in range(n)]
+        if bad is not None:
+            self.targets[-1] = bad
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        self.reads += 1
+        return torch.randn(1, 6, 6), self.targets[i]
+
+
+def test_labels_are_read_from_targets_not_by_decoding_every_item(tmp_path):
+    # train() decoded (and augmented) every image of a folder before the first step
+    folder = _Folder(200)
+    train(_tiny_cnn(), folder, strategy="joint", output_dir=tmp_path / "a", max_steps=1,
+          save_final=False, **FAST)
+    assert folder.reads <= 2 * FAST["per_device_train_batch_size"]  # the step's batch only
+    with pytest.raises(InputError, match="label"):
+        train(_tiny_cnn(), _Folder(200, bad=9), strategy="joint", output_dir=tmp_path / "b",
+              max_steps=1, save_final=False, **FAST)
+    subset = torch.utils.data.Subset(_Folder(200, bad=9), list(range(150, 200)))
+    with pytest.raises(InputError, match="label"):  # a Subset reads its parent's targets
+        train(_tiny_cnn(), subset, strategy="joint", output_dir=tmp_path / "c", max_steps=1,
+              save_final=False, **FAST)
+
+
+def test_an_hf_dataset_with_a_transform_trains(tmp_path):
+    # with_transform(...) returning pixel_values/labels made the label scan fail on 'label'
+    # (and run the transform on every row)
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def transform(batch):
+        calls.append(len(batch["label"]))
+        return {"pixel_values": [torch.randn(1, 6, 6) for _ in batch["label"]],
+                "labels": batch["label"]}
+
+    ds = datasets.Dataset.from_dict({"label": [i % 3 for i in range(40)]}).with_transform(
+        transform)
+    train(_tiny_cnn(), ds, strategy="joint", output_dir=tmp_path, max_steps=1,
+          save_final=False, **FAST)
+    assert sum(calls) <= 2 * FAST["per_device_train_batch_size"]
+
+
+def test_a_one_row_last_batch_is_dropped_where_batch_norm_would_fail(tmp_path):
+    # IMTA's collaboration layer (BatchNorm1d) failed on an epoch's one-row last batch
+    model = _tiny_cnn("cascade", base="sdn", combine="isc")
+    pairs = [(torch.randn(1, 6, 6), i % 3) for i in range(17)]  # 16 + 1
+    result = train(model, pairs, strategy="joint", output_dir=tmp_path, num_train_epochs=1,
+                   save_final=False, **FAST)
+    assert result.stages[-1].global_step == 1

@@ -97,12 +97,15 @@ def _training_arguments(
 
 
 def _drop_short_last_batch(strategy: TrainingStrategy, stages: list[Stage], dataset: Any,
-                           output_dir: str | Path, user_args: dict[str, Any]) -> None:
+                           output_dir: str | Path, user_args: dict[str, Any],
+                           model: torch.nn.Module) -> None:
     """A strategy that needs ``min_batch_rows`` rows per batch (the meta-learning recipes cut
-    each batch in two halves) would fail on an epoch's last batch when the dataset's size
-    leaves fewer; such stages drop that batch (``dataloader_drop_last``), unless the user
-    chose the setting."""
-    need = strategy.min_batch_rows
+    each batch in two halves), or a model with a ``BatchNorm1d`` (IMTA's collaboration
+    layer), which cannot normalise one row in training, would fail on an epoch's last batch
+    when the dataset's size leaves fewer; such stages drop that batch
+    (``dataloader_drop_last``), unless the user chose the setting."""
+    one_row_fails = any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules())
+    need = max(strategy.min_batch_rows, 2 if one_row_fails else 1)
     if need <= 1 or "dataloader_drop_last" in user_args or not hasattr(dataset, "__len__"):
         return
     for stage in stages:
@@ -125,22 +128,49 @@ def _check_args(user_args: dict[str, Any]) -> None:
         raise ConfigError("give output_dir as train()'s own argument")
 
 
+SCANNED_ITEMS = 1000  # items of a generic dataset decoded to check labels (evenly spaced)
+
+
+def _label_column(dataset: Any) -> list[Any] | None:
+    """The labels of ``dataset`` where they can be read cheaply, or None.
+
+    A ``datasets.Dataset``: its raw column (without the user's transform, which may drop or
+    rename it and would decode every image); a torchvision folder or ``Subset`` of one: its
+    ``targets``; a list: every item; any other dataset: :data:`SCANNED_ITEMS` evenly spaced
+    items (each ``dataset[i]`` may decode and augment an image). Labels outside a scan are
+    checked batch by batch during training."""
+    names = getattr(dataset, "column_names", None)
+    if isinstance(names, list):  # a datasets.Dataset
+        key = "labels" if "labels" in names else "label" if "label" in names else None
+        raw = dataset.with_format(None) if hasattr(dataset, "with_format") else dataset
+        return list(raw[key]) if key else None
+    targets = getattr(dataset, "targets", None)
+    if targets is not None and len(targets) == len(dataset):
+        return [int(t) for t in targets]
+    parent = getattr(dataset, "dataset", None)
+    indices = getattr(dataset, "indices", None)
+    parent_targets = getattr(parent, "targets", None)
+    if parent_targets is not None and indices is not None:  # torch.utils.data.Subset
+        return [int(parent_targets[int(i)]) for i in indices]
+    n = len(dataset)
+    if isinstance(dataset, (list, tuple)) or n <= SCANNED_ITEMS:
+        picks = range(n)
+    else:
+        picks = sorted({int(j * (n - 1) / (SCANNED_ITEMS - 1)) for j in range(SCANNED_ITEMS)})
+    column = []
+    for i in picks:
+        item = as_example(dataset[i])
+        column.append(item.get("labels", item.get("label")))
+    return column
+
+
 def _check_dataset_labels(dataset: Any, num_labels: int, name: str) -> None:
     """Fail before training starts when a label is out of range (cheap scans only)."""
     if not hasattr(dataset, "__len__"):
         return
     if len(dataset) == 0:
         raise DataError(f"the {name} dataset is empty")
-    column = None
-    names = getattr(dataset, "column_names", None)
-    if isinstance(names, list):  # a datasets.Dataset: read the column, no per-item decoding
-        key = "labels" if "labels" in names else "label" if "label" in names else None
-        column = dataset[key] if key else None
-    elif len(dataset) <= 100_000:
-        column = []
-        for i in range(len(dataset)):
-            item = as_example(dataset[i])
-            column.append(item.get("labels", item.get("label")))
+    column = _label_column(dataset)
     if column is None:
         return
     if any(v is None for v in column):
@@ -239,7 +269,7 @@ def train(
             f"(num_labels={model.num_labels}). Use one of: {', '.join(usable)}"
         )
     stages = chosen.stages(model)
-    _drop_short_last_batch(chosen, stages, train_dataset, output_dir, training_args)
+    _drop_short_last_batch(chosen, stages, train_dataset, output_dir, training_args, model)
     _check_dataset_labels(train_dataset, model.num_labels, "training")
     if eval_dataset is not None:
         _check_dataset_labels(eval_dataset, model.num_labels, "evaluation")
