@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from ..policies.base import ExitPolicy
+from .online import split_batch
 
 
 def rotation(items: Sequence[Any], step: int) -> list[Any]:
@@ -53,9 +54,13 @@ def measure_speedups(
     the executor with a never-exit policy, so the speed-up includes every cost exitwise adds
     (heads at every exit, policy decisions, batch shrinking).
 
+    batches: dicts of backbone inputs, or any batch a data loader gives (``(images, labels)``
+    pairs, dicts with labels): labels are set aside before timing.
+
     Returns {"baseline": {...}, "<policy>": {"median_s", "samples_s", "speedup"}} where times
     are for one pass over all ``batches``.
     """
+    batches = [split_batch(b)[0] for b in batches]
 
     def full() -> None:
         with torch.inference_mode():
