@@ -577,6 +577,17 @@ def _keep_own_classifier(backbone: Backbone, config: ExitConfig, depths: list[in
         isinstance(head, list) and len(head) == len(depths)) or (
         isinstance(head, dict) and depths[-1] in head)
     if not chosen:  # else the user chose the final exit's head
+        given, named = config.label_names, own.label_names
+        if given is not None and named and list(given) != list(named):
+            # the classifier's row i is its class i: other names (or the same in another
+            # order) would silently name its outputs wrong
+            how = ("in another order" if sorted(given) == sorted(named)
+                   else "which are not its classes")
+            raise ConfigError(
+                f"the model's own classifier (kept as the final exit) has the classes "
+                f"{list(named)} by id; label_names {list(given)} names them {how}. Give "
+                "label_names in its order (and map your labels to its ids), leave them out, "
+                "or pass final_head='linear' for a fresh final head")
         changes.update(final_head="native", final_head_kwargs={})
     return replace(config, **changes) if changes else config
 

@@ -70,6 +70,17 @@ def test_own_classifier_choices_an_explicit_head_or_another_class_count_replace_
         assert model.heads[-1](torch.randn(2, 5, 32), None).shape[-1] == 3
     with pytest.raises(ConfigError, match="has none"):
         ew.attach_exits(tiny_encoder("bert"), layers="all", head="mean", final_head="native")
+    # names that are not the classifier's by id would silently name its rows wrong (an
+    # ImageFolder's sorted class names beside a checkpoint's own order)
+    same = ew.attach_exits(raw, layers="all", head="mean", label_names=LABELS)
+    assert type(same.heads[-1]).registered_name == "native"
+    for names, how in ((sorted(LABELS, reverse=True), "in another order"),
+                       (["cat", "dog", "fox"], "not its classes")):
+        with pytest.raises(ConfigError, match=how):
+            ew.attach_exits(raw, layers="all", head="mean", label_names=names)
+    renamed = ew.attach_exits(raw, layers="all", head="mean", label_names=["cat", "dog", "fox"],
+                              final_head="linear")
+    assert renamed.config.label_names == ["cat", "dog", "fox"]
 
 
 def test_a_sequential_network_with_a_classifier():
