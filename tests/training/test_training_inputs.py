@@ -98,6 +98,10 @@ def test_format_exit_table_flags_dead_exits_with_a_fitting_hint():
     assert "--head mean" in text
     # exits already on the mean head are not told to use it
     assert "--head mean" not in format_exit_table(ev, [1, 2, 3], ["mean"])
+    assert "final exit is dead" not in text
+    # a dead final exit: a frozen recipe may have kept an untrained classifier
+    final_dead = ExitEvaluation([0.9, 0.95, 0.40], "accuracy", 0.40)
+    assert "final exit is dead too" in format_exit_table(final_dead, [1, 2, 3], ["linear"])
 
 
 def test_train_reports_and_prints_per_exit_accuracy(tmp_path, capsys):

@@ -128,4 +128,10 @@ def format_exit_table(
             f"{mean}more epochs or a higher learning rate, or remove those exits (--layers); "
             "a very shallow exit may also be unable to solve the task."
         )
+        if len(exit_layers) - 1 in dead:
+            lines.append(
+                "The final exit is dead too. A frozen-backbone recipe (ztw without "
+                "train_backbone=True, sdn_ic_only, copycat_sl_vit) keeps the network's own "
+                "classifier as it is: it must come trained (a fresh num_classes=... head is "
+                "random), or let the recipe train it.")
     return "\n".join(lines)
