@@ -10,7 +10,10 @@ What changes from the stock Trainer:
   (``loss_is_scaled_for_ga = False``).
 - The MultiExitModel is a plain ``nn.Module`` with aliased tensors; checkpoints are written as
   one ``model.safetensors`` with one name per tensor and read back strictly (no pickled model).
-  Optimizer, scheduler and RNG states are the Trainer's own files, which makes resuming exact.
+  Optimizer, scheduler and RNG states are the Trainer's own files, which makes resuming exact
+  for datasets whose items are fixed. Random augmentation is not replayed exactly: the data
+  loader reads one batch ahead of the saved RNG state (and workers are seeded before it is
+  restored), so a resumed run draws other augmentations from the resume point on.
 - ``group_by_length`` batches come from a sampler whose shuffle is a function of (seed,
   epoch): the stock one draws it from the global RNG when an epoch starts, which a resume in
   the middle of an epoch does before restoring that RNG, so the resumed epoch saw other
