@@ -362,3 +362,21 @@ def test_early_exit_refuses_what_is_not_a_policy():
         model.early_exit({"name": "entropy", "threshold": 0.3}, input_ids=ids)
     with pytest.raises(ConfigError, match="got type"):
         model.early_exit(type(ew.get_policy("entropy")), input_ids=ids)
+
+
+def test_loading_onto_a_backbone_with_other_weights_is_flagged(tmp_path):
+    # heads saved for one checkpoint loaded silently onto another of the same architecture
+    import warnings
+
+    def seeded(seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
+        return bert()
+
+    model = ew.attach_exits(seeded(), layers=[2], num_labels=2).eval()
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same weights, also in bf16: no warning
+        ew.MultiExitModel.from_pretrained(tmp_path, backbone=seeded())
+        ew.MultiExitModel.from_pretrained(tmp_path, backbone=seeded().to(torch.bfloat16))
+    with pytest.warns(UserWarning, match="not the ones the exit heads"):
+        ew.MultiExitModel.from_pretrained(tmp_path, backbone=seeded(123))

@@ -193,3 +193,21 @@ def load_saved_hf_weights(module: nn.Module, folder: Path) -> None:
         raise CheckpointError(f"the backbone given does not fit the fine-tuned one saved in "
                               f"{folder}: shapes differ at {bad[:3]}")
     module.load_state_dict(state, strict=False)
+
+
+def weights_fingerprint(module: nn.Module) -> list[float]:
+    """[weighted sum, weighted absolute sum] of a strided sample (about 4,096 values) of each
+    parameter, in float64: cheap, and equal for the same weights in any precision up to
+    rounding (compare with :func:`same_weights`)."""
+    total, scale = 0.0, 0.0
+    for n, p in enumerate(module.parameters()):
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].double()
+        total += (n + 1) * float(sample.sum())
+        scale += (n + 1) * float(sample.abs().sum())
+    return [total, scale]
+
+
+def same_weights(a: list[float], b: list[float], rtol: float = 1e-3) -> bool:
+    """Two :func:`weights_fingerprint` values of the same weights (a bf16 copy included)."""
+    return abs(a[0] - b[0]) <= rtol * max(abs(a[1]), abs(b[1]), 1e-12)

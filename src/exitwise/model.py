@@ -8,21 +8,17 @@ pickled.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .backbones import Backbone, wrap_backbone
 from .backbones.base import BackboneState, reference_output
-from .checkpoint import load_saved_hf_weights, write_json_atomic
 from .config import ExitConfig
-from .errors import CheckpointError, ConfigError, InputError
+from .errors import ConfigError, InputError
 from .heads import (
     HEADS,
     ExitHead,
@@ -37,16 +33,20 @@ from .heads import (
     uses_past_states,
     uses_previous_logits,
 )
+from .model_io import (  # the folder's file names stay importable from here
+    BACKBONE_DIR,
+    BACKBONE_WEIGHTS,
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    HEADS_NAME,
+    load_model,
+    save_calibration,
+    save_model,
+)
 from .modes import for_inference
 from .outputs import EarlyExitResult, ExitOutputs
 from .policies.base import ExitPolicy, get_policy, policy_from_dict
 from .runtime import run_early_exit
-
-CONFIG_NAME = "exit_config.json"
-HEADS_NAME = "exit_heads.safetensors"
-BACKBONE_DIR = "backbone"
-BACKBONE_WEIGHTS = "backbone.safetensors"
-FORMAT_VERSION = 1
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -391,23 +391,7 @@ class MultiExitModel(nn.Module):
                 f"no calibrated policy {key!r}; have: {', '.join(policies)}" + hint)
         return policy_from_dict(policies[key]["policy"])
 
-    # -- persistence ------------------------------------------------------------------------
-    def _meta(self, backbone_saved: bool) -> dict[str, Any]:
-        return {
-            "format_version": FORMAT_VERSION,
-            "exit_config": self.config.to_dict(),
-            "exit_layers": self.exit_layers,
-            "head_classes": [type(h).registered_name for h in self.heads],
-            "backbone": self.backbone.describe(),
-            "backbone_saved": backbone_saved,
-            "calibration": self.calibration,
-            "ensemble": None if self.ensemble is None else {"kind": "geometric"},
-            "scorer": None if self.scorer is None else {
-                "name": self.scorer.registered_name, "options": self.scorer.options},
-            "gate": None if self.gate is None else {
-                "name": self.gate.registered_name, "options": self.gate.options},
-        }
-
+    # -- persistence (exitwise.model_io) ------------------------------------------------------
     def save_pretrained(self, save_dir: str | Path, save_backbone: bool | None = None) -> Path:
         """Write exit_config.json + exit_heads.safetensors (+ the backbone if tuned).
 
@@ -416,52 +400,13 @@ class MultiExitModel(nn.Module):
         built in memory) must then be passed to :meth:`from_pretrained`, or saved with
         ``save_backbone=True``.
         """
-        out = Path(save_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        save_backbone = self.backbone_tuned if save_backbone is None else save_backbone
-        self._write_heads(out)
-        if save_backbone:
-            # A task model (BertForSequenceClassification ...) is saved whole, so that its
-            # classifier comes back with it as the native final exit.
-            hf_model = getattr(self.backbone, "task_model", None) or getattr(
-                self.backbone, "model", None)
-            if hasattr(hf_model, "save_pretrained"):
-                hf_model.save_pretrained(str(out / BACKBONE_DIR))
-            else:
-                state = {
-                    k: v.detach().contiguous().cpu() for k, v in self.backbone.state_dict().items()
-                }
-                save_file(state, str(out / BACKBONE_WEIGHTS))
-        write_json_atomic(out / CONFIG_NAME, self._meta(bool(save_backbone)))  # last: "done"
-        return out
+        return save_model(self, save_dir, save_backbone)
 
     def save_calibration(self, save_dir: str | Path) -> Path:
         """Rewrite what calibration changes in a saved model folder, the heads file (the
         temperatures live there) and exit_config.json, each under a temporary name and then
         renamed; the saved backbone is left as it is (rewriting it in place could tear it)."""
-        out = Path(save_dir)
-        cfg = out / CONFIG_NAME
-        if not cfg.is_file():
-            raise CheckpointError(f"{cfg} not found: save the model first (save_pretrained)")
-        backbone_saved = bool(json.loads(cfg.read_text()).get("backbone_saved"))
-        self._write_heads(out)
-        write_json_atomic(cfg, self._meta(backbone_saved))
-        return out
-
-    def _write_heads(self, out: Path) -> None:
-        """exit_heads.safetensors: heads, temperatures, ensemble, scorer, gate (atomically)."""
-        tensors = {
-            f"heads.{k}": v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()
-        }
-        tensors["temperatures"] = self.temperatures.detach().cpu().contiguous()
-        for name, part in (("ensemble", self.ensemble), ("scorer", self.scorer),
-                           ("gate", self.gate)):
-            if part is not None:
-                tensors.update({f"{name}.{k}": v.detach().contiguous().cpu()
-                                for k, v in part.state_dict().items()})
-        tmp = out / (HEADS_NAME + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "exitwise"})
-        os.replace(tmp, out / HEADS_NAME)
+        return save_calibration(self, save_dir)
 
     @classmethod
     def from_pretrained(
@@ -471,87 +416,9 @@ class MultiExitModel(nn.Module):
         **backbone_kwargs: Any,
     ) -> "MultiExitModel":
         """Load exit heads (and the backbone: the saved copy, the one given, or the original
-        name/hub id recorded at save time). Fails clearly if the shapes do not fit."""
-        src = Path(load_dir)
-        given = backbone is not None
-        cfg_path = src / CONFIG_NAME
-        if not cfg_path.is_file():
-            raise CheckpointError(f"{cfg_path} not found: not an exitwise model directory")
-        meta = json.loads(cfg_path.read_text())
-        saved = meta["backbone"]
-        if backbone is None:
-            family = saved.get("family")
-            if family not in ("hf-encoder", "hf-decoder"):
-                raise CheckpointError(f"this model's backbone is a {family!r}; pass backbone=...")
-            from transformers import (
-                AutoModel,
-                AutoModelForCausalLM,
-                AutoModelForSequenceClassification,
-            )
-
-            loader = AutoModelForCausalLM if family == "hf-decoder" else AutoModel
-            if saved.get("task_architecture"):  # the classifier is the native final exit
-                loader = AutoModelForSequenceClassification
-
-            where = str(src / BACKBONE_DIR) if meta.get("backbone_saved") else saved["name_or_path"]
-            if not where:
-                raise CheckpointError("no saved backbone and no backbone name recorded; pass backbone=...")
-            backbone = loader.from_pretrained(where, **backbone_kwargs)
-        adapter = wrap_backbone(backbone)
-        if meta.get("backbone_saved") and given:  # the fine-tuned weights, into the one given
-            hf_model = getattr(adapter, "task_model", None) or getattr(adapter, "model", None)
-            if (src / BACKBONE_DIR).is_dir() and isinstance(hf_model, nn.Module):
-                load_saved_hf_weights(hf_model, src / BACKBONE_DIR)
-            elif (src / BACKBONE_WEIGHTS).is_file():
-                adapter.load_state_dict(load_file(str(src / BACKBONE_WEIGHTS)))
-            else:
-                raise CheckpointError(f"{src} records a fine-tuned backbone but holds no "
-                                      f"{BACKBONE_DIR}/ or {BACKBONE_WEIGHTS}")
-        have = adapter.describe()
-        for key in ("family", "model_type", "num_layers", "hidden_size"):
-            if key in saved and saved[key] != have.get(key):
-                raise CheckpointError(
-                    f"these exit heads were saved for a backbone with {key}={saved[key]!r}, "
-                    f"but the backbone given has {key}={have.get(key)!r}"
-                )
-        model = cls(adapter, ExitConfig.from_dict(meta["exit_config"]))
-        if model.exit_layers != meta["exit_layers"]:
-            raise CheckpointError(
-                f"exit layers {meta['exit_layers']} do not fit this backbone ({model.exit_layers})"
-            )
-        tensors = load_file(str(src / HEADS_NAME))
-        head_state = {k[len("heads."):]: v for k, v in tensors.items() if k.startswith("heads.")}
-        try:
-            model.heads.load_state_dict(head_state, strict=True)
-        except RuntimeError as err:
-            raise CheckpointError(f"saved exit heads do not fit this model: {err}") from None
-        model.temperatures.copy_(tensors["temperatures"])
-        if meta.get("ensemble"):
-            ens = {k[len("ensemble."):]: v for k, v in tensors.items() if k.startswith("ensemble.")}
-            try:
-                model.attach_ensemble().load_state_dict(ens, strict=True)
-            except RuntimeError as err:
-                raise CheckpointError(
-                    f"saved exit ensemble does not fit this model: {err}"
-                ) from None
-        if meta.get("scorer"):
-            found = {k[len("scorer."):]: v for k, v in tensors.items() if k.startswith("scorer.")}
-            scorer = model.attach_scorer(meta["scorer"]["name"], **meta["scorer"]["options"])
-            try:
-                scorer.load_state_dict(found, strict=True)
-            except RuntimeError as err:
-                raise CheckpointError(f"saved exit scorer does not fit this model: {err}") from None
-        if meta.get("gate"):
-            found = {k[len("gate."):]: v for k, v in tensors.items() if k.startswith("gate.")}
-            gate = model.attach_gate(meta["gate"]["name"], **meta["gate"]["options"])
-            try:
-                gate.load_state_dict(found, strict=True)
-            except RuntimeError as err:
-                raise CheckpointError(f"saved skip gate does not fit this model: {err}") from None
-        model.calibration = meta.get("calibration", {})
-        model.backbone_tuned = bool(meta.get("backbone_saved"))
-        # Like transformers' from_pretrained: ready for inference (no dropout in the heads).
-        return model.eval()
+        name/hub id recorded at save time). Fails clearly if the shapes do not fit; warns
+        when the backbone's weights are not the ones the heads were saved with."""
+        return load_model(cls, load_dir, backbone, **backbone_kwargs)
 
 
 def _keep_own_classifier(backbone: Backbone, config: ExitConfig, depths: list[int]
@@ -615,4 +482,5 @@ def attach_exits(backbone: nn.Module | Backbone, config: ExitConfig | None = Non
     return model
 
 
-__all__ = ["MultiExitModel", "attach_exits", "ExitHead", "get_policy"]
+__all__ = ["MultiExitModel", "attach_exits", "ExitHead", "get_policy", "BACKBONE_DIR",
+           "BACKBONE_WEIGHTS", "CONFIG_NAME", "FORMAT_VERSION", "HEADS_NAME"]

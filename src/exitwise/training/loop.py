@@ -283,7 +283,11 @@ def train(
         completed = prepare_output_dir(
             out, chosen, stages, resume, overwrite and probe.should_save, settings
         )
-    if probe.should_save:  # the settings are on record before the first checkpoint
+    # The settings go on record before the first checkpoint, once every rank has read the
+    # folder (main_process_first releases the others only as the main one moves on).
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if probe.should_save:
         out.mkdir(parents=True, exist_ok=True)
         write_progress(out, {"strategy": chosen.describe(), "completed": completed,
                              "settings": settings})
