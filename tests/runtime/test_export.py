@@ -178,6 +178,16 @@ def test_unsupported_backbone_is_a_clear_error(tmp_path):
         export_segments(model, tmp_path, torch.zeros(1, 4))
 
 
+def test_heads_reading_earlier_exits_states_are_refused_up_front(tmp_path):
+    # each segment hands on one state: past_future heads got none and failed deep in export
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(3)]
+    model = ew.attach_exits(ew.SequentialBackbone(blocks, example=torch.randn(1, 6)),
+                            ew.ExitConfig(layers="all", head="past_future", num_labels=3))
+    with pytest.raises(UnsupportedModelError, match="earlier exits' states"):
+        segments_of(model)
+
+
 @pytest.mark.parametrize("family, head, size", [
     ("timm-resnet", "sdn", 32), ("timm-vit", "vit_layer", 32),
     ("timm-resnet", "sdn", 56),  # maps of 14 x 14 and 7 x 7: not multiples of the 4 x 4 pool

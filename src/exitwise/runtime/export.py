@@ -39,7 +39,7 @@ from ..backbones.base import BackboneState
 from ..backbones.sequential import SequentialBackbone
 from ..backbones.vision import VisionBackbone, run_calls
 from ..errors import InputError, UnsupportedModelError
-from ..heads import uses_previous_logits
+from ..heads import uses_past_states, uses_previous_logits
 from ..modes import eval_mode
 from ..policies.base import ExitPolicy
 
@@ -112,6 +112,11 @@ def segments_of(model: "MultiExitModel") -> list[ExitSegment]:
     if model.gate is not None:
         raise UnsupportedModelError("ONNX segment export does not carry skip gates (the "
                                     f"{model.gate.registered_name!r} gate of this model)")
+    past = [k for k, h in enumerate(model.heads) if uses_past_states(h)]
+    if past:  # a segment hands on its state and logits only, not every earlier exit's state
+        raise UnsupportedModelError(
+            f"ONNX segment export does not carry the earlier exits' states that the "
+            f"{type(model.heads[past[0]]).registered_name!r} heads read (exits {past})")
     segments, start = [], 0
     for k, depth in enumerate(model.exit_layers):
         segments.append(ExitSegment(model, k, start, depth))
