@@ -99,6 +99,12 @@ class MultiExitModel(nn.Module):
             name, options = config.head_for(k, self.exit_layers)
             if uses_past_states(HEADS.get(name)):  # it sizes its past and future by its place
                 options = {**options, "exit_index": k, "num_exits": len(self.exit_layers)}
+            if HEADS.get(name).needs_own_classifier and k < len(self.exit_layers) - 1:
+                # one classifier shared by every exit (and unsaveable: shared tensors)
+                raise ConfigError(
+                    f"the {name!r} head is the network's own classifier, which only the final "
+                    f"exit can be (final_head={name!r}); exit {k} at depth {depth} needs "
+                    "another head")
             head = build_head(
                 name, backbone.feature_dim(depth), config.num_labels, dropout=config.dropout,
                 **options,

@@ -232,3 +232,26 @@ def test_starting_over_and_calibrating_leave_no_stale_or_torn_model(
     capsys.readouterr()
     assert main(["calibrate", str(out), "--policies", "entropy", "--delta", "none"]) != 0
     assert "not an exitwise model directory" in capsys.readouterr().err
+
+
+def test_an_edited_data_file_or_another_model_spelling(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                       capsys, monkeypatch):
+    # the same command after editing the data file silently reused the old model; the same
+    # --model spelt another way was refused as other settings
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    shutil.copytree(tiny_model_dir, tmp_path / "ckpt")
+    monkeypatch.chdir(tmp_path)
+    common = ["--data", "data", "--max-steps", "2", "--batch-size", "16", "--holdout", "60"]
+    assert main(["train", "--out", "m", "--model", "ckpt", *common]) == 0
+    assert main(["train", "--out", "m", "--model", str(tmp_path / "ckpt") + "/",
+                 *common]) == 0
+    lines = (data / "train.tsv").read_text().splitlines()
+    flipped = [lines[0]] + [f"{t}\t{1 - int(y)}" for t, y in
+                            (row.rsplit("\t", 1) for row in lines[1:])]
+    (data / "train.tsv").write_text("\n".join(flipped) + "\n")
+    capsys.readouterr()
+    assert main(["train", "--out", "m", "--model", "ckpt", *common]) == 2
+    assert "train digest" in capsys.readouterr().err

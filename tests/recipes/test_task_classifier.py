@@ -59,6 +59,22 @@ def test_the_plan_keeps_the_classifier_only_where_the_labels_mean_its_outputs(tm
     assert not task_classifier(str(named), _examples([0.5], task="regression")).keep
     assert not task_classifier(str(reg), _examples([0, 1])).keep
 
+    # numeric names (a star rating) on the ids route: ids stay ids, the names are dropped
+    stars = _checkpoint(tmp_path / "stars", 5, {i: str(i + 1) for i in range(5)})
+    by_id = task_classifier(str(stars), _examples([0, 1, 4]))
+    assert by_id.keep and by_id.label_names is None
+    # data names among the checkpoint's: kept, in its order
+    sub = task_classifier(str(named), _examples([0], ["neg"]))
+    assert sub.keep and sub.label_names == ["pos", "neg"]
+    cased = task_classifier(str(named), _examples([0, 1], ["NEG", "POS"]))
+    assert not cased.keep and "differ in case only" in cased.note
+    # a multi-label (sigmoid) classifier is not a softmax over classes
+    multi = _checkpoint(tmp_path / "multi", 2, {0: "pos", 1: "neg"})
+    cfg = json.loads((multi / "config.json").read_text())
+    (multi / "config.json").write_text(json.dumps({**cfg,
+                                                   "problem_type": "multi_label_classification"}))
+    assert not task_classifier(str(multi), _examples([0, 1], ["neg", "pos"])).keep
+
     from transformers import BertConfig, BertModel
 
     bare = tmp_path / "bare"
@@ -113,3 +129,42 @@ def test_train_replaces_a_classifier_of_other_classes(tmp_path, named_data, caps
     meta = json.loads((out / "exit_config.json").read_text())
     assert meta["exit_config"]["final_head"] != "native"
     assert meta["exit_config"]["label_names"] == ["neg", "pos"]
+
+
+def test_star_ratings_given_as_ids_keep_their_classes(tmp_path, capsys):
+    # a checkpoint named "1".."5" and a file of ids 0..4: the ids were re-read as names, so
+    # id 1 became class 0 (two classes merged, one lost), in train and later commands alike
+    from safetensors.torch import load_file
+
+    d = tmp_path / "data"
+    d.mkdir()
+    rng = random.Random(1)
+    for split, n in (("train", 60), ("dev", 20)):
+        rows = ["sentence\tlabel"] + [
+            f"the film is {rng.choice(WORDS)}\t{rng.randint(0, 4)}" for _ in range(n)]
+        (d / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    ckpt = _checkpoint(tmp_path / "stars", 5, {i: str(i + 1) for i in range(5)})
+    out = tmp_path / "m"
+    assert main(["train", "--out", str(out), "--model", str(ckpt), "--data", str(d),
+                 "--max-steps", "1", "--batch-size", "16", "--holdout", "20"]) == 0
+    assert "class ids are read as its ids" in capsys.readouterr().out
+    meta = json.loads((out / "exit_config.json").read_text())
+    assert meta["exit_config"]["final_head"] == "native"
+    assert meta["exit_config"]["label_names"] is None and meta["exit_config"]["num_labels"] == 5
+    assert load_file(str(out / "exit_heads.safetensors"))  # saved whole
+    from exitwise.recipes.text_classification import eval_examples, load_trained
+
+    model, _ = load_trained(out)
+    examples, _, _ = eval_examples(model, out, None, "dev", None)
+    raw = [int(line.rsplit("\t", 1)[1]) for line in
+           (d / "dev.tsv").read_text().splitlines()[1:]]
+    assert examples.labels == raw  # ids as written
+
+
+def test_the_native_head_is_for_the_final_exit_only(tmp_path, named_data, capsys):
+    # --head native gave every exit the one classifier: trained, then failed to save
+    ckpt = _checkpoint(tmp_path / "ckpt", 2, {0: "pos", 1: "neg"})
+    assert main(["train", "--out", str(tmp_path / "m"), "--model", str(ckpt), "--data",
+                 str(named_data), "--head", "native", "--max-steps", "1",
+                 "--holdout", "20"]) == 2
+    assert "only the final exit can be" in capsys.readouterr().err

@@ -101,7 +101,9 @@ def test_format_exit_table_flags_dead_exits_with_a_fitting_hint():
     assert "final exit is dead" not in text
     # a dead final exit: a frozen recipe may have kept an untrained classifier
     final_dead = ExitEvaluation([0.9, 0.95, 0.40], "accuracy", 0.40)
-    assert "final exit is dead too" in format_exit_table(final_dead, [1, 2, 3], ["linear"])
+    assert "final exit is dead too" in format_exit_table(final_dead, [1, 2, 3], ["native"],
+                                                         frozen_final=True)
+    assert "final exit is dead" not in format_exit_table(final_dead, [1, 2, 3], ["linear"])
 
 
 def test_train_reports_and_prints_per_exit_accuracy(tmp_path, capsys):

@@ -362,6 +362,17 @@ class TokenizedDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.features[i]
 
+    def fingerprint(self) -> str:
+        """A hash of every item (token ids and labels): a resumed run checks that it trains
+        on the same rows (an edited data file at the same path is other data)."""
+        import hashlib
+        import json
+
+        h = hashlib.sha1()
+        for item in self.features:
+            h.update(json.dumps(item, sort_keys=True, default=str).encode())
+        return h.hexdigest()[:16]
+
 
 def make_collator(tokenizer: Any):
     """Dynamic right-padding to the longest row of each batch (HF DataCollatorWithPadding)."""

@@ -73,10 +73,12 @@ class TaskClassifier:
 def task_classifier(path: str, examples: TextExamples) -> TaskClassifier | None:
     """The plan for the classifier a checkpoint carries, or None when it carries none.
 
-    Its classifier is kept only where the data's labels mean its outputs: class names equal
-    to its ``id2label`` names as a set (ids then follow the checkpoint's order); class ids
-    (the Hugging Face convention: an id is a row of the classifier) below its number of
-    classes; regression targets for a one-output head. Otherwise the classifier would be
+    Its classifier is kept only where the data's labels mean its outputs: class names among
+    its ``id2label`` names (ids then follow the checkpoint's order); class ids (the Hugging
+    Face convention: an id is a row of the classifier) below its number of classes (numeric
+    class names are then dropped, as later commands would read them as names); regression
+    targets for a one-output head. A multi-label classifier (``problem_type``) is not a
+    softmax over classes and is never kept. Otherwise the classifier would be
     trained against labels that mean other classes, so the final exit is a fresh head (as
     loading the bare encoder always gave) and the note says why.
     """
@@ -92,22 +94,31 @@ def task_classifier(path: str, examples: TextExamples) -> TaskClassifier | None:
     own = (f"{n} classes: " + ", ".join(f"{i}={c}" for i, c in enumerate(names))
            if names else f"{n} unnamed classes" if n > 1 else "one output")
     fresh = f"the checkpoint's classifier ({own}) is not used: {{}}; the final exit is a fresh head"
+    problem = cfg.get("problem_type")
+    if problem == "multi_label_classification":  # sigmoids per class, not one softmax
+        return TaskClassifier(False, n, names, fresh.format("it is a multi-label classifier"))
     if examples.task == "regression":
         if n == 1:
             return TaskClassifier(True, 1, None, "the checkpoint's regression head is kept as "
                                   "the final exit")
         return TaskClassifier(False, n, names, fresh.format("the data is regression"))
-    if n == 1:
+    if n == 1 or problem == "regression":
         return TaskClassifier(False, n, None, fresh.format("it is a regression head"))
     kept = f"the checkpoint's classifier ({own}) is kept as the final exit"
     if examples.label_names:
-        if names and set(names) == set(examples.label_names):
+        if names and set(examples.label_names) <= set(names):
             return TaskClassifier(True, n, names, kept + "; the data's class names take its ids")
+        case = (" (they differ in case only)" if names and sorted(map(str.lower, names)) == sorted(
+            map(str.lower, examples.label_names)) else "")
         return TaskClassifier(False, n, names, fresh.format(
-            f"its classes are not the data's {examples.label_names}"))
+            f"its classes are not the data's {examples.label_names}{case}"))
     top = max(examples.labels, default=-1)
     if top < n:
-        return TaskClassifier(True, n, names, kept + "; the data's class ids are read as its ids")
+        # names that are numbers would be read back as names, not ids ("1" is id 0 of a
+        # star rating): the model then keeps the ids alone
+        numeric = names is not None and any(str(c).strip().lstrip("-").isdigit() for c in names)
+        return TaskClassifier(True, n, None if numeric else names,
+                              kept + "; the data's class ids are read as its ids")
     return TaskClassifier(False, n, names, fresh.format(f"the data has class id {top}"))
 
 

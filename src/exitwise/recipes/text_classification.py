@@ -164,8 +164,10 @@ def run_train(job: TrainJob, resume: bool = True, progress: bool = True,
 
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if job.data is not None and Path(job.data).exists():  # later commands run from anywhere
-        job.data = str(Path(job.data).resolve())
+    for key in ("data", "model"):  # later commands run from anywhere; one spelling per place
+        where = getattr(job, key)
+        if where is not None and Path(where).exists():
+            setattr(job, key, str(Path(where).resolve()))
     path = resolve_model(job.model)
     tokenizer = load_tokenizer(path)
     train_ex, held_ex, every = split_train(job)
@@ -265,9 +267,10 @@ def _check_same_job(out: Path, job: TrainJob) -> None:
         return
     saved = json.loads(saved_file.read_text())
     new = asdict(job)
-    if saved.get("data") and new.get("data") and Path(saved["data"]).exists() and (
-            Path(saved["data"]).resolve() == Path(new["data"]).resolve()):
-        saved["data"] = new["data"]  # one place, once written relative
+    for key in ("data", "model"):  # one place, however it was written
+        if saved.get(key) and new.get(key) and Path(saved[key]).exists() and (
+                Path(saved[key]).resolve() == Path(new[key]).resolve()):
+            saved[key] = new[key]
     # out_dir names this folder, however it was spelt (relative, absolute)
     differ = {k: (saved[k], new[k]) for k in new
               if k in saved and saved[k] != new[k] and k != "out_dir"}

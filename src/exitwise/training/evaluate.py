@@ -100,11 +100,13 @@ def format_exit_table(
     accuracies: Sequence[float] | ExitEvaluation,
     exit_layers: Sequence[int],
     dead_heads: Sequence[str] = (),
+    frozen_final: bool = False,
 ) -> str:
     """A fixed-width table: exit index, depth, accuracy (%) or Pearson's r; with an
     :class:`ExitEvaluation`, exits no better than a constant prediction are flagged, with a
     hint (``dead_heads``: the heads of the dead exits, so the hint only proposes the mean
-    head where it is not already used)."""
+    head where it is not already used; ``frozen_final``: the recipe kept the network's own
+    classifier frozen as the final exit, which the hint then names when that exit is dead)."""
     ev = accuracies if isinstance(accuracies, ExitEvaluation) else None
     scores = ev.scores if ev else list(accuracies)
     metric = ev.metric if ev else "accuracy"
@@ -128,10 +130,9 @@ def format_exit_table(
             f"{mean}more epochs or a higher learning rate, or remove those exits (--layers); "
             "a very shallow exit may also be unable to solve the task."
         )
-        if len(exit_layers) - 1 in dead:
+        if frozen_final and len(exit_layers) - 1 in dead:
             lines.append(
-                "The final exit is dead too. A frozen-backbone recipe (ztw without "
-                "train_backbone=True, sdn_ic_only, copycat_sl_vit) keeps the network's own "
-                "classifier as it is: it must come trained (a fresh num_classes=... head is "
-                "random), or let the recipe train it.")
+                "The final exit is dead too: this recipe kept the network's own classifier "
+                "frozen, so it must come trained (a fresh num_classes=... head is random); "
+                "or let the recipe train it (ztw: train_backbone=True).")
     return "\n".join(lines)

@@ -61,6 +61,7 @@ class TrainResult:
     exit_accuracies: list[float] | None = None
     saved_to: Path | None = None
     evaluation: ExitEvaluation | None = None
+    frozen_final: bool = False  # the network's own classifier, kept frozen as the final exit
 
     @property
     def exit_layers(self) -> list[int]:
@@ -76,7 +77,8 @@ class TrainResult:
             return "(no evaluation set was given)"
         depths = self.exit_layers
         heads = [self.model.config.head_for(k, depths)[0] for k in self.dead_exits]
-        return format_exit_table(self.evaluation or self.exit_accuracies, depths, heads)
+        return format_exit_table(self.evaluation or self.exit_accuracies, depths, heads,
+                                 self.frozen_final)
 
 
 def _training_arguments(
@@ -291,7 +293,9 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         write_progress(out, {"strategy": chosen.describe(), "completed": completed,
                              "settings": settings})
-    result = TrainResult(model=model, strategy=chosen.registered_name, output_dir=out)
+    result = TrainResult(model=model, strategy=chosen.registered_name, output_dir=out,
+                         frozen_final=not chosen.tunes_backbone and getattr(
+                             model.heads[-1], "registered_name", "") == "native")
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
         for i, stage in enumerate(stages):

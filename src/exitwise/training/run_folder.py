@@ -39,10 +39,14 @@ DIGEST_ITEMS = 64  # items hashed, evenly spaced (a list's; see data_digest)
 
 
 def data_digest(dataset: Any) -> str | None:
-    """A short fingerprint of a training set, or None where none can be taken safely: a
-    ``datasets.Dataset``'s own fingerprint; for a list or tuple, a hash of up to
+    """A short fingerprint of a training set, or None where none can be taken safely: its own
+    ``fingerprint()`` (:class:`exitwise.data.TokenizedDataset`), a ``datasets.Dataset``'s
+    fingerprint; for a list or tuple, a hash of up to
     :data:`DIGEST_ITEMS` evenly spaced items. Other datasets may build items afresh (random
     augmentation), so only their length is recorded."""
+    own = getattr(dataset, "fingerprint", None)  # a dataset that can say (TokenizedDataset)
+    if callable(own):
+        return str(own())
     fingerprint = getattr(dataset, "_fingerprint", None)
     if isinstance(fingerprint, str):
         return fingerprint
@@ -118,7 +122,7 @@ def prepare_output_dir(
         raise ConfigError(
             f"{out} holds a run with other settings ({'; '.join(changed)}); resuming would "
             "keep its results under the new settings. Use the same settings, overwrite=True "
-            "to start over, or another output_dir")
+            "to start over (exitwise train: --no-resume), or another output_dir")
     return list(progress.get("completed", []))
 
 
