@@ -147,13 +147,13 @@ def _label_column(dataset: Any) -> list[Any] | None:
         raw = dataset.with_format(None) if hasattr(dataset, "with_format") else dataset
         return list(raw[key]) if key else None
     targets = getattr(dataset, "targets", None)
-    if targets is not None and len(targets) == len(dataset):
-        return [int(t) for t in targets]
+    if targets is not None and len(targets) == len(dataset):  # kept as given (ids or values)
+        return targets.tolist() if isinstance(targets, torch.Tensor) else list(targets)
     parent = getattr(dataset, "dataset", None)
     indices = getattr(dataset, "indices", None)
     parent_targets = getattr(parent, "targets", None)
     if parent_targets is not None and indices is not None:  # torch.utils.data.Subset
-        return [int(parent_targets[int(i)]) for i in indices]
+        return [parent_targets[int(i)] for i in indices]
     n = len(dataset)
     if isinstance(dataset, (list, tuple)) or n <= SCANNED_ITEMS:
         picks = range(n)
