@@ -180,28 +180,21 @@ def load_model(
     except RuntimeError as err:
         raise CheckpointError(f"saved exit heads do not fit this model: {err}") from None
     model.temperatures.copy_(tensors["temperatures"])
-    if meta.get("ensemble"):
-        ens = {k[len("ensemble."):]: v for k, v in tensors.items() if k.startswith("ensemble.")}
+    attach = {  # the optional parts, each built as saved, then filled
+        "ensemble": ("exit ensemble", lambda: model.attach_ensemble()),
+        "scorer": ("exit scorer", lambda: model.attach_scorer(
+            meta["scorer"]["name"], **meta["scorer"]["options"])),
+        "gate": ("skip gate", lambda: model.attach_gate(
+            meta["gate"]["name"], **meta["gate"]["options"])),
+    }
+    for part, (what, build) in attach.items():
+        if not meta.get(part):
+            continue
+        found = {k[len(part) + 1:]: v for k, v in tensors.items() if k.startswith(part + ".")}
         try:
-            model.attach_ensemble().load_state_dict(ens, strict=True)
+            build().load_state_dict(found, strict=True)
         except RuntimeError as err:
-            raise CheckpointError(
-                f"saved exit ensemble does not fit this model: {err}"
-            ) from None
-    if meta.get("scorer"):
-        found = {k[len("scorer."):]: v for k, v in tensors.items() if k.startswith("scorer.")}
-        scorer = model.attach_scorer(meta["scorer"]["name"], **meta["scorer"]["options"])
-        try:
-            scorer.load_state_dict(found, strict=True)
-        except RuntimeError as err:
-            raise CheckpointError(f"saved exit scorer does not fit this model: {err}") from None
-    if meta.get("gate"):
-        found = {k[len("gate."):]: v for k, v in tensors.items() if k.startswith("gate.")}
-        gate = model.attach_gate(meta["gate"]["name"], **meta["gate"]["options"])
-        try:
-            gate.load_state_dict(found, strict=True)
-        except RuntimeError as err:
-            raise CheckpointError(f"saved skip gate does not fit this model: {err}") from None
+            raise CheckpointError(f"saved {what} does not fit this model: {err}") from None
     recorded = meta.get("backbone_weights")
     if recorded is not None and not same_weights(recorded, weights_fingerprint(adapter)):
         warnings.warn(
