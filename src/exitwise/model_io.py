@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -205,3 +206,12 @@ def load_model(
     model.backbone_tuned = bool(meta.get("backbone_saved"))
     # Like transformers' from_pretrained: ready for inference (no dropout in the heads).
     return model.eval()
+
+
+def remove_model_files(out: Path, reports: tuple[str, ...] = ()) -> None:
+    """Delete the model saved in ``out`` (and the ``reports`` files beside it), so that
+    commands reading the folder refuse it until a new model is saved (a run started over
+    must not leave the old model under the new run's settings)."""
+    for name in (CONFIG_NAME, HEADS_NAME, BACKBONE_WEIGHTS, *reports):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / BACKBONE_DIR, ignore_errors=True)

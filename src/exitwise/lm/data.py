@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..checkpoint import weights_fingerprint
 from ..errors import ConfigError, DataError
 from ..generation import generate
 
@@ -242,12 +243,9 @@ def generate_sequences(
 def weights_checksum(module: torch.nn.Module) -> str:
     """A cheap summary of a model's weights (every parameter's strided float64 sum, 12
     significant digits): two models of one architecture with other weights (another
-    checkpoint, a decoder tuned in memory) get different cache keys."""
-    total = 0.0
-    for n, p in enumerate(module.parameters()):
-        flat = p.detach().reshape(-1)
-        total += (n + 1) * float(flat[:: max(1, flat.numel() // 4096)].double().sum())
-    return f"{total:.12g}"
+    checkpoint, a decoder tuned in memory) get different cache keys. The weighted sum of
+    :func:`exitwise.checkpoint.weights_fingerprint`, as a string (so existing keys hold)."""
+    return f"{weights_fingerprint(module)[0]:.12g}"
 
 
 def self_generated_sequences(
