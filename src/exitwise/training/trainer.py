@@ -32,6 +32,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 
 from ..checkpoint import STAGE_WEIGHTS, load_model_weights, save_model_weights
 from ..errors import CheckpointError, InputError
+from ..lm.data import derived_seed
 from .base import Stage
 from .evaluate import evaluate_exits
 
@@ -73,7 +74,7 @@ class EpochSeededLengthSampler(LengthGroupedSampler):
         self.epoch = int(epoch)
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
 
 
