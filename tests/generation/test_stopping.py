@@ -2,7 +2,8 @@
 
 A toy tokenizer decodes token i to one or two letters of a 5-letter alphabet, so stop strings
 often span token boundaries. The expected cut is found by decoding whole prefixes (not the
-implementation's tail window): the first n whose text ends with a stop string.
+implementation's tail window): the first n whose text holds a stop string (it ends inside
+token n, which may run past it, as in HF's ``StopStringCriteria``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def generated(out, ids) -> list[list[int]]:
 
 def expected_cut(tokens: list[int], stops: list[str]) -> int:
     for n in range(1, len(tokens) + 1):
-        if any(TOK.decode(tokens[:n]).endswith(s) for s in stops):
+        if any(s in TOK.decode(tokens[:n]) for s in stops):
             return n
     return len(tokens)
 
@@ -76,6 +77,10 @@ def test_stop_string_tail_window_sees_multi_token_strings():
     assert not stop.hit([2, 3, 0])  # "cda"
     long = [4] * 50 + [0, 1]
     assert stop.hit(long)
+    # the newest token may run past the stop string ("a" + "bb"; "cc" + "dd")
+    assert stop.hit([0, 6]) and stop.hit([7, 8])
+    # a stop string that ended in an earlier token is not the newest token's
+    assert not stop.hit([0, 1, 2]) and not stop.hit([0, 6, 2])
 
 
 @pytest.mark.parametrize("strategy, opts", STRATEGIES, ids=[s for s, _ in STRATEGIES])

@@ -1,9 +1,11 @@
 """Stop strings and streaming for the decoders.
 
 ``StopStrings`` decodes the tail of a row's *generated* tokens (the prompt is never searched)
-and says when the text ends with one of the stop strings, as Hugging Face's
-``StopStringCriteria`` does: the token that completes a stop string is kept, nothing after it.
-A stop string that ends in the middle of a token is not detected (the text must *end* with it).
+and says when a stop string ends inside the newest token, as Hugging Face's
+``StopStringCriteria`` does: the stop string may start in earlier tokens, and the newest token
+may run past its end (stop ``"SUf"`` fires on the tokens ``" SU"``, ``"forts"``). The token
+that completes a stop string is kept, nothing after it. Rows are checked after every token,
+so a stop string that ended in an earlier token has already stopped its row.
 
 ``StreamingSession`` is a :class:`DecodeSession` whose ``emit`` also applies the stop strings
 and calls ``callback(row, new_token_ids)`` with exactly the tokens each row commits in a step
@@ -26,7 +28,7 @@ _SLACK_TOKENS = 8
 
 
 class StopStrings:
-    """Stop a row once its generated text ends with any of ``strings``.
+    """Stop a row once any of ``strings`` ends inside its newest generated token.
 
     tokenizer: anything with ``decode(list[int], skip_special_tokens=...)``.
     """
@@ -45,10 +47,20 @@ class StopStrings:
         self.window = max(len(s) for s in strings) + _SLACK_TOKENS
 
     def hit(self, generated: list[int]) -> bool:
-        """True when the text of ``generated`` (a row's new tokens) ends with a stop string."""
+        """True when a stop string ends inside the text of ``generated[-1]`` (``generated``: a
+        row's new tokens): it occurs in the tail's text and its end lies past the text of the
+        tokens before the last."""
         tail = generated[-self.window :]
         text = self.tokenizer.decode(tail, skip_special_tokens=False)
-        return any(text.endswith(s) for s in self.strings)
+        before = self.tokenizer.decode(tail[:-1], skip_special_tokens=False)
+        # Where decoding is not prefix-stable (partial UTF-8 bytes, a leading space dropped at
+        # the window's start) the boundary is unknown: then any occurrence in the tail counts.
+        boundary = len(before) if text.startswith(before) else 0
+        for s in self.strings:
+            start = max(0, boundary - len(s) + 1)  # occurrences from here end past the boundary
+            if s in text[start:]:
+                return True
+        return False
 
 
 class StreamingSession(DecodeSession):

@@ -50,7 +50,8 @@ class GenerationConfig:
         wall-clock measurements, and with them how many numbers each step draws: the sampled
         texts then differ between runs, while their distribution stays the target model's.
         Give a fixed ``draft_len`` for texts that repeat.
-    stop_strings: stop a row once its text ends with one of these (needs the tokenizer).
+    stop_strings: stop a row at the token that completes one of these; the token may run
+        past the string's end, as in HF's ``StopStringCriteria`` (needs the tokenizer).
     kernels: how the CPU computes few-row products (:mod:`exitwise.backbones.kernels`):
         "auto" (default, or ``$EXITWISE_KERNELS``), "stock", "streaming" or "packed".
     """
