@@ -129,10 +129,14 @@ def _tree_width(value: str) -> int | str:
 def _token_policy(args: argparse.Namespace) -> dict[str, Any] | None:
     """``generate``'s early-exit policy: calm_softmax at 0.9 unless --policy / --threshold say
     otherwise; None for other strategies unless one of them is given (then refused there)."""
-    if args.strategy != "early_exit" and args.policy is None and args.threshold is None:
+    if args.strategy != "early_exit" and args.policy is None and args.threshold is None \
+            and args.classifier is None:
         return None
-    return {"name": args.policy or "calm_softmax",
-            "threshold": 0.9 if args.threshold is None else args.threshold}
+    policy = {"name": args.policy or "calm_softmax",
+              "threshold": 0.9 if args.threshold is None else args.threshold}
+    if args.classifier is not None:  # calm_learned's; the model folder's own by default
+        policy["classifier"] = args.classifier
+    return policy
 
 
 def _draft_threshold(value: str) -> float | str:
@@ -295,6 +299,9 @@ def _add_lm_commands(sub: Any) -> None:
                    help="early_exit: token exit policy (default calm_softmax)")
     g.add_argument("--threshold", type=float, default=None,
                    help="early_exit: policy threshold (default 0.9)")
+    g.add_argument("--classifier", default=None,
+                   help="early_exit with --policy calm_learned: the folder of its classifier "
+                        "(default: the model folder's, as tune-lm --objective calm saves it)")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--json", action="store_true", help="print texts and stats as JSON")
@@ -385,8 +392,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exitwise: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        every = {"train": " (a checkpoint every 200 steps)",
+                 "tune-lm": " (its last checkpoint: save_every steps apart)"}
         print("exitwise: interrupted; run the same command again to continue from what it "
-              "last saved (train: a checkpoint every 200 steps)", file=sys.stderr)
+              f"last saved{every.get(args.command, '')}", file=sys.stderr)
         return 130
 
 

@@ -30,6 +30,37 @@ def test_lr_schedules_by_hand():
         lr_scale("exponential", 0, 4, 0)
 
 
+@pytest.mark.parametrize("steps, warmup, first_lrs", [
+    (8, 20, [1.0, 1.0]),  # a warmup longer than a tenth of the run is cut (here to 0)
+    (40, 20, [0.25, 0.5]),  # ... to 4 steps of 40
+    (400, 20, [0.05, 0.1]),  # and kept where it fits
+])
+def test_warmup_is_at_most_a_tenth_of_the_run(steps, warmup, first_lrs):
+    weight = torch.nn.Parameter(torch.zeros(2))
+    module = torch.nn.Module()
+    module.weight = weight
+    seen: list[float] = []  # the optimizer's lr at each step
+    made: list[torch.optim.Optimizer] = []
+    real = torch.optim.AdamW
+
+    def capture(*a, **k):
+        made.append(real(*a, **k))
+        return made[-1]
+
+    def step_loss(t):
+        seen.append(made[0].param_groups[0]["lr"])
+        return (weight - 1).pow(2).sum(), {}
+
+    task = loop.Task(module=module, params=[weight], root=module, step_loss=step_loss,
+                     evaluate=dict, train_mode=lambda: None, settings={})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim, "AdamW", capture)
+        loop.run_task(task, loop.LoopSettings(steps=steps, lr=1.0, warmup_steps=warmup),
+                      progress=False)
+    assert seen[:2] == pytest.approx(first_lrs)
+    assert seen[-1] == 1.0
+
+
 def test_only_training_restores_flags_and_modes_also_on_error():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1), torch.nn.Linear(2, 1))
     model[0].weight.requires_grad_(False)

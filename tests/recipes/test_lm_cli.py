@@ -25,6 +25,8 @@ def test_tune_then_generate(tiny_lm_dir, tmp_path, capsys):
     assert report["steps"] == 30 and report["exit_layers"] == [2]
     # tuning makes the exit agree more with the final layer on held-out self-generated text
     assert report["objective"] == "kl" and report["metric"] == "agreement"
+    # the continuations' options recorded are those used (not the objective's own defaults)
+    assert report["config"]["gen_tokens"] == 16 and report["config"]["num_generations"] == 1
     assert report["after"]["2"] > report["before"]["2"]
     saved = json.loads((out / "exit_config.json").read_text())
     assert saved["exit_layers"] == [2, 4] and not saved["backbone_saved"]
@@ -103,6 +105,10 @@ def test_tune_on_answers_to_a_prompts_file(tiny_lm_dir, tmp_path, capsys):
 
     job = TuneLMJob(out_dir=str(out), prompts_file=str(lines))
     assert job.read_prompts() == prompts[:3]  # one per line, blank lines skipped
+    # fewer prompts than --answers: all of them, and it says so
+    assert main([*args[:-4], "--prompts-file", str(lines), "--out", str(tmp_path / "3")]) == 0
+    said = capsys.readouterr()
+    assert "holds 3 prompts: answering those 3, not 4" in said.out + said.err
     for bad, message in ((tmp_path / "missing.txt", "does not exist"),
                          (tmp_path / "bad.json", "JSON list of strings")):
         if bad.suffix == ".json":
@@ -168,7 +174,8 @@ def test_llm_demo_drafts_with_the_shipped_exit(tiny_lm_dir, tmp_path, monkeypatc
     lm, _ = load_lm(str(tiny_lm_dir))
     multi = ew.attach_exits(lm, ew.ExitConfig(
         layers=[1], head="lm", num_labels=int(lm.config.vocab_size),
-        head_kwargs={"adapter": "mlp", "conditioned": True}, final_head_kwargs={}))
+        head_kwargs={"adapter": "mlp", "conditioned": True, "draft_vocab": 24},
+        final_head_kwargs={}))
     folder = tmp_path / "drafters" / "tiny"
     multi.save_pretrained(folder)
     (folder / "drafter.json").write_text(json.dumps({
@@ -183,6 +190,7 @@ def test_llm_demo_drafts_with_the_shipped_exit(tiny_lm_dir, tmp_path, monkeypatc
     assert not any("tuning an exit" in line for line in lines)
     assert report["drafter"] == "shipped" and report["exit_layer"] == 1
     assert report["options"] == {"draft_len": "auto", "ngram": 3}
+    assert report["draft_vocab"] == 24  # the shipped exit's own
     assert report["all_identical"]
 
 
@@ -323,3 +331,62 @@ def test_a_tuned_decoder_is_what_generate_runs_and_the_base_path_is_kept_absolut
                                                  saved.state_dict().values()))
     assert any(not torch.equal(a, b) for a, b in zip(lm.state_dict().values(),
                                                      base.state_dict().values()))
+
+
+def test_generate_uses_the_calm_classifier_tune_lm_saved(tiny_lm_dir, tmp_path, capsys):
+    out = tmp_path / "calm"
+    assert main(["tune-lm", "--model", str(tiny_lm_dir), "--objective", "calm",
+                 "--exit-layer", "2", "--steps", "4", "--batch-size", "2", "--seq-len", "32",
+                 "--generations", "1", "--gen-tokens", "16", "--out", str(out)]) == 0
+    assert (out / "calm_classifier.json").is_file()
+    capsys.readouterr()
+    base = ["generate", str(out), "--prompt", "what is the sky", "--max-new-tokens", "8",
+            "--json"]
+    assert main([*base, "--strategy", "greedy"]) == 0
+    greedy = json.loads(capsys.readouterr().out)["texts"]
+    for extra in ([], ["--classifier", str(out)]):  # the folder's own, found or named
+        # a probability never reaches 1.0: no token exits, so greedy's text
+        assert main([*base, "--strategy", "early_exit", "--policy", "calm_learned",
+                     "--threshold", "1.0", *extra]) == 0
+        assert json.loads(capsys.readouterr().out)["texts"] == greedy
+    # every token exits at the exit when the threshold is 0
+    assert main([*base, "--strategy", "early_exit", "--policy", "calm_learned",
+                 "--threshold", "0.0"]) == 0
+    stats = json.loads(capsys.readouterr().out)["stats"]
+    assert stats["layer_applications_per_token"] < 4
+    # another folder without a classifier still says what is missing
+    assert main(["generate", str(tiny_lm_dir), "--prompt", "hi", "--strategy", "early_exit",
+                 "--policy", "calm_learned", "--max-new-tokens", "2"]) != 0
+    assert "needs its trained classifier" in capsys.readouterr().err
+
+
+def test_more_answers_into_the_same_folder_reuse_the_answers_it_has(
+        tiny_lm_dir, tmp_path, capsys, monkeypatch):
+    import exitwise.lm.answers as answers_module
+
+    answered: list[int] = []
+    real = answers_module.generate
+
+    def counting(backbone, ids, *a, **k):
+        answered.append(int(ids.shape[0]))
+        return real(backbone, ids, *a, **k)
+
+    monkeypatch.setattr(answers_module, "generate", counting)
+    out = tmp_path / "grow"
+    args = ["tune-lm", "--model", str(tiny_lm_dir), "--exit-layer", "2", "--objective",
+            "answers", "--answer-tokens", "6", "--epochs", "1", "--batch-size", "2",
+            "--answer-batch-size", "3", "--out", str(out)]
+    assert main([*args, "--answers", "4"]) == 0
+    first = json.loads((out / "greedy_answers.json").read_text())["items"]
+    assert sum(answered) == 4
+    capsys.readouterr()
+    answered.clear()
+    # resuming with more answers is refused (other data), naming the command-line way out
+    assert main([*args, "--answers", "6"]) == 2
+    assert "--no-resume" in capsys.readouterr().err
+    assert main([*args, "--answers", "6", "--no-resume"]) == 0
+    grown = json.loads((out / "greedy_answers.json").read_text())["items"]
+    assert len(grown) == 6 and grown[:4] == first
+    assert sum(answered) == 2  # over both runs, only the two new prompts were answered
+    report = json.loads((out / "tuning_report.json").read_text())
+    assert report["num_train"] + report["num_eval"] == 6  # tuned anew on all six

@@ -7,8 +7,9 @@ and a held-out evaluation. :func:`run_task` does the rest for all of them alike:
 
 - only the task's parameters require grad inside the loop; every parameter's
   ``requires_grad`` and every module's train/eval mode are restored afterwards, also on error;
-- the learning rate is a pure function of the step (:func:`lr_scale`: warmup, then constant,
-  cosine to a floor, or linear to 0), so a resumed run follows the same schedule;
+- the learning rate is a pure function of the step (:func:`lr_scale`: warmup, at most a
+  tenth of the steps, then constant, cosine to a floor, or linear to 0), so a resumed run
+  follows the same schedule;
 - gradients are clipped to ``max_grad_norm`` when it is set;
 - ``folder/`` receives ``weights.safetensors`` (the task module, aliases stored once),
   ``optimizer.safetensors`` (the optimizer's tensors and the random state) and ``state.json``
@@ -198,7 +199,8 @@ def load_checkpoint(folder: Path, task: Task,
         raise CheckpointError(
             f"{folder} was saved by a run with other settings ({', '.join(diff)} differ: "
             f"{ {k: saved.get(k) for k in diff} } there, { {k: wanted.get(k) for k in diff} } "
-            "now); use another output_dir or resume=False"
+            "now); use another output_dir, or start over with resume=False (--no-resume on "
+            "the command line)"
         )
     load_unique_state_dict(task.module, load_file(str(folder / WEIGHTS_NAME), device="cpu"),
                            str(folder / WEIGHTS_NAME))
@@ -232,8 +234,9 @@ def run_task(
                    disable=not progress or start >= loop.steps)
         for step in range(start, loop.steps):
             task.train_mode()
-            scale = lr_scale(loop.schedule, step, loop.steps, loop.warmup_steps,
-                             loop.min_lr_ratio)
+            # warmup at most a tenth of the run: a short run would never reach lr otherwise
+            scale = lr_scale(loop.schedule, step, loop.steps,
+                             min(loop.warmup_steps, loop.steps // 10), loop.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = loop.lr * scale
             total, parts = task.step_loss(step)

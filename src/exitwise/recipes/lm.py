@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from ..lm import generate_answers, get_objective, tune_exits
 from ..lm.data import DEFAULT_PROMPTS, cut_at_eos, self_generated_sequences
 from ..lm.prompts import BENCH_PROMPTS, CALIBRATION_PROMPTS, nested_chat_prompts
 from ..model import BACKBONE_DIR, MultiExitModel, attach_exits
+from ..policies.calm_learned import CONFIG_NAME as CALM_CLASSIFIER_CONFIG
 from .smollm import load_causal_lm
 
 RECIPE_NAME = "lm_recipe.json"
@@ -80,7 +81,12 @@ class TuneLMJob:
         options = dict(self.options)
         if self.objective != "answers" and "save_every" not in options and "steps" in options:
             options["save_every"] = max(1, min(50, int(options["steps"])))
-        return get_objective(self.objective, **options)
+        config = get_objective(self.objective, **options)
+        # The job makes the continuations itself (``num_generations`` x ``gen_tokens``) and
+        # hands them over as texts, so the config records those, not its own unused defaults.
+        made_here = {name: getattr(self, name) for name in ("num_generations", "gen_tokens")
+                     if self.objective != "answers" and hasattr(config, name)}
+        return replace(config, **made_here) if made_here else config
 
     def torch_device(self) -> torch.device:
         """``device`` checked: a ConfigError for a malformed name or a missing GPU."""
@@ -232,7 +238,7 @@ def run_tune_lm(
     out = Path(job.out_dir)
     reused = None
     if job.objective == "answers":
-        data: Any = _answers(job, model, tokenizer, out, resume, prompts, print_fn)
+        data: Any = _answers(job, model, tokenizer, out, prompts, print_fn)
     else:
         data, reused = _continuations(job, model, tokenizer, out, prompts, print_fn)
     result = tune_exits(model, data, config, tokenizer=tokenizer, output_dir=out, resume=resume)
@@ -272,8 +278,8 @@ def _continuations(job: TuneLMJob, model: Any, tokenizer: Any, out: Path,
 
 
 def _answers(
-    job: TuneLMJob, model: Any, tokenizer: Any, out: Path, resume: bool,
-    prompts: Sequence[str] | None, print_fn: Any,
+    job: TuneLMJob, model: Any, tokenizer: Any, out: Path, prompts: Sequence[str] | None,
+    print_fn: Any,
 ) -> list[tuple[list[int], list[int]]]:
     """Corpus prompts -> the model's greedy answers (cached in ``out/greedy_answers.json``)."""
     if prompts is None:
@@ -284,6 +290,9 @@ def _answers(
             job.answers, seed=seed, data_dir=job.data_dir,
             exclude=(*BENCH_PROMPTS, *CALIBRATION_PROMPTS), pool=ANSWER_PROMPT_POOL,
         )
+    elif len(prompts) < job.answers:
+        print_fn(f"[tune] {job.prompts_file} holds {len(prompts)} prompts: answering those "
+                 f"{len(prompts)}, not {job.answers}")
     texts = format_prompts(tokenizer, list(prompts)[: job.answers])
     prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     eos = eos_ids(hf_model(model), tokenizer)
@@ -291,7 +300,9 @@ def _answers(
     answers = generate_answers(
         model, prompt_ids, max_new_tokens=job.answer_tokens, batch_size=job.answer_batch_size,
         eos_token_id=sorted(eos) or None, pad_token_id=tokenizer.pad_token_id,
-        cache=out / ANSWERS_NAME if resume else None,
+        # answers are the model's own, checked against its weights and budget, so a run
+        # started over (resume=False) or grown (more prompts) reuses the ones it has
+        cache=out / ANSWERS_NAME,
     )
     print_fn(f"[tune] {sum(len(a) for _, a in answers)} answer tokens; tuning exits "
              f"{list(job.exit_layers)}")
@@ -346,6 +357,18 @@ def hf_model(model: Any) -> Any:
 
 
 # -- generation ----------------------------------------------------------------------------
+def with_saved_classifier(policy: Any, folder: str | Path) -> Any:
+    """``calm_learned`` named without its classifier, run from a folder that holds one (what
+    ``tune-lm --objective calm`` saves): that classifier. Any other policy as given."""
+    spec = {"name": policy} if isinstance(policy, str) else policy
+    if not isinstance(spec, dict) or spec.get("name") != "calm_learned" or \
+            spec.get("classifier") is not None:
+        return policy
+    if not (Path(folder) / CALM_CLASSIFIER_CONFIG).is_file():
+        return policy
+    return {**spec, "classifier": str(folder)}
+
+
 def run_generate(
     model_or_dir: Any,
     prompts: Sequence[str],
@@ -376,6 +399,7 @@ def run_generate(
     """
     if isinstance(model_or_dir, (str, Path)):
         model, tokenizer = load_lm(str(model_or_dir), print_fn=print_fn)
+        policy = with_saved_classifier(policy, model_or_dir)
     else:
         model = model_or_dir
         if tokenizer is None:

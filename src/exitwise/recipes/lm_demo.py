@@ -93,7 +93,8 @@ def run_llm_demo(
         model, tokenizer = loaded
         tuning = shipped.meta.get("source", {}).get("tuning")
         exit_layer, spec_options = shipped.exit_layer, {"draft_len": draft_len}
-        draft_vocab = None
+        kwargs = json.loads((shipped.folder / "exit_config.json").read_text())
+        draft_vocab = kwargs["exit_config"].get("head_kwargs", {}).get("draft_vocab")
         shown = {**shipped.options, **({"draft_len": draft_len} if draft_len else {})}
     else:
         report_file = out / "tuning_report.json"

@@ -47,7 +47,8 @@ def is_number(v: Any) -> bool:
 class ObjectiveConfig:
     """Options every objective has (each subclass sets its own defaults).
 
-    lr: AdamW's learning rate after ``warmup_steps`` of linear warmup, then ``schedule``
+    lr: AdamW's learning rate after ``warmup_steps`` of linear warmup (at most a tenth of
+        the run's steps: a short run otherwise never reaches ``lr``), then ``schedule``
         ("constant", "cosine" to ``min_lr_ratio`` x lr, "linear" to 0). weight_decay: AdamW's.
     max_grad_norm: clip the gradient norm (None: no clipping). batch_size: sequences (or
         answers, or tokens for ``calm``) per step. eval_fraction: share held out to measure
