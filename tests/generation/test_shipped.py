@@ -41,6 +41,16 @@ def test_fingerprint_matches_only_the_same_weights():
     assert not same_model(fa, fingerprint(ew.wrap_backbone(b)))
     assert not same_model(fa, fingerprint(ew.wrap_backbone(tiny_lm("llama", seed=1))))
     assert not same_model(fa, fingerprint(ew.wrap_backbone(tiny_lm("qwen2"))))
+    # the same weights loaded in bfloat16 or float16 match
+    for dtype in (torch.bfloat16, torch.float16):
+        assert same_model(fa, fingerprint(ew.wrap_backbone(tiny_lm("llama").to(dtype))))
+    # a fine-tune that leaves the embedding alone does not (every block's weights x 1.05)
+    tuned = tiny_lm("llama")
+    with torch.no_grad():
+        for layer in tuned.model.layers:
+            for p in layer.parameters():
+                p.mul_(1.05)
+    assert not same_model(fa, fingerprint(ew.wrap_backbone(tuned)))
 
 
 def test_generate_uses_the_shipped_drafter_of_a_plain_lm(tmp_path, monkeypatch):
@@ -49,6 +59,14 @@ def test_generate_uses_the_shipped_drafter_of_a_plain_lm(tmp_path, monkeypatch):
     monkeypatch.setattr(shipped, "ASSETS", root)
     found = find_drafter(ew.wrap_backbone(lm))
     assert found is not None and found.exit_layer == 2
+    assert find_drafter(ew.wrap_backbone(lm)) is found  # looked up once per weights
+    saved = lm.model.layers[0].mlp.up_proj.weight.detach().clone()
+    with torch.no_grad():  # tuned in place: the cached answer is not reused
+        lm.model.layers[0].mlp.up_proj.weight.mul_(1.05)
+    assert find_drafter(ew.wrap_backbone(lm)) is None
+    with torch.no_grad():
+        lm.model.layers[0].mlp.up_proj.weight.copy_(saved)
+    assert find_drafter(ew.wrap_backbone(lm)) is not None
     ids, mask = left_padded()
     ref = ew.generate(lm, ids, mask, max_new_tokens=16, eos_token_id=EOS, pad_token_id=PAD)
     out = ew.generate(lm, ids, mask, strategy="self_speculative", max_new_tokens=16,
@@ -91,6 +109,6 @@ def test_the_packages_own_drafters_are_complete():
         assert (d.folder / "exit_config.json").is_file()
         assert (d.folder / "exit_heads.safetensors").is_file()
         fp = d.meta["fingerprint"]
-        assert {"model_type", "num_layers", "embed_head_sum"} <= set(fp)
+        assert {"model_type", "num_layers", "weights_bf16_sha256", "weights_f16_sha256"} <= set(fp)
         assert 1 <= d.exit_layer < fp["num_layers"]
         assert d.meta["source"]["command"]

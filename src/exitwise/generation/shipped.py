@@ -7,14 +7,18 @@ it was measured best with (exit layer, draft length, n-gram order) and where it 
 command that tuned it, its held-out agreement). Each is produced by a committed script
 (``benchmarks/ship_drafter.py``) from exits tuned on the model's own answers.
 
-:func:`find_drafter` matches a decoder by its fingerprint: architecture, depth, widths and a
-checksum of a few rows of its token embedding, so a drafter is only ever used on the very
-weights it was tuned for (a fine-tuned variant of the same architecture does not match).
+:func:`find_drafter` matches a decoder by its fingerprint: architecture, depth, widths, a
+checksum of a few rows of its token embedding and a hash of a strided sample of every
+parameter rounded to bfloat16 (and one rounded to float16), so a drafter is only ever used on
+the weights it was tuned for, loaded in float32, bfloat16 or float16. A fine-tuned variant of
+the same architecture does not match unless no sampled weight moved by more than its
+bfloat16 rounding.
 Drafting stays lossless whatever the drafter: it only proposes tokens the full model verifies.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import weakref
 from dataclasses import dataclass, field
@@ -26,12 +30,26 @@ import torch
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "drafters"
 DRAFTER_FILE = "drafter.json"
 _ROWS = 16  # embedding rows summed into the checksum (first and last)
-_RTOL = 1e-6
+_SAMPLE = 4096  # values hashed per parameter (strided)
+
+
+def weights_hash(model: torch.nn.Module, dtype: torch.dtype) -> str:
+    """SHA-256 of a strided sample (about ``_SAMPLE`` values) of every parameter of
+    ``model``, rounded to ``dtype`` (a 16-bit float): equal for the same weights loaded in
+    float32 or in that dtype, different once a sampled weight moves past its rounding."""
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // _SAMPLE)].to(dtype)
+        digest.update(str(tuple(p.shape)).encode())
+        digest.update(sample.cpu().view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def fingerprint(backbone: Any) -> dict[str, Any]:
-    """What identifies a decoder's weights: model type, layers, hidden and vocab sizes, and
-    sums of the first and last embedding rows (float64)."""
+    """What identifies a decoder's weights: model type, layers, hidden and vocab sizes, sums
+    of the first and last embedding rows (float64), and :func:`weights_hash` in bfloat16 and
+    float16."""
     weight = backbone.model.get_input_embeddings().weight.detach()
     return {
         "model_type": backbone.describe().get("model_type"),
@@ -39,19 +57,20 @@ def fingerprint(backbone: Any) -> dict[str, Any]:
         "vocab_size": int(backbone.vocab_size),
         "embed_head_sum": float(weight[:_ROWS].double().sum()),
         "embed_tail_abs_sum": float(weight[-_ROWS:].double().abs().sum()),
+        "weights_bf16_sha256": weights_hash(backbone.model, torch.bfloat16),
+        "weights_f16_sha256": weights_hash(backbone.model, torch.float16),
     }
 
 
 def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Fingerprints equal: exact for the shapes, to a relative 1e-6 for the checksums."""
+    """The same weights: the shapes equal, and one of the two weight hashes (a float32 model
+    and its bfloat16 / float16 copies share one). The embedding sums are kept for reading,
+    not compared: a 16-bit copy's differ from the float32 model's."""
     for key in ("model_type", "num_layers", "hidden_size", "vocab_size"):
         if a.get(key) != b.get(key):
             return False
-    for key in ("embed_head_sum", "embed_tail_abs_sum"):
-        x, y = a.get(key), b.get(key)
-        if x is None or y is None or abs(x - y) > _RTOL * max(1.0, abs(x), abs(y)):
-            return False
-    return True
+    hashes = ("weights_bf16_sha256", "weights_f16_sha256")
+    return any(a.get(k) is not None and a.get(k) == b.get(k) for k in hashes)
 
 
 @dataclass
@@ -80,13 +99,26 @@ def shipped_drafters(root: Path | None = None) -> list[ShippedDrafter]:
             for d in sorted(root.iterdir()) if (d / DRAFTER_FILE).is_file()]
 
 
+# model (the HF causal LM) -> (what its lookup depended on, the drafter found or None): the
+# fingerprint hashes every parameter (tens of ms for SmolLM2), so each ``generate`` call that
+# looks for a drafter reuses the answer until a weight changes in place or moves.
+_FOUND: "weakref.WeakKeyDictionary[Any, tuple[Any, ShippedDrafter | None]]" = \
+    weakref.WeakKeyDictionary()
+
+
 def find_drafter(backbone: Any, root: Path | None = None) -> ShippedDrafter | None:
     """The shipped drafter tuned for exactly this decoder's weights, or None."""
+    lm = backbone.model
+    key = (str(ASSETS if root is None else root),
+           tuple((p.data_ptr(), p.dtype, p._version) for p in lm.parameters()))
+    cached = _FOUND.get(lm)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     mine = fingerprint(backbone)
-    for d in shipped_drafters(root):
-        if same_model(d.meta.get("fingerprint", {}), mine):
-            return d
-    return None
+    found = next((d for d in shipped_drafters(root)
+                  if same_model(d.meta.get("fingerprint", {}), mine)), None)
+    _FOUND[lm] = (key, found)
+    return found
 
 
 # model (the HF causal LM) -> its multi-exit model with the shipped heads; weak, so the
