@@ -20,6 +20,20 @@ held-out split:
   norm (exitwise's default before);
 - ``block``: EE-Tuning's adapter, a copy of the last decoder block (attention + MLP).
 
+Three probes of EAGLE's idea (a draft layer that attends over the context *and* reads the
+full model's final features), built here on top of the library's heads because exitwise's
+conditioned exits take only the ``none`` / ``norm`` / ``mlp`` adapters (:mod:`exitwise.heads.lm`);
+they are measured by agreement only, never decoded:
+
+- ``block_conditioned`` / ``kangaroo_conditioned``: the ``block`` / ``kangaroo`` adapter given
+  the condition (a zero-initialized ``fuse`` of the previous position's final state, added
+  before the attention, as a conditioned MLP head adds it), so at each position the attention
+  reads every earlier position's shallow state *and* the final state before it;
+- ``mlp_attn_conditioned``: the shipped form (conditioned MLP) followed by Kangaroo's attention
+  sub-layer with its output projection at zero and its norm a copy of the model's final norm,
+  so it starts exactly as the shipped form and can only add what attention over the context
+  gives.
+
 Reported per variant: held-out agreement (the share of held-out answer tokens whose one-token
 draft equals the answer's: the expected acceptance of drafts of one, measured as the tuning
 objective measures it), the same teacher-forced agreement on the full model's greedy answers
@@ -38,27 +52,21 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
 import exitwise as ew  # noqa: E402
+from exitwise.heads.lm import LMHead  # noqa: E402
 from exitwise.lm import AnswersConfig, agreement_on_answers, generate_answers  # noqa: E402
 from exitwise.lm.prompts import BENCH_PROMPTS  # noqa: E402
 from exitwise.machine import machine_info  # noqa: E402
 from exitwise.recipes.lm import ANSWERS_NAME, format_prompts, load_lm  # noqa: E402
-
-# variant -> (head_kwargs, learning rate, start the attention from the last block)
-VARIANTS: dict[str, tuple[dict, float, bool]] = {
-    "mlp_conditioned": ({"adapter": "mlp", "conditioned": True}, 3e-3, False),
-    "mlp": ({"adapter": "mlp"}, 3e-3, False),
-    "kangaroo": ({"adapter": "kangaroo"}, 1e-3, False),
-    "kangaroo_warm": ({"adapter": "kangaroo"}, 1e-3, True),
-    "block": ({"adapter": "block"}, 1e-3, False),
-}
 
 
 def warm_start(head, backbone) -> None:
@@ -69,6 +77,46 @@ def warm_start(head, backbone) -> None:
     with torch.no_grad():
         head.block.load_state_dict({k: last[k] for k in mine}, strict=True)
         head.norm.load_state_dict(backbone.norm.state_dict())
+
+
+def add_condition(head, backbone) -> None:
+    """Give an attention-adapter head the feature condition: the zero-initialized ``fuse`` a
+    conditioned head adds before its adapter (``LMHead._transform`` applies it when present)."""
+    ref = backbone.lm_head.weight
+    head.fuse = nn.Linear(head.in_features, head.in_features).to(ref.device, ref.dtype)
+    nn.init.zeros_(head.fuse.weight)
+    nn.init.zeros_(head.fuse.bias)
+    head.conditioned = True
+
+
+def add_context_attention(head, backbone) -> None:
+    """After a conditioned MLP head's MLP, Kangaroo's attention sub-layer (``h + attn(norm(h))``,
+    fresh) with its output projection at zero, and the model's final norm as the head's own
+    norm: the head starts exactly as the conditioned MLP it was built as."""
+    probe = LMHead(head.in_features, head.num_labels, adapter="kangaroo",
+                   draft_vocab=head.draft_vocab, backbone=backbone)
+    out = probe.block.self_attn.o_proj  # Llama-style blocks (SmolLM2, the model measured)
+    with torch.no_grad():
+        out.weight.zero_()
+        if out.bias is not None:
+            out.bias.zero_()
+        probe.norm.load_state_dict(backbone.norm.state_dict())
+    head.block, head.norm = probe.block, probe.norm
+    head.cache_index, head.layer_type = probe.cache_index, probe.layer_type
+
+
+# variant -> (head_kwargs, learning rate, what is done to the head after it is attached)
+VARIANTS: dict[str, tuple[dict, float, Callable | None]] = {
+    "mlp_conditioned": ({"adapter": "mlp", "conditioned": True}, 3e-3, None),
+    "mlp": ({"adapter": "mlp"}, 3e-3, None),
+    "kangaroo": ({"adapter": "kangaroo"}, 1e-3, None),
+    "kangaroo_warm": ({"adapter": "kangaroo"}, 1e-3, warm_start),
+    "block": ({"adapter": "block"}, 1e-3, None),
+    "block_conditioned": ({"adapter": "block"}, 1e-3, add_condition),
+    "kangaroo_conditioned": ({"adapter": "kangaroo"}, 1e-3, add_condition),
+    "mlp_attn_conditioned": ({"adapter": "mlp", "conditioned": True}, 3e-3,
+                             add_context_attention),
+}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -127,14 +175,14 @@ def main(argv: list[str] | None = None) -> dict:
         if name in variants:
             print(f"[{name}] done before: {variants[name]}")
             continue
-        kwargs, lr, warm = VARIANTS[name]
+        kwargs, lr, build = VARIANTS[name]
         config = ew.ExitConfig(layers=[args.exit_layer], head="lm", num_labels=vocab,
                                head_kwargs={**kwargs, "draft_vocab": args.draft_vocab},
                                final_head_kwargs={})
         model = ew.attach_exits(lm, config)
         head = model.heads[0]
-        if warm:
-            warm_start(head, model.backbone)
+        if build is not None:
+            build(head, model.backbone)
         t0 = time.time()
         result = ew.tune_exits(
             model, answers, AnswersConfig(epochs=args.epochs, lr=lr, batch_size=16),
@@ -142,7 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
         seconds = time.time() - t0
         model.eval()
         row = {
-            "head_kwargs": kwargs, "lr": lr, "warm_start": warm,
+            "head_kwargs": kwargs, "lr": lr, "warm_start": build is warm_start,
+            "built_by": None if build is None else build.__name__,
             "trainable_parameters": sum(p.numel() for p in head.parameters()),
             "tuning_seconds": seconds,
             "held_out_agreement": result.after[args.exit_layer],

@@ -43,7 +43,11 @@ costs no new parameters. Optional trainable pieces:
   so ``h + fuse(final_norm(0))`` (the fuse's bias, plus the norm's bias where it has one);
   the head drafts the same function it was trained as. Deviation from EAGLE: no
   feature-level autoregression (EAGLE predicts the next final feature and chains on it);
-  only the first draft of a step is conditioned.
+  only the first draft of a step is conditioned. Only the ``none``, ``norm`` and ``mlp``
+  adapters take the condition: attention adapters given it, and an attention sub-layer
+  after the conditioned MLP (EAGLE's idea of attending over the context), drafted no
+  better in a measurement here (docs/benchmarks/lm_speed.md, "Draft heads that attend over
+  the context"), so the cache bookkeeping they would need in decoding is not built.
 
 ``draft_vocab=K`` restricts the exit's read-out to K token ids (a persistent ``vocab_ids``
 buffer, chosen from data by :func:`exitwise.lm.draft_vocab.choose_draft_vocab`): the
