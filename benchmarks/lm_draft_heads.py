@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
         seconds = time.time() - t0
         model.eval()
         row = {
+            "command": report["command"],  # the report's own is the last run's only
             "head_kwargs": kwargs, "lr": lr, "warm_start": build is warm_start,
             "built_by": None if build is None else build.__name__,
             "trainable_parameters": sum(p.numel() for p in head.parameters()),

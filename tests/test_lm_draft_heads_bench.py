@@ -97,6 +97,7 @@ def test_variants_tuned_reported_and_resumed(tiny_lm_dir, tmp_path, monkeypatch)
     assert report["variants"]["kangaroo_warm"]["warm_start"] is True
     assert report["variants"]["mlp_attn_conditioned"]["built_by"] == "add_context_attention"
     assert report["variants"]["mlp"]["built_by"] is None
+    assert all(row["command"] == report["command"] for row in report["variants"].values())
     saved = json.loads(out.read_text())
     assert saved["variants"] == report["variants"]
     def no_tuning(*_a, **_k):

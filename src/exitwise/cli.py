@@ -132,9 +132,11 @@ def _token_policy(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.strategy != "early_exit" and args.policy is None and args.threshold is None \
             and args.classifier is None:
         return None
-    policy = {"name": args.policy or "calm_softmax",
-              "threshold": 0.9 if args.threshold is None else args.threshold}
+    name = args.policy or ("calm_learned" if args.classifier is not None else "calm_softmax")
+    policy = {"name": name, "threshold": 0.9 if args.threshold is None else args.threshold}
     if args.classifier is not None:  # calm_learned's; the model folder's own by default
+        if name != "calm_learned":
+            raise ConfigError(f"--classifier is the calm_learned policy's; got --policy {name}")
         policy["classifier"] = args.classifier
     return policy
 

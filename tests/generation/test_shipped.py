@@ -67,6 +67,10 @@ def test_generate_uses_the_shipped_drafter_of_a_plain_lm(tmp_path, monkeypatch):
     with torch.no_grad():
         lm.model.layers[0].mlp.up_proj.weight.copy_(saved)
     assert find_drafter(ew.wrap_backbone(lm)) is not None
+    lm.model.layers[1].mlp.up_proj.weight.data.mul_(1.5)  # through .data: no version bump
+    assert find_drafter(ew.wrap_backbone(lm)) is None
+    lm.model.layers[1].mlp.up_proj.weight.data.div_(1.5)
+    assert find_drafter(ew.wrap_backbone(lm)) is not None
     ids, mask = left_padded()
     ref = ew.generate(lm, ids, mask, max_new_tokens=16, eos_token_id=EOS, pad_token_id=PAD)
     out = ew.generate(lm, ids, mask, strategy="self_speculative", max_new_tokens=16,
@@ -112,3 +116,12 @@ def test_the_packages_own_drafters_are_complete():
         assert {"model_type", "num_layers", "weights_bf16_sha256", "weights_f16_sha256"} <= set(fp)
         assert 1 <= d.exit_layer < fp["num_layers"]
         assert d.meta["source"]["command"]
+
+
+def test_lookup_of_weights_made_in_inference_mode_or_not_loaded():
+    with torch.inference_mode():  # inference tensors have no version counter
+        lm = tiny_lm("llama")
+    assert find_drafter(ew.wrap_backbone(lm)) is None
+    with torch.device("meta"):
+        empty = tiny_lm("llama")
+    assert find_drafter(ew.wrap_backbone(empty)) is None

@@ -83,6 +83,20 @@ def test_stop_string_tail_window_sees_multi_token_strings():
     assert not stop.hit([0, 1, 2]) and not stop.hit([0, 6, 2])
 
 
+class ByteTokenizer:
+    """Byte-level: token i is byte i (what byte-level BPE falls back to)."""
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+def test_stop_strings_of_many_bytes_per_character_are_seen():
+    s = "\N{THINKING FACE}" * 6  # 6 characters, 24 bytes: 24 tokens of a byte tokenizer
+    stop = StopStrings([s], ByteTokenizer())
+    ids = list(b"so " + s.encode("utf-8"))
+    assert [n for n in range(1, len(ids) + 1) if stop.hit(ids[:n])] == [len(ids)]
+
+
 @pytest.mark.parametrize("strategy, opts", STRATEGIES, ids=[s for s, _ in STRATEGIES])
 @pytest.mark.parametrize("do_sample", [False, True])
 def test_callback_streams_exactly_the_committed_tokens(llama, strategy, opts, do_sample):

@@ -354,6 +354,13 @@ def test_generate_uses_the_calm_classifier_tune_lm_saved(tiny_lm_dir, tmp_path, 
                  "--threshold", "0.0"]) == 0
     stats = json.loads(capsys.readouterr().out)["stats"]
     assert stats["layer_applications_per_token"] < 4
+    # --classifier is calm_learned's: implied alone, refused beside another policy
+    assert main([*base, "--strategy", "early_exit", "--threshold", "1.0",
+                 "--classifier", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["texts"] == greedy
+    assert main([*base, "--strategy", "early_exit", "--policy", "calm_softmax",
+                 "--classifier", str(out)]) == 2
+    assert "--classifier is the calm_learned policy's" in capsys.readouterr().err
     # another folder without a classifier still says what is missing
     assert main(["generate", str(tiny_lm_dir), "--prompt", "hi", "--strategy", "early_exit",
                  "--policy", "calm_learned", "--max-new-tokens", "2"]) != 0

@@ -101,16 +101,31 @@ def shipped_drafters(root: Path | None = None) -> list[ShippedDrafter]:
 
 # model (the HF causal LM) -> (what its lookup depended on, the drafter found or None): the
 # fingerprint hashes every parameter (tens of ms for SmolLM2), so each ``generate`` call that
-# looks for a drafter reuses the answer until a weight changes in place or moves.
+# looks for a drafter reuses the answer while the weights stay where they were with the same
+# quick checksum (a few values per parameter: writes through ``.data`` and tensors made
+# under inference mode have no reliable version counter to go by).
 _FOUND: "weakref.WeakKeyDictionary[Any, tuple[Any, ShippedDrafter | None]]" = \
     weakref.WeakKeyDictionary()
+_QUICK = 64  # values per parameter in the cache's checksum
+
+
+def _lookup_key(lm: torch.nn.Module, root: Path | None) -> tuple[Any, ...]:
+    params = list(lm.parameters())
+    with torch.no_grad():
+        quick = [p.detach().reshape(-1)[:: max(1, p.numel() // _QUICK)].double().sum()
+                 for p in params if p.numel()]
+        checksum = float(torch.stack(quick).sum()) if quick else 0.0
+    return (str(ASSETS if root is None else root), checksum,
+            tuple((p.data_ptr(), p.dtype, p.device) for p in params))
 
 
 def find_drafter(backbone: Any, root: Path | None = None) -> ShippedDrafter | None:
-    """The shipped drafter tuned for exactly this decoder's weights, or None."""
+    """The shipped drafter tuned for exactly this decoder's weights, or None (also for
+    weights not loaded yet: parameters on the ``meta`` device)."""
     lm = backbone.model
-    key = (str(ASSETS if root is None else root),
-           tuple((p.data_ptr(), p.dtype, p._version) for p in lm.parameters()))
+    if any(p.device.type == "meta" for p in lm.parameters()):
+        return None
+    key = _lookup_key(lm, root)
     cached = _FOUND.get(lm)
     if cached is not None and cached[0] == key:
         return cached[1]

@@ -22,8 +22,9 @@ from .session import DecodeSession
 
 TokenCallback = Callable[[int, list[int]], None]
 
-# Tokens decoded beyond the longest stop string's length in characters: room for tokens that
-# decode to nothing (special tokens) or to partial UTF-8 bytes.
+# Tokens decoded beyond the longest stop string's length in UTF-8 bytes (a byte-level
+# tokenizer may spend a token per byte): room for tokens that decode to nothing (special
+# tokens).
 _SLACK_TOKENS = 8
 
 
@@ -43,8 +44,8 @@ class StopStrings:
             raise ConfigError("stop_strings need a tokenizer (an object with .decode(ids))")
         self.strings = strings
         self.tokenizer = tokenizer
-        # a token decodes to >= 1 character, bar special / partial-byte ones
-        self.window = max(len(s) for s in strings) + _SLACK_TOKENS
+        # a token decodes to >= 1 byte, bar special ones
+        self.window = max(len(s.encode("utf-8")) for s in strings) + _SLACK_TOKENS
 
     def hit(self, generated: list[int]) -> bool:
         """True when a stop string ends inside the text of ``generated[-1]`` (``generated``: a

@@ -28,6 +28,7 @@ import torch
 from ..backbones.special_tokens import eos_ids
 from ..errors import ConfigError
 from ..machine import cpu_model, machine_info
+from ..model_io import CONFIG_NAME
 from .lm import (
     TuneLMJob,
     encode_prompts,
@@ -93,7 +94,7 @@ def run_llm_demo(
         model, tokenizer = loaded
         tuning = shipped.meta.get("source", {}).get("tuning")
         exit_layer, spec_options = shipped.exit_layer, {"draft_len": draft_len}
-        kwargs = json.loads((shipped.folder / "exit_config.json").read_text())
+        kwargs = json.loads((shipped.folder / CONFIG_NAME).read_text())
         draft_vocab = kwargs["exit_config"].get("head_kwargs", {}).get("draft_vocab")
         shown = {**shipped.options, **({"draft_len": draft_len} if draft_len else {})}
     else:
