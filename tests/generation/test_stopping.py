@@ -97,6 +97,17 @@ def test_stop_strings_of_many_bytes_per_character_are_seen():
     assert [n for n in range(1, len(ids) + 1) if stop.hit(ids[:n])] == [len(ids)]
 
 
+def test_a_character_completed_over_several_tokens_is_the_newest_tokens_text():
+    # "a" then the 4 bytes of an emoji: while the emoji is partial the tail's text is not
+    # prefix-stable ("a" + U+FFFD ...), and the "a" of the first token is still not the
+    # newest token's
+    stop = StopStrings(["a"], ByteTokenizer())
+    ids = list("a\N{THINKING FACE}".encode("utf-8"))
+    assert [n for n in range(1, len(ids) + 1) if stop.hit(ids[:n])] == [1]
+    emoji = StopStrings(["\N{THINKING FACE}"], ByteTokenizer())
+    assert [n for n in range(1, len(ids) + 1) if emoji.hit(ids[:n])] == [len(ids)]
+
+
 @pytest.mark.parametrize("strategy, opts", STRATEGIES, ids=[s for s, _ in STRATEGIES])
 @pytest.mark.parametrize("do_sample", [False, True])
 def test_callback_streams_exactly_the_committed_tokens(llama, strategy, opts, do_sample):

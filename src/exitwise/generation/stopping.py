@@ -15,6 +15,7 @@ drafts and the full model's own token, so rejected drafts are never streamed.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Sequence
 
 from ..errors import ConfigError
@@ -54,9 +55,11 @@ class StopStrings:
         tail = generated[-self.window :]
         text = self.tokenizer.decode(tail, skip_special_tokens=False)
         before = self.tokenizer.decode(tail[:-1], skip_special_tokens=False)
-        # Where decoding is not prefix-stable (partial UTF-8 bytes, a leading space dropped at
-        # the window's start) the boundary is unknown: then any occurrence in the tail counts.
-        boundary = len(before) if text.startswith(before) else 0
+        # Where decoding is not prefix-stable (a partial UTF-8 character decodes to U+FFFD
+        # until its last byte arrives) the newest token's text starts where the two texts
+        # part: their common prefix.
+        boundary = len(before) if text.startswith(before) else len(
+            os.path.commonprefix([text, before]))
         for s in self.strings:
             start = max(0, boundary - len(s) + 1)  # occurrences from here end past the boundary
             if s in text[start:]:
