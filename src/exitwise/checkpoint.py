@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -195,16 +195,29 @@ def load_saved_hf_weights(module: nn.Module, folder: Path) -> None:
     module.load_state_dict(state, strict=False)
 
 
-def weights_fingerprint(module: nn.Module) -> list[float]:
-    """[weighted sum, weighted absolute sum] of a strided sample (about 4,096 values) of each
-    parameter, in float64: cheap, and equal for the same weights in any precision up to
-    rounding (compare with :func:`same_weights`)."""
-    total, scale = 0.0, 0.0
-    for n, p in enumerate(module.parameters()):
+def parameter_samples(module: nn.Module, per_param: int = 4096) -> Iterator[torch.Tensor]:
+    """Per parameter of ``module``, in order: a strided sample of about ``per_param`` of its
+    values (flattened, detached; every value of a smaller one) — what the cheap weight
+    summaries below and the shipped drafters' hashes read."""
+    for p in module.parameters():
         flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].double()
-        total += (n + 1) * float(sample.sum())
-        scale += (n + 1) * float(sample.abs().sum())
+        yield flat[:: max(1, flat.numel() // per_param)]
+
+
+def weights_fingerprint(module: nn.Module, per_param: int = 4096) -> list[float]:
+    """[weighted sum, weighted absolute sum] of :func:`parameter_samples`, in float64: cheap,
+    and equal for the same weights in any precision up to rounding (compare with
+    :func:`same_weights`)."""
+    sums = [(s.double().sum(), s.double().abs().sum())
+            for s in parameter_samples(module, per_param)]
+    if not sums:
+        return [0.0, 0.0]
+    total, scale = 0.0, 0.0
+    # one read-back of all sums, then accumulated in parameter order as always (the
+    # figures recorded in saved folders and cache keys stay bit for bit the same)
+    for n, (a, b) in enumerate(torch.stack([torch.stack(pair).cpu() for pair in sums]).tolist()):
+        total += (n + 1) * a
+        scale += (n + 1) * b
     return [total, scale]
 
 

@@ -17,6 +17,8 @@ file is raised as a :class:`~exitwise.errors.DataError` naming the file and line
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -365,9 +367,6 @@ class TokenizedDataset(torch.utils.data.Dataset):
     def fingerprint(self) -> str:
         """A hash of every item (token ids and labels): a resumed run checks that it trains
         on the same rows (an edited data file at the same path is other data)."""
-        import hashlib
-        import json
-
         h = hashlib.sha1()
         for item in self.features:
             h.update(json.dumps(item, sort_keys=True, default=str).encode())

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import parameter_samples, weights_fingerprint
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "drafters"
 DRAFTER_FILE = "drafter.json"
 _ROWS = 16  # embedding rows summed into the checksum (first and last)
@@ -38,11 +40,9 @@ def weights_hash(model: torch.nn.Module, dtype: torch.dtype) -> str:
     ``model``, rounded to ``dtype`` (a 16-bit float): equal for the same weights loaded in
     float32 or in that dtype, different once a sampled weight moves past its rounding."""
     digest = hashlib.sha256()
-    for p in model.parameters():
-        flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // _SAMPLE)].to(dtype)
+    for p, sample in zip(model.parameters(), parameter_samples(model, _SAMPLE)):
         digest.update(str(tuple(p.shape)).encode())
-        digest.update(sample.cpu().view(torch.int16).numpy().tobytes())
+        digest.update(sample.to(dtype).cpu().view(torch.int16).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -110,13 +110,8 @@ _QUICK = 64  # values per parameter in the cache's checksum
 
 
 def _lookup_key(lm: torch.nn.Module, root: Path | None) -> tuple[Any, ...]:
-    params = list(lm.parameters())
-    with torch.no_grad():
-        quick = [p.detach().reshape(-1)[:: max(1, p.numel() // _QUICK)].double().sum()
-                 for p in params if p.numel()]
-        checksum = float(torch.stack(quick).sum()) if quick else 0.0
-    return (str(ASSETS if root is None else root), checksum,
-            tuple((p.data_ptr(), p.dtype, p.device) for p in params))
+    return (str(ASSETS if root is None else root), *weights_fingerprint(lm, _QUICK),
+            tuple((p.data_ptr(), p.dtype, p.device) for p in lm.parameters()))
 
 
 def find_drafter(backbone: Any, root: Path | None = None) -> ShippedDrafter | None:

@@ -232,11 +232,11 @@ def run_task(
         start = int(state["step"])
         bar = tqdm(total=loop.steps, initial=min(start, loop.steps), desc=desc, leave=False,
                    disable=not progress or start >= loop.steps)
+        # warmup at most a tenth of the run: a short run would never reach lr otherwise
+        warmup = min(loop.warmup_steps, loop.steps // 10)
         for step in range(start, loop.steps):
             task.train_mode()
-            # warmup at most a tenth of the run: a short run would never reach lr otherwise
-            scale = lr_scale(loop.schedule, step, loop.steps,
-                             min(loop.warmup_steps, loop.steps // 10), loop.min_lr_ratio)
+            scale = lr_scale(loop.schedule, step, loop.steps, warmup, loop.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = loop.lr * scale
             total, parts = task.step_loss(step)
