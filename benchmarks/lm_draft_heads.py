@@ -31,8 +31,14 @@ they are measured by agreement only, never decoded:
   reads every earlier position's shallow state *and* the final state before it;
 - ``mlp_attn_conditioned``: the shipped form (conditioned MLP) followed by Kangaroo's attention
   sub-layer with its output projection at zero and its norm a copy of the model's final norm,
-  so it starts exactly as the shipped form and can only add what attention over the context
-  gives.
+  so it starts exactly as the shipped form (no worse before tuning).
+
+Deviations from EAGLE's draft model (reference ``eagle/model/cnets.py``: ``fc(cat(embed(x),
+f))`` over each position's token embedding and the target model's feature f, then one
+decoder layer, trained with a feature-regression loss beside the token loss, and chained on
+its own predicted features): here the token enters as its state after the exit's blocks, the
+feature through the zero-initialized ``fuse`` (a sum, not a concatenation), the loss is the
+``answers`` objective's cross-entropy alone, and only one-token drafts are measured.
 
 Reported per variant: held-out agreement (the share of held-out answer tokens whose one-token
 draft equals the answer's: the expected acceptance of drafts of one, measured as the tuning
