@@ -141,6 +141,19 @@ def _token_policy(args: argparse.Namespace) -> dict[str, Any] | None:
     return policy
 
 
+def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``generate``'s --temperature / --top-k / --top-p as given; refused without --sample,
+    where greedy decoding would ignore them (the API ignores them, as HF's generate does)."""
+    given = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    given = {k: v for k, v in given.items() if v is not None}
+    flags = [f"--{k.replace('_', '-')}" for k in given] + (["--seed"] if args.seed is not None
+                                                            else [])
+    if flags and not args.sample:
+        raise ConfigError(f"{', '.join(flags)} only apply with --sample (greedy decoding has "
+                          "no randomness to shape)")
+    return given
+
+
 def _draft_threshold(value: str) -> float | str:
     return value if value == "auto" else float(value)
 
@@ -304,8 +317,16 @@ def _add_lm_commands(sub: Any) -> None:
     g.add_argument("--classifier", default=None,
                    help="early_exit with --policy calm_learned: the folder of its classifier "
                         "(default: the model folder's, as tune-lm --objective calm saves it)")
-    g.add_argument("--sample", action="store_true", help="sample instead of greedy")
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--sample", action="store_true",
+                   help="sample from the full model's distribution instead of greedy "
+                        "(lossless strategies by speculative rejection sampling)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="with --sample: divide the logits by this (> 0; default 1)")
+    g.add_argument("--top-k", type=int, default=None,
+                   help="with --sample: keep the k most likely tokens (default all)")
+    g.add_argument("--top-p", type=float, default=None,
+                   help="with --sample: keep the most likely tokens whose mass reaches this")
+    g.add_argument("--seed", type=int, default=None, help="with --sample: reproducible draws")
     g.add_argument("--json", action="store_true", help="print texts and stats as JSON")
     g.add_argument("--kernels", default=None, choices=["auto", "stock", "streaming", "packed"],
                    help="few-row products: auto (default, or $EXITWISE_KERNELS) = stock unless "
@@ -346,6 +367,7 @@ def _run_lm(args: argparse.Namespace) -> int:
             args.model, args.prompt, strategy=args.strategy, exit_layer=args.exit_layer,
             draft_len=args.draft_len, max_new_tokens=args.max_new_tokens,
             chat=False if args.no_chat else None, do_sample=args.sample, seed=args.seed,
+            **_sampling_options(args),
             policy=_token_policy(args), kv=args.kv,
             draft_threshold=args.draft_threshold, kernels=args.kernels, ngram=args.ngram,
             tree_width=args.tree_width, skip=args.skip,

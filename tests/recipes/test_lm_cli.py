@@ -397,3 +397,26 @@ def test_more_answers_into_the_same_folder_reuse_the_answers_it_has(
     assert sum(answered) == 2  # over both runs, only the two new prompts were answered
     report = json.loads((out / "tuning_report.json").read_text())
     assert report["num_train"] + report["num_eval"] == 6  # tuned anew on all six
+
+
+def test_sampling_options_from_the_command_line(tiny_lm_dir, capsys):
+    """--temperature / --top-k / --top-p / --seed reach the sampler with --sample and are
+    refused without it (greedy would ignore them silently)."""
+    common = [str(tiny_lm_dir), "--prompt", "what is the sky", "--max-new-tokens", "8",
+              "--json", "--strategy", "greedy"]
+    assert main(["generate", *common]) == 0
+    greedy = json.loads(capsys.readouterr().out)["texts"]
+    # top-k 1 keeps only the argmax: sampling then gives greedy's text whatever the seed
+    for seed in ("1", "2"):
+        assert main(["generate", *common, "--sample", "--top-k", "1", "--temperature", "0.7",
+                     "--top-p", "0.9", "--seed", seed]) == 0
+        assert json.loads(capsys.readouterr().out)["texts"] == greedy
+    # the values reach the sampler: an invalid one is its error, not ignored
+    assert main(["generate", *common, "--sample", "--temperature", "0"]) == 2
+    assert "temperature must be" in capsys.readouterr().err
+    assert main(["generate", *common, "--sample", "--top-p", "1.5"]) == 2
+    assert "top_p must be" in capsys.readouterr().err
+    for flags in (["--temperature", "0.7"], ["--top-k", "5", "--seed", "3"], ["--seed", "3"]):
+        assert main(["generate", *common, *flags]) == 2
+        err = capsys.readouterr().err
+        assert "only apply with --sample" in err and flags[0] in err

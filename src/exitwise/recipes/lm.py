@@ -388,6 +388,9 @@ def run_generate(
     ngram: int | None = None,
     tree_width: int | str | None = None,
     skip: Any = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
 ) -> dict[str, Any]:
     """Generate continuations of ``prompts``; returns {"texts": [...], "stats": {...}}.
 
@@ -396,6 +399,7 @@ def run_generate(
     plain model to the drafter shipped for it (``generate`` resolves both). ``skip``: what
     ``strategy="layer_skip"`` drafts without (blocks or (block, part) pairs).
     ``policy``: the token-level exit policy of ``strategy="early_exit"`` (object, name or dict).
+    ``temperature``, ``top_k``, ``top_p``: how ``do_sample`` shapes the distribution.
     """
     if isinstance(model_or_dir, (str, Path)):
         model, tokenizer = load_lm(str(model_or_dir), print_fn=print_fn)
@@ -416,7 +420,7 @@ def run_generate(
              "tree_width": tree_width, "skip": skip}
     out = generate(model, ids, mask, strategy=strategy, max_new_tokens=max_new_tokens,
                    do_sample=do_sample, seed=seed, tokenizer=tokenizer, kernels=kernels,
-                   **given)
+                   temperature=temperature, top_k=top_k, top_p=top_p, **given)
     eos = eos_ids(hf_model(model), tokenizer)
     new = new_token_lists(out.sequences, ids.shape[1], eos)
     decoded = [tokenizer.decode(t, skip_special_tokens=True) for t in new]
