@@ -58,6 +58,7 @@ from exitwise.calibration import (  # noqa: E402
     apply_temperatures, fit_temperatures, search_accuracy_drop,
 )
 from exitwise.data import ImageClassificationDataset, load_fashion_mnist  # noqa: E402
+from exitwise.data.vision import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
 from exitwise.errors import DataError, ExitwiseError  # noqa: E402
 from exitwise.machine import machine_info  # noqa: E402
 from exitwise.policies.base import POLICIES, get_policy  # noqa: E402
@@ -189,8 +190,9 @@ def load_data(args):
     held, rest = perm[: args.holdout], perm[args.holdout:]
     if args.train_rows:
         rest = rest[: args.train_rows]
-    full = ImageClassificationDataset(fm.train_images, fm.train_labels)
-    test = ImageClassificationDataset(fm.test_images, fm.test_labels)
+    stats = {"mean": FASHION_MNIST_MEAN, "std": FASHION_MNIST_STD}  # the training split's
+    full = ImageClassificationDataset(fm.train_images, fm.train_labels, **stats)
+    test = ImageClassificationDataset(fm.test_images, fm.test_labels, **stats)
     if args.test_rows:
         test = test.subset(range(min(args.test_rows, len(test))))
     return full.subset(rest), full.subset(held), test, fm.source

@@ -163,7 +163,7 @@ def load_model(
             raise CheckpointError(f"{src} records a fine-tuned backbone but holds no "
                                   f"{BACKBONE_DIR}/ or {BACKBONE_WEIGHTS}")
     have = adapter.describe()
-    for key in ("family", "model_type", "num_layers", "hidden_size"):
+    for key in ("family", "model_type", "num_layers", "hidden_size", "in_channels"):
         if key in saved and saved[key] != have.get(key):
             raise CheckpointError(
                 f"these exit heads were saved for a backbone with {key}={saved[key]!r}, "

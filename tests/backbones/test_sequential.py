@@ -66,7 +66,29 @@ def test_feature_dims_and_flops_profiled(kind):
     _, _, _, model = build(kind)
     widths = [model.backbone.feature_dim(d) for d in model.exit_layers]
     assert widths == ([8, 8, 8, 8] if kind == "mlp" else [4, 6, 6])
-    assert all(f > 0 for f in model.backbone._flops)
+    state = model.backbone.start(inputs=PARTS[kind]()[2][:2])
+    assert all(float(model.backbone.layer_flops(i, state)[0]) > 0
+               for i in range(model.backbone.num_layers))
+
+
+def test_flops_follow_the_input_size():
+    """Profiled on 8x8, run on 16x16: each row's FLOPs are the 16x16 network's (torch's own
+    counter on the plain network), not the example's (a convolution costs 4x as much)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    stem, blocks, _, model = build("cnn", head="linear")
+
+    def reference(size: int) -> int:
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            plain_forward(stem, blocks, torch.randn(1, 1, size, size))
+        return counter.get_total_flops()
+
+    for size in (8, 16, 8):
+        res = model.early_exit(ew.get_policy("never"), inputs=torch.randn(3, 1, size, size))
+        heads = sum(float(h.head_flops(None, 1)) for h in model.heads)  # linear: per row
+        assert res.flops.tolist() == pytest.approx([reference(size) + heads] * 3)
+    assert reference(16) == 4 * reference(8)
 
 
 @pytest.mark.parametrize("head", heads_for_family("sequential"))

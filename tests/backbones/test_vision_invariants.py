@@ -177,6 +177,16 @@ def test_heads_saved_for_one_family_do_not_load_into_another(tmp_path):
         )
 
 
+def test_heads_saved_for_rgb_do_not_load_into_a_one_channel_model(tmp_path):
+    # the same architecture built with in_chans=1 loaded with only the "other weights" warning
+    _, model = built("timm-resnet")
+    model.save_pretrained(tmp_path)
+    gray = timm.create_model("resnet10t", pretrained=False, num_classes=CLASSES, in_chans=1)
+    with pytest.raises(ew.CheckpointError, match="in_channels=3"):
+        ew.MultiExitModel.from_pretrained(tmp_path, backbone=VisionBackbone(gray.eval(),
+                                                                            image_size=SIZE))
+
+
 def test_a_bare_hf_vit_gets_a_fresh_final_head_and_keeps_the_invariants(tmp_path):
     # ViTModel (no classifier) was claimed but never built: the final exit is a fresh head
     # on the [CLS] state of the model's own forward

@@ -176,6 +176,24 @@ def test_dataset_batches_and_subset():
     assert torch.equal(sub[1]["pixel_values"], ds[1]["pixel_values"])
 
 
+def test_default_normalisation_is_the_images_own_per_channel():
+    """Not Fashion-MNIST's statistics (once the default of this generic class): each channel
+    of these images ends at mean 0 and std 1, and another split takes them as given."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.stack([torch.randint(0, 64, (6, 5, 5), generator=g),
+                          torch.randint(128, 256, (6, 5, 5), generator=g),
+                          torch.randint(0, 256, (6, 5, 5), generator=g)], 1).to(torch.uint8)
+    train = ImageClassificationDataset(images, torch.zeros(6))
+    px = train.pixels.transpose(0, 1).reshape(3, -1)
+    assert torch.allclose(px.mean(1), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(px.std(1, correction=0), torch.ones(3), atol=1e-4)
+    by_hand = images[:, 1].float().div(255.0)
+    assert train.mean[1] == pytest.approx(float(by_hand.mean()), rel=1e-6)
+    test = ImageClassificationDataset(images[:2], torch.zeros(2), mean=train.mean, std=train.std)
+    assert torch.allclose(test.pixels, train.pixels[:2])
+    assert train.subset([0]).mean == train.mean
+
+
 def test_dataset_rejects_bad_input():
     with pytest.raises(DataError, match="one label per image"):
         ImageClassificationDataset(torch.zeros(3, 4, 4, dtype=torch.uint8), torch.zeros(2))

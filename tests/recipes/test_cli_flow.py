@@ -140,6 +140,27 @@ def test_missing_data_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_commands_refuse_a_folder_no_exitwise_train_made(tmp_path, capsys):
+    # a model saved with save_pretrained (an image model, say): calibrate crashed on a
+    # missing exitwise_job.json and evaluate / bench asked for a backbone= the CLI lacks
+    from torch import nn
+
+    import exitwise as ew
+
+    blocks = [nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())]
+    model = ew.attach_exits(ew.SequentialBackbone(blocks, example=torch.randn(1, 3, 6, 6)),
+                            ew.ExitConfig(layers="all", head="mean", num_labels=2))
+    model.save_pretrained(tmp_path / "saved")
+    for argv, what in ((["calibrate", "saved"], "saved by save_pretrained"),
+                       (["evaluate", "saved"], "saved by save_pretrained"),
+                       (["bench", "saved"], "saved by save_pretrained"),
+                       (["evaluate", "none"], "no exitwise run")):
+        assert main([argv[0], str(tmp_path / argv[1])]) == 2, argv
+        err = capsys.readouterr().err
+        assert "not a run of `exitwise train`" in err and "Python API" in err, argv
+        assert what in err, argv
+
+
 def test_malformed_data_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
     d = tmp_path / "bad"
     d.mkdir()

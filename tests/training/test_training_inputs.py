@@ -273,3 +273,56 @@ def test_a_one_row_last_batch_is_dropped_where_batch_norm_would_fail(tmp_path):
     result = train(model, pairs, strategy="joint", output_dir=tmp_path, num_train_epochs=1,
                    save_final=False, **FAST)
     assert result.stages[-1].global_step == 1
+
+
+def test_a_one_row_last_batch_is_dropped_for_a_batch_norm_on_a_one_by_one_map(tmp_path):
+    # a ResNet's last stage at 32 x 32 is a 1 x 1 map: BatchNorm2d failed on the last row
+    from torch import nn
+
+    import exitwise as ew
+
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()),
+              nn.Sequential(nn.Conv2d(4, 4, 6), nn.BatchNorm2d(4), nn.ReLU())]  # 6x6 -> 1x1
+    model = ew.attach_exits(ew.SequentialBackbone(blocks, example=torch.randn(1, 1, 6, 6)),
+                            ew.ExitConfig(layers="all", head="linear", num_labels=3))
+    pairs = [(torch.randn(1, 6, 6), i % 3) for i in range(17)]  # 16 + 1
+    result = train(model, pairs, strategy="joint", output_dir=tmp_path, num_train_epochs=1,
+                   save_final=False, **FAST)
+    assert result.stages[-1].global_step == 1
+
+
+@pytest.mark.parametrize("strategy, frozen", [("exits_only", False), ("ztw", True)])
+def test_the_report_says_the_own_classifier_was_frozen_only_when_it_was(tmp_path, strategy,
+                                                                         frozen):
+    # exits_only trains every head, the network's own classifier included; its report said
+    # that classifier had been kept frozen
+    from torch import nn
+
+    import exitwise as ew
+
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Conv2d(c, 4, 3, padding=1), nn.ReLU()) for c in (1, 4)]
+    classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    backbone = ew.SequentialBackbone(blocks, example=torch.randn(1, 1, 6, 6),
+                                     classifier=classifier)
+    model = ew.attach_exits(backbone, ew.ExitConfig(layers="all", head="sdn"))
+    assert model.heads[-1].registered_name == "native"
+    before = classifier[2].weight.detach().clone()
+    pairs = [(torch.randn(1, 6, 6), i % 3) for i in range(16)]
+    result = train(model, pairs, strategy=strategy, output_dir=tmp_path, max_steps=2,
+                   save_final=False, **FAST)
+    assert result.frozen_final is frozen
+    assert torch.equal(classifier[2].weight, before) is frozen
+
+
+def test_images_of_several_sizes_or_pil_images_are_clear_errors():
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    sizes = [(torch.randn(3, 6, 6), 0), (torch.randn(3, 8, 6), 1)]
+    with pytest.raises(DataError, match="different shapes.*resize"):
+        PaddingCollator()(sizes)
+    pil = [(Image.new("RGB", (6, 6)), 0), (Image.new("RGB", (6, 6)), 1)]
+    with pytest.raises(DataError, match="PIL image.*ToTensor"):
+        PaddingCollator()(pil)

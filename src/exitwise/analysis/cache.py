@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..data.classes import check_class_names
 from ..errors import DataError, InputError
 from ..modes import eval_mode
 from ..policies.ztw import ZTWPolicy, ztw_ensemble
@@ -306,6 +307,7 @@ def collect_exit_logits(
     device: where to run; defaults to the model's parameters' device.
     The model is put in eval mode for the pass and restored afterwards.
     """
+    check_class_names(dataloader, getattr(model.config, "label_names", None), "given")
     if device is None:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")

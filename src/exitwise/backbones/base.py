@@ -103,6 +103,12 @@ class Backbone(nn.Module):
         """What a head reads after a block: (hidden, mask)."""
         return state.hidden, state.mask
 
+    def feature_positions(self, layer: int, state: BackboneState) -> int | None:
+        """Positions a head after ``layer`` (1-based) reads when ``features`` gives no mask:
+        H x W of a feature map (what a head that works per position pays for), None for
+        backbones whose features always come with a mask or are one vector per row."""
+        return None
+
     def feature_dim(self, layer: int) -> int:  # pragma: no cover - abstract
         """Width of ``features`` after ``layer`` (1-based depth)."""
         raise NotImplementedError

@@ -21,11 +21,11 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import InputError, UnsupportedModelError
 from ..modes import eval_mode
 from .base import Backbone, BackboneState, OwnClassifier, hf_label_names, resolve_path
+from .flop_count import FlopCount
 from .vision_layouts import VisionLayout, find_vision_layout, supported_vision_models
 
 Size = tuple[int, int]
@@ -48,6 +48,9 @@ class _Profile:
     stem_flops: float
     block_flops: list[float]  # the last entry includes the neck
     widths: list[int]  # features' width after each block (last = pre-logits width)
+    # positions a head reads after each block: H x W of a feature map, T of a token sequence,
+    # 1 for a vector (the pre-logits after the last block)
+    positions: list[int]
 
 
 class VisionBackbone(Backbone):
@@ -237,25 +240,25 @@ class VisionBackbone(Backbone):
                 return self._measure(size, x)
         except (RuntimeError, ValueError, AssertionError, IndexError) as err:
             raise InputError(
-                f"{type(self.net).__name__} cannot take {size[0]}x{size[1]} images: {err}"
+                f"{type(self.net).__name__} cannot take {size[0]}x{size[1]} images "
+                f"({type(err).__name__} on a blank image: {err})"
             ) from None
 
     def _measure(self, size: Size, x: torch.Tensor) -> _Profile:
-        """One blank image through the stem and each block, under FLOP counters."""
-        counter = FlopCounterMode(display=False)
-        with counter:
+        """One blank image through the stem and each block, counting FLOPs."""
+        with FlopCount() as counter:
             x = run_calls(self._stem, x)
-        stem, flops, widths = float(counter.get_total_flops()), [], []
+        stem, flops, widths, positions = float(counter.total), [], [], []
         for i, unit in enumerate(self._units):
-            counter = FlopCounterMode(display=False)
-            with counter:
+            with FlopCount() as counter:
                 x = run_calls(unit, x)
                 if i == self.num_layers - 1:
                     x = self._neck_forward(x)
-            flops.append(float(counter.get_total_flops()))
+            flops.append(float(counter.total))
             tokens = self.layout.tokens and x.dim() == 3  # (B, T, H); else (B, C, ...)
             widths.append(int(x.shape[-1] if tokens else x.shape[1]))
-        profile = _Profile(stem, flops, widths)
+            positions.append(int(x.shape[1]) if tokens else max(1, int(x[0, 0].numel())))
+        profile = _Profile(stem, flops, widths, positions)
         self._profiles[size] = profile
         return profile
 
@@ -365,6 +368,9 @@ class VisionBackbone(Backbone):
         # they belong to the batch of the latest ``start``.
         size = state.shared.get("image_size") or self._last_size or self.default_size
         return self._profiles[size]
+
+    def feature_positions(self, layer: int, state: BackboneState) -> int:
+        return self._profile_of(state).positions[layer - 1]
 
     def layer_flops(self, i: int, state: BackboneState) -> torch.Tensor:
         value = self._profile_of(state).block_flops[i]

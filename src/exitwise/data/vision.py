@@ -195,16 +195,18 @@ class ImageClassificationDataset(Dataset):
 
     images: (N, H, W) (one channel) or (N, C, H, W) uint8; labels: (N,) integers.
     Pixels are scaled to [0, 1], then normalised as ``(x - mean) / std`` (per channel when
-    mean/std are sequences). The normalised tensor is built once, so items are views (fast
-    to batch in a training loop).
+    mean/std are sequences). Left out, mean and std are these images' own, per channel
+    (kept as ``.mean`` / ``.std``): give the training split's to every other split, e.g.
+    ``ImageClassificationDataset(test_x, test_y, mean=train.mean, std=train.std)``.
+    The normalised tensor is built once, so items are views (fast to batch in a training loop).
     """
 
     def __init__(
         self,
         images: torch.Tensor,
         labels: torch.Tensor,
-        mean: float | tuple[float, ...] = FASHION_MNIST_MEAN,
-        std: float | tuple[float, ...] = FASHION_MNIST_STD,
+        mean: float | tuple[float, ...] | None = None,
+        std: float | tuple[float, ...] | None = None,
     ) -> None:
         images = torch.as_tensor(images)
         labels = torch.as_tensor(labels)
@@ -219,13 +221,21 @@ class ImageClassificationDataset(Dataset):
                 f"need one label per image: {tuple(labels.shape)} labels for "
                 f"{images.shape[0]} images"
             )
+        if images.shape[0] == 0:
+            raise DataError("no images")
         c = images.shape[1]
+        scale = 255.0 if images.dtype == torch.uint8 else 1.0
+        x = images.float() / scale
+        if mean is None:  # float64 sums: millions of pixels
+            mean = tuple(x.transpose(0, 1).reshape(c, -1).double().mean(1).tolist())
+        if std is None:
+            std = tuple(max(v, 1e-6) for v in
+                        x.transpose(0, 1).reshape(c, -1).double().std(1, correction=0).tolist())
         m = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
         s = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
         if m.numel() not in (1, c) or s.numel() not in (1, c) or bool((s <= 0).any()):
             raise DataError(f"mean/std must be one value or one per channel ({c}); std > 0")
-        scale = 255.0 if images.dtype == torch.uint8 else 1.0
-        x = images.float() / scale
+        self.mean, self.std = tuple(m.tolist()), tuple(s.tolist())
         self.pixels = (x - m.view(1, -1, 1, 1)) / s.view(1, -1, 1, 1)
         self.labels = labels.long()
 
@@ -249,4 +259,5 @@ class ImageClassificationDataset(Dataset):
         idx = torch.as_tensor(indices, dtype=torch.long)
         out = ImageClassificationDataset.__new__(ImageClassificationDataset)
         out.pixels, out.labels = self.pixels[idx], self.labels[idx]
+        out.mean, out.std = self.mean, self.std
         return out

@@ -94,9 +94,11 @@ class _GridHead(ExitHead):
     def __init__(self, in_features: int, num_labels: int, dropout: float) -> None:
         super().__init__(in_features, num_labels, dropout)
         self.patch_tokens = False
+        self.reads_maps = False  # image features: a mask over their cells is still a grid
 
     def init_from_backbone(self, backbone: nn.Module) -> None:
         self.patch_tokens = is_patch_backbone(backbone)
+        self.reads_maps = getattr(backbone, "family", None) in ("vision", "sequential")
 
 
 @register_head("lgvit_local")
@@ -152,7 +154,8 @@ class LGViTLocalHead(_GridHead):
         return self._classify(x, real), x.flatten(2).transpose(1, 2), real.flatten(1) > 0
 
     def head_flops(self, mask: torch.Tensor | None, batch_size: int) -> torch.Tensor:
-        """Per row, for its n real tokens (n = 1 without a mask: a lower bound)."""
+        """Per row, for its n real cells (a feature map's come as a mask over its H x W cells,
+        ``runtime.flops.head_mask``; without any mask, one cell)."""
         n = (
             mask.sum(1).to(torch.float64)
             if mask is not None
@@ -237,13 +240,15 @@ class LGViTGlobalHead(_GridHead):
 
     def head_flops(self, mask: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         """Per row: n real tokens aggregate into about n / reduction**2 (on a line: n /
-        reduction) tokens that attend to each other (n = 1 without a mask: a lower bound)."""
+        reduction) tokens that attend to each other (a feature map's cells come as a mask,
+        ``runtime.flops.head_mask``; without any mask, one cell)."""
         n = (
             mask.sum(1).to(torch.float64)
             if mask is not None
             else torch.ones(batch_size, dtype=torch.float64)
         )
-        grid = mask is None or self.patch_tokens  # windows of r x r cells, else of r on a line
+        # windows of r x r cells, else of r on a line (text)
+        grid = mask is None or self.patch_tokens or self.reads_maps
         m = torch.ceil(n / (self.reduction**2 if grid else self.reduction))
         per_token = self.linear_flops(self.qkv, self.proj)
         return m * per_token + m * m * 4.0 * self.in_features + self.linear_flops(self.classifier)

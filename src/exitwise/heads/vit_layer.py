@@ -90,8 +90,8 @@ class ViTLayerHead(ExitHead):
         return self.classifier(self.dropout(pooled))
 
     def head_flops(self, mask: torch.Tensor | None, batch_size: int) -> torch.Tensor:
-        """Per row, for its n real tokens (n = 1 without a mask: the head cannot know the
-        length of a feature map before it sees one, so that case is a lower bound)."""
+        """Per row, for its n real tokens. On a feature map the runtime passes a mask over its
+        H x W cells (``runtime.flops.head_mask``); without any mask, one token."""
         n = (
             mask.sum(1).to(torch.float64)
             if mask is not None

@@ -191,6 +191,8 @@ def run_train(job: TrainJob, resume: bool = True, progress: bool = True,
 
 
 def load_trained(model_dir: str | Path) -> tuple[MultiExitModel, Any]:
+    """(model, tokenizer) of a run of ``exitwise train``; ConfigError for any other folder."""
+    load_job(model_dir)  # a clear refusal of folders no `exitwise train` made
     model = MultiExitModel.from_pretrained(model_dir).eval()
     return model, load_tokenizer(str(model_dir))
 

@@ -97,6 +97,15 @@ def check_same_job(out: Path, job: TrainJob) -> None:
 
 
 def load_job(model_dir: str | Path) -> TrainJob:
-    data = json.loads((Path(model_dir) / JOB_FILE).read_text())
+    path = Path(model_dir) / JOB_FILE
+    if not path.is_file():
+        what = ("a model saved by save_pretrained" if (Path(model_dir) / "exit_config.json")
+                .is_file() else "no exitwise run")
+        raise ConfigError(
+            f"{model_dir} holds {what}, not a run of `exitwise train` (no {JOB_FILE}): the "
+            "calibrate, evaluate and bench commands read text classifiers trained by "
+            "`exitwise train`; for other models (images, your own loop) use the Python API "
+            "(exitwise.analysis.collect_exit_logits, exitwise.calibration, model.early_exit)")
+    data = json.loads(path.read_text())
     known = {f.name for f in fields(TrainJob)}
     return TrainJob(**{k: v for k, v in data.items() if k in known})

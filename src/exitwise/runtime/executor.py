@@ -30,7 +30,7 @@ from ..errors import InputError
 from ..modes import for_inference
 from ..outputs import EarlyExitResult
 from ..policies.base import ExitPolicy
-from .flops import exit_cost_table, padded
+from .flops import exit_cost_table, head_mask, padded
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..model import MultiExitModel
@@ -122,7 +122,8 @@ def _run_early_exit(
                 logits = model.head_logits(k, hidden, mask, previous, past)
             previous = logits
             if count_flops:
-                full_mask = None if mask is None else torch.ones_like(mask)
+                full_mask = (torch.ones_like(mask) if mask is not None
+                             else head_mask(backbone, i + 1, state, None))
                 executed += float(heads[k].head_flops(full_mask, logits.shape[0]).sum())
                 if model.scorer is not None and scored:
                     executed += float(model.scorer.scorer_flops(k, logits.shape[0]).sum())

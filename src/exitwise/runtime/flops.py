@@ -6,7 +6,7 @@ so the executor and the offline replay use the same table.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -14,6 +14,17 @@ from ..backbones.base import BackboneState
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..model import MultiExitModel
+
+
+def head_mask(backbone: Any, layer: int, state: BackboneState,
+              mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The mask a head's FLOPs after ``layer`` are counted with: the features' own mask, else
+    all ones over the positions the backbone reports there (a CNN's H x W map: a head that
+    works per position pays for each), else None (one vector per row)."""
+    if mask is not None:
+        return mask
+    n = backbone.feature_positions(layer, state)
+    return None if n is None or n <= 1 else torch.ones(state.batch_size, n, dtype=torch.long)
 
 
 def exit_cost_table(model: "MultiExitModel", state: BackboneState,
@@ -42,8 +53,7 @@ def exit_cost_table(model: "MultiExitModel", state: BackboneState,
             cumulative = cumulative + model.gate.gate_flops(i, mask, b)
         if i + 1 == depth:
             heads_so_far = heads_so_far + head.head_flops(
-                None if state.mask is None else state.mask.cpu(), b
-            )
+                head_mask(backbone, depth, state, mask), b)
             if model.scorer is not None:  # a learned exit score is computed at every exit
                 heads_so_far = heads_so_far + model.scorer.scorer_flops(len(columns), b)
             columns.append(cumulative + heads_so_far)
@@ -61,7 +71,8 @@ def full_depth_cost(model: "MultiExitModel", state: BackboneState) -> torch.Tens
     for i in range(backbone.num_layers):
         cost = cost + backbone.layer_flops(i, state).cpu()
     mask = None if state.mask is None else state.mask.cpu()
-    return cost + model.heads[-1].head_flops(mask, state.batch_size)
+    final = head_mask(backbone, backbone.num_layers, state, mask)
+    return cost + model.heads[-1].head_flops(final, state.batch_size)
 
 
 def padded(state: BackboneState) -> BackboneState:

@@ -32,6 +32,17 @@ def as_example(item: Any) -> Mapping[str, Any]:
         "{'input_ids': [...], 'labels': 1}) or (image, label) pairs")
 
 
+def _tensor(value: Any, key: str) -> torch.Tensor:
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        hint = (" (a PIL image: give the dataset a transform that ends in "
+                "torchvision.transforms.ToTensor() or PILToTensor())"
+                if hasattr(value, "getpixel") else "")
+        raise DataError(f"the examples' {key!r} is a {type(value).__name__}, not something a "
+                        f"tensor can be made of{hint}") from None
+
+
 class PaddingCollator:
     """Pads ``input_ids`` with ``pad_token_id`` and the other sequence keys with 0."""
 
@@ -47,7 +58,7 @@ class PaddingCollator:
         for key in keys:
             if any(key not in it for it in items):
                 raise DataError(f"some examples lack the key {key!r}")
-            values = [torch.as_tensor(it[key]) for it in items]
+            values = [_tensor(it[key], key) for it in items]
             if key in SEQUENCE_KEYS or values[0].dim() == 1:
                 longest = max(int(v.shape[0]) for v in values)
                 fill = self.pad_token_id if key == "input_ids" else 0
@@ -56,6 +67,12 @@ class PaddingCollator:
                     out[r, : v.shape[0]] = v
                 batch[key] = out
             else:
+                shapes = {tuple(v.shape) for v in values}
+                if len(shapes) > 1:
+                    raise DataError(
+                        f"the examples' {key!r} have different shapes {sorted(shapes)[:3]}: "
+                        "a batch needs one shape (for images, resize or crop them to one "
+                        "size in the dataset's transform)")
                 batch[key] = torch.stack(values)
         if "input_ids" in batch and "attention_mask" not in batch:
             lengths = torch.tensor([len(torch.as_tensor(it["input_ids"])) for it in items])

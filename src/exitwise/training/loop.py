@@ -20,6 +20,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from ..checkpoint import STAGE_WEIGHTS, load_model_weights, write_progress
+from ..data.classes import check_class_names, dataset_class_names
 from ..errors import ConfigError, DataError, InputError
 from .base import STRATEGIES, Stage, TrainingStrategy, get_strategy
 from .collate import as_example, default_collator
@@ -102,11 +103,15 @@ def _drop_short_last_batch(strategy: TrainingStrategy, stages: list[Stage], data
                            output_dir: str | Path, user_args: dict[str, Any],
                            model: torch.nn.Module) -> None:
     """A strategy that needs ``min_batch_rows`` rows per batch (the meta-learning recipes cut
-    each batch in two halves), or a model with a ``BatchNorm1d`` (IMTA's collaboration
-    layer), which cannot normalise one row in training, would fail on an epoch's last batch
-    when the dataset's size leaves fewer; such stages drop that batch
-    (``dataloader_drop_last``), unless the user chose the setting."""
-    one_row_fails = any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules())
+    each batch in two halves), or a model with a batch norm (IMTA's collaboration layer has a
+    ``BatchNorm1d``), which cannot normalise one row in training, would fail on an epoch's
+    last batch when the dataset's size leaves fewer; such stages drop that batch
+    (``dataloader_drop_last``), unless the user chose the setting. Any batch norm counts: a
+    ``BatchNorm2d`` fails the same way on a 1 x 1 map (a ResNet's last stage at 32 x 32), and
+    elsewhere one row's statistics are noise; one row an epoch is all the drop costs."""
+    norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
+             torch.nn.SyncBatchNorm)
+    one_row_fails = any(isinstance(m, norms) for m in model.modules())
     need = max(strategy.min_batch_rows, 2 if one_row_fails else 1)
     if need <= 1 or "dataloader_drop_last" in user_args or not hasattr(dataset, "__len__"):
         return
@@ -273,8 +278,13 @@ def train(
     stages = chosen.stages(model)
     _drop_short_last_batch(chosen, stages, train_dataset, output_dir, training_args, model)
     _check_dataset_labels(train_dataset, model.num_labels, "training")
+    # class ids must mean the same classes (an ImageFolder numbers its sub-folders)
+    names = model.config.label_names
+    check_class_names(train_dataset, names, "training")
     if eval_dataset is not None:
         _check_dataset_labels(eval_dataset, model.num_labels, "evaluation")
+        check_class_names(eval_dataset, names or dataset_class_names(train_dataset),
+                          "evaluation")
     collator = data_collator or default_collator(model)
     out = Path(output_dir)
 
@@ -293,9 +303,12 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         write_progress(out, {"strategy": chosen.describe(), "completed": completed,
                              "settings": settings})
+    # the network's own classifier stayed frozen when no stage trains it (exits_only does)
+    final = {id(p) for p in model.heads[-1].parameters()}
+    frozen_final = getattr(model.heads[-1], "registered_name", "") == "native" and not any(
+        id(p) in final for stage in stages for p in stage.trainable(model))
     result = TrainResult(model=model, strategy=chosen.registered_name, output_dir=out,
-                         frozen_final=not chosen.tunes_backbone and getattr(
-                             model.heads[-1], "registered_name", "") == "native")
+                         frozen_final=frozen_final)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
         for i, stage in enumerate(stages):
