@@ -198,3 +198,15 @@ def test_entropy_threshold_is_inclusive():
     one_hot, _ = ew.get_policy("entropy", threshold=0.0).decide(
         0, 3, torch.tensor([[200.0, 0.0]]), {})
     assert one_hot.tolist() == [True]
+
+
+def test_regression_tolerance_follows_the_targets_spread():
+    from exitwise.policies.patience import TOLERANCE_PER_SD, tolerance_for_targets
+
+    targets = [0.0, 1.0, 2.0, 3.0]  # population sd sqrt(1.25)
+    assert tolerance_for_targets(targets) == pytest.approx(TOLERANCE_PER_SD * 1.25 ** 0.5)
+    # the same targets in other units: the same tolerance in those units
+    assert tolerance_for_targets([100 * t for t in targets]) == pytest.approx(
+        100 * tolerance_for_targets(targets))
+    assert tolerance_for_targets([2.0, 2.0]) == 0.1 and tolerance_for_targets([1.0]) == 0.1
+    assert tolerance_for_targets([0.0, float("nan"), 2.0]) == pytest.approx(TOLERANCE_PER_SD)

@@ -275,4 +275,65 @@ def test_an_edited_data_file_or_another_model_spelling(tiny_model_dir, tiny_data
     (data / "train.tsv").write_text("\n".join(flipped) + "\n")
     capsys.readouterr()
     assert main(["train", "--out", "m", "--model", "ckpt", *common]) == 2
-    assert "train digest" in capsys.readouterr().err
+    assert "the data's rows changed" in capsys.readouterr().err
+
+
+def _copy_data(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_text(f.read_text())
+    return dst
+
+
+def test_calibrate_refuses_held_out_rows_that_changed_since_training(
+        tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    """A training file shuffled and grown after training: its held-out slice would be rows
+    the model trained on, and the certificate would not hold (it was calibrated silently)."""
+    data = _copy_data(tiny_data_dir, tmp_path / "data")
+    out = tmp_path / "m"
+    assert main(["train", "--out", str(out), "--model", str(tiny_model_dir), "--data",
+                 str(data), "--max-steps", "2", "--batch-size", "16", "--holdout", "60"]) == 0
+    assert json.loads((out / "exitwise_job.json").read_text())["holdout_digest"]
+    assert main(["calibrate", str(out), "--delta", "none"]) == 0  # unchanged: fine
+    capsys.readouterr()
+    lines = (data / "train.tsv").read_text().splitlines()
+    body = lines[1:]
+    random.Random(1).shuffle(body)
+    (data / "train.tsv").write_text("\n".join([lines[0], *body, *body[:30]]) + "\n")
+    assert main(["calibrate", str(out), "--delta", "none"]) == 2
+    assert "changed since" in capsys.readouterr().err
+
+
+def test_train_says_how_many_rows_were_cut_and_refuses_one_class(
+        tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    long = tmp_path / "long"
+    long.mkdir()
+    rows = ["sentence\tlabel"] + [f"{' '.join(['the film'] * 20)} {w}\t{i % 2}"
+                                  for i, w in enumerate(["good", "bad"] * 20)]
+    (long / "train.tsv").write_text("\n".join(rows + ["good film\t1"]) + "\n")
+    assert main(["train", "--out", str(tmp_path / "l"), "--model", str(tiny_model_dir),
+                 "--data", str(long), "--max-steps", "1", "--holdout", "10",
+                 "--max-length", "16"]) == 0
+    assert "40 of 41 rows are longer than 16 tokens and were cut" in capsys.readouterr().out
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "train.tsv").write_text("sentence\tlabel\n" + "good film\tyes\n" * 40)
+    assert main(["train", "--out", str(tmp_path / "o"), "--model", str(tiny_model_dir),
+                 "--data", str(one), "--max-steps", "1"]) == 2
+    assert "only one class" in capsys.readouterr().err
+
+
+def test_no_resume_with_a_refused_strategy_keeps_the_model(tiny_model_dir, tiny_data_dir,
+                                                           tmp_path, capsys):
+    out = tmp_path / "m"
+    common = ["--out", str(out), "--model", str(tiny_model_dir), "--data", str(tiny_data_dir),
+              "--max-steps", "1", "--holdout", "60"]
+    assert main(["train", *common]) == 0
+    saved = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    capsys.readouterr()
+    assert main(["train", *common, "--no-resume", "--strategy", "jiont"]) == 2
+    assert "jiont" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == saved
+    # a policy with its own fitting method is refused by calibrate, not run at full depth
+    assert main(["calibrate", str(out), "--policies", "e2cm"]) == 2
+    assert "fit_e2cm_policy" in capsys.readouterr().err

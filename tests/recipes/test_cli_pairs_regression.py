@@ -108,6 +108,16 @@ def test_regression_task_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert main(["calibrate", str(out), "--max-drop", "5"]) == 0
     shown = capsys.readouterr().out
     assert "patience@drop5" in shown and "no certificate" in shown
+    # PABEE's regression tolerance follows the targets' spread (0.1 was in STS-B's units)
+    from exitwise.policies.patience import tolerance_for_targets
+    from exitwise.recipes.text_classification import split_train
+    from exitwise.recipes.train_job import load_job
+
+    held = split_train(load_job(out))[1]
+    stored = json.loads((out / "exit_config.json").read_text())["calibration"]
+    tolerance = stored["policies"]["patience@drop5"]["policy"]["tolerance"]
+    assert tolerance == pytest.approx(tolerance_for_targets(held.labels))
+    assert f"tolerance {tolerance:.4g}" in shown
     assert "entropy" not in shown  # classification criteria are not offered
     assert main(["evaluate", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

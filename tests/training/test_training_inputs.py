@@ -326,3 +326,16 @@ def test_images_of_several_sizes_or_pil_images_are_clear_errors():
     pil = [(Image.new("RGB", (6, 6)), 0), (Image.new("RGB", (6, 6)), 1)]
     with pytest.raises(DataError, match="PIL image.*ToTensor"):
         PaddingCollator()(pil)
+
+
+def test_a_raw_text_column_beside_the_tokens_is_left_out_of_batches(tmp_path):
+    # datasets' map(tokenize) keeps "sentence": the collator made a tensor of it and failed
+    items = [dict(it, sentence=f"row {i}", words=["a", "b"]) for i, it in
+             enumerate(token_items(16, seed=3))]
+    batch = PaddingCollator()(items[:4])
+    assert "sentence" not in batch and "words" not in batch and "input_ids" in batch
+    result = train(tiny_model(), items, strategy="joint", output_dir=tmp_path, max_steps=1,
+                   save_final=False, **FAST)
+    assert result.stages[-1].global_step == 1
+    with pytest.raises(DataError, match="not something a tensor"):  # text labels still fail
+        PaddingCollator()([{"input_ids": [1, 2], "labels": "pos"}])

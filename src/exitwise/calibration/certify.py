@@ -136,7 +136,8 @@ def certify_candidates(
             f"{n} held-out rows are too few to certify a drop of {100 * target:.2f} points at "
             f"delta={delta} ({method}): even a setting that never differs from full depth "
             f"gets a bound of {100 * (1 - alpha ** (1 / n)):.2f} points. Hold out at least "
-            f"{need} rows, relax the target or delta, or use delta=None (--delta none on the "
+            f"{need} rows (on the command line: exitwise train --holdout {need}, which trains "
+            "anew), relax the target or delta, or use delta=None (--delta none on the "
             "command line; no guarantee)"
         )
     final_pred = predictions_of(cache.logits[:, -1])

@@ -90,6 +90,14 @@ class TextExamples:
             self.label_names, self.task, self.columns, list(self.notes),
         )
 
+    def digest(self) -> str:
+        """A hash of the rows (texts, second texts, labels, class names): whether a later
+        command reads the same rows as an earlier one did."""
+        h = hashlib.sha1()
+        h.update(json.dumps([self.texts, self.text_pairs, self.labels, self.label_names],
+                            default=str).encode())
+        return h.hexdigest()[:16]
+
     @property
     def num_labels(self) -> int:
         """Classes (1 for regression, as Hugging Face's ``num_labels``)."""
@@ -343,7 +351,8 @@ def examples_from_hf(
 
 class TokenizedDataset(torch.utils.data.Dataset):
     """Tokenizes once up front (pairs as ``tokenizer(text, text_pair)``); items are dicts of
-    lists (input_ids, attention_mask, token_type_ids, ..., labels)."""
+    lists (input_ids, attention_mask, token_type_ids, ..., labels). Rows longer than
+    ``max_length`` tokens are cut; ``truncated`` counts them."""
 
     def __init__(self, examples: TextExamples, tokenizer: Any, max_length: int = 128) -> None:
         if len(examples) == 0:
@@ -357,6 +366,15 @@ class TokenizedDataset(torch.utils.data.Dataset):
             {k: enc[k][i] for k in enc.keys()} | {"labels": examples.labels[i]}
             for i in range(len(examples))
         ]
+        # rows cut at max_length (only the rows that reach it are tokenized again, uncut)
+        full = [i for i, ids in enumerate(enc["input_ids"]) if len(ids) >= max_length]
+        if full:
+            pairs = examples.text_pairs
+            again = tokenizer([examples.texts[i] for i in full],
+                              *([[pairs[i] for i in full]] if pairs is not None else []))
+            full = [i for i, ids in zip(full, again["input_ids"]) if len(ids) > max_length]
+        self.truncated = len(full)
+        self.max_length = max_length
 
     def __len__(self) -> int:
         return len(self.features)

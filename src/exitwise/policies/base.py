@@ -53,6 +53,9 @@ class ExitPolicy:
     # consistency, a halting probability).
     scorer: ClassVar[str | None] = None
     scorer_strategy: ClassVar[str | None] = None
+    # A policy whose table comes from its own fitting function (named here) instead of a
+    # search over ``param``: without that table it runs every row to full depth.
+    fitted_by: ClassVar[str | None] = None
 
     def __init__(self, **params: Any) -> None:
         self.params = dict(params)

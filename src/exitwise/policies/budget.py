@@ -39,6 +39,7 @@ class BudgetPolicy(ExitPolicy):
 
     param = "budget"
     safer_when = "higher"
+    fitted_by = "exitwise.calibration.budget.fit_budget_policy"
     param_range = (0.0, math.inf)
 
     def __init__(

@@ -46,6 +46,7 @@ class E2CMPolicy(ExitPolicy):
     # Not declared: the operating points are unrelated random threshold vectors, so a dearer
     # point may still let some row leave earlier than a cheaper one does.
     safer_when = None
+    fitted_by = "exitwise.calibration.e2cm.fit_e2cm_policy"
     param_range = (0.0, math.inf)
 
     def __init__(

@@ -7,16 +7,33 @@ less than ``tolerance`` from the previous exit's (the reference's ``regression_t
 Deviation: the reference script's ``regression_threshold`` defaults to 0, which never counts
 a change as small enough, so a regression model would never exit early; here ``tolerance``
 defaults to 0.1 (on STS-B's 0-5 scale, a tenth of a point) and is the user's to set.
+That default is in the targets' own units; :func:`tolerance_for_targets` gives the same
+tolerance relative to their spread (what ``exitwise calibrate`` uses on regression models,
+so that targets in other units keep PABEE's behaviour).
 
 Per-row state: the previous exit's prediction and the run length of unchanged predictions.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from ..errors import ConfigError
 from .base import ExitPolicy, PolicyState, register_policy
+
+# 0.1 on STS-B's scale, whose training targets have a standard deviation of 1.46
+TOLERANCE_PER_SD = 0.07
+
+
+def tolerance_for_targets(targets: Sequence[float] | torch.Tensor) -> float:
+    """The regression tolerance for targets of this spread: TOLERANCE_PER_SD x their
+    (population) standard deviation; 0.1 when they do not spread (or number fewer than 2)."""
+    t = torch.as_tensor(targets, dtype=torch.float64).flatten()
+    t = t[torch.isfinite(t)]
+    sd = float(t.std(correction=0)) if t.numel() >= 2 else 0.0
+    return TOLERANCE_PER_SD * sd if sd > 0 else 0.1
 
 
 @register_policy("patience")

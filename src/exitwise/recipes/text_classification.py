@@ -50,10 +50,12 @@ from ..machine import machine_info
 from ..model import MultiExitModel, attach_exits
 from ..model_io import remove_model_files
 from ..policies import POLICIES, get_policy
+from ..policies.patience import TOLERANCE_PER_SD, tolerance_for_targets
 from ..runtime import full_depth_cost
 from ..runtime.timing import measure_speedups
 from ..training import train
 from ..training.evaluate import LIVE_MARGIN
+from ..training.loop import strategy_for
 from .sources import default_head, default_sst2, resolve_model, task_classifier
 from .train_job import (  # the job record; importable from here as before
     JOB_FILE,
@@ -121,6 +123,13 @@ def run_train(job: TrainJob, resume: bool = True, progress: bool = True,
              "calibration")
     for note in every.notes:
         print_fn(f"data: {note}")
+    if every.task != "regression" and every.num_labels < 2:
+        raise DataError(
+            f"the training data has only one class ({every.describe()}): a classifier needs "
+            "rows of two classes or more (a numeric target: --task regression)")
+    if every.task != "regression" and every.num_labels > max(100, len(every) // 10):
+        print_fn(f"data: {every.num_labels} classes for {len(every)} rows; if the labels are "
+                 "numbers to predict, --task regression")
     if job.num_labels is not None and job.num_labels != every.num_labels:
         raise ConfigError(
             f"num_labels={job.num_labels} but the data has {every.num_labels} "
@@ -149,6 +158,10 @@ def run_train(job: TrainJob, resume: bool = True, progress: bool = True,
         layers=job.layers, head=head, num_labels=num_labels, label_names=label_names,
     ))
     job.max_length = max_length(job, every)
+    job.holdout_digest = held_ex.digest()
+    strategy_options = {"weights": job.weights} if job.strategy == "joint" else {}
+    strategy_options.update(job.strategy_options)
+    strategy_for(model, job.strategy, strategy_options)  # refused before anything is cleared
     if resume:
         check_same_job(out, job)
     else:  # starting over: the old model must not stand beside the new job until it is done
@@ -158,8 +171,11 @@ def run_train(job: TrainJob, resume: bool = True, progress: bool = True,
     # The per-exit table printed at the end is measured on the held-out slice (no decision
     # is tuned on it here; calibration uses it later).
     held_ds = TokenizedDataset(held_ex, tokenizer, max_length=job.max_length)
-    strategy_options = {"weights": job.weights} if job.strategy == "joint" else {}
-    strategy_options.update(job.strategy_options)
+    cut = train_ds.truncated + held_ds.truncated
+    cut_note = (f"{cut} of {len(train_ds) + len(held_ds)} rows are longer than "
+                f"{job.max_length} tokens and were cut there (--max-length to keep more)")
+    if cut:
+        print_fn(f"data: {cut_note}")
     args = dict(
         num_train_epochs=job.epochs if job.epochs is not None else 1.0,
         max_steps=job.max_steps,
@@ -177,6 +193,8 @@ def run_train(job: TrainJob, resume: bool = True, progress: bool = True,
         resume=resume, overwrite=not resume, save_final=False, save_steps=200,
         save_total_limit=1, **args,
     )
+    if cut and result.evaluation is not None and result.evaluation.dead:
+        print_fn(f"note: {cut_note}; dead exits may lack what was cut away")
     model.eval()
     tokenizer.save_pretrained(out)  # first: exit_config.json, written last, marks a model
     model.save_pretrained(out, save_backbone=True)
@@ -210,6 +228,11 @@ def policies_for(model: MultiExitModel, names: tuple[str, ...] | None) -> list[s
         for n in names:
             policy = get_policy(n)
             policy.check_task(model.task)
+            if policy.fitted_by is not None:
+                raise ConfigError(
+                    f"policy {n!r} is fitted by its own method ({policy.fitted_by}), which "
+                    "calibrate does not run: use it from Python on a cache of held-out exit "
+                    "logits, or calibrate another policy")
             if policy.uses_scores and model.scorer is None:
                 raise ConfigError(
                     f"policy {n!r} reads a learned exit score, but this model has no exit "
@@ -252,6 +275,12 @@ def run_calibrate(
     model, tokenizer = load_trained(model_dir)
     names = policies_for(model, policies)  # a policy that cannot apply fails before caching
     _, held, _ = split_train(job, label_names=model.config.label_names)
+    if data is None and job.holdout_digest not in (None, held.digest()):
+        raise ConfigError(
+            f"the training data ({job.data}) changed since {model_dir} was trained: its "
+            f"held-out slice ({len(held)} rows) is no longer the rows training never saw, so "
+            "a certificate on it would not hold. Restore the file, train again "
+            "(--no-resume), or calibrate on other data with --data")
     cache = collect_exit_logits(
         model, _loader(held, tokenizer, 64, max_length(job, held)), progress=progress
     )
@@ -270,6 +299,11 @@ def run_calibrate(
     kind = "drop" if risk == "drop" else "disagree"  # one key per risk: none overwritten
     for name in names:
         policy = get_policy(name)
+        if name == "patience" and model.task == "regression":  # PABEE's tolerance, in units
+            tolerance = tolerance_for_targets(held.labels)      # of these targets' spread
+            policy = get_policy(name, tolerance=tolerance)
+            notes.append(f"patience: tolerance {tolerance:.4g} ({TOLERANCE_PER_SD} x the "
+                         "held-out targets' standard deviation)")
         # what the searches warn about (a target missed) is a note of the report, printed
         # with it, not a Python warning with a source line
         with warnings.catch_warnings(record=True) as caught:

@@ -54,6 +54,9 @@ class TrainJob:
     task: str | None = None
     train_split: str = "train"
     extra_args: dict[str, Any] = field(default_factory=dict)
+    # the held-out rows' digest (TextExamples.digest): calibrate checks that the rows it
+    # certifies on are still the ones training never saw
+    holdout_digest: str | None = None
 
 
 def default_holdout(rows: int) -> int:
@@ -89,7 +92,9 @@ def check_same_job(out: Path, job: TrainJob) -> None:
     differ = {k: (saved[k], new[k]) for k in new
               if k in saved and saved[k] != new[k] and k != "out_dir"}
     if differ:
-        listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in differ.items())
+        listed = ", ".join("the data's rows changed (its held-out slice differs)"
+                           if k == "holdout_digest" else f"{k}: {a!r} -> {b!r}"
+                           for k, (a, b) in differ.items())
         raise ConfigError(
             f"{out} holds a training run with other settings ({listed}); resuming would "
             "keep that run. Start over with --no-resume (the Python API: resume=False), or "

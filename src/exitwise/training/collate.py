@@ -32,6 +32,11 @@ def as_example(item: Any) -> Mapping[str, Any]:
         "{'input_ids': [...], 'labels': 1}) or (image, label) pairs")
 
 
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) or (
+        isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], str))
+
+
 def _tensor(value: Any, key: str) -> torch.Tensor:
     try:
         return torch.as_tensor(value)
@@ -56,6 +61,11 @@ class PaddingCollator:
         keys = list(items[0].keys())
         batch: dict[str, torch.Tensor] = {}
         for key in keys:
+            if key not in ("labels", "label") and _is_text(items[0][key]):
+                # a raw text column beside the tokenized ones (a datasets.Dataset keeps its
+                # "sentence" after map(tokenize)): no model input, left out as HF's Trainer
+                # leaves out the columns its model does not take
+                continue
             if any(key not in it for it in items):
                 raise DataError(f"some examples lack the key {key!r}")
             values = [_tensor(it[key], key) for it in items]

@@ -123,6 +123,23 @@ def _drop_short_last_batch(strategy: TrainingStrategy, stages: list[Stage], data
             stage.args = {**stage.args, "dataloader_drop_last": True}
 
 
+def strategy_for(model: Any, strategy: str | TrainingStrategy,
+                 options: dict[str, Any] | None = None) -> TrainingStrategy:
+    """The training strategy, built with its options and checked against the model's task
+    (ConfigError otherwise): what ``train`` runs, and what a caller can check before it
+    clears anything."""
+    chosen = get_strategy(strategy, **(options or {}))
+    task = getattr(model, "task", "classification")
+    if task not in chosen.tasks:
+        usable = [n for n in STRATEGIES.names() if task in STRATEGIES.get(n).tasks]
+        raise ConfigError(
+            f"training strategy {chosen.registered_name!r} is for "
+            f"{'/'.join(chosen.tasks)} models; this model is a {task} model "
+            f"(num_labels={model.num_labels}). Use one of: {', '.join(usable)}"
+        )
+    return chosen
+
+
 def _check_args(user_args: dict[str, Any]) -> None:
     unknown = sorted(set(user_args) - _ARG_FIELDS)
     if unknown:
@@ -266,15 +283,7 @@ def train(
             f"got {type(model).__name__}"
         )
     _check_args(training_args)
-    chosen = get_strategy(strategy, **(strategy_options or {}))
-    task = getattr(model, "task", "classification")
-    if task not in chosen.tasks:
-        usable = [n for n in STRATEGIES.names() if task in STRATEGIES.get(n).tasks]
-        raise ConfigError(
-            f"training strategy {chosen.registered_name!r} is for "
-            f"{'/'.join(chosen.tasks)} models; this model is a {task} model "
-            f"(num_labels={model.num_labels}). Use one of: {', '.join(usable)}"
-        )
+    chosen = strategy_for(model, strategy, strategy_options)
     stages = chosen.stages(model)
     _drop_short_last_batch(chosen, stages, train_dataset, output_dir, training_args, model)
     _check_dataset_labels(train_dataset, model.num_labels, "training")
