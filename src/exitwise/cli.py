@@ -471,7 +471,8 @@ def _run(args: argparse.Namespace) -> int:
             batch_sizes=tuple(args.batch_sizes),
             repeats=args.repeats, limit=args.limit, threads=args.threads,
         )
-        out = Path(args.out) if args.out else Path(args.model_dir) / f"bench-{report['split']}.json"
+        default = tc.report_path(args.model_dir, "bench", args.data, report["split"])
+        out = Path(args.out) if args.out else default.parent / f"{default.name}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2, default=_json_default))
         print(json.dumps(report, indent=2, default=_json_default) if args.json

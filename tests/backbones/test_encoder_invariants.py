@@ -202,3 +202,13 @@ def test_a_misspelt_input_is_refused_not_ignored():
             ew.get_policy("never"), **b)):
         with pytest.raises(InputError, match=r"unexpected inputs \['attention_masks'\]"):
             call(**typo)
+
+
+@pytest.mark.parametrize("family", ENCODER_FAMILIES)
+def test_exits_placed_by_flops_on_every_encoder_family(family):
+    # "flops:..." needed an example input the encoder adapter could not make
+    model = ew.attach_exits(tiny_encoder(family),
+                            ew.ExitConfig(layers="flops:0.3,0.6", head="mean", num_labels=2))
+    # four blocks of equal cost after an embedding that costs no products: 0.3 of the FLOPs
+    # is first reached after block 2 (0.5), 0.6 after block 3 (0.75); the final exit is added
+    assert model.exit_layers == [2, 3, 4]

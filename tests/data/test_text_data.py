@@ -61,9 +61,8 @@ def test_missing_file(tmp_path):
         ("label\tsentence\n1\tok\n0\ttoo\tmany\n", 3, "expected 2 tab-separated fields, got 3"),
         ("label\tsentence\n1\tok\n0\n", 3, "got 1"),
         ("label\tsentence\n1\tok\n1\tfine\npos\tgood\n", 4, "mix numbers and names"),
-        ("label\tsentence\n-1\tok\n", 2, "negative"),
     ],
-    ids=["too-many-fields", "too-few-fields", "non-integer-label", "negative-label"],
+    ids=["too-many-fields", "too-few-fields", "non-integer-label"],
 )
 def test_malformed_rows_name_file_and_line(tmp_path, content, line, match):
     path = write(tmp_path / "bad.tsv", content)

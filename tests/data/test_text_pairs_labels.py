@@ -81,6 +81,9 @@ def test_string_labels_map_like_hugging_face_and_keep_their_names(tmp_path):
     (["3.8", "5", "0.25"], [3.8, 5.0, 0.25], None, "regression"),
     (["1e-1", "2"], [0.1, 2.0], None, "regression"),
     (["pos", "neg", "pos"], [1, 0, 1], ["neg", "pos"], "classification"),
+    # -1 / 1 files: named classes in numeric order (a negative id was refused)
+    (["1", "-1", "1", "-1"], [1, 0, 1, 0], ["-1", "1"], "classification"),
+    (["-1", "10", "2"], [0, 2, 1], ["-1", "2", "10"], "classification"),
 ])
 def test_label_parsing_rules(raw, labels, names, task):
     got = parse_labels(raw)

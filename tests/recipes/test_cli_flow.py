@@ -337,3 +337,49 @@ def test_no_resume_with_a_refused_strategy_keeps_the_model(tiny_model_dir, tiny_
     # a policy with its own fitting method is refused by calibrate, not run at full depth
     assert main(["calibrate", str(out), "--policies", "e2cm"]) == 2
     assert "fit_e2cm_policy" in capsys.readouterr().err
+
+
+def test_reports_on_other_data_do_not_overwrite_the_own_dev_report(
+        tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "m"
+    assert main(["train", "--out", str(out), "--model", str(tiny_model_dir), "--data",
+                 str(tiny_data_dir), "--max-steps", "1", "--holdout", "60"]) == 0
+    assert main(["calibrate", str(out), "--delta", "none", "--policies", "entropy"]) == 0
+    other = _copy_data(tiny_data_dir, tmp_path / "reviews")
+    for data in ([], ["--data", str(other)]):
+        assert main(["evaluate", str(out), "--limit", "8", *data]) == 0
+        assert main(["bench", str(out), "--batch-sizes", "1", "--repeats", "1", "--limit", "4",
+                     *data]) == 0
+    assert (out / "eval-dev" / "report.json").is_file()
+    assert (out / "eval-reviews-dev" / "report.json").is_file()
+    assert (out / "bench-dev.json").is_file() and (out / "bench-reviews-dev.json").is_file()
+    # the training data named again is the same data: the same report
+    assert main(["evaluate", str(out), "--limit", "8", "--data", str(tiny_data_dir)]) == 0
+    assert not list(out.glob(f"eval-{tiny_data_dir.name}-*"))
+    capsys.readouterr()
+
+
+def test_a_model_trained_on_one_file_is_told_to_evaluate_on_another(tiny_model_dir,
+                                                                    tmp_path, capsys):
+    single = tmp_path / "all.tsv"
+    single.write_text("sentence\tlabel\n" + "".join(
+        f"{'good' if i % 2 else 'bad'} film\t{i % 2}\n" for i in range(40)))
+    out = tmp_path / "m"
+    assert main(["train", "--out", str(out), "--model", str(tiny_model_dir), "--data",
+                 str(single), "--max-steps", "1", "--holdout", "10"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "split your file" in err and "--split test" not in err
+
+
+def test_a_model_with_a_learned_exit_score_is_calibrated_on_it_by_default(
+        tiny_model_dir, tiny_data_dir, tmp_path):
+    # BERxiT trains a learning-to-exit scorer; calibrate's defaults left it out
+    out = tmp_path / "m"
+    assert main(["train", "--out", str(out), "--model", str(tiny_model_dir), "--data",
+                 str(tiny_data_dir), "--max-steps", "2", "--holdout", "60",
+                 "--strategy", "berxit"]) == 0
+    assert main(["calibrate", str(out), "--delta", "none"]) == 0
+    calib = json.loads((out / "exit_config.json").read_text())["calibration"]
+    assert "lte@drop1" in calib["policies"] and "entropy@drop1" in calib["policies"]

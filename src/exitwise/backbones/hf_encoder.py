@@ -196,6 +196,17 @@ class HFEncoderBackbone(Backbone):
                 )
         return mask
 
+    def example_input(self, batch_size: int = 1, length: int = 128) -> dict[str, torch.Tensor]:
+        """A blank batch of ``length`` tokens (at most half the model's positions: RoBERTa's
+        start after its padding id): what placing exits by FLOPs (``layers="flops:..."``)
+        runs; the blocks of an encoder all cost the same, so the placement hardly depends
+        on the length."""
+        positions = int(getattr(self.config, "max_position_embeddings", 0) or 2 * length)
+        n = max(1, min(length, positions // 2))
+        device = next(self.parameters()).device
+        return {"input_ids": torch.zeros(batch_size, n, dtype=torch.long, device=device),
+                "attention_mask": torch.ones(batch_size, n, dtype=torch.long, device=device)}
+
     # -- the contract -----------------------------------------------------------------------
     def start(self, **inputs: Any) -> BackboneState:
         mask = self.check_inputs(**inputs)

@@ -231,7 +231,8 @@ def parse_labels(
 ) -> tuple[list[int] | list[float], list[str] | None, str]:
     """Label strings -> (labels, class names or None, task).
 
-    All integers: class ids as they are (negative ids refused). Any decimal/exponent number
+    All integers: class ids as they are; with a negative one (-1 / 1), class names in numeric
+    order instead (ids from 0). Any decimal/exponent number
     (and all numeric): regression targets (floats). Otherwise class names -> ids in the order
     of ``label_names`` when given (a trained model's), else sorted. ``task`` forces
     "classification" or "regression". ``where``: per value, its "file:line" for errors.
@@ -273,9 +274,10 @@ def parse_labels(
         )
     if all(_INT.match(v) for v in values):
         ids = [int(v) for v in values]
-        neg = next((i for i, v in enumerate(ids) if v < 0), None)
-        if neg is not None:
-            raise DataError(f"{loc[neg]}: label {ids[neg]} is negative")
+        if min(ids) < 0:  # -1 / 1 (as SVM-style files write two classes): named classes,
+            names = [str(v) for v in sorted(set(ids))]  # in numeric order
+            index = {int(n): i for i, n in enumerate(names)}
+            return [index[v] for v in ids], names, CLASSIFICATION
         return ids, None, CLASSIFICATION
     names = sorted(set(values))
     index = {n: i for i, n in enumerate(names)}

@@ -238,7 +238,13 @@ def policies_for(model: MultiExitModel, names: tuple[str, ...] | None) -> list[s
                     f"policy {n!r} reads a learned exit score, but this model has no exit "
                     "scorer (train it with a strategy that fits one, e.g. berxit)")
         return list(names)
-    return [n for n in DEFAULT_POLICIES if model.task in POLICIES.get(n).tasks]
+    chosen = [n for n in DEFAULT_POLICIES if model.task in POLICIES.get(n).tasks]
+    # a model trained with a learned exit score (BERxiT's lte, CATs, DACT) is calibrated on
+    # it too: it is what its recipe trained for
+    have = getattr(model.scorer, "registered_name", None) if model.scorer is not None else None
+    chosen += [n for n in POLICIES.names() if have is not None and n not in chosen
+               and POLICIES.get(n).scorer == have and model.task in POLICIES.get(n).tasks]
+    return chosen
 
 
 def run_calibrate(
@@ -335,6 +341,20 @@ def _calibrate_one(name: str, policy: Any, cache: Any, temps: torch.Tensor,
     return result, f"{name}@{kind}{max_drop_points:g}{suffix}"
 
 
+def report_path(model_dir: str | Path, kind: str, data: str | None, split: str) -> Path:
+    """Where ``evaluate`` / ``bench`` write by default: ``MODEL_DIR/{kind}-{split}``, named
+    after the data too when it is not the training data (another file's dev rows must not
+    overwrite the report on the model's own dev split)."""
+    name = f"{kind}-{split}"
+    if data is not None:
+        job = load_job(model_dir)
+        same = job.data is not None and Path(data).exists() and Path(job.data).exists() and (
+            Path(data).resolve() == Path(job.data).resolve())
+        if not same:
+            name = f"{kind}-{Path(str(data).rstrip('/')).stem or 'data'}-{split}"
+    return Path(model_dir) / name
+
+
 def eval_examples(model: MultiExitModel, model_dir: str | Path, data: str | None,
                   split: str | None, limit: int | None) -> tuple[TextExamples, TrainJob, str]:
     """(examples, job, split) to evaluate on. ``split`` None: "dev", or "test" when the model
@@ -348,9 +368,12 @@ def eval_examples(model: MultiExitModel, model_dir: str | Path, data: str | None
         # the held-out slice of this split calibrated the thresholds and the rest trained the
         # model: a score on it would flatter both (a single file serves every split, and
         # "dev" and "validation" name one file)
+        single = Path(str(trained_on)).is_file()  # one file serves every split
+        other = ("--data with a file of other rows (split your file into train and test "
+                 "files and train on the train file)" if single
+                 else "--split test, or --data another file")
         raise DataError(f"this model was trained on split {job.train_split!r} of "
-                        f"{trained_on}, the rows of {where}; evaluate on other rows (e.g. "
-                        "--split test, or --data another file)")
+                        f"{trained_on}, the rows of {where}; evaluate on other rows ({other})")
     examples = load_examples(source, split, columns=job.columns,
                              label_names=model.config.label_names, task=job.task)
     if limit is not None and limit < len(examples):
@@ -410,7 +433,7 @@ def run_evaluate(
             "flops_speedup": float(res.flops_speedup),
             "certified_bound_points": entry.get("heldout", {}).get("certified_bound_points"),
         }
-    out = Path(out_dir) if out_dir else Path(model_dir) / f"eval-{split}"
+    out = Path(out_dir) if out_dir else report_path(model_dir, "eval", data, split)
     out.mkdir(parents=True, exist_ok=True)
     names = policies_for(model, None)
     curves = curves_for_policies(names, cache, temps)
