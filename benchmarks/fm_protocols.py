@@ -22,6 +22,7 @@ from exitwise.protocols import (
 )
 from exitwise.calibration import search_accuracy_drop
 from exitwise.data import ImageClassificationDataset
+from exitwise.data.vision import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from exitwise.policies import get_policy
 
 
@@ -39,7 +40,9 @@ def digits_as_ood(num: int | None = None) -> ImageClassificationDataset | None:
     labels = torch.as_tensor(d.target, dtype=torch.long)
     if num is not None:
         images, labels = images[:num], labels[:num]
-    return ImageClassificationDataset(images, labels)
+    # the model's own preprocessing: Fashion-MNIST's statistics, not the digits'
+    return ImageClassificationDataset(images, labels, mean=FASHION_MNIST_MEAN,
+                                      std=FASHION_MNIST_STD)
 
 
 def ood_cache(model, run: Path) -> ExitLogitsCache | None:

@@ -104,3 +104,22 @@ def test_heads_on_feature_maps_are_charged_for_every_cell(head):
         per_token = h.linear_flops(h.qkv, h.proj, h.fc1, h.fc2)
         assert float(h.head_flops(cells, 1)[0]) == pytest.approx(
             64 * per_token + 64 * 64 * 4 * 8 + h.linear_flops(h.classifier))
+
+
+@pytest.mark.parametrize("head", ["vit_layer", "mean", "lgvit_global"])
+def test_a_headless_vit_prices_its_pooled_final_exit_as_the_runtime_runs_it(head):
+    """The final head of a ViT without a classifier reads the pooled vector: the cost table
+    priced it on every token (the mask right after the stem), the executor on one vector."""
+    timm = pytest.importorskip("timm")
+    net = timm.models.vision_transformer.VisionTransformer(
+        img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=0).eval()
+    model = ew.attach_exits(net, ew.ExitConfig(layers="all", head=head, num_labels=3))
+    res = model.early_exit(ew.get_policy("never"), pixel_values=torch.randn(3, 3, 16, 16))
+    assert float(res.flops.sum()) == pytest.approx(res.executed_flops)
+    state = model.backbone.start(pixel_values=torch.randn(1, 3, 16, 16))
+    blocks = sum(float(model.backbone.layer_flops(i, state)[0]) for i in range(2))
+    stem = float(model.backbone.start_flops(state)[0])
+    tokens = torch.ones(1, 17, dtype=torch.long)
+    expected = (stem + blocks + float(model.heads[0].head_flops(tokens, 1)[0])
+                + float(model.heads[1].head_flops(None, 1)[0]))
+    assert float(res.flops[0]) == pytest.approx(expected)

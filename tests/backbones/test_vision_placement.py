@@ -86,9 +86,12 @@ def test_bad_flops_specs(spec):
 def test_flops_spec_needs_a_backbone_and_an_example():
     with pytest.raises(ConfigError, match="needs the backbone"):
         ew.ExitConfig(layers="flops:0.5").resolve_layers(4)
-    encoder = ew.wrap_backbone(tiny_encoder("bert"))
+    # a sequential network that has seen no input has no example to measure with
+    unseen = ew.SequentialBackbone([nn.Linear(4, 4), nn.Linear(4, 4)])
     with pytest.raises(ConfigError, match="example="):
-        layers_at_flops_fractions(encoder, (0.5,))
+        layers_at_flops_fractions(unseen, (0.5,))
+    # an encoder makes its own (equal blocks: 0.5 of the FLOPs after block 2 of 4)
+    assert layers_at_flops_fractions(ew.wrap_backbone(tiny_encoder("bert")), (0.5,)) == [2]
 
 
 def test_placing_exits_by_flops_leaves_a_train_mode_model_unchanged():

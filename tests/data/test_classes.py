@@ -43,6 +43,9 @@ def test_class_names_are_found_through_subsets_and_loaders():
         check_class_names(Folder(["apple", "car_10", "car_2", "dog"]), TRAIN, "evaluation")
     with pytest.raises(DataError, match="another order"):
         check_class_names(Folder(["apple", "Zebra", "car_10", "car_2"]), TRAIN, "evaluation")
+    # names of another kind (an ImageNet folder's WordNet ids against a checkpoint's
+    # id2label): nothing to compare, nothing refused
+    check_class_names(Folder(["n01440764", "n01443537"]), ["tench", "goldfish"], "given")
 
 
 def _model(label_names=None):

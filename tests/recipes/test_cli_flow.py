@@ -295,6 +295,14 @@ def test_calibrate_refuses_held_out_rows_that_changed_since_training(
                  str(data), "--max-steps", "2", "--batch-size", "16", "--holdout", "60"]) == 0
     assert json.loads((out / "exitwise_job.json").read_text())["holdout_digest"]
     assert main(["calibrate", str(out), "--delta", "none"]) == 0  # unchanged: fine
+    # the Python API's holdout: a part of the kept-out rows works, more rows are refused
+    from exitwise.errors import ConfigError
+    from exitwise.recipes.text_classification import run_calibrate
+
+    report = run_calibrate(out, policies=("entropy",), delta=None, holdout=40, progress=False)
+    assert report["heldout_rows"] == 40
+    with pytest.raises(ConfigError, match="kept only 60 out"):
+        run_calibrate(out, policies=("entropy",), delta=None, holdout=80, progress=False)
     capsys.readouterr()
     lines = (data / "train.tsv").read_text().splitlines()
     body = lines[1:]

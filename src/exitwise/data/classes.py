@@ -28,9 +28,15 @@ def dataset_class_names(dataset: Any) -> list[str] | None:
 
 
 def check_class_names(dataset: Any, label_names: Sequence[str] | None, what: str) -> None:
-    """DataError when ``dataset``'s class names are not ``label_names``, in the same order."""
+    """DataError when ``dataset``'s class names are not ``label_names``, in the same order.
+
+    Only names of one kind are compared: when the two share no name at all (an ImageNet
+    folder's WordNet ids against a checkpoint's human-readable ``id2label``, ids fixed by a
+    ``target_transform``), nothing can be said and nothing is refused."""
     names = dataset_class_names(dataset)
     if names is None or label_names is None or list(names) == list(label_names):
+        return
+    if not set(names) & set(label_names):
         return
     model = list(label_names)
     missing = [n for n in model if n not in names]

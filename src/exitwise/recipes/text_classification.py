@@ -276,17 +276,25 @@ def run_calibrate(
     job = load_job(model_dir)
     if data is not None:
         job.data = data
-    if holdout is not None:
-        job.holdout = holdout
     model, tokenizer = load_trained(model_dir)
     names = policies_for(model, policies)  # a policy that cannot apply fails before caching
-    _, held, _ = split_train(job, label_names=model.config.label_names)
+    kept_out = job.holdout  # the slice training never saw
+    _, held, every = split_train(job, label_names=model.config.label_names)
     if data is None and job.holdout_digest not in (None, held.digest()):
         raise ConfigError(
             f"the training data ({job.data}) changed since {model_dir} was trained: its "
             f"held-out slice ({len(held)} rows) is no longer the rows training never saw, so "
             "a certificate on it would not hold. Restore the file, train again "
             "(--no-resume), or calibrate on other data with --data")
+    if holdout is not None:
+        wanted = (int(round(holdout * len(every))) if isinstance(holdout, float) and holdout < 1
+                  else int(holdout))
+        if data is None and kept_out is not None and wanted > kept_out:
+            raise ConfigError(
+                f"holdout={holdout} asks for {wanted} rows, but training kept only {kept_out} "
+                "out: the others were trained on (a smaller hold-out, a part of those, works)")
+        job.holdout = holdout  # the slice is the first rows of one seeded order: a part of it
+        _, held, _ = split_train(job, label_names=model.config.label_names)
     cache = collect_exit_logits(
         model, _loader(held, tokenizer, 64, max_length(job, held)), progress=progress
     )

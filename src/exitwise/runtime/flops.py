@@ -18,13 +18,14 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def head_mask(backbone: Any, layer: int, state: BackboneState,
               mask: torch.Tensor | None) -> torch.Tensor | None:
-    """The mask a head's FLOPs after ``layer`` are counted with: the features' own mask, else
-    all ones over the positions the backbone reports there (a CNN's H x W map: a head that
-    works per position pays for each), else None (one vector per row)."""
-    if mask is not None:
-        return mask
+    """The mask a head's FLOPs after ``layer`` are counted with: the features' own mask where
+    the backbone reports no other shape there; all ones over the positions it reports (a
+    CNN's H x W map: a head that works per position pays for each); None for one vector per
+    row (a ViT's pooled output after its last block, although its tokens had a mask)."""
     n = backbone.feature_positions(layer, state)
-    return None if n is None or n <= 1 else torch.ones(state.batch_size, n, dtype=torch.long)
+    if n is None or (mask is not None and mask.dim() == 2 and n == mask.shape[1]):
+        return mask
+    return None if n <= 1 else torch.ones(state.batch_size, n, dtype=torch.long)
 
 
 def exit_cost_table(model: "MultiExitModel", state: BackboneState,
