@@ -10,6 +10,10 @@ from pathlib import Path
 import torch
 
 from exitwise.analysis import ExitLogitsCache, collect_exit_logits
+from exitwise.calibration import search_accuracy_drop
+from exitwise.data import ImageClassificationDataset
+from exitwise.data.vision import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from exitwise.policies import get_policy
 from exitwise.protocols import (
     fixed_cost_table,
     ood_auroc,
@@ -20,10 +24,6 @@ from exitwise.protocols import (
     plot_risk_coverage,
     selective_classification,
 )
-from exitwise.calibration import search_accuracy_drop
-from exitwise.data import ImageClassificationDataset
-from exitwise.data.vision import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-from exitwise.policies import get_policy
 
 
 def digits_as_ood(num: int | None = None) -> ImageClassificationDataset | None:
