@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: dev, or test for a model trained on dev")
     e.add_argument("--out", default=None, help="folder for report.json and the curves "
                                                 "(default: MODEL_DIR/eval-SPLIT)")
-    e.add_argument("--limit", type=int, default=None)
+    e.add_argument("--limit", type=_positive_int, default=None)
     e.add_argument("--json", action="store_true", help="print the report as JSON")
 
     b = sub.add_parser("bench", help="measured wall-clock speed-up vs full depth")
@@ -98,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: dev, or test for a model trained on dev")
     b.add_argument("--batch-sizes", type=_positive_ints, default=[1, 32])
     b.add_argument("--repeats", type=_positive_int, default=5)
-    b.add_argument("--limit", type=int, default=None)
-    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--limit", type=_positive_int, default=None)
+    b.add_argument("--threads", type=_positive_int, default=2)
     b.add_argument("--out", default=None,
                    help="JSON report file (default: MODEL_DIR/bench-SPLIT.json)")
     b.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -205,8 +205,8 @@ _positive_int, _positive_float = _positive(int), _positive(float)
 
 
 def _positive_ints(value: str) -> list[int]:
-    """"1,32" -> [1, 32], each a whole number above 0."""
-    return [_positive_int(v) for v in value.split(",")]
+    """"1,32" -> [1, 32], each a whole number above 0 (repeats dropped, order kept)."""
+    return list(dict.fromkeys(_positive_int(v) for v in value.split(",")))
 
 
 def _skip(value: str) -> list[Any]:
@@ -337,7 +337,7 @@ def _add_lm_commands(sub: Any) -> None:
     k.add_argument("model", help="a tune-lm folder, 'smollm2', a local folder or a hub id")
     k.add_argument("--rows", type=_ints, default=list(range(1, 9)),
                    help="row counts to measure (default 1..8, what generation reroutes)")
-    k.add_argument("--threads", type=int, default=2)
+    k.add_argument("--threads", type=_positive_int, default=2)
     k.add_argument("--again", action="store_true",
                    help="forget this machine's earlier measurements first")
 
@@ -418,8 +418,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         every = {"train": " (a checkpoint every 200 steps)",
                  "tune-lm": " (its last checkpoint: save_every steps apart)"}
-        print("exitwise: interrupted; run the same command again to continue from what it "
-              f"last saved{every.get(args.command, '')}", file=sys.stderr)
+        if args.command in every:
+            print("exitwise: interrupted; run the same command again to continue from what "
+                  f"it last saved{every[args.command]}", file=sys.stderr)
+        else:  # these write their results at the end only
+            print(f"exitwise: interrupted; {args.command} saved nothing of this run",
+                  file=sys.stderr)
         return 130
 
 

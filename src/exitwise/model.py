@@ -33,6 +33,7 @@ from .heads import (
     uses_past_states,
     uses_previous_logits,
 )
+from .labels import validate_labels
 from .model_io import (  # the folder's file names stay importable from here
     BACKBONE_DIR,
     BACKBONE_WEIGHTS,
@@ -166,26 +167,7 @@ class MultiExitModel(nn.Module):
     def check_labels(self, labels: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """Validate labels: (B,) integers in [0, num_labels), or (B,) finite numbers for a
         regression model."""
-        labels = torch.as_tensor(labels)
-        if labels.dim() != 1:
-            raise InputError(f"labels must be (batch,), got shape {tuple(labels.shape)}")
-        if batch_size is not None and labels.shape[0] != batch_size:
-            raise InputError(f"{labels.shape[0]} labels for a batch of {batch_size}")
-        if self.task == "regression":
-            if not bool(torch.isfinite(labels.float()).all()):
-                raise InputError("regression targets must be finite numbers")
-            return labels.float()
-        if labels.is_floating_point() and bool((labels != labels.round()).any()):
-            raise InputError(
-                "labels are fractional numbers but this is a classification model; a "
-                "regression model has num_labels=1"
-            )
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_labels):
-            raise InputError(
-                f"labels must be in [0, {self.num_labels}); got values from "
-                f"{int(labels.min())} to {int(labels.max())}"
-            )
-        return labels
+        return validate_labels(labels, self.num_labels, self.task, batch_size)
 
     # -- forward passes ---------------------------------------------------------------------
     def head_logits(

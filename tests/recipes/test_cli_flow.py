@@ -354,6 +354,8 @@ def test_reports_on_other_data_do_not_overwrite_the_own_dev_report(
                  str(tiny_data_dir), "--max-steps", "1", "--holdout", "60"]) == 0
     assert main(["calibrate", str(out), "--delta", "none", "--policies", "entropy"]) == 0
     other = _copy_data(tiny_data_dir, tmp_path / "reviews")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bench runs at its --threads 2 and gives 1 back
     for data in ([], ["--data", str(other)]):
         assert main(["evaluate", str(out), "--limit", "8", *data]) == 0
         assert main(["bench", str(out), "--batch-sizes", "1", "--repeats", "1", "--limit", "4",
@@ -361,6 +363,8 @@ def test_reports_on_other_data_do_not_overwrite_the_own_dev_report(
     assert (out / "eval-dev" / "report.json").is_file()
     assert (out / "eval-reviews-dev" / "report.json").is_file()
     assert (out / "bench-dev.json").is_file() and (out / "bench-reviews-dev.json").is_file()
+    assert torch.get_num_threads() == 1  # bench --threads is for its run only
+    torch.set_num_threads(threads)
     # the training data named again is the same data: the same report
     assert main(["evaluate", str(out), "--limit", "8", "--data", str(tiny_data_dir)]) == 0
     assert not list(out.glob(f"eval-{tiny_data_dir.name}-*"))
@@ -391,3 +395,22 @@ def test_a_model_with_a_learned_exit_score_is_calibrated_on_it_by_default(
     assert main(["calibrate", str(out), "--delta", "none"]) == 0
     calib = json.loads((out / "exit_config.json").read_text())["calibration"]
     assert "lte@drop1" in calib["policies"] and "entropy@drop1" in calib["policies"]
+
+
+def test_an_interrupt_says_whether_a_rerun_continues(monkeypatch, capsys):
+    # bench / evaluate / calibrate write at the end only: they said a rerun would continue
+    from exitwise.recipes import text_classification as tc
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tc, "run_bench", stop)
+    monkeypatch.setattr(tc, "run_train", stop)
+    assert main(["bench", "somewhere"]) == 130
+    assert "bench saved nothing of this run" in capsys.readouterr().err
+    assert main(["train", "--out", "somewhere"]) == 130
+    assert "continue from what it last saved" in capsys.readouterr().err
+    for argv in (["bench", "m", "--threads", "0"], ["bench", "m", "--limit", "-5"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert "expected a number > 0" in capsys.readouterr().err

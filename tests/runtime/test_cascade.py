@@ -233,3 +233,18 @@ def test_time_cascade_reports_every_configuration():
     assert all(len(v["samples_s"]) == 2 and v["median_s"] > 0 for v in out.values())
     assert out["baseline"]["speedup"] == pytest.approx(1.0)
     assert math.isfinite(out["never"]["speedup"])
+
+
+def test_bfloat16_members_with_a_temperature_decide_live_as_replayed():
+    """Live, the first member's bf16 logits were divided by its temperature in bf16; replay
+    divides the float32 cache. At thresholds set to the observed confidences (what a
+    calibration finds), the rounding moved rows."""
+    cascade = ModelCascade([m.to(torch.bfloat16) for m in members()])
+    cascade.members[0].temperatures[-1] = 0.7
+    loader = _loader(n=32)
+    cache = collect_cascade_logits(cascade, loader)
+    conf = torch.softmax(cache.logits[:, 0].float() / 0.7, -1).amax(-1)
+    for threshold in sorted(set(conf.tolist()))[::2]:
+        live = torch.cat([cascade.run(threshold, count_flops=False, **b).member
+                          for b in loader])
+        assert torch.equal(live, replay_cascade(threshold, cache, cascade).exit_index), threshold

@@ -230,3 +230,43 @@ def test_sdn_export_windows_equal_adaptive_pooling():
         peak, mean = _window_pools(x, 4)
         assert torch.equal(peak, F.adaptive_max_pool2d(x, 4))
         torch.testing.assert_close(mean, F.adaptive_avg_pool2d(x, 4))
+
+
+def test_runner_checks_labels_as_the_eager_executor(exported):
+    model, _, runner = exported
+    x = images(4)
+    oracle = ew.get_policy("oracle")
+    labels = [0, 1, 2, 3]  # a list, as the eager executor takes it
+    eager = model.early_exit(oracle, labels=torch.tensor(labels), pixel_values=x)
+    assert torch.equal(runner.run(x, oracle, labels=labels).exit_index, eager.exit_index)
+    with pytest.raises(InputError, match=r"labels must be in \[0, 4\)"):
+        runner.run(x, oracle, labels=[0, 1, 2, 9])
+
+
+def test_a_regression_model_runs_exported_as_eagerly(tmp_path):
+    # the runner let confidence decide on a value (every row left at exit 0) and predicted
+    # the arg-max of one output (always 0)
+    from exitwise.errors import ConfigError
+
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(3)]
+    model = ew.attach_exits(ew.SequentialBackbone(blocks, example=torch.randn(1, 6)),
+                            ew.ExitConfig(layers="all", head="linear", num_labels=1)).eval()
+    export_segments(model, tmp_path, torch.randn(2, 6))
+    runner = OnnxExitRunner(tmp_path)
+    x = torch.randn(5, 6)
+    with pytest.raises(ConfigError, match="regression"):
+        runner.run(x, ew.get_policy("confidence"))
+    patience = ew.get_policy("patience", patience=1, tolerance=0.05)
+    got, eager = runner.run(x, patience), model.early_exit(patience, inputs=x)
+    assert torch.equal(got.exit_index, eager.exit_index)
+    torch.testing.assert_close(got.predictions, eager.predictions, atol=ATOL, rtol=0)
+
+
+def test_a_bfloat16_model_is_refused_before_exporting(tmp_path):
+    model = tiny_cnn().to(torch.bfloat16)
+    with pytest.raises(InputError, match=r"model.float\(\)"):
+        export_segments(model, tmp_path / "bf16", torch.randn(2, 3, 8, 8))
+    with pytest.raises(InputError, match="float32"):
+        export_segments(tiny_cnn(), tmp_path / "ex", torch.randn(2, 3, 8, 8).bfloat16())
+    assert not (tmp_path / "bf16").exists()

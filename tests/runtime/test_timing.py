@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 
+import pytest
 import torch
 from torch import nn
 
@@ -37,3 +38,24 @@ def test_speedups_are_the_ratio_of_medians_and_loader_batches_are_read():
         med = statistics.median(got["never"]["samples_s"])
         assert got["never"]["median_s"] == med and got["baseline"]["median_s"] == base
         assert got["never"]["speedup"] == base / med
+
+
+def test_every_sample_waits_for_the_device_and_baseline_is_a_reserved_name(monkeypatch):
+    # on a GPU the baseline was timed at kernel-launch speed (no synchronize); here the wait
+    # is counted: once at the end of every call of every configuration, warm-up included
+    import exitwise.runtime.timing as timing
+    from exitwise.errors import ConfigError
+
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())]
+    model = ew.attach_exits(ew.SequentialBackbone(blocks, example=torch.randn(1, 1, 6, 6)),
+                            ew.ExitConfig(layers="all", head="sdn", num_labels=3)).eval()
+    assert timing.device_sync(model)() is None  # a CPU model: nothing to wait for
+    waits = []
+    monkeypatch.setattr(timing, "device_sync", lambda m: lambda: waits.append(1))
+    batches = [{"pixel_values": torch.randn(2, 1, 6, 6)}] * 3
+    policies = {"never": ew.get_policy("never"), "all": ew.get_policy("confidence", threshold=0)}
+    timing.measure_speedups(model, batches, policies, repeats=2, warmup=1)
+    assert len(waits) == (1 + 2) * 3  # (warm-up + repeats) x (baseline + two policies)
+    with pytest.raises(ConfigError, match="baseline"):
+        timing.measure_speedups(model, batches, {"baseline": ew.get_policy("never")})

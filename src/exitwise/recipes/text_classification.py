@@ -491,10 +491,22 @@ def run_bench(
     limit: int | None = None,
     policies: list[str] | None = None,
     threads: int | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Measured wall-clock of every calibrated policy vs the plain full-depth model."""
+    """Measured wall-clock of every calibrated policy vs the plain full-depth model
+    (``threads``: torch's thread count for the run, restored afterwards)."""
+    before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
+    try:
+        return _bench(model_dir, data, split, batch_sizes, repeats, limit, policies, progress)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _bench(model_dir: str | Path, data: str | None, split: str | None,
+           batch_sizes: tuple[int, ...], repeats: int, limit: int | None,
+           policies: list[str] | None, progress: bool) -> dict[str, Any]:
     model, tokenizer = load_trained(model_dir)
     examples, job, split = eval_examples(model, model_dir, data, split, limit)
     names = policies or list(model.calibration.get("policies", {}))
@@ -515,7 +527,7 @@ def run_bench(
         batches = tokenized_batches(examples, tokenizer, bs, length)
         timing = measure_speedups(
             model, [{k: v for k, v in b.items() if k != "labels"} for b in batches], chosen,
-            repeats=repeats,
+            repeats=repeats, progress=f"timing at batch size {bs}" if progress else None,
         )
         entry: dict[str, Any] = {"baseline_s": timing["baseline"]["median_s"], "policies": {}}
         for name, policy in chosen.items():

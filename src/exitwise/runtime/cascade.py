@@ -222,8 +222,8 @@ def _run_cascade(
             executed += float(full_depth_cost(member, padded(state)).sum())
         if pstate is None:
             pstate = policy.init_state(logits.shape[0], logits.device)
-        if temps[m] != 1.0:
-            logits = logits / temps[m]
+        if temps[m] != 1.0:  # in float32, as replay scales the cached copy (bf16 rounds)
+            logits = logits.float() / temps[m]
         policy.check_logits(logits)
         if out_logits is None:
             out_logits = torch.empty(b, logits.shape[-1], dtype=logits.dtype,

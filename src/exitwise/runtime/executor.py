@@ -165,6 +165,8 @@ def _run_early_exit(
                     if labels is not None:
                         labels = labels[stay]
         if profile:
+            if state.hidden.is_cuda:  # kernels run asynchronously: time the work, not launches
+                torch.cuda.synchronize(state.hidden.device)
             layer_seconds.append(time.perf_counter() - t0)
         if active.numel() == 0:
             break

@@ -40,6 +40,7 @@ from ..backbones.sequential import SequentialBackbone
 from ..backbones.vision import VisionBackbone, run_calls
 from ..errors import InputError, UnsupportedModelError
 from ..heads import uses_past_states, uses_previous_logits
+from ..labels import validate_labels
 from ..modes import eval_mode
 from ..policies.base import ExitPolicy
 
@@ -211,6 +212,13 @@ def export_segments(
     require("onnxscript")  # torch.onnx's torch.export-based exporter builds graphs with it
     if not isinstance(example, torch.Tensor) or example.dim() < 2:
         raise InputError("example must be an input batch tensor (B, ...)")
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if dtypes - {torch.float32} or (example.is_floating_point()
+                                    and example.dtype != torch.float32):
+        got = sorted(str(d).replace("torch.", "") for d in dtypes | {example.dtype})
+        raise InputError(
+            f"export runs in float32 (onnxruntime's CPU kernels lack the others); the model "
+            f"and example are {', '.join(got)}: export model.float() with a float32 example")
     segments = segments_of(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -248,10 +256,12 @@ class OnnxExitResult:
     exit_index: torch.Tensor
     exit_layer: torch.Tensor
     rows_per_segment: list[int]
+    task: str = "classification"
 
     @property
     def predictions(self) -> torch.Tensor:
-        return self.logits.argmax(-1)
+        """(B,) the arg-max class, or the predicted value for regression."""
+        return self.logits[:, 0] if self.task == "regression" else self.logits.argmax(-1)
 
 
 class OnnxExitRunner:
@@ -283,6 +293,9 @@ class OnnxExitRunner:
             raise InputError(f"{len(temps)} temperatures for {len(self.sessions)} exits")
         self.temperatures = [float(t) for t in temps]
         self.exit_layers = list(self.manifest["exit_layers"])
+        self.num_labels = int(self.manifest["num_labels"])
+        # one output is a regression target (Hugging Face's num_labels == 1), as eagerly
+        self.task = "regression" if self.num_labels == 1 else "classification"
 
     @property
     def num_exits(self) -> int:
@@ -316,6 +329,7 @@ class OnnxExitRunner:
 
     def run(self, x: Any, policy: ExitPolicy, labels: torch.Tensor | None = None) -> OnnxExitResult:
         """Early exit on one batch with ``policy``; same decisions as the eager executor."""
+        policy.check_task(self.task)  # as the eager executor: no confidence on a value
         if policy.needs_labels and labels is None:
             raise InputError(f"policy {policy.registered_name!r} needs labels")
         if policy.uses_scores:
@@ -323,6 +337,8 @@ class OnnxExitRunner:
                              "which the exported segments do not compute; run it eagerly")
         features = self._check_input(x)
         b, num_exits = features.shape[0], self.num_exits
+        if labels is not None:
+            labels = validate_labels(labels, self.num_labels, self.task, b)
         out_logits: torch.Tensor | None = None
         exit_index = torch.full((b,), -1, dtype=torch.long)
         active = torch.arange(b)
@@ -360,4 +376,4 @@ class OnnxExitRunner:
                     labels = labels[stay]
         assert out_logits is not None
         layers = torch.tensor(self.exit_layers, dtype=torch.long)[exit_index]
-        return OnnxExitResult(out_logits, exit_index, layers, rows)
+        return OnnxExitResult(out_logits, exit_index, layers, rows, self.task)

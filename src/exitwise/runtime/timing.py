@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from ..errors import ConfigError
 from ..policies.base import ExitPolicy
 from .online import split_batch
 
@@ -25,20 +26,36 @@ def rotation(items: Sequence[Any], step: int) -> list[Any]:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1
+    fns: dict[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1,
+    tick: Callable[[], Any] | None = None,
 ) -> dict[str, list[float]]:
-    """Seconds per call of each function, ``repeats`` samples each, interleaved."""
+    """Seconds per call of each function, ``repeats`` samples each, interleaved. ``tick`` is
+    called after every call (warm-up included), outside the timed span: a progress bar."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
+            if tick is not None:
+                tick()
     samples: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(repeats):
         for name in rotation(names, rep):
             t0 = time.perf_counter()
             fns[name]()
             samples[name].append(time.perf_counter() - t0)
+            if tick is not None:
+                tick()
     return samples
+
+
+def device_sync(model: Any) -> Callable[[], None]:
+    """What waits for the model's device to finish: ``torch.cuda.synchronize`` on a GPU
+    (kernels run asynchronously, so a sample would time their launches), nothing else."""
+    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    if param is not None and param.is_cuda:
+        device = param.device
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
 
 
 def measure_speedups(
@@ -47,6 +64,7 @@ def measure_speedups(
     policies: dict[str, ExitPolicy],
     repeats: int = 5,
     warmup: int = 1,
+    progress: str | None = None,
 ) -> dict[str, Any]:
     """Wall-clock of the plain full-depth model vs. real early exit with each policy.
 
@@ -57,26 +75,38 @@ def measure_speedups(
     batches: dicts of backbone inputs, or any batch a data loader gives (``(images, labels)``
     pairs, dicts with labels): labels are set aside before timing.
 
+    progress: a progress bar's label (None: no bar); it counts passes over ``batches``.
+
     Returns {"baseline": {...}, "<policy>": {"median_s", "samples_s", "speedup"}} where times
     are for one pass over all ``batches``.
     """
+    if "baseline" in policies:
+        raise ConfigError("'baseline' names the full-depth model here; give the policy "
+                          "another name")
     batches = [split_batch(b)[0] for b in batches]
+    sync = device_sync(model)
 
     def full() -> None:
         with torch.inference_mode():
             for b in batches:
                 model.full_depth(**b)
+        sync()
 
     def make(policy: ExitPolicy) -> Callable[[], None]:
         def run() -> None:
             for b in batches:
                 model.early_exit(policy, count_flops=False, **b)
+            sync()
 
         return run
 
     fns: dict[str, Callable[[], Any]] = {"baseline": full}
     fns.update({name: make(p) for name, p in policies.items()})
-    samples = time_interleaved(fns, repeats=repeats, warmup=warmup)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=(warmup + repeats) * len(fns), desc=progress, leave=False,
+              disable=progress is None) as bar:
+        samples = time_interleaved(fns, repeats=repeats, warmup=warmup, tick=bar.update)
     base = statistics.median(samples["baseline"])
     out: dict[str, Any] = {}
     for name, s in samples.items():
