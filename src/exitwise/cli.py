@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model_dir")
     c.add_argument("--policies", default=None,
                    help="comma-separated (default: entropy, confidence, patience, "
-                        "patience_confidence; patience only for a regression model)")
+                        "patience_confidence; patience only for a regression model; plus "
+                        "the policy of a learned exit score the model has: lte, cats, dact)")
     g = c.add_mutually_exclusive_group()
     g.add_argument("--max-drop", type=float, default=None, help="accuracy drop target, points")
     g.add_argument("--budget", type=float, default=None, help="mean compute target, fraction")

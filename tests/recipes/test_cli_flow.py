@@ -310,6 +310,9 @@ def test_calibrate_refuses_held_out_rows_that_changed_since_training(
     (data / "train.tsv").write_text("\n".join([lines[0], *body, *body[:30]]) + "\n")
     assert main(["calibrate", str(out), "--delta", "none"]) == 2
     assert "changed since" in capsys.readouterr().err
+    # the same data named with --data (spelt otherwise) is the training data: refused too
+    assert main(["calibrate", str(out), "--delta", "none", "--data", f"{data}/../data/"]) == 2
+    assert "changed since" in capsys.readouterr().err
 
 
 def test_train_says_how_many_rows_were_cut_and_refuses_one_class(

@@ -192,6 +192,13 @@ def test_llm_demo_drafts_with_the_shipped_exit(tiny_lm_dir, tmp_path, monkeypatc
     assert report["options"] == {"draft_len": "auto", "ngram": 3}
     assert report["draft_vocab"] == 24  # the shipped exit's own
     assert report["all_identical"]
+    # an exit an earlier --tune left in the folder is --tune's: a plain run still drafts
+    # with the shipped exit (it used the tuned one instead)
+    demo = dict(out_dir=str(tmp_path / "demo"), model=str(tiny_lm_dir),
+                prompts=["what is the sky"], max_new_tokens=8, print_fn=lambda *a: None)
+    tuned = run_llm_demo(tune=True, exit_layer=1, answers=8, epochs=1, draft_vocab=24, **demo)
+    assert tuned["drafter"] != "shipped"
+    assert run_llm_demo(**demo)["drafter"] == "shipped"
 
 
 def test_tune_lm_on_greedy_answers(tiny_lm_dir, tmp_path, capsys):

@@ -70,15 +70,15 @@ def run_llm_demo(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    shipped, loaded = None, None
-    if not is_tuned_dir(out) and not tune:
-        shipped, loaded = _shipped_for(model)
-    if is_tuned_dir(out):
-        print_fn(f"[1/2] tuned exit found in {out}; skipping tuning")
-    elif shipped is not None:
+    # without --tune, the shipped drafter wherever one fits the weights (an exit an earlier
+    # --tune left in the folder is for --tune runs); with it, the folder's own exit
+    shipped, loaded = (None, None) if tune else _shipped_for(model)
+    if shipped is not None:
         print_fn(f"[1/2] drafting with the exit shipped for {model} "
                  f"({shipped.folder.name}: exit {shipped.exit_layer}, options "
                  f"{shipped.options}); --tune to tune one anew")
+    elif is_tuned_dir(out):
+        print_fn(f"[1/2] tuned exit found in {out}; skipping tuning")
     else:
         print_fn(f"[1/2] tuning an exit at layer {exit_layer} of {model} (frozen backbone) on "
                  f"its own greedy answers to {answers} prompts, {epochs:g} epochs")

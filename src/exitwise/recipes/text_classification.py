@@ -274,13 +274,14 @@ def run_calibrate(
     if (max_drop_points is None) == (budget is None):
         raise ConfigError("give exactly one target: max_drop_points or budget")
     job = load_job(model_dir)
+    trained_data = data is None or _same_place(data, job.data)
     if data is not None:
         job.data = data
     model, tokenizer = load_trained(model_dir)
     names = policies_for(model, policies)  # a policy that cannot apply fails before caching
     kept_out = job.holdout  # the slice training never saw
     _, held, every = split_train(job, label_names=model.config.label_names)
-    if data is None and job.holdout_digest not in (None, held.digest()):
+    if trained_data and job.holdout_digest not in (None, held.digest()):
         raise ConfigError(
             f"the training data ({job.data}) changed since {model_dir} was trained: its "
             f"held-out slice ({len(held)} rows) is no longer the rows training never saw, so "
@@ -289,7 +290,7 @@ def run_calibrate(
     if holdout is not None:
         wanted = (int(round(holdout * len(every))) if isinstance(holdout, float) and holdout < 1
                   else int(holdout))
-        if data is None and kept_out is not None and wanted > kept_out:
+        if trained_data and kept_out is not None and wanted > kept_out:
             raise ConfigError(
                 f"holdout={holdout} asks for {wanted} rows, but training kept only {kept_out} "
                 "out: the others were trained on (a smaller hold-out, a part of those, works)")
@@ -354,13 +355,18 @@ def report_path(model_dir: str | Path, kind: str, data: str | None, split: str) 
     after the data too when it is not the training data (another file's dev rows must not
     overwrite the report on the model's own dev split)."""
     name = f"{kind}-{split}"
-    if data is not None:
-        job = load_job(model_dir)
-        same = job.data is not None and Path(data).exists() and Path(job.data).exists() and (
-            Path(data).resolve() == Path(job.data).resolve())
-        if not same:
-            name = f"{kind}-{Path(str(data).rstrip('/')).stem or 'data'}-{split}"
+    if data is not None and not _same_place(data, load_job(model_dir).data):
+        name = f"{kind}-{Path(str(data).rstrip('/')).stem or 'data'}-{split}"
     return Path(model_dir) / name
+
+
+def _same_place(a: str | None, b: str | None) -> bool:
+    """Whether two data locations name one place (however spelt; the default SST-2 for
+    None)."""
+    pa, pb = Path(str(default_sst2(a))), Path(str(default_sst2(b)))
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return str(pa) == str(pb)
 
 
 def eval_examples(model: MultiExitModel, model_dir: str | Path, data: str | None,
