@@ -123,3 +123,26 @@ def test_a_headless_vit_prices_its_pooled_final_exit_as_the_runtime_runs_it(head
     expected = (stem + blocks + float(model.heads[0].head_flops(tokens, 1)[0])
                 + float(model.heads[1].head_flops(None, 1)[0]))
     assert float(res.flops[0]) == pytest.approx(expected)
+
+
+def test_pytorchs_fused_transformer_layers_are_counted_by_hand():
+    """In eval mode without gradients nn.TransformerEncoderLayer and nn.MultiheadAttention
+    run fused kernels that torch's counter has no formula for: a SequentialBackbone of them
+    profiled 0 FLOPs per block."""
+    torch.manual_seed(0)
+    b, length, e, f = 2, 5, 16, 24
+    layer = nn.TransformerEncoderLayer(e, 2, f, batch_first=True).eval()
+    mha = nn.MultiheadAttention(e, 2, batch_first=True).eval()
+    x = torch.randn(b, length, e)
+    attention = 2 * b * length * e * (3 * e + e) + 2 * 2 * b * length * length * e
+    for call, expected in ((lambda: layer(x), attention + 2 * 2 * b * length * e * f),
+                           (lambda: mha(x, x, x, need_weights=False), attention)):
+        with torch.no_grad(), FlopCount() as fused:
+            call()
+        with torch.enable_grad(), FlopCount() as unfused:  # the slow path, op by op
+            call()
+        assert fused.total == unfused.total == expected
+    backbone = ew.SequentialBackbone([layer, layer], example=x[:1])
+    state = backbone.start(inputs=x[:1])
+    per_row = attention / b + 2 * 2 * length * e * f  # one row: attention, feed-forward
+    assert float(backbone.layer_flops(0, state)[0]) == per_row

@@ -8,11 +8,13 @@ not used directly for two reasons, both met on models a vision user brings:
   "Expected gradient function to be set"); exitwise only needs the total;
 - it has no formula for the CPU kernel of ``scaled_dot_product_attention``
   (``aten._scaled_dot_product_flash_attention_for_cpu``), so a ViT's attention products
-  counted zero on a CPU while the same model with ``fused_attn=False`` counted them.
+  counted zero on a CPU while the same model with ``fused_attn=False`` counted them; nor for
+  the fused fast paths of ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` in
+  eval mode without gradients, where a whole layer counted zero.
 
-:class:`FlopCount` is a dispatch mode that adds up the registered formulas, plus one for that
-kernel (the same count as torch's ``sdpa_flop_count``: 2 FLOPs per multiply-add of the
-scores and of the weighted sum).
+:class:`FlopCount` is a dispatch mode that adds up the registered formulas, plus one for each
+of those kernels (2 FLOPs per multiply-add, as torch counts: the same as its
+``sdpa_flop_count`` for attention, and as its linear and bmm formulas for the rest).
 """
 
 from __future__ import annotations
@@ -32,11 +34,37 @@ def _sdpa_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = N
     return int(2 * b * heads * s_q * s_k * d + 2 * b * heads * s_q * s_k * d_v)
 
 
+def _mha_flops(query: Any, key: Any, value: Any, embed_dim: int, num_heads: int, *args: Any,
+               out_shape: Any = None, **kwargs: Any) -> int:
+    """PyTorch's fused ``nn.MultiheadAttention`` (eval, no grad): Q from (B, Lq, E), K and V
+    from (B, Lk, E), E x E projections each, scores and weighted sum, output projection."""
+    b, lq, e = query[0], query[-2], embed_dim
+    lk = key[-2]
+    projections = 2 * b * lq * e * e * 2 + 2 * b * lk * e * e * 2  # Q, output; K, V
+    return int(projections + 2 * 2 * b * lq * lk * e)
+
+
+def _encoder_layer_flops(src: Any, embed_dim: int, num_heads: int, qkv_weight: Any, *args: Any,
+                         out_shape: Any = None, **kwargs: Any) -> int:
+    """PyTorch's fused ``nn.TransformerEncoderLayer`` (eval, no grad): the attention above on
+    (B, L, E) and the feed-forward E -> F -> E (F: ``ffn_weight_1``'s rows)."""
+    b, length, e = src[0], src[-2], embed_dim
+    ffn_1 = kwargs.get("ffn_weight_1", args[10] if len(args) > 10 else None)  # (F, E)
+    f = ffn_1[0] if ffn_1 is not None else 0
+    attention = 2 * b * length * e * 3 * e + 2 * 2 * b * length * length * e
+    attention += 2 * b * length * e * e
+    return int(attention + 2 * 2 * b * length * e * f)
+
+
 def _formulas() -> dict[Any, Callable[..., int]]:
     table = dict(flop_counter.flop_registry)
-    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if cpu_sdpa is not None and cpu_sdpa not in table:
-        table[cpu_sdpa] = flop_counter.shape_wrapper(_sdpa_flops)
+    extra = {"_scaled_dot_product_flash_attention_for_cpu": _sdpa_flops,
+             "_native_multi_head_attention": _mha_flops,
+             "_transformer_encoder_layer_fwd": _encoder_layer_flops}
+    for name, formula in extra.items():
+        op = getattr(torch.ops.aten, name, None)
+        if op is not None and op not in table:
+            table[op] = flop_counter.shape_wrapper(formula)
     return table
 
 
