@@ -42,12 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--task", default=None, choices=["classification", "regression"],
                    help="default: from the labels (decimal numbers -> regression)")
     t.add_argument("--layers", type=_layers, default="all", help="'all', 'every:K' or '2,4,6'")
+    t.add_argument("--final-head", default=None,
+                   help="head of the final exit (default: --head, or the checkpoint's own "
+                        "classifier where it fits the labels; given, a fresh head)")
     t.add_argument("--head", default=None,
                    help="exit head (default: chosen from the checkpoint: mean for "
                         "sentence-transformers mean pooling or an untrained pooler, pooler "
                         "when the checkpoint's pooler was trained)")
     t.add_argument("--strategy", default="joint")
-    t.add_argument("--weights", default="uniform", help="joint weights: uniform or depth")
+    t.add_argument("--weights", default=None,
+                   help="exit loss weights of joint (uniform, the default, or depth), or of "
+                        "another strategy that takes them (ensemble_ic, past_future, "
+                        "branchynet)")
+    t.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the training strategy (repeatable; values read as "
+                        "JSON), e.g. --strategy dact --option tau=0.01")
     t.add_argument("--epochs", type=_positive_float, default=None,
                    help="default: 1, or up to 3 on a small file (about 300 steps)")
     t.add_argument("--max-steps", type=int, default=-1)
@@ -443,9 +452,16 @@ def _run(args: argparse.Namespace) -> int:
     from .recipes import text_classification as tc
 
     if args.command == "train":
+        options = _key_values(args.option)
+        if args.weights is not None and args.strategy != "joint":  # the strategy's own option
+            options.setdefault("weights", args.weights)
+        joint_weights = args.weights if args.weights is not None and (
+            args.strategy == "joint") else "uniform"
         job = tc.TrainJob(
             out_dir=args.out, model=args.model, data=args.data, layers=args.layers,
-            head=args.head, strategy=args.strategy, weights=args.weights, epochs=args.epochs,
+            head=args.head, final_head=args.final_head, strategy=args.strategy,
+            weights=joint_weights,
+            strategy_options=options, epochs=args.epochs,
             max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.lr,
             max_train=args.max_train, holdout=args.holdout, seed=args.seed,
             max_length=args.max_length, columns=args.columns, task=args.task,

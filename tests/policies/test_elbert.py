@@ -94,9 +94,29 @@ def test_options_are_checked():
         ew.get_policy("elbert", margin=0.6)
     with pytest.raises(ConfigError, match="threshold"):
         ew.get_policy("elbert", threshold=1.5)
-    policy = ew.get_policy("elbert")  # the reference's shipped configuration
-    assert policy.params == {"threshold": 0.1, "window": 8, "margin": 0.0, "rule": "same",
+    policy = ew.get_policy("elbert")  # the reference's shipped configuration, window scaled
+    assert policy.params == {"threshold": 0.1, "window": None, "margin": 0.0, "rule": "same",
                              "spread": None}
+
+
+def test_the_default_window_is_the_references_share_of_the_exits_and_fills():
+    """The reference's window of 8 is 8 of ALBERT-base's 12 exits; kept as a count it never
+    filled on a model with fewer than 10 exits (the final exit does not decide), so ELBERT
+    ran its entropy stage alone there."""
+    policy = ew.get_policy("elbert")
+    assert [policy.window_for(e) for e in (2, 4, 6, 12, 24)] == [1, 3, 4, 8, 16]
+    # six exits, every one 70% sure of class 0, entropy far above the threshold: the window
+    # (4 exits) fills at exit 3 and the rows leave there, not at the final exit
+    logits = torch.log(torch.tensor([[0.7, 0.3], [0.7, 0.3]]))
+    state, left = policy.init_state(2), []
+    for k in range(5):
+        done, state = policy.decide(k, 6, logits, state)
+        left.append(bool(done.all()))
+    assert left == [False, False, False, True, True]
+    with pytest.raises(ConfigError, match="never fills"):
+        ew.get_policy("elbert", window=6).decide(0, 6, logits, ew.get_policy(
+            "elbert", window=6).init_state(2))
+    assert ew.get_policy("elbert", window=5).window_for(6) == 5
 
 
 def test_runtime_equals_replay_with_mixed_exits():

@@ -417,3 +417,53 @@ def test_an_interrupt_says_whether_a_rerun_continues(monkeypatch, capsys):
         with pytest.raises(SystemExit):
             main(argv)
         assert "expected a number > 0" in capsys.readouterr().err
+
+
+def test_strategy_options_and_weights_reach_every_strategy(tiny_model_dir, tiny_data_dir,
+                                                           tmp_path, capsys):
+    # exitwise train had no --option, and --weights reached joint only (ensemble_ic trained
+    # with uniform weights while its job recorded depth)
+    common = ["--model", str(tiny_model_dir), "--data", str(tiny_data_dir), "--max-steps", "1",
+              "--holdout", "60"]
+
+    def trained_with(out):
+        return json.loads((out / "checkpoints" / "exitwise_progress.json").read_text())[
+            "strategy"]
+
+    assert main(["train", "--out", str(tmp_path / "e"), *common, "--strategy", "ensemble_ic",
+                 "--weights", "depth", "--option", "diversity_weight=0.5"]) == 0
+    used = trained_with(tmp_path / "e")
+    assert used["weights"] == "depth" and used["diversity_weight"] == 0.5
+    assert main(["train", "--out", str(tmp_path / "j"), *common, "--weights", "depth"]) == 0
+    assert trained_with(tmp_path / "j")["weights"] == "depth"
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "f"), *common, "--strategy", "fastbert",
+                 "--weights", "depth"]) == 2
+    assert "weights" in capsys.readouterr().err
+
+
+def test_a_dact_model_is_calibrated_at_temperature_one(tiny_model_dir, tiny_data_dir, tmp_path):
+    # DACT accumulates the exits' distributions as trained; calibrate fitted temperatures
+    # (0.79 .. 20 in the review) and the halting then read softmax(z / T)
+    out = tmp_path / "dact"
+    assert main(["train", "--out", str(out), "--model", str(tiny_model_dir), "--data",
+                 str(tiny_data_dir), "--max-steps", "2", "--holdout", "60",
+                 "--strategy", "dact"]) == 0
+    from exitwise.recipes import text_classification as tc
+
+    report = tc.run_calibrate(out, delta=None, progress=False)
+    assert report["temperatures"] == [1.0] * len(report["temperatures"])
+    assert any(n.startswith("dact: temperatures left at 1") for n in report["notes"])
+    assert "dact@drop1" in report["policies"]
+
+
+def test_a_methods_own_exit_rule_is_calibrated_by_default(tiny_model_dir, tiny_data_dir,
+                                                         tmp_path):
+    # a FastBERT-trained model was calibrated on the four generic rules only
+    out = tmp_path / "m"
+    assert main(["train", "--out", str(out), "--model", str(tiny_model_dir), "--data",
+                 str(tiny_data_dir), "--max-steps", "2", "--holdout", "60",
+                 "--strategy", "fastbert"]) == 0
+    assert main(["calibrate", str(out), "--delta", "none"]) == 0
+    calib = json.loads((out / "exit_config.json").read_text())["calibration"]
+    assert {"fastbert@drop1", "entropy@drop1"} <= set(calib["policies"])

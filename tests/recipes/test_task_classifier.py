@@ -168,3 +168,20 @@ def test_the_native_head_is_for_the_final_exit_only(tmp_path, named_data, capsys
                  str(named_data), "--head", "native", "--max-steps", "1",
                  "--holdout", "20"]) == 2
     assert "only the final exit can be" in capsys.readouterr().err
+
+
+def test_past_future_on_a_classifier_checkpoint_from_the_command_line(tmp_path, named_data,
+                                                                      capsys):
+    # the error asked for final_head='past_future', which the command line could not give
+    ckpt = _checkpoint(tmp_path / "ckpt", 2, {0: "pos", 1: "neg"})
+    common = ["--model", str(ckpt), "--data", str(named_data), "--max-steps", "1",
+              "--holdout", "20", "--strategy", "past_future", "--head", "past_future"]
+    assert main(["train", "--out", str(tmp_path / "a"), *common]) == 2
+    assert "--final-head past_future" in capsys.readouterr().err
+    assert not (tmp_path / "a" / "exit_config.json").exists()
+    assert main(["train", "--out", str(tmp_path / "b"), *common,
+                 "--final-head", "past_future"]) == 0
+    meta = json.loads((tmp_path / "b" / "exit_config.json").read_text())
+    assert meta["exit_config"]["final_head"] == "past_future"
+    assert json.loads((tmp_path / "b" / "exitwise_job.json").read_text())["final_head"] == (
+        "past_future")

@@ -11,6 +11,7 @@ import torch
 from helpers.trainkit import FAST, tiny_model, token_items
 
 import exitwise as ew
+from exitwise.errors import ConfigError
 from exitwise.outputs import ExitOutputs
 from exitwise.training import PaddingCollator, get_strategy, train
 from exitwise.training.cascadebert import (
@@ -80,11 +81,15 @@ def test_whole_loss_by_hand_with_own_mistakes_as_difficulty():
 
 
 def test_strategy_trains_backbone_and_final_head_only(tmp_path):
-    model = tiny_model(layers=[2])  # exits at depth 2 and the final 4
+    model = tiny_model(layers=[4])  # one exit, the final one: a complete cascade member
     (stage,) = get_strategy("cascadebert").stages(model)
     names = stage.trainable_names(model)
     assert any(n.startswith("backbone.") for n in names)
-    assert {n.split(".")[1] for n in names if n.startswith("heads.")} == {"1"}
+    assert {n.split(".")[1] for n in names if n.startswith("heads.")} == {"0"}
+    # earlier exits would stay untrained (exitwise train --strategy cascadebert left them
+    # random and calibrated policies on them): refused
+    with pytest.raises(ConfigError, match="untrained"):
+        get_strategy("cascadebert").stages(tiny_model(layers=[2]))
     items = token_items(96, seed=0)
     member = tiny_model(layers=[4])
     train(member, items, strategy="cascadebert", output_dir=tmp_path, max_steps=30,

@@ -17,6 +17,7 @@ from exitwise.training import STRATEGIES, PaddingCollator, get_strategy, train
 
 # The heads each recipe is meant for (ExitConfig keywords); the others get pooler heads.
 STRATEGY_HEADS: dict[str, dict] = {
+    "cascadebert": {"layers": [4]},  # a complete model, one cascade member: its final exit
     "boosted": {"head": "cascade", "head_kwargs": {"base": "mean", "combine": "additive"}},
     "imta": {"head": "cascade",
              "head_kwargs": {"base": "mean", "combine": "isc", "detach_previous": False}},

@@ -15,13 +15,18 @@ Reference: the authors' code, ``shakeley/ELBERT``, ``test_ver/modeling_albert.py
 ``ExitLayer.lower_than_thres`` (both stages; ``x`` is the list of the class-0 probabilities of
 the exits run so far) called from ``AlbertTransformer.forward`` after every layer, and the
 defaults of its ``config.json``: ``thres_name = "bias_1"``, ``exit_thres = 0.1``,
-``cnt_thres = 8`` (the window), ``margin = 0.0``; its readme names ``bias_1/2/3`` as the
+``cnt_thres = 8`` (the window, on ALBERT-base's 12 exits), ``margin = 0.0``; its readme
+names ``bias_1/2/3`` as the
 paper's variants of the second stage. Its ``glue_run.sh`` sweeps ``exit_thres`` (0.1 .. 0.9),
 which is the tuned parameter here (lower is safer). Only the paper's abstract and introduction
 could be read where this was written; the rule follows the code.
 
 Deviations:
 
+- ``window`` defaults to the reference's share of the exits rather than its count: 8 of 12,
+  so ``round(2/3 x E)`` of a model's E exits, at most E - 1 (the final exit never decides, so
+  a window of E or more never fills: with the reference's 8, any model with fewer than 10
+  exits would run stage 1 alone). A window given that cannot fill is refused.
 - The reference handles two classes only: it tracks ``p_0`` and asks for all of the window
   ``> 0.5 + margin`` or all ``< 0.5 - margin`` (``rising``: ``p_0`` non-decreasing in the
   first case, non-increasing in the second). Here that reads "one class c has
@@ -45,7 +50,7 @@ Classification only (entropy and class probabilities).
 
 State: ``window_class`` (B, window) long, per exit of the window the class holding more than
 ``0.5 + margin`` (-1: none, or not run yet), and ``window_prob`` (B, window) its probability,
-oldest first.
+oldest first (both (B, 0) until the first exit sizes the window).
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ class ELBERTPolicy(ExitPolicy):
     def __init__(
         self,
         threshold: float = 0.1,
-        window: int = 8,
+        window: int | None = None,
         margin: float = 0.0,
         rule: str = "same",
         spread: float | None = None,
@@ -79,8 +84,9 @@ class ELBERTPolicy(ExitPolicy):
             raise ConfigError(f"elbert: rule must be one of {', '.join(RULES)}, got {rule!r}")
         if isinstance(window, float) and window.is_integer():
             window = int(window)
-        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-            raise ConfigError(f"elbert: window must be an integer >= 1, got {window!r}")
+        if window is not None and (
+                not isinstance(window, int) or isinstance(window, bool) or window < 1):
+            raise ConfigError(f"elbert: window must be None or an integer >= 1, got {window!r}")
         if rule == "stable" and spread is None:
             raise ConfigError("elbert: rule='stable' needs spread (the largest max - min of "
                               "the class probability over the window)")
@@ -92,11 +98,25 @@ class ELBERTPolicy(ExitPolicy):
         if spread is not None:
             self._check_range("spread", spread, (0.0, 1.0))
 
+    def window_for(self, num_exits: int) -> int:
+        """The window on a model of ``num_exits`` exits: the one given, else 2/3 of the exits
+        (the reference's 8 of 12), at most num_exits - 1; ConfigError for a given window
+        that can never fill."""
+        given = self.params["window"]
+        if given is None:
+            return max(1, min(num_exits - 1, round(2 * num_exits / 3)))
+        if given >= num_exits:
+            raise ConfigError(
+                f"elbert: a window of {given} exits never fills on a model of {num_exits} "
+                f"exits (the final exit does not decide): give at most {num_exits - 1}, or "
+                "leave it out (2/3 of the exits)")
+        return int(given)
+
     def init_state(self, batch_size, device="cpu") -> PolicyState:
-        n = int(self.params["window"])
+        # the window's length comes with the first decision, which knows the exit count
         return {
-            "window_class": torch.full((batch_size, n), -1, dtype=torch.long, device=device),
-            "window_prob": torch.zeros(batch_size, n, device=device),
+            "window_class": torch.full((batch_size, 0), -1, dtype=torch.long, device=device),
+            "window_prob": torch.zeros(batch_size, 0, device=device),
         }
 
     def _window_says_exit(self, cls: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
@@ -111,6 +131,11 @@ class ELBERTPolicy(ExitPolicy):
         return ok
 
     def decide(self, exit_index, num_exits, logits, state, labels=None):
+        if state["window_class"].shape[1] == 0:  # the first exit: size the window
+            n, b = self.window_for(num_exits), logits.shape[0]
+            state = {"window_class": torch.full((b, n), -1, dtype=torch.long,
+                                                device=logits.device),
+                     "window_prob": torch.zeros(b, n, device=logits.device)}
         p = torch.softmax(logits.float(), dim=-1)
         top_prob, top = p.max(-1)
         confident = top_prob > 0.5 + float(self.params["margin"])

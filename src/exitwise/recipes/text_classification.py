@@ -53,7 +53,7 @@ from ..policies import POLICIES, get_policy
 from ..policies.patience import TOLERANCE_PER_SD, tolerance_for_targets
 from ..runtime import full_depth_cost
 from ..runtime.timing import measure_speedups
-from ..training import train
+from ..training import STRATEGIES, train
 from ..training.evaluate import LIVE_MARGIN
 from ..training.loop import strategy_for
 from .sources import default_head, default_sst2, resolve_model, task_classifier
@@ -136,6 +136,8 @@ def run_train(job: TrainJob, resume: bool = True, progress: bool = True,
             f"{'outputs' if every.task == 'regression' else 'classes'}"
         )
     own = task_classifier(path, every)
+    if own is not None and job.final_head is not None:  # a fresh final head was asked for
+        own = None
     if own is not None:
         print_fn(f"model: {own.note}")
     num_labels, label_names = every.num_labels, every.label_names
@@ -156,6 +158,7 @@ def run_train(job: TrainJob, resume: bool = True, progress: bool = True,
     torch.manual_seed(job.seed)  # the fresh heads' draw: the same command, the same model
     model = attach_exits(backbone, ExitConfig(
         layers=job.layers, head=head, num_labels=num_labels, label_names=label_names,
+        final_head=job.final_head,
     ))
     job.max_length = max_length(job, every)
     job.holdout_digest = held_ex.digest()
@@ -222,8 +225,11 @@ def _loader(examples: TextExamples, tokenizer: Any, batch_size: int, length: int
     )
 
 
-def policies_for(model: MultiExitModel, names: tuple[str, ...] | None) -> list[str]:
-    """The policies to calibrate: ``names``, or the defaults that apply to the model's task."""
+def policies_for(model: MultiExitModel, names: tuple[str, ...] | None,
+                 strategy: str | None = None) -> list[str]:
+    """The policies to calibrate: ``names``, or the defaults that apply to the model's task,
+    the policy of its learned exit score and the exit rule its training ``strategy`` is
+    paired with (FastBERT's, ELBERT's, Ensemble ICs' voting)."""
     if names:
         for n in names:
             policy = get_policy(n)
@@ -244,6 +250,9 @@ def policies_for(model: MultiExitModel, names: tuple[str, ...] | None) -> list[s
     have = getattr(model.scorer, "registered_name", None) if model.scorer is not None else None
     chosen += [n for n in POLICIES.names() if have is not None and n not in chosen
                and POLICIES.get(n).scorer == have and model.task in POLICIES.get(n).tasks]
+    paired = STRATEGIES.get(strategy).exit_policy if strategy in STRATEGIES.names() else None
+    if paired is not None and paired not in chosen and model.task in POLICIES.get(paired).tasks:
+        chosen.append(paired)
     return chosen
 
 
@@ -278,7 +287,8 @@ def run_calibrate(
     if data is not None:
         job.data = data
     model, tokenizer = load_trained(model_dir)
-    names = policies_for(model, policies)  # a policy that cannot apply fails before caching
+    # a policy that cannot apply fails before caching
+    names = policies_for(model, policies, job.strategy)
     kept_out = job.holdout  # the slice training never saw
     _, held, every = split_train(job, label_names=model.config.label_names)
     if trained_data and job.holdout_digest not in (None, held.digest()):
@@ -299,10 +309,15 @@ def run_calibrate(
     cache = collect_exit_logits(
         model, _loader(held, tokenizer, 64, max_length(job, held)), progress=progress
     )
+    notes = []
     fit = temperature and model.task != "regression"  # a value has no probabilities to scale
+    if fit and getattr(model.scorer, "registered_name", None) == "dact":
+        # DACT accumulates the exits' raw distributions, as it was trained (policies/dact.py)
+        fit = False
+        notes.append("dact: temperatures left at 1 (DACT's halting accumulates the exits' "
+                     "distributions as trained)")
     temps = fit_temperatures(cache) if fit else torch.ones(model.num_exits)
     apply_temperatures(model, temps)
-    notes = []
     if model.task == "regression" and delta is not None and budget is None:
         notes.append("regression: thresholds chosen on the observed Pearson drop; no "
                      "certificate (Pearson's r is not a mean of per-row losses)")

@@ -36,6 +36,8 @@ class TrainJob:
     data: str | None = None
     layers: Any = "all"
     head: str | None = None
+    final_head: str | None = None  # the final exit's head; given, a checkpoint's own
+    # classifier is not kept (past_future needs its own head there, for one)
     strategy: str = "joint"
     weights: str = "uniform"
     strategy_options: dict[str, Any] = field(default_factory=dict)

@@ -117,8 +117,17 @@ class TrainingStrategy:
     def build_stages(self, model: MultiExitModel) -> list[Stage]:  # pragma: no cover
         raise NotImplementedError
 
+    # The exit rule the method's paper pairs with this training (a policy's registered name;
+    # None: any): ``exitwise calibrate`` calibrates it beside its defaults.
+    exit_policy: str | None = None
+
+    def check(self, model: MultiExitModel) -> None:
+        """ConfigError when the strategy cannot train ``model`` (cheap: it runs before a
+        run folder is cleared); default: nothing beyond the task, checked by the loop."""
+
     def stages(self, model: MultiExitModel) -> list[Stage]:
         """The strategy's stages for ``model``, with ``stage_args`` overrides applied."""
+        self.check(model)
         stages = self.build_stages(model)
         if self.stage_args is not None:
             if len(self.stage_args) != len(stages):

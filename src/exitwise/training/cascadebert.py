@@ -197,10 +197,19 @@ class CascadeBERTStrategy(TrainingStrategy):
         # inference tensors cannot index a tensor that autograd tracks: clone outside
         return (torch.stack(wrong).mean(0) >= 0.5).clone()
 
-    def build_stages(self, model: MultiExitModel) -> list[Stage]:
+    def check(self, model: MultiExitModel) -> None:
         if model.task != "classification":
             raise ConfigError("cascadebert's difficulty-aware term compares class confidences; "
                               "it does not apply to a regression model")
+        if model.num_exits > 1:  # it trains the final head only: the others would stay random
+            raise ConfigError(
+                f"cascadebert trains a complete model, one cascade member, through its final "
+                f"exit; this model has {model.num_exits} exits (layers {model.exit_layers}), "
+                "whose earlier heads it would leave untrained. Attach the final exit only "
+                "(layers=[num_layers]; exitwise.cascade.cascade_members builds such members; "
+                "on the command line: --layers with the last layer only)")
+
+    def build_stages(self, model: MultiExitModel) -> list[Stage]:
         final = model.num_exits - 1
         margin, weight, pairs = self.margin, self.weight, self.pairs
 

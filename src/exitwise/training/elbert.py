@@ -92,10 +92,12 @@ class ELBERTStep:
                  ) -> tuple[torch.Tensor, ExitOutputs]:
         outputs = model(**inputs)
         losses = exit_task_losses(outputs, labels)
-        loss = (elbert_weights(self.logits.detach()).to(losses.dtype) * losses).sum()
-        # the weights' step: the same objective, the losses as constants
+        weights = elbert_weights(self.logits.detach())
+        loss = (weights.to(device=losses.device, dtype=losses.dtype) * losses).sum()
+        # the weights' step: the same objective, the losses as constants; the logits and
+        # their Adam moments stay on the CPU (E - 1 numbers), the losses come to them
         self.optimizer.zero_grad(set_to_none=True)
-        (elbert_weights(self.logits) * losses.detach().float()).sum().backward()
+        (elbert_weights(self.logits) * losses.detach().float().cpu()).sum().backward()
         self.optimizer.step()
         return loss, outputs
 
@@ -103,6 +105,7 @@ class ELBERTStep:
 @register_strategy("elbert")
 class ELBERTStrategy(TrainingStrategy):
     tunes_backbone = True
+    exit_policy = "elbert"
     tasks = ("classification", "regression")  # the reference has both losses
 
     def __init__(

@@ -105,6 +105,7 @@ def ensemble_ic_loss(
 @register_strategy("ensemble_ic")
 class EnsembleICStrategy(TrainingStrategy):
     tunes_backbone = True
+    exit_policy = "voting"
     tasks = ("classification",)  # divergences between class distributions
 
     def __init__(

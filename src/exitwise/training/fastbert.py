@@ -51,6 +51,7 @@ def self_distillation_loss(outputs: ExitOutputs, labels: torch.Tensor | None = N
 @register_strategy("fastbert")
 class FastBERTStrategy(TrainingStrategy):
     tunes_backbone = True
+    exit_policy = "fastbert"
     tasks = ("classification",)  # distillation between class distributions
 
     def build_stages(self, model: MultiExitModel) -> list[Stage]:

@@ -137,6 +137,7 @@ def strategy_for(model: Any, strategy: str | TrainingStrategy,
             f"{'/'.join(chosen.tasks)} models; this model is a {task} model "
             f"(num_labels={model.num_labels}). Use one of: {', '.join(usable)}"
         )
+    chosen.check(model)
     return chosen
 
 

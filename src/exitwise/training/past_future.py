@@ -101,7 +101,8 @@ def _check_heads(model: MultiExitModel) -> list[PastFutureHead]:
         raise ConfigError(
             f"the past_future strategy trains past_future heads at every exit; exits {wrong} "
             f"have {kinds} (attach with head='past_future', and final_head='past_future' on a "
-            "model that has its own classifier)"
+            "model that has its own classifier; on the command line --head past_future, "
+            "and --final-head past_future)"
         )
     if len(heads) < 2:
         raise ConfigError("past_future needs at least two exits (one to imitate the other)")
@@ -149,6 +150,9 @@ class PastFutureStrategy(TrainingStrategy):
                 f"freeze_lower_layers must be an int >= 0, got {freeze_lower_layers!r}")
         self.weights = weights if isinstance(weights, str) else [float(w) for w in weights]
         self.freeze_lower_layers = freeze_lower_layers
+
+    def check(self, model: MultiExitModel) -> None:
+        _check_heads(model)
 
     def build_stages(self, model: MultiExitModel) -> list[Stage]:
         heads = _check_heads(model)
