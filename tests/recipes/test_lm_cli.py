@@ -427,3 +427,28 @@ def test_sampling_options_from_the_command_line(tiny_lm_dir, capsys):
         assert main(["generate", *common, *flags]) == 2
         err = capsys.readouterr().err
         assert "only apply with --sample" in err and flags[0] in err
+
+
+def test_a_folder_keeps_one_objectives_exits_and_a_checkpoint_its_steps(tiny_lm_dir, tmp_path,
+                                                                        capsys):
+    """A second objective tuned into the same folder replaced the tuned exits with fresh ones
+    (silently); fewer --steps than the checkpoint returned the longer run; objectives that
+    train no exit head took --draft-vocab (its first ids) and attention adapters (random)."""
+    out = tmp_path / "tuned"
+    common = ["--model", str(tiny_lm_dir), "--exit-layer", "2", "--batch-size", "4",
+              "--seq-len", "32", "--gen-tokens", "8", "--generations", "1", "--out", str(out)]
+    assert main(["tune-lm", *common, "--objective", "kl", "--steps", "4"]) == 0
+    tuned = (out / "exit_heads.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["tune-lm", *common, "--objective", "ce", "--steps", "4"]) == 2
+    assert "holds exits tuned with the 'kl' objective" in capsys.readouterr().err
+    assert (out / "exit_heads.safetensors").read_bytes() == tuned  # untouched
+    assert main(["tune-lm", *common, "--objective", "kl", "--steps", "2"]) == 2
+    assert "past the 2 steps" in capsys.readouterr().err
+    assert main(["tune-lm", *common, "--objective", "ce", "--steps", "2", "--no-resume"]) == 0
+    assert json.loads((out / "tuning_report.json").read_text())["objective"] == "ce"
+    capsys.readouterr()
+    for extra in (["--draft-vocab", "8"], ["--adapter", "kangaroo"]):
+        assert main(["tune-lm", *common[:-1], str(tmp_path / "ls"), "--objective", "layerskip",
+                     "--steps", "1", *extra]) == 2
+        assert "does not train the exit heads" in capsys.readouterr().err

@@ -230,6 +230,11 @@ def run_task(
             state = {"settings": settings, "step": 0, "loss_history": [], "part_history": {},
                      "before": task.evaluate()}
         start = int(state["step"])
+        if start > loop.steps:  # range(start, steps) would be empty: the longer run returned
+            raise CheckpointError(
+                f"the checkpoint in {folder} is at step {start}, past the {loop.steps} steps "
+                "asked for: give at least that many steps to continue it, or start over "
+                "with resume=False (--no-resume on the command line)")
         bar = tqdm(total=loop.steps, initial=min(start, loop.steps), desc=desc, leave=False,
                    disable=not progress or start >= loop.steps)
         # warmup at most a tenth of the run: a short run would never reach lr otherwise

@@ -25,11 +25,14 @@ from ..backbones.special_tokens import eos_and_pad, eos_ids
 from ..config import ExitConfig
 from ..errors import CheckpointError, ConfigError, DataError
 from ..generation import generate
+from ..heads.lm import BLOCK_ADAPTERS
 from ..lm import generate_answers, get_objective, tune_exits
 from ..lm.data import DEFAULT_PROMPTS, cut_at_eos, self_generated_sequences
 from ..lm.prompts import BENCH_PROMPTS, CALIBRATION_PROMPTS, nested_chat_prompts
 from ..model import BACKBONE_DIR, MultiExitModel, attach_exits
+from ..model_io import CONFIG_NAME, remove_model_files
 from ..policies.calm_learned import CONFIG_NAME as CALM_CLASSIFIER_CONFIG
+from ..policies.calm_learned import WEIGHTS_NAME as CALM_WEIGHTS
 from .smollm import load_causal_lm
 
 RECIPE_NAME = "lm_recipe.json"
@@ -216,6 +219,23 @@ def run_tune_lm(
     if job.conditioned and job.objective != "answers":
         raise ConfigError("conditioned exits are tuned by the 'answers' objective (it feeds them "
                           f"the final states); got objective {job.objective!r}")
+    if job.objective in HEADS_UNTRAINED and (job.draft_vocab or job.adapter in BLOCK_ADAPTERS):
+        what = "--draft-vocab" if job.draft_vocab else f"--adapter {job.adapter}"
+        raise ConfigError(
+            f"the {job.objective!r} objective does not train the exit heads, so {what} would "
+            "stay as attached (a draft vocabulary of the first token ids; a random attention "
+            "adapter) and draft with that; leave it out, or tune the heads with 'answers'")
+    out = Path(job.out_dir)
+    earlier = _tuned_objective(out)
+    if earlier is not None and earlier != job.objective:
+        if resume:
+            raise ConfigError(
+                f"{out} holds exits tuned with the {earlier!r} objective; a {job.objective!r} run "
+                "attaches and saves exits of its own, which would replace them. Give another "
+                "--out, or --no-resume to start over there")
+        # starting over: nothing of the other run may stay beside the new exits (a CALM
+        # classifier trained for other exits would be read by generate --policy calm_learned)
+        remove_model_files(out, (REPORT_NAME, RECIPE_NAME, CALM_CLASSIFIER_CONFIG, CALM_WEIGHTS))
     config = job.config()
     device = job.torch_device()
     if not isinstance(job.answer_batch_size, int) or job.answer_batch_size < 1:
@@ -235,7 +255,6 @@ def run_tune_lm(
     # the fresh heads' draw follows --seed, so the same command gives the same exits
     torch.manual_seed(int(job.options.get("seed", 0)))
     model = attach_exits(lm, exit_config).to(device)
-    out = Path(job.out_dir)
     reused = None
     if job.objective == "answers":
         data: Any = _answers(job, model, tokenizer, out, prompts, print_fn)
@@ -258,6 +277,21 @@ def run_tune_lm(
     (out / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str))
     print_fn(result.table())
     return report
+
+
+# objectives that train no exit head (LayerSkip trains the decoder, CALM its classifier)
+HEADS_UNTRAINED = ("layerskip", "calm")
+
+
+def _tuned_objective(out: Path) -> str | None:
+    """The objective of the exits a finished tune-lm run saved in ``out``, or None."""
+    report = out / REPORT_NAME
+    if not (out / CONFIG_NAME).is_file() or not report.is_file():
+        return None
+    try:
+        return json.loads(report.read_text()).get("objective")
+    except (OSError, ValueError):
+        return None
 
 
 ANSWERS_NAME = "greedy_answers.json"
