@@ -274,6 +274,11 @@ def test_clear_errors():
             tune_exits(model, texts, steps=bad)
     with pytest.raises(ew.ConfigError, match="lr"):
         tune_exits(model, texts, steps=2, lr=0)
+    # GPT-2's learned positions (64 here): windows past them were clamped to the last row
+    with pytest.raises(ew.ConfigError, match="64 positions"):
+        tune_exits(lm_model("gpt2", "norm"), random_texts(n=4, length=100), steps=2,
+                   seq_len=128)
+    tune_exits(lm_model("gpt2", "norm"), random_texts(n=4, length=100), steps=1, seq_len=64)
 
 
 def test_a_batch_with_no_target_in_the_draft_vocabulary_is_a_no_op_step():

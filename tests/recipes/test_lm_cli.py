@@ -448,6 +448,10 @@ def test_a_folder_keeps_one_objectives_exits_and_a_checkpoint_its_steps(tiny_lm_
     assert main(["tune-lm", *common, "--objective", "ce", "--steps", "2", "--no-resume"]) == 0
     assert json.loads((out / "tuning_report.json").read_text())["objective"] == "ce"
     capsys.readouterr()
+    # the job's own continuation settings as options were overridden and recorded anyway
+    assert main(["tune-lm", *common[:-1], str(tmp_path / "o"), "--objective", "kl",
+                 "--steps", "1", "--option", "gen_tokens=4"]) == 2
+    assert "give --gen-tokens" in capsys.readouterr().err
     for extra in (["--draft-vocab", "8"], ["--adapter", "kangaroo"]):
         assert main(["tune-lm", *common[:-1], str(tmp_path / "ls"), "--objective", "layerskip",
                      "--steps", "1", *extra]) == 2

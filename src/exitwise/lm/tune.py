@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..backbones import decoder_of
 from ..errors import ConfigError
 from .data import weights_checksum
 from .loop import run_task
@@ -51,6 +52,14 @@ def tune_exits(
             f"config must be an objective's config or one of {', '.join(OBJECTIVES)}; "
             f"got {type(config).__name__}"
         )
+    seq_len = getattr(config, "seq_len", None)
+    limit = getattr(decoder_of(model, "tune_exits")[0], "max_positions", None)
+    if isinstance(seq_len, int) and limit is not None and seq_len > limit:
+        # learned absolute positions (GPT-2) past the table would be clamped to its last row
+        # in training, a context the model never serves
+        raise ConfigError(
+            f"seq_len {seq_len} is more than the model's {limit} positions: give seq_len <= "
+            f"{limit} (--seq-len on the command line)")
     out = Path(output_dir) if output_dir is not None else None
     # the base weights as given (before a checkpoint's are loaded): a rerun at the same path
     # with other weights must not continue the old run's exits

@@ -82,6 +82,15 @@ class TuneLMJob:
     def config(self) -> Any:
         """The objective's config (validated now, before any model is loaded)."""
         options = dict(self.options)
+        if self.objective != "answers":  # the job makes the continuations: its own fields
+            for name, flag, field_name in (("num_generations", "--generations",
+                                            "num_generations"),
+                                           ("gen_tokens", "--gen-tokens", "gen_tokens"),
+                                           ("prompts", "--prompts-file", "prompts_file")):
+                if name in options:
+                    raise ConfigError(
+                        f"option {name} is the job's here (it makes the continuations, and "
+                        f"the option would be ignored): give {flag} (TuneLMJob.{field_name})")
         if self.objective != "answers" and "save_every" not in options and "steps" in options:
             options["save_every"] = max(1, min(50, int(options["steps"])))
         config = get_objective(self.objective, **options)
