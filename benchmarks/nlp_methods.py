@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -672,7 +673,7 @@ def build_report(args, specs: dict[str, TaskSpec]) -> dict[str, Any]:
                 "elue": elue, "metric": "pearson" if spec.task == "regression" else "accuracy"}
         task["claims"] = claim_checks(task)
         tasks[tname] = task
-        plot_task(tname, task, Path(args.out).with_name(f"nlp_methods_{tname}.png"))
+        plot_task(tname, task, plot_path(Path(args.out), tname))
     best_sst2 = None
     if "sst2" in tasks and tasks["sst2"]["best_within"]:
         name, b = max(tasks["sst2"]["best_within"].items(), key=lambda kv: kv[1]["speedup_bs1"])
@@ -740,16 +741,27 @@ time what is trained on a quiet machine, `--report-only` to rebuild this page an
 """
 
 
+def plot_path(out: Path, task: str) -> Path:
+    """A task's Pareto plot: beside the JSON, named after it (a partial run to another
+    ``--out`` must not overwrite the main run's plots)."""
+    return out.with_name(f"{out.stem}_{task}.png")
+
+
+def plot_link(out: Path, task: str, page: Path) -> str:
+    return os.path.relpath(plot_path(out, task).resolve(), page.resolve().parent)
+
+
 def fmt(v: Any, spec: str = ".2f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def write_markdown(report: dict[str, Any], path: Path) -> None:
+def write_markdown(report: dict[str, Any], path: Path, out: Path) -> None:
+    """The page at ``path`` for the report written to ``out`` (its plots lie beside it)."""
     lines = [DOC_HEAD, f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ",
              f"Setup: {json.dumps(report['setup'], indent=1)}", ""]
     for tname, task in report["tasks"].items():
         lines += [f"## {tname} ({task['metric']})", "",
-                  f"![Pareto plot](../../benchmarks/results/nlp_methods_{tname}.png)", "",
+                  f"![Pareto plot]({plot_link(out, tname, path)})", "",
                   "| method | setting | metric | delta | vs plain | layers | FLOPs | bs1 | bs32 | "
                   "runtime == replay | consistency |", "| --- | --- | ---: | ---: | ---: | ---: "
                   "| ---: | ---: | ---: | --- | ---: |"]
@@ -878,7 +890,7 @@ def main() -> int:
     default_out = Path(ap.get_default("out"))
     doc = (ROOT / "docs/benchmarks/nlp_methods.md" if Path(args.out) == default_out
            else Path(args.out).with_suffix(".md"))
-    write_markdown(report, doc)
+    write_markdown(report, doc, Path(args.out))
     print(json.dumps(report["summary"], indent=2, default=str))
     print(f"wrote {args.out}")
     return 0
