@@ -234,6 +234,8 @@ def run_tune_lm(
             f"the {job.objective!r} objective does not train the exit heads, so {what} would "
             "stay as attached (a draft vocabulary of the first token ids; a random attention "
             "adapter) and draft with that; leave it out, or tune the heads with 'answers'")
+    config = job.config()  # options and device checked before anything is removed
+    device = job.torch_device()
     out = Path(job.out_dir)
     earlier = _tuned_objective(out)
     if earlier is not None and earlier != job.objective:
@@ -245,8 +247,6 @@ def run_tune_lm(
         # starting over: nothing of the other run may stay beside the new exits (a CALM
         # classifier trained for other exits would be read by generate --policy calm_learned)
         remove_model_files(out, (REPORT_NAME, RECIPE_NAME, CALM_CLASSIFIER_CONFIG, CALM_WEIGHTS))
-    config = job.config()
-    device = job.torch_device()
     if not isinstance(job.answer_batch_size, int) or job.answer_batch_size < 1:
         raise ConfigError(
             f"answer_batch_size must be a positive int; got {job.answer_batch_size!r}")
