@@ -112,6 +112,15 @@ SCORED = ExitLogitsCache(CACHE.logits, CACHE.labels, CACHE.costs, CACHE.full_cos
 @pytest.mark.parametrize("name", [n for n in ew.POLICIES.names() if n != "oracle"])
 def test_every_deployable_policy_meets_its_targets(name: str) -> None:
     cache = SCORED if ew.POLICIES.get(name).uses_scores else CACHE
+    if not ew.POLICIES.get(name).reaches_full_depth:
+        # ELBERT: its window stage exits rows whatever the threshold, so the target may be
+        # out of reach; the search says so and returns its most accurate setting
+        with pytest.warns(UserWarning, match="no setting keeps accuracy"):
+            drop = search_accuracy_drop(name, cache, max_drop_points=5.0)
+        assert not drop.met_target
+        assert drop.heldout["accuracy"] == max(p["accuracy"] for p in drop.curve)
+        assert drop.heldout["mean_layers"] < cache.exit_layers[-1]  # the window exited rows
+        return
     drop = search_accuracy_drop(name, cache, max_drop_points=5.0)
     assert drop.met_target and drop.heldout["accuracy"] >= 0.95 - 1e-12
     # The chosen setting is the fastest qualifying point of its own sweep.

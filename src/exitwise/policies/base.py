@@ -53,6 +53,10 @@ class ExitPolicy:
     # consistency, a halting probability).
     scorer: ClassVar[str | None] = None
     scorer_strategy: ClassVar[str | None] = None
+    # False for a policy with a stage its tuned parameter does not control (ELBERT's
+    # confidence window): even its safest setting may exit rows early, so a drop target can
+    # be out of reach (the search then returns its most accurate setting and says so).
+    reaches_full_depth: ClassVar[bool] = True
     # A policy whose table comes from its own fitting function (named here) instead of a
     # search over ``param``: without that table it runs every row to full depth.
     fitted_by: ClassVar[str | None] = None

@@ -71,6 +71,7 @@ class ELBERTPolicy(ExitPolicy):
     param = "threshold"
     safer_when = "lower"
     param_range = (0.0, 1.0)
+    reaches_full_depth = False  # the window stage is not tuned (as in the reference)
 
     def __init__(
         self,
