@@ -388,16 +388,19 @@ def test_a_model_trained_on_one_file_is_told_to_evaluate_on_another(tiny_model_d
     assert "split your file" in err and "--split test" not in err
 
 
-def test_a_model_with_a_learned_exit_score_is_calibrated_on_it_by_default(
-        tiny_model_dir, tiny_data_dir, tmp_path):
-    # BERxiT trains a learning-to-exit scorer; calibrate's defaults left it out
+@pytest.mark.parametrize("strategy, own", [
+    ("berxit", "lte"),  # its learning-to-exit scorer's policy: calibrate's defaults left it out
+    ("fastbert", "fastbert"),  # the method's own exit rule: only the generic four were tried
+])
+def test_a_methods_own_policy_is_calibrated_by_default(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                       strategy, own):
     out = tmp_path / "m"
     assert main(["train", "--out", str(out), "--model", str(tiny_model_dir), "--data",
                  str(tiny_data_dir), "--max-steps", "2", "--holdout", "60",
-                 "--strategy", "berxit"]) == 0
+                 "--strategy", strategy]) == 0
     assert main(["calibrate", str(out), "--delta", "none"]) == 0
     calib = json.loads((out / "exit_config.json").read_text())["calibration"]
-    assert "lte@drop1" in calib["policies"] and "entropy@drop1" in calib["policies"]
+    assert {f"{own}@drop1", "entropy@drop1"} <= set(calib["policies"])
 
 
 def test_an_interrupt_says_whether_a_rerun_continues(monkeypatch, capsys):
@@ -455,15 +458,3 @@ def test_a_dact_model_is_calibrated_at_temperature_one(tiny_model_dir, tiny_data
     assert report["temperatures"] == [1.0] * len(report["temperatures"])
     assert any(n.startswith("dact: temperatures left at 1") for n in report["notes"])
     assert "dact@drop1" in report["policies"]
-
-
-def test_a_methods_own_exit_rule_is_calibrated_by_default(tiny_model_dir, tiny_data_dir,
-                                                         tmp_path):
-    # a FastBERT-trained model was calibrated on the four generic rules only
-    out = tmp_path / "m"
-    assert main(["train", "--out", str(out), "--model", str(tiny_model_dir), "--data",
-                 str(tiny_data_dir), "--max-steps", "2", "--holdout", "60",
-                 "--strategy", "fastbert"]) == 0
-    assert main(["calibrate", str(out), "--delta", "none"]) == 0
-    calib = json.loads((out / "exit_config.json").read_text())["calibration"]
-    assert {"fastbert@drop1", "entropy@drop1"} <= set(calib["policies"])
