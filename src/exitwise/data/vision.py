@@ -226,11 +226,13 @@ class ImageClassificationDataset(Dataset):
         c = images.shape[1]
         scale = 255.0 if images.dtype == torch.uint8 else 1.0
         x = images.float() / scale
-        if mean is None:  # float64 sums: millions of pixels
-            mean = tuple(x.transpose(0, 1).reshape(c, -1).double().mean(1).tolist())
-        if std is None:
-            std = tuple(max(v, 1e-6) for v in
-                        x.transpose(0, 1).reshape(c, -1).double().std(1, correction=0).tolist())
+        if mean is None or std is None:  # float64 sums: millions of pixels; one copy
+            flat = x.transpose(0, 1).reshape(c, -1).double()
+            if mean is None:
+                mean = tuple(flat.mean(1).tolist())
+            if std is None:
+                std = tuple(max(v, 1e-6) for v in flat.std(1, correction=0).tolist())
+            del flat
         m = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
         s = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
         if m.numel() not in (1, c) or s.numel() not in (1, c) or bool((s <= 0).any()):

@@ -54,6 +54,8 @@ class StopStrings:
         tokens before the last."""
         tail = generated[-self.window :]
         text = self.tokenizer.decode(tail, skip_special_tokens=False)
+        if not any(s in text for s in self.strings):  # the usual case: one decode per token
+            return False
         before = self.tokenizer.decode(tail[:-1], skip_special_tokens=False)
         # Where decoding is not prefix-stable (a partial UTF-8 character decodes to U+FFFD
         # until its last byte arrives) the newest token's text starts where the two texts

@@ -305,7 +305,7 @@ def run_calibrate(
                 f"holdout={holdout} asks for {wanted} rows, but training kept only {kept_out} "
                 "out: the others were trained on (a smaller hold-out, a part of those, works)")
         job.holdout = holdout  # the slice is the first rows of one seeded order: a part of it
-        _, held, _ = split_train(job, label_names=model.config.label_names)
+        held = train_holdout_split(every, holdout, seed=job.seed)[1]
     cache = collect_exit_logits(
         model, _loader(held, tokenizer, 64, max_length(job, held)), progress=progress
     )

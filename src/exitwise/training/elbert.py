@@ -69,7 +69,7 @@ def elbert_loss(outputs: ExitOutputs, labels: torch.Tensor, weights: torch.Tenso
     if weights.numel() != len(outputs.logits):
         raise ConfigError(f"{weights.numel()} ELBERT weights for {len(outputs.logits)} exits")
     losses = exit_task_losses(outputs, labels)
-    return (weights.to(losses.dtype) * losses).sum()
+    return (weights.to(device=losses.device, dtype=losses.dtype) * losses).sum()
 
 
 class ELBERTStep:
