@@ -40,11 +40,10 @@ from exitwise.errors import ConfigError  # noqa: E402
 from exitwise.generation import generate  # noqa: E402
 from exitwise.lm.prompts import BENCH_PROMPTS  # noqa: E402
 from exitwise.recipes.lm import (  # noqa: E402
-    encode_prompts,
-    format_prompts,
     hf_model,
     load_lm,
     new_token_lists,
+    prompt_batch,
 )
 from exitwise.runtime.timing import rotation  # noqa: E402
 
@@ -278,7 +277,7 @@ def time_on_prompts(model: Any, tokenizer: Any, methods: list[Method], prompts: 
     """Each method at batch 1 on ``prompts`` (chat template), interleaved per prompt: the
     report entry of each (first method: the reference, "hf_greedy"), with its
     ``speedup_vs_hf_greedy``; the entries are printed."""
-    chunks = [encode_prompts(tokenizer, format_prompts(tokenizer, [p]), "cpu") for p in prompts]
+    chunks = [prompt_batch(tokenizer, [p], "cpu") for p in prompts]
     timed = time_methods(methods, chunks, repeats, eos)
     ref = timed["hf_greedy"]
     num_layers = model.config.num_hidden_layers
@@ -386,7 +385,7 @@ def bench_lm(
     num_layers = int(lm.config.num_hidden_layers)
     eos = eos_ids(lm, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
-    texts = format_prompts(tokenizer, prompts, chat)
+    texts = list(prompts)
     report: dict[str, Any] = {
         "num_prompts": len(texts), "max_new_tokens": max_new_tokens, "repeats": repeats,
         "threads": torch.get_num_threads(), "num_layers": num_layers,
@@ -394,7 +393,7 @@ def bench_lm(
         "batch_sizes": {},
     }
     for bs in batch_sizes:
-        chunks = [encode_prompts(tokenizer, texts[s : s + bs], device)
+        chunks = [prompt_batch(tokenizer, texts[s : s + bs], device, chat)
                   for s in range(0, len(texts), bs)]
         assistant_chunks = len(chunks) if assistant_prompts is None else -(
             -assistant_prompts // bs)
@@ -403,7 +402,7 @@ def bench_lm(
                                 assistant_chunks, max_new_tokens, eos, pad,
                                 parse_drafters(drafters))
         for m in methods:  # warm-up: first-call allocations out of the timings
-            m.run(*encode_prompts(tokenizer, texts[:1], device))
+            m.run(*prompt_batch(tokenizer, texts[:1], device, chat))
         recs = time_methods(methods, chunks, repeats, eos, print_fn, f"batch {bs}, ")
         ref = recs["hf_greedy"]
         entries = {m.name: entry_of(m, recs[m.name], ref, num_layers) for m in methods}

@@ -50,7 +50,7 @@ from exitwise.lm.objectives.answers import (  # noqa: E402
 )
 from exitwise.lm.prompts import BENCH_PROMPTS  # noqa: E402
 from exitwise.machine import machine_info  # noqa: E402
-from exitwise.recipes.lm import format_prompts, load_lm  # noqa: E402
+from exitwise.recipes.lm import load_lm, prompt_ids  # noqa: E402
 
 TOP_K = (1, 2, 4, 8)
 
@@ -150,10 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
     model.eval()
     eos = [int(tok.eos_token_id)]
     pad = int(tok.pad_token_id if tok.pad_token_id is not None else eos[0])
-    texts = format_prompts(tok, list(BENCH_PROMPTS[: args.prompts]))
     Path(args.answers_cache).parent.mkdir(parents=True, exist_ok=True)
     answers = generate_answers(
-        model.backbone, [tok(t, add_special_tokens=False)["input_ids"] for t in texts],
+        model.backbone, prompt_ids(tok, list(BENCH_PROMPTS[: args.prompts])),
         max_new_tokens=args.new_tokens, batch_size=8, eos_token_id=eos, pad_token_id=pad,
         cache=args.answers_cache)
     report = {

@@ -72,7 +72,7 @@ from exitwise.heads.lm import LMHead  # noqa: E402
 from exitwise.lm import AnswersConfig, agreement_on_answers, generate_answers  # noqa: E402
 from exitwise.lm.prompts import BENCH_PROMPTS  # noqa: E402
 from exitwise.machine import machine_info  # noqa: E402
-from exitwise.recipes.lm import ANSWERS_NAME, format_prompts, load_lm  # noqa: E402
+from exitwise.recipes.lm import ANSWERS_NAME, load_lm, prompt_ids  # noqa: E402
 
 
 def warm_start(head, backbone) -> None:
@@ -168,9 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
     lm.eval()
     eos = [int(tok.eos_token_id)]
     pad = int(tok.pad_token_id if tok.pad_token_id is not None else eos[0])
-    texts = format_prompts(tok, list(BENCH_PROMPTS))
     bench = generate_answers(ew.wrap_backbone(lm),
-                             [tok(t, add_special_tokens=False)["input_ids"] for t in texts],
+                             prompt_ids(tok, list(BENCH_PROMPTS)),
                              max_new_tokens=128, batch_size=8, eos_token_id=eos,
                              pad_token_id=pad)
     report["benchmark_prompts"] = len(bench)

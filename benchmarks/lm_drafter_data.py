@@ -57,7 +57,7 @@ from exitwise.lm import agreement_on_answers, generate_answers  # noqa: E402
 from exitwise.lm.data import split_holdout  # noqa: E402
 from exitwise.lm.prompts import BENCH_PROMPTS  # noqa: E402
 from exitwise.machine import machine_info  # noqa: E402
-from exitwise.recipes.lm import ANSWERS_NAME, encode_prompts, format_prompts, load_lm  # noqa: E402
+from exitwise.recipes.lm import ANSWERS_NAME, load_lm, prompt_batch, prompt_ids  # noqa: E402
 
 
 def held_out(folder: Path, skip_first: int) -> tuple[list, dict]:
@@ -76,7 +76,7 @@ def exit_acceptance(model, tokenizer, prompts: list[str], max_new_tokens: int,
     """Exit-only drafts of one, greedy, batch 1, on each prompt: summed drafted / accepted."""
     drafted = accepted = 0
     for p in prompts:
-        ids, mask = encode_prompts(tokenizer, format_prompts(tokenizer, [p]))
+        ids, mask = prompt_batch(tokenizer, [p])
         out = ew.generate(model, ids, mask,
                           strategy="self_speculative", exit_layer=int(model.exit_layers[0]),
                           draft_len=1, ngram=0, max_new_tokens=max_new_tokens,
@@ -119,9 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {}
     bench_answers = None
     if args.acceptance_prompts:
-        texts = format_prompts(tok, list(BENCH_PROMPTS)[: args.acceptance_prompts])
         bench_answers = generate_answers(
-            ew.wrap_backbone(lm), [tok(t, add_special_tokens=False)["input_ids"] for t in texts],
+            ew.wrap_backbone(lm), prompt_ids(tok, list(BENCH_PROMPTS)[: args.acceptance_prompts]),
             max_new_tokens=args.max_new_tokens, batch_size=8, eos_token_id=sorted(eos),
             pad_token_id=pad)
     drafters = {"small": (small_name, small, args.small_answers),

@@ -41,7 +41,7 @@ from exitwise.backbones.stack_probe import DecoderStackProbe  # noqa: E402
 from exitwise.generation import generate  # noqa: E402
 from exitwise.lm.prompts import BENCH_PROMPTS  # noqa: E402
 from exitwise.machine import machine_info  # noqa: E402
-from exitwise.recipes.lm import encode_prompts, format_prompts, load_lm  # noqa: E402
+from exitwise.recipes.lm import load_lm, prompt_batch  # noqa: E402
 
 _VIEW = HFDecoderBackbone._attention_view
 
@@ -82,9 +82,8 @@ def time_passes(model, contexts: list[int], rows: list[int], repeats: int) -> di
 
 def time_decoding(model, tokenizer, prompts: list[str], new_tokens: int, repeats: int,
                   exit_layer: int | None) -> dict:
-    texts = format_prompts(tokenizer, prompts, None)
     device = next(model.parameters()).device
-    encoded = [encode_prompts(tokenizer, [t], device) for t in texts]
+    encoded = [prompt_batch(tokenizer, [p], device) for p in prompts]
     options = {} if exit_layer is None else {"exit_layer": exit_layer}
 
     def run(flag: bool, ids, mask):

@@ -39,11 +39,10 @@ from exitwise.generation import generate  # noqa: E402
 from exitwise.lm.prompts import BENCH_PROMPTS  # noqa: E402
 from exitwise.machine import machine_info  # noqa: E402
 from exitwise.recipes.lm import (  # noqa: E402
-    encode_prompts,
-    format_prompts,
     hf_model,
     load_lm,
     new_token_lists,
+    prompt_batch,
 )
 
 METHODS = ("hf_greedy", "auto", "stock", "streaming")
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     lm = hf_model(model)
     eos = eos_ids(lm, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
-    texts = format_prompts(tokenizer, list(BENCH_PROMPTS)[: args.prompts])
+    texts = list(BENCH_PROMPTS)[: args.prompts]
     tuner = default_tuner()
     if not args.keep_measurements:
         tuner.clear()
@@ -93,12 +92,12 @@ def main(argv: list[str] | None = None) -> dict:
     # The first default call measures what it needs (untimed here, reported on its own).
     t0 = time.perf_counter()
     for bs in (int(b) for b in args.batch_sizes.split(",")):
-        run("auto", *encode_prompts(tokenizer, texts[:bs]))
+        run("auto", *prompt_batch(tokenizer, texts[:bs]))
     report["first_use_measurement_seconds"] = time.perf_counter() - t0
     print(f"[kernels] measured in {report['first_use_measurement_seconds']:.1f} s (with one "
           "short decoding per batch size)")
     for bs in (int(b) for b in args.batch_sizes.split(",")):
-        chunks = [encode_prompts(tokenizer, texts[s : s + bs]) for s in range(0, len(texts), bs)]
+        chunks = [prompt_batch(tokenizer, texts[s : s + bs]) for s in range(0, len(texts), bs)]
         for m in METHODS:  # warm-up
             run(m, *chunks[0])
         seconds = {m: [] for m in METHODS}

@@ -43,7 +43,7 @@ from exitwise.generation import search_skip_layers, swift_search  # noqa: E402
 from exitwise.generation.layer_skip import skip_spec  # noqa: E402
 from exitwise.lm.prompts import BENCH_PROMPTS, CALIBRATION_PROMPTS  # noqa: E402
 from exitwise.machine import machine_info  # noqa: E402
-from exitwise.recipes.lm import encode_prompts, format_prompts  # noqa: E402
+from exitwise.recipes.lm import prompt_batch  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lm, tok, eos, pad = load_timed_lm(args.model, args.threads)
 
     cal = list(CALIBRATION_PROMPTS)[: args.search_prompts]
-    ids, mask = encode_prompts(tok, format_prompts(tok, cal), "cpu")
+    ids, mask = prompt_batch(tok, cal, "cpu")
     searches: dict[str, dict[str, Any]] = {}
     for unit, sublayers in (("sublayers", True), ("blocks", False)):
         t0 = time.time()

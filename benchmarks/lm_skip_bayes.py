@@ -42,7 +42,7 @@ from lm_bench import (  # noqa: E402
 from exitwise.generation import bayes_search_skip_layers  # noqa: E402
 from exitwise.lm.prompts import BENCH_PROMPTS, CALIBRATION_PROMPTS  # noqa: E402
 from exitwise.machine import machine_info  # noqa: E402
-from exitwise.recipes.lm import encode_prompts, format_prompts  # noqa: E402
+from exitwise.recipes.lm import prompt_batch  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lm, tok, eos, pad = load_timed_lm(args.model, args.threads)
 
     cal = list(CALIBRATION_PROMPTS)[: args.search_prompts]
-    ids, mask = encode_prompts(tok, format_prompts(tok, cal), "cpu")
+    ids, mask = prompt_batch(tok, cal, "cpu")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     checkpoint = work / ("search.json" if args.sublayers else "search_blocks.json")

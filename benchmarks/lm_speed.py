@@ -138,13 +138,13 @@ def certify_calm(model, tokenizer, args) -> tuple[dict, dict]:
     from exitwise.backbones.special_tokens import eos_ids
     from exitwise.calibration.ltt import CalibrationRefused, certify_threshold, early_exit_losses
     from exitwise.policies import get_policy
-    from exitwise.recipes.lm import encode_prompts, format_prompts, hf_model
+    from exitwise.recipes.lm import hf_model, prompt_batch
 
     lm = hf_model(model)
     eos = eos_ids(lm, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
     prompts = list(CALIBRATION_PROMPTS)[: 8 if args.quick else None]
-    ids, mask = encode_prompts(tokenizer, format_prompts(tokenizer, prompts), "cpu")
+    ids, mask = prompt_batch(tokenizer, prompts, "cpu")
     t0 = time.time()
     print(f"[calm] calibrating calm_softmax on {len(prompts)} prompts x {args.calm_tokens} tokens")
     losses = early_exit_losses(
@@ -182,11 +182,11 @@ def component_costs(model, tokenizer, exit_layer: int, repeats: int = 25) -> dic
     kernels (``streaming_`` keys). They explain the break-even acceptance of self-speculation."""
     from exitwise.generation.outputs import GenerationStats
     from exitwise.generation.session import DecodeSession
-    from exitwise.recipes.lm import encode_prompts, format_prompts
+    from exitwise.recipes.lm import prompt_batch
 
     bb = model.backbone
     head = model.heads[model.exit_layers.index(exit_layer)]
-    ids, mask = encode_prompts(tokenizer, format_prompts(tokenizer, [BENCH_PROMPTS[0]]), "cpu")
+    ids, mask = prompt_batch(tokenizer, [BENCH_PROMPTS[0]], "cpu")
     session = DecodeSession(bb, ids, mask, 8, set(), 0, GenerationStats("greedy", bb.num_layers))
 
     def median_ms(fn) -> float:

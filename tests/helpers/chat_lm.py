@@ -14,21 +14,27 @@ CHAT = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <eos> {% en
         "{% if add_generation_prompt %}<assistant> {% endif %}")
 
 
-def save_tiny_chat_llama(d: Path) -> Path:
-    """A 4-layer random Llama (vocab 64) + a word-level tokenizer with a chat template."""
+def save_tiny_chat_llama(d: Path, bos: bool = False) -> Path:
+    """A 4-layer random Llama (vocab 64) + a word-level tokenizer with a chat template.
+    ``bos``: the tokenizer adds ``<bos>`` to text and the template writes it, as Llama's,
+    Gemma's and Mistral's do."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
+    from tokenizers.processors import TemplateProcessing
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
     core = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = Whitespace()
+    if bos:
+        core.post_processor = TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])])
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
         unk_token="<unk>",
     )
-    tok.chat_template = CHAT
+    tok.chat_template = ("{{ bos_token }}" if bos else "") + CHAT
     tok.save_pretrained(d)
     torch.manual_seed(0)
     cfg = LlamaConfig(

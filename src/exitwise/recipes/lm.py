@@ -182,13 +182,17 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def format_prompts(tokenizer: Any, prompts: Sequence[str], chat: bool | None = None) -> list[str]:
-    """Prompts as the model should see them: wrapped in the chat template (one user turn +
-    the assistant opening) when the tokenizer has one (``chat=None``) or when ``chat``."""
+def _uses_chat(tokenizer: Any, chat: bool | None) -> bool:
     use_chat = has_chat_template(tokenizer) if chat is None else chat
     if use_chat and not has_chat_template(tokenizer):
         raise ConfigError("chat=True, but this tokenizer has no chat template")
-    if not use_chat:
+    return use_chat
+
+
+def format_prompts(tokenizer: Any, prompts: Sequence[str], chat: bool | None = None) -> list[str]:
+    """Prompts as the model should see them: wrapped in the chat template (one user turn +
+    the assistant opening) when the tokenizer has one (``chat=None``) or when ``chat``."""
+    if not _uses_chat(tokenizer, chat):
         return list(prompts)
     return [
         tokenizer.apply_chat_template(
@@ -198,14 +202,31 @@ def format_prompts(tokenizer: Any, prompts: Sequence[str], chat: bool | None = N
     ]
 
 
-def encode_prompts(
-    tokenizer: Any, texts: Sequence[str], device: torch.device | str = "cpu"
+def prompt_ids(tokenizer: Any, prompts: Sequence[str], chat: bool | None = None
+               ) -> list[list[int]]:
+    """Prompts -> token ids as the model should see them (:func:`format_prompts`, then
+    tokenized). A chat template writes the model's special tokens itself (its BOS where the
+    model wants one), so templated text gets none added, as HF's
+    ``apply_chat_template(tokenize=True)``; plain text gets the tokenizer's own (Llama's,
+    Gemma's BOS), as ``tokenizer(text)``: otherwise a BOS model would see its prompts
+    without one, or twice."""
+    special = not _uses_chat(tokenizer, chat)
+    return [tokenizer(t, add_special_tokens=special)["input_ids"]
+            for t in format_prompts(tokenizer, prompts, chat)]
+
+
+def prompt_batch(
+    tokenizer: Any, prompts: Sequence[str], device: torch.device | str = "cpu",
+    chat: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Already formatted texts -> left-padded (input_ids (B, T), attention_mask (B, T))."""
-    if not texts:
+    """Prompts (user text, not yet formatted) -> left-padded (input_ids (B, T),
+    attention_mask (B, T)), formatted and tokenized as :func:`prompt_ids`."""
+    if not prompts:
         raise ConfigError("give at least one prompt")
+    special = not _uses_chat(tokenizer, chat)
     tokenizer.padding_side = "left"
-    enc = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tokenizer(format_prompts(tokenizer, prompts, chat), return_tensors="pt",
+                    padding=True, add_special_tokens=special)
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
@@ -311,11 +332,11 @@ def _continuations(job: TuneLMJob, model: Any, tokenizer: Any, out: Path,
                    prompts: Sequence[str] | None, print_fn: Any) -> tuple[list[list[int]], bool]:
     """(the model's own continuations of chat prompts as token ids, whether they came from
     the cache in ``out``)."""
-    texts = format_prompts(tokenizer, list(prompts or (DEFAULT_PROMPTS + CHAT_TUNING_PROMPTS)))
+    ids = prompt_ids(tokenizer, list(prompts or (DEFAULT_PROMPTS + CHAT_TUNING_PROMPTS)))
     eos, pad = eos_and_pad(model.backbone, None, tokenizer.pad_token_id)
-    print_fn(f"[tune] {job.num_generations} continuation(s) of {len(texts)} prompts "
+    print_fn(f"[tune] {job.num_generations} continuation(s) of {len(ids)} prompts "
              f"(cached in {out})")
-    return self_generated_sequences(model, tokenizer, texts, job.num_generations,
+    return self_generated_sequences(model, tokenizer, ids, job.num_generations,
                                     job.gen_tokens, int(job.options.get("seed", 0)), pad, eos,
                                     out)
 
@@ -336,12 +357,11 @@ def _answers(
     elif len(prompts) < job.answers:
         print_fn(f"[tune] {job.prompts_file} holds {len(prompts)} prompts: answering those "
                  f"{len(prompts)}, not {job.answers}")
-    texts = format_prompts(tokenizer, list(prompts)[: job.answers])
-    prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    ids = prompt_ids(tokenizer, list(prompts)[: job.answers])
     eos = eos_ids(hf_model(model), tokenizer)
-    print_fn(f"[tune] greedy answers to {len(prompt_ids)} prompts (cached in {out})")
+    print_fn(f"[tune] greedy answers to {len(ids)} prompts (cached in {out})")
     answers = generate_answers(
-        model, prompt_ids, max_new_tokens=job.answer_tokens, batch_size=job.answer_batch_size,
+        model, ids, max_new_tokens=job.answer_tokens, batch_size=job.answer_batch_size,
         eos_token_id=sorted(eos) or None, pad_token_id=tokenizer.pad_token_id,
         # answers are the model's own, checked against its weights and budget, so a run
         # started over (resume=False) or grown (more prompts) reuses the ones it has
@@ -451,9 +471,8 @@ def run_generate(
         model = model_or_dir
         if tokenizer is None:
             raise ConfigError("give the tokenizer with an already loaded model")
-    texts = format_prompts(tokenizer, prompts, chat)
     device = hf_model(model).get_output_embeddings().weight.device
-    ids, mask = encode_prompts(tokenizer, texts, device)
+    ids, mask = prompt_batch(tokenizer, prompts, device, chat)
     if strategy == "early_exit" and kv is None:
         kv = "skip"  # skipped layers' keys/values computed later, with the next token
     # Options left None count as not given; one given that the strategy does not have is

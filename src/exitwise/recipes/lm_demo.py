@@ -31,12 +31,11 @@ from ..machine import cpu_model, machine_info
 from ..model_io import CONFIG_NAME
 from .lm import (
     TuneLMJob,
-    encode_prompts,
-    format_prompts,
     hf_model,
     is_tuned_dir,
     load_lm,
     new_token_lists,
+    prompt_batch,
     run_generate,
     run_tune_lm,
 )
@@ -119,7 +118,7 @@ def run_llm_demo(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
 
     def hf_greedy(prompt: str, new_tokens: int) -> dict[str, Any]:
-        ids, mask = encode_prompts(tokenizer, format_prompts(tokenizer, [prompt]))
+        ids, mask = prompt_batch(tokenizer, [prompt])
         t0 = time.perf_counter()
         with torch.inference_mode():
             seq = lm.generate(input_ids=ids, attention_mask=mask, do_sample=False,
