@@ -295,3 +295,12 @@ def test_skip_cache_equals_full_recomputation(family):
                 torch.testing.assert_close(
                     got[r][:, :n][:, keep], want[0][:, :m], atol=ATOL, rtol=1e-4
                 )
+
+
+def test_the_default_kv_mode_is_skip_in_the_api_as_on_the_command_line(llama):
+    # the mode where exits save compute; the command line's default too (they differed)
+    ids, mask = left_padded((6, 4))
+    out = generate(llama, ids, mask, strategy="early_exit", max_new_tokens=NEW,
+                   policy=get_policy("calm_softmax", threshold=0.0, tau=0.0), eos_token_id=None)
+    assert out.stats.kv == "skip"
+    assert out.stats.sequential_layers < NEW * LAYERS  # exits at the first point really skip

@@ -207,7 +207,7 @@ def early_exit_decode(
     session: DecodeSession,
     points: list[ExitPoint],
     policy: ExitPolicy,
-    kv: str = "propagate",
+    kv: str = "skip",
 ) -> torch.Tensor:
     """Run ``session`` to the end with early exits at ``points``; returns sequences (B, T + N).
 
@@ -444,14 +444,14 @@ class EarlyExit(DecodingStrategy):
     ``policy`` says so.
 
     policy: a token-level exit policy (object, name or dict; e.g. ``calm_softmax``).
-    kv: the keys / values of skipped layers: "propagate" (CALM's copy), "recompute" (exact)
-    or "skip" (filled exactly, in parallel, by a later step). exit_layers: the exit depths
-    (default: all).
+    kv: the keys / values of skipped layers: "skip" (the default: filled exactly, in
+    parallel, by a later step; the only mode where exits save compute), "propagate" (CALM's
+    copy) or "recompute" (exact). exit_layers: the exit depths (default: all).
     """
 
     samples: ClassVar[bool] = False
     policy: Any = None
-    kv: str = "propagate"
+    kv: str = "skip"
     exit_layers: list[int] | None = None
 
     def __post_init__(self) -> None:

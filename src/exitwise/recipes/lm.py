@@ -473,8 +473,6 @@ def run_generate(
             raise ConfigError("give the tokenizer with an already loaded model")
     device = hf_model(model).get_output_embeddings().weight.device
     ids, mask = prompt_batch(tokenizer, prompts, device, chat)
-    if strategy == "early_exit" and kv is None:
-        kv = "skip"  # skipped layers' keys/values computed later, with the next token
     # Options left None count as not given; one given that the strategy does not have is
     # refused by generate, naming the strategy it belongs to (never silently dropped).
     given = {"exit_layer": exit_layer, "draft_len": draft_len,
