@@ -448,6 +448,18 @@ def test_a_folder_keeps_one_objectives_exits_and_a_checkpoint_its_steps(tiny_lm_
     assert main(["tune-lm", *common, "--objective", "ce", "--steps", "2", "--no-resume"]) == 0
     assert json.loads((out / "tuning_report.json").read_text())["objective"] == "ce"
     capsys.readouterr()
+    # exits of another shape into the same folder: refused by name (a key-mismatch error
+    # from the checkpoint before), and --no-resume starts over with them
+    tuned = (out / "exit_heads.safetensors").read_bytes()
+    for extra, said in ((["--adapter", "norm"], "adapter='mlp' there, 'norm' now"),
+                        (["--draft-vocab", "16"], "draft_vocab=None there, 16 now")):
+        assert main(["tune-lm", *common, "--objective", "ce", "--steps", "2", *extra]) == 2
+        assert said in capsys.readouterr().err
+    assert (out / "exit_heads.safetensors").read_bytes() == tuned  # untouched
+    assert main(["tune-lm", *common, "--objective", "ce", "--steps", "2", "--adapter", "norm",
+                 "--no-resume"]) == 0
+    assert json.loads((out / "lm_recipe.json").read_text())["job"]["adapter"] == "norm"
+    capsys.readouterr()
     # the job's own continuation settings as options were overridden and recorded anyway
     assert main(["tune-lm", *common[:-1], str(tmp_path / "o"), "--objective", "kl",
                  "--steps", "1", "--option", "gen_tokens=4"]) == 2

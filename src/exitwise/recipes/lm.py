@@ -268,6 +268,8 @@ def run_tune_lm(
         # starting over: nothing of the other run may stay beside the new exits (a CALM
         # classifier trained for other exits would be read by generate --policy calm_learned)
         remove_model_files(out, (REPORT_NAME, RECIPE_NAME, CALM_CLASSIFIER_CONFIG, CALM_WEIGHTS))
+    elif resume:
+        _check_same_heads(out, job)
     if not isinstance(job.answer_batch_size, int) or job.answer_batch_size < 1:
         raise ConfigError(
             f"answer_batch_size must be a positive int; got {job.answer_batch_size!r}")
@@ -290,13 +292,12 @@ def run_tune_lm(
         data: Any = _answers(job, model, tokenizer, out, prompts, print_fn)
     else:
         data, reused = _continuations(job, model, tokenizer, out, prompts, print_fn)
+    # written before tuning too, so a rerun of an interrupted run is checked against it
+    _write_recipe(out, job)
     result = tune_exits(model, data, config, tokenizer=tokenizer, output_dir=out, resume=resume)
     model.save_pretrained(out)
     tokenizer.save_pretrained(str(out))
-    # a local folder is recorded absolute, so the tuned folder loads from any directory
-    base_model = str(Path(job.model).resolve()) if Path(job.model).is_dir() else job.model
-    recipe = {"base_model": base_model, "job": asdict(job)}
-    (out / RECIPE_NAME).write_text(json.dumps(recipe, indent=2))
+    _write_recipe(out, job)
     report = {
         "objective": result.objective, "config": result.config, "metric": result.metric,
         "exit_layers": [d for d in model.exit_layers if d < model.backbone.num_layers],
@@ -326,6 +327,34 @@ def _tuned_objective(out: Path) -> str | None:
 
 ANSWERS_NAME = "greedy_answers.json"
 ANSWER_PROMPT_POOL = 2400
+
+
+# What fixes the shape of the exits a folder holds: a rerun that changes one would load a
+# checkpoint of other heads.
+HEAD_SETTINGS = ("exit_layers", "adapter", "draft_vocab", "conditioned")
+
+
+def _write_recipe(out: Path, job: TuneLMJob) -> None:
+    # a local folder is recorded absolute, so the tuned folder loads from any directory
+    base_model = str(Path(job.model).resolve()) if Path(job.model).is_dir() else job.model
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RECIPE_NAME).write_text(json.dumps({"base_model": base_model, "job": asdict(job)},
+                                              indent=2))
+
+
+def _check_same_heads(out: Path, job: TuneLMJob) -> None:
+    """Refuse a resumed run whose exits differ in shape from those ``out`` was tuned with."""
+    try:
+        saved = json.loads((out / RECIPE_NAME).read_text()).get("job", {})
+    except (OSError, ValueError, AttributeError):
+        return  # nothing recorded (or unreadable): the checkpoint's own checks still apply
+    asked = asdict(job)
+    differ = [f"{k}={saved[k]!r} there, {asked[k]!r} now" for k in HEAD_SETTINGS
+              if k in saved and saved[k] != asked[k]]
+    if differ:
+        raise ConfigError(
+            f"{out} holds exits tuned with other settings ({'; '.join(differ)}); give another "
+            "--out, or --no-resume to start over there")
 
 
 def _continuations(job: TuneLMJob, model: Any, tokenizer: Any, out: Path,
