@@ -294,14 +294,38 @@ def truncate_encoder(model: nn.Module, num_layers: int) -> nn.Module:
     base = base_model_of(model)
     model_type = getattr(base.config, "model_type", None)
     layout = ENCODER_LAYOUTS.get(model_type)
-    if layout is None or layout.shared_groups:
+    if layout is None:
         raise UnsupportedModelError(f"cannot truncate a {model_type!r} encoder")
     parent_path, _, attr = layout.layers.rpartition(".")
     parent = resolve_path(base, parent_path) if parent_path else base
     blocks = getattr(parent, attr)
+    if layout.shared_groups:
+        _truncate_shared(base.config, parent, attr, num_layers)
+        return model
     if not 1 <= num_layers <= len(blocks):
         raise ConfigError(f"can keep 1..{len(blocks)} layers, not {num_layers}")
     setattr(parent, attr, nn.ModuleList(list(blocks)[:num_layers]))
     key = "n_layers" if hasattr(base.config, "n_layers") else "num_hidden_layers"
     setattr(base.config, key, num_layers)
     return model
+
+
+def _truncate_shared(config: Any, parent: nn.Module, attr: str, num_layers: int) -> None:
+    """ALBERT: layer i runs group int(i / (L / G)) (HF's AlbertTransformer and
+    :meth:`HFEncoderBackbone.block`), so the first k layers cut from it must map to the same
+    groups under int(i / (k / G')) with the first G' groups kept: always so with one group
+    or at a multiple of L / G; not, e.g., for 4 of 6 layers in 2 groups (groups 0, 0, 0, 1)."""
+    total, groups = int(config.num_hidden_layers), int(config.num_hidden_groups)
+    if not 1 <= num_layers <= total:
+        raise ConfigError(f"can keep 1..{total} layers, not {num_layers}")
+    used = [int(i / (total / groups)) for i in range(num_layers)]
+    fits = [g for g in range(1, groups + 1)
+            if [int(i / (num_layers / g)) for i in range(num_layers)] == used]
+    if not fits:
+        raise ConfigError(
+            f"this ALBERT shares {groups} layer groups over {total} layers: its first "
+            f"{num_layers} run groups {used}, which no cut model reproduces (a layer runs "
+            f"group int(i / (layers / groups))); keep a multiple of {total / groups:g} layers")
+    setattr(parent, attr, nn.ModuleList(list(getattr(parent, attr))[: fits[0]]))
+    config.num_hidden_groups = fits[0]
+    config.num_hidden_layers = num_layers
