@@ -212,10 +212,18 @@ def weights_fingerprint(module: nn.Module, per_param: int = 4096) -> list[float]
             for s in parameter_samples(module, per_param)]
     if not sums:
         return [0.0, 0.0]
+    # one read-back per device (a GPU waits once, not once per parameter), then accumulated
+    # in parameter order as always (the figures recorded in saved folders and cache keys
+    # stay bit for bit the same)
+    on: dict[torch.device, list[int]] = {}
+    for n, (a, _) in enumerate(sums):
+        on.setdefault(a.device, []).append(n)
+    values: list[list[float]] = [[]] * len(sums)
+    for order in on.values():
+        for n, pair in zip(order, torch.stack([torch.stack(sums[n]) for n in order]).tolist()):
+            values[n] = pair
     total, scale = 0.0, 0.0
-    # one read-back of all sums, then accumulated in parameter order as always (the
-    # figures recorded in saved folders and cache keys stay bit for bit the same)
-    for n, (a, b) in enumerate(torch.stack([torch.stack(pair).cpu() for pair in sums]).tolist()):
+    for n, (a, b) in enumerate(values):
         total += (n + 1) * a
         scale += (n + 1) * b
     return [total, scale]
