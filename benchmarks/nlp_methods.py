@@ -55,6 +55,7 @@ from exitwise.paths import data_root  # noqa: E402
 from exitwise.policies import get_policy  # noqa: E402
 from exitwise.protocols import elue_score  # noqa: E402
 from exitwise.recipes import text_classification as tc  # noqa: E402
+from exitwise.recipes import text_evaluate as te  # noqa: E402
 from exitwise.recipes.sources import default_sst2  # noqa: E402
 from exitwise.runtime.cascade import time_cascade  # noqa: E402
 from exitwise.runtime.timing import measure_speedups  # noqa: E402
@@ -114,7 +115,7 @@ def class_means_after(labels: str) -> Callable[[Path, TaskSpec], None]:
         job = tc.load_job(out)
         model, tok = tc.load_trained(out)
         train_ex, _, _ = tc.split_train(job, label_names=model.config.label_names)
-        batches = tc.tokenized_batches(train_ex, tok, 64, tc.max_length(job, train_ex))
+        batches = te.tokenized_batches(train_ex, tok, 64, tc.max_length(job, train_ex))
         fit_class_means(model, batches, labels=labels, progress=False)
         model.save_pretrained(out, save_backbone=True)
 
@@ -324,7 +325,7 @@ def calibrate(args, spec: TaskSpec, out: Path, policies: list[str],
 
 def eval_rows(spec: TaskSpec, out: Path):
     model, tok = tc.load_trained(out)
-    examples, job, _ = tc.eval_examples(model, out, None, spec.eval_split, None)
+    examples, job, _ = te.eval_examples(model, out, None, spec.eval_split, None)
     return model, tok, examples, tc.max_length(job, examples)
 
 
@@ -339,7 +340,7 @@ def evaluate(args, spec: TaskSpec, out: Path) -> dict[str, Any]:
         if sorted(report["settings"]) == keys and report.get("version") == EVAL_VERSION:
             return report
     cache_file = out / f"cache-{spec.eval_split}.safetensors"
-    batches = tc.tokenized_batches(examples, tok, 32, length)
+    batches = te.tokenized_batches(examples, tok, 32, length)
     if cache_file.is_file():
         cache = ExitLogitsCache.load(cache_file)
     else:
@@ -407,7 +408,7 @@ def time_settings(args, spec: TaskSpec, out: Path) -> dict[str, Any]:
     for bs, limit in ((1, args.bs1_rows), (32, args.bs32_rows)):
         rows = examples.subset(range(min(len(examples), limit)))
         batches = [{k: v for k, v in b.items() if k != "labels"}
-                   for b in tc.tokenized_batches(rows, tok, bs, length)]
+                   for b in te.tokenized_batches(rows, tok, bs, length)]
         got = measure_speedups(model, batches, chosen, repeats=args.repeats, warmup=1)
         report["rows"][str(bs)] = len(rows)
         report.setdefault("full_depth_s", {})[str(bs)] = got["baseline"]["median_s"]
@@ -457,7 +458,7 @@ def run_cascadebert(args, spec: TaskSpec) -> None:
     else:
         _, held, _ = tc.split_train(job, label_names=small.config.label_names)
         held_cache = collect_cascade_logits(
-            cascade, tc.tokenized_batches(held, tok, 64, tc.max_length(job, held)))
+            cascade, te.tokenized_batches(held, tok, 64, tc.max_length(job, held)))
         temps = fit_temperatures(held_cache)
         cascade.set_temperatures(temps)
         policies = {}
@@ -465,8 +466,8 @@ def run_cascadebert(args, spec: TaskSpec) -> None:
             res = search_accuracy_drop("confidence", held_cache, temps, max_drop_points=target,
                                        delta=tc.DEFAULT_DELTA)
             policies[f"confidence@drop{target:g}"] = res
-        examples, _, _ = tc.eval_examples(full, full_dir, None, spec.eval_split, None)
-        batches = tc.tokenized_batches(examples, tok, 32, tc.max_length(job, examples))
+        examples, _, _ = te.eval_examples(full, full_dir, None, spec.eval_split, None)
+        batches = te.tokenized_batches(examples, tok, 32, tc.max_length(job, examples))
         cache = collect_cascade_logits(cascade, batches)
         static = []
         for m in range(cache.num_exits):
@@ -493,14 +494,14 @@ def run_cascadebert(args, spec: TaskSpec) -> None:
         return
     cascade.set_temperatures(torch.tensor(ev["temperatures"]))
     torch.set_num_threads(args.threads)
-    examples, _, _ = tc.eval_examples(full, full_dir, None, spec.eval_split, None)
+    examples, _, _ = te.eval_examples(full, full_dir, None, spec.eval_split, None)
     chosen = {k: v["policy"]["threshold"] for k, v in ev["settings"].items()}
     report: dict[str, Any] = {"threads": args.threads, "repeats": args.repeats, "settings": {},
                               "rows": {}, "baseline": "the full member at full depth",
                               "options": timing_options(args)}
     for bs, limit in ((1, args.bs1_rows), (32, args.bs32_rows)):
         rows = examples.subset(range(min(len(examples), limit)))
-        batches = tc.tokenized_batches(rows, tok, bs, tc.max_length(job, rows))
+        batches = te.tokenized_batches(rows, tok, bs, tc.max_length(job, rows))
         got = time_cascade(cascade, full, batches, chosen, repeats=args.repeats, warmup=1)
         report["rows"][str(bs)] = len(rows)
         for key in chosen:

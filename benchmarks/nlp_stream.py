@@ -52,6 +52,7 @@ from exitwise.errors import DataError
 from exitwise.machine import machine_info
 from exitwise.policies.uee_ucb import UCBExitSelector, depth_costs
 from exitwise.recipes import text_classification as tc
+from exitwise.recipes import text_evaluate as te
 from exitwise.runtime.online import run_stream, stream_order
 from exitwise.runtime.timing import time_interleaved
 
@@ -222,7 +223,7 @@ def live_check(args: argparse.Namespace, model: Any, tok: Any, examples: TextExa
         return json.loads(done.read_text())
     costs = depth_costs(cache.exit_layers, scale=mu)
     print(f"[live] run_stream on {len(order)} rows, mu {mu}", flush=True)
-    batches = tc.tokenized_batches(examples.subset(order), tok, 1, length)
+    batches = te.tokenized_batches(examples.subset(order), tok, 1, length)
     live = run_stream(model, batches, UCBExitSelector(costs, args.alpha))
     off = replay_stream(cache, UCBExitSelector(costs, args.alpha), 1, order,
                         model.temperatures.clone())
@@ -265,7 +266,7 @@ def time_stream(args: argparse.Namespace, model: Any, tok: Any, examples: TextEx
     window = replay_stream(cache, UCBExitSelector.from_state_dict(state), 1, timed, temps)
     flops_ratio = float(window.flops.sum()) / float(cache.full_cost[timed].sum())
     batches = [{k: v for k, v in b.items() if k != "labels"}
-               for b in tc.tokenized_batches(examples.subset(timed), tok, 1, length)]
+               for b in te.tokenized_batches(examples.subset(timed), tok, 1, length)]
 
     def full() -> None:
         with torch.inference_mode():
@@ -419,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = tc.load_trained(args.model_dir)
     examples = read_mr(args.data)
     length = tc.max_length(tc.load_job(args.model_dir), examples)
-    batches = tc.tokenized_batches(examples, tok, 64, length)
+    batches = te.tokenized_batches(examples, tok, 64, length)
     cache = load_cache(args, model, batches, len(examples))
     temps = model.temperatures.clone()
     rows, exits = sweep(cache, temps, mus, seeds, args.alpha)

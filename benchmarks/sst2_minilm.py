@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from exitwise.recipes import text_classification as tc  # noqa: E402
+from exitwise.recipes import text_evaluate as te  # noqa: E402
 from exitwise.recipes.sources import default_sst2  # noqa: E402
 from exitwise.machine import machine_info  # noqa: E402
 from exitwise.runtime.timing import time_interleaved  # noqa: E402
@@ -87,7 +88,7 @@ def time_all(args, dirs, model, policies, dev_examples):
     for bs in args.batch_sizes:
         limit = args.bs1_rows if bs == 1 else args.time_rows
         rows = dev_examples.subset(range(min(len(dev_examples), limit)))
-        batches = tc.tokenized_batches(rows, tok, bs, 64)
+        batches = te.tokenized_batches(rows, tok, bs, 64)
         inputs = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
 
         def full(m=model):
@@ -156,14 +157,14 @@ def main() -> int:
     calib["1.0-observed"] = tc.run_calibrate(me, max_drop_points=1.0, progress=False,
                                              delta=None, suffix="-observed")
     print("[evaluate] dev")
-    ev = tc.run_evaluate(me, split="dev", out_dir=work / "eval-dev", progress=False)
-    static_eval = {n: tc.run_evaluate(dirs[n], split="dev", out_dir=work / f"eval-{n}", progress=False)
+    ev = te.run_evaluate(me, split="dev", out_dir=work / "eval-dev", progress=False)
+    static_eval = {n: te.run_evaluate(dirs[n], split="dev", out_dir=work / f"eval-{n}", progress=False)
                    for n in ("static_3", "static_4")}
     model, tok = tc.load_trained(me)
     policies = {k: model.calibrated_policy(k) for k in model.calibration["policies"]}
     dev = tc.load_examples(source, "dev")
-    dev_batches = tc.tokenized_batches(dev, tok, 32, 64)
-    runtime = {k: tc.runtime_accuracy(model, p, dev_batches) for k, p in policies.items()}
+    dev_batches = te.tokenized_batches(dev, tok, 32, 64)
+    runtime = {k: te.runtime_accuracy(model, p, dev_batches) for k, p in policies.items()}
     for k in policies:  # the offline replay and the real executor must agree on dev
         runtime[k]["replay_accuracy"] = ev["policies"][k]["accuracy"]
     timing = time_all(args, dirs, model, policies, dev)

@@ -450,6 +450,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     from .recipes import report_tables as rt
     from .recipes import text_classification as tc
+    from .recipes import text_evaluate as te
 
     if args.command == "train":
         options = _key_values(args.option)
@@ -480,19 +481,19 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2, default=_json_default) if args.json
               else rt.format_calibration(report))
     elif args.command == "evaluate":
-        report = tc.run_evaluate(args.model_dir, data=args.data, split=args.split,
+        report = te.run_evaluate(args.model_dir, data=args.data, split=args.split,
                                  out_dir=args.out, limit=args.limit)
         print(json.dumps(report, indent=2, default=_json_default) if args.json
               else rt.format_evaluation(report))
     elif args.command == "bench":
         from pathlib import Path
 
-        report = tc.run_bench(
+        report = te.run_bench(
             args.model_dir, data=args.data, split=args.split,
             batch_sizes=tuple(args.batch_sizes),
             repeats=args.repeats, limit=args.limit, threads=args.threads,
         )
-        default = tc.report_path(args.model_dir, "bench", args.data, report["split"])
+        default = te.report_path(args.model_dir, "bench", args.data, report["split"])
         out = Path(args.out) if args.out else default.parent / f"{default.name}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2, default=_json_default))

@@ -406,11 +406,12 @@ def test_a_methods_own_policy_is_calibrated_by_default(tiny_model_dir, tiny_data
 def test_an_interrupt_says_whether_a_rerun_continues(monkeypatch, capsys):
     # bench / evaluate / calibrate write at the end only: they said a rerun would continue
     from exitwise.recipes import text_classification as tc
+    from exitwise.recipes import text_evaluate as te
 
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tc, "run_bench", stop)
+    monkeypatch.setattr(te, "run_bench", stop)
     monkeypatch.setattr(tc, "run_train", stop)
     assert main(["bench", "somewhere"]) == 130
     assert "bench saved nothing of this run" in capsys.readouterr().err

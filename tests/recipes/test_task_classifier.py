@@ -152,7 +152,8 @@ def test_star_ratings_given_as_ids_keep_their_classes(tmp_path, capsys):
     assert meta["exit_config"]["final_head"] == "native"
     assert meta["exit_config"]["label_names"] is None and meta["exit_config"]["num_labels"] == 5
     assert load_file(str(out / "exit_heads.safetensors"))  # saved whole
-    from exitwise.recipes.text_classification import eval_examples, load_trained
+    from exitwise.recipes.text_classification import load_trained
+    from exitwise.recipes.text_evaluate import eval_examples
 
     model, _ = load_trained(out)
     examples, _, _ = eval_examples(model, out, None, "dev", None)

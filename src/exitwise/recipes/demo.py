@@ -15,7 +15,8 @@ from typing import Any
 from ..data import load_examples
 from ..errors import DataError
 from .sources import NO_DATA_HELP, default_sst2
-from .text_classification import TrainJob, run_bench, run_calibrate, run_evaluate, run_train
+from .text_classification import TrainJob, run_calibrate, run_train
+from .text_evaluate import run_bench, run_evaluate
 
 
 def check_data(data: str | None) -> str:
