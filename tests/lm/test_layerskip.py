@@ -208,7 +208,12 @@ def test_resume_is_bit_identical_and_needs_no_pickle(tmp_path):
     ckpt = tmp_path / "b" / "layerskip"
     assert sorted(p.name for p in ckpt.iterdir()) == [
         "optimizer.safetensors", "state.json", "weights.safetensors"]
-    resumed_lm = tiny_lm("gpt2", seed=5, damp=1.0)  # other weights: all state from the checkpoint
+    # a plain causal LM with other base weights is refused: the checkpoint would replace them
+    # with another model's tuned ones (it was taken, silently, when the model came unwrapped)
+    with pytest.raises(ew.CheckpointError, match="weights differ.*load it again"):
+        tune_layerskip(tiny_lm("gpt2", seed=5, damp=1.0), texts, steps=6,
+                       output_dir=tmp_path / "b", **opts)
+    resumed_lm = tiny_lm("gpt2", damp=1.0)  # the same base weights: all else from the checkpoint
     resumed = tune_layerskip(resumed_lm, texts, steps=6, output_dir=tmp_path / "b", **opts)
     assert resumed.start_step == 3 and resumed.steps == 6
     assert resumed.loss_history == full.loss_history

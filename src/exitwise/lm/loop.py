@@ -191,6 +191,8 @@ def load_checkpoint(folder: Path, task: Task,
     if state is None:
         return None
     saved = {k: v for k, v in state.get("settings", {}).items() if k != "steps"}
+    if "weights" in saved and saved["weights"] is None:
+        del saved["weights"]  # a plain causal LM's base weights went unrecorded before
     # a setting the checkpoint does not record (written before it was recorded) is not held
     # against it; every recorded one must match
     wanted = {k: v for k, v in task.settings.items() if k != "steps" and k in saved}
@@ -200,7 +202,10 @@ def load_checkpoint(folder: Path, task: Task,
             f"{folder} was saved by a run with other settings ({', '.join(diff)} differ: "
             f"{ {k: saved.get(k) for k in diff} } there, { {k: wanted.get(k) for k in diff} } "
             "now); use another output_dir, or start over with resume=False (--no-resume on "
-            "the command line)"
+            "the command line)" + (
+                ". A model tuned in this session (by a run that was interrupted, say) no longer "
+                "has the weights it started with: load it again to resume" if "weights" in diff
+                else "")
         )
     load_unique_state_dict(task.module, load_file(str(folder / WEIGHTS_NAME), device="cpu"),
                            str(folder / WEIGHTS_NAME))

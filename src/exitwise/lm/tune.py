@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from ..backbones import decoder_of
 from ..errors import ConfigError
@@ -62,9 +61,10 @@ def tune_exits(
             f"{limit} (--seq-len on the command line)")
     out = Path(output_dir) if output_dir is not None else None
     # the base weights as given (before a checkpoint's are loaded): a rerun at the same path
-    # with other weights must not continue the old run's exits
-    backbone = getattr(model, "backbone", None)  # (build refuses a model without one)
-    base_weights = weights_checksum(backbone) if isinstance(backbone, torch.nn.Module) else None
+    # with other weights must not continue the old run's exits. Whatever form the model
+    # comes in (a plain causal LM too, as layerskip / free / calm take it): the same weights
+    # give the same checksum.
+    base_weights = weights_checksum(decoder_of(model, "tune_exits")[0])
     prepared = config.build(model, data, tokenizer, out, progress)
     prepared.task.settings = {**prepared.task.settings, "weights": base_weights}
     folder = out / config.registered_name if out is not None else None
