@@ -143,12 +143,26 @@ def _token_policy(args: argparse.Namespace) -> dict[str, Any] | None:
             and args.classifier is None:
         return None
     name = args.policy or ("calm_learned" if args.classifier is not None else "calm_softmax")
-    policy = {"name": name, "threshold": 0.9 if args.threshold is None else args.threshold}
+    policy: dict[str, Any] = {"name": name}
+    if _takes_threshold(name):
+        policy["threshold"] = 0.9 if args.threshold is None else args.threshold
+    elif args.threshold is not None:
+        raise ConfigError(f"--policy {name} has no threshold; leave --threshold out")
     if args.classifier is not None:  # calm_learned's; the model folder's own by default
         if name != "calm_learned":
             raise ConfigError(f"--classifier is the calm_learned policy's; got --policy {name}")
         policy["classifier"] = args.classifier
     return policy
+
+
+def _takes_threshold(policy: str) -> bool:
+    """Whether the registered policy ``policy`` has a ``threshold`` (``never`` has none; an
+    unknown name is refused with the registered ones)."""
+    import inspect
+
+    from .policies import POLICIES
+
+    return "threshold" in inspect.signature(POLICIES.get(policy)).parameters
 
 
 def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:

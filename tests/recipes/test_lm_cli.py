@@ -302,6 +302,12 @@ def test_training_free_strategies_from_the_command_line(tiny_lm_dir, capsys):
     # an option of another strategy is refused, naming it
     assert main(["generate", *common, "--strategy", "swift", "--ngram", "3"]) == 2
     assert "ngram" in capsys.readouterr().err
+    # a token policy without a threshold (it was given one, and failed on the keyword)
+    assert main(["generate", *common, "--strategy", "early_exit", "--policy", "never"]) == 0
+    assert json.loads(capsys.readouterr().out)["texts"] == greedy
+    assert main(["generate", *common, "--strategy", "early_exit", "--policy", "never",
+                 "--threshold", "0.5"]) == 2
+    assert "--policy never has no threshold" in capsys.readouterr().err
 
 
 def test_a_tuned_decoder_is_what_generate_runs_and_the_base_path_is_kept_absolute(
