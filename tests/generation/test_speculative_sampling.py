@@ -257,8 +257,10 @@ def test_greedy_unchanged_and_top_k_one_is_greedy(llama, strategy):
     ref = generate(llama, ids, mask, max_new_tokens=10, eos_token_id=EOS, pad_token_id=PAD)
     plain = generate(llama, ids, mask, **opts)
     ignored = generate(llama, ids, mask, temperature=0.3, top_k=5, top_p=0.5, seed=1, **opts)
+    # values a draw could not use are ignored too, as HF's generate does (they were refused)
+    zero = generate(llama, ids, mask, temperature=0.0, top_p=0.0, top_k=-1, **opts)
     top1 = generate(llama, ids, mask, do_sample=True, top_k=1, seed=2, **opts)
-    for out in (plain, ignored, top1):
+    for out in (plain, ignored, zero, top1):
         assert torch.equal(out.sequences, ref.sequences)
     if strategy == "self_speculative":  # p and q one-hot: the test keeps exactly the matches
         assert top1.stats.accepted == plain.stats.accepted
