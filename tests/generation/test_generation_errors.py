@@ -66,6 +66,14 @@ def test_empty_or_malformed_prompts(llama):
         generate(llama, torch.tensor([[5, VOCAB]]))
     with pytest.raises(InputError, match="integer"):
         generate(llama, torch.rand(1, 3))
+    # other mask values shifted the positions (counted along the mask) and changed the text
+    ids, mask = left_padded()
+    for bad in (mask * 2, mask * 2 - 1):
+        with pytest.raises(InputError, match=r"1 \(a token\) and 0 \(padding\)"):
+            generate(llama, ids, bad)
+    ref = generate(llama, ids, mask, max_new_tokens=3)
+    assert torch.equal(generate(llama, ids, mask.bool(), max_new_tokens=3).sequences,
+                       ref.sequences)
 
 
 def test_a_1d_prompt_is_one_row(llama):

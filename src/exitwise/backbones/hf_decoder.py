@@ -456,6 +456,10 @@ class HFDecoderBackbone(Backbone):
             raise InputError(
                 f"attention_mask has shape {tuple(mask.shape)} but input_ids are {tuple(ids.shape)}"
             )
+        if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+            # positions are counted along the mask: other values would shift them
+            raise InputError("attention_mask must hold 1 (a token) and 0 (padding); got values "
+                             f"{sorted(set(mask.unique().tolist()))[:6]}")
         if bool((mask.sum(1) == 0).any()):
             raise InputError("a row of attention_mask is all zeros (an empty prompt)")
         real = ids[mask.bool()]
