@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.lmkit import VOCAB, left_padded, tiny_lm
+from helpers.lmkit import PAD, VOCAB, left_padded, tiny_lm
 
 import exitwise as ew
 from exitwise.errors import ConfigError, InputError, UnsupportedModelError
@@ -107,7 +107,16 @@ def test_multi_exit_model_needs_an_lm_exit_there(llama):
 def test_learned_positions_must_fit(llama):
     gpt2 = tiny_lm("gpt2")  # 64 positions
     with pytest.raises(InputError, match="64 positions"):
-        generate(gpt2, torch.tensor([[5] * 10]), max_new_tokens=60)
+        generate(gpt2, torch.tensor([[5] * 10]), max_new_tokens=56)
+    # the last new token is emitted, never fed: 10 + 55 - 1 = 64 positions suffice, as in
+    # HF's generate (refused before), for speculative decoding too (its drafts past the
+    # budget are never emitted)
+    ids = torch.tensor([[5] * 10])
+    ref = gpt2.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                        max_new_tokens=55, min_new_tokens=55, pad_token_id=PAD)
+    for opts in ({}, {"strategy": "self_speculative", "exit_layer": 2, "draft_len": 3}):
+        out = generate(gpt2, ids, max_new_tokens=55, eos_token_id=[], **opts)
+        assert torch.equal(out.sequences, ref)
 
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused(llama):

@@ -115,11 +115,12 @@ def generate(
         attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
     mask = backbone.check_inputs(input_ids=input_ids, attention_mask=attention_mask)
     if backbone.max_positions is not None:
-        longest = int(mask.sum(1).max()) + config.max_new_tokens
+        # the last new token is emitted, never fed: prompt + max_new_tokens - 1 positions
+        longest = int(mask.sum(1).max()) + config.max_new_tokens - 1
         if longest > backbone.max_positions:
             raise InputError(
                 f"prompt ({int(mask.sum(1).max())} tokens) + max_new_tokens "
-                f"({config.max_new_tokens}) exceeds the model's {backbone.max_positions} "
+                f"({config.max_new_tokens}) - 1 exceeds the model's {backbone.max_positions} "
                 "positions")
     eos, pad = eos_and_pad(backbone, config.eos_token_id, config.pad_token_id)
     if sampler.generator is None and config.seed is not None:
