@@ -49,6 +49,16 @@ def test_bad_options(llama):
                  draft_threshold="auto")
     with pytest.raises(ConfigError, match="kernels"):
         generate(llama, ids, mask, kernels="fast")
+    # options that would do nothing in the combination given (they were taken silently)
+    with pytest.raises(ConfigError, match="give ngram"):
+        generate(llama, ids, mask, strategy="self_speculative", exit_layer=2, ngram_len=1)
+    for strategy, opts in (("self_speculative", {"exit_layer": 2}), ("anpd", {}),
+                           ("layer_skip", {"skip": [1]})):
+        with pytest.raises(ConfigError, match="max_draft_len bounds draft_len='auto'"):
+            generate(llama, ids, mask, strategy=strategy, draft_len=6, max_draft_len=2, **opts)
+    capped = generate(llama, ids, mask, strategy="self_speculative", exit_layer=2,
+                      draft_len="auto", max_draft_len=2, max_new_tokens=6)
+    assert max(capped.stats.step_draft_lengths) <= 2
 
 
 def test_empty_or_malformed_prompts(llama):

@@ -71,11 +71,29 @@ def _check_draft_len(value: Any, name: str = "draft_len", auto: bool = True) -> 
                           f"got {value!r}")
 
 
+DEFAULT_MAX_DRAFT_LEN = 8
+
+
+def _check_max_len(max_draft_len: int | None, draft_len: Any) -> None:
+    """``max_draft_len`` bounds automatic lengths only: given beside a fixed one it would do
+    nothing, so it is refused rather than ignored."""
+    if max_draft_len is None:
+        return
+    _check_draft_len(max_draft_len, "max_draft_len", auto=False)
+    if isinstance(draft_len, int):
+        raise ConfigError(f"max_draft_len bounds draft_len='auto'; draft_len={draft_len} is "
+                          "fixed: leave max_draft_len out, or give draft_len='auto'")
+
+
+def _max_len(strategy: Any) -> int:
+    return strategy.max_draft_len or DEFAULT_MAX_DRAFT_LEN
+
+
 def _decode_with_proposer(strategy: Any, inputs: DecodeInputs, proposer: Any,
                           key: tuple) -> GenerateOutput:
     """Decode with drafts that ``proposer`` knows before each step and no exit head
     (verification by every block): ``anpd`` and ``layer_skip``."""
-    draft_len, max_len = strategy.draft_len, strategy.max_draft_len
+    draft_len, max_len = strategy.draft_len, _max_len(strategy)
     fixed = draft_len if isinstance(draft_len, int) else max_len
     stats = stats_for(inputs, strategy.registered_name, exit_layer=0, draft_len=fixed)
     # a draft model's token trees: the controller's prior positions per draft (then measured)
@@ -127,8 +145,8 @@ class SelfSpeculative(DecodingStrategy):
     (:mod:`exitwise.generation.shipped`; its measured options fill every option left None).
     draft_len: draft tokens per step (>= 1; default 4), or "auto": chosen per step from the
     measured costs and acceptance, 0 (plain decoding) when speculation does not pay, at most
-    ``max_draft_len`` (:mod:`.draft_control`). draft_threshold: stop a row's draft once its
-    top-1 probability is below this. ngram: also draft from the text's own n-grams up to
+    ``max_draft_len`` (default 8; refused beside a fixed length; :mod:`.draft_control`).
+    draft_threshold: stop a row's draft once its top-1 probability is below this. ngram: also draft from the text's own n-grams up to
     this order (ANPD, :mod:`.ngram`; None or 0: off): a row whose tables predict a
     continuation drafts it instead of the exit's tokens, up to ``ngram_len`` tokens (default:
     ``draft_len``). tree_width: > 1 also verifies, at every draft, the exit's next
@@ -142,14 +160,14 @@ class SelfSpeculative(DecodingStrategy):
     draft_threshold: float | None = None
     ngram: int | None = None
     ngram_len: int | None = None
-    max_draft_len: int = 8
+    max_draft_len: int | None = None
     tree_width: int | str = 1
 
     def __post_init__(self) -> None:
         check_tree_width(self.tree_width)
         if self.draft_len is not None:
             _check_draft_len(self.draft_len)
-        _check_draft_len(self.max_draft_len, "max_draft_len", auto=False)
+        _check_max_len(self.max_draft_len, self.draft_len)
         if self.ngram_len is not None:
             _check_draft_len(self.ngram_len, "ngram_len", auto=False)
         if self.ngram:
@@ -184,6 +202,12 @@ class SelfSpeculative(DecodingStrategy):
             raise ConfigError(
                 f"exit_layer must be a depth in 1..{last} (blocks run by the draft; this model "
                 f"has {backbone.num_layers} layers); got {e!r}")
+        if self.ngram_len is not None and not (
+                self.ngram if self.ngram is not None else shipped.get("ngram")):
+            raise ConfigError("ngram_len is the length of n-gram drafts: give ngram (their "
+                              "largest order) too")
+        if self.draft_len is None:  # the shipped drafter's length, or the default 4
+            _check_max_len(self.max_draft_len, shipped.get("draft_len", 4))
         # what decode() runs: the options given, else the shipped drafter's, else defaults
         self._resolved = (drafter_model, e, shipped)
 
@@ -194,14 +218,14 @@ class SelfSpeculative(DecodingStrategy):
             "draft_len", 4)
         ngram = self.ngram if self.ngram is not None else shipped.get("ngram")
         head, temperature = draft_head(model, inputs.backbone, exit_layer)
-        fixed = draft_len if isinstance(draft_len, int) else self.max_draft_len
+        fixed = draft_len if isinstance(draft_len, int) else _max_len(self)
         stats = stats_for(inputs, self.registered_name, exit_layer=exit_layer, draft_len=fixed)
         sequences = self_speculative_decode(
             session_for(inputs, stats), head, exit_layer, fixed,
             temperature=temperature, draft_threshold=self.draft_threshold,
             sampler=inputs.sampler, proposer=NGramDrafter(ngram) if ngram else None,
             proposal_len=self.ngram_len, tree_width=self.tree_width,
-            controller=_controller(draft_len, self.max_draft_len, inputs,
+            controller=_controller(draft_len, _max_len(self), inputs,
                                    ("self_speculative", _head_key(model, inputs.backbone, head),
                                     exit_layer, ngram or 0, self.tree_width),
                                    nominal_width(self.tree_width, inputs.sampler.do_sample)))
@@ -221,11 +245,11 @@ class ANPD(DecodingStrategy):
 
     ngram: int = 4
     draft_len: int | str = "auto"
-    max_draft_len: int = 8
+    max_draft_len: int | None = None
 
     def __post_init__(self) -> None:
         _check_draft_len(self.draft_len)
-        _check_draft_len(self.max_draft_len, "max_draft_len", auto=False)
+        _check_max_len(self.max_draft_len, self.draft_len)
         NGramDrafter(self.ngram)
 
     def decode(self, inputs: DecodeInputs) -> GenerateOutput:
@@ -253,13 +277,13 @@ class LayerSkip(DecodingStrategy):
 
     skip: Any = None
     draft_len: int | str = "auto"
-    max_draft_len: int = 8
+    max_draft_len: int | None = None
     draft_threshold: float | str | None = None
     tree_width: int | str = 1
 
     def __post_init__(self) -> None:
         _check_draft_len(self.draft_len)
-        _check_draft_len(self.max_draft_len, "max_draft_len", auto=False)
+        _check_max_len(self.max_draft_len, self.draft_len)
         draft_threshold(self.draft_threshold)
         check_tree_width(self.tree_width)
 
@@ -343,13 +367,13 @@ class Swift(DecodingStrategy):
     sublayers: bool = _SWIFT_DEFAULTS["sublayers"]
     search_seed: int = _SWIFT_DEFAULTS["seed"]
     draft_len: int | str = "auto"
-    max_draft_len: int = 8
+    max_draft_len: int | None = None
     draft_threshold: float | str | None = None
     tree_width: int | str = 1
 
     def __post_init__(self) -> None:
         _check_draft_len(self.draft_len)
-        _check_draft_len(self.max_draft_len, "max_draft_len", auto=False)
+        _check_max_len(self.max_draft_len, self.draft_len)
         draft_threshold(self.draft_threshold)
         check_tree_width(self.tree_width)
         SwiftSearch(3, **self._search_options())  # validates the options
