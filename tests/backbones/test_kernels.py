@@ -157,13 +157,21 @@ def test_auto_streams_exactly_where_the_measurement_says(tmp_path):
                 assert scope.streamed == 0 and scope.calls == {} and torch.equal(got, want)
 
 
-def test_measurements_are_kept_per_machine_and_reused(tmp_path, monkeypatch):
+def test_measurements_are_kept_per_machine_and_reused(tmp_path, monkeypatch, caplog):
     path = tmp_path / "kernels.json"
     weights = [torch.randn(6, 5) for _ in range(2)]
     first = FixedTuner(True, path)
-    assert first.decide(weights, 1).stream and first.measured == ["float32:6x5:n2:r1"]
+    with caplog.at_level("WARNING", logger=KT.__name__):
+        assert first.decide(weights, 1).stream and first.measured == ["float32:6x5:n2:r1"]
+        first.decide(weights, 2)
+    # a first generate() pauses to measure: said once, visibly (a debug line before)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"exitwise: timing few-row kernels for this machine and model once (kept in {path}; "
+        "kernels='stock' skips it)"]
+    caplog.clear()
     again = FixedTuner(False, path)  # a new process: reads the file, measures nothing
     assert again.decide(weights, 1).stream and again.measured == []
+    assert not caplog.records  # nothing measured, nothing said
     data = json.loads(path.read_text())
     (machine,) = data["machines"]
     assert machine == KT.machine_key() and data["machines"][machine]["float32:6x5:n2:r1"][

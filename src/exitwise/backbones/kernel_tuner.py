@@ -146,6 +146,7 @@ class KernelTuner:
         self._memo: dict[str, dict[str, KernelDecision]] = {}
         self._verdicts: dict[tuple, bool] = {}
         self._loaded = False
+        self._told = False
 
     # -- the decisions ----------------------------------------------------------------------
     def decide(self, weights: Sequence[torch.Tensor], rows: int) -> KernelDecision:
@@ -189,6 +190,13 @@ class KernelTuner:
             known = self._memo.setdefault(machine, {}).get(key)
             if known is not None:
                 return known
+            if not self._told:
+                # a first generate() on a new machine / model pauses here: say why, once,
+                # rather than look many times slower than HF
+                self._told = True
+                logger.warning(
+                    "exitwise: timing few-row kernels for this machine and model once (kept "
+                    "in %s; kernels='stock' skips it)", self.path or "memory")
             decision = measure()
             self._memo[machine][key] = decision
             self._save(machine, key, decision)
