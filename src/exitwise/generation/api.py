@@ -97,10 +97,15 @@ def generate(
     if config.do_sample and not chosen.samples:
         raise ConfigError(f"strategy {chosen.registered_name!r} decodes greedily; do_sample is not "
                           "supported")
-    # greedy decoding ignores the sampling options, as HF's generate does (temperature=0 is a
-    # common way to ask for it); they are checked only where they shape draws
-    sampler = (SamplingConfig(True, config.temperature, config.top_k, config.top_p, generator)
-               if config.do_sample else SamplingConfig(False, generator=generator))
+    # greedy decoding ignores the sampling options' values, as HF's generate does
+    # (temperature=0 is a common way to ask for it); they are range-checked where they
+    # shape draws
+    if config.do_sample:
+        sampler = SamplingConfig(True, config.temperature, config.top_k, config.top_p,
+                                 generator)
+    else:
+        SamplingConfig.check_types(config.temperature, config.top_k, config.top_p)
+        sampler = SamplingConfig(False, generator=generator)
     stop = None if config.stop_strings is None else StopStrings(config.stop_strings, tokenizer)
     backbone, _ = decoder_of(model, "generation")
     chosen.validate(backbone, model)

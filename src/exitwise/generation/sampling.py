@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -65,6 +66,16 @@ class SamplingConfig:
             raise ConfigError(f"top_p must be None or a number in (0, 1]; got {p!r}")
         if self.generator is not None and not isinstance(self.generator, torch.Generator):
             raise ConfigError(f"generator must be a torch.Generator; got {self.generator!r}")
+
+    @staticmethod
+    def check_types(temperature: Any, top_k: Any, top_p: Any) -> None:
+        """What greedy decoding checks of the options it ignores: that they are numbers (a
+        misspelt value is a mistake worth saying), not their range (``temperature=0`` is a
+        common way to ask for greedy decoding, which HF's ``generate`` takes)."""
+        for name, value, kinds in (("temperature", temperature, (int, float)),
+                                   ("top_k", top_k, (int,)), ("top_p", top_p, (int, float))):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+                raise ConfigError(f"{name} must be a number; got {value!r}")
 
     # -- distributions ----------------------------------------------------------------------
     def probs(self, logits: torch.Tensor) -> torch.Tensor:

@@ -146,8 +146,9 @@ class SelfSpeculative(DecodingStrategy):
     draft_len: draft tokens per step (>= 1; default 4), or "auto": chosen per step from the
     measured costs and acceptance, 0 (plain decoding) when speculation does not pay, at most
     ``max_draft_len`` (default 8; refused beside a fixed length; :mod:`.draft_control`).
-    draft_threshold: stop a row's draft once its top-1 probability is below this. ngram: also draft from the text's own n-grams up to
-    this order (ANPD, :mod:`.ngram`; None or 0: off): a row whose tables predict a
+    draft_threshold: stop a row's draft once its top-1 probability is below this. ngram:
+    also draft from the text's own n-grams up to this order (ANPD, :mod:`.ngram`; None or 0:
+    off; ``ngram_len`` needs it): a row whose tables predict a
     continuation drafts it instead of the exit's tokens, up to ``ngram_len`` tokens (default:
     ``draft_len``). tree_width: > 1 also verifies, at every draft, the exit's next
     ``tree_width - 1`` choices as sibling leaves of a token tree in the same pass
