@@ -8,6 +8,7 @@ pickled.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -377,6 +378,15 @@ class MultiExitModel(nn.Module):
         if key not in policies:
             raise InputError(
                 f"no calibrated policy {key!r}; have: {', '.join(policies)}" + hint)
+        searched = policies[key].get("temperatures")  # absent in folders saved before
+        now = self.temperature_list()
+        if searched is not None and (len(searched) != len(now) or any(
+                not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+                for a, b in zip(searched, now))):
+            raise InputError(
+                f"{key!r} was calibrated with temperatures {searched}, but the model now has "
+                f"{now}: its thresholds (and certificate) do not hold under these; calibrate "
+                "it again")
         return policy_from_dict(policies[key]["policy"])
 
     # -- persistence (exitwise.model_io) ------------------------------------------------------

@@ -13,6 +13,7 @@ from exitwise.analysis import ExitLogitsCache, collect_exit_logits, replay
 from exitwise.calibration import (
     CalibrationResult,
     apply_temperatures,
+    drop_stale_calibrations,
     fit_temperatures,
     search_accuracy_drop,
     search_budget,
@@ -221,6 +222,24 @@ def test_store_calibration_and_run_it_for_real(tmp_path) -> None:
     offline = replay(loaded.calibrated_policy(), cache, loaded.temperatures)
     assert torch.equal(torch.cat([r.exit_index for r in live]), offline.exit_index)
     assert torch.equal(torch.cat([r.flops for r in live]), offline.costs)
+
+    # Other temperatures later (another calibration run): the entries searched under the old
+    # ones would run under thresholds and a certificate that no longer hold (they ran, with
+    # their old certified bound, before), so they are refused by name and can be dropped.
+    previous = loaded.temperature_list()
+    apply_temperatures(loaded, torch.ones(3))
+    with pytest.raises(ew.InputError, match="'patience@0.9' was calibrated with temperatures"):
+        loaded.calibrated_policy()
+    third = search_accuracy_drop("confidence", cache, loaded.temperatures, max_drop_points=1.0)
+    store_calibration(loaded, "confidence@1pt", third)
+    assert drop_stale_calibrations(loaded, previous) == ["patience@0.9", "entropy@1pt"]
+    assert list(loaded.calibration["policies"]) == ["confidence@1pt"]
+    assert loaded.calibration["default"] == "confidence@1pt"
+    # an entry saved before temperatures were recorded counts as made under the previous ones
+    del loaded.calibration["policies"]["confidence@1pt"]["temperatures"]
+    assert drop_stale_calibrations(loaded, [1.0, 1.0, 1.0]) == []
+    assert drop_stale_calibrations(loaded, previous) == ["confidence@1pt"]
+    assert loaded.calibration["default"] is None
 
 
 @pytest.mark.parametrize("name", ["confidence", "entropy"])

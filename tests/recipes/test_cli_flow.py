@@ -112,6 +112,16 @@ def test_reruns_resume_only_the_same_job_and_are_reproducible(
     monkeypatch.chdir(tmp_path.parent)
     assert main(["calibrate", str(tmp_path / "a"), "--max-drop", "5", "--policies", "entropy",
                  "--delta", "none"]) == 0
+    # a later run under other temperatures removes, and names, the entries searched under the
+    # old ones (they stayed, default included, running on thresholds chosen for other scores)
+    capsys.readouterr()
+    assert main(["calibrate", str(tmp_path / "a"), "--max-drop", "5", "--policies", "confidence",
+                 "--delta", "none", "--no-temperature"]) == 0
+    assert ("removed entropy@drop5: calibrated under other temperatures"
+            in capsys.readouterr().out)
+    calib = json.loads((tmp_path / "a" / "exit_config.json").read_text())["calibration"]
+    assert list(calib["policies"]) == ["confidence@drop5"]
+    assert calib["default"] == "confidence@drop5"
 
 
 def test_evaluating_on_the_training_rows_is_refused(tiny_model_dir, tiny_data_dir, tmp_path,

@@ -17,6 +17,7 @@ from .temperature import (
 )
 from .thresholds import (
     CalibrationResult,
+    drop_stale_calibrations,
     full_depth_accuracy,
     search_accuracy_drop,
     search_budget,
@@ -31,6 +32,7 @@ __all__ = [
     "certify_threshold",
     "early_exit_losses",
     "CalibrationResult",
+    "drop_stale_calibrations",
     "apply_temperatures",
     "calibration_report",
     "expected_calibration_error",

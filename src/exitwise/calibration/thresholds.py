@@ -339,8 +339,32 @@ def store_calibration(
         "policy": result.policy.to_dict(),
         "target": dict(result.target),
         "heldout": dict(result.heldout),
+        # what the certificate assumed: a later run that fits other temperatures voids it
+        "temperatures": [float(t) for t in have],
     }
     json.dumps(entry)  # fail here, not at save time, if something is not JSON-able
     model.calibration.setdefault("policies", {})[name] = entry
     if make_default or not model.calibration.get("default"):
         model.calibration["default"] = name
+
+
+def same_temperatures(a: Sequence[float], b: Sequence[float]) -> bool:
+    return len(a) == len(b) and all(
+        math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9) for x, y in zip(a, b))
+
+
+def drop_stale_calibrations(model: "MultiExitModel", previous: Sequence[float]) -> list[str]:
+    """Remove the stored calibrations that were searched under other temperatures than the
+    model's now (an entry without a record counts as made under ``previous``, the
+    temperatures before the latest change); returns their names. The default moves to the
+    first entry left (none when none is). Their thresholds were chosen, and their
+    certificates hold, for the temperatures they were searched with only."""
+    now = model.temperature_list()
+    policies = model.calibration.get("policies", {})
+    stale = [name for name, entry in policies.items()
+             if not same_temperatures(entry.get("temperatures", previous), now)]
+    for name in stale:
+        del policies[name]
+    if model.calibration.get("default") in stale:
+        model.calibration["default"] = next(iter(policies), None)
+    return stale

@@ -25,6 +25,7 @@ from ..backbones.hf_encoder import base_model_of, truncate_encoder
 from ..calibration import (
     apply_temperatures,
     calibrate_cats,
+    drop_stale_calibrations,
     fit_temperatures,
     search_accuracy_drop,
     search_budget,
@@ -307,7 +308,12 @@ def run_calibrate(
         notes.append("dact: temperatures left at 1 (DACT's halting accumulates the exits' "
                      "distributions as trained)")
     temps = fit_temperatures(cache) if fit else torch.ones(model.num_exits)
+    previous = model.temperature_list()
     apply_temperatures(model, temps)
+    stale = drop_stale_calibrations(model, previous)
+    if stale:  # their thresholds were searched, and certified, under the old temperatures
+        notes.append(f"removed {', '.join(stale)}: calibrated under other temperatures than "
+                     "this run's (calibrate them again to keep them)")
     if model.task == "regression" and delta is not None and budget is None:
         notes.append("regression: thresholds chosen on the observed Pearson drop; no "
                      "certificate (Pearson's r is not a mean of per-row losses)")
