@@ -19,8 +19,10 @@ from exitwise.calibration.budget import (
     expected_cost,
     fit_budget_policy,
     geometric_fractions,
+    realized_cost,
     solve_q,
     thresholds_for_fractions,
+    top_probabilities,
 )
 from exitwise.errors import ConfigError
 from exitwise.analysis import ztw_cache
@@ -220,6 +222,30 @@ def test_fit_budget_policy_spends_the_budget_on_heldout():
     assert again.to_dict() == policy.to_dict()
     with pytest.raises(ConfigError, match="fitted for 4 exits"):
         policy.decide(0, 3, torch.zeros(2, 5), {})
+
+
+def test_rows_of_several_costs_spend_the_budget_not_more():
+    """Length-dependent costs where the confident rows are the short ones: the geometric law
+    (one mean cost per exit) put its exit counts on the cheap rows, so the long rows went deep
+    and the held-out cost overran the budget it was fitted for."""
+    base = _budget_cache()
+    top = torch.softmax(base.logits[:, 0], -1).amax(-1)
+    rank = top.argsort().argsort().double() / (base.num_examples - 1)
+    length = 100.0 - 90.0 * rank  # the most confident row is 10 tokens, the least 100
+    costs = length[:, None] * torch.tensor([0.3, 0.55, 0.8, 1.02], dtype=torch.float64)
+    cache = ExitLogitsCache(base.logits, base.labels, costs, length, [1, 2, 3, 4])
+    budgets = [0.4, 0.6, 0.9]
+    law = [thresholds_for_fractions(top_probabilities(cache), geometric_fractions(
+        solve_q(b, cache.costs.mean(0) / cache.full_cost.mean()), 4)) for b in budgets]
+    assert realized_cost(top_probabilities(cache), law[0],
+                         cache.costs / cache.full_cost.mean()) > 0.45  # the overrun
+    fit = fit_budget_policy(cache, budgets)
+    for point in fit.points:
+        spent = point["heldout"]["relative_compute"]
+        assert point["budget"] - 0.01 <= spent <= point["budget"] + 1e-9
+    # one cost for every row: the law's own thresholds, as before
+    assert fit_budget_policy(base, budgets).points[0]["q"] == pytest.approx(
+        solve_q(0.4, base.costs.mean(0) / base.full_cost.mean()))
 
 
 def test_unfitted_budget_policy():

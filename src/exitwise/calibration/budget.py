@@ -12,9 +12,16 @@ relative costs c_0 < ... < c_{E-1}:
    ``floor(N π_k)``-th most confident row among those that have not left yet (as in MSDNet's
    ``dynamic_evaluate``), so that on the held-out rows exactly that many leave (more on ties).
 
-The thresholds go into a :class:`~exitwise.policies.budget.BudgetPolicy`. Costs on the
-held-out rows hit the budget up to rounding; on new data they follow the data's confidences.
-Fit on held-out data, never on the split you report.
+The thresholds go into a :class:`~exitwise.policies.budget.BudgetPolicy`. On the held-out rows
+the mean cost is the budget up to rounding; on new data it follows the data's confidences. Fit on held-out data, never on the split you report.
+
+Deviation: the law's expected cost uses one cost per exit, which is every row's cost when all
+rows cost the same (images of one size: MSDNet's setting). When rows cost differently (texts
+of several lengths, the cache's own costs) the rows that leave early need not be average ones
+(confident rows are often the short ones), and the law's q can overrun the budget on the very
+rows it was fitted on. Then q is solved by bisection on the thresholds' realized mean cost
+over the held-out rows instead (the walk in 2. unchanged); with equal costs both give the same
+thresholds.
 """
 
 from __future__ import annotations
@@ -116,6 +123,43 @@ def thresholds_for_fractions(top: torch.Tensor, fractions: torch.Tensor) -> list
     return out
 
 
+def realized_cost(top: torch.Tensor, thresholds: Sequence[float | None],
+                  costs: torch.Tensor) -> float:
+    """Mean cost over the rows of (N, E) ``costs`` when each row leaves at the first exit
+    whose threshold its top probability reaches (the last exit otherwise), as
+    :func:`thresholds_for_fractions` counts them."""
+    n, num_exits = top.shape
+    at = torch.full((n,), num_exits - 1, dtype=torch.long)
+    left = torch.zeros(n, dtype=torch.bool)
+    for k, t in enumerate(thresholds):
+        if t is None:
+            continue
+        now = ~left & (top[:, k] >= t)
+        at[now] = k
+        left |= now
+    return float(costs.gather(1, at[:, None]).mean())
+
+
+def _solve_q_realized(budget: float, top: torch.Tensor, row_costs: torch.Tensor) -> float:
+    """The largest q (bisection on log q) whose thresholds' realized mean cost on the rows is
+    at most ``budget``; row_costs: (N, E) relative to the mean full-depth cost."""
+    num_exits = top.shape[1]
+
+    def cost(log_q: float) -> float:
+        return realized_cost(
+            top, thresholds_for_fractions(top, geometric_fractions(math.exp(log_q), num_exits)),
+            row_costs)
+
+    lo, hi = -60.0, 60.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if cost(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return math.exp(lo)
+
+
 @dataclass
 class BudgetFit:
     """Thresholds fitted for several budgets, and how they did on the held-out cache.
@@ -164,8 +208,13 @@ def fit_budget_policy(
     table_budgets: list[float] = []
     table: list[list[float | None]] = []
     points: list[dict[str, Any]] = []
+    # rows that cost differently: the law's expected cost is not the rows' (module doc)
+    row_costs = cache.costs / cache.full_cost.mean()
+    per_row = costs is None and bool((row_costs != row_costs[:1]).any())
     for b in wanted:
         q = solve_q(b, c)
+        if per_row and math.isfinite(q):
+            q = _solve_q_realized(b, top, row_costs)
         fractions = geometric_fractions(q, cache.num_exits)
         thresholds = thresholds_for_fractions(top, fractions)
         table_budgets.append(b)
