@@ -10,12 +10,13 @@ import torch
 from helpers.trainkit import FAST, tiny_model, token_items
 
 import exitwise as ew
-from exitwise.analysis import collect_exit_logits, replay
+from exitwise.analysis import ExitLogitsCache, collect_exit_logits, replay
 from exitwise.calibration.conformal import (
     calibrate_cats,
     conformal_threshold,
     consistent_exits,
     nonconformity,
+    rows_needed,
 )
 from exitwise.outputs import ExitOutputs
 from exitwise.training import PaddingCollator, train
@@ -38,6 +39,33 @@ def test_conformal_threshold_by_hand():
         conformal_threshold(values, 1.5)
     with pytest.raises(ew.ConfigError):
         conformal_threshold(values, 0.1, delta=0.0)
+
+
+def test_too_few_inconsistent_rows_are_refused_with_the_count_needed():
+    # on average: the "higher" index ceil((1 - eps) M) must stay below the appended +inf,
+    # i.e. M >= 1 / eps; with delta: 1 - (1 - eps)^M >= 1 - delta (k = M), M >= 229.1
+    assert rows_needed(0.1, None) == 10 and rows_needed(0.25, None) == 4
+    assert rows_needed(0.01, 0.1) == 230 and rows_needed(0.1, 0.1) == 22
+    for eps, delta in ((0.1, None), (0.01, 0.1), (0.1, 0.1)):
+        need = rows_needed(eps, delta)
+        values = torch.linspace(0.1, 0.9, need)
+        assert conformal_threshold(values, eps, delta) < math.inf
+        assert conformal_threshold(values[1:], eps, delta) == math.inf
+    # a cache with 9 rows whose exit 0 disagrees: eps=0.1 needs 10; the policy that never
+    # exits came back as meeting its target before
+    n = 12
+    logits = torch.zeros(n, 2, 2)
+    logits[:, 1, 1] = 1.0  # the final exit says 1
+    logits[:9, 0, 0] = 1.0  # exit 0 says 0 on the first 9 rows
+    logits[9:, 0, 1] = 1.0
+    cost = torch.tensor([1.0, 2.0], dtype=torch.float64).expand(n, 2)
+    cache = ExitLogitsCache(logits, torch.ones(n, dtype=torch.long), cost,
+                            torch.full((n,), 2.0, dtype=torch.float64), [1, 2],
+                            meta={"scorer": "cats"}, scores=torch.rand(n, 2))
+    with pytest.raises(ew.calibration.CalibrationRefused,
+                       match="at least 10 held-out rows .* have 9"):
+        calibrate_cats(cache, epsilon=0.1, delta=None)
+    assert calibrate_cats(cache, epsilon=0.2, delta=None).policy.value < 1.0
 
 
 def test_nonconformity_is_the_largest_score_of_an_inconsistent_early_exit():

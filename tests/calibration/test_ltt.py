@@ -44,10 +44,13 @@ def test_bentkus_is_tighter_than_hoeffding():
 
 
 def test_refuses_too_small_set():
-    with pytest.raises(CalibrationRefused, match="too few"):
+    # the count named is the method's own: Hoeffding exp(-2 n eps^2) <= delta at n >=
+    # log(1/.05) / (2 * .01) = 149.8; Hoeffding-Bentkus' zero-loss p-value min(exp(-n KL(0 ||
+    # eps)), e P[Bin(n, eps) = 0]) = .9^n <= .05 at n >= 28.4 (Hoeffding's count was quoted)
+    with pytest.raises(CalibrationRefused, match="at least 150 sequences"):
         certify_threshold(_bernoulli_losses(20), epsilon=0.1, delta=0.05, method="hoeffding")
-    with pytest.raises(CalibrationRefused):
-        certify_threshold({0.5: [0.0] * 5}, epsilon=0.05, delta=0.05)
+    with pytest.raises(CalibrationRefused, match="at least 29 sequences"):
+        certify_threshold({0.5: [0.0] * 5}, epsilon=0.1, delta=0.05)
 
 
 def test_no_threshold_certified_returns_none_with_reason():

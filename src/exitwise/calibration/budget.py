@@ -13,7 +13,8 @@ relative costs c_0 < ... < c_{E-1}:
    ``dynamic_evaluate``), so that on the held-out rows exactly that many leave (more on ties).
 
 The thresholds go into a :class:`~exitwise.policies.budget.BudgetPolicy`. On the held-out rows
-the mean cost is the budget up to rounding; on new data it follows the data's confidences. Fit on held-out data, never on the split you report.
+the mean cost is the budget up to rounding; on new data it follows the data's confidences.
+Fit on held-out data, never on the split you report.
 
 Deviation: the law's expected cost uses one cost per exit, which is every row's cost when all
 rows cost the same (images of one size: MSDNet's setting). When rows cost differently (texts

@@ -16,7 +16,9 @@ threshold is instead the ``k``-th smallest nonconformity, ``k`` the smallest int
 ``P[Binomial(n, 1 - epsilon) <= k - 1] >= 1 - delta``: then, with probability at least
 ``1 - delta`` over the calibration rows, consistency on new rows is at least ``1 - epsilon``
 (the training-conditional form of Vovk, 2012: the coverage of the k-th order statistic is
-Beta(k, n - k + 1)). Too few rows for that: the threshold is +inf and no row exits early.
+Beta(k, n - k + 1)). Too few rows for either (the threshold would be +inf: no row would ever
+exit early, the guarantee kept by never using it), :func:`calibrate_cats` refuses and says how
+many rows with an inconsistent exit it needs.
 
 Deviation: the reference keeps only rows with an inconsistent exit for the quantile, and so
 does this module; counting the other rows (whose nonconformity is -inf) would give a smaller
@@ -34,7 +36,7 @@ import torch
 from ..analysis.replay import replay
 from ..errors import ConfigError, InputError
 from ..policies.base import get_policy
-from .ltt import binomial_cdf
+from .ltt import CalibrationRefused, binomial_cdf
 from .thresholds import CalibrationResult
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -71,10 +73,29 @@ def conformal_threshold(values: torch.Tensor, epsilon: float, delta: float | Non
         with_inf = ordered + [math.inf]
         index = math.ceil((1.0 - float(epsilon)) * (len(with_inf) - 1))
         return with_inf[min(index, len(with_inf) - 1)]
-    for k in range(1, n + 1):
-        if binomial_cdf(k - 1, n, 1.0 - float(epsilon)) >= 1.0 - float(delta):
-            return ordered[k - 1]
-    return math.inf
+    def enough(k: int) -> bool:
+        return binomial_cdf(k - 1, n, 1.0 - float(epsilon)) >= 1.0 - float(delta)
+
+    if n == 0 or not enough(n):
+        return math.inf
+    lo, hi = 1, n  # the smallest k that is enough (the CDF grows with k): bisection
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if enough(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return ordered[lo - 1]
+
+
+def rows_needed(epsilon: float, delta: float | None) -> int:
+    """The fewest nonconformity values for which :func:`conformal_threshold` is finite:
+    ceil(1 / epsilon) on average (the "higher" quantile index below the appended +inf), and
+    with ``delta`` the smallest M with 1 - (1 - epsilon)^M >= 1 - delta (k = M)."""
+    e = float(epsilon)
+    if delta is None:
+        return math.ceil(1.0 / e - 1e-9)
+    return math.ceil(math.log(float(delta)) / math.log1p(-e) - 1e-9)
 
 
 def calibrate_cats(cache: ExitLogitsCache, epsilon: float, delta: float | None = 0.1,
@@ -93,6 +114,14 @@ def calibrate_cats(cache: ExitLogitsCache, epsilon: float, delta: float | None =
     consistent = consistent_exits(cache.logits)
     values = nonconformity(cache.scores, consistent)
     tau = conformal_threshold(values, epsilon, delta)
+    if math.isinf(tau):
+        need = rows_needed(epsilon, delta)
+        raise CalibrationRefused(
+            f"CATs' conformal threshold at epsilon={float(epsilon):g}"
+            + ("" if delta is None else f", delta={float(delta):g}")
+            + f" needs at least {need} held-out rows with an early exit that disagrees with "
+            f"the final one; these {cache.num_examples} rows have {values.numel()}. With "
+            "fewer, no row could ever exit early: give more held-out rows (or a larger epsilon)")
     # The policy exits when score > threshold; scores are probabilities, so 1.0 = never.
     policy = get_policy("cats", threshold=min(max(tau, 0.0), 1.0))
     temps = [1.0] * cache.num_exits if temperatures is None else [float(t) for t in temperatures]

@@ -61,6 +61,22 @@ class LTTResult:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
+def _sequences_needed(epsilon: float, delta: float, method: str) -> int:
+    """The fewest sequences whose zero-loss p-value under ``method`` is at most ``delta`` (the
+    p-value falls as n grows: doubling, then bisection)."""
+    hi = 1
+    while p_value(0.0, hi, epsilon, method) > delta:
+        hi *= 2
+    lo = hi // 2 + 1 if hi > 1 else 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if p_value(0.0, mid, epsilon, method) <= delta:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def binomial_cdf(k: int, n: int, p: float) -> float:
     """P[Binomial(n, p) <= k], summed in log space."""
     if k < 0:
@@ -147,12 +163,12 @@ def certify_threshold(
     assert n is not None
     best_p = p_value(0.0, n, float(epsilon), method)
     if best_p > delta:
-        need = math.ceil(math.log(1.0 / delta) / (2.0 * epsilon**2))
+        need = _sequences_needed(float(epsilon), float(delta), method)
         raise CalibrationRefused(
             f"{n} calibration sequences are too few: even with zero observed loss the "
             f"{method} p-value is {best_p:.3g} > delta={delta}, so no threshold can be "
-            f"certified at risk <= {epsilon}; give more sequences (Hoeffding needs about {need}) "
-            "or relax epsilon / delta"
+            f"certified at risk <= {epsilon}; give at least {need} sequences ({method}) or "
+            "relax epsilon / delta"
         )
     keys = list(risks)
     if order != "given":
