@@ -8,7 +8,6 @@ pickled.
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ from .modes import for_inference
 from .outputs import EarlyExitResult, ExitOutputs
 from .policies.base import ExitPolicy, get_policy, policy_from_dict
 from .runtime import run_early_exit
+from .temperatures import same_temperatures
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -380,9 +380,8 @@ class MultiExitModel(nn.Module):
                 f"no calibrated policy {key!r}; have: {', '.join(policies)}" + hint)
         searched = policies[key].get("temperatures")  # absent in folders saved before
         now = self.temperature_list()
-        if searched is not None and (len(searched) != len(now) or any(
-                not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
-                for a, b in zip(searched, now))):
+        if searched is not None and not same_temperatures(searched, now,
+                                                          self.temperatures.dtype):
             raise InputError(
                 f"{key!r} was calibrated with temperatures {searched}, but the model now has "
                 f"{now}: its thresholds (and certificate) do not hold under these; calibrate "

@@ -27,3 +27,14 @@ def temperature_list(
         raise InputError(f"temperatures must be finite and > 0; got {temps.tolist()}")
     # float(float32) exactly as MultiExitModel.temperature_list does.
     return [float(t) for t in temps]
+
+
+def same_temperatures(a: Sequence[float], b: Sequence[float],
+                      dtype: torch.dtype = torch.float32) -> bool:
+    """Whether two temperature lists are one, up to rounding through ``dtype`` (a model cast
+    to bfloat16 holds its temperatures rounded so) and float round-off."""
+    if len(a) != len(b):
+        return False
+    ra, rb = (torch.tensor([float(t) for t in x], dtype=torch.float64).to(dtype).double()
+              for x in (a, b))
+    return bool(torch.allclose(ra, rb, rtol=1e-6, atol=1e-9))

@@ -164,10 +164,15 @@ def test_measurements_are_kept_per_machine_and_reused(tmp_path, monkeypatch, cap
     with caplog.at_level("WARNING", logger=KT.__name__):
         assert first.decide(weights, 1).stream and first.measured == ["float32:6x5:n2:r1"]
         first.decide(weights, 2)
-    # a first generate() pauses to measure: said once, visibly (a debug line before)
-    assert [r.getMessage() for r in caplog.records] == [
-        f"exitwise: timing few-row kernels for this machine and model once (kept in {path}; "
-        "kernels='stock' skips it)"]
+    # a first generate() pauses to measure: said once, visibly (a debug line before) ...
+    notice = (f"exitwise: timing few-row kernels for this machine and model once (kept in "
+              f"{path}; kernels='stock' skips it)")
+    assert [r.getMessage() for r in caplog.records] == [notice]
+    caplog.clear()
+    # ... and once more for another model's shapes (what a decoder asks about first)
+    with caplog.at_level("WARNING", logger=KT.__name__):
+        first.any_stream([[torch.randn(7, 5)]], max_rows=2)
+    assert [r.getMessage() for r in caplog.records] == [notice]
     caplog.clear()
     again = FixedTuner(False, path)  # a new process: reads the file, measures nothing
     assert again.decide(weights, 1).stream and again.measured == []

@@ -61,11 +61,14 @@ def test_too_few_inconsistent_rows_are_refused_with_the_count_needed():
     cost = torch.tensor([1.0, 2.0], dtype=torch.float64).expand(n, 2)
     cache = ExitLogitsCache(logits, torch.ones(n, dtype=torch.long), cost,
                             torch.full((n,), 2.0, dtype=torch.float64), [1, 2],
-                            meta={"scorer": "cats"}, scores=torch.rand(n, 2))
+                            meta={"scorer": "cats"},
+                            scores=torch.linspace(0.05, 0.6, n)[:, None].expand(n, 2).clone())
     with pytest.raises(ew.calibration.CalibrationRefused,
                        match="at least 10 held-out rows .* have 9"):
         calibrate_cats(cache, epsilon=0.1, delta=None)
-    assert calibrate_cats(cache, epsilon=0.2, delta=None).policy.value < 1.0
+    # eps=0.2: the "higher" quantile of the 9 values + inf at index ceil(.8 * 9) = 8: the 9th
+    # smallest, row 8's score 0.05 + 8 * 0.05
+    assert calibrate_cats(cache, epsilon=0.2, delta=None).policy.value == pytest.approx(0.45)
 
 
 def test_nonconformity_is_the_largest_score_of_an_inconsistent_early_exit():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -223,6 +224,11 @@ def test_store_calibration_and_run_it_for_real(tmp_path) -> None:
     assert torch.equal(torch.cat([r.exit_index for r in live]), offline.exit_index)
     assert torch.equal(torch.cat([r.flops for r in live]), offline.costs)
 
+    # A model cast to bfloat16 holds its temperatures rounded: still the ones searched under
+    half = copy.deepcopy(loaded).to(torch.bfloat16)
+    assert half.temperatures.dtype == torch.bfloat16
+    assert half.temperature_list() != loaded.temperature_list()
+    assert half.calibrated_policy().to_dict() == loaded.calibrated_policy().to_dict()
     # Other temperatures later (another calibration run): the entries searched under the old
     # ones would run under thresholds and a certificate that no longer hold (they ran, with
     # their old certified bound, before), so they are refused by name and can be dropped.

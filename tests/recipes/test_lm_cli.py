@@ -466,6 +466,24 @@ def test_a_folder_keeps_one_objectives_exits_and_a_checkpoint_its_steps(tiny_lm_
                  "--no-resume"]) == 0
     assert json.loads((out / "lm_recipe.json").read_text())["job"]["adapter"] == "norm"
     capsys.readouterr()
+    # a run the tuning itself refuses (another model's weights) leaves the folder's recipe: it
+    # names the base model its exits load over
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    other = tmp_path / "other-llama"
+    shutil.copytree(tiny_lm_dir, other)
+    lm = LlamaForCausalLM.from_pretrained(other)
+    with torch.no_grad():
+        lm.lm_head.weight.add_(0.01)
+    lm.save_pretrained(other)
+    recipe = (out / "lm_recipe.json").read_text()
+    moved = [other if a == str(tiny_lm_dir) else a for a in common]
+    assert main(["tune-lm", *map(str, moved), "--objective", "ce", "--steps", "2",
+                 "--adapter", "norm"]) == 2
+    assert "weights differ" in capsys.readouterr().err
+    assert (out / "lm_recipe.json").read_text() == recipe
     # the job's own continuation settings as options were overridden and recorded anyway
     assert main(["tune-lm", *common[:-1], str(tmp_path / "o"), "--objective", "kl",
                  "--steps", "1", "--option", "gen_tokens=4"]) == 2

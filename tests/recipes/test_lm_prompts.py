@@ -1,4 +1,4 @@
-"""Prompts as a decoder sees them (``exitwise.recipes.lm``): one BOS for a tokenizer that adds
+"""Prompts as a decoder sees them (``exitwise.recipes.lm_prompts``): one BOS for a tokenizer that adds
 one, whether the prompt goes through the chat template (which writes it) or not (where the
 tokenizer adds it), in decoding and in the continuations that tuning trains on."""
 

@@ -325,7 +325,8 @@ def _truncate_shared(config: Any, parent: nn.Module, attr: str, num_layers: int)
         raise ConfigError(
             f"this ALBERT shares {groups} layer groups over {total} layers: its first "
             f"{num_layers} run groups {used}, which no cut model reproduces (a layer runs "
-            f"group int(i / (layers / groups))); keep a multiple of {total / groups:g} layers")
+            f"group int(i / (layers / groups))); keep another number of layers (a multiple "
+            f"of {total / groups:g} always works)")
     setattr(parent, attr, nn.ModuleList(list(getattr(parent, attr))[: fits[0]]))
     config.num_hidden_groups = fits[0]
     config.num_hidden_layers = num_layers

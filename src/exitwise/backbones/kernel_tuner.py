@@ -164,6 +164,7 @@ class KernelTuner:
         memo_key = (machine_key(), keys)
         known = self._verdicts.get(memo_key)
         if known is None:
+            self._told = False  # another model's shapes: its first measurement is announced
             known = any(self.decide(g, r).stream for g in groups
                         for r in range(1, max_rows + 1))
             self._verdicts[memo_key] = known

@@ -168,7 +168,9 @@ class BudgetFit:
     policy: a BudgetPolicy holding the whole table (its ``budget`` set to the largest).
     points: one dict per budget: budget, q, target_fractions (E,), thresholds (E-1),
             heldout {accuracy, relative_compute, exit_fractions, ...}.
-    costs:  (E,) relative exit costs the q's were solved with.
+    costs:  (E,) relative exit costs (mean cost at each exit / mean full-depth cost): what
+            the law's q's were solved with; with rows of several costs the q's were solved on
+            the rows' own (module doc).
     """
 
     policy: BudgetPolicy

@@ -227,7 +227,7 @@ def early_exit_losses(
     policy: str,
     thresholds: Sequence[float],
     max_new_tokens: int = 32,
-    kv: str = "propagate",
+    kv: str = "skip",
     kind: str = "token",
     policy_params: Mapping[str, Any] | None = None,
     **generate_kwargs: Any,
@@ -236,8 +236,10 @@ def early_exit_losses(
 
     input_ids / attention_mask: (n, T) calibration prompts (left-padded), decoded as one batch.
     ``policy``: a registered policy name whose tuned parameter is the threshold;
-    ``policy_params``: its other parameters (e.g. tau, horizon). ``generate_kwargs`` go to
-    :func:`exitwise.generation.generate` (eos_token_id, exit_layers, ...).
+    ``policy_params``: its other parameters (e.g. tau, horizon). ``kv``: the KV mode decoding
+    will run with (the tokens, and so the losses, depend on it; default "skip", as
+    ``generate``'s). ``generate_kwargs`` go to :func:`exitwise.generation.generate`
+    (eos_token_id, exit_layers, ...).
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]

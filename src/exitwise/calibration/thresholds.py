@@ -40,7 +40,7 @@ from ..analysis.replay import ReplayResult, replay, summarize
 from ..analysis.scores import REGRESSION, predictions_of
 from ..errors import ConfigError
 from ..policies.base import ExitPolicy
-from ..temperatures import temperature_list
+from ..temperatures import same_temperatures, temperature_list
 from .certify import RISKS, certify_candidates
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -320,17 +320,16 @@ def store_calibration(
 ) -> None:
     """Record ``result`` in ``model.calibration`` (saved with the model) under ``name``.
 
-    Writes ``model.calibration["policies"][name] = {"policy", "target", "heldout"}`` and
-    makes it the default when there is none yet (or ``make_default``). The search must have
+    Writes ``model.calibration["policies"][name] = {"policy", "target", "heldout",
+    "temperatures"}`` (the last: the model's temperatures it was searched under, which
+    :meth:`MultiExitModel.calibrated_policy` checks) and makes it the default when there is none yet (or ``make_default``). The search must have
     used the model's own temperatures (apply them first with ``apply_temperatures``), since
     the runtime scales logits by ``model.temperatures``; otherwise ConfigError.
     """
     if not isinstance(name, str) or not name:
         raise ConfigError(f"a calibration needs a non-empty name, got {name!r}")
     have, used = model.temperature_list(), result.temperatures
-    if len(have) != len(used) or any(
-        not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for a, b in zip(have, used)
-    ):
+    if not same_temperatures(have, used, model.temperatures.dtype):
         raise ConfigError(
             f"the search used temperatures {result.temperatures} but the model has {have}; "
             "apply_temperatures(model, temps) first, or search with model.temperatures"
@@ -348,11 +347,6 @@ def store_calibration(
         model.calibration["default"] = name
 
 
-def same_temperatures(a: Sequence[float], b: Sequence[float]) -> bool:
-    return len(a) == len(b) and all(
-        math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9) for x, y in zip(a, b))
-
-
 def drop_stale_calibrations(model: "MultiExitModel", previous: Sequence[float]) -> list[str]:
     """Remove the stored calibrations that were searched under other temperatures than the
     model's now (an entry without a record counts as made under ``previous``, the
@@ -362,7 +356,8 @@ def drop_stale_calibrations(model: "MultiExitModel", previous: Sequence[float]) 
     now = model.temperature_list()
     policies = model.calibration.get("policies", {})
     stale = [name for name, entry in policies.items()
-             if not same_temperatures(entry.get("temperatures", previous), now)]
+             if not same_temperatures(entry.get("temperatures", previous), now,
+                                      model.temperatures.dtype)]
     for name in stale:
         del policies[name]
     if model.calibration.get("default") in stale:

@@ -95,7 +95,7 @@ class EarlyExitStats(GenerationStats):
     decision_layer_applications: sum over decoded tokens of their depth.
     """
 
-    kv: str = "propagate"
+    kv: str = "skip"
     exit_depths: list[int] = field(default_factory=list)
     token_depths: list[list[int]] = field(default_factory=list)
     fill_applications: int = 0

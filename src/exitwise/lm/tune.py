@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-
 from ..backbones import decoder_of
 from ..errors import ConfigError
 from .data import weights_checksum
@@ -52,7 +51,8 @@ def tune_exits(
             f"got {type(config).__name__}"
         )
     seq_len = getattr(config, "seq_len", None)
-    limit = getattr(decoder_of(model, "tune_exits")[0], "max_positions", None)
+    decoder = decoder_of(model, "tune_exits")[0]
+    limit = getattr(decoder, "max_positions", None)
     if isinstance(seq_len, int) and limit is not None and seq_len > limit:
         # learned absolute positions (GPT-2) past the table would be clamped to its last row
         # in training, a context the model never serves
@@ -64,7 +64,7 @@ def tune_exits(
     # with other weights must not continue the old run's exits. Whatever form the model
     # comes in (a plain causal LM too, as layerskip / free / calm take it): the same weights
     # give the same checksum.
-    base_weights = weights_checksum(decoder_of(model, "tune_exits")[0])
+    base_weights = weights_checksum(decoder)
     prepared = config.build(model, data, tokenizer, out, progress)
     prepared.task.settings = {**prepared.task.settings, "weights": base_weights}
     folder = out / config.registered_name if out is not None else None

@@ -195,9 +195,19 @@ def run_tune_lm(
         data: Any = _answers(job, model, tokenizer, out, prompts, print_fn)
     else:
         data, reused = _continuations(job, model, tokenizer, out, prompts, print_fn)
-    # written before tuning too, so a rerun of an interrupted run is checked against it
+    # written before tuning too, so a rerun of an interrupted run is checked against it; a
+    # run tune_exits refuses (other base weights, settings, steps) leaves the folder's own
+    earlier_recipe = (out / RECIPE_NAME).read_text() if (out / RECIPE_NAME).is_file() else None
     _write_recipe(out, job)
-    result = tune_exits(model, data, config, tokenizer=tokenizer, output_dir=out, resume=resume)
+    try:
+        result = tune_exits(model, data, config, tokenizer=tokenizer, output_dir=out,
+                            resume=resume)
+    except Exception:
+        if earlier_recipe is None:
+            (out / RECIPE_NAME).unlink(missing_ok=True)
+        else:
+            (out / RECIPE_NAME).write_text(earlier_recipe)
+        raise
     model.save_pretrained(out)
     tokenizer.save_pretrained(str(out))
     _write_recipe(out, job)
@@ -251,7 +261,7 @@ def _check_same_heads(out: Path, job: TuneLMJob) -> None:
         saved = json.loads((out / RECIPE_NAME).read_text()).get("job", {})
     except (OSError, ValueError, AttributeError):
         return  # nothing recorded (or unreadable): the checkpoint's own checks still apply
-    asked = asdict(job)
+    asked = json.loads(json.dumps(asdict(job)))  # as saved: a tuple of layers is a list
     differ = [f"{k}={saved[k]!r} there, {asked[k]!r} now" for k in HEAD_SETTINGS
               if k in saved and saved[k] != asked[k]]
     if differ:
