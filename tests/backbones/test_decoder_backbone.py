@@ -163,12 +163,13 @@ def test_blocks_take_the_cache_under_the_keyword_used(family):
 @pytest.mark.parametrize("q", [1, 3])
 def test_decoding_masks_equal_transformers_own(lm, q):
     """A decoding pass under SDPA takes exitwise's own mask (built from two tensors, see
-    ``_decode_sdpa_mask``); the mask a block gets must equal what transformers builds for
+    ``decode_sdpa_mask``); the mask a block gets must equal what transformers builds for
     the same cache, holes (zeros inside the cache) and left padding included, for every
     family (those that run eager attention, Gemma-2, keep transformers' own)."""
     from transformers.masking_utils import create_causal_mask
 
-    from exitwise.backbones.hf_decoder import FULL, _decode_sdpa_mask, cache_keyword
+    from exitwise.backbones.decode_context import cache_keyword, decode_sdpa_mask
+    from exitwise.backbones.hf_decoder import FULL
 
     family, model = lm
     bb = ew.wrap_backbone(model)
@@ -192,7 +193,7 @@ def test_decoding_masks_equal_transformers_own(lm, q):
         assert isinstance(ours, torch.Tensor) and ours.dtype == theirs.dtype
         assert torch.equal(ours, theirs.expand_as(ours))
         if sdpa:
-            assert torch.equal(_decode_sdpa_mask(full, cached, q), ours)
+            assert torch.equal(decode_sdpa_mask(full, cached, q), ours)
     # one new slot and no zeros at all: SDPA's own causal path, as transformers chooses
     ones = torch.ones(ids.shape[0], cached + 1, dtype=torch.long)
-    assert _decode_sdpa_mask(ones, cached, 1) is None
+    assert decode_sdpa_mask(ones, cached, 1) is None

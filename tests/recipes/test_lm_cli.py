@@ -271,7 +271,7 @@ def test_kernels_command_measures_keeps_and_is_used_by_generate(tiny_lm_dir, cap
 
 
 def test_generate_offers_every_registered_decoding_strategy():
-    from exitwise.cli import GENERATE_STRATEGIES
+    from exitwise.cli_lm import GENERATE_STRATEGIES
     from exitwise.generation.strategies import DECODING_STRATEGIES
 
     assert sorted(GENERATE_STRATEGIES) == sorted(DECODING_STRATEGIES.names())

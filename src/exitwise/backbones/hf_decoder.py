@@ -16,9 +16,6 @@ Shapes: B batch rows, q new tokens, S tokens already in the cache, H hidden size
 
 from __future__ import annotations
 
-import functools
-import inspect
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,6 +23,12 @@ from torch import nn
 
 from ..errors import InputError, UnsupportedModelError
 from .base import Backbone, BackboneState, resolve_path
+from .decode_context import (  # DecodeContext, prompt_positions: importable from here as before
+    DecodeContext,
+    cache_keyword,
+    decode_sdpa_mask,
+    prompt_positions,
+)
 from .decoder_layouts import DECODER_LAYOUTS, DecoderLayout, supported_decoder_types
 from .gqa_attention import gqa_view, grouped
 from .kernels import routed
@@ -35,70 +38,6 @@ FULL, SLIDING = "full_attention", "sliding_attention"
 PARTS = ("attn", "mlp")
 # What a batch may hold (Hugging Face's names); anything else is refused, not ignored.
 DECODER_INPUTS = frozenset({"input_ids", "attention_mask", "position_ids"})
-
-
-@dataclass
-class DecodeContext:
-    """Everything a block needs besides its input when running on new tokens.
-
-    cache:          an HF ``Cache`` (``DynamicCache``) the blocks append to, or None.
-    positions:      (B, q) position ids of the new tokens (RoPE angles / learned positions).
-    attention_mask: (B, S + q) 1 for a real cache slot, 0 for left padding and for "holes"
-                    (slots of rejected draft tokens that other rows still need); the last q
-                    columns are the new tokens.
-    slot_positions: (B, S + q) position id of every slot; only needed by sliding-window
-                    layers once the sequence is longer than the window (holes make slot
-                    distance differ from token distance).
-    tree:           None, or (n, n) bool: a token tree's ancestor-or-self matrix over the n
-                    slots a speculative step writes, which start at slot ``tree_start``; a
-                    new token then attends to the slots before ``tree_start`` and to its own
-                    ancestors among the step's slots only (token-tree verification). The
-                    slots are in topological order (a parent before its children).
-    """
-
-    cache: Any
-    positions: torch.Tensor
-    attention_mask: torch.Tensor
-    slot_positions: torch.Tensor | None = None
-    tree: torch.Tensor | None = None
-    tree_start: int = 0
-    _memo: dict[Any, Any] = field(default_factory=dict, repr=False)
-
-
-@functools.cache
-def cache_keyword() -> str:
-    """The name under which this transformers version's decoder blocks and mask functions
-    take the KV cache: ``cache`` (5.2x) or ``past_key_values`` (earlier 5.x). A block given
-    the wrong one would swallow it in ``**kwargs`` and silently attend without the cache."""
-    from transformers.masking_utils import create_causal_mask
-
-    params = inspect.signature(create_causal_mask).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def prompt_positions(mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) position ids counting real tokens only, 0 on padding (as HF ``generate`` does)."""
-    mask = mask.long()
-    return (mask.cumsum(-1) - 1).clamp(min=0) * mask
-
-
-def _decode_sdpa_mask(attention_mask: torch.Tensor, cached: int, q: int
-                      ) -> torch.Tensor | None:
-    """The SDPA mask of a decoding pass: q new slots after ``cached`` ones, attention_mask
-    (B, cached + q) 1 real / 0 padding or hole. None (SDPA's own causal path) for one new
-    slot and no zeros, else (B, 1, q, cached + q) bool, True = attend: key slot j is seen by
-    query slot cached + i when j <= cached + i and slot j is real.
-
-    This is what transformers' ``create_causal_mask`` returns for SDPA on such a pass (a
-    test compares the two on every family); built here from two tensors because its
-    general path costs a few tenths of a millisecond per build on a CPU, which a tiny
-    model's step (about a millisecond) would feel, and a drafting step builds several."""
-    real = attention_mask.bool()
-    if q == 1 and bool(real.all()):
-        return None
-    slots = torch.arange(cached + q, device=real.device)
-    causal = slots[None, :] <= (slots[cached:, None])  # (q, cached + q)
-    return (causal[None] & real[:, None, :])[:, None]
 
 
 class HFDecoderBackbone(Backbone):
@@ -365,7 +304,7 @@ class HFDecoderBackbone(Backbone):
         Built by transformers' own mask functions against cache layer ``cache_index`` (its
         length gives the query offset), memoized per (type, slots already cached); a
         decoding pass of a full-attention block under SDPA takes the equal
-        :func:`_decode_sdpa_mask` instead.
+        :func:`~.decode_context.decode_sdpa_mask` instead.
         """
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
@@ -384,7 +323,7 @@ class HFDecoderBackbone(Backbone):
         q = hidden.shape[1]
         if (cached and not sliding and ctx.tree is None
                 and getattr(self.config, "_attn_implementation", None) == "sdpa"):
-            mask = _decode_sdpa_mask(ctx.attention_mask, cached, q)
+            mask = decode_sdpa_mask(ctx.attention_mask, cached, q)
             ctx._memo[key] = mask
             return mask
         kwargs = dict(
