@@ -105,6 +105,33 @@ def test_a_cold_first_timing_is_retimed_until_outvoted():
     assert c.costs[2].timed(2) == 4 and c.costs[2].verify[2] == pytest.approx(0.15)
 
 
+def test_a_few_rejected_first_drafts_do_not_switch_drafting_off():
+    """The demo's cold start: the first one-token draft is timed cold (0.2 s to verify 2
+    positions; 0.05 s warm) and rejected, plain steps take 0.042 s. Before, plain decoding won
+    on that one draft and rested (the next try 16 steps later, then every 128 once the
+    timings were warm: a whole answer without a draft)."""
+    c = DraftLengthController(max_len=3, explore_every=16, window=16, discount=0.98)
+    c.begin_step()
+    assert c.choose(1) == 1
+    c.record_costs(1, 2, 0.2, 0.009, 2)
+    c.record_acceptance("exit", [0], [1])
+    c.begin_step()
+    assert c.choose(1) == 0
+    c.record_costs(1, 1, 0.042, 0.0033, 1)
+    picks = []
+    for _ in range(12):
+        c.begin_step()
+        picks.append(c.choose(1))
+        if picks[-1]:
+            c.record_costs(1, 2, 0.05, 0.0046, 2)
+            c.record_acceptance("exit", [0], [1])  # rejected every time
+    # rows judged after m more drafting steps: sum of 0.98^i for i = 0..m, first >= 8 at
+    # m = 8 (8.34); then the model decides: alpha = 1 / 10.34, plain decoding clearly wins
+    assert picks == [1] * 8 + [0] * 4
+    assert c.judged("exit") == pytest.approx(sum(0.98**i for i in range(9)))
+    assert c.resting(1, ["exit"])
+
+
 def test_explores_both_ends_first_then_neighbours():
     c = DraftLengthController(max_len=3, explore_every=4, window=1, discount=1.0)
     c.begin_step()

@@ -37,7 +37,9 @@ controller picks the k in 0..max_len with the most tokens per second. k = 0 is p
 decoding through the same path, so when speculation does not pay the decoder falls back to
 it by measurement, never by a constant.
 Until both a one-token draft and k = 0 are timed for the current batch size, it tries those
-two (one step each; longer drafts are costed along the line through them until tried); then
+two (one step each; longer drafts are costed along the line through them until tried), and
+until ``ACCEPT_MIN`` rows' first drafts are verified it drafts at least one token (a few
+rejected drafts are no evidence that drafting does not pay); then
 every ``explore_every``-th step it tries a neighbour of the best k when that neighbour's
 estimate is within ``explore_margin`` of the best or it has been timed fewer than three
 times (a first timing may be cold: a shape's first use), else only every 8 x
@@ -175,6 +177,7 @@ HISTORY = 1024  # chosen lengths kept per source (the latest)
 REALIZED_MIN = 3  # discounted whole steps of a kind before their realized rate is trusted
 CLOCK_MARGIN = 0.05  # the realized rates overrule the model only when this far apart
 WARM = 3  # timings of a verification length before a cold first one is outvoted
+ACCEPT_MIN = 8  # rows whose first draft was verified before plain decoding may win on it
 REALIZED_DISCOUNT = 0.95  # per step of either kind: the evidence of about the last 20 steps
 
 
@@ -251,6 +254,11 @@ class DraftLengthController:
             else:
                 out.append(out[-1] if out else 0.5)
         return out
+
+    def judged(self, source: str) -> float:
+        """The (discounted) rows whose first draft of ``source`` was verified."""
+        reached = self.reached.get(source)
+        return reached[0] if reached else 0.0
 
     def expected_tokens(self, k: int, alphas: list[float]) -> float:
         """1 + a_1 + a_1 a_2 + ... + a_1...a_k: tokens a row gets from a step with k drafts."""
@@ -337,6 +345,13 @@ class DraftLengthController:
             clock = bool(k) and self.clock_prefers_plain(rows)
             if clock:
                 k = 0  # the model favours drafting, the clock does not
+            if k == 0 and self.judged(source) < ACCEPT_MIN:
+                # too few drafts judged to say they are not kept: the first few may all be
+                # rejected by chance (on a cold step too), and plain decoding would then rest
+                # for 8 x explore_every steps on that. Draft one token until ACCEPT_MIN rows
+                # have reached position 1, as a length is timed WARM times before it is
+                # outvoted (a drafter that does not pay costs that many drafting steps once)
+                k, clock = 1, False
             self.rates[source] = rates[k]
             # Rest (plain steps until the next exploring step) only when plain decoding won
             # clearly; after a close call the next step chooses again, so that noise in the
