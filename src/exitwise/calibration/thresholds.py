@@ -322,7 +322,8 @@ def store_calibration(
 
     Writes ``model.calibration["policies"][name] = {"policy", "target", "heldout",
     "temperatures"}`` (the last: the model's temperatures it was searched under, which
-    :meth:`MultiExitModel.calibrated_policy` checks) and makes it the default when there is none yet (or ``make_default``). The search must have
+    :meth:`MultiExitModel.calibrated_policy` checks) and makes it the default when there is
+    none yet (or ``make_default``). The search must have
     used the model's own temperatures (apply them first with ``apply_temperatures``), since
     the runtime scales logits by ``model.temperatures``; otherwise ConfigError.
     """

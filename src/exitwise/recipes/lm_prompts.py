@@ -56,6 +56,7 @@ CHAT_TUNING_PROMPTS: tuple[str, ...] = (
     "Explain how a search engine works.",
 )
 
+
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 

@@ -18,9 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..analysis import (
-    collect_exit_logits,
-)
+from ..analysis import collect_exit_logits
 from ..backbones.hf_encoder import base_model_of, truncate_encoder
 from ..calibration import (
     apply_temperatures,
